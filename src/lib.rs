@@ -5,3 +5,5 @@
 
 pub mod config;
 pub mod import;
+pub mod sampler;
+pub mod tokenizer;
