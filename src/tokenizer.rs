@@ -791,6 +791,81 @@ mod tests {
         assert_eq!(dec.push(1_000_000).unwrap(), None);
     }
 
+    /// A GPT-2 style byte-level BPE tokenizer (one token per byte, no merges) with ChatML
+    /// special tokens: multi-byte chars always span several tokens and decode lossily.
+    fn byte_level() -> Tokenizer {
+        let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32)
+            .chain(0xA1..=0xAC)
+            .chain(0xAE..=0xFF)
+            .collect();
+        let mut chars: Vec<u32> = printable.clone();
+        let mut n = 0;
+        for b in 0..256u32 {
+            if !printable.contains(&b) {
+                printable.push(b);
+                chars.push(256 + n);
+                n += 1;
+            }
+        }
+        let vocab: serde_json::Map<String, serde_json::Value> = printable
+            .iter()
+            .zip(&chars)
+            .map(|(&b, &c)| (char::from_u32(c).unwrap().to_string(), b.into()))
+            .collect();
+        let special = |id: u32, content: &str| {
+            serde_json::json!({"id": id, "content": content, "single_word": false,
+                "lstrip": false, "rstrip": false, "normalized": false, "special": true})
+        };
+        let byte_level = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false,
+            "trim_offsets": true, "use_regex": true});
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": [special(256, "<|im_start|>"), special(257, "<|im_end|>")],
+            "normalizer": null, "pre_tokenizer": byte_level, "post_processor": null,
+            "decoder": byte_level,
+            "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                "vocab": vocab, "merges": []}
+        });
+        Tokenizer::from_spec(&TokenizerSpec {
+            tokenizer_json: json.to_string(),
+            bos_token_id: None,
+            eos_token_ids: vec![257],
+            add_bos: false,
+            chat_template: None,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn stream_byte_level_tokenizer() {
+        let tok = byte_level();
+        assert_eq!(tok.vocab_size(), 258);
+        for text in ["Hi 😀 日本\nnaïve", "€€€", " leading", "a<|im_end|>b 👍"] {
+            let ids = tok.encode(text, true).unwrap(); // no BOS in this spec
+            assert_eq!(tok.decode(&ids).unwrap(), text.replace("<|im_end|>", ""));
+            let (pieces, all) = stream(&tok, &[], &ids);
+            assert_eq!(all, tok.decode(&ids).unwrap(), "{text:?}");
+            assert!(pieces.iter().all(|p| !p.contains('\u{FFFD}')), "{pieces:?}");
+            let prompt = tok.encode("<|im_start|>assistant\n", false).unwrap();
+            assert_eq!(prompt[0], 256);
+            let (_, all) = stream(&tok, &prompt, &ids);
+            assert_eq!(all, tok.decode(&ids).unwrap(), "{text:?}");
+        }
+        // No template, ChatML tokens present: the ChatML fallback, which encodes to specials.
+        let out = tok
+            .apply_chat_template(&[ChatMessage::new("user", "U")], true)
+            .unwrap();
+        assert_eq!(
+            out,
+            "<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n"
+        );
+        let ids = tok.encode(&out, false).unwrap();
+        assert_eq!(ids.iter().filter(|&&i| i == 256).count(), 2);
+        assert!(tok.is_eos(257) && ids.contains(&257));
+    }
+
     const SMOLLM2: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
     #[test]
