@@ -363,24 +363,27 @@ fn string_method(s: &str, method: &str, args: &[Value]) -> Result<Value, JinjaEr
                     (None, _) => s.split(sep).map(str::to_string).collect(),
                 },
                 // Python's sep=None: split on whitespace runs, dropping empty parts.
-                None => {
-                    let words: Vec<&str> = s.split_whitespace().collect();
-                    match max {
-                        Some(m) if words.len() > m + 1 && method == "split" => {
-                            let mut v: Vec<String> =
-                                words[..m].iter().map(|w| w.to_string()).collect();
-                            // The remainder keeps its inner whitespace, as in Python.
-                            let mut rest = s.trim_start();
-                            for _ in 0..m {
-                                rest = rest.split_once(char::is_whitespace).map_or("", |x| x.1);
-                                rest = rest.trim_start();
+                None => match max {
+                    // Like CPython: after `m` splits the rest (leading whitespace skipped,
+                    // trailing kept) is the last part.
+                    Some(m) if method == "split" => {
+                        let mut v = Vec::new();
+                        let mut rest = s.trim_start();
+                        while !rest.is_empty() {
+                            if v.len() == m {
+                                v.push(rest.to_string());
+                                break;
                             }
-                            v.push(rest.trim_end().to_string());
-                            v
+                            let (word, tail) =
+                                rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+                            v.push(word.to_string());
+                            rest = tail.trim_start();
                         }
-                        _ => words.iter().map(|w| w.to_string()).collect(),
+                        v
                     }
-                }
+                    // rsplit(None, m) is treated as a full split (rare in templates).
+                    _ => s.split_whitespace().map(str::to_string).collect(),
+                },
             };
             Value::from(parts)
         }
@@ -926,6 +929,29 @@ mod tests {
             .apply_chat_template(&[ChatMessage::new("user", "  a b  ")], false)
             .unwrap();
         assert_eq!(out, "A B|True|a,b|  o b  |user|dflt|rolecontent");
+    }
+
+    #[test]
+    fn chat_template_python_string_edge_cases() {
+        let tok = with_template(
+            "{{ ' a  b c '.split(none, 1) | join('|') }}/{{ 'a,b,c'.split(',', 1) | join('|') }}/\
+             {{ 'a,b,c'.rsplit(',', 1) | join('|') }}/{{ '\\n\\nx\\n'.lstrip('\\n') }}/\
+             {{ 'xxhixx'.strip('x') }}/{{ 'héllo'.find('l') }}/{{ 'abc'.endswith('bc') }}/\
+             {{ '-'.join(['a', 'b']) }}/{{ 'hELLO'.capitalize() }}",
+        );
+        let out = tok.apply_chat_template(&[], false).unwrap();
+        assert_eq!(out, "a|b c /a|b,c/a,b|c/x\n/hi/2/True/a-b/Hello");
+        // Unknown methods and bad arguments are template errors, not panics.
+        for src in [
+            "{{ 'x'.nope() }}",
+            "{{ 'x'.split('') }}",
+            "{{ 'x'.strip(1, 2, 3) }}",
+        ] {
+            let err = with_template(src)
+                .apply_chat_template(&[], false)
+                .unwrap_err();
+            assert!(matches!(err, TokenizerError::Template(_)), "{err}");
+        }
     }
 
     #[test]
