@@ -4,4 +4,5 @@
 //! memory map → [`model`] → [`session`] → tokens.
 
 pub mod config;
+pub mod format;
 pub mod import;
