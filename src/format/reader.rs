@@ -401,7 +401,7 @@ fn check_sections(hdr: &Header) -> Result<(), PlmError> {
             ));
         }
     }
-    if hdr.data.start % TENSOR_ALIGNMENT as u64 != 0 {
+    if !hdr.data.start.is_multiple_of(TENSOR_ALIGNMENT as u64) {
         return Err(PlmError::corrupt(
             SECTION_DATA,
             format!(
@@ -603,7 +603,7 @@ fn parse_table(bytes: &[u8], hdr: &Header) -> Result<Vec<TensorEntry>, PlmError>
                 ),
             ));
         }
-        if offset % TENSOR_ALIGNMENT as u64 != 0 {
+        if !offset.is_multiple_of(TENSOR_ALIGNMENT as u64) {
             return Err(PlmError::tensor(
                 name,
                 format!("data offset {offset} is not a multiple of {TENSOR_ALIGNMENT}"),
