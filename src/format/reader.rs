@@ -231,32 +231,44 @@ impl PlmFile {
         Ok(self.view(entry))
     }
 
-    /// Zero-copy view of `entry`, which must come from this file's [`tensors`](Self::tensors).
+    /// Zero-copy view of `entry`, which must come from this file's [`tensors`](Self::tensors)
+    /// (or be an equal copy of one: the view always borrows from this file's own table).
     ///
     /// # Panics
-    /// If `entry`'s range lies outside this file (an entry of another file): a bounds-checked
-    /// panic, never an out-of-bounds read.
-    pub fn view<'a>(&'a self, entry: &'a TensorEntry) -> TensorView<'a> {
-        let bytes = usize::try_from(entry.offset)
-            .ok()
-            .zip(usize::try_from(entry.length).ok())
-            .and_then(|(start, len)| self.mmap.get(start..start.checked_add(len)?))
-            .unwrap_or_else(|| {
-                panic!(
-                    "tensor '{}' (bytes {}+{}) is not an entry of {} ({} bytes)",
-                    entry.name,
-                    entry.offset,
-                    entry.length,
-                    self.path.display(),
-                    self.mmap.len()
-                )
-            });
+    /// If `entry` is not an entry of this file (e.g. one from another file). This is a
+    /// programming error, never caused by file contents, and never reads out of bounds.
+    pub fn view(&self, entry: &TensorEntry) -> TensorView<'_> {
+        let own = self.own_entry(entry).unwrap_or_else(|| {
+            panic!(
+                "tensor '{}' (bytes {}+{}) is not an entry of {}",
+                entry.name,
+                entry.offset,
+                entry.length,
+                self.path.display()
+            )
+        });
+        // In bounds: open() checked every entry against the data region inside the map.
+        let start = own.offset as usize;
+        let bytes = &self.mmap[start..start + own.length as usize];
         TensorView {
-            name: &entry.name,
-            shape: &entry.shape,
-            encoding: entry.encoding,
+            name: &own.name,
+            shape: &own.shape,
+            encoding: own.encoding,
             bytes,
         }
+    }
+
+    /// This file's own copy of `entry`: by address when `entry` points into our table (the
+    /// common case, O(1) with no hashing), else by name if the entries are equal.
+    fn own_entry(&self, entry: &TensorEntry) -> Option<&TensorEntry> {
+        let table = self.tensors.as_ptr_range();
+        let addr = entry as *const TensorEntry as usize;
+        let (lo, hi) = (table.start as usize, table.end as usize);
+        let size = std::mem::size_of::<TensorEntry>();
+        if (lo..hi).contains(&addr) && (addr - lo).is_multiple_of(size) {
+            return self.tensors.get((addr - lo) / size);
+        }
+        self.entry(&entry.name).filter(|own| *own == entry)
     }
 
     /// Checks every tensor's data against its CRC32, in file order. Reads the whole file
@@ -735,6 +747,32 @@ mod tests {
         assert!(missing.to_string().contains("'nope'"));
         assert_eq!(f.tensor_bytes_total(), 8 + 4);
         assert_eq!(f.metadata()["config"]["vocab_size"], 4);
+    }
+
+    #[test]
+    fn view_accepts_table_entries_and_equal_copies_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.plm");
+        let mut w = PlmWriter::create(&path).unwrap();
+        w.add_f32("a", &[2], &[1.0, 2.0], Encoding::F32).unwrap();
+        w.add_f32("b", &[1], &[5.0], Encoding::F32).unwrap();
+        w.finish(&serde_json::json!({})).unwrap();
+        let f = PlmFile::open(&path).unwrap();
+
+        let by_ref = f.view(&f.tensors()[1]);
+        assert_eq!(by_ref.as_f32().unwrap(), &[5.0]);
+        // A copy: the view borrows from the file, not from the temporary.
+        let view = {
+            let copy = f.tensors()[0].clone();
+            f.view(&copy)
+        };
+        assert_eq!(view.as_f32().unwrap(), &[1.0, 2.0]);
+        assert!(std::ptr::eq(view.name, f.tensors()[0].name.as_str()));
+
+        let mut foreign = f.tensors()[0].clone();
+        foreign.offset += 64;
+        let panicked = std::panic::catch_unwind(|| f.view(&foreign).bytes.len());
+        assert!(panicked.is_err());
     }
 
     #[test]

@@ -33,9 +33,9 @@ struct WrittenTensor {
 /// never the tensor data.
 ///
 /// Everything goes to `<path>.tmp`; only a successful [`finish`](PlmWriter::finish) renames it
-/// to `<path>`. Dropping an unfinished writer (error, panic, Ctrl-C unwinding) deletes the
-/// temporary file, and a crash leaves at most a `.tmp` whose header is all zeros, which no
-/// reader accepts.
+/// to `<path>`. Dropping an unfinished writer (error or panic unwinding) deletes the
+/// temporary file. A crash or kill can leave a stale `<path>.tmp` (its header stays zeroed,
+/// i.e. unreadable, until the last step of `finish`), but never a partial file at `<path>`.
 pub struct PlmWriter {
     path: PathBuf,
     tmp_path: PathBuf,
