@@ -923,3 +923,66 @@ fn helper_round_trip_is_identity() {
     assert_eq!(raw.with_entries(&raw.entries()).bytes, raw.bytes);
     assert_eq!(&raw.bytes[..8], &MAGIC);
 }
+
+#[test]
+fn missing_file_is_an_io_error_naming_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("absent.plm");
+    match PlmFile::open(&path).unwrap_err() {
+        PlmError::Io { path: p, source } => {
+            assert_eq!(p, path);
+            assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+        }
+        other => panic!("expected Io, got {other:?}"),
+    }
+}
+
+#[test]
+fn random_corruption_never_panics() {
+    // Arbitrary single and multi-byte damage anywhere (CRCs not re-sealed, plus re-sealed
+    // header variants): open either fails cleanly or yields a file whose every view and
+    // verify() work without panicking.
+    let dir = tempfile::tempdir().unwrap();
+    let raw = Raw::load(&sample_file(dir.path()));
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for round in 0..1500 {
+        let mut bad = raw.clone();
+        for _ in 0..(next() % 4 + 1) {
+            let at = (next() % bad.bytes.len() as u64) as usize;
+            bad.bytes[at] = next() as u8;
+        }
+        if round % 3 == 0 {
+            seal_header(&mut bad.bytes);
+        }
+        if round % 5 == 1 {
+            // Damage only the table, then re-seal it: exercises the entry parser itself.
+            bad = raw.clone();
+            let (s, e) = raw.table_range();
+            for _ in 0..(next() % 3 + 1) {
+                let at = s + next() % (e - s);
+                bad.bytes[at as usize] = next() as u8;
+            }
+            let crc = crc32fast::hash(&bad.bytes[s as usize..e as usize]);
+            put_u32(&mut bad.bytes, 80, crc);
+            seal_header(&mut bad.bytes);
+        }
+        if round % 7 == 0 {
+            let keep = (next() % bad.bytes.len() as u64) as usize;
+            bad.bytes.truncate(keep);
+        }
+        if let Ok(f) = open_raw(dir.path(), &bad) {
+            for e in f.tensors() {
+                let v = f.view(e);
+                let _ = v.to_f32_vec();
+                let _ = (v.as_f32(), v.as_f16(), v.as_bf16());
+            }
+            let _ = f.verify();
+        }
+    }
+}
