@@ -4,6 +4,7 @@
 //! memory map → [`model`] → [`session`] → tokens.
 
 pub mod config;
+pub mod format;
 pub mod import;
 pub mod sampler;
 pub mod tokenizer;
