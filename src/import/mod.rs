@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use crate::config::ModelConfig;
 
 pub mod ggml_quants;
+pub mod gguf;
+pub mod gguf_tokenizer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
