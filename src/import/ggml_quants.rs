@@ -144,7 +144,7 @@ impl GgmlType {
         let (block, bytes) = self
             .geometry()
             .ok_or_else(|| format!("unknown block layout for ggml type {}", self.name()))?;
-        if n % block != 0 {
+        if !n.is_multiple_of(block) {
             return Err(format!(
                 "{n} elements is not a multiple of the {} block size {block}",
                 self.name()

@@ -380,7 +380,7 @@ impl GgufFile {
             .checked_next_multiple_of(alignment)
             .ok_or_else(|| err("data section offset overflows".into()))?;
         for t in &tensors {
-            if t.offset % alignment != 0 {
+            if !t.offset.is_multiple_of(alignment) {
                 return Err(ImportError::tensor(
                     path,
                     &t.name,
@@ -804,12 +804,12 @@ pub fn model_config(file: &GgufFile) -> Result<ModelConfig, ImportError> {
         Some(k) => k,
         None => hidden_size / num_heads,
     };
-    if let Some(rot) = file.get_usize(&key("rope.dimension_count"))? {
-        if rot != head_dim {
-            return Err(invalid(format!(
-                "partial rotary embeddings (rope.dimension_count {rot} != head_dim {head_dim}) are not supported"
-            )));
-        }
+    if let Some(rot) = file.get_usize(&key("rope.dimension_count"))?
+        && rot != head_dim
+    {
+        return Err(invalid(format!(
+            "partial rotary embeddings (rope.dimension_count {rot} != head_dim {head_dim}) are not supported"
+        )));
     }
     let rms_norm_eps = file
         .get_f64(&key("attention.layer_norm_rms_epsilon"))?
@@ -839,15 +839,15 @@ pub fn model_config(file: &GgufFile) -> Result<ModelConfig, ImportError> {
         ));
     }
     let vocab_size = embd.dims[1] as usize;
-    if let Some(v) = file.get_usize(&key("vocab_size"))? {
-        if v != vocab_size {
-            log::warn!(
-                "{}: {} = {v} but {} has {vocab_size} rows; using the tensor",
-                path.display(),
-                key("vocab_size"),
-                names::TOKEN_EMBD
-            );
-        }
+    if let Some(v) = file.get_usize(&key("vocab_size"))?
+        && v != vocab_size
+    {
+        log::warn!(
+            "{}: {} = {v} but {} has {vocab_size} rows; using the tensor",
+            path.display(),
+            key("vocab_size"),
+            names::TOKEN_EMBD
+        );
     }
 
     let tie_word_embeddings = file.tensor_info(names::OUTPUT).is_none();
@@ -1035,21 +1035,21 @@ pub fn tokenizer_spec(file: &GgufFile, vocab_size: usize) -> Result<TokenizerSpe
         "tokenizer.ggml.eot_token_id",
         "tokenizer.ggml.eom_token_id",
     ] {
-        if let Some(t) = id(key)? {
-            if !eos_token_ids.contains(&t) {
-                eos_token_ids.push(t);
-            }
+        if let Some(t) = id(key)?
+            && !eos_token_ids.contains(&t)
+        {
+            eos_token_ids.push(t);
         }
     }
     // Chat models end turns with these; llama.cpp also treats them as end-of-generation.
     for (i, text) in tokens.iter().enumerate() {
         let is_control = types.and_then(|t| t.int_at(i)) == Some(token_type::CONTROL);
-        if is_control && matches!(text.as_str(), "<|im_end|>" | "<|eot_id|>" | "<|endoftext|>") {
-            if let Ok(t) = u32::try_from(i) {
-                if !eos_token_ids.contains(&t) {
-                    eos_token_ids.push(t);
-                }
-            }
+        if is_control
+            && matches!(text.as_str(), "<|im_end|>" | "<|eot_id|>" | "<|endoftext|>")
+            && let Ok(t) = u32::try_from(i)
+            && !eos_token_ids.contains(&t)
+        {
+            eos_token_ids.push(t);
         }
     }
     let model = file.get_str("tokenizer.ggml.model")?.unwrap_or("llama");

@@ -332,10 +332,11 @@ fn derive_merges(vocab: &Vocab, scores: &[f64]) -> Vec<Value> {
         let start = merges.len();
         for (split, _) in piece.char_indices().skip(1) {
             let (l, r) = piece.split_at(split);
-            if let (Some(&li), Some(&ri)) = (vocab.ids.get(l), vocab.ids.get(r)) {
-                if mergeable(li) && mergeable(ri) {
-                    merges.push((li, ri, id));
-                }
+            if let (Some(&li), Some(&ri)) = (vocab.ids.get(l), vocab.ids.get(r))
+                && mergeable(li)
+                && mergeable(ri)
+            {
+                merges.push((li, ri, id));
             }
         }
         merges[start..].sort_by_key(|&(l, r, _)| (l, r));
