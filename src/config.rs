@@ -91,11 +91,17 @@ impl ModelConfig {
             ("num_layers", self.num_layers, 1 << 10),
             ("num_heads", self.num_heads, 1 << 10),
             ("head_dim", self.head_dim, 1 << 12),
-            ("max_position_embeddings", self.max_position_embeddings, 1 << 24),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                1 << 24,
+            ),
         ];
         for (name, value, cap) in caps {
             if value > cap {
-                return Err(format!("{name} = {value} exceeds the supported maximum {cap}"));
+                return Err(format!(
+                    "{name} = {value} exceeds the supported maximum {cap}"
+                ));
             }
         }
         if self.num_heads % self.num_kv_heads != 0 {
@@ -105,7 +111,10 @@ impl ModelConfig {
             ));
         }
         if self.head_dim % 2 != 0 {
-            return Err(format!("head_dim ({}) must be even for rotary embeddings", self.head_dim));
+            return Err(format!(
+                "head_dim ({}) must be even for rotary embeddings",
+                self.head_dim
+            ));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
             return Err("rms_norm_eps must be a finite non-negative number".into());
