@@ -4,7 +4,16 @@
 //! memory map → [`model`] → [`session`] → tokens.
 
 pub mod config;
+pub mod convert;
+pub mod eval;
 pub mod format;
 pub mod import;
+pub mod kernels;
+pub mod model;
 pub mod sampler;
+pub mod session;
 pub mod tokenizer;
+
+pub use config::{Architecture, ModelConfig};
+pub use model::{Model, ModelError};
+pub use session::{GenerateOptions, Generation, GenerationStats, Session, StopReason};

@@ -1,1 +1,393 @@
-fn main() {}
+//! `pocketlm` command line: convert, run, inspect, verify, eval.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use pocketlm::convert::{self, ConvertOptions};
+use pocketlm::eval::{self, PerplexityOptions};
+use pocketlm::format::{Encoding, PlmFile};
+use pocketlm::sampler::SamplerConfig;
+use pocketlm::tokenizer::ChatMessage;
+use pocketlm::{GenerateOptions, Model, Session};
+
+#[derive(Parser)]
+#[command(
+    name = "pocketlm",
+    version,
+    about = "Compressed LLMs for phones and small boards"
+)]
+struct Cli {
+    /// Worker threads (default: all cores).
+    #[arg(short = 't', long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Convert a Hugging Face directory or a GGUF file into a .plm file.
+    Convert {
+        /// Hugging Face model directory or .gguf file.
+        src: PathBuf,
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Encoding of weight matrices.
+        #[arg(long, default_value = "f16")]
+        dtype: Encoding,
+    },
+    /// Generate text, streaming it to stdout; speed on stderr.
+    Run(RunArgs),
+    /// Describe a .plm file: architecture, size, bits per weight, tensors, FLOPs per token.
+    Inspect {
+        model: PathBuf,
+        /// List every tensor.
+        #[arg(long)]
+        tensors: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every tensor checksum of a .plm file.
+    Verify { model: PathBuf },
+    /// Evaluate model quality.
+    #[command(subcommand)]
+    Eval(EvalCommand),
+}
+
+#[derive(Subcommand)]
+enum EvalCommand {
+    /// Perplexity over a text file, chunked as llama.cpp's llama-perplexity.
+    Ppl {
+        model: PathBuf,
+        #[arg(long)]
+        text: PathBuf,
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        /// Evaluate only the first N chunks.
+        #[arg(long)]
+        chunks: Option<usize>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    model: PathBuf,
+    #[arg(short, long, default_value = "")]
+    prompt: String,
+    /// Tokens to generate.
+    #[arg(short = 'n', long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Context length (KV cache positions).
+    #[arg(short = 'c', long, default_value_t = 2048)]
+    ctx: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temp: f32,
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    #[arg(long, default_value_t = 64)]
+    repeat_last_n: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop before this string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Treat the prompt as a user message and apply the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// System message for --chat.
+    #[arg(long)]
+    system: Option<String>,
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        if let Err(e) = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+        {
+            eprintln!("error: cannot start {n} threads: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type CliResult = Result<(), Box<dyn std::error::Error>>;
+
+fn run(command: Command) -> CliResult {
+    match command {
+        Command::Convert { src, output, dtype } => cmd_convert(src, output, dtype),
+        Command::Run(args) => cmd_run(args),
+        Command::Inspect {
+            model,
+            tensors,
+            json,
+        } => cmd_inspect(model, tensors, json),
+        Command::Verify { model } => {
+            let file = PlmFile::open(&model)?;
+            file.verify()?;
+            println!(
+                "{}: OK ({} tensors, checksums match)",
+                model.display(),
+                file.tensors().len()
+            );
+            Ok(())
+        }
+        Command::Eval(EvalCommand::Ppl {
+            model,
+            text,
+            ctx,
+            chunks,
+            json,
+        }) => cmd_ppl(model, text, ctx, chunks, json),
+    }
+}
+
+fn bar(len: u64, template: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar
+}
+
+fn cmd_convert(src: PathBuf, output: PathBuf, dtype: Encoding) -> CliResult {
+    let started = std::time::Instant::now();
+    let progress = bar(0, "{bar:40} {pos}/{len} tensors {msg}");
+    let report = convert::convert_path(
+        &src,
+        &output,
+        &ConvertOptions { dtype },
+        &mut |done, total, name| {
+            progress.set_length(total as u64);
+            progress.set_position(done as u64);
+            progress.set_message(name.to_string());
+        },
+    )?;
+    progress.finish_and_clear();
+    eprintln!(
+        "wrote {} ({} tensors, {:.1} M parameters, {:.1} MB) in {:.1} s",
+        output.display(),
+        report.tensors,
+        report.parameters as f64 / 1e6,
+        report.file_bytes as f64 / 1e6,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn cmd_run(a: RunArgs) -> CliResult {
+    let load_started = std::time::Instant::now();
+    let model = Arc::new(Model::open(&a.model)?);
+    let load_ms = load_started.elapsed().as_secs_f64() * 1e3;
+    let options = GenerateOptions {
+        max_tokens: a.max_tokens,
+        sampler: SamplerConfig {
+            temperature: a.temp,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            min_p: a.min_p,
+            repetition_penalty: a.repeat_penalty,
+            repeat_last_n: a.repeat_last_n,
+            seed: a.seed,
+        },
+        stop: a.stop,
+        ignore_eos: a.ignore_eos,
+    };
+    options.sampler.validate()?;
+    let mut session = Session::new(Arc::clone(&model), a.ctx);
+    let mut stdout = std::io::stdout().lock();
+    let mut emit = |piece: &str| {
+        // A closed pipe (e.g. `| head`) ends generation instead of failing.
+        stdout.write_all(piece.as_bytes()).is_ok() && stdout.flush().is_ok()
+    };
+    let generation = if a.chat {
+        let mut messages = Vec::new();
+        if let Some(system) = a.system {
+            messages.push(ChatMessage {
+                role: "system".into(),
+                content: system,
+            });
+        }
+        messages.push(ChatMessage {
+            role: "user".into(),
+            content: a.prompt,
+        });
+        session.chat(&messages, &options, &mut emit)?
+    } else {
+        if !a.prompt.is_empty() {
+            emit(&a.prompt);
+        }
+        session.generate(&a.prompt, &options, &mut emit)?
+    };
+    emit("\n");
+    let s = &generation.stats;
+    eprintln!(
+        "load {:.0} ms | prompt {} tokens, prefill {:.1} tok/s | time to first token {:.0} ms | \
+         generated {} tokens, decode {:.1} tok/s | stop: {:?} | threads {} | kernels {}",
+        load_ms,
+        s.prompt_tokens,
+        s.prefill_tokens_per_second(),
+        s.time_to_first_token_ms,
+        s.generated_tokens,
+        s.decode_tokens_per_second(),
+        generation.stop_reason,
+        rayon::current_num_threads(),
+        pocketlm::kernels::active_path().name(),
+    );
+    Ok(())
+}
+
+fn cmd_inspect(path: PathBuf, list_tensors: bool, json: bool) -> CliResult {
+    let model = Model::open(&path)?;
+    let file = model.file();
+    let config = model.config();
+    let params: u64 = file
+        .tensors()
+        .iter()
+        .map(|t| t.shape.iter().product::<usize>() as u64)
+        .sum();
+    let tensor_bytes: u64 = file.tensors().iter().map(|t| t.length).sum();
+    let bits_per_weight = tensor_bytes as f64 * 8.0 / params.max(1) as f64;
+    let mut encodings = std::collections::BTreeMap::<&str, (usize, u64)>::new();
+    for t in file.tensors() {
+        let e = encodings.entry(t.encoding.name()).or_default();
+        e.0 += 1;
+        e.1 += t.shape.iter().product::<usize>() as u64;
+    }
+    let flops = config.flops_per_token(0);
+    if json {
+        let tensors: Vec<_> = file
+            .tensors()
+            .iter()
+            .map(|t| serde_json::json!({"name": t.name, "shape": t.shape, "encoding": t.encoding.name(), "bytes": t.length}))
+            .collect();
+        let out = serde_json::json!({
+            "architecture": config.architecture.name(),
+            "config": config,
+            "parameters": params,
+            "file_bytes": file.file_size(),
+            "tensor_bytes": tensor_bytes,
+            "bits_per_weight": bits_per_weight,
+            "flops_per_token": flops,
+            "recipe": file.metadata().get("recipe"),
+            "tensors": tensors,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!("file              {}", path.display());
+    println!("architecture      {}", config.architecture.name());
+    println!(
+        "shape             {} layers, hidden {}, ffn {}, heads {} (kv {}), head dim {}, vocab {}",
+        config.num_layers,
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_heads,
+        config.num_kv_heads,
+        config.head_dim,
+        config.vocab_size
+    );
+    println!("context           {}", config.max_position_embeddings);
+    println!(
+        "parameters        {} ({:.2} M)",
+        params,
+        params as f64 / 1e6
+    );
+    println!(
+        "file size         {} bytes ({:.2} MB)",
+        file.file_size(),
+        file.file_size() as f64 / 1e6
+    );
+    println!("bits per weight   {bits_per_weight:.3}");
+    println!(
+        "FLOPs per token   {:.3} G (at position 0; +{} per position of context)",
+        flops as f64 / 1e9,
+        2 * 2 * config.num_layers * config.q_dim()
+    );
+    for (name, (count, n)) in &encodings {
+        println!("encoding {name:<8} {count} tensors, {n} weights");
+    }
+    if let Some(recipe) = file.metadata().get("recipe") {
+        println!("recipe            {recipe}");
+    }
+    if list_tensors {
+        for t in file.tensors() {
+            println!(
+                "  {:<32} {:<14} {:<5} {:>10} bytes",
+                t.name,
+                format!("{:?}", t.shape),
+                t.encoding.name(),
+                t.length
+            );
+        }
+    }
+    Ok(())
+}
+
+fn cmd_ppl(
+    path: PathBuf,
+    text: PathBuf,
+    ctx: usize,
+    chunks: Option<usize>,
+    json: bool,
+) -> CliResult {
+    let model = Model::open(&path)?;
+    let text = std::fs::read_to_string(&text).map_err(|e| format!("{}: {e}", text.display()))?;
+    let progress = bar(0, "{bar:40} {pos}/{len} chunks, ppl {msg}");
+    let result = eval::perplexity(
+        &model,
+        &text,
+        &PerplexityOptions {
+            context: ctx,
+            max_chunks: chunks,
+        },
+        |done, total, ppl| {
+            progress.set_length(total as u64);
+            progress.set_position(done as u64);
+            progress.set_message(format!("{ppl:.4}"));
+        },
+    )?;
+    progress.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string(&result)?);
+    } else {
+        println!(
+            "ppl {:.4} ± {:.4} over {} chunks of {} tokens ({} scored) in {:.1} s",
+            result.ppl,
+            result.ppl * result.nll_stderr,
+            result.chunks,
+            result.context,
+            result.tokens_scored,
+            result.seconds
+        );
+    }
+    Ok(())
+}

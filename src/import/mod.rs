@@ -4,6 +4,8 @@
 //! (as `tokenizers` JSON), and a [`TensorSource`] that dequantizes one tensor at a time so the
 //! converter's memory stays bounded by the largest tensor, not the model.
 
+pub mod hf;
+
 use std::path::{Path, PathBuf};
 
 use crate::config::ModelConfig;
@@ -140,4 +142,50 @@ mod tests {
             vec![1.0, 3.0, 2.0, 4.0, 5.0, 7.0, 6.0, 8.0]
         );
     }
+}
+
+/// Opens a Hugging Face directory (config.json + *.safetensors) or a `.gguf` file.
+pub fn open(path: &Path) -> Result<ImportedModel, ImportError> {
+    if path.is_dir() {
+        hf::open(path)
+    } else if path.extension().and_then(|e| e.to_str()) == Some("gguf") || gguf::has_magic(path) {
+        gguf::open(path)
+    } else if !path.exists() {
+        Err(ImportError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+        })
+    } else {
+        Err(ImportError::invalid(
+            path,
+            "not a Hugging Face model directory (config.json + *.safetensors) nor a GGUF file",
+        ))
+    }
+}
+
+/// Checks that every tensor the runtime needs for `config` is present with the right shape.
+pub fn check_required_tensors(
+    path: &Path,
+    config: &ModelConfig,
+    source: &dyn TensorSource,
+) -> Result<(), ImportError> {
+    for (name, shape) in crate::model::expected_tensors(config) {
+        match source.find(&name) {
+            None => {
+                return Err(ImportError::MissingTensor {
+                    path: path.to_path_buf(),
+                    name,
+                });
+            }
+            Some(t) if t.shape != shape => {
+                return Err(ImportError::tensor(
+                    path,
+                    &name,
+                    format!("shape {:?}, expected {:?} from the config", t.shape, shape),
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
 }

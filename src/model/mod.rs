@@ -1,0 +1,453 @@
+//! The Llama-family decoder, reading its weights in place from a memory-mapped .plm file.
+//!
+//! One forward pass serves prefill (many tokens, batched products) and decode (one token):
+//! RMSNorm → q/k/v (+bias) → RoPE → grouped-query attention over the KV cache → output
+//! projection → RMSNorm → SwiGLU MLP, then the final norm and the (tied or untied) output.
+
+mod attention;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use crate::config::{ModelConfig, names};
+use crate::format::{Encoding, PlmError, PlmFile, TensorEntry};
+use crate::import::TokenizerSpec;
+use crate::kernels::{self, MatRef, WeightData};
+use crate::tokenizer::{Tokenizer, TokenizerError};
+
+pub use attention::KvCache;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Format(#[from] PlmError),
+    #[error("{path}: metadata: {message}")]
+    Metadata { path: String, message: String },
+    #[error("{path}: tensor '{name}': {message}")]
+    Tensor {
+        path: String,
+        name: String,
+        message: String,
+    },
+    #[error("tokenizer: {0}")]
+    Tokenizer(#[from] TokenizerError),
+    #[error("context full: {needed} positions needed, the KV cache holds {capacity}")]
+    ContextFull { needed: usize, capacity: usize },
+    #[error("token id {id} is outside the vocabulary (size {vocab_size})")]
+    InvalidToken { id: u32, vocab_size: usize },
+}
+
+/// Every tensor the forward pass reads for `config`, with its row-major shape.
+pub fn expected_tensors(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let d = config.hidden_size;
+    let (q, kv, f) = (config.q_dim(), config.kv_dim(), config.intermediate_size);
+    let mut out = vec![(names::TOKEN_EMBD.to_string(), vec![config.vocab_size, d])];
+    for l in 0..config.num_layers {
+        out.push((names::attn_norm(l), vec![d]));
+        out.push((names::attn_q(l), vec![q, d]));
+        out.push((names::attn_k(l), vec![kv, d]));
+        out.push((names::attn_v(l), vec![kv, d]));
+        if config.attention_bias {
+            out.push((names::attn_q_bias(l), vec![q]));
+            out.push((names::attn_k_bias(l), vec![kv]));
+            out.push((names::attn_v_bias(l), vec![kv]));
+        }
+        out.push((names::attn_output(l), vec![d, q]));
+        out.push((names::ffn_norm(l), vec![d]));
+        out.push((names::ffn_gate(l), vec![f, d]));
+        out.push((names::ffn_up(l), vec![f, d]));
+        out.push((names::ffn_down(l), vec![d, f]));
+    }
+    out.push((names::OUTPUT_NORM.to_string(), vec![d]));
+    if !config.tie_word_embeddings {
+        out.push((names::OUTPUT.to_string(), vec![config.vocab_size, d]));
+    }
+    out
+}
+
+/// Index of a tensor in the file's table (resolved and validated once at load).
+type TensorIndex = usize;
+
+struct Layer {
+    attn_norm: TensorIndex,
+    q: TensorIndex,
+    k: TensorIndex,
+    v: TensorIndex,
+    biases: Option<[TensorIndex; 3]>,
+    o: TensorIndex,
+    ffn_norm: TensorIndex,
+    gate: TensorIndex,
+    up: TensorIndex,
+    down: TensorIndex,
+}
+
+/// Which logits a forward pass returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Only for the last token (generation).
+    Last,
+    /// For every token of the batch (scoring).
+    All,
+    /// For the last `n` tokens of the batch (perplexity scores only the second half).
+    LastN(usize),
+}
+
+/// A loaded model: the mapped file plus resolved tensor indices. Cheap to share across
+/// sessions (`Arc<Model>`); all weights stay in the page cache, shared between processes.
+pub struct Model {
+    file: Arc<PlmFile>,
+    config: ModelConfig,
+    tokenizer_spec: TokenizerSpec,
+    tokenizer: Tokenizer,
+    token_embd: TensorIndex,
+    output_norm: TensorIndex,
+    output: TensorIndex,
+    layers: Vec<Layer>,
+    inv_freq: Vec<f32>,
+}
+
+impl Model {
+    pub fn open(path: &Path) -> Result<Model, ModelError> {
+        let file = PlmFile::open(path)?;
+        Model::from_file(Arc::new(file))
+    }
+
+    pub fn from_file(file: Arc<PlmFile>) -> Result<Model, ModelError> {
+        let path = file.path().display().to_string();
+        let meta_err = |message: String| ModelError::Metadata {
+            path: path.clone(),
+            message,
+        };
+        let meta = file.metadata();
+        let config: ModelConfig = serde_json::from_value(
+            meta.get("config")
+                .cloned()
+                .ok_or_else(|| meta_err("no 'config' object".into()))?,
+        )
+        .map_err(|e| meta_err(format!("config: {e}")))?;
+        config
+            .validate()
+            .map_err(|e| meta_err(format!("config: {e}")))?;
+        let tokenizer_spec: TokenizerSpec = serde_json::from_value(
+            meta.get("tokenizer")
+                .cloned()
+                .ok_or_else(|| meta_err("no 'tokenizer' object".into()))?,
+        )
+        .map_err(|e| meta_err(format!("tokenizer: {e}")))?;
+        let tokenizer = Tokenizer::from_spec(&tokenizer_spec)?;
+
+        for (name, shape) in expected_tensors(&config) {
+            let entry = file.entry(&name).ok_or_else(|| ModelError::Tensor {
+                path: path.clone(),
+                name: name.clone(),
+                message: "missing (required by the model config)".into(),
+            })?;
+            check_entry(&path, entry, &shape)?;
+        }
+        let index = |name: &str| -> TensorIndex {
+            // Presence was checked above for every expected tensor.
+            file.tensors()
+                .iter()
+                .position(|t| t.name == name)
+                .unwrap_or(usize::MAX)
+        };
+        let layers = (0..config.num_layers)
+            .map(|l| Layer {
+                attn_norm: index(&names::attn_norm(l)),
+                q: index(&names::attn_q(l)),
+                k: index(&names::attn_k(l)),
+                v: index(&names::attn_v(l)),
+                biases: config.attention_bias.then(|| {
+                    [
+                        index(&names::attn_q_bias(l)),
+                        index(&names::attn_k_bias(l)),
+                        index(&names::attn_v_bias(l)),
+                    ]
+                }),
+                o: index(&names::attn_output(l)),
+                ffn_norm: index(&names::ffn_norm(l)),
+                gate: index(&names::ffn_gate(l)),
+                up: index(&names::ffn_up(l)),
+                down: index(&names::ffn_down(l)),
+            })
+            .collect();
+        let token_embd = index(names::TOKEN_EMBD);
+        let output = if config.tie_word_embeddings {
+            token_embd
+        } else {
+            index(names::OUTPUT)
+        };
+        Ok(Model {
+            inv_freq: rope_inv_freq(&config),
+            token_embd,
+            output_norm: index(names::OUTPUT_NORM),
+            output,
+            layers,
+            config,
+            tokenizer_spec,
+            tokenizer,
+            file,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn tokenizer_spec(&self) -> &TokenizerSpec {
+        &self.tokenizer_spec
+    }
+
+    pub fn file(&self) -> &PlmFile {
+        &self.file
+    }
+
+    /// A KV cache for up to `capacity` positions (clamped to the model's trained context).
+    pub fn new_cache(&self, capacity: usize) -> KvCache {
+        let capacity = capacity.clamp(1, self.config.max_position_embeddings);
+        KvCache::new(self.config.num_layers, self.config.kv_dim(), capacity)
+    }
+
+    fn entry(&self, index: TensorIndex) -> &TensorEntry {
+        &self.file.tensors()[index]
+    }
+
+    fn matrix(&self, index: TensorIndex) -> MatRef<'_> {
+        let entry = self.entry(index);
+        let view = self.file.view(entry);
+        let data = match view.encoding {
+            Encoding::F32 => WeightData::F32(view.as_f32().expect("encoding checked at load")),
+            Encoding::F16 => WeightData::F16(view.as_f16().expect("encoding checked at load")),
+            Encoding::BF16 => WeightData::BF16(view.as_bf16().expect("encoding checked at load")),
+        };
+        MatRef::new(data, entry.shape[0], entry.shape[1]).expect("shape checked at load")
+    }
+
+    fn vector(&self, index: TensorIndex) -> &[f32] {
+        self.file
+            .view(self.entry(index))
+            .as_f32()
+            .expect("1-D tensors are f32, checked at load")
+    }
+
+    /// Runs `tokens` at positions `cache.len()..`, appending their keys/values to `cache`.
+    /// Returns `vocab_size` logits for the last token, or for every token with [`Logits::All`].
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        logits: Logits,
+    ) -> Result<Vec<f32>, ModelError> {
+        let c = &self.config;
+        let n = tokens.len();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let start = cache.len();
+        if start + n > cache.capacity() {
+            return Err(ModelError::ContextFull {
+                needed: start + n,
+                capacity: cache.capacity(),
+            });
+        }
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(ModelError::InvalidToken {
+                id,
+                vocab_size: c.vocab_size,
+            });
+        }
+        let d = c.hidden_size;
+        let (qd, kvd, f) = (c.q_dim(), c.kv_dim(), c.intermediate_size);
+
+        let mut x = vec![0.0f32; n * d];
+        let embd = self.matrix(self.token_embd);
+        for (t, &tok) in tokens.iter().enumerate() {
+            embd.row_to_f32(tok as usize, &mut x[t * d..(t + 1) * d]);
+        }
+
+        let mut h = vec![0.0f32; n * d];
+        let mut q = vec![0.0f32; n * qd];
+        let mut k = vec![0.0f32; n * kvd];
+        let mut v = vec![0.0f32; n * kvd];
+        let mut attn = vec![0.0f32; n * qd];
+        let mut proj = vec![0.0f32; n * d];
+        let mut gate = vec![0.0f32; n * f];
+        let mut up = vec![0.0f32; n * f];
+
+        for (l, layer) in self.layers.iter().enumerate() {
+            kernels::rms_norm(&x, self.vector(layer.attn_norm), c.rms_norm_eps, &mut h);
+            kernels::matmul(&h, n, self.matrix(layer.q), &mut q);
+            kernels::matmul(&h, n, self.matrix(layer.k), &mut k);
+            kernels::matmul(&h, n, self.matrix(layer.v), &mut v);
+            if let Some([bq, bk, bv]) = layer.biases {
+                add_row_bias(&mut q, self.vector(bq));
+                add_row_bias(&mut k, self.vector(bk));
+                add_row_bias(&mut v, self.vector(bv));
+            }
+            q.par_chunks_mut(qd)
+                .zip(k.par_chunks_mut(kvd))
+                .enumerate()
+                .for_each(|(t, (qt, kt))| {
+                    kernels::rope_rotate_half(qt, start + t, &self.inv_freq);
+                    kernels::rope_rotate_half(kt, start + t, &self.inv_freq);
+                });
+            cache.write(l, start, &k, &v);
+            attention::attend(c, cache, l, start, &q, &mut attn);
+            kernels::matmul(&attn, n, self.matrix(layer.o), &mut proj);
+            add_in_place(&mut x, &proj);
+
+            kernels::rms_norm(&x, self.vector(layer.ffn_norm), c.rms_norm_eps, &mut h);
+            kernels::matmul(&h, n, self.matrix(layer.gate), &mut gate);
+            kernels::matmul(&h, n, self.matrix(layer.up), &mut up);
+            kernels::silu_mul(&mut gate, &up);
+            kernels::matmul(&gate, n, self.matrix(layer.down), &mut proj);
+            add_in_place(&mut x, &proj);
+        }
+        cache.advance(n);
+
+        let keep = match logits {
+            Logits::Last => 1,
+            Logits::All => n,
+            Logits::LastN(k) => k.clamp(1, n),
+        };
+        let rows = &x[(n - keep) * d..];
+        let count = rows.len() / d;
+        let mut normed = vec![0.0f32; rows.len()];
+        kernels::rms_norm(
+            rows,
+            self.vector(self.output_norm),
+            c.rms_norm_eps,
+            &mut normed,
+        );
+        let mut out = vec![0.0f32; count * c.vocab_size];
+        kernels::matmul(&normed, count, self.matrix(self.output), &mut out);
+        Ok(out)
+    }
+}
+
+fn check_entry(path: &str, entry: &TensorEntry, shape: &[usize]) -> Result<(), ModelError> {
+    let err = |message: String| ModelError::Tensor {
+        path: path.to_string(),
+        name: entry.name.clone(),
+        message,
+    };
+    if entry.shape != shape {
+        return Err(err(format!(
+            "shape {:?}, the model config expects {:?}",
+            entry.shape, shape
+        )));
+    }
+    if shape.len() == 1 && entry.encoding != Encoding::F32 {
+        return Err(err(format!(
+            "vectors (norms, biases) must be f32, found {}",
+            entry.encoding.name()
+        )));
+    }
+    Ok(())
+}
+
+fn add_in_place(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+fn add_row_bias(x: &mut [f32], bias: &[f32]) {
+    for row in x.chunks_exact_mut(bias.len()) {
+        add_in_place(row, bias);
+    }
+}
+
+/// Rotary inverse frequencies `theta^(-2i/d)`, with Llama 3 frequency scaling when configured.
+pub fn rope_inv_freq(config: &ModelConfig) -> Vec<f32> {
+    let hd = config.head_dim;
+    let base: Vec<f64> = (0..hd / 2)
+        .map(|i| (config.rope_theta as f64).powf(-((2 * i) as f64) / hd as f64))
+        .collect();
+    let Some(s) = config.rope_scaling else {
+        return base.into_iter().map(|f| f as f32).collect();
+    };
+    let old_ctx = s.original_max_position_embeddings as f64;
+    let low_wavelen = old_ctx / s.low_freq_factor as f64;
+    let high_wavelen = old_ctx / s.high_freq_factor as f64;
+    let factor = s.factor as f64;
+    base.into_iter()
+        .map(|freq| {
+            let wavelen = 2.0 * std::f64::consts::PI / freq;
+            let scaled = if wavelen < high_wavelen {
+                freq
+            } else if wavelen > low_wavelen {
+                freq / factor
+            } else {
+                let smooth = (old_ctx / wavelen - s.low_freq_factor as f64)
+                    / (s.high_freq_factor as f64 - s.low_freq_factor as f64);
+                (1.0 - smooth) * freq / factor + smooth * freq
+            };
+            scaled as f32
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Architecture, Llama3RopeScaling};
+
+    fn config() -> ModelConfig {
+        ModelConfig {
+            architecture: Architecture::Llama,
+            vocab_size: 32,
+            hidden_size: 16,
+            intermediate_size: 24,
+            num_layers: 2,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 4,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            rope_scaling: None,
+            max_position_embeddings: 64,
+            tie_word_embeddings: true,
+            attention_bias: false,
+        }
+    }
+
+    #[test]
+    fn expected_tensors_cover_parameter_count() {
+        for (tied, bias) in [(true, false), (false, true)] {
+            let mut c = config();
+            c.tie_word_embeddings = tied;
+            c.attention_bias = bias;
+            let total: usize = expected_tensors(&c)
+                .iter()
+                .map(|(_, s)| s.iter().product::<usize>())
+                .sum();
+            assert_eq!(total as u64, c.parameter_count());
+        }
+    }
+
+    #[test]
+    fn llama3_rope_scaling_keeps_high_and_scales_low_frequencies() {
+        let mut c = config();
+        c.head_dim = 128;
+        c.rope_theta = 500000.0;
+        let plain = rope_inv_freq(&c);
+        c.rope_scaling = Some(Llama3RopeScaling {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        });
+        let scaled = rope_inv_freq(&c);
+        assert_eq!(scaled[0], plain[0]); // shortest wavelength untouched
+        let last = plain.len() - 1;
+        assert!((scaled[last] - plain[last] / 8.0).abs() < 1e-12); // longest divided by factor
+        assert!(scaled.iter().zip(&plain).all(|(s, p)| s <= p));
+    }
+}
