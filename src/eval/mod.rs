@@ -69,10 +69,8 @@ pub fn perplexity(
     let (mut sum, mut sum_sq, mut count) = (0.0f64, 0.0f64, 0usize);
     for chunk in 0..chunks {
         let mut batch = tokens[chunk * ctx..(chunk + 1) * ctx].to_vec();
-        if spec.add_bos {
-            if let Some(bos) = spec.bos_token_id {
-                batch[0] = bos;
-            }
+        if let (true, Some(bos)) = (spec.add_bos, spec.bos_token_id) {
+            batch[0] = bos;
         }
         cache.clear();
         let scored = ctx - 1 - first;

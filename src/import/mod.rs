@@ -123,27 +123,6 @@ pub fn unpermute_interleaved_rope_rows(
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn unpermute_moves_interleaved_pairs_to_halves() {
-        // one head, head_dim 4, one column: interleaved rows [a0, b0, a1, b1] -> [a0, a1, b0, b1]
-        let w = [10.0, 20.0, 11.0, 21.0];
-        assert_eq!(
-            unpermute_interleaved_rope_rows(&w, 1, 4, 1),
-            vec![10.0, 11.0, 20.0, 21.0]
-        );
-        // bias vectors are the cols == 1 case; two heads stay separate
-        let w2 = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0];
-        assert_eq!(
-            unpermute_interleaved_rope_rows(&w2, 2, 4, 1),
-            vec![1.0, 3.0, 2.0, 4.0, 5.0, 7.0, 6.0, 8.0]
-        );
-    }
-}
-
 /// Opens a Hugging Face directory (config.json + *.safetensors) or a `.gguf` file.
 pub fn open(path: &Path) -> Result<ImportedModel, ImportError> {
     if path.is_dir() {
@@ -188,4 +167,25 @@ pub fn check_required_tensors(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpermute_moves_interleaved_pairs_to_halves() {
+        // one head, head_dim 4, one column: interleaved rows [a0, b0, a1, b1] -> [a0, a1, b0, b1]
+        let w = [10.0, 20.0, 11.0, 21.0];
+        assert_eq!(
+            unpermute_interleaved_rope_rows(&w, 1, 4, 1),
+            vec![10.0, 11.0, 20.0, 21.0]
+        );
+        // bias vectors are the cols == 1 case; two heads stay separate
+        let w2 = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0];
+        assert_eq!(
+            unpermute_interleaved_rope_rows(&w2, 2, 4, 1),
+            vec![1.0, 3.0, 2.0, 4.0, 5.0, 7.0, 6.0, 8.0]
+        );
+    }
 }
