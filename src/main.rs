@@ -37,9 +37,19 @@ enum Command {
         src: PathBuf,
         #[arg(short, long)]
         output: PathBuf,
-        /// Encoding of weight matrices.
-        #[arg(long, default_value = "f16")]
-        dtype: Encoding,
+        /// Encoding of weight matrices: f32, f16, bf16, q8, q4 (symmetric) or q4a (with a
+        /// minimum), optionally with a group size such as q4/g64.
+        #[arg(long, visible_alias = "dtype", default_value = "f16")]
+        weights: Encoding,
+        /// Group size for quantized weights (overrides a /gN suffix).
+        #[arg(long)]
+        group: Option<u32>,
+        /// Encoding of the token embedding (and tied output); default q8 when quantizing.
+        #[arg(long)]
+        embedding: Option<Encoding>,
+        /// Encoding of an untied output layer; default: as the embedding.
+        #[arg(long)]
+        output_weights: Option<Encoding>,
     },
     /// Generate text, streaming it to stdout; speed on stderr.
     Run(RunArgs),
@@ -119,15 +129,20 @@ struct RunArgs {
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
-    if let Some(n) = cli.threads
-        && let Err(e) = rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-    {
-        eprintln!("error: cannot start {n} threads: {e}");
-        return ExitCode::FAILURE;
+    let mut pool = rayon::ThreadPoolBuilder::new();
+    if let Some(n) = cli.threads {
+        pool = pool.num_threads(n);
     }
-    match run(cli.command) {
+    let pool = match pool.build() {
+        Ok(pool) => pool,
+        Err(e) => {
+            eprintln!("error: cannot start the thread pool: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Run on a pool thread: each parallel product then starts from inside the pool instead
+    // of waking it from outside (a futex round trip per matrix on short decode steps).
+    match pool.install(|| run(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
@@ -136,11 +151,35 @@ fn main() -> ExitCode {
     }
 }
 
-type CliResult = Result<(), Box<dyn std::error::Error>>;
+type CliResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
 fn run(command: Command) -> CliResult {
     match command {
-        Command::Convert { src, output, dtype } => cmd_convert(src, output, dtype),
+        Command::Convert {
+            src,
+            output,
+            weights,
+            group,
+            embedding,
+            output_weights,
+        } => {
+            let weights = match (weights, group) {
+                (Encoding::Q8 { .. }, Some(group)) => Encoding::Q8 { group },
+                (Encoding::Q4 { asymmetric, .. }, Some(group)) => {
+                    Encoding::Q4 { group, asymmetric }
+                }
+                (w, Some(_)) => {
+                    return Err(format!("--group applies to q8/q4 weights, not {w}").into());
+                }
+                (w, None) => w,
+            };
+            let options = ConvertOptions {
+                weights,
+                embedding,
+                output: output_weights,
+            };
+            cmd_convert(src, output, options)
+        }
         Command::Run(args) => cmd_run(args),
         Command::Inspect {
             model,
@@ -177,20 +216,18 @@ fn bar(len: u64, template: &str) -> ProgressBar {
     bar
 }
 
-fn cmd_convert(src: PathBuf, output: PathBuf, dtype: Encoding) -> CliResult {
+fn cmd_convert(src: PathBuf, output: PathBuf, options: ConvertOptions) -> CliResult {
     let started = std::time::Instant::now();
     let progress = bar(0, "{bar:40} {pos}/{len} tensors {msg}");
-    let report = convert::convert_path(
-        &src,
-        &output,
-        &ConvertOptions { dtype },
-        &mut |done, total, name| {
-            progress.set_length(total as u64);
-            progress.set_position(done as u64);
-            progress.set_message(name.to_string());
-        },
-    )?;
+    let report = convert::convert_path(&src, &output, &options, &mut |done, total, name| {
+        progress.set_length(total as u64);
+        progress.set_position(done as u64);
+        progress.set_message(name.to_string());
+    })?;
     progress.finish_and_clear();
+    for (name, reason) in &report.fallbacks {
+        eprintln!("note: {name} kept in f16: {reason}");
+    }
     eprintln!(
         "wrote {} ({} tensors, {:.1} M parameters, {:.1} MB) in {:.1} s",
         output.display(),

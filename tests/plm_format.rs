@@ -283,6 +283,7 @@ fn round_trip_all_encodings_and_ranks() {
                 let want: Vec<bf16> = values.iter().map(|&x| bf16::from_f32(x)).collect();
                 assert_eq!(v.as_bf16().unwrap(), &want[..]);
             }
+            quantized => unreachable!("{quantized} is not a dense encoding"),
         }
         let decoded = v.to_f32_vec();
         assert_eq!(decoded.len(), values.len());
@@ -291,6 +292,7 @@ fn round_trip_all_encodings_and_ranks() {
                 Encoding::F32 => 0.0,
                 Encoding::F16 => x.abs() * 1e-3,
                 Encoding::BF16 => x.abs() * 8e-3,
+                quantized => unreachable!("{quantized} is not a dense encoding"),
             };
             assert!((d - x).abs() <= tol, "{name}: {d} vs {x}");
         }
@@ -356,6 +358,7 @@ fn many_tensors_round_trip_in_order() {
             Encoding::F32 => first,
             Encoding::F16 => f16::from_f32(first).to_f32(),
             Encoding::BF16 => bf16::from_f32(first).to_f32(),
+            quantized => unreachable!("{quantized} is not a dense encoding"),
         };
         assert_eq!(v[0], want, "{}", e.name);
         assert_eq!(v.len(), i % 37 + 1);

@@ -33,9 +33,7 @@ fn model() -> Option<Arc<Model>> {
             };
             let dir = tempfile::tempdir().unwrap();
             let plm = dir.path().join("smollm2.plm");
-            let options = ConvertOptions {
-                dtype: Encoding::F16,
-            };
+            let options = ConvertOptions::with_weights(Encoding::F16);
             convert_path(&gguf, &plm, &options, &mut |_, _, _| {}).unwrap();
             let model = Arc::new(Model::open(&plm).unwrap());
             Some((dir, model))

@@ -22,7 +22,7 @@ fn convert(src: &str, dtype: Encoding) -> (tempfile::TempDir, PathBuf) {
     convert_path(
         &fixture(src),
         &out,
-        &ConvertOptions { dtype },
+        &ConvertOptions::with_weights(dtype),
         &mut |_, _, _| {},
     )
     .unwrap();

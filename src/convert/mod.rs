@@ -1,9 +1,12 @@
 //! The converter: checkpoint → .plm, one tensor at a time so memory stays bounded by the
 //! largest tensor. Compression passes (quantization, pruning, low rank) plug in here.
 
+pub mod quant;
+
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::config::names;
 use crate::format::{Encoding, PlmError, PlmWriter};
 use crate::import::{self, ImportError, ImportedModel};
 use crate::model::expected_tensors;
@@ -20,14 +23,50 @@ pub enum ConvertError {
 
 #[derive(Clone, Debug)]
 pub struct ConvertOptions {
-    /// Encoding of weight matrices (embedding and output included).
-    pub dtype: Encoding,
+    /// Encoding of the transformer blocks' weight matrices.
+    pub weights: Encoding,
+    /// Encoding of the token embedding (also the output layer when tied). `None`: q8/g32
+    /// when `weights` is quantized (as llama.cpp keeps embeddings at higher precision), else
+    /// the same as `weights`.
+    pub embedding: Option<Encoding>,
+    /// Encoding of an untied output layer; `None`: as the embedding.
+    pub output: Option<Encoding>,
 }
 
 impl Default for ConvertOptions {
     fn default() -> Self {
+        ConvertOptions::with_weights(Encoding::F16)
+    }
+}
+
+impl ConvertOptions {
+    pub fn with_weights(weights: Encoding) -> Self {
         ConvertOptions {
-            dtype: Encoding::F16,
+            weights,
+            embedding: None,
+            output: None,
+        }
+    }
+
+    fn embedding_encoding(&self) -> Encoding {
+        self.embedding.unwrap_or(if self.weights.is_quantized() {
+            Encoding::Q8 { group: 32 }
+        } else {
+            self.weights
+        })
+    }
+
+    /// The encoding requested for tensor `name` of `shape`.
+    pub fn encoding_for(&self, name: &str, shape: &[usize]) -> Encoding {
+        if shape.len() == 1 {
+            // Norms and biases are tiny and numerically sensitive: always f32.
+            Encoding::F32
+        } else if name == names::TOKEN_EMBD {
+            self.embedding_encoding()
+        } else if name == names::OUTPUT {
+            self.output.unwrap_or_else(|| self.embedding_encoding())
+        } else {
+            self.weights
         }
     }
 }
@@ -36,6 +75,8 @@ impl Default for ConvertOptions {
 #[derive(Clone, Debug)]
 pub struct ConvertReport {
     pub tensors: usize,
+    /// Tensors stored in f16 instead of the requested encoding, with the reason.
+    pub fallbacks: Vec<(String, String)>,
     pub parameters: u64,
     pub file_bytes: u64,
 }
@@ -70,15 +111,27 @@ pub fn convert(
     }
     let mut writer = PlmWriter::create(dst)?;
     let mut parameters = 0u64;
+    let mut fallbacks = Vec::new();
+    let mut encodings = std::collections::BTreeMap::<String, usize>::new();
     for (i, (name, shape)) in expected.iter().enumerate() {
         let values = model.source.load_f32(name)?;
-        // Norms and biases are tiny and numerically sensitive: always f32.
-        let encoding = if shape.len() == 1 {
-            Encoding::F32
+        let mut encoding = options.encoding_for(name, shape);
+        if let Some(reason) = quant::unsupported_reason(shape, encoding) {
+            log::info!("{name}: kept in f16 instead of {encoding}: {reason}");
+            fallbacks.push((name.clone(), reason));
+            encoding = Encoding::F16;
+        }
+        if encoding.is_quantized() {
+            let bytes = quant::quantize_rtn(&values, shape, encoding).ok_or_else(|| {
+                ConvertError::Options(format!(
+                    "{name}: cannot quantize shape {shape:?} to {encoding}"
+                ))
+            })?;
+            writer.add_tensor(name, shape, encoding, &bytes)?;
         } else {
-            options.dtype
-        };
-        writer.add_f32(name, shape, &values, encoding)?;
+            writer.add_f32(name, shape, &values, encoding)?;
+        }
+        *encodings.entry(encoding.describe()).or_default() += 1;
         parameters += values.len() as u64;
         progress(i + 1, expected.len(), name);
     }
@@ -90,7 +143,14 @@ pub fn convert(
         "format": "pocketlm",
         "config": model.config,
         "tokenizer": model.tokenizer,
-        "recipe": { "weights": options.dtype.name(), "vectors": "f32" },
+        "recipe": {
+            "weights": options.weights.describe(),
+            "embedding": options.encoding_for(names::TOKEN_EMBD, &[1, 1]).describe(),
+            "vectors": "f32",
+            "method": if options.weights.is_quantized() { "rtn" } else { "none" },
+            "tensor_encodings": encodings,
+            "fallbacks": fallbacks.iter().map(|(n, r)| serde_json::json!({"tensor": n, "reason": r})).collect::<Vec<_>>(),
+        },
         "provenance": {
             "source": model.provenance,
             "converter": format!("pocketlm {}", env!("CARGO_PKG_VERSION")),
@@ -100,6 +160,7 @@ pub fn convert(
     let file_bytes = writer.finish(&metadata)?;
     Ok(ConvertReport {
         tensors: expected.len(),
+        fallbacks,
         parameters,
         file_bytes,
     })

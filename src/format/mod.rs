@@ -65,8 +65,8 @@ pub const MAX_NAME_LEN: usize = 1024;
 pub const MAX_RANK: usize = 4;
 
 /// How a tensor's elements are stored. Each variant has a stable on-disk code (see
-/// [`Encoding::code`]); variants for quantized, low-rank and sparse storage land later
-/// under new codes without a format version bump.
+/// [`Encoding::code`]) and up to two u32 parameters in the tensor table; new encodings (low
+/// rank, sparse) land under new codes without a format version bump.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Encoding {
     /// IEEE-754 binary32, little-endian. Code 0.
@@ -75,10 +75,24 @@ pub enum Encoding {
     F16,
     /// bfloat16 (upper half of an f32), little-endian. Code 2.
     BF16,
+    /// Symmetric int8 matrix with one f16 scale per `group` consecutive weights of a row:
+    /// `w = q · d`. Code 16, param0 = group. See [`QuantLayout`].
+    Q8 { group: u32 },
+    /// 4-bit matrix with one f16 scale per `group` weights of a row; symmetric
+    /// (`w = (q − 8) · d`) or asymmetric with an f16 minimum (`w = q · d + m`).
+    /// Code 17, param0 = group, param1 bit 0 = asymmetric. See [`QuantLayout`].
+    Q4 { group: u32, asymmetric: bool },
 }
 
+/// Quantized weights come in blocks of this many values: the activation block of the integer
+/// dot products, and the unit of the nibble packing. Groups are multiples of it.
+pub const QUANT_BLOCK: usize = 32;
+
+/// Largest group a quantized encoding may declare (one scale per this many weights).
+pub const MAX_QUANT_GROUP: u32 = 1 << 16;
+
 impl Encoding {
-    /// All encodings this build understands.
+    /// The dense (unquantized) encodings.
     pub const ALL: [Encoding; 3] = [Encoding::F32, Encoding::F16, Encoding::BF16];
 
     /// Lower-case name used in recipes, logs and the CLI.
@@ -87,20 +101,55 @@ impl Encoding {
             Encoding::F32 => "f32",
             Encoding::F16 => "f16",
             Encoding::BF16 => "bf16",
+            Encoding::Q8 { .. } => "q8",
+            Encoding::Q4 {
+                asymmetric: false, ..
+            } => "q4",
+            Encoding::Q4 {
+                asymmetric: true, ..
+            } => "q4a",
         }
     }
 
-    /// Storage cost per weight, including any per-group scales of later encodings.
+    /// Name with parameters, e.g. `q4a/g64`.
+    pub fn describe(self) -> String {
+        match self.group() {
+            Some(g) => format!("{}/g{g}", self.name()),
+            None => self.name().to_string(),
+        }
+    }
+
+    pub fn is_quantized(self) -> bool {
+        matches!(self, Encoding::Q8 { .. } | Encoding::Q4 { .. })
+    }
+
+    /// Group size of quantized encodings.
+    pub fn group(self) -> Option<u32> {
+        match self {
+            Encoding::Q8 { group } | Encoding::Q4 { group, .. } => Some(group),
+            _ => None,
+        }
+    }
+
+    /// Storage cost per weight, including per-group scales (and minimums).
     pub fn bits_per_weight(self) -> f64 {
         match self {
             Encoding::F32 => 32.0,
             Encoding::F16 | Encoding::BF16 => 16.0,
+            Encoding::Q8 { group } => 8.0 + 16.0 / group as f64,
+            Encoding::Q4 { group, asymmetric } => {
+                4.0 + if asymmetric { 32.0 } else { 16.0 } / group as f64
+            }
         }
     }
 
-    /// Exact number of data bytes a tensor of `shape` occupies; `None` on overflow.
-    /// An empty shape is a scalar (one element).
+    /// Exact number of data bytes a tensor of `shape` occupies; `None` on overflow, or when
+    /// the shape does not suit the encoding (quantized tensors are matrices whose row length
+    /// is a multiple of the group). An empty shape is a scalar (one element).
     pub fn byte_len(self, shape: &[usize]) -> Option<usize> {
+        if self.is_quantized() {
+            return self.quant_layout(shape).map(|l| l.total);
+        }
         let elements = shape
             .iter()
             .try_fold(1usize, |acc, &d| acc.checked_mul(d))?;
@@ -113,12 +162,94 @@ impl Encoding {
             Encoding::F32 => 0,
             Encoding::F16 => 1,
             Encoding::BF16 => 2,
+            Encoding::Q8 { .. } => 16,
+            Encoding::Q4 { .. } => 17,
         }
     }
 
-    /// Inverse of [`Encoding::code`]; `None` for codes this build does not know.
+    /// The two u32 parameters stored beside the code.
+    pub fn params(self) -> (u32, u32) {
+        match self {
+            Encoding::F32 | Encoding::F16 | Encoding::BF16 => (0, 0),
+            Encoding::Q8 { group } => (group, 0),
+            Encoding::Q4 { group, asymmetric } => (group, asymmetric as u32),
+        }
+    }
+
+    /// Inverse of [`Encoding::code`] for parameterless encodings; `None` for codes this build
+    /// does not know or that need parameters.
     pub fn from_code(code: u16) -> Option<Encoding> {
         Encoding::ALL.into_iter().find(|e| e.code() == code)
+    }
+
+    /// Decodes a table entry's code and parameters: `Ok(None)` for an unknown code (a newer
+    /// file), `Err` with the reason for parameters that make no sense for the code.
+    pub fn from_table(code: u16, param0: u32, param1: u32) -> Result<Option<Encoding>, String> {
+        let encoding = match code {
+            16 => Encoding::Q8 { group: param0 },
+            17 => Encoding::Q4 {
+                group: param0,
+                asymmetric: param1 & 1 == 1,
+            },
+            _ => match Encoding::from_code(code) {
+                Some(e) => e,
+                None => return Ok(None),
+            },
+        };
+        if encoding.params() != (param0, param1) {
+            return Err(if encoding.is_quantized() {
+                format!(
+                    "encoding {} has invalid parameters ({param0}, {param1})",
+                    encoding.name()
+                )
+            } else {
+                format!(
+                    "encoding {} takes no parameters, but the table has ({param0}, {param1})",
+                    encoding.name()
+                )
+            });
+        }
+        if let Some(group) = encoding.group() {
+            encoding_group_ok(group)?;
+        }
+        Ok(Some(encoding))
+    }
+
+    /// Where the quantized values, scales and minimums of a `[rows, cols]` matrix lie inside
+    /// its tensor data; `None` for dense encodings or unsuitable shapes.
+    pub fn quant_layout(self, shape: &[usize]) -> Option<QuantLayout> {
+        let group = self.group()? as usize;
+        let &[rows, cols] = shape else { return None };
+        if encoding_group_ok(group as u32).is_err() || cols % group != 0 {
+            return None;
+        }
+        let values = rows.checked_mul(cols)?;
+        let quant_bytes = match self {
+            Encoding::Q8 { .. } => values,
+            _ => values / 2,
+        };
+        let scales_start =
+            quant_bytes.checked_add(TENSOR_ALIGNMENT - 1)? / TENSOR_ALIGNMENT * TENSOR_ALIGNMENT;
+        let scale_bytes = (values / group).checked_mul(2)?;
+        let scales_end = scales_start.checked_add(scale_bytes)?;
+        let (mins, total) = match self {
+            Encoding::Q4 {
+                asymmetric: true, ..
+            } => (
+                Some(scales_end..scales_end + scale_bytes),
+                scales_end.checked_add(scale_bytes)?,
+            ),
+            _ => (None, scales_end),
+        };
+        Some(QuantLayout {
+            rows,
+            cols,
+            group,
+            quants: 0..quant_bytes,
+            scales: scales_start..scales_end,
+            mins,
+            total,
+        })
     }
 
     /// Bytes per element of the dense encodings.
@@ -126,24 +257,96 @@ impl Encoding {
         match self {
             Encoding::F32 => 4,
             Encoding::F16 | Encoding::BF16 => 2,
+            // Not used for quantized encodings (see `quant_layout`); one byte is the q8 value.
+            Encoding::Q8 { .. } | Encoding::Q4 { .. } => 1,
         }
     }
 }
 
+fn encoding_group_ok(group: u32) -> Result<(), String> {
+    if group == 0 || !group.is_multiple_of(QUANT_BLOCK as u32) || group > MAX_QUANT_GROUP {
+        return Err(format!(
+            "group size {group} must be a positive multiple of {QUANT_BLOCK} up to {MAX_QUANT_GROUP}"
+        ));
+    }
+    Ok(())
+}
+
+/// Byte layout of a quantized `[rows, cols]` matrix inside its tensor data, chosen so the
+/// kernels read each region with aligned, contiguous loads and never repack at load time:
+///
+/// - `quants`: row-major, `cols` bytes per row (q8: i8 values) or `cols / 2` (q4: nibbles).
+///   q4 packs each block of 32 values into 16 bytes, byte `j` holding value `j` in its low
+///   nibble and value `j + 16` in its high nibble, so one 128-bit load, a mask and a shift
+///   yield the block in order.
+/// - `scales`: starts at the next multiple of 64; `rows × cols / group` f16 scales, row-major.
+/// - `mins` (asymmetric q4 only): right after the scales, same shape, f16.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QuantLayout {
+    pub rows: usize,
+    pub cols: usize,
+    pub group: usize,
+    pub quants: std::ops::Range<usize>,
+    pub scales: std::ops::Range<usize>,
+    pub mins: Option<std::ops::Range<usize>>,
+    pub total: usize,
+}
+
 impl fmt::Display for Encoding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+        f.write_str(&self.describe())
     }
 }
 
 impl FromStr for Encoding {
     type Err = String;
 
+    /// Parses `f32`, `f16`, `bf16`, `q8`, `q4`, `q4a`, optionally with `/gN` (default group 32).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Encoding::ALL
-            .into_iter()
-            .find(|e| e.name().eq_ignore_ascii_case(s.trim()))
-            .ok_or_else(|| format!("unknown encoding '{s}' (expected one of: f32, f16, bf16)"))
+        let s = s.trim().to_ascii_lowercase();
+        let (base, group) = match s.split_once("/g") {
+            Some((b, g)) => (
+                b.to_string(),
+                Some(
+                    g.parse::<u32>()
+                        .map_err(|_| format!("bad group size in '{s}'"))?,
+                ),
+            ),
+            None => (s.clone(), None),
+        };
+        let group_or_default = group.unwrap_or(QUANT_BLOCK as u32);
+        let encoding = match base.as_str() {
+            "q8" => Encoding::Q8 {
+                group: group_or_default,
+            },
+            "q4" => Encoding::Q4 {
+                group: group_or_default,
+                asymmetric: false,
+            },
+            "q4a" => Encoding::Q4 {
+                group: group_or_default,
+                asymmetric: true,
+            },
+            _ => {
+                let dense = Encoding::ALL
+                    .into_iter()
+                    .find(|e| e.name() == base)
+                    .ok_or_else(|| {
+                        format!(
+                            "unknown encoding '{s}' (expected one of: f32, f16, bf16, q8, q4, q4a, \
+                             optionally with /g32, /g64, /g128)"
+                        )
+                    })?;
+                if group.is_some() {
+                    return Err(format!("encoding {base} takes no group size"));
+                }
+                dense
+            }
+        };
+        if let Some(g) = encoding.group() {
+            encoding_group_ok(g)?;
+        }
+        Ok(encoding)
     }
 }
 
@@ -266,11 +469,61 @@ mod tests {
         );
         assert_eq!(Encoding::from_code(3), None);
         assert_eq!("BF16".parse::<Encoding>().unwrap(), Encoding::BF16);
-        let err = "q4".parse::<Encoding>().unwrap_err();
-        assert!(err.contains("'q4'"), "{err}");
+        let err = "q3".parse::<Encoding>().unwrap_err();
+        assert!(err.contains("'q3'"), "{err}");
         assert_eq!(Encoding::F32.bits_per_weight(), 32.0);
         assert_eq!(Encoding::F16.bits_per_weight(), 16.0);
         assert_eq!(Encoding::BF16.bits_per_weight(), 16.0);
+    }
+
+    #[test]
+    fn quantized_encodings_parse_and_round_trip_through_the_table() {
+        let q4 = "q4/g64".parse::<Encoding>().unwrap();
+        assert_eq!(
+            q4,
+            Encoding::Q4 {
+                group: 64,
+                asymmetric: false
+            }
+        );
+        assert_eq!(
+            "Q8".parse::<Encoding>().unwrap(),
+            Encoding::Q8 { group: 32 }
+        );
+        let q4a = "q4a/g128".parse::<Encoding>().unwrap();
+        assert_eq!(q4a.to_string(), "q4a/g128");
+        for e in [q4, q4a, Encoding::Q8 { group: 32 }] {
+            let (p0, p1) = e.params();
+            assert_eq!(Encoding::from_table(e.code(), p0, p1), Ok(Some(e)));
+        }
+        assert!("q4/g48".parse::<Encoding>().is_err());
+        assert!("f16/g32".parse::<Encoding>().is_err());
+        assert!(Encoding::from_table(17, 0, 0).is_err());
+        assert!(Encoding::from_table(16, 32, 1).is_err());
+        assert!(Encoding::from_table(0, 32, 0).is_err());
+        assert_eq!(Encoding::from_table(99, 0, 0), Ok(None));
+        assert_eq!(q4.bits_per_weight(), 4.25);
+        assert_eq!(q4a.bits_per_weight(), 4.25);
+        assert_eq!(Encoding::Q8 { group: 32 }.bits_per_weight(), 8.5);
+    }
+
+    #[test]
+    fn quant_layout_aligns_scales_and_rejects_ragged_rows() {
+        let q4a = Encoding::Q4 {
+            group: 32,
+            asymmetric: true,
+        };
+        let l = q4a.quant_layout(&[3, 96]).unwrap();
+        assert_eq!(l.quants, 0..144);
+        assert_eq!(l.scales, 192..192 + 18);
+        assert_eq!(l.mins, Some(210..228));
+        assert_eq!(q4a.byte_len(&[3, 96]), Some(228));
+        assert_eq!(q4a.byte_len(&[3, 100]), None);
+        assert_eq!(q4a.byte_len(&[96]), None);
+        assert_eq!(
+            Encoding::Q8 { group: 32 }.byte_len(&[usize::MAX / 2, 64]),
+            None
+        );
     }
 
     #[test]

@@ -86,6 +86,11 @@ impl<'a> TensorView<'a> {
                 .chunks_exact(2)
                 .map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
                 .collect(),
+            Encoding::Q8 { .. } | Encoding::Q4 { .. } => {
+                crate::kernels::quant::QuantMatrix::from_view(self)
+                    .map(|m| m.dequantize())
+                    .unwrap_or_default()
+            }
         }
     }
 
@@ -577,19 +582,12 @@ fn parse_table(bytes: &[u8], hdr: &Header) -> Result<Vec<TensorEntry>, PlmError>
         let length = cur.u64("data length")?;
         let checksum = cur.u32("checksum")?;
 
-        let encoding = Encoding::from_code(code).ok_or_else(|| PlmError::UnsupportedEncoding {
-            name: name.to_string(),
-            code,
-        })?;
-        if param0 != 0 || param1 != 0 {
-            return Err(PlmError::tensor(
-                name,
-                format!(
-                    "encoding {encoding} takes no parameters, but the table has \
-                     ({param0}, {param1})"
-                ),
-            ));
-        }
+        let encoding = Encoding::from_table(code, param0, param1)
+            .map_err(|message| PlmError::tensor(name, message))?
+            .ok_or_else(|| PlmError::UnsupportedEncoding {
+                name: name.to_string(),
+                code,
+            })?;
         let shape: Vec<usize> = dims
             .iter()
             .map(|&d| usize::try_from(d).ok())
@@ -603,7 +601,10 @@ fn parse_table(bytes: &[u8], hdr: &Header) -> Result<Vec<TensorEntry>, PlmError>
         let expected = encoding.byte_len(&shape).ok_or_else(|| {
             PlmError::tensor(
                 name,
-                format!("shape {dims:?}: element count times element size overflows"),
+                format!(
+                    "shape {dims:?} does not fit encoding {encoding} (size overflows, or a \
+                     quantized matrix whose row length is not a multiple of its group)"
+                ),
             )
         })?;
         if expected as u64 != length {

@@ -111,6 +111,14 @@ impl PlmWriter {
         values: &[f32],
         encoding: Encoding,
     ) -> Result<(), PlmError> {
+        if encoding.is_quantized() {
+            return Err(PlmError::tensor(
+                name,
+                format!(
+                    "add_f32 writes dense encodings; quantize to {encoding} first and use add_tensor"
+                ),
+            ));
+        }
         let length = self.check_new_tensor(name, shape, encoding)?;
         let expected_elements = length / encoding.element_size();
         if values.len() != expected_elements {
@@ -130,7 +138,8 @@ impl PlmWriter {
                 hasher.update(bytes);
                 self.write(bytes)?;
             }
-            Encoding::F16 | Encoding::BF16 => {
+            // F16 or BF16 (quantized encodings were rejected above).
+            _ => {
                 let mut scratch: Vec<u16> = Vec::with_capacity(values.len().min(CONVERT_CHUNK));
                 for chunk in values.chunks(CONVERT_CHUNK) {
                     scratch.clear();
@@ -347,8 +356,9 @@ fn encode_table(tensors: &[WrittenTensor]) -> Vec<u8> {
             t.extend_from_slice(&(d as u64).to_le_bytes());
         }
         t.extend_from_slice(&w.encoding.code().to_le_bytes());
-        t.extend_from_slice(&0u32.to_le_bytes()); // param0 (e.g. group size); 0 for dense
-        t.extend_from_slice(&0u32.to_le_bytes()); // param1 (encoding flags); 0 for dense
+        let (param0, param1) = w.encoding.params();
+        t.extend_from_slice(&param0.to_le_bytes()); // e.g. group size; 0 for dense
+        t.extend_from_slice(&param1.to_le_bytes()); // encoding flags; 0 for dense
         t.extend_from_slice(&w.offset.to_le_bytes());
         t.extend_from_slice(&w.length.to_le_bytes());
         t.extend_from_slice(&w.checksum.to_le_bytes());

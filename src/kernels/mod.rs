@@ -6,6 +6,7 @@
 //! for tests and comparisons.
 
 pub mod dense;
+pub mod quant;
 
 use std::sync::OnceLock;
 
@@ -19,7 +20,7 @@ pub enum KernelPath {
     Scalar,
     /// Portable SIMD via `wide` (NEON on aarch64, SSE2 on x86-64).
     Generic,
-    /// x86-64 AVX2 + FMA intrinsics.
+    /// x86-64 AVX2 + FMA + F16C intrinsics.
     Avx2,
 }
 
@@ -61,7 +62,9 @@ impl KernelPath {
 
 #[cfg(target_arch = "x86_64")]
 fn avx2_available() -> bool {
-    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -99,6 +102,8 @@ pub enum WeightData<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
     BF16(&'a [bf16]),
+    /// Integer-quantized rows (q8, q4), multiplied with int8-quantized activations.
+    Quant(quant::QuantMatrix<'a>),
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -115,8 +120,29 @@ impl<'a> MatRef<'a> {
             WeightData::F32(d) => d.len(),
             WeightData::F16(d) => d.len(),
             WeightData::BF16(d) => d.len(),
+            WeightData::Quant(q) => {
+                return (q.rows == rows && q.cols == cols).then_some(MatRef { data, rows, cols });
+            }
         };
         (rows.checked_mul(cols)? == len).then_some(MatRef { data, rows, cols })
+    }
+
+    /// The matrix a 2-D tensor view holds, in any encoding; `None` for other ranks or data that
+    /// does not fit its shape (impossible for views of a validated file).
+    pub fn from_view(view: &crate::format::TensorView<'a>) -> Option<Self> {
+        use crate::format::Encoding;
+        let &[rows, cols] = view.shape else {
+            return None;
+        };
+        let data = match view.encoding {
+            Encoding::F32 => WeightData::F32(view.as_f32().ok()?),
+            Encoding::F16 => WeightData::F16(view.as_f16().ok()?),
+            Encoding::BF16 => WeightData::BF16(view.as_bf16().ok()?),
+            Encoding::Q8 { .. } | Encoding::Q4 { .. } => {
+                WeightData::Quant(quant::QuantMatrix::from_view(view)?)
+            }
+        };
+        MatRef::new(data, rows, cols)
     }
 
     /// Copies row `r` widened to f32 into `out` (`out.len() == cols`).
@@ -132,6 +158,7 @@ impl<'a> MatRef<'a> {
                 use half::slice::HalfFloatSliceExt;
                 d[range].convert_to_f32_slice(out)
             }
+            WeightData::Quant(q) => q.dequantize_row(r, out),
         }
     }
 }
@@ -149,6 +176,9 @@ pub fn matmul(x: &[f32], tokens: usize, w: MatRef<'_>, out: &mut [f32]) {
 pub fn matmul_with(path: KernelPath, x: &[f32], tokens: usize, w: MatRef<'_>, out: &mut [f32]) {
     assert_eq!(x.len(), tokens * w.cols, "matmul: activation shape");
     assert_eq!(out.len(), tokens * w.rows, "matmul: output shape");
+    if let WeightData::Quant(q) = w.data {
+        return matmul_quant(path, x, tokens, &q, out);
+    }
     if tokens == 1 {
         out.par_chunks_mut(ROWS_PER_TASK)
             .enumerate()
@@ -175,10 +205,70 @@ pub fn matmul_with(path: KernelPath, x: &[f32], tokens: usize, w: MatRef<'_>, ou
                 rows_times_tokens(path, wr, x, w.cols, out_row);
             }
         });
+    transpose_into(&by_row, tokens, w.rows, out);
+}
+
+fn matmul_quant(
+    path: KernelPath,
+    x: &[f32],
+    tokens: usize,
+    w: &quant::QuantMatrix<'_>,
+    out: &mut [f32],
+) {
+    let acts = quant::QuantizedActivations::quantize(x, tokens, w.cols);
+    let rows: Vec<quant::ActRow<'_>> = (0..tokens).map(|t| acts.row(t)).collect();
+    if tokens == 1 {
+        out.par_chunks_mut(ROWS_PER_TASK)
+            .enumerate()
+            .for_each(|(chunk, out_rows)| {
+                for (i, o) in out_rows.iter_mut().enumerate() {
+                    let wr = w.row(chunk * ROWS_PER_TASK + i);
+                    *o = quant_dot_n(path, &wr, [&rows[0]])[0];
+                }
+            });
+        return;
+    }
+    let mut by_row = vec![0.0f32; w.rows * tokens];
+    by_row
+        .par_chunks_mut(ROWS_PER_TASK * tokens)
+        .enumerate()
+        .for_each(|(chunk, block)| {
+            for (i, out_row) in block.chunks_mut(tokens).enumerate() {
+                let wr = w.row(chunk * ROWS_PER_TASK + i);
+                let mut t = 0;
+                while t + 4 <= tokens {
+                    let xs = [&rows[t], &rows[t + 1], &rows[t + 2], &rows[t + 3]];
+                    out_row[t..t + 4].copy_from_slice(&quant_dot_n(path, &wr, xs));
+                    t += 4;
+                }
+                for k in t..tokens {
+                    out_row[k] = quant_dot_n(path, &wr, [&rows[k]])[0];
+                }
+            }
+        });
+    transpose_into(&by_row, tokens, w.rows, out);
+}
+
+/// `by_row` is `rows × tokens`; `out` becomes its transpose, `tokens × rows`.
+fn transpose_into(by_row: &[f32], tokens: usize, rows: usize, out: &mut [f32]) {
     for (r, row) in by_row.chunks(tokens).enumerate() {
         for (t, v) in row.iter().enumerate() {
-            out[t * w.rows + r] = *v;
+            out[t * rows + r] = *v;
         }
+    }
+}
+
+/// One quantized weight row against `N` token rows on `path`.
+pub fn quant_dot_n<const N: usize>(
+    path: KernelPath,
+    w: &quant::QuantRow<'_>,
+    x: [&quant::ActRow<'_>; N],
+) -> [f32; N] {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: Avx2 is only selected after `avx2_available()` confirmed AVX2, FMA, F16C.
+        KernelPath::Avx2 => unsafe { quant::avx2::dot_n(w, x) },
+        _ => x.map(|xr| quant::dot_scalar(w, xr)),
     }
 }
 

@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use crate::config::{ModelConfig, names};
 use crate::format::{Encoding, PlmError, PlmFile, TensorEntry};
 use crate::import::TokenizerSpec;
-use crate::kernels::{self, MatRef, WeightData};
+use crate::kernels::{self, MatRef};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
 pub use attention::KvCache;
@@ -144,7 +144,7 @@ impl Model {
                 name: name.clone(),
                 message: "missing (required by the model config)".into(),
             })?;
-            check_entry(&path, entry, &shape)?;
+            check_entry(&file, &path, entry, &shape)?;
         }
         let index = |name: &str| -> TensorIndex {
             // Presence was checked above for every expected tensor.
@@ -219,14 +219,7 @@ impl Model {
     }
 
     fn matrix(&self, index: TensorIndex) -> MatRef<'_> {
-        let entry = self.entry(index);
-        let view = self.file.view(entry);
-        let data = match view.encoding {
-            Encoding::F32 => WeightData::F32(view.as_f32().expect("encoding checked at load")),
-            Encoding::F16 => WeightData::F16(view.as_f16().expect("encoding checked at load")),
-            Encoding::BF16 => WeightData::BF16(view.as_bf16().expect("encoding checked at load")),
-        };
-        MatRef::new(data, entry.shape[0], entry.shape[1]).expect("shape checked at load")
+        MatRef::from_view(&self.file.view(self.entry(index))).expect("matrices checked at load")
     }
 
     fn vector(&self, index: TensorIndex) -> &[f32] {
@@ -331,7 +324,12 @@ impl Model {
     }
 }
 
-fn check_entry(path: &str, entry: &TensorEntry, shape: &[usize]) -> Result<(), ModelError> {
+fn check_entry(
+    file: &PlmFile,
+    path: &str,
+    entry: &TensorEntry,
+    shape: &[usize],
+) -> Result<(), ModelError> {
     let err = |message: String| ModelError::Tensor {
         path: path.to_string(),
         name: entry.name.clone(),
@@ -341,6 +339,12 @@ fn check_entry(path: &str, entry: &TensorEntry, shape: &[usize]) -> Result<(), M
         return Err(err(format!(
             "shape {:?}, the model config expects {:?}",
             entry.shape, shape
+        )));
+    }
+    if shape.len() == 2 && MatRef::from_view(&file.view(entry)).is_none() {
+        return Err(err(format!(
+            "{} data cannot be used as a {}×{} matrix",
+            entry.encoding, shape[0], shape[1]
         )));
     }
     if shape.len() == 1 && entry.encoding != Encoding::F32 {
