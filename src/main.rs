@@ -62,6 +62,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Measure prefill and decode speed (llama-bench style), time to first token, memory.
+    Bench {
+        model: PathBuf,
+        /// Prompt tokens for the prefill test (pp).
+        #[arg(short = 'p', long, default_value_t = 128)]
+        prompt_tokens: usize,
+        /// Generated tokens for the decode test (tg).
+        #[arg(short = 'n', long, default_value_t = 64)]
+        gen_tokens: usize,
+        #[arg(short = 'r', long, default_value_t = 3)]
+        repetitions: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Check every tensor checksum of a .plm file.
     Verify { model: PathBuf },
     /// Evaluate model quality.
@@ -186,6 +200,13 @@ fn run(command: Command) -> CliResult {
             tensors,
             json,
         } => cmd_inspect(model, tensors, json),
+        Command::Bench {
+            model,
+            prompt_tokens,
+            gen_tokens,
+            repetitions,
+            json,
+        } => cmd_bench(model, prompt_tokens, gen_tokens, repetitions, json),
         Command::Verify { model } => {
             let file = PlmFile::open(&model)?;
             file.verify()?;
@@ -385,6 +406,58 @@ fn cmd_inspect(path: PathBuf, list_tensors: bool, json: bool) -> CliResult {
             );
         }
     }
+    Ok(())
+}
+
+fn cmd_bench(
+    path: PathBuf,
+    prompt_tokens: usize,
+    generated_tokens: usize,
+    repetitions: usize,
+    json: bool,
+) -> CliResult {
+    let model = Model::open(&path)?;
+    let options = pocketlm::eval::bench::BenchOptions {
+        prompt_tokens,
+        generated_tokens,
+        repetitions,
+    };
+    let r = pocketlm::eval::bench::bench(&model, &options)?;
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    let mb = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.1} MB"));
+    println!("model             {}", path.display());
+    println!(
+        "threads           {} ({} kernels)",
+        r.threads, r.kernel_path
+    );
+    println!(
+        "prefill pp{:<6}  {:.1} tok/s (worst {:.1})",
+        r.prompt_tokens, r.prefill_tokens_per_s, r.prefill_tokens_per_s_min
+    );
+    println!(
+        "decode tg{:<7}  {:.1} tok/s (worst {:.1})",
+        r.generated_tokens, r.decode_tokens_per_s, r.decode_tokens_per_s_min
+    );
+    println!(
+        "time to first token {:.1} ms ({} prompt tokens)",
+        r.ttft_ms, r.prompt_tokens
+    );
+    println!(
+        "bandwidth bound   {:.1} tok/s = {:.1} GB/s read / {:.1} MB per token; decode at {:.0}%",
+        r.bandwidth_bound_tokens_per_s,
+        r.read_bandwidth_gb_s,
+        r.bytes_per_token as f64 / 1e6,
+        r.bandwidth_efficiency * 100.0
+    );
+    println!(
+        "memory            peak RSS {}, file-backed {}, anonymous {}",
+        mb(r.peak_rss_mb),
+        mb(r.rss_file_mb),
+        mb(r.rss_anon_mb)
+    );
     Ok(())
 }
 

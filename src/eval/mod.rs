@@ -1,4 +1,7 @@
-//! Quality evaluation: perplexity with llama.cpp's chunking, so figures are comparable.
+//! Evaluation: perplexity with llama.cpp's chunking, so figures are comparable, and the
+//! speed benchmark.
+
+pub mod bench;
 
 use std::time::Instant;
 

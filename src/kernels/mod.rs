@@ -165,7 +165,14 @@ impl<'a> MatRef<'a> {
 
 /// Rows handed to one task: enough work to amortise scheduling, small enough to balance
 /// two to sixteen threads on matrices of a few hundred rows.
-const ROWS_PER_TASK: usize = 16;
+const MIN_ROWS_PER_TASK: usize = 16;
+
+/// Rows per task for a matrix of `rows`: about four tasks per thread (load balance without
+/// the cost of splitting a decode step's product into dozens of jobs).
+fn rows_per_task(rows: usize) -> usize {
+    let tasks = 4 * rayon::current_num_threads();
+    rows.div_ceil(tasks).next_multiple_of(MIN_ROWS_PER_TASK)
+}
 
 /// `out[t][r] = Σ_c x[t][c] · w[r][c]` for `t < tokens`: x is `tokens × w.cols`, out is
 /// `tokens × w.rows`, both row-major. Runs on the rayon pool.
@@ -179,13 +186,14 @@ pub fn matmul_with(path: KernelPath, x: &[f32], tokens: usize, w: MatRef<'_>, ou
     if let WeightData::Quant(q) = w.data {
         return matmul_quant(path, x, tokens, &q, out);
     }
+    let rpt = rows_per_task(w.rows);
     if tokens == 1 {
-        out.par_chunks_mut(ROWS_PER_TASK)
+        out.par_chunks_mut(rpt)
             .enumerate()
             .for_each(|(chunk, out_rows)| {
                 let mut row = vec![0.0f32; w.cols];
                 for (i, o) in out_rows.iter_mut().enumerate() {
-                    let r = chunk * ROWS_PER_TASK + i;
+                    let r = chunk * rpt + i;
                     *o = row_dot(path, &w, r, x, &mut row);
                 }
             });
@@ -195,12 +203,12 @@ pub fn matmul_with(path: KernelPath, x: &[f32], tokens: usize, w: MatRef<'_>, ou
     // row once and reuses it for every token; transposed into `out` afterwards.
     let mut by_row = vec![0.0f32; w.rows * tokens];
     by_row
-        .par_chunks_mut(ROWS_PER_TASK * tokens)
+        .par_chunks_mut(rpt * tokens)
         .enumerate()
         .for_each(|(chunk, block)| {
             let mut row = vec![0.0f32; w.cols];
             for (i, out_row) in block.chunks_mut(tokens).enumerate() {
-                let r = chunk * ROWS_PER_TASK + i;
+                let r = chunk * rpt + i;
                 let wr = widen_row(&w, r, &mut row);
                 rows_times_tokens(path, wr, x, w.cols, out_row);
             }
@@ -217,12 +225,13 @@ fn matmul_quant(
 ) {
     let acts = quant::QuantizedActivations::quantize(x, tokens, w.cols);
     let rows: Vec<quant::ActRow<'_>> = (0..tokens).map(|t| acts.row(t)).collect();
+    let rpt = rows_per_task(w.rows);
     if tokens == 1 {
-        out.par_chunks_mut(ROWS_PER_TASK)
+        out.par_chunks_mut(rpt)
             .enumerate()
             .for_each(|(chunk, out_rows)| {
                 for (i, o) in out_rows.iter_mut().enumerate() {
-                    let wr = w.row(chunk * ROWS_PER_TASK + i);
+                    let wr = w.row(chunk * rpt + i);
                     *o = quant_dot_n(path, &wr, [&rows[0]])[0];
                 }
             });
@@ -230,11 +239,11 @@ fn matmul_quant(
     }
     let mut by_row = vec![0.0f32; w.rows * tokens];
     by_row
-        .par_chunks_mut(ROWS_PER_TASK * tokens)
+        .par_chunks_mut(rpt * tokens)
         .enumerate()
         .for_each(|(chunk, block)| {
             for (i, out_row) in block.chunks_mut(tokens).enumerate() {
-                let wr = w.row(chunk * ROWS_PER_TASK + i);
+                let wr = w.row(chunk * rpt + i);
                 let mut t = 0;
                 while t + 4 <= tokens {
                     let xs = [&rows[t], &rows[t + 1], &rows[t + 2], &rows[t + 3]];

@@ -181,7 +181,10 @@ impl QuantizedActivations {
             let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
             let mut sum = 0i32;
             for (q, v) in qb.iter_mut().zip(xb) {
-                *q = (v * inv).round().clamp(-127.0, 127.0) as i8;
+                // Round half away from zero via truncation (`f32::round` is a libm call);
+                // |v · inv| ≤ 127 by construction of `d`.
+                let scaled = v * inv;
+                *q = (scaled + 0.5f32.copysign(scaled)) as i8;
                 sum += *q as i32;
             }
             out.d[b] = d;
@@ -387,7 +390,7 @@ pub mod avx2 {
     }
 
     /// Σ w·x of 32 bytes as 8 i32 lanes: signed weights use the sign trick so `maddubs`
-    /// (unsigned × signed) applies; asymmetric q4 weights are already unsigned.
+    /// (unsigned × signed) applies; asymmetric q4 nibbles are already unsigned.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     fn block_dot<const KIND: u8>(w: __m256i, x: __m256i) -> __m256i {
@@ -436,8 +439,12 @@ pub mod avx2 {
         );
         let xq: [*const i8; N] = x.map(|r| r.qs.as_ptr());
         let xd: [*const f32; N] = x.map(|r| r.d.as_ptr());
+        let xs: [*const f32; N] = x.map(|r| r.dsums.as_ptr());
         let qp = w.quants.as_ptr();
         let sp = w.scales.as_ptr();
+        // Asymmetric q4: Σ_b m_g · d_x · Σ q_x, accumulated beside the vector sums.
+        let mp = w.mins.unwrap_or(w.scales).as_ptr();
+        let mut min_acc = [[0.0f32; 2]; N];
         // Two accumulators per token: consecutive blocks alternate between them, so the FMA
         // latency chain does not bound a single-token (decode) product.
         let mut acc = [[_mm256_setzero_ps(); 2]; N];
@@ -455,6 +462,12 @@ pub mod avx2 {
             // weight row (32 or 16 bytes a block), its scales, and each activation row.
             unsafe {
                 let dw0 = f16_to_f32(*sp.add(group_of(b)));
+                if KIND == KIND_Q4_ASYM {
+                    let m0 = f16_to_f32(*mp.add(group_of(b)));
+                    for k in 0..N {
+                        min_acc[k][0] += m0 * *xs[k].add(b);
+                    }
+                }
                 let wv0 = load_weights::<KIND>(qp, b);
                 for k in 0..N {
                     let xv = _mm256_loadu_si256(xq[k].add(b * QUANT_BLOCK) as *const __m256i);
@@ -464,6 +477,12 @@ pub mod avx2 {
                 }
                 if pair {
                     let dw1 = f16_to_f32(*sp.add(group_of(b + 1)));
+                    if KIND == KIND_Q4_ASYM {
+                        let m1 = f16_to_f32(*mp.add(group_of(b + 1)));
+                        for k in 0..N {
+                            min_acc[k][1] += m1 * *xs[k].add(b + 1);
+                        }
+                    }
                     let wv1 = load_weights::<KIND>(qp, b + 1);
                     for k in 0..N {
                         let xv =
@@ -478,15 +497,7 @@ pub mod avx2 {
         }
         let mut out = [0.0f32; N];
         for k in 0..N {
-            out[k] = hsum(_mm256_add_ps(acc[k][0], acc[k][1]));
-        }
-        if let Some(mins) = w.mins {
-            for (g, &m) in mins.iter().enumerate() {
-                let m = f16_to_f32(m);
-                for k in 0..N {
-                    out[k] += m * x[k].dsums[g * bpg..(g + 1) * bpg].iter().sum::<f32>();
-                }
-            }
+            out[k] = hsum(_mm256_add_ps(acc[k][0], acc[k][1])) + min_acc[k][0] + min_acc[k][1];
         }
         out
     }

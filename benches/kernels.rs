@@ -1,0 +1,71 @@
+//! Kernel throughput: one weight matrix of SmolLM2-135M's shapes (576 → 1536, and the
+//! 49152-row output layer) times one token (decode) and 128 tokens (prefill), per encoding
+//! and kernel path. `cargo bench --bench kernels`; compare paths with POCKETLM_KERNELS.
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use half::f16;
+use pocketlm::format::Encoding;
+use pocketlm::kernels::{self, KernelPath, MatRef, WeightData, quant};
+
+fn weights(n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+        .collect()
+}
+
+fn bench_matmul(c: &mut Criterion) {
+    let paths: Vec<KernelPath> = [KernelPath::Scalar, KernelPath::Generic, KernelPath::Avx2]
+        .into_iter()
+        .filter(|p| p.is_supported())
+        .collect();
+    for &(rows, cols) in &[(1536usize, 576usize), (49152, 576)] {
+        let w = weights(rows * cols);
+        let w16: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+        let encodings = [
+            Encoding::Q4 {
+                group: 32,
+                asymmetric: false,
+            },
+            Encoding::Q4 {
+                group: 32,
+                asymmetric: true,
+            },
+            Encoding::Q8 { group: 32 },
+        ];
+        let quantized: Vec<(Encoding, Vec<u8>)> = encodings
+            .iter()
+            .map(|&e| (e, quant::quantize_rtn(&w, rows, cols, e).unwrap()))
+            .collect();
+        for tokens in [1usize, 128] {
+            if rows > 2000 && tokens > 1 {
+                continue; // the output layer is only ever applied to one token per step
+            }
+            let mut group = c.benchmark_group(format!("matmul_{rows}x{cols}_t{tokens}"));
+            group.sample_size(10);
+            group.throughput(Throughput::Elements((rows * cols * tokens) as u64));
+            let x = weights(tokens * cols);
+            let mut out = vec![0.0f32; tokens * rows];
+            for &path in &paths {
+                if path == KernelPath::Scalar && tokens > 1 {
+                    continue;
+                }
+                let f16m = MatRef::new(WeightData::F16(&w16), rows, cols).unwrap();
+                group.bench_function(BenchmarkId::new("f16", path.name()), |b| {
+                    b.iter(|| kernels::matmul_with(path, &x, tokens, f16m, &mut out))
+                });
+                for (e, bytes) in &quantized {
+                    let layout = e.quant_layout(&[rows, cols]).unwrap();
+                    let m = quant::QuantMatrix::from_parts(*e, &layout, bytes).unwrap();
+                    let mat = MatRef::new(WeightData::Quant(m), rows, cols).unwrap();
+                    group.bench_function(BenchmarkId::new(e.describe(), path.name()), |b| {
+                        b.iter(|| kernels::matmul_with(path, &x, tokens, mat, &mut out))
+                    });
+                }
+            }
+            group.finish();
+        }
+    }
+}
+
+criterion_group!(benches, bench_matmul);
+criterion_main!(benches);
