@@ -172,11 +172,11 @@ fn tiny_gguf() -> Vec<u8> {
         for x in v {
             data.extend_from_slice(&x.to_le_bytes());
         }
-        while data.len() % 32 != 0 {
+        while !data.len().is_multiple_of(32) {
             data.push(0);
         }
     }
-    while out.len() % 32 != 0 {
+    while !out.len().is_multiple_of(32) {
         out.push(0);
     }
     out.extend_from_slice(&data);

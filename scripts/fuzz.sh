@@ -35,7 +35,6 @@ SEEDS=$ROOT/fuzz/seeds
 mkdir -p "$CORPUS" "$SEEDS"
 cargo run --quiet --profile test --example fuzz_seeds --target-dir "${MAIN_TARGET_DIR:-$ROOT/target}" -- "$SEEDS"
 FIX=$ROOT/tests/fixtures/stories260k
-cp "$FIX/hf/tokenizer.json" "$SEEDS/tokenizer/" 2>/dev/null || true
 { cat "$FIX/hf/config.json"; printf '\0'; } > "$SEEDS/hf_import/stories260k-config"
 # Regression inputs found earlier are seeds too, so fixed crashes stay fixed.
 for t in "${ALL_TARGETS[@]}"; do

@@ -89,8 +89,7 @@ impl Tokenizer {
                 MAX_TOKENIZER_JSON_LEN >> 20
             )));
         }
-        let inner = tokenizers::Tokenizer::from_str(&spec.tokenizer_json)
-            .map_err(|e| TokenizerError::Load(e.to_string()))?;
+        let inner = parse_tokenizer_json(&spec.tokenizer_json).map_err(TokenizerError::Load)?;
         let template = spec.chat_template.as_ref().map(|source| {
             build_template_env(source).inspect_err(|e| {
                 log::warn!("chat template does not compile, chat formatting disabled: {e}")
@@ -245,6 +244,18 @@ fn describe_jinja_error(err: &JinjaError) -> String {
         source = s.source();
     }
     msg
+}
+
+/// Parses a `tokenizer.json` document without letting the `tokenizers` crate panic on hostile
+/// input: it `expect`s inside some component deserializers (found by fuzzing: a syntax error
+/// inside `"decoder"` panics in `DecoderHelper`), so the syntax is checked first, and any
+/// other panic is caught (with `panic = "unwind"`) and reported as a load error.
+pub fn parse_tokenizer_json(json: &str) -> Result<tokenizers::Tokenizer, String> {
+    serde_json::from_str::<serde::de::IgnoredAny>(json)
+        .map_err(|e| format!("tokenizer JSON is not valid JSON: {e}"))?;
+    std::panic::catch_unwind(|| tokenizers::Tokenizer::from_str(json))
+        .map_err(|_| "the tokenizers library panicked on this tokenizer JSON".to_string())?
+        .map_err(|e| e.to_string())
 }
 
 fn build_template_env(source: &str) -> Result<Environment<'static>, String> {

@@ -215,6 +215,24 @@ fn inconsistent_models_are_rejected_with_specific_errors() {
             "tokenizer: cannot load tokenizer",
         ),
         (
+            // Found by fuzzing: tokenizers 0.22 panics (`expect("Helper")`) on a syntax error
+            // inside "decoder" instead of returning an error.
+            "tokenizer JSON with a syntax error inside the decoder",
+            |t| {
+                t.metadata["tokenizer"]["tokenizer_json"] =
+                    json!(TINY_TOKENIZER.replace(r#""decoder":null"#, r#""decoder":ulnl"#))
+            },
+            "tokenizer: cannot load tokenizer.json: tokenizer JSON is not valid JSON",
+        ),
+        (
+            "tokenizer JSON with a decoder of the wrong type",
+            |t| {
+                t.metadata["tokenizer"]["tokenizer_json"] =
+                    json!(TINY_TOKENIZER.replace(r#""decoder":null"#, r#""decoder":{"type":5}"#))
+            },
+            "tokenizer: cannot load tokenizer",
+        ),
+        (
             "tokenizer JSON of the wrong shape",
             |t| t.metadata["tokenizer"]["tokenizer_json"] = json!(r#"{"model": 5}"#),
             "tokenizer: cannot load tokenizer",
@@ -704,7 +722,7 @@ fn stories_config() -> Value {
 /// A safetensors image from a raw header (padded to 8 bytes) and data.
 fn raw_safetensors(header: &Value, data: &[u8]) -> Vec<u8> {
     let mut h = serde_json::to_vec(header).unwrap();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();
@@ -964,23 +982,48 @@ fn fuzz_regressions_are_errors_not_crashes() {
     eprintln!("replayed {replayed} fuzz regression inputs");
 }
 
+/// Recomputes the metadata, table and header CRCs of a .plm image (as the fuzz target does).
+fn reseal(b: &mut [u8]) {
+    if b.len() < 128 {
+        return;
+    }
+    let u64_at = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+    for (off, len, crc) in [(40, 48, 56), (64, 72, 80)] {
+        let (start, n) = (u64_at(b, off), u64_at(b, len));
+        if let Some(end) = start.checked_add(n).filter(|&e| e <= b.len() as u64) {
+            let sum = crc32fast::hash(&b[start as usize..end as usize]);
+            b[crc..crc + 4].copy_from_slice(&sum.to_le_bytes());
+        }
+    }
+    let sum = crc32fast::hash(&b[..124]);
+    b[124..128].copy_from_slice(&sum.to_le_bytes());
+}
+
+fn replay_plm(data: &[u8], scratch: &Path) {
+    let path = scratch.join("r.plm");
+    std::fs::write(&path, data).unwrap();
+    if let Ok(file) = PlmFile::open(&path) {
+        for e in file.tensors() {
+            let _ = file.view(e).to_f32_vec();
+        }
+        let _ = file.verify();
+        if let Ok(model) = Model::from_file(Arc::new(file))
+            && let Ok(mut cache) = model.new_cache(4)
+        {
+            let v = model.config().vocab_size as u32;
+            let _ = model.forward(&[0, v - 1], &mut cache, Logits::All);
+        }
+    }
+}
+
 fn replay(target: &str, data: &[u8], scratch: &Path) {
     match target {
         "plm_reader" => {
-            let path = scratch.join("r.plm");
-            std::fs::write(&path, data).unwrap();
-            if let Ok(file) = PlmFile::open(&path) {
-                for e in file.tensors() {
-                    let _ = file.view(e).to_f32_vec();
-                }
-                let _ = file.verify();
-                if let Ok(model) = Model::from_file(Arc::new(file))
-                    && let Ok(mut cache) = model.new_cache(4)
-                {
-                    let v = model.config().vocab_size as u32;
-                    let _ = model.forward(&[0, v - 1], &mut cache, Logits::All);
-                }
-            }
+            // The fuzz target also opens a copy with its CRCs recomputed; so does the replay.
+            replay_plm(data, scratch);
+            let mut sealed = data.to_vec();
+            reseal(&mut sealed);
+            replay_plm(&sealed, scratch);
         }
         "gguf_reader" => {
             if let Ok(file) = import::gguf::GgufFile::from_bytes(Path::new("r.gguf"), data.to_vec())

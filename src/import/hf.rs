@@ -208,11 +208,12 @@ fn ids(v: Option<&Value>) -> Vec<u32> {
 fn read_tokenizer(dir: &Path, config: &Value) -> Result<TokenizerSpec, ImportError> {
     let tok_path = dir.join("tokenizer.json");
     let tokenizer_json = read_json_text(&tok_path)?;
-    let tokenizer = <tokenizers::Tokenizer as std::str::FromStr>::from_str(&tokenizer_json)
-        .map_err(|e| ImportError::Tokenizer {
+    let tokenizer = crate::tokenizer::parse_tokenizer_json(&tokenizer_json).map_err(|message| {
+        ImportError::Tokenizer {
             path: tok_path.clone(),
-            message: e.to_string(),
-        })?;
+            message,
+        }
+    })?;
     let tc_path = dir.join("tokenizer_config.json");
     let tc = if tc_path.exists() {
         read_json(&tc_path)?
