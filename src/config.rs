@@ -122,6 +122,26 @@ impl ModelConfig {
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
             return Err("rope_theta must be a finite positive number".into());
         }
+        if let Some(r) = &self.rope_scaling {
+            let positive = |x: f32| x.is_finite() && x > 0.0;
+            if !(positive(r.factor) && positive(r.low_freq_factor) && positive(r.high_freq_factor))
+            {
+                return Err(format!(
+                    "rope_scaling factors must be finite and positive, got {r:?}"
+                ));
+            }
+            if r.high_freq_factor <= r.low_freq_factor {
+                return Err(format!(
+                    "rope_scaling high_freq_factor ({}) must exceed low_freq_factor ({})",
+                    r.high_freq_factor, r.low_freq_factor
+                ));
+            }
+            if r.original_max_position_embeddings == 0 {
+                return Err(
+                    "rope_scaling original_max_position_embeddings must be positive".into(),
+                );
+            }
+        }
         Ok(())
     }
 

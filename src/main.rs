@@ -279,7 +279,7 @@ fn cmd_run(a: RunArgs) -> CliResult {
         ignore_eos: a.ignore_eos,
     };
     options.sampler.validate()?;
-    let mut session = Session::new(Arc::clone(&model), a.ctx);
+    let mut session = Session::new(Arc::clone(&model), a.ctx)?;
     let mut stdout = std::io::stdout().lock();
     let mut emit = |piece: &str| {
         // A closed pipe (e.g. `| head`) ends generation instead of failing.

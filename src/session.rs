@@ -88,13 +88,16 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(model: Arc<Model>, context_len: usize) -> Session {
-        let cache = model.new_cache(context_len);
-        Session {
+    /// A session holding up to `context_len` positions (clamped to the model's trained
+    /// context). Fails with [`ModelError::MemoryLimit`] when that KV cache would exceed the
+    /// model's [`crate::model::ModelOptions::max_kv_cache_bytes`].
+    pub fn new(model: Arc<Model>, context_len: usize) -> Result<Session, ModelError> {
+        let cache = model.new_cache(context_len)?;
+        Ok(Session {
             model,
             cache,
             history: Vec::new(),
-        }
+        })
     }
 
     pub fn model(&self) -> &Arc<Model> {

@@ -42,6 +42,18 @@ impl ChatMessage {
 /// this bounds a hostile template to well under a second and ~128 MB (see `Environment::set_fuel`).
 const TEMPLATE_FUEL: u64 = 2_000_000;
 
+/// Longest chat template accepted (real ones are a few KiB; the longest known, with tool-use
+/// sections, are under 20 KiB). A longer one is treated as not compiling.
+pub const MAX_CHAT_TEMPLATE_LEN: usize = 1 << 20;
+
+/// Longest tokenizer JSON accepted (Llama 3's tokenizer.json is ~9 MiB).
+pub const MAX_TOKENIZER_JSON_LEN: usize = 64 << 20;
+
+/// Largest string (bytes) or list (items) a Python-style string method in a chat template may
+/// produce. Fuel is charged for a method's result only after it exists, so methods whose
+/// output can be much larger than their input (`replace`, `join`, `split`) check first.
+const MAX_TEMPLATE_METHOD_OUTPUT: usize = 16 << 20;
+
 /// Name under which the model's chat template is stored in the minijinja environment.
 const TEMPLATE_NAME: &str = "chat_template";
 
@@ -70,8 +82,14 @@ impl std::fmt::Debug for Tokenizer {
 
 impl Tokenizer {
     pub fn from_spec(spec: &TokenizerSpec) -> Result<Tokenizer, TokenizerError> {
-        let inner = tokenizers::Tokenizer::from_str(&spec.tokenizer_json)
-            .map_err(|e| TokenizerError::Load(e.to_string()))?;
+        if spec.tokenizer_json.len() > MAX_TOKENIZER_JSON_LEN {
+            return Err(TokenizerError::Load(format!(
+                "tokenizer JSON is {} bytes, more than the {} MiB limit",
+                spec.tokenizer_json.len(),
+                MAX_TOKENIZER_JSON_LEN >> 20
+            )));
+        }
+        let inner = parse_tokenizer_json(&spec.tokenizer_json).map_err(TokenizerError::Load)?;
         let template = spec.chat_template.as_ref().map(|source| {
             build_template_env(source).inspect_err(|e| {
                 log::warn!("chat template does not compile, chat formatting disabled: {e}")
@@ -228,7 +246,26 @@ fn describe_jinja_error(err: &JinjaError) -> String {
     msg
 }
 
+/// Parses a `tokenizer.json` document without letting the `tokenizers` crate panic on hostile
+/// input: it `expect`s inside some component deserializers (found by fuzzing: a syntax error
+/// inside `"decoder"` panics in `DecoderHelper`), so the syntax is checked first, and any
+/// other panic is caught (with `panic = "unwind"`) and reported as a load error.
+pub fn parse_tokenizer_json(json: &str) -> Result<tokenizers::Tokenizer, String> {
+    serde_json::from_str::<serde::de::IgnoredAny>(json)
+        .map_err(|e| format!("tokenizer JSON is not valid JSON: {e}"))?;
+    std::panic::catch_unwind(|| tokenizers::Tokenizer::from_str(json))
+        .map_err(|_| "the tokenizers library panicked on this tokenizer JSON".to_string())?
+        .map_err(|e| e.to_string())
+}
+
 fn build_template_env(source: &str) -> Result<Environment<'static>, String> {
+    if source.len() > MAX_CHAT_TEMPLATE_LEN {
+        return Err(format!(
+            "chat template is {} bytes, more than the {} KiB limit",
+            source.len(),
+            MAX_CHAT_TEMPLATE_LEN >> 10
+        ));
+    }
     let mut env = Environment::new();
     // transformers renders with trim_blocks and lstrip_blocks; templates are written for that.
     let syntax = minijinja::syntax::SyntaxConfig::builder()
@@ -298,6 +335,17 @@ fn python_method(
     Err(JinjaError::from(JinjaErrorKind::UnknownMethod))
 }
 
+/// Errors unless `size` (bytes or items) is within [`MAX_TEMPLATE_METHOD_OUTPUT`].
+fn check_output_size(method: &str, size: Option<usize>) -> Result<(), JinjaError> {
+    match size {
+        Some(n) if n <= MAX_TEMPLATE_METHOD_OUTPUT => Ok(()),
+        _ => Err(bad_arg(format!(
+            "{method}: result would exceed {} MiB",
+            MAX_TEMPLATE_METHOD_OUTPUT >> 20
+        ))),
+    }
+}
+
 fn string_method(s: &str, method: &str, args: &[Value]) -> Result<Value, JinjaError> {
     let strip_set = |chars: Option<&str>| -> Vec<char> {
         chars.map(|c| c.chars().collect()).unwrap_or_default()
@@ -350,6 +398,12 @@ fn string_method(s: &str, method: &str, args: &[Value]) -> Result<Value, JinjaEr
         "split" | "rsplit" => {
             let (sep, maxsplit): (Option<&str>, Option<i64>) = from_args(args)?;
             let max = maxsplit.filter(|&m| m >= 0).map(|m| m as usize);
+            // Each part costs a String and a template value however short it is.
+            let pieces = match sep {
+                Some(sep) if !sep.is_empty() => s.matches(sep).count() + 1,
+                _ => s.split_whitespace().count() + 1,
+            };
+            check_output_size(method, Some(pieces.min(max.unwrap_or(usize::MAX)) * 64))?;
             let parts: Vec<String> = match sep {
                 Some("") => return Err(bad_arg("split: empty separator")),
                 Some(sep) => match (max, method) {
@@ -408,6 +462,19 @@ fn string_method(s: &str, method: &str, args: &[Value]) -> Result<Value, JinjaEr
         }
         "replace" => {
             let (old, new, count): (&str, &str, Option<i64>) = from_args(args)?;
+            let found = if old.is_empty() {
+                s.chars().count() + 1
+            } else {
+                s.matches(old).count()
+            };
+            let n = match count {
+                Some(c) if c >= 0 => found.min(c as usize),
+                _ => found,
+            };
+            let size = n
+                .checked_mul(new.len())
+                .and_then(|grow| (s.len() - n * old.len()).checked_add(grow));
+            check_output_size(method, size)?;
             Value::from(match count {
                 Some(n) if n >= 0 => s.replacen(old, new, n as usize),
                 _ => s.replace(old, new),
@@ -429,8 +496,14 @@ fn string_method(s: &str, method: &str, args: &[Value]) -> Result<Value, JinjaEr
         "join" => {
             let (items,): (&Value,) = from_args(args)?;
             let mut parts = Vec::new();
+            let mut size = Some(0usize);
             for item in items.try_iter()? {
-                parts.push(item.to_string());
+                let part = item.to_string();
+                size = size
+                    .and_then(|n| n.checked_add(part.len()))
+                    .and_then(|n| n.checked_add(if parts.is_empty() { 0 } else { s.len() }));
+                check_output_size(method, size)?;
+                parts.push(part);
             }
             Value::from(parts.join(s))
         }

@@ -98,7 +98,7 @@ fn greedy_chat_reply_is_fluent_and_deterministic() {
         role: "user".into(),
         content: "What is the capital of France?".into(),
     }];
-    let mut session = Session::new(Arc::clone(&model), 1024);
+    let mut session = Session::new(Arc::clone(&model), 1024).unwrap();
     let first = session.chat(&messages, &options, |_| true).unwrap();
     let second = session.chat(&messages, &options, |_| true).unwrap();
     assert_eq!(
@@ -108,7 +108,7 @@ fn greedy_chat_reply_is_fluent_and_deterministic() {
     assert!(first.text.contains("Paris"), "reply: {}", first.text);
 
     // Plain completion: the continuation is English text, not garbage or repetition of one token.
-    let mut session = Session::new(Arc::clone(&model), 1024);
+    let mut session = Session::new(Arc::clone(&model), 1024).unwrap();
     let g = session
         .generate("The three primary colors are", &options, |_| true)
         .unwrap();

@@ -58,7 +58,7 @@ fn assert_matches_reference(plm: &Path) {
         expected.len()
     );
 
-    let mut session = Session::new(Arc::clone(&model), 512);
+    let mut session = Session::new(Arc::clone(&model), 512).unwrap();
     let mut streamed = String::new();
     let generation = session
         .generate(PROMPT, &greedy(expected.len()), |piece| {
@@ -107,10 +107,10 @@ fn hf_and_gguf_imports_give_the_same_logits() {
     let gguf = Model::open(&gguf).unwrap();
     let ids = hf.tokenizer().encode(PROMPT, true).unwrap();
     let a = hf
-        .forward(&ids, &mut hf.new_cache(64), Logits::All)
+        .forward(&ids, &mut hf.new_cache(64).unwrap(), Logits::All)
         .unwrap();
     let b = gguf
-        .forward(&ids, &mut gguf.new_cache(64), Logits::All)
+        .forward(&ids, &mut gguf.new_cache(64).unwrap(), Logits::All)
         .unwrap();
     let max_diff = a
         .iter()
@@ -129,9 +129,9 @@ fn batched_prefill_equals_token_by_token_decode() {
         .encode("Lily and Ben went to the park to play.", true)
         .unwrap();
     let batched = model
-        .forward(&ids, &mut model.new_cache(64), Logits::All)
+        .forward(&ids, &mut model.new_cache(64).unwrap(), Logits::All)
         .unwrap();
-    let mut cache = model.new_cache(64);
+    let mut cache = model.new_cache(64).unwrap();
     let vocab = model.config().vocab_size;
     for (t, &id) in ids.iter().enumerate() {
         let step = model.forward(&[id], &mut cache, Logits::Last).unwrap();
@@ -145,7 +145,7 @@ fn batched_prefill_equals_token_by_token_decode() {
     }
     // LastN returns the tail of All.
     let tail = model
-        .forward(&ids, &mut model.new_cache(64), Logits::LastN(3))
+        .forward(&ids, &mut model.new_cache(64).unwrap(), Logits::LastN(3))
         .unwrap();
     assert_eq!(tail.len(), 3 * vocab);
     let all_tail = &batched[(ids.len() - 3) * vocab..];
@@ -158,13 +158,13 @@ fn half_precision_weights_stay_close_to_f32() {
     let f32_model = Model::open(&f32_plm).unwrap();
     let ids = f32_model.tokenizer().encode(PROMPT, true).unwrap();
     let reference = f32_model
-        .forward(&ids, &mut f32_model.new_cache(64), Logits::Last)
+        .forward(&ids, &mut f32_model.new_cache(64).unwrap(), Logits::Last)
         .unwrap();
     for dtype in [Encoding::F16, Encoding::BF16] {
         let (_b, plm) = convert("hf", dtype);
         let model = Model::open(&plm).unwrap();
         let logits = model
-            .forward(&ids, &mut model.new_cache(64), Logits::Last)
+            .forward(&ids, &mut model.new_cache(64).unwrap(), Logits::Last)
             .unwrap();
         let diff = logits
             .iter()
@@ -190,7 +190,7 @@ fn half_precision_weights_stay_close_to_f32() {
 fn stop_strings_max_tokens_and_cancellation() {
     let (_dir, plm) = convert("hf", Encoding::F32);
     let model = Arc::new(Model::open(&plm).unwrap());
-    let mut session = Session::new(Arc::clone(&model), 512);
+    let mut session = Session::new(Arc::clone(&model), 512).unwrap();
     let mut options = greedy(64);
     options.stop = vec!["Lily".into()];
     let g = session.generate(PROMPT, &options, |_| true).unwrap();
@@ -218,14 +218,14 @@ fn stop_strings_max_tokens_and_cancellation() {
 fn context_limit_is_enforced_with_a_clear_error() {
     let (_dir, plm) = convert("hf", Encoding::F32);
     let model = Arc::new(Model::open(&plm).unwrap());
-    let mut session = Session::new(Arc::clone(&model), 8);
+    let mut session = Session::new(Arc::clone(&model), 8).unwrap();
     let long_prompt = "Once upon a time there was a little girl who liked to play.";
     let err = session
         .generate(long_prompt, &greedy(4), |_| true)
         .unwrap_err();
     assert!(err.to_string().contains("context full"), "{err}");
 
-    let mut session = Session::new(model, 12);
+    let mut session = Session::new(model, 12).unwrap();
     let g = session.generate(PROMPT, &greedy(100), |_| true).unwrap();
     assert_eq!(g.stop_reason, StopReason::ContextFull);
 }

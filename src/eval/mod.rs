@@ -62,7 +62,7 @@ pub fn perplexity(
     let first = ctx / 2;
     let vocab = model.config().vocab_size;
     let started = Instant::now();
-    let mut cache = model.new_cache(ctx);
+    let mut cache = model.new_cache(ctx)?;
     if cache.capacity() < ctx {
         return Err(ModelError::ContextFull {
             needed: ctx,

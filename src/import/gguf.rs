@@ -1158,7 +1158,10 @@ impl TensorSource for GgufTensorSource {
             info.dims[0] as usize
         };
         let rows_expected = heads * self.head_dim;
-        if rows != rows_expected || rows * cols != data.len() {
+        if info.dims.len() > 2
+            || rows != rows_expected
+            || rows.checked_mul(cols) != Some(data.len())
+        {
             return Err(ImportError::tensor(
                 path,
                 name,

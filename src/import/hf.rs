@@ -51,7 +51,8 @@ pub fn open(dir: &Path) -> Result<ImportedModel, ImportError> {
     })
 }
 
-fn read_json(path: &Path) -> Result<Value, ImportError> {
+/// Reads a JSON side file as text, refusing files over [`MAX_JSON_BYTES`] before reading.
+fn read_json_text(path: &Path) -> Result<String, ImportError> {
     let io = |source| ImportError::Io {
         path: path.to_path_buf(),
         source,
@@ -63,7 +64,11 @@ fn read_json(path: &Path) -> Result<Value, ImportError> {
             format!("{len} bytes is larger than the {MAX_JSON_BYTES}-byte limit for JSON files"),
         ));
     }
-    let text = std::fs::read_to_string(path).map_err(io)?;
+    std::fs::read_to_string(path).map_err(io)
+}
+
+fn read_json(path: &Path) -> Result<Value, ImportError> {
+    let text = read_json_text(path)?;
     serde_json::from_str(&text)
         .map_err(|e| ImportError::invalid(path, format!("invalid JSON: {e}")))
 }
@@ -202,15 +207,13 @@ fn ids(v: Option<&Value>) -> Vec<u32> {
 
 fn read_tokenizer(dir: &Path, config: &Value) -> Result<TokenizerSpec, ImportError> {
     let tok_path = dir.join("tokenizer.json");
-    let tokenizer_json = std::fs::read_to_string(&tok_path).map_err(|source| ImportError::Io {
-        path: tok_path.clone(),
-        source,
-    })?;
-    let tokenizer = <tokenizers::Tokenizer as std::str::FromStr>::from_str(&tokenizer_json)
-        .map_err(|e| ImportError::Tokenizer {
+    let tokenizer_json = read_json_text(&tok_path)?;
+    let tokenizer = crate::tokenizer::parse_tokenizer_json(&tokenizer_json).map_err(|message| {
+        ImportError::Tokenizer {
             path: tok_path.clone(),
-            message: e.to_string(),
-        })?;
+            message,
+        }
+    })?;
     let tc_path = dir.join("tokenizer_config.json");
     let tc = if tc_path.exists() {
         read_json(&tc_path)?

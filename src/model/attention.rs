@@ -26,6 +26,45 @@ impl KvCache {
         }
     }
 
+    /// Bytes a cache of this geometry needs (keys and values, all layers); `None` on overflow.
+    pub fn required_bytes(num_layers: usize, kv_dim: usize, capacity: usize) -> Option<usize> {
+        2usize
+            .checked_mul(num_layers)?
+            .checked_mul(kv_dim)?
+            .checked_mul(capacity)?
+            .checked_mul(std::mem::size_of::<f32>())
+    }
+
+    /// Like [`KvCache::new`], but reports allocation failure instead of aborting the process.
+    pub fn try_new(
+        num_layers: usize,
+        kv_dim: usize,
+        capacity: usize,
+    ) -> Result<KvCache, std::collections::TryReserveError> {
+        let per_layer = capacity.saturating_mul(kv_dim);
+        let zeroed = || -> Result<Vec<f32>, std::collections::TryReserveError> {
+            let mut v = Vec::new();
+            v.try_reserve_exact(per_layer)?;
+            v.resize(per_layer, 0.0);
+            Ok(v)
+        };
+        let mut keys = Vec::new();
+        let mut values = Vec::new();
+        keys.try_reserve_exact(num_layers)?;
+        values.try_reserve_exact(num_layers)?;
+        for _ in 0..num_layers {
+            keys.push(zeroed()?);
+            values.push(zeroed()?);
+        }
+        Ok(KvCache {
+            keys,
+            values,
+            kv_dim,
+            capacity,
+            len: 0,
+        })
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }

@@ -8,6 +8,7 @@ mod attention;
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rayon::prelude::*;
 
@@ -37,6 +38,95 @@ pub enum ModelError {
     ContextFull { needed: usize, capacity: usize },
     #[error("token id {id} is outside the vocabulary (size {vocab_size})")]
     InvalidToken { id: u32, vocab_size: usize },
+    #[error(
+        "{what} for {capacity} positions needs {} MiB, more than the {} MiB limit \
+         (use a shorter context)",
+        bytes.div_ceil(1 << 20),
+        limit.div_ceil(1 << 20)
+    )]
+    MemoryLimit {
+        what: &'static str,
+        capacity: usize,
+        bytes: u64,
+        limit: u64,
+    },
+    #[error("{what}: cannot allocate {bytes} bytes ({source})")]
+    OutOfMemory {
+        what: &'static str,
+        bytes: u64,
+        #[source]
+        source: std::collections::TryReserveError,
+    },
+}
+
+/// Default upper bound on one KV cache, in bytes. A context far beyond what the device can
+/// hold fails with [`ModelError::MemoryLimit`] up front instead of aborting on OOM; raise it
+/// with [`ModelOptions::max_kv_cache_bytes`].
+pub const DEFAULT_MAX_KV_CACHE_BYTES: u64 = 8 << 30;
+
+/// Default upper bound on the activations of one forward pass (hidden states, projections
+/// and logits of the batch), in bytes.
+pub const DEFAULT_MAX_ACTIVATION_BYTES: u64 = 4 << 30;
+
+/// When tensor checksums are checked at run time (`pocketlm verify` checks them all offline).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum VerifyMode {
+    /// Never: loading stays O(table), and the data is trusted once the table validates.
+    #[default]
+    Off,
+    /// Every tensor when the model is opened (reads the whole file once).
+    Eager,
+    /// Each tensor just before the forward pass first reads it, once per model.
+    Lazy,
+}
+
+impl VerifyMode {
+    /// The mode named by `POCKETLM_VERIFY`: `1`/`eager`/`all`, `lazy`, or `0`/`off`/unset.
+    /// An unrecognised value is treated as `eager` (fail safe) with a warning.
+    pub fn from_env() -> VerifyMode {
+        match std::env::var("POCKETLM_VERIFY") {
+            Err(_) => VerifyMode::Off,
+            Ok(v) => match v.trim().to_ascii_lowercase().as_str() {
+                "" | "0" | "off" | "no" | "false" => VerifyMode::Off,
+                "1" | "eager" | "all" | "yes" | "true" | "on" => VerifyMode::Eager,
+                "lazy" => VerifyMode::Lazy,
+                other => {
+                    log::warn!("POCKETLM_VERIFY={other:?} not understood; verifying eagerly");
+                    VerifyMode::Eager
+                }
+            },
+        }
+    }
+}
+
+/// Load-time options of a [`Model`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelOptions {
+    pub verify: VerifyMode,
+    /// Largest KV cache [`Model::new_cache`] will allocate.
+    pub max_kv_cache_bytes: u64,
+    /// Largest activation footprint one [`Model::forward`] call may allocate.
+    pub max_activation_bytes: u64,
+}
+
+impl Default for ModelOptions {
+    fn default() -> Self {
+        ModelOptions {
+            verify: VerifyMode::Off,
+            max_kv_cache_bytes: DEFAULT_MAX_KV_CACHE_BYTES,
+            max_activation_bytes: DEFAULT_MAX_ACTIVATION_BYTES,
+        }
+    }
+}
+
+impl ModelOptions {
+    /// Defaults, with the verification mode taken from `POCKETLM_VERIFY`.
+    pub fn from_env() -> ModelOptions {
+        ModelOptions {
+            verify: VerifyMode::from_env(),
+            ..ModelOptions::default()
+        }
+    }
 }
 
 /// Every tensor the forward pass reads for `config`, with its row-major shape.
@@ -83,6 +173,24 @@ struct Layer {
     down: TensorIndex,
 }
 
+impl Layer {
+    fn indices(&self) -> Vec<TensorIndex> {
+        let mut v = vec![
+            self.attn_norm,
+            self.q,
+            self.k,
+            self.v,
+            self.o,
+            self.ffn_norm,
+            self.gate,
+            self.up,
+            self.down,
+        ];
+        v.extend(self.biases.into_iter().flatten());
+        v
+    }
+}
+
 /// Which logits a forward pass returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Logits {
@@ -106,15 +214,30 @@ pub struct Model {
     output: TensorIndex,
     layers: Vec<Layer>,
     inv_freq: Vec<f32>,
+    options: ModelOptions,
+    /// With [`VerifyMode::Lazy`]: per table entry, whether its checksum has been checked.
+    verified: Option<Vec<AtomicBool>>,
 }
 
 impl Model {
+    /// Opens `path` with [`ModelOptions::from_env`] (checksums per `POCKETLM_VERIFY`).
     pub fn open(path: &Path) -> Result<Model, ModelError> {
-        let file = PlmFile::open(path)?;
-        Model::from_file(Arc::new(file))
+        Model::open_with(path, ModelOptions::from_env())
     }
 
+    pub fn open_with(path: &Path, options: ModelOptions) -> Result<Model, ModelError> {
+        let file = PlmFile::open(path)?;
+        Model::from_file_with(Arc::new(file), options)
+    }
+
+    /// [`Model::from_file_with`] with default options (no checksum verification).
     pub fn from_file(file: Arc<PlmFile>) -> Result<Model, ModelError> {
+        Model::from_file_with(file, ModelOptions::default())
+    }
+
+    /// Validates the metadata (config, tokenizer) and every tensor the config needs (present,
+    /// shape, encoding) against `file`, then verifies checksums as `options.verify` says.
+    pub fn from_file_with(file: Arc<PlmFile>, options: ModelOptions) -> Result<Model, ModelError> {
         let path = file.path().display().to_string();
         let meta_err = |message: String| ModelError::Metadata {
             path: path.clone(),
@@ -179,7 +302,21 @@ impl Model {
         } else {
             index(names::OUTPUT)
         };
+        let verified = match options.verify {
+            VerifyMode::Off => None,
+            VerifyMode::Eager => {
+                file.verify()?;
+                None
+            }
+            VerifyMode::Lazy => Some(
+                (0..file.tensors().len())
+                    .map(|_| AtomicBool::new(false))
+                    .collect(),
+            ),
+        };
         Ok(Model {
+            options,
+            verified,
             inv_freq: rope_inv_freq(&config),
             token_embd,
             output_norm: index(names::OUTPUT_NORM),
@@ -208,10 +345,70 @@ impl Model {
         &self.file
     }
 
+    pub fn options(&self) -> &ModelOptions {
+        &self.options
+    }
+
     /// A KV cache for up to `capacity` positions (clamped to the model's trained context).
-    pub fn new_cache(&self, capacity: usize) -> KvCache {
+    /// Fails with [`ModelError::MemoryLimit`] when it would exceed
+    /// [`ModelOptions::max_kv_cache_bytes`], and with [`ModelError::OutOfMemory`] when the
+    /// allocation itself fails, instead of aborting the process.
+    pub fn new_cache(&self, capacity: usize) -> Result<KvCache, ModelError> {
         let capacity = capacity.clamp(1, self.config.max_position_embeddings);
-        KvCache::new(self.config.num_layers, self.config.kv_dim(), capacity)
+        let (layers, kv_dim) = (self.config.num_layers, self.config.kv_dim());
+        let limit = self.options.max_kv_cache_bytes;
+        let bytes =
+            KvCache::required_bytes(layers, kv_dim, capacity).map_or(u64::MAX, |b| b as u64);
+        if bytes > limit {
+            return Err(ModelError::MemoryLimit {
+                what: "KV cache",
+                capacity,
+                bytes,
+                limit,
+            });
+        }
+        KvCache::try_new(layers, kv_dim, capacity).map_err(|source| ModelError::OutOfMemory {
+            what: "KV cache",
+            bytes,
+            source,
+        })
+    }
+
+    /// Bytes [`Model::forward`] allocates for a batch of `n` tokens returning `keep` logit rows.
+    pub fn activation_bytes(&self, n: usize, keep: usize) -> u64 {
+        let c = &self.config;
+        let per_token = 3 * c.hidden_size as u64
+            + 2 * c.q_dim() as u64
+            + 2 * c.kv_dim() as u64
+            + 2 * c.intermediate_size as u64;
+        let floats = (n as u64).saturating_mul(per_token).saturating_add(
+            (keep as u64).saturating_mul(c.vocab_size as u64 + c.hidden_size as u64),
+        );
+        floats.saturating_mul(4)
+    }
+
+    /// With lazy verification, checks the checksum of each of `indices` not yet checked.
+    fn ensure_verified(&self, indices: &[TensorIndex]) -> Result<(), ModelError> {
+        let Some(flags) = &self.verified else {
+            return Ok(());
+        };
+        for &i in indices {
+            if flags[i].load(Ordering::Acquire) {
+                continue;
+            }
+            let entry = self.entry(i);
+            let actual = crc32fast::hash(self.file.view(entry).bytes);
+            if actual != entry.checksum {
+                return Err(PlmError::Checksum {
+                    name: entry.name.clone(),
+                    expected: entry.checksum,
+                    actual,
+                }
+                .into());
+            }
+            flags[i].store(true, Ordering::Release);
+        }
+        Ok(())
     }
 
     fn entry(&self, index: TensorIndex) -> &TensorEntry {
@@ -255,9 +452,24 @@ impl Model {
                 vocab_size: c.vocab_size,
             });
         }
+        let keep = match logits {
+            Logits::Last => 1,
+            Logits::All => n,
+            Logits::LastN(k) => k.clamp(1, n),
+        };
+        let bytes = self.activation_bytes(n, keep);
+        if bytes > self.options.max_activation_bytes {
+            return Err(ModelError::MemoryLimit {
+                what: "forward-pass activations",
+                capacity: n,
+                bytes,
+                limit: self.options.max_activation_bytes,
+            });
+        }
         let d = c.hidden_size;
         let (qd, kvd, f) = (c.q_dim(), c.kv_dim(), c.intermediate_size);
 
+        self.ensure_verified(&[self.token_embd, self.output_norm, self.output])?;
         let mut x = vec![0.0f32; n * d];
         let embd = self.matrix(self.token_embd);
         for (t, &tok) in tokens.iter().enumerate() {
@@ -274,6 +486,9 @@ impl Model {
         let mut up = vec![0.0f32; n * f];
 
         for (l, layer) in self.layers.iter().enumerate() {
+            if self.verified.is_some() {
+                self.ensure_verified(&layer.indices())?;
+            }
             kernels::rms_norm(&x, self.vector(layer.attn_norm), c.rms_norm_eps, &mut h);
             kernels::matmul(&h, n, self.matrix(layer.q), &mut q);
             kernels::matmul(&h, n, self.matrix(layer.k), &mut k);
@@ -304,11 +519,6 @@ impl Model {
         }
         cache.advance(n);
 
-        let keep = match logits {
-            Logits::Last => 1,
-            Logits::All => n,
-            Logits::LastN(k) => k.clamp(1, n),
-        };
         let rows = &x[(n - keep) * d..];
         let count = rows.len() / d;
         let mut normed = vec![0.0f32; rows.len()];

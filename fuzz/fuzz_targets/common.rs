@@ -1,0 +1,33 @@
+// Shared helpers for the fuzz targets (included with `#[path]`/`mod common`).
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+/// A scratch directory private to this fuzzing process, on tmpfs when there is one, so
+/// targets exercise the real file + mmap path without wearing a disk.
+pub fn scratch_dir() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let base = if std::path::Path::new("/dev/shm").is_dir() {
+            PathBuf::from("/dev/shm")
+        } else {
+            std::env::temp_dir()
+        };
+        let dir = base.join(format!("pocketlm-fuzz-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create scratch dir");
+        dir
+    })
+}
+
+/// Splits `data` at the first `sep` byte: (before, after). No separator: (all, empty).
+pub fn split_at_byte(data: &[u8], sep: u8) -> (&[u8], &[u8]) {
+    match data.iter().position(|&b| b == sep) {
+        Some(i) => (&data[..i], &data[i + 1..]),
+        None => (data, &[]),
+    }
+}
+
+/// The stories260K tokenizer (SentencePiece-style BPE with byte fallback).
+pub const STORIES_TOKENIZER_JSON: &str =
+    include_str!("../../tests/fixtures/stories260k/hf/tokenizer.json");

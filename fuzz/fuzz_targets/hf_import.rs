@@ -1,0 +1,44 @@
+//! A Hugging Face directory built from the input: `config.json` text, a zero byte, then the
+//! bytes of `model.safetensors` (tokenizer.json is the stories260K one). Imports it, loads
+//! every tensor, and when that succeeds converts it to .plm and loads the result as a Model.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use pocketlm::convert::{self, ConvertOptions};
+use pocketlm::format::Encoding;
+use pocketlm::import::hf;
+
+mod common;
+
+fuzz_target!(|data: &[u8]| {
+    let (config, safetensors) = common::split_at_byte(data, 0);
+    let dir = common::scratch_dir().join("hf");
+    if !dir.join("tokenizer.json").exists() {
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("tokenizer.json"), common::STORIES_TOKENIZER_JSON).unwrap();
+    }
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    std::fs::write(dir.join("model.safetensors"), safetensors).unwrap();
+    let Ok(imported) = hf::open(&dir) else {
+        return;
+    };
+    for t in imported.source.tensors().to_vec() {
+        if let Ok(values) = imported.source.load_f32(&t.name) {
+            assert_eq!(
+                values.len(),
+                t.shape.iter().product::<usize>(),
+                "{}",
+                t.name
+            );
+        }
+    }
+    let out = common::scratch_dir().join("hf.plm");
+    let options = ConvertOptions {
+        dtype: Encoding::BF16,
+    };
+    if convert::convert(&imported, &out, &options, &mut |_, _, _| {}).is_ok() {
+        let model = pocketlm::Model::open(&out).expect("a freshly converted model must load");
+        drop(model);
+        let _ = std::fs::remove_file(&out);
+    }
+});
