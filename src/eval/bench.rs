@@ -61,7 +61,7 @@ pub fn bench(model: &Model, options: &BenchOptions) -> Result<BenchResult, Model
         .map(|i| ((i * 2_654_435_761 + 12_345) % config.vocab_size as u64) as u32)
         .collect();
     let capacity = options.prompt_tokens + options.generated_tokens + 1;
-    let mut cache = model.new_cache(capacity);
+    let mut cache = model.new_cache(capacity)?;
     if cache.capacity() < capacity {
         return Err(ModelError::ContextFull {
             needed: capacity,

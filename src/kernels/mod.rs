@@ -22,22 +22,38 @@ pub enum KernelPath {
     Generic,
     /// x86-64 AVX2 + FMA + F16C intrinsics.
     Avx2,
+    /// AArch64 NEON (widening integer multiplies for quantized weights).
+    Neon,
+    /// AArch64 NEON with the dotprod extension (`sdot`).
+    Dotprod,
 }
 
 impl KernelPath {
+    pub const ALL: [KernelPath; 5] = [
+        KernelPath::Scalar,
+        KernelPath::Generic,
+        KernelPath::Avx2,
+        KernelPath::Neon,
+        KernelPath::Dotprod,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             KernelPath::Scalar => "scalar",
             KernelPath::Generic => "generic",
             KernelPath::Avx2 => "avx2",
+            KernelPath::Neon => "neon",
+            KernelPath::Dotprod => "dotprod",
         }
     }
 
     pub fn parse(name: &str) -> Option<KernelPath> {
         match name.trim().to_ascii_lowercase().as_str() {
             "scalar" => Some(KernelPath::Scalar),
-            "generic" | "neon" | "sse2" => Some(KernelPath::Generic),
+            "generic" | "sse2" => Some(KernelPath::Generic),
             "avx2" => Some(KernelPath::Avx2),
+            "neon" => Some(KernelPath::Neon),
+            "dotprod" => Some(KernelPath::Dotprod),
             _ => None,
         }
     }
@@ -47,6 +63,8 @@ impl KernelPath {
         match self {
             KernelPath::Scalar | KernelPath::Generic => true,
             KernelPath::Avx2 => avx2_available(),
+            KernelPath::Neon => cfg!(target_arch = "aarch64"),
+            KernelPath::Dotprod => dotprod_available(),
         }
     }
 
@@ -54,10 +72,24 @@ impl KernelPath {
     pub fn detect() -> KernelPath {
         if avx2_available() {
             KernelPath::Avx2
+        } else if dotprod_available() {
+            KernelPath::Dotprod
+        } else if cfg!(target_arch = "aarch64") {
+            KernelPath::Neon
         } else {
             KernelPath::Generic
         }
     }
+}
+
+#[cfg(target_arch = "aarch64")]
+fn dotprod_available() -> bool {
+    std::arch::is_aarch64_feature_detected!("dotprod")
+}
+
+#[cfg(not(target_arch = "aarch64"))]
+fn dotprod_available() -> bool {
+    false
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -277,6 +309,12 @@ pub fn quant_dot_n<const N: usize>(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: Avx2 is only selected after `avx2_available()` confirmed AVX2, FMA, F16C.
         KernelPath::Avx2 => unsafe { quant::avx2::dot_n(w, x) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: NEON is baseline on AArch64; rows come from one matrix and activations.
+        KernelPath::Neon => unsafe { quant::neon::dot_n(w, x) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: Dotprod is only selected after run-time detection of the extension.
+        KernelPath::Dotprod => unsafe { quant::neon::dot_n_dotprod(w, x) },
         _ => x.map(|xr| quant::dot_scalar(w, xr)),
     }
 }
@@ -325,6 +363,8 @@ pub fn dot(path: KernelPath, w: &[f32], x: &[f32]) -> f32 {
         KernelPath::Avx2 => unsafe { dense::avx2::dot(w, x) },
         #[cfg(not(target_arch = "x86_64"))]
         KernelPath::Avx2 => dense::dot_wide(w, x),
+        // `wide` compiles to NEON on AArch64.
+        KernelPath::Neon | KernelPath::Dotprod => dense::dot_wide(w, x),
     }
 }
 
@@ -337,6 +377,7 @@ fn dot4(path: KernelPath, w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
         KernelPath::Avx2 => unsafe { dense::avx2::dot4(w, x) },
         #[cfg(not(target_arch = "x86_64"))]
         KernelPath::Avx2 => dense::dot4_wide(w, x),
+        KernelPath::Neon | KernelPath::Dotprod => dense::dot4_wide(w, x),
     }
 }
 
@@ -436,7 +477,7 @@ mod tests {
     }
 
     fn paths() -> Vec<KernelPath> {
-        [KernelPath::Scalar, KernelPath::Generic, KernelPath::Avx2]
+        KernelPath::ALL
             .into_iter()
             .filter(|p| p.is_supported())
             .collect()
@@ -523,7 +564,7 @@ mod tests {
 
     #[test]
     fn kernel_path_names_round_trip() {
-        for p in [KernelPath::Scalar, KernelPath::Generic, KernelPath::Avx2] {
+        for p in KernelPath::ALL {
             assert_eq!(KernelPath::parse(p.name()), Some(p));
         }
         assert_eq!(KernelPath::parse("bogus"), None);

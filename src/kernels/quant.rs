@@ -503,6 +503,157 @@ pub mod avx2 {
     }
 }
 
+#[cfg(target_arch = "aarch64")]
+pub mod neon {
+    //! AArch64: NEON (widening multiplies) and the dotprod extension (`sdot`, emitted with
+    //! inline assembly because its intrinsic is not stable yet).
+
+    use std::arch::aarch64::*;
+    use std::arch::asm;
+
+    use super::{ActRow, QuantKind, QuantRow};
+    use crate::format::QUANT_BLOCK;
+
+    const KIND_Q8: u8 = 0;
+    const KIND_Q4: u8 = 1;
+    const KIND_Q4_ASYM: u8 = 2;
+
+    /// Block `b`'s 32 weights as two signed 16-byte vectors in value order.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    unsafe fn load_weights<const KIND: u8>(q: *const u8, b: usize) -> (int8x16_t, int8x16_t) {
+        // SAFETY: the caller guarantees block `b` lies inside the row (32 or 16 bytes).
+        unsafe {
+            if KIND == KIND_Q8 {
+                let p = q.add(b * QUANT_BLOCK) as *const i8;
+                return (vld1q_s8(p), vld1q_s8(p.add(16)));
+            }
+            let packed = vld1q_u8(q.add(b * 16));
+            let lo = vreinterpretq_s8_u8(vandq_u8(packed, vdupq_n_u8(0x0F)));
+            let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(packed));
+            if KIND == KIND_Q4 {
+                let eight = vdupq_n_s8(8);
+                (vsubq_s8(lo, eight), vsubq_s8(hi, eight))
+            } else {
+                (lo, hi)
+            }
+        }
+    }
+
+    /// Σ w·x over 32 values as four i32 lanes, with widening multiplies (plain NEON).
+    /// |w|, |x| ≤ 127, so two products fit an i16 lane before widening.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    fn dot_widening(w: (int8x16_t, int8x16_t), x: (int8x16_t, int8x16_t)) -> int32x4_t {
+        let a = vaddq_s16(
+            vmull_s8(vget_low_s8(w.0), vget_low_s8(x.0)),
+            vmull_high_s8(w.0, x.0),
+        );
+        let b = vaddq_s16(
+            vmull_s8(vget_low_s8(w.1), vget_low_s8(x.1)),
+            vmull_high_s8(w.1, x.1),
+        );
+        vaddq_s32(vpaddlq_s16(a), vpaddlq_s16(b))
+    }
+
+    /// `acc + Σ a·b` per group of four bytes (`sdot`).
+    #[inline]
+    #[target_feature(enable = "neon,dotprod")]
+    fn sdot(mut acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+        // SAFETY: sdot only reads and writes the named vector registers.
+        unsafe {
+            asm!(
+                "sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b",
+                acc = inout(vreg) acc,
+                a = in(vreg) a,
+                b = in(vreg) b,
+                options(pure, nomem, nostack, preserves_flags)
+            );
+        }
+        acc
+    }
+
+    #[inline]
+    #[target_feature(enable = "neon,dotprod")]
+    fn dot_sdot(w: (int8x16_t, int8x16_t), x: (int8x16_t, int8x16_t)) -> int32x4_t {
+        sdot(sdot(vdupq_n_s32(0), w.0, x.0), w.1, x.1)
+    }
+
+    macro_rules! dot_kernel {
+        ($name:ident, $features:literal, $block_dot:ident) => {
+            #[target_feature(enable = $features)]
+            unsafe fn $name<const KIND: u8, const N: usize>(
+                w: &QuantRow<'_>,
+                x: [&ActRow<'_>; N],
+            ) -> [f32; N] {
+                let bpg = w.blocks_per_group;
+                let blocks = w.scales.len() * bpg;
+                debug_assert!(x.iter().all(|r| r.d.len() == blocks));
+                let mut acc = [vdupq_n_f32(0.0); N];
+                let mut min_acc = [0.0f32; N];
+                let qp = w.quants.as_ptr();
+                for b in 0..blocks {
+                    let g = b / bpg;
+                    let dw = w.scales[g].to_f32();
+                    // SAFETY: b < blocks: the block's weight bytes and each row's 32
+                    // activation bytes lie inside their slices.
+                    unsafe {
+                        let wv = load_weights::<KIND>(qp, b);
+                        for k in 0..N {
+                            let xp = x[k].qs.as_ptr().add(b * QUANT_BLOCK);
+                            let xv = (vld1q_s8(xp), vld1q_s8(xp.add(16)));
+                            let dot = vcvtq_f32_s32($block_dot(wv, xv));
+                            acc[k] = vfmaq_n_f32(acc[k], dot, dw * x[k].d[b]);
+                        }
+                    }
+                    if KIND == KIND_Q4_ASYM {
+                        let m = w.mins.map_or(0.0, |m| m[g].to_f32());
+                        for k in 0..N {
+                            min_acc[k] += m * x[k].dsums[b];
+                        }
+                    }
+                }
+                let mut out = [0.0f32; N];
+                for k in 0..N {
+                    out[k] = vaddvq_f32(acc[k]) + min_acc[k];
+                }
+                out
+            }
+        };
+    }
+
+    dot_kernel!(dot_neon_kind, "neon", dot_widening);
+    dot_kernel!(dot_dotprod_kind, "neon,dotprod", dot_sdot);
+
+    /// # Safety
+    /// `w` and every `x` describe rows of equal length (a multiple of 32).
+    #[target_feature(enable = "neon")]
+    pub unsafe fn dot_n<const N: usize>(w: &QuantRow<'_>, x: [&ActRow<'_>; N]) -> [f32; N] {
+        // SAFETY: forwarded contract; NEON is part of the AArch64 baseline.
+        unsafe {
+            match w.kind {
+                QuantKind::Q8 => dot_neon_kind::<KIND_Q8, N>(w, x),
+                QuantKind::Q4 => dot_neon_kind::<KIND_Q4, N>(w, x),
+                QuantKind::Q4Asym => dot_neon_kind::<KIND_Q4_ASYM, N>(w, x),
+            }
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support the dotprod extension; rows as for [`dot_n`].
+    #[target_feature(enable = "neon,dotprod")]
+    pub unsafe fn dot_n_dotprod<const N: usize>(w: &QuantRow<'_>, x: [&ActRow<'_>; N]) -> [f32; N] {
+        // SAFETY: forwarded contract.
+        unsafe {
+            match w.kind {
+                QuantKind::Q8 => dot_dotprod_kind::<KIND_Q8, N>(w, x),
+                QuantKind::Q4 => dot_dotprod_kind::<KIND_Q4, N>(w, x),
+                QuantKind::Q4Asym => dot_dotprod_kind::<KIND_Q4_ASYM, N>(w, x),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -623,40 +774,47 @@ mod tests {
         assert!(zeros.qs.iter().all(|&q| q == 0));
     }
 
-    #[cfg(target_arch = "x86_64")]
     #[test]
-    fn avx2_matches_scalar_for_every_encoding() {
-        if !crate::kernels::KernelPath::Avx2.is_supported() {
-            eprintln!("skipping: no AVX2/FMA/F16C");
-            return;
-        }
-        for enc in encodings() {
-            let group = enc.group().unwrap() as usize;
-            for cols in [group, 2 * group, 5 * group] {
-                let rows = 3;
-                let w = random_vec(rows * cols, cols as u64);
-                let bytes = quantize_rtn(&w, rows, cols, enc).unwrap();
-                let m = matrix(enc, rows, cols, &bytes);
-                let x = random_vec(4 * cols, 7 + cols as u64);
-                let acts = QuantizedActivations::quantize(&x, 4, cols);
-                let rows_x = [acts.row(0), acts.row(1), acts.row(2), acts.row(3)];
-                for r in 0..rows {
-                    let wr = m.row(r);
-                    // SAFETY: support checked above; shapes consistent by construction.
-                    let got4 = unsafe {
-                        avx2::dot_n(&wr, [&rows_x[0], &rows_x[1], &rows_x[2], &rows_x[3]])
-                    };
-                    let got1 = unsafe { avx2::dot_n(&wr, [&rows_x[2]]) };
-                    for k in 0..4 {
-                        let want = dot_scalar(&wr, &rows_x[k]);
+    fn every_supported_path_matches_scalar_for_every_encoding() {
+        use crate::kernels::{KernelPath, quant_dot_n};
+        let paths: Vec<KernelPath> = KernelPath::ALL
+            .into_iter()
+            .filter(|p| p.is_supported())
+            .collect();
+        eprintln!("testing kernel paths {paths:?}");
+        for path in paths {
+            for enc in encodings() {
+                let group = enc.group().unwrap() as usize;
+                for cols in [group, 2 * group, 5 * group] {
+                    let rows = 3;
+                    let w = random_vec(rows * cols, cols as u64);
+                    let bytes = quantize_rtn(&w, rows, cols, enc).unwrap();
+                    let m = matrix(enc, rows, cols, &bytes);
+                    let x = random_vec(4 * cols, 7 + cols as u64);
+                    let acts = QuantizedActivations::quantize(&x, 4, cols);
+                    let rows_x = [acts.row(0), acts.row(1), acts.row(2), acts.row(3)];
+                    for r in 0..rows {
+                        let wr = m.row(r);
+                        let got4 = quant_dot_n(
+                            path,
+                            &wr,
+                            [&rows_x[0], &rows_x[1], &rows_x[2], &rows_x[3]],
+                        );
+                        let got1 = quant_dot_n(path, &wr, [&rows_x[2]]);
+                        for k in 0..4 {
+                            let want = dot_scalar(&wr, &rows_x[k]);
+                            assert!(
+                                (got4[k] - want).abs() <= 1e-4 * want.abs().max(1.0),
+                                "{path:?} {enc} cols {cols}: {} vs {want}",
+                                got4[k]
+                            );
+                        }
+                        let want = dot_scalar(&wr, &rows_x[2]);
                         assert!(
-                            (got4[k] - want).abs() <= 1e-4 * want.abs().max(1.0),
-                            "{enc} cols {cols}: {} vs {want}",
-                            got4[k]
+                            (got1[0] - want).abs() <= 1e-4 * want.abs().max(1.0),
+                            "{path:?} {enc}"
                         );
                     }
-                    let want = dot_scalar(&wr, &rows_x[2]);
-                    assert!((got1[0] - want).abs() <= 1e-4 * want.abs().max(1.0));
                 }
             }
         }
