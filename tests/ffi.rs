@@ -236,8 +236,8 @@ fn errors_are_typed() {
     let bytes = std::fs::read(model_path()).unwrap();
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
     match open(&truncated) {
-        Err(PocketLmError::InvalidModel { message }) => {
-            assert!(message.contains("truncated"), "{message}")
+        Err(PocketLmError::InvalidModel { reason }) => {
+            assert!(reason.contains("truncated"), "{reason}")
         }
         other => panic!("{other:?}"),
     }
@@ -249,7 +249,7 @@ fn errors_are_typed() {
             ..EngineOptions::default()
         },
     ) {
-        Err(PocketLmError::InvalidConfig { message }) => assert!(message.contains("quantum")),
+        Err(PocketLmError::InvalidConfig { reason }) => assert!(reason.contains("quantum")),
         other => panic!("{other:?}"),
     }
     // Naming the path already in use is accepted.
@@ -269,7 +269,7 @@ fn errors_are_typed() {
         ..GenerationConfig::default()
     };
     match session.complete(PROMPT.into(), bad) {
-        Err(PocketLmError::InvalidConfig { message }) => assert!(message.contains("top_p")),
+        Err(PocketLmError::InvalidConfig { reason }) => assert!(reason.contains("top_p")),
         other => panic!("{other:?}"),
     }
 
@@ -307,8 +307,8 @@ fn a_failing_callback_ends_generation_with_an_error() {
     let session = engine().new_session();
     let cb = Arc::new(Panics(AtomicUsize::new(0)));
     match session.generate(PROMPT.into(), greedy(40), cb.clone()) {
-        Err(PocketLmError::CallbackFailed { message }) => {
-            assert!(message.contains("callback exploded"), "{message}")
+        Err(PocketLmError::CallbackFailed { reason }) => {
+            assert!(reason.contains("callback exploded"), "{reason}")
         }
         other => panic!("{other:?}"),
     }

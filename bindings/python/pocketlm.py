@@ -1387,7 +1387,8 @@ class _UniffiFfiConverterTypeModelInfo(_UniffiConverterRustBuffer):
 # namespace.
 class PocketLmError(Exception):
     """
-    Every error the API reports. Messages are for people; match on the variant.
+    Every error the API reports. Match on the variant; `reason` is for people. (The field is
+    not called `message`: in Kotlin that would clash with `Throwable.message`.)
 """
     pass
 
@@ -1395,7 +1396,8 @@ _UniffiTempPocketLmError = PocketLmError
 
 class PocketLmError:  # type: ignore
     """
-    Every error the API reports. Messages are for people; match on the variant.
+    Every error the API reports. Match on the variant; `reason` is for people. (The field is
+    not called `message`: in Kotlin that would clash with `Throwable.message`.)
 """
     
     class FileNotFound(_UniffiTempPocketLmError):
@@ -1414,11 +1416,11 @@ class PocketLmError:  # type: ignore
         The file could not be read (permissions, I/O error).
 """
         
-        def __init__(self, message):
+        def __init__(self, reason):
             super().__init__(", ".join([
-                "message={!r}".format(message),
+                "reason={!r}".format(reason),
             ]))
-            self.message = message
+            self.reason = reason
 
         def __repr__(self):
             return "PocketLmError.Io({})".format(str(self))
@@ -1428,11 +1430,11 @@ class PocketLmError:  # type: ignore
         Not a `.plm` file, corrupt, truncated, or written by a newer version.
 """
         
-        def __init__(self, message):
+        def __init__(self, reason):
             super().__init__(", ".join([
-                "message={!r}".format(message),
+                "reason={!r}".format(reason),
             ]))
-            self.message = message
+            self.reason = reason
 
         def __repr__(self):
             return "PocketLmError.InvalidModel({})".format(str(self))
@@ -1442,11 +1444,11 @@ class PocketLmError:  # type: ignore
         Bad [`EngineOptions`] or [`GenerationConfig`].
 """
         
-        def __init__(self, message):
+        def __init__(self, reason):
             super().__init__(", ".join([
-                "message={!r}".format(message),
+                "reason={!r}".format(reason),
             ]))
-            self.message = message
+            self.reason = reason
 
         def __repr__(self):
             return "PocketLmError.InvalidConfig({})".format(str(self))
@@ -1456,11 +1458,11 @@ class PocketLmError:  # type: ignore
         Bad input: chat messages the model's template rejects, text the tokenizer cannot encode.
 """
         
-        def __init__(self, message):
+        def __init__(self, reason):
             super().__init__(", ".join([
-                "message={!r}".format(message),
+                "reason={!r}".format(reason),
             ]))
-            self.message = message
+            self.reason = reason
 
         def __repr__(self):
             return "PocketLmError.InvalidInput({})".format(str(self))
@@ -1470,11 +1472,11 @@ class PocketLmError:  # type: ignore
         The prompt does not fit in the session's remaining context; `reset()` or shorten it.
 """
         
-        def __init__(self, message):
+        def __init__(self, reason):
             super().__init__(", ".join([
-                "message={!r}".format(message),
+                "reason={!r}".format(reason),
             ]))
-            self.message = message
+            self.reason = reason
 
         def __repr__(self):
             return "PocketLmError.ContextFull({})".format(str(self))
@@ -1484,11 +1486,11 @@ class PocketLmError:  # type: ignore
         The [`TokenCallback`] threw an exception (or panicked); generation stopped.
 """
         
-        def __init__(self, message):
+        def __init__(self, reason):
             super().__init__(", ".join([
-                "message={!r}".format(message),
+                "reason={!r}".format(reason),
             ]))
-            self.message = message
+            self.reason = reason
 
         def __repr__(self):
             return "PocketLmError.CallbackFailed({})".format(str(self))
@@ -1499,11 +1501,11 @@ class PocketLmError:  # type: ignore
         its own callback.
 """
         
-        def __init__(self, message):
+        def __init__(self, reason):
             super().__init__(", ".join([
-                "message={!r}".format(message),
+                "reason={!r}".format(reason),
             ]))
-            self.message = message
+            self.reason = reason
 
         def __repr__(self):
             return "PocketLmError.Internal({})".format(str(self))
@@ -1557,25 +1559,25 @@ class _UniffiFfiConverterTypePocketLmError(_UniffiConverterRustBuffer):
             _UniffiFfiConverterString.check_lower(value.path)
             return
         if isinstance(value, PocketLmError.Io):
-            _UniffiFfiConverterString.check_lower(value.message)
+            _UniffiFfiConverterString.check_lower(value.reason)
             return
         if isinstance(value, PocketLmError.InvalidModel):
-            _UniffiFfiConverterString.check_lower(value.message)
+            _UniffiFfiConverterString.check_lower(value.reason)
             return
         if isinstance(value, PocketLmError.InvalidConfig):
-            _UniffiFfiConverterString.check_lower(value.message)
+            _UniffiFfiConverterString.check_lower(value.reason)
             return
         if isinstance(value, PocketLmError.InvalidInput):
-            _UniffiFfiConverterString.check_lower(value.message)
+            _UniffiFfiConverterString.check_lower(value.reason)
             return
         if isinstance(value, PocketLmError.ContextFull):
-            _UniffiFfiConverterString.check_lower(value.message)
+            _UniffiFfiConverterString.check_lower(value.reason)
             return
         if isinstance(value, PocketLmError.CallbackFailed):
-            _UniffiFfiConverterString.check_lower(value.message)
+            _UniffiFfiConverterString.check_lower(value.reason)
             return
         if isinstance(value, PocketLmError.Internal):
-            _UniffiFfiConverterString.check_lower(value.message)
+            _UniffiFfiConverterString.check_lower(value.reason)
             return
 
     @staticmethod
@@ -1585,25 +1587,25 @@ class _UniffiFfiConverterTypePocketLmError(_UniffiConverterRustBuffer):
             _UniffiFfiConverterString.write(value.path, buf)
         if isinstance(value, PocketLmError.Io):
             buf.write_i32(2)
-            _UniffiFfiConverterString.write(value.message, buf)
+            _UniffiFfiConverterString.write(value.reason, buf)
         if isinstance(value, PocketLmError.InvalidModel):
             buf.write_i32(3)
-            _UniffiFfiConverterString.write(value.message, buf)
+            _UniffiFfiConverterString.write(value.reason, buf)
         if isinstance(value, PocketLmError.InvalidConfig):
             buf.write_i32(4)
-            _UniffiFfiConverterString.write(value.message, buf)
+            _UniffiFfiConverterString.write(value.reason, buf)
         if isinstance(value, PocketLmError.InvalidInput):
             buf.write_i32(5)
-            _UniffiFfiConverterString.write(value.message, buf)
+            _UniffiFfiConverterString.write(value.reason, buf)
         if isinstance(value, PocketLmError.ContextFull):
             buf.write_i32(6)
-            _UniffiFfiConverterString.write(value.message, buf)
+            _UniffiFfiConverterString.write(value.reason, buf)
         if isinstance(value, PocketLmError.CallbackFailed):
             buf.write_i32(7)
-            _UniffiFfiConverterString.write(value.message, buf)
+            _UniffiFfiConverterString.write(value.reason, buf)
         if isinstance(value, PocketLmError.Internal):
             buf.write_i32(8)
-            _UniffiFfiConverterString.write(value.message, buf)
+            _UniffiFfiConverterString.write(value.reason, buf)
 
 class _UniffiFfiConverterSequenceTypeChatMessage(_UniffiConverterRustBuffer):
     @classmethod

@@ -1833,7 +1833,8 @@ public func FfiConverterTypeModelInfo_lower(_ value: ModelInfo) -> RustBuffer {
 
 
 /**
- * Every error the API reports. Messages are for people; match on the variant.
+ * Every error the API reports. Match on the variant; `reason` is for people. (The field is
+ * not called `message`: in Kotlin that would clash with `Throwable.message`.)
  */
 public 
 enum PocketLmError: Swift.Error, Equatable, Hashable, Foundation.LocalizedError {
@@ -1845,38 +1846,38 @@ enum PocketLmError: Swift.Error, Equatable, Hashable, Foundation.LocalizedError 
     /**
      * The file could not be read (permissions, I/O error).
      */
-    case Io(message: String
+    case Io(reason: String
     )
     /**
      * Not a `.plm` file, corrupt, truncated, or written by a newer version.
      */
-    case InvalidModel(message: String
+    case InvalidModel(reason: String
     )
     /**
      * Bad [`EngineOptions`] or [`GenerationConfig`].
      */
-    case InvalidConfig(message: String
+    case InvalidConfig(reason: String
     )
     /**
      * Bad input: chat messages the model's template rejects, text the tokenizer cannot encode.
      */
-    case InvalidInput(message: String
+    case InvalidInput(reason: String
     )
     /**
      * The prompt does not fit in the session's remaining context; `reset()` or shorten it.
      */
-    case ContextFull(message: String
+    case ContextFull(reason: String
     )
     /**
      * The [`TokenCallback`] threw an exception (or panicked); generation stopped.
      */
-    case CallbackFailed(message: String
+    case CallbackFailed(reason: String
     )
     /**
      * A bug in pocketlm (a caught panic) or a misuse such as calling into a session from
      * its own callback.
      */
-    case Internal(message: String
+    case Internal(reason: String
     )
 
     
@@ -1911,25 +1912,25 @@ public struct FfiConverterTypePocketLmError: FfiConverterRustBuffer {
             path: try FfiConverterString.read(from: &buf)
             )
         case 2: return .Io(
-            message: try FfiConverterString.read(from: &buf)
+            reason: try FfiConverterString.read(from: &buf)
             )
         case 3: return .InvalidModel(
-            message: try FfiConverterString.read(from: &buf)
+            reason: try FfiConverterString.read(from: &buf)
             )
         case 4: return .InvalidConfig(
-            message: try FfiConverterString.read(from: &buf)
+            reason: try FfiConverterString.read(from: &buf)
             )
         case 5: return .InvalidInput(
-            message: try FfiConverterString.read(from: &buf)
+            reason: try FfiConverterString.read(from: &buf)
             )
         case 6: return .ContextFull(
-            message: try FfiConverterString.read(from: &buf)
+            reason: try FfiConverterString.read(from: &buf)
             )
         case 7: return .CallbackFailed(
-            message: try FfiConverterString.read(from: &buf)
+            reason: try FfiConverterString.read(from: &buf)
             )
         case 8: return .Internal(
-            message: try FfiConverterString.read(from: &buf)
+            reason: try FfiConverterString.read(from: &buf)
             )
 
          default: throw UniffiInternalError.unexpectedEnumCase
@@ -1948,39 +1949,39 @@ public struct FfiConverterTypePocketLmError: FfiConverterRustBuffer {
             FfiConverterString.write(path, into: &buf)
             
         
-        case let .Io(message):
+        case let .Io(reason):
             writeInt(&buf, Int32(2))
-            FfiConverterString.write(message, into: &buf)
+            FfiConverterString.write(reason, into: &buf)
             
         
-        case let .InvalidModel(message):
+        case let .InvalidModel(reason):
             writeInt(&buf, Int32(3))
-            FfiConverterString.write(message, into: &buf)
+            FfiConverterString.write(reason, into: &buf)
             
         
-        case let .InvalidConfig(message):
+        case let .InvalidConfig(reason):
             writeInt(&buf, Int32(4))
-            FfiConverterString.write(message, into: &buf)
+            FfiConverterString.write(reason, into: &buf)
             
         
-        case let .InvalidInput(message):
+        case let .InvalidInput(reason):
             writeInt(&buf, Int32(5))
-            FfiConverterString.write(message, into: &buf)
+            FfiConverterString.write(reason, into: &buf)
             
         
-        case let .ContextFull(message):
+        case let .ContextFull(reason):
             writeInt(&buf, Int32(6))
-            FfiConverterString.write(message, into: &buf)
+            FfiConverterString.write(reason, into: &buf)
             
         
-        case let .CallbackFailed(message):
+        case let .CallbackFailed(reason):
             writeInt(&buf, Int32(7))
-            FfiConverterString.write(message, into: &buf)
+            FfiConverterString.write(reason, into: &buf)
             
         
-        case let .Internal(message):
+        case let .Internal(reason):
             writeInt(&buf, Int32(8))
-            FfiConverterString.write(message, into: &buf)
+            FfiConverterString.write(reason, into: &buf)
             
         }
     }

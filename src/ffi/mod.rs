@@ -27,38 +27,39 @@ use crate::tokenizer::TokenizerError;
 /// gigabytes on a phone by default.
 pub const DEFAULT_CONTEXT_LENGTH: u32 = 2048;
 
-/// Every error the API reports. Messages are for people; match on the variant.
+/// Every error the API reports. Match on the variant; `reason` is for people. (The field is
+/// not called `message`: in Kotlin that would clash with `Throwable.message`.)
 #[derive(Debug, thiserror::Error, uniffi::Error)]
 pub enum PocketLmError {
     #[error("file not found: {path}")]
     FileNotFound { path: String },
     /// The file could not be read (permissions, I/O error).
-    #[error("cannot read the file: {message}")]
-    Io { message: String },
+    #[error("cannot read the file: {reason}")]
+    Io { reason: String },
     /// Not a `.plm` file, corrupt, truncated, or written by a newer version.
-    #[error("invalid model file: {message}")]
-    InvalidModel { message: String },
+    #[error("invalid model file: {reason}")]
+    InvalidModel { reason: String },
     /// Bad [`EngineOptions`] or [`GenerationConfig`].
-    #[error("invalid configuration: {message}")]
-    InvalidConfig { message: String },
+    #[error("invalid configuration: {reason}")]
+    InvalidConfig { reason: String },
     /// Bad input: chat messages the model's template rejects, text the tokenizer cannot encode.
-    #[error("invalid input: {message}")]
-    InvalidInput { message: String },
+    #[error("invalid input: {reason}")]
+    InvalidInput { reason: String },
     /// The prompt does not fit in the session's remaining context; `reset()` or shorten it.
-    #[error("context full: {message}")]
-    ContextFull { message: String },
+    #[error("context full: {reason}")]
+    ContextFull { reason: String },
     /// The [`TokenCallback`] threw an exception (or panicked); generation stopped.
-    #[error("token callback failed: {message}")]
-    CallbackFailed { message: String },
+    #[error("token callback failed: {reason}")]
+    CallbackFailed { reason: String },
     /// A bug in pocketlm (a caught panic) or a misuse such as calling into a session from
     /// its own callback.
-    #[error("internal error: {message}")]
-    Internal { message: String },
+    #[error("internal error: {reason}")]
+    Internal { reason: String },
 }
 
 impl From<ModelError> for PocketLmError {
     fn from(e: ModelError) -> Self {
-        let message = e.to_string();
+        let reason = e.to_string();
         match e {
             ModelError::Format(PlmError::Io { path, source }) => {
                 if source.kind() == std::io::ErrorKind::NotFound {
@@ -66,18 +67,18 @@ impl From<ModelError> for PocketLmError {
                         path: path.display().to_string(),
                     }
                 } else {
-                    PocketLmError::Io { message }
+                    PocketLmError::Io { reason }
                 }
             }
             ModelError::Format(_) | ModelError::Metadata { .. } | ModelError::Tensor { .. } => {
-                PocketLmError::InvalidModel { message }
+                PocketLmError::InvalidModel { reason }
             }
             ModelError::Tokenizer(TokenizerError::Load(_)) => {
-                PocketLmError::InvalidModel { message }
+                PocketLmError::InvalidModel { reason }
             }
-            ModelError::Tokenizer(_) => PocketLmError::InvalidInput { message },
-            ModelError::ContextFull { .. } => PocketLmError::ContextFull { message },
-            ModelError::InvalidToken { .. } => PocketLmError::Internal { message },
+            ModelError::Tokenizer(_) => PocketLmError::InvalidInput { reason },
+            ModelError::ContextFull { .. } => PocketLmError::ContextFull { reason },
+            ModelError::InvalidToken { .. } => PocketLmError::Internal { reason },
         }
     }
 }
@@ -100,7 +101,7 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 fn guard<T>(f: impl FnOnce() -> Result<T, PocketLmError>) -> Result<T, PocketLmError> {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|payload| {
         Err(PocketLmError::Internal {
-            message: format!("panic: {}", panic_message(payload.as_ref())),
+            reason: format!("panic: {}", panic_message(payload.as_ref())),
         })
     })
 }
@@ -167,7 +168,7 @@ impl std::fmt::Debug for Engine {
 
 fn resolve_kernel_path(name: Option<&str>) -> Result<(), PocketLmError> {
     let Some(name) = name else { return Ok(()) };
-    let invalid = |message: String| PocketLmError::InvalidConfig { message };
+    let invalid = |reason: String| PocketLmError::InvalidConfig { reason };
     let path = KernelPath::parse(name).ok_or_else(|| {
         invalid(format!(
             "unknown kernel path '{name}' (expected scalar, generic, neon, sse2 or avx2)"
@@ -204,7 +205,7 @@ impl Engine {
                 .thread_name(|i| format!("pocketlm-{i}"))
                 .build()
                 .map_err(|e| PocketLmError::InvalidConfig {
-                    message: format!("cannot start {} threads: {e}", options.threads),
+                    reason: format!("cannot start {} threads: {e}", options.threads),
                 })?;
             let model = Model::open(Path::new(&path))?;
             let trained = model.config().max_position_embeddings;
@@ -322,7 +323,7 @@ impl GenerationConfig {
         };
         sampler
             .validate()
-            .map_err(|message| PocketLmError::InvalidConfig { message })?;
+            .map_err(|reason| PocketLmError::InvalidConfig { reason })?;
         Ok(crate::GenerateOptions {
             max_tokens: self.max_tokens as usize,
             sampler,
@@ -471,7 +472,7 @@ impl Session {
     fn check_reentry(&self) -> Result<(), PocketLmError> {
         if *lock(&self.busy_thread) == Some(std::thread::current().id()) {
             return Err(PocketLmError::Internal {
-                message: "a session was called from its own token callback".into(),
+                reason: "a session was called from its own token callback".into(),
             });
         }
         Ok(())
@@ -528,7 +529,7 @@ impl Session {
                 }
             })?;
             if let Some(message) = callback_error {
-                return Err(PocketLmError::CallbackFailed { message });
+                return Err(PocketLmError::CallbackFailed { reason: message });
             }
             let stats = GenerationStats::from(&generation.stats);
             *lock(&self.last_stats) = Some(stats.clone());

@@ -162,13 +162,13 @@ def test_corrupt_files():
         with open(truncated, "wb") as f:
             f.write(data[: len(data) // 2])
         e = expect(PocketLmError.InvalidModel, lambda: Engine.open(truncated, EngineOptions()))
-        assert "truncated" in e.message, e.message
+        assert "truncated" in e.reason, e.reason
 
 
 def test_bad_configs():
     session = ENGINE.new_session()
     e = expect(PocketLmError.InvalidConfig, lambda: session.complete(PROMPT, GenerationConfig(top_p=-1.0)))
-    assert "top_p" in e.message, e.message
+    assert "top_p" in e.reason, e.reason
     expect(
         PocketLmError.InvalidConfig,
         lambda: Engine.open(model_path, EngineOptions(kernel_path="quantum")),
@@ -184,7 +184,7 @@ def test_throwing_callback():
     cb = Throws()
     session = ENGINE.new_session()
     e = expect(PocketLmError.CallbackFailed, lambda: session.generate(PROMPT, greedy(40), cb))
-    assert "boom from python" in e.message, e.message
+    assert "boom from python" in e.reason, e.reason
     assert cb.calls == 2
     session.reset()
     assert session.complete(PROMPT, greedy(40)).text.startswith(EXPECTED)

@@ -2844,7 +2844,8 @@ public object FfiConverterTypeModelInfo: FfiConverterRustBuffer<ModelInfo> {
 
 
 /**
- * Every error the API reports. Messages are for people; match on the variant.
+ * Every error the API reports. Match on the variant; `reason` is for people. (The field is
+ * not called `message`: in Kotlin that would clash with `Throwable.message`.)
  */
 sealed class PocketLmException: kotlin.Exception() {
     
@@ -2861,10 +2862,10 @@ sealed class PocketLmException: kotlin.Exception() {
      */
     class Io(
         
-        val `message`: kotlin.String
+        val `reason`: kotlin.String
         ) : PocketLmException() {
         override val message
-            get() = "message=${ `message` }"
+            get() = "reason=${ `reason` }"
     }
     
     /**
@@ -2872,10 +2873,10 @@ sealed class PocketLmException: kotlin.Exception() {
      */
     class InvalidModel(
         
-        val `message`: kotlin.String
+        val `reason`: kotlin.String
         ) : PocketLmException() {
         override val message
-            get() = "message=${ `message` }"
+            get() = "reason=${ `reason` }"
     }
     
     /**
@@ -2883,10 +2884,10 @@ sealed class PocketLmException: kotlin.Exception() {
      */
     class InvalidConfig(
         
-        val `message`: kotlin.String
+        val `reason`: kotlin.String
         ) : PocketLmException() {
         override val message
-            get() = "message=${ `message` }"
+            get() = "reason=${ `reason` }"
     }
     
     /**
@@ -2894,10 +2895,10 @@ sealed class PocketLmException: kotlin.Exception() {
      */
     class InvalidInput(
         
-        val `message`: kotlin.String
+        val `reason`: kotlin.String
         ) : PocketLmException() {
         override val message
-            get() = "message=${ `message` }"
+            get() = "reason=${ `reason` }"
     }
     
     /**
@@ -2905,10 +2906,10 @@ sealed class PocketLmException: kotlin.Exception() {
      */
     class ContextFull(
         
-        val `message`: kotlin.String
+        val `reason`: kotlin.String
         ) : PocketLmException() {
         override val message
-            get() = "message=${ `message` }"
+            get() = "reason=${ `reason` }"
     }
     
     /**
@@ -2916,10 +2917,10 @@ sealed class PocketLmException: kotlin.Exception() {
      */
     class CallbackFailed(
         
-        val `message`: kotlin.String
+        val `reason`: kotlin.String
         ) : PocketLmException() {
         override val message
-            get() = "message=${ `message` }"
+            get() = "reason=${ `reason` }"
     }
     
     /**
@@ -2928,10 +2929,10 @@ sealed class PocketLmException: kotlin.Exception() {
      */
     class Internal(
         
-        val `message`: kotlin.String
+        val `reason`: kotlin.String
         ) : PocketLmException() {
         override val message
-            get() = "message=${ `message` }"
+            get() = "reason=${ `reason` }"
     }
     
 
@@ -2991,37 +2992,37 @@ public object FfiConverterTypePocketLmError : FfiConverterRustBuffer<PocketLmExc
             is PocketLmException.Io -> (
                 // Add the size for the Int that specifies the variant plus the size needed for all fields
                 4UL
-                + FfiConverterString.allocationSize(value.`message`)
+                + FfiConverterString.allocationSize(value.`reason`)
             )
             is PocketLmException.InvalidModel -> (
                 // Add the size for the Int that specifies the variant plus the size needed for all fields
                 4UL
-                + FfiConverterString.allocationSize(value.`message`)
+                + FfiConverterString.allocationSize(value.`reason`)
             )
             is PocketLmException.InvalidConfig -> (
                 // Add the size for the Int that specifies the variant plus the size needed for all fields
                 4UL
-                + FfiConverterString.allocationSize(value.`message`)
+                + FfiConverterString.allocationSize(value.`reason`)
             )
             is PocketLmException.InvalidInput -> (
                 // Add the size for the Int that specifies the variant plus the size needed for all fields
                 4UL
-                + FfiConverterString.allocationSize(value.`message`)
+                + FfiConverterString.allocationSize(value.`reason`)
             )
             is PocketLmException.ContextFull -> (
                 // Add the size for the Int that specifies the variant plus the size needed for all fields
                 4UL
-                + FfiConverterString.allocationSize(value.`message`)
+                + FfiConverterString.allocationSize(value.`reason`)
             )
             is PocketLmException.CallbackFailed -> (
                 // Add the size for the Int that specifies the variant plus the size needed for all fields
                 4UL
-                + FfiConverterString.allocationSize(value.`message`)
+                + FfiConverterString.allocationSize(value.`reason`)
             )
             is PocketLmException.Internal -> (
                 // Add the size for the Int that specifies the variant plus the size needed for all fields
                 4UL
-                + FfiConverterString.allocationSize(value.`message`)
+                + FfiConverterString.allocationSize(value.`reason`)
             )
         }
     }
@@ -3035,37 +3036,37 @@ public object FfiConverterTypePocketLmError : FfiConverterRustBuffer<PocketLmExc
             }
             is PocketLmException.Io -> {
                 buf.putInt(2)
-                FfiConverterString.write(value.`message`, buf)
+                FfiConverterString.write(value.`reason`, buf)
                 Unit
             }
             is PocketLmException.InvalidModel -> {
                 buf.putInt(3)
-                FfiConverterString.write(value.`message`, buf)
+                FfiConverterString.write(value.`reason`, buf)
                 Unit
             }
             is PocketLmException.InvalidConfig -> {
                 buf.putInt(4)
-                FfiConverterString.write(value.`message`, buf)
+                FfiConverterString.write(value.`reason`, buf)
                 Unit
             }
             is PocketLmException.InvalidInput -> {
                 buf.putInt(5)
-                FfiConverterString.write(value.`message`, buf)
+                FfiConverterString.write(value.`reason`, buf)
                 Unit
             }
             is PocketLmException.ContextFull -> {
                 buf.putInt(6)
-                FfiConverterString.write(value.`message`, buf)
+                FfiConverterString.write(value.`reason`, buf)
                 Unit
             }
             is PocketLmException.CallbackFailed -> {
                 buf.putInt(7)
-                FfiConverterString.write(value.`message`, buf)
+                FfiConverterString.write(value.`reason`, buf)
                 Unit
             }
             is PocketLmException.Internal -> {
                 buf.putInt(8)
-                FfiConverterString.write(value.`message`, buf)
+                FfiConverterString.write(value.`reason`, buf)
                 Unit
             }
         }.let { /* this makes the `when` an expression, which ensures it is exhaustive */ }
