@@ -6,6 +6,7 @@
 pub mod config;
 pub mod convert;
 pub mod eval;
+pub mod ffi;
 pub mod format;
 pub mod import;
 pub mod kernels;
@@ -17,3 +18,6 @@ pub mod tokenizer;
 pub use config::{Architecture, ModelConfig};
 pub use model::{Model, ModelError};
 pub use session::{GenerateOptions, Generation, GenerationStats, Session, StopReason};
+
+// The C ABI scaffolding for the mobile bindings in [`ffi`] (namespace `pocketlm`).
+uniffi::setup_scaffolding!();

@@ -128,6 +128,14 @@ pub fn active_path() -> KernelPath {
     })
 }
 
+/// Makes `path` the process-wide kernel path if none has been chosen yet (no kernel has run
+/// and `POCKETLM_KERNELS` has not been read). Returns the path in effect afterwards, which
+/// differs from `path` when the choice was already made. For embedders (the FFI layer) that
+/// cannot set environment variables before start-up.
+pub fn select_path(path: KernelPath) -> KernelPath {
+    *ACTIVE_PATH.get_or_init(|| path)
+}
+
 /// A weight matrix as stored: `rows` output features of `cols` inputs each, row-major.
 #[derive(Clone, Copy, Debug)]
 pub enum WeightData<'a> {

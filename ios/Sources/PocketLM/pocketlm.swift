@@ -1,0 +1,1 @@
+../../../bindings/swift/pocketlm.swift

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Cross-builds the library and model tests for aarch64-unknown-linux-gnu and runs them under
+# QEMU with several CPU models, so every ARM kernel path executes: cortex-a72 (NEON only),
+# cortex-a76 (NEON + dotprod) and max (dotprod, i8mm, SVE). Installs what it needs (Debian).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_install=0
+command -v qemu-aarch64 >/dev/null || need_install=1
+command -v aarch64-linux-gnu-gcc >/dev/null || need_install=1
+[ -d /usr/lib/rustlib/aarch64-unknown-linux-gnu ] || need_install=1
+if [ "$need_install" = 1 ]; then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo dpkg --add-architecture arm64
+  $sudo apt-get -o DPkg::Lock::Timeout=600 update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
+    --no-install-recommends rustc-web cargo-web libstd-rust-web-dev:arm64 \
+    gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user >/dev/null
+fi
+# Debian's rustc ships the arm64 std that rustup cannot download here.
+rustup toolchain list | grep -q '^debian' || rustup toolchain link debian /usr
+
+target=aarch64-unknown-linux-gnu
+cargo +debian build --locked --target "$target" --lib --tests --test stories260k
+for cpu in cortex-a72 cortex-a76 max; do
+  echo "== aarch64 tests under qemu -cpu $cpu"
+  QEMU_CPU=$cpu cargo +debian test --locked --target "$target" --lib --test stories260k
+done

@@ -1,0 +1,218 @@
+"""The generated Python bindings (ctypes) against the real cdylib and stories260K.
+
+Run by scripts/test-bindings.sh:
+    python3 test_bindings.py BINDINGS_DIR MODEL.plm
+BINDINGS_DIR holds the generated pocketlm.py with libpocketlm.so next to it.
+Prints "N passed, N failed" last; exits 1 on any failure.
+"""
+
+import os
+import sys
+import tempfile
+import threading
+import traceback
+
+bindings_dir, model_path = sys.argv[1], sys.argv[2]
+sys.path.insert(0, bindings_dir)
+import pocketlm  # noqa: E402
+from pocketlm import (  # noqa: E402
+    ChatMessage,
+    Engine,
+    EngineOptions,
+    GenerationConfig,
+    PocketLmError,
+    StopReason,
+    TokenCallback,
+)
+
+PROMPT = "Once upon a time"
+EXPECTED = ", there was a little girl named Lily. She loved to play outside in the park."
+
+
+def greedy(max_tokens, **kw):
+    return GenerationConfig(max_tokens=max_tokens, temperature=0.0, **kw)
+
+
+class Collect(TokenCallback):
+    def __init__(self, limit=None):
+        self.pieces = []
+        self.limit = limit
+
+    def on_token(self, text):
+        self.pieces.append(text)
+        return self.limit is None or len(self.pieces) < self.limit
+
+
+class Throws(TokenCallback):
+    def __init__(self):
+        self.calls = 0
+
+    def on_token(self, text):
+        self.calls += 1
+        if self.calls == 2:
+            raise RuntimeError("boom from python")
+        return True
+
+
+ENGINE = Engine.open(model_path, EngineOptions(threads=2))
+
+
+def test_info():
+    info = ENGINE.info()
+    assert info.architecture == "llama", info
+    assert 200_000 < info.parameters < 300_000, info
+    assert abs(info.bits_per_weight - 32.0) < 1e-9, info
+    assert info.file_size_bytes == os.path.getsize(model_path), info
+    assert info.vocab_size == 512 and info.context_length == 512, info
+    assert info.has_chat_template is False, info
+    assert info.threads == 2, info
+    assert info.kernel_path in ("scalar", "generic", "avx2"), info
+
+
+def test_greedy_completion():
+    result = ENGINE.new_session().complete(PROMPT, greedy(40))
+    assert result.text.startswith(EXPECTED), repr(result.text)
+    assert result.stop_reason == StopReason.MAX_TOKENS, result.stop_reason
+    assert result.stats.generated_tokens == 40 and len(result.tokens) == 40
+    assert result.stats.prompt_tokens == 5
+    assert result.stats.decode_tokens_per_second > 0
+
+
+def test_streaming_matches_result():
+    cb = Collect()
+    session = ENGINE.new_session()
+    result = session.generate(PROMPT, greedy(40), cb)
+    assert "".join(cb.pieces) == result.text
+    assert result.text.startswith(EXPECTED)
+    assert session.stats() == result.stats
+
+
+def test_cancel_after_three_pieces():
+    cb = Collect(limit=3)
+    result = ENGINE.new_session().generate(PROMPT, greedy(40), cb)
+    assert result.stop_reason == StopReason.CANCELLED, result.stop_reason
+    assert len(cb.pieces) == 3, cb.pieces
+    assert "".join(cb.pieces) == result.text
+    assert EXPECTED.startswith(result.text), repr(result.text)
+
+
+def test_two_sessions_two_threads():
+    outputs = [None, None]
+
+    def run(i):
+        outputs[i] = ENGINE.new_session().complete(PROMPT, greedy(40)).text
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outputs[0] == outputs[1], outputs
+    assert outputs[0].startswith(EXPECTED)
+
+
+def test_count_tokens_and_reset():
+    session = ENGINE.new_session()
+    assert session.count_tokens(PROMPT) == 4
+    first = session.complete(PROMPT, greedy(10))
+    assert session.context_used() == 15
+    session.reset()
+    assert session.context_used() == 0
+    assert session.complete(PROMPT, greedy(10)).text == first.text
+
+
+def test_chat():
+    cb = Collect()
+    msgs = [ChatMessage(role="user", content="Tell me a story.")]
+    result = ENGINE.new_session().chat(msgs, greedy(20), cb)
+    assert "".join(cb.pieces) == result.text
+    assert ENGINE.new_session().chat(msgs, greedy(20), None).text == result.text
+
+
+def test_stop_string():
+    result = ENGINE.new_session().complete(PROMPT, greedy(40, stop=["Lily"]))
+    assert result.stop_reason == StopReason.STOP_STRING
+    assert result.text == ", there was a little girl named ", repr(result.text)
+
+
+def expect(error_class, fn):
+    try:
+        fn()
+    except error_class as e:
+        return e
+    except Exception as e:  # noqa: BLE001
+        raise AssertionError(f"expected {error_class.__name__}, got {type(e).__name__}: {e}")
+    raise AssertionError(f"expected {error_class.__name__}, nothing raised")
+
+
+def test_missing_file():
+    e = expect(PocketLmError.FileNotFound, lambda: Engine.open("/nonexistent/x.plm", EngineOptions()))
+    assert e.path == "/nonexistent/x.plm", e.path
+
+
+def test_corrupt_files():
+    with tempfile.TemporaryDirectory() as d:
+        garbage = os.path.join(d, "garbage.plm")
+        with open(garbage, "wb") as f:
+            f.write(b"\x42" * 4096)
+        expect(PocketLmError.InvalidModel, lambda: Engine.open(garbage, EngineOptions()))
+        truncated = os.path.join(d, "truncated.plm")
+        with open(model_path, "rb") as f:
+            data = f.read()
+        with open(truncated, "wb") as f:
+            f.write(data[: len(data) // 2])
+        e = expect(PocketLmError.InvalidModel, lambda: Engine.open(truncated, EngineOptions()))
+        assert "truncated" in e.reason, e.reason
+
+
+def test_bad_configs():
+    session = ENGINE.new_session()
+    e = expect(PocketLmError.InvalidConfig, lambda: session.complete(PROMPT, GenerationConfig(top_p=-1.0)))
+    assert "top_p" in e.reason, e.reason
+    expect(
+        PocketLmError.InvalidConfig,
+        lambda: Engine.open(model_path, EngineOptions(kernel_path="quantum")),
+    )
+
+
+def test_context_full():
+    tiny = Engine.open(model_path, EngineOptions(context_length=8)).new_session()
+    expect(PocketLmError.ContextFull, lambda: tiny.complete("Once upon a time there was a cat and a dog.", greedy(4)))
+
+
+def test_throwing_callback():
+    cb = Throws()
+    session = ENGINE.new_session()
+    e = expect(PocketLmError.CallbackFailed, lambda: session.generate(PROMPT, greedy(40), cb))
+    assert "boom from python" in e.reason, e.reason
+    assert cb.calls == 2
+    session.reset()
+    assert session.complete(PROMPT, greedy(40)).text.startswith(EXPECTED)
+
+
+def test_defaults():
+    c = pocketlm.default_generation_config()
+    d = GenerationConfig()
+    assert (c.max_tokens, c.top_k, c.seed, c.stop) == (d.max_tokens, d.top_k, d.seed, d.stop) == (256, 40, 0, [])
+    # Rust's f32 0.8 comes back as 0.800000011920929: compare at f32 precision.
+    for field in ("temperature", "top_p", "min_p", "repetition_penalty"):
+        assert abs(getattr(c, field) - getattr(d, field)) < 1e-6, field
+
+
+def main():
+    tests = [(n, f) for n, f in globals().items() if n.startswith("test_") and callable(f)]
+    passed = failed = 0
+    for name, fn in tests:
+        try:
+            fn()
+            passed += 1
+            print(f"ok   {name}")
+        except Exception:  # noqa: BLE001
+            failed += 1
+            print(f"FAIL {name}")
+            traceback.print_exc()
+    print(f"{passed} passed, {failed} failed")
+    sys.exit(1 if failed else 0)
+
+
+main()
