@@ -27,9 +27,7 @@ fn model_path() -> &'static Path {
             convert_path(
                 &src,
                 &out,
-                &ConvertOptions {
-                    dtype: Encoding::F32,
-                },
+                &ConvertOptions::with_weights(Encoding::F32),
                 &mut |_, _, _| {},
             )
             .unwrap();
@@ -119,7 +117,7 @@ fn info_describes_the_model() {
 
 #[test]
 fn greedy_completion_matches_the_reference() {
-    let session = engine().new_session();
+    let session = engine().new_session().unwrap();
     let result = session.complete(PROMPT.into(), greedy(40)).unwrap();
     assert!(result.text.starts_with(EXPECTED), "{:?}", result.text);
     assert_eq!(result.stop_reason, StopReason::MaxTokens);
@@ -134,7 +132,7 @@ fn greedy_completion_matches_the_reference() {
 fn streaming_delivers_the_same_text_and_cancels() {
     let engine = engine();
     let all = Collect::new(usize::MAX);
-    let session = engine.clone().new_session();
+    let session = engine.clone().new_session().unwrap();
     let result = session
         .generate(PROMPT.into(), greedy(40), all.clone())
         .unwrap();
@@ -142,7 +140,7 @@ fn streaming_delivers_the_same_text_and_cancels() {
     assert!(result.text.starts_with(EXPECTED));
 
     let three = Collect::new(3);
-    let session = engine.new_session();
+    let session = engine.new_session().unwrap();
     let result = session
         .generate(PROMPT.into(), greedy(40), three.clone())
         .unwrap();
@@ -158,7 +156,7 @@ fn sessions_share_an_engine_across_threads() {
     let outputs: Vec<String> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..2)
             .map(|_| {
-                let session = engine.clone().new_session();
+                let session = engine.clone().new_session().unwrap();
                 s.spawn(move || session.complete(PROMPT.into(), greedy(40)).unwrap().text)
             })
             .collect();
@@ -170,7 +168,7 @@ fn sessions_share_an_engine_across_threads() {
 
 #[test]
 fn count_tokens_reset_and_continuation() {
-    let session = engine().new_session();
+    let session = engine().new_session().unwrap();
     assert_eq!(session.count_tokens(PROMPT.into()).unwrap(), 4);
     assert_eq!(session.count_tokens(String::new()).unwrap(), 0);
     let first = session.complete(PROMPT.into(), greedy(10)).unwrap();
@@ -188,7 +186,7 @@ fn count_tokens_reset_and_continuation() {
 fn chat_uses_the_fallback_template() {
     let engine = engine();
     assert!(!engine.info().has_chat_template);
-    let session = engine.new_session();
+    let session = engine.new_session().unwrap();
     let messages = vec![ChatMessage {
         role: "user".into(),
         content: "Tell me a story.".into(),
@@ -206,7 +204,7 @@ fn chat_uses_the_fallback_template() {
 
 #[test]
 fn stop_strings_end_generation() {
-    let session = engine().new_session();
+    let session = engine().new_session().unwrap();
     let config = GenerationConfig {
         stop: vec!["Lily".into()],
         ..greedy(40)
@@ -263,7 +261,7 @@ fn errors_are_typed() {
     )
     .unwrap();
 
-    let session = engine().new_session();
+    let session = engine().new_session().unwrap();
     let bad = GenerationConfig {
         top_p: -1.0,
         ..GenerationConfig::default()
@@ -281,7 +279,8 @@ fn errors_are_typed() {
         },
     )
     .unwrap()
-    .new_session();
+    .new_session()
+    .unwrap();
     let long = "Once upon a time there was a cat and a dog and a bird.".to_string();
     assert!(matches!(
         tiny.complete(long, greedy(4)),
@@ -304,7 +303,7 @@ impl TokenCallback for Panics {
 
 #[test]
 fn a_failing_callback_ends_generation_with_an_error() {
-    let session = engine().new_session();
+    let session = engine().new_session().unwrap();
     let cb = Arc::new(Panics(AtomicUsize::new(0)));
     match session.generate(PROMPT.into(), greedy(40), cb.clone()) {
         Err(PocketLmError::CallbackFailed { reason }) => {
@@ -334,7 +333,7 @@ impl TokenCallback for Reenters {
 
 #[test]
 fn reentrant_calls_from_a_callback_are_refused() {
-    let session = engine().new_session();
+    let session = engine().new_session().unwrap();
     let cb = Arc::new(Reenters(OnceLock::new(), Mutex::new(None)));
     cb.0.set(session.clone()).unwrap();
     let result = session
@@ -364,7 +363,7 @@ impl TokenCallback for CancelsFromOutside {
 
 #[test]
 fn cancel_stops_a_running_generation() {
-    let session = engine().new_session();
+    let session = engine().new_session().unwrap();
     let cb = Arc::new(CancelsFromOutside(session.clone(), AtomicUsize::new(0)));
     let result = session
         .generate(PROMPT.into(), greedy(40), cb.clone())
@@ -390,10 +389,12 @@ fn defaults_match_the_documented_values() {
     );
     let sampled = engine()
         .new_session()
+        .unwrap()
         .complete(PROMPT.into(), GenerationConfig::default())
         .unwrap();
     let again = engine()
         .new_session()
+        .unwrap()
         .complete(PROMPT.into(), GenerationConfig::default())
         .unwrap();
     assert_eq!(sampled.text, again.text, "same seed, same text");

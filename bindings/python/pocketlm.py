@@ -530,7 +530,7 @@ def _uniffi_check_api_checksums(lib):
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_pocketlm_checksum_method_engine_info() != 8500:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_pocketlm_checksum_method_engine_new_session() != 61506:
+    if lib.uniffi_pocketlm_checksum_method_engine_new_session() != 30773:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_pocketlm_checksum_constructor_engine_open() != 59622:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
@@ -2121,7 +2121,8 @@ class EngineProtocol(typing.Protocol):
     def new_session(self, ) -> Session:
         """
         A new conversation with an empty KV cache. Sessions share this engine's weights and
-        thread pool.
+        thread pool. Fails with `InvalidConfig` when the KV cache for the engine's context
+        length does not fit the memory limit.
 """
         raise NotImplementedError
 
@@ -2208,13 +2209,14 @@ class Engine(EngineProtocol):
     def new_session(self, ) -> Session:
         """
         A new conversation with an empty KV cache. Sessions share this engine's weights and
-        thread pool.
+        thread pool. Fails with `InvalidConfig` when the KV cache for the engine's context
+        length does not fit the memory limit.
 """
         _uniffi_lowered_args = (
             self._uniffi_clone_handle(),
         )
         _uniffi_lift_return = _UniffiFfiConverterTypeSession.lift
-        _uniffi_error_converter = None
+        _uniffi_error_converter = _UniffiFfiConverterTypePocketLmError
         _uniffi_ffi_result = _uniffi_rust_call_with_error(
             _uniffi_error_converter,
             _UniffiLib.uniffi_pocketlm_fn_method_engine_new_session,

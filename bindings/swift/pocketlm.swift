@@ -620,9 +620,10 @@ public protocol EngineProtocol: AnyObject, Sendable {
     
     /**
      * A new conversation with an empty KV cache. Sessions share this engine's weights and
-     * thread pool.
+     * thread pool. Fails with `InvalidConfig` when the KV cache for the engine's context
+     * length does not fit the memory limit.
      */
-    func newSession()  -> Session
+    func newSession() throws  -> Session
     
 }
 /**
@@ -720,10 +721,11 @@ open func info() -> ModelInfo  {
     
     /**
      * A new conversation with an empty KV cache. Sessions share this engine's weights and
-     * thread pool.
+     * thread pool. Fails with `InvalidConfig` when the KV cache for the engine's context
+     * length does not fit the memory limit.
      */
-open func newSession() -> Session  {
-    return try!  FfiConverterTypeSession_lift(try! rustCall() {
+open func newSession()throws  -> Session  {
+    return try  FfiConverterTypeSession_lift(try rustCallWithError(FfiConverterTypePocketLmError_lift) {
         uniffiCallStatus in
     uniffi_pocketlm_fn_method_engine_new_session(
             self.uniffiCloneHandle(),uniffiCallStatus
@@ -2285,7 +2287,7 @@ private let initializationResult: InitializationResult = {
     if (uniffi_pocketlm_checksum_method_engine_info() != 8500) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_pocketlm_checksum_method_engine_new_session() != 61506) {
+    if (uniffi_pocketlm_checksum_method_engine_new_session() != 30773) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_pocketlm_checksum_method_session_cancel() != 3708) {

@@ -79,6 +79,10 @@ impl From<ModelError> for PocketLmError {
             ModelError::Tokenizer(_) => PocketLmError::InvalidInput { reason },
             ModelError::ContextFull { .. } => PocketLmError::ContextFull { reason },
             ModelError::InvalidToken { .. } => PocketLmError::Internal { reason },
+            // Both come from a context length too large for the memory limits or the device.
+            ModelError::MemoryLimit { .. } | ModelError::OutOfMemory { .. } => {
+                PocketLmError::InvalidConfig { reason }
+            }
         }
     }
 }
@@ -245,18 +249,17 @@ impl Engine {
     }
 
     /// A new conversation with an empty KV cache. Sessions share this engine's weights and
-    /// thread pool.
-    pub fn new_session(self: Arc<Self>) -> Arc<Session> {
-        Arc::new(Session {
-            inner: Mutex::new(crate::Session::new(
-                Arc::clone(&self.model),
-                self.context_length,
-            )),
+    /// thread pool. Fails with `InvalidConfig` when the KV cache for the engine's context
+    /// length does not fit the memory limit.
+    pub fn new_session(self: Arc<Self>) -> Result<Arc<Session>, PocketLmError> {
+        let inner = crate::Session::new(Arc::clone(&self.model), self.context_length)?;
+        Ok(Arc::new(Session {
+            inner: Mutex::new(inner),
             engine: self,
             cancel: AtomicBool::new(false),
             busy_thread: Mutex::new(None),
             last_stats: Mutex::new(None),
-        })
+        }))
     }
 
     /// Number of tokens `text` encodes to (without BOS).

@@ -920,7 +920,7 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_pocketlm_checksum_method_engine_info() and 0xFFFF) != 8500) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_pocketlm_checksum_method_engine_new_session() and 0xFFFF) != 61506) {
+    if ((lib.uniffi_pocketlm_checksum_method_engine_new_session() and 0xFFFF) != 30773) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_pocketlm_checksum_method_session_cancel() and 0xFFFF) != 3708) {
@@ -1427,7 +1427,8 @@ public interface EngineInterface {
     
     /**
      * A new conversation with an empty KV cache. Sessions share this engine's weights and
-     * thread pool.
+     * thread pool. Fails with `InvalidConfig` when the KV cache for the engine's context
+     * length does not fit the memory limit.
      */
     fun `newSession`(): Session
     
@@ -1573,11 +1574,13 @@ open class Engine: Disposable, AutoCloseable, EngineInterface
     
     /**
      * A new conversation with an empty KV cache. Sessions share this engine's weights and
-     * thread pool.
-     */override fun `newSession`(): Session {
+     * thread pool. Fails with `InvalidConfig` when the KV cache for the engine's context
+     * length does not fit the memory limit.
+     */
+    @Throws(PocketLmException::class)override fun `newSession`(): Session {
             return FfiConverterTypeSession.lift(
     callWithHandle {
-    uniffiRustCall() { _status ->
+    uniffiRustCallWithError(PocketLmException) { _status ->
     UniffiLib.uniffi_pocketlm_fn_method_engine_new_session(
         it,
         _status)
