@@ -25,4 +25,7 @@ cargo +debian build --locked --target "$target" --lib --tests --test stories260k
 for cpu in cortex-a72 cortex-a76 max; do
   echo "== aarch64 tests under qemu -cpu $cpu"
   QEMU_CPU=$cpu cargo +debian test --locked --target "$target" --lib --test stories260k
+  # Shows which dispatch paths this CPU model exercised.
+  QEMU_CPU=$cpu cargo +debian test --locked --target "$target" --lib \
+    every_supported_path_matches_scalar -- --nocapture 2>&1 | grep "testing kernel paths"
 done

@@ -152,6 +152,35 @@ pub mod avx2 {
         }
     }
 
+    /// f16 weights widened in registers (F16C), so a decode step reads each weight once.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C; `w.len() == x.len()`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_f16(w: &[half::f16], x: &[f32]) -> f32 {
+        let n = w.len().min(x.len());
+        let n16 = n / 16 * 16;
+        let (wp, xp) = (w.as_ptr() as *const __m128i, x.as_ptr());
+        // SAFETY: each step reads 16 halves and 16 floats at offsets < n16 <= n.
+        unsafe {
+            let mut a0 = _mm256_setzero_ps();
+            let mut a1 = _mm256_setzero_ps();
+            let mut i = 0;
+            while i < n16 {
+                let w0 = _mm256_cvtph_ps(_mm_loadu_si128(wp.add(i / 8)));
+                let w1 = _mm256_cvtph_ps(_mm_loadu_si128(wp.add(i / 8 + 1)));
+                a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp.add(i)), a0);
+                a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(i + 8)), a1);
+                i += 16;
+            }
+            let mut sum = hsum(_mm256_add_ps(a0, a1));
+            for j in n16..n {
+                sum += w[j].to_f32() * x[j];
+            }
+            sum
+        }
+    }
+
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     fn hsum(v: __m256) -> f32 {
@@ -202,6 +231,13 @@ mod tests {
             let xr = [&xs[0][..], &xs[1][..], &xs[2][..], &xs[3][..]];
             // SAFETY: as above.
             let got4 = unsafe { avx2::dot4(&w, xr) };
+            if is_x86_feature_detected!("f16c") {
+                let w16: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
+                let widened: Vec<f32> = w16.iter().map(|v| v.to_f32()).collect();
+                // SAFETY: F16C checked; equal lengths.
+                let got16 = unsafe { avx2::dot_f16(&w16, &x) };
+                assert_close(got16, dot_scalar(&widened, &x), n);
+            }
             let want4 = dot4_scalar(&w, xr);
             for k in 0..4 {
                 assert_close(got4[k], want4[k], n);

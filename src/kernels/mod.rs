@@ -339,6 +339,11 @@ fn widen_row<'a: 'o, 'o>(w: &MatRef<'a>, r: usize, scratch: &'o mut [f32]) -> &'
 }
 
 fn row_dot(path: KernelPath, w: &MatRef<'_>, r: usize, x: &[f32], scratch: &mut [f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if let (KernelPath::Avx2, WeightData::F16(d)) = (path, w.data) {
+        // SAFETY: Avx2 is only selected after `avx2_available()` confirmed AVX2, FMA, F16C.
+        return unsafe { dense::avx2::dot_f16(&d[r * w.cols..(r + 1) * w.cols], x) };
+    }
     let wr = widen_row(w, r, scratch);
     dot(path, wr, x)
 }
