@@ -35,7 +35,9 @@ for t in "${threads[@]}"; do
 import json, os, sys
 r = json.load(sys.stdin)
 w, t, bpw, size = sys.argv[1:5]
-print(f"| pocketlm | {w} | {bpw} | {int(size)/1e6:.1f} | {t} | {r[\"prefill_tokens_per_s\"]:.1f} | {r[\"decode_tokens_per_s\"]:.1f} | {r[\"ttft_ms\"]:.0f} | {100*r[\"bandwidth_efficiency\"]:.0f}% of {r[\"bandwidth_bound_tokens_per_s\"]:.0f} |")
+pp, tg, ttft = r["prefill_tokens_per_s"], r["decode_tokens_per_s"], r["ttft_ms"]
+eff, bound = 100 * r["bandwidth_efficiency"], r["bandwidth_bound_tokens_per_s"]
+print("| pocketlm | %s | %s | %.1f | %s | %.1f | %.1f | %.0f | %.0f%% of %.0f |" % (w, bpw, int(size) / 1e6, t, pp, tg, ttft, eff, bound))
 ' "$w" "$t" "$bpw" "$(stat -c %s "$plm")"
   done
   if [ -n "$llama_bench" ]; then
@@ -49,7 +51,8 @@ pp = next(r["avg_ts"] for r in rows if r["n_prompt"] > 0)
 tg = next(r["avg_ts"] for r in rows if r["n_gen"] > 0)
 size = os.path.getsize(g)
 kind = rows[0]["model_type"].split()[-1]
-print(f"| llama.cpp | {kind} | {8*rows[0][\"model_size\"]/rows[0][\"model_n_params\"]:.2f} | {size/1e6:.1f} | {t} | {pp:.1f} | {tg:.1f} | | |")
+bpw = 8 * rows[0]["model_size"] / rows[0]["model_n_params"]
+print("| llama.cpp | %s | %.2f | %.1f | %s | %.1f | %.1f | | |" % (kind, bpw, size / 1e6, t, pp, tg))
 ' "$g" "$t"
     done
   fi
