@@ -627,7 +627,7 @@ mod tests {
 
     const FIXTURE: &str = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../shared/models/stories260k/hf/"
+        "/tests/fixtures/stories260k/hf/"
     );
 
     fn stories_spec() -> TokenizerSpec {

@@ -13,7 +13,7 @@ use tokenizers::Tokenizer;
 fn stories_dir() -> Option<PathBuf> {
     let dir = PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../shared/models/stories260k"
+        "/tests/fixtures/stories260k"
     ));
     if dir.join("stories260K-f32.v3.gguf").exists() {
         Some(dir)
