@@ -33,9 +33,12 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let out = common::scratch_dir().join("hf.plm");
-    let options = ConvertOptions {
-        dtype: Encoding::BF16,
-    };
+    // Asymmetric q4: exercises the quantizing converter and the q4 loader (ragged matrices
+    // fall back to f16, which covers that path too).
+    let options = ConvertOptions::with_weights(Encoding::Q4 {
+        group: 32,
+        asymmetric: true,
+    });
     if convert::convert(&imported, &out, &options, &mut |_, _, _| {}).is_ok() {
         let model = pocketlm::Model::open(&out).expect("a freshly converted model must load");
         drop(model);
