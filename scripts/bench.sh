@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 threads=("$@"); [ ${#threads[@]} -gt 0 ] || threads=(1 2)
 bash scripts/fetch-models.sh
 cargo build --release --locked --quiet
-bin=target/release/pocketlm
+bin="${CARGO_TARGET_DIR:-target}/release/pocketlm"
 gguf=models/SmolLM2-135M-Instruct.Q4_1.gguf
 for w in f16 q8 q4 q4a; do
   [ -s "models/smollm2-$w.plm" ] || "$bin" convert "$gguf" -o "models/smollm2-$w.plm" --weights "$w" 2>/dev/null

@@ -7,7 +7,7 @@ bash scripts/fetch-models.sh
 gguf=models/SmolLM2-135M-Instruct.Q4_1.gguf
 [ -s "$gguf" ] || { echo "demo: $gguf is missing (see the message above)" >&2; exit 1; }
 cargo build --release --locked
-bin=target/release/pocketlm
+bin="${CARGO_TARGET_DIR:-target}/release/pocketlm"
 plm=models/smollm2-135m-f16.plm
 [ -s "$plm" ] || "$bin" convert "$gguf" -o "$plm" --dtype f16
 "$bin" inspect "$plm"
