@@ -5,10 +5,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use pocketlm::convert::{self, ConvertOptions};
+use pocketlm::convert::{
+    self, Calibration, Clipping, ConvertOptions, GptqOptions, KeepRule, Method,
+};
 use pocketlm::eval::{self, PerplexityOptions};
 use pocketlm::format::{Encoding, PlmFile};
 use pocketlm::sampler::SamplerConfig;
@@ -32,25 +34,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Convert a Hugging Face directory or a GGUF file into a .plm file.
-    Convert {
-        /// Hugging Face model directory or .gguf file.
-        src: PathBuf,
-        #[arg(short, long)]
-        output: PathBuf,
-        /// Encoding of weight matrices: f32, f16, bf16, q8, q4 (symmetric) or q4a (with a
-        /// minimum), optionally with a group size such as q4/g64.
-        #[arg(long, visible_alias = "dtype", default_value = "f16")]
-        weights: Encoding,
-        /// Group size for quantized weights (overrides a /gN suffix).
-        #[arg(long)]
-        group: Option<u32>,
-        /// Encoding of the token embedding (and tied output); default q8 when quantizing.
-        #[arg(long)]
-        embedding: Option<Encoding>,
-        /// Encoding of an untied output layer; default: as the embedding.
-        #[arg(long)]
-        output_weights: Option<Encoding>,
-    },
+    Convert(ConvertArgs),
     /// Generate text, streaming it to stdout; speed on stderr.
     Run(RunArgs),
     /// Describe a .plm file: architecture, size, bits per weight, tensors, FLOPs per token.
@@ -81,6 +65,60 @@ enum Command {
     /// Evaluate model quality.
     #[command(subcommand)]
     Eval(EvalCommand),
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    /// Hugging Face model directory or .gguf file.
+    src: PathBuf,
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Encoding of weight matrices: f32, f16, bf16, q8, q4 (symmetric) or q4a (with a
+    /// minimum), optionally with a group size such as q4/g64.
+    #[arg(long, visible_alias = "dtype", default_value = "f16")]
+    weights: Encoding,
+    /// Group size for quantized weights (overrides a /gN suffix).
+    #[arg(long)]
+    group: Option<u32>,
+    /// Encoding of the token embedding (and tied output); default q8 when quantizing.
+    #[arg(long)]
+    embedding: Option<Encoding>,
+    /// Encoding of an untied output layer; default: as the embedding.
+    #[arg(long)]
+    output_weights: Option<Encoding>,
+    /// Quantization method: rtn, gptq, awq or awq+gptq (the last three need --calib).
+    #[arg(long, default_value = "rtn")]
+    method: Method,
+    /// Calibration text (plain UTF-8). Default for calibrated methods:
+    /// data/calib/default.txt, downloaded by scripts/fetch-calib.sh.
+    #[arg(long)]
+    calib: Option<PathBuf>,
+    /// Calibration sequences.
+    #[arg(long, default_value_t = Calibration::DEFAULT_SAMPLES)]
+    calib_samples: usize,
+    /// Tokens per calibration sequence.
+    #[arg(long, default_value_t = Calibration::DEFAULT_SEQ_LEN)]
+    calib_len: usize,
+    /// Grid choice per group: minmax, or search (error-minimising clipping). Default:
+    /// minmax for rtn, search for calibrated methods.
+    #[arg(long)]
+    clip: Option<ClipArg>,
+    /// GPTQ damping, as a fraction of the Hessian's mean diagonal.
+    #[arg(long, default_value_t = 0.01)]
+    damp: f64,
+    /// GPTQ: quantize columns in their natural order instead of by activation energy.
+    #[arg(long)]
+    no_act_order: bool,
+    /// Mixed precision: PATTERN=ENCODING, e.g. `0=q8` (block 0), `28-29=q8`,
+    /// `*ffn_down*=q8`. Repeatable; the last matching rule wins.
+    #[arg(long, value_name = "PATTERN=ENCODING")]
+    keep: Vec<KeepRule>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ClipArg {
+    Minmax,
+    Search,
 }
 
 #[derive(Subcommand)]
@@ -169,31 +207,7 @@ type CliResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
 fn run(command: Command) -> CliResult {
     match command {
-        Command::Convert {
-            src,
-            output,
-            weights,
-            group,
-            embedding,
-            output_weights,
-        } => {
-            let weights = match (weights, group) {
-                (Encoding::Q8 { .. }, Some(group)) => Encoding::Q8 { group },
-                (Encoding::Q4 { asymmetric, .. }, Some(group)) => {
-                    Encoding::Q4 { group, asymmetric }
-                }
-                (w, Some(_)) => {
-                    return Err(format!("--group applies to q8/q4 weights, not {w}").into());
-                }
-                (w, None) => w,
-            };
-            let options = ConvertOptions {
-                weights,
-                embedding,
-                output: output_weights,
-            };
-            cmd_convert(src, output, options)
-        }
+        Command::Convert(args) => cmd_convert(args),
         Command::Run(args) => cmd_run(args),
         Command::Inspect {
             model,
@@ -237,9 +251,67 @@ fn bar(len: u64, template: &str) -> ProgressBar {
     bar
 }
 
-fn cmd_convert(src: PathBuf, output: PathBuf, options: ConvertOptions) -> CliResult {
+/// Where calibrated methods look for calibration text when `--calib` is not given.
+const DEFAULT_CALIBRATION: &str = "data/calib/default.txt";
+
+fn cmd_convert(a: ConvertArgs) -> CliResult {
+    let weights = match (a.weights, a.group) {
+        (Encoding::Q8 { .. }, Some(group)) => Encoding::Q8 { group },
+        (Encoding::Q4 { asymmetric, .. }, Some(group)) => Encoding::Q4 { group, asymmetric },
+        (w, Some(_)) => {
+            return Err(format!("--group applies to q8/q4 weights, not {w}").into());
+        }
+        (w, None) => w,
+    };
+    let calibration = if a.method.needs_calibration() {
+        let path = a
+            .calib
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CALIBRATION));
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            if a.calib.is_none() {
+                format!(
+                    "--method {} needs calibration text: {} ({e}); pass --calib FILE or run \
+                     scripts/fetch-calib.sh",
+                    a.method.name(),
+                    path.display()
+                )
+            } else {
+                format!("--calib {}: {e}", path.display())
+            }
+        })?;
+        Some(Calibration {
+            text,
+            source: path.display().to_string(),
+            samples: a.calib_samples,
+            seq_len: a.calib_len,
+        })
+    } else {
+        if a.calib.is_some() {
+            eprintln!("note: --calib is ignored by --method rtn");
+        }
+        None
+    };
+    let options = ConvertOptions {
+        weights,
+        embedding: a.embedding,
+        output: a.output_weights,
+        method: a.method,
+        clipping: a.clip.map(|c| match c {
+            ClipArg::Minmax => Clipping::MinMax,
+            ClipArg::Search => Clipping::Search,
+        }),
+        gptq: GptqOptions {
+            damp: a.damp,
+            act_order: !a.no_act_order,
+            ..GptqOptions::default()
+        },
+        calibration,
+        keep: a.keep,
+    };
+    let (src, output) = (a.src, a.output);
     let started = std::time::Instant::now();
-    let progress = bar(0, "{bar:40} {pos}/{len} tensors {msg}");
+    let progress = bar(0, "{elapsed_precise} {bar:40} {pos}/{len} tensors {msg}");
     let report = convert::convert_path(&src, &output, &options, &mut |done, total, name| {
         progress.set_length(total as u64);
         progress.set_position(done as u64);

@@ -1,15 +1,28 @@
-//! The converter: checkpoint → .plm, one tensor at a time so memory stays bounded by the
-//! largest tensor. Compression passes (quantization, pruning, low rank) plug in here.
+//! The converter: checkpoint → .plm, one block at a time so memory stays bounded by one
+//! block's weights (plus the calibration activations when a method needs them).
+//! Compression passes (quantization, pruning, low rank) plug in here.
 
+pub mod awq;
+pub mod calib;
+pub mod gptq;
 pub mod quant;
 
 use std::path::Path;
+use std::str::FromStr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::config::names;
+use half::{bf16, f16};
+
+use crate::config::{ModelConfig, names};
 use crate::format::{Encoding, PlmError, PlmWriter};
-use crate::import::{self, ImportError, ImportedModel};
-use crate::model::expected_tensors;
+use crate::import::{self, ImportError, ImportedModel, TensorSource};
+use crate::kernels::{MatRef, WeightData};
+use crate::model::{BlockWeights, LinearInput, expected_tensors};
+use crate::tokenizer::Tokenizer;
+
+pub use calib::Calibration;
+pub use gptq::GptqOptions;
+pub use quant::Clipping;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConvertError {
@@ -19,6 +32,126 @@ pub enum ConvertError {
     Format(#[from] PlmError),
     #[error("invalid option: {0}")]
     Options(String),
+    #[error("calibration: {0}")]
+    Calibration(String),
+    #[error("{tensor}: {message}")]
+    Method { tensor: String, message: String },
+}
+
+/// How the quantized matrices' values are chosen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Method {
+    /// Round to nearest, per group (with `--clip search`, the error-minimising range).
+    #[default]
+    Rtn,
+    /// GPTQ: Hessian-aware rounding with error feedback (needs calibration).
+    Gptq,
+    /// AWQ: activation-aware channel scaling folded into the preceding op (needs calibration).
+    Awq,
+    /// AWQ scaling, then GPTQ on the scaled weights.
+    AwqGptq,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Rtn => "rtn",
+            Method::Gptq => "gptq",
+            Method::Awq => "awq",
+            Method::AwqGptq => "awq+gptq",
+        }
+    }
+
+    pub fn needs_calibration(self) -> bool {
+        self != Method::Rtn
+    }
+
+    fn uses_awq(self) -> bool {
+        matches!(self, Method::Awq | Method::AwqGptq)
+    }
+
+    fn uses_gptq(self) -> bool {
+        matches!(self, Method::Gptq | Method::AwqGptq)
+    }
+}
+
+impl FromStr for Method {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "rtn" => Ok(Method::Rtn),
+            "gptq" => Ok(Method::Gptq),
+            "awq" => Ok(Method::Awq),
+            "awq+gptq" | "awq-gptq" => Ok(Method::AwqGptq),
+            other => Err(format!(
+                "unknown method '{other}' (expected rtn, gptq, awq or awq+gptq)"
+            )),
+        }
+    }
+}
+
+/// `--keep PATTERN=ENCODING`: tensors matching the pattern take that encoding instead of
+/// the default. PATTERN is a layer number (`3`: every matrix of block 3), a range (`0-2`),
+/// or a tensor-name pattern with `*` wildcards (`blk.*.ffn_down.weight`, `*attn_v*`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct KeepRule {
+    pub pattern: String,
+    pub encoding: Encoding,
+}
+
+impl KeepRule {
+    pub fn matches(&self, name: &str) -> bool {
+        let p = self.pattern.as_str();
+        let layer = name
+            .strip_prefix("blk.")
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|n| n.parse::<usize>().ok());
+        if let Ok(n) = p.parse::<usize>() {
+            return layer == Some(n);
+        }
+        if let Some((a, b)) = p.split_once('-')
+            && let (Ok(a), Ok(b)) = (a.parse::<usize>(), b.parse::<usize>())
+        {
+            return layer.is_some_and(|l| (a..=b).contains(&l));
+        }
+        glob_match(p, name)
+    }
+}
+
+impl FromStr for KeepRule {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (pattern, encoding) = s.rsplit_once('=').ok_or_else(|| {
+            format!("'{s}': expected PATTERN=ENCODING, e.g. 0=q8 or *ffn_down*=q8")
+        })?;
+        if pattern.trim().is_empty() {
+            return Err(format!("'{s}': empty pattern"));
+        }
+        Ok(KeepRule {
+            pattern: pattern.trim().to_string(),
+            encoding: encoding.parse()?,
+        })
+    }
+}
+
+/// `*` matches any run of characters; everything else matches itself.
+fn glob_match(pattern: &str, name: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == name;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !name.starts_with(first) || name.len() < first.len() + last.len() || !name.ends_with(last) {
+        return false;
+    }
+    let mut rest = &name[first.len()..name.len() - last.len()];
+    for part in &parts[1..parts.len() - 1] {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    true
 }
 
 #[derive(Clone, Debug)]
@@ -31,6 +164,15 @@ pub struct ConvertOptions {
     pub embedding: Option<Encoding>,
     /// Encoding of an untied output layer; `None`: as the embedding.
     pub output: Option<Encoding>,
+    /// How block matrices are quantized.
+    pub method: Method,
+    /// Grid choice; `None`: min/max for RTN, the clipping search for calibrated methods.
+    pub clipping: Option<Clipping>,
+    pub gptq: GptqOptions,
+    /// Required by the calibrated methods.
+    pub calibration: Option<Calibration>,
+    /// Per-tensor encoding overrides (mixed precision); the last matching rule wins.
+    pub keep: Vec<KeepRule>,
 }
 
 impl Default for ConvertOptions {
@@ -45,6 +187,11 @@ impl ConvertOptions {
             weights,
             embedding: None,
             output: None,
+            method: Method::Rtn,
+            clipping: None,
+            gptq: GptqOptions::default(),
+            calibration: None,
+            keep: Vec::new(),
         }
     }
 
@@ -56,18 +203,58 @@ impl ConvertOptions {
         })
     }
 
+    fn clipping(&self) -> Clipping {
+        self.clipping.unwrap_or(if self.method.needs_calibration() {
+            Clipping::Search
+        } else {
+            Clipping::MinMax
+        })
+    }
+
     /// The encoding requested for tensor `name` of `shape`.
     pub fn encoding_for(&self, name: &str, shape: &[usize]) -> Encoding {
         if shape.len() == 1 {
             // Norms and biases are tiny and numerically sensitive: always f32.
-            Encoding::F32
-        } else if name == names::TOKEN_EMBD {
+            return Encoding::F32;
+        }
+        if let Some(rule) = self.keep.iter().rev().find(|r| r.matches(name)) {
+            return rule.encoding;
+        }
+        if name == names::TOKEN_EMBD {
             self.embedding_encoding()
         } else if name == names::OUTPUT {
             self.output.unwrap_or_else(|| self.embedding_encoding())
         } else {
             self.weights
         }
+    }
+
+    fn validate(&self) -> Result<(), ConvertError> {
+        if self.method.needs_calibration() {
+            if self.calibration.is_none() {
+                return Err(ConvertError::Options(format!(
+                    "--method {} needs calibration text (--calib FILE; scripts/fetch-calib.sh \
+                     downloads a default set)",
+                    self.method.name()
+                )));
+            }
+            if !self.weights.is_quantized() {
+                return Err(ConvertError::Options(format!(
+                    "--method {} quantizes: choose quantized weights (q8, q4, q4a), not {}",
+                    self.method.name(),
+                    self.weights
+                )));
+            }
+        }
+        if let Some(c) = &self.calibration
+            && (c.samples == 0 || c.seq_len < 2)
+        {
+            return Err(ConvertError::Options(format!(
+                "calibration needs at least one sequence of 2+ tokens (got {} × {})",
+                c.samples, c.seq_len
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -100,7 +287,9 @@ pub fn convert(
     options: &ConvertOptions,
     progress: Progress<'_>,
 ) -> Result<ConvertReport, ConvertError> {
-    let expected = expected_tensors(&model.config);
+    options.validate()?;
+    let config = &model.config;
+    let expected = expected_tensors(config);
     for t in model.source.tensors() {
         if !expected.iter().any(|(name, _)| *name == t.name) {
             log::warn!(
@@ -109,36 +298,97 @@ pub fn convert(
             );
         }
     }
-    let mut writer = PlmWriter::create(dst)?;
-    let mut parameters = 0u64;
-    let mut fallbacks = Vec::new();
-    let mut encodings = std::collections::BTreeMap::<String, usize>::new();
-    for (i, (name, shape)) in expected.iter().enumerate() {
-        let values = model.source.load_f32(name)?;
-        let mut encoding = options.encoding_for(name, shape);
-        if let Some(reason) = quant::unsupported_reason(shape, encoding) {
-            log::info!("{name}: kept in f16 instead of {encoding}: {reason}");
-            fallbacks.push((name.clone(), reason));
-            encoding = Encoding::F16;
+    let calibration = match &options.calibration {
+        Some(c) if options.method.needs_calibration() => Some(calibration_windows(model, c)?),
+        _ => None,
+    };
+    let mut out = Output {
+        writer: PlmWriter::create(dst)?,
+        options,
+        parameters: 0,
+        fallbacks: Vec::new(),
+        encodings: Default::default(),
+        done: 0,
+        total: expected.len(),
+        progress,
+        gptq_loss: 0.0,
+    };
+
+    let embedding = model.source.load_f32(names::TOKEN_EMBD)?;
+    let embd_shape = [config.vocab_size, config.hidden_size];
+    let runtime_embedding = out.write_matrix(names::TOKEN_EMBD, &embd_shape, embedding, None)?;
+    let mut calibrator = calibration.as_ref().map(|windows| {
+        let d = config.hidden_size;
+        calib::Calibrator::new(config, windows, |token, row| {
+            let t = token as usize;
+            row.copy_from_slice(&runtime_embedding[t * d..(t + 1) * d]);
+        })
+    });
+    drop(runtime_embedding);
+
+    for l in 0..config.num_layers {
+        let mut layer = LayerTensors::load(model.source.as_ref(), config, l)?;
+        let stats = match &calibrator {
+            Some(c) => {
+                (out.progress)(out.done, out.total, &format!("blk.{l}: calibrating"));
+                Some(c.observe(&layer.block_weights(config)))
+            }
+            None => None,
+        };
+        let scales = match &stats {
+            Some(stats) if options.method.uses_awq() => {
+                (out.progress)(out.done, out.total, &format!("blk.{l}: awq scale search"));
+                Some(layer.apply_awq(config, stats, options))
+            }
+            _ => None,
+        };
+        for i in 0..layer.tensors.len() {
+            let (name, shape) = (layer.tensors[i].0.clone(), layer.tensors[i].1.clone());
+            let values = std::mem::take(&mut layer.tensors[i].2);
+            let values = if shape.len() == 1 {
+                out.write_vector(&name, &shape, values)?
+            } else {
+                let input = LayerTensors::input_of(&name, l);
+                let evidence = match (&stats, input) {
+                    (Some(stats), Some(input)) => Some(Evidence {
+                        stats: stats.input(input),
+                        scales: scales
+                            .as_ref()
+                            .and_then(|s| s.get(&input))
+                            .map(Vec::as_slice),
+                    }),
+                    _ => None,
+                };
+                out.write_matrix(&name, &shape, values, evidence)?
+            };
+            layer.tensors[i].2 = values;
         }
-        if encoding.is_quantized() {
-            let bytes = quant::quantize_rtn(&values, shape, encoding).ok_or_else(|| {
-                ConvertError::Options(format!(
-                    "{name}: cannot quantize shape {shape:?} to {encoding}"
-                ))
-            })?;
-            writer.add_tensor(name, shape, encoding, &bytes)?;
-        } else {
-            writer.add_f32(name, shape, &values, encoding)?;
+        if let Some(c) = &mut calibrator {
+            c.advance(&layer.block_weights(config));
         }
-        *encodings.entry(encoding.describe()).or_default() += 1;
-        parameters += values.len() as u64;
-        progress(i + 1, expected.len(), name);
     }
+    let norm = model.source.load_f32(names::OUTPUT_NORM)?;
+    out.write_vector(names::OUTPUT_NORM, &[config.hidden_size], norm)?;
+    if !config.tie_word_embeddings {
+        let output = model.source.load_f32(names::OUTPUT)?;
+        out.write_matrix(names::OUTPUT, &embd_shape, output, None)?;
+    }
+
     let converted_at = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
+    let calibration_recipe = options
+        .calibration
+        .as_ref()
+        .filter(|_| options.method.needs_calibration())
+        .map(|c| {
+            serde_json::json!({
+                "source": c.source,
+                "sequences": calibration.as_ref().map_or(0, Vec::len),
+                "seq_len": c.seq_len,
+            })
+        });
     let metadata = serde_json::json!({
         "format": "pocketlm",
         "config": model.config,
@@ -147,9 +397,18 @@ pub fn convert(
             "weights": options.weights.describe(),
             "embedding": options.encoding_for(names::TOKEN_EMBD, &[1, 1]).describe(),
             "vectors": "f32",
-            "method": if options.weights.is_quantized() { "rtn" } else { "none" },
-            "tensor_encodings": encodings,
-            "fallbacks": fallbacks.iter().map(|(n, r)| serde_json::json!({"tensor": n, "reason": r})).collect::<Vec<_>>(),
+            "method": if options.weights.is_quantized() { options.method.name() } else { "none" },
+            "clipping": match options.clipping() { Clipping::MinMax => "minmax", Clipping::Search => "search" },
+            "gptq": options.method.uses_gptq().then(|| serde_json::json!({
+                "damp": options.gptq.damp,
+                "block": options.gptq.block,
+                "act_order": options.gptq.act_order,
+                "loss": out.gptq_loss,
+            })),
+            "calibration": calibration_recipe,
+            "keep": options.keep.iter().map(|k| format!("{}={}", k.pattern, k.encoding.describe())).collect::<Vec<_>>(),
+            "tensor_encodings": out.encodings,
+            "fallbacks": out.fallbacks.iter().map(|(n, r)| serde_json::json!({"tensor": n, "reason": r})).collect::<Vec<_>>(),
         },
         "provenance": {
             "source": model.provenance,
@@ -157,11 +416,344 @@ pub fn convert(
             "converted_at_unix": converted_at,
         },
     });
-    let file_bytes = writer.finish(&metadata)?;
+    let (parameters, fallbacks) = (out.parameters, out.fallbacks);
+    let file_bytes = out.writer.finish(&metadata)?;
     Ok(ConvertReport {
         tensors: expected.len(),
         fallbacks,
         parameters,
         file_bytes,
     })
+}
+
+/// Tokenizes the calibration text with the model's own tokenizer and cuts it into windows.
+fn calibration_windows(
+    model: &ImportedModel,
+    c: &Calibration,
+) -> Result<Vec<Vec<u32>>, ConvertError> {
+    let tokenizer = Tokenizer::from_spec(&model.tokenizer)
+        .map_err(|e| ConvertError::Calibration(format!("tokenizer: {e}")))?;
+    let tokens = tokenizer
+        .encode(&c.text, false)
+        .map_err(|e| ConvertError::Calibration(format!("{}: {e}", c.source)))?;
+    let bos = model
+        .tokenizer
+        .bos_token_id
+        .filter(|_| model.tokenizer.add_bos);
+    let windows = calib::windows(&tokens, c.samples, c.seq_len, bos);
+    if windows.is_empty() {
+        return Err(ConvertError::Calibration(format!(
+            "{}: {} tokens, not enough for one sequence of {}",
+            c.source,
+            tokens.len(),
+            c.seq_len
+        )));
+    }
+    if windows.len() < c.samples {
+        log::warn!(
+            "calibration: {} has {} tokens, enough for {} of the {} sequences asked for",
+            c.source,
+            tokens.len(),
+            windows.len(),
+            c.samples
+        );
+    }
+    Ok(windows)
+}
+
+/// What the calibration saw of a matrix's input, and the AWQ scales folded into its columns.
+struct Evidence<'a> {
+    stats: &'a calib::InputStats,
+    scales: Option<&'a [f32]>,
+}
+
+/// The writer plus the running totals of a conversion.
+struct Output<'a, 'p> {
+    writer: PlmWriter,
+    options: &'a ConvertOptions,
+    parameters: u64,
+    fallbacks: Vec<(String, String)>,
+    encodings: std::collections::BTreeMap<String, usize>,
+    done: usize,
+    total: usize,
+    progress: Progress<'p>,
+    gptq_loss: f64,
+}
+
+impl Output<'_, '_> {
+    fn finish_tensor(&mut self, name: &str, encoding: Encoding, len: usize) {
+        *self.encodings.entry(encoding.describe()).or_default() += 1;
+        self.parameters += len as u64;
+        self.done += 1;
+        (self.progress)(self.done, self.total, name);
+    }
+
+    fn write_vector(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        values: Vec<f32>,
+    ) -> Result<Vec<f32>, ConvertError> {
+        self.writer.add_f32(name, shape, &values, Encoding::F32)?;
+        self.finish_tensor(name, Encoding::F32, values.len());
+        Ok(values)
+    }
+
+    /// Encodes and writes one matrix; returns the values the runtime will read back (what
+    /// later blocks are calibrated against).
+    fn write_matrix(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        mut values: Vec<f32>,
+        evidence: Option<Evidence<'_>>,
+    ) -> Result<Vec<f32>, ConvertError> {
+        let options = self.options;
+        let mut encoding = options.encoding_for(name, shape);
+        if let Some(reason) = quant::unsupported_reason(shape, encoding) {
+            log::info!("{name}: kept in f16 instead of {encoding}: {reason}");
+            self.fallbacks.push((name.to_string(), reason));
+            encoding = Encoding::F16;
+        }
+        let method_err = |message: String| ConvertError::Method {
+            tensor: name.to_string(),
+            message,
+        };
+        let (rows, cols) = (shape[0], shape[1]);
+        match encoding {
+            Encoding::F32 => self.writer.add_f32(name, shape, &values, encoding)?,
+            Encoding::F16 => {
+                self.writer.add_f32(name, shape, &values, encoding)?;
+                values
+                    .iter_mut()
+                    .for_each(|v| *v = f16::from_f32(*v).to_f32());
+            }
+            Encoding::BF16 => {
+                self.writer.add_f32(name, shape, &values, encoding)?;
+                values
+                    .iter_mut()
+                    .for_each(|v| *v = bf16::from_f32(*v).to_f32());
+            }
+            Encoding::Q8 { .. } | Encoding::Q4 { .. } => {
+                let clipping = options.clipping();
+                let grids = match &evidence {
+                    Some(e) if options.method.uses_gptq() => {
+                        let hessian = scaled_hessian(e.stats, e.scales);
+                        let gptq_options = GptqOptions {
+                            clipping,
+                            ..options.gptq.clone()
+                        };
+                        let out =
+                            gptq::gptq(&values, rows, cols, &hessian, encoding, &gptq_options)
+                                .map_err(method_err)?;
+                        log::debug!("{name}: gptq loss {:.4e}", out.loss);
+                        self.gptq_loss += out.loss;
+                        values = out.values;
+                        out.grids
+                    }
+                    Some(e) => {
+                        // Clipping weighted by the (scaled) activation energy of each column.
+                        let mut importance = e.stats.mean_square();
+                        if let Some(s) = e.scales {
+                            importance.iter_mut().zip(s).for_each(|(m, s)| *m /= s * s);
+                        }
+                        quant::choose_grids(&values, cols, encoding, clipping, Some(&importance))
+                    }
+                    None => quant::choose_grids(&values, cols, encoding, clipping, None),
+                };
+                let bytes =
+                    quant::encode(&values, rows, cols, encoding, &grids).ok_or_else(|| {
+                        method_err(format!("cannot quantize shape {shape:?} to {encoding}"))
+                    })?;
+                self.writer.add_tensor(name, shape, encoding, &bytes)?;
+                quant::fake_quantize(&mut values, cols, encoding, &grids);
+            }
+        }
+        self.finish_tensor(name, encoding, values.len());
+        Ok(values)
+    }
+}
+
+/// `XᵀX` of the inputs after AWQ divided channel `j` by `s[j]`: `S⁻¹ H S⁻¹`.
+fn scaled_hessian(stats: &calib::InputStats, scales: Option<&[f32]>) -> Vec<f64> {
+    let Some(s) = scales else {
+        return stats.hessian.clone();
+    };
+    let n = stats.width;
+    let mut h = stats.hessian.clone();
+    for i in 0..n {
+        for j in 0..n {
+            h[i * n + j] /= s[i] as f64 * s[j] as f64;
+        }
+    }
+    h
+}
+
+/// An input shared by some matrices `(name, rows)`, and the tensors that produce it.
+type AwqGroup = (LinearInput, Vec<(String, usize)>, Vec<String>);
+
+/// One block's tensors in f32, in the order the file stores them.
+struct LayerTensors {
+    layer: usize,
+    tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+}
+
+impl LayerTensors {
+    fn load(
+        source: &dyn TensorSource,
+        config: &ModelConfig,
+        layer: usize,
+    ) -> Result<LayerTensors, ConvertError> {
+        let prefix = format!("blk.{layer}.");
+        let tensors = expected_tensors(config)
+            .into_iter()
+            .filter(|(name, _)| name.starts_with(&prefix))
+            .map(|(name, shape)| {
+                let values = source.load_f32(&name)?;
+                Ok((name, shape, values))
+            })
+            .collect::<Result<Vec<_>, ConvertError>>()?;
+        Ok(LayerTensors { layer, tensors })
+    }
+
+    fn get(&self, name: &str) -> &[f32] {
+        self.tensors
+            .iter()
+            .find(|t| t.0 == name)
+            .map_or(&[][..], |t| &t.2[..])
+    }
+
+    fn get_mut(&mut self, name: &str) -> &mut Vec<f32> {
+        let i = self
+            .tensors
+            .iter()
+            .position(|t| t.0 == name)
+            .expect("tensor of this block");
+        &mut self.tensors[i].2
+    }
+
+    /// Which linear-layer input the matrix `name` of block `layer` reads.
+    fn input_of(name: &str, layer: usize) -> Option<LinearInput> {
+        if name == names::attn_q(layer)
+            || name == names::attn_k(layer)
+            || name == names::attn_v(layer)
+        {
+            Some(LinearInput::Attention)
+        } else if name == names::attn_output(layer) {
+            Some(LinearInput::AttentionOutput)
+        } else if name == names::ffn_gate(layer) || name == names::ffn_up(layer) {
+            Some(LinearInput::Mlp)
+        } else if name == names::ffn_down(layer) {
+            Some(LinearInput::MlpDown)
+        } else {
+            None
+        }
+    }
+
+    fn block_weights(&self, config: &ModelConfig) -> BlockWeights<'_> {
+        let l = self.layer;
+        let (d, qd, kvd, f) = (
+            config.hidden_size,
+            config.q_dim(),
+            config.kv_dim(),
+            config.intermediate_size,
+        );
+        let mat = |name: String, rows: usize, cols: usize| {
+            MatRef::new(WeightData::F32(self.get(&name)), rows, cols)
+                .expect("shapes checked at import")
+        };
+        BlockWeights {
+            attn_norm: self.get(&names::attn_norm(l)),
+            q: mat(names::attn_q(l), qd, d),
+            k: mat(names::attn_k(l), kvd, d),
+            v: mat(names::attn_v(l), kvd, d),
+            biases: config.attention_bias.then(|| {
+                [
+                    self.get(&names::attn_q_bias(l)),
+                    self.get(&names::attn_k_bias(l)),
+                    self.get(&names::attn_v_bias(l)),
+                ]
+            }),
+            o: mat(names::attn_output(l), d, qd),
+            ffn_norm: self.get(&names::ffn_norm(l)),
+            gate: mat(names::ffn_gate(l), f, d),
+            up: mat(names::ffn_up(l), f, d),
+            down: mat(names::ffn_down(l), d, f),
+        }
+    }
+
+    /// Searches AWQ scales for each input whose producer can absorb them, and folds them in:
+    /// RMSNorm weights for the attention and MLP inputs, the rows of `up` for `down`'s input,
+    /// and the rows of `v` for `o`'s input when heads are not grouped (with GQA a `v` row
+    /// feeds several heads' outputs, so that scaling cannot be folded).
+    fn apply_awq(
+        &mut self,
+        config: &ModelConfig,
+        stats: &calib::LayerStats,
+        options: &ConvertOptions,
+    ) -> std::collections::HashMap<LinearInput, Vec<f32>> {
+        let l = self.layer;
+        let (d, qd, kvd, f) = (
+            config.hidden_size,
+            config.q_dim(),
+            config.kv_dim(),
+            config.intermediate_size,
+        );
+        let mut groups: Vec<AwqGroup> = vec![
+            (
+                LinearInput::Attention,
+                vec![
+                    (names::attn_q(l), qd),
+                    (names::attn_k(l), kvd),
+                    (names::attn_v(l), kvd),
+                ],
+                vec![names::attn_norm(l)],
+            ),
+            (
+                LinearInput::Mlp,
+                vec![(names::ffn_gate(l), f), (names::ffn_up(l), f)],
+                vec![names::ffn_norm(l)],
+            ),
+            (
+                LinearInput::MlpDown,
+                vec![(names::ffn_down(l), d)],
+                vec![names::ffn_up(l)],
+            ),
+        ];
+        if qd == kvd {
+            let mut producers = vec![names::attn_v(l)];
+            if config.attention_bias {
+                producers.push(names::attn_v_bias(l));
+            }
+            groups.push((
+                LinearInput::AttentionOutput,
+                vec![(names::attn_output(l), d)],
+                producers,
+            ));
+        }
+        let mut chosen = std::collections::HashMap::new();
+        for (input, consumers, producers) in groups {
+            // The encodings of the consumers may differ (--keep); search with the first.
+            let encoding = options.encoding_for(&consumers[0].0, &[1, 1]);
+            if !encoding.is_quantized() {
+                continue;
+            }
+            let matrices: Vec<(&[f32], usize)> = consumers
+                .iter()
+                .map(|(n, rows)| (self.get(n), *rows))
+                .collect();
+            let s = awq::search_scales(stats.input(input), &matrices, encoding);
+            if s.iter().all(|&v| v == 1.0) {
+                continue;
+            }
+            for (name, _) in &consumers {
+                awq::scale_columns(self.get_mut(name), &s);
+            }
+            for name in &producers {
+                awq::divide_rows(self.get_mut(name), &s);
+            }
+            chosen.insert(input, s);
+        }
+        chosen
+    }
 }

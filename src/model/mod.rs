@@ -5,12 +5,11 @@
 //! projection → RMSNorm → SwiGLU MLP, then the final norm and the (tied or untied) output.
 
 mod attention;
+pub mod block;
 
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-
-use rayon::prelude::*;
 
 use crate::config::{ModelConfig, names};
 use crate::format::{Encoding, PlmError, PlmFile, TensorEntry};
@@ -19,6 +18,7 @@ use crate::kernels::{self, MatRef};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
 pub use attention::KvCache;
+pub use block::{BlockScratch, BlockWeights, LinearInput, block_forward};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -426,6 +426,23 @@ impl Model {
             .expect("1-D tensors are f32, checked at load")
     }
 
+    fn block_weights(&self, layer: &Layer) -> BlockWeights<'_> {
+        BlockWeights {
+            attn_norm: self.vector(layer.attn_norm),
+            q: self.matrix(layer.q),
+            k: self.matrix(layer.k),
+            v: self.matrix(layer.v),
+            biases: layer
+                .biases
+                .map(|[q, k, v]| [self.vector(q), self.vector(k), self.vector(v)]),
+            o: self.matrix(layer.o),
+            ffn_norm: self.vector(layer.ffn_norm),
+            gate: self.matrix(layer.gate),
+            up: self.matrix(layer.up),
+            down: self.matrix(layer.down),
+        }
+    }
+
     /// Runs `tokens` at positions `cache.len()..`, appending their keys/values to `cache`.
     /// Returns `vocab_size` logits for the last token, or for every token with [`Logits::All`].
     pub fn forward(
@@ -467,7 +484,6 @@ impl Model {
             });
         }
         let d = c.hidden_size;
-        let (qd, kvd, f) = (c.q_dim(), c.kv_dim(), c.intermediate_size);
 
         self.ensure_verified(&[self.token_embd, self.output_norm, self.output])?;
         let mut x = vec![0.0f32; n * d];
@@ -476,46 +492,23 @@ impl Model {
             embd.row_to_f32(tok as usize, &mut x[t * d..(t + 1) * d]);
         }
 
-        let mut h = vec![0.0f32; n * d];
-        let mut q = vec![0.0f32; n * qd];
-        let mut k = vec![0.0f32; n * kvd];
-        let mut v = vec![0.0f32; n * kvd];
-        let mut attn = vec![0.0f32; n * qd];
-        let mut proj = vec![0.0f32; n * d];
-        let mut gate = vec![0.0f32; n * f];
-        let mut up = vec![0.0f32; n * f];
-
+        let mut scratch = BlockScratch::new(c, n);
         for (l, layer) in self.layers.iter().enumerate() {
             if self.verified.is_some() {
                 self.ensure_verified(&layer.indices())?;
             }
-            kernels::rms_norm(&x, self.vector(layer.attn_norm), c.rms_norm_eps, &mut h);
-            kernels::matmul(&h, n, self.matrix(layer.q), &mut q);
-            kernels::matmul(&h, n, self.matrix(layer.k), &mut k);
-            kernels::matmul(&h, n, self.matrix(layer.v), &mut v);
-            if let Some([bq, bk, bv]) = layer.biases {
-                add_row_bias(&mut q, self.vector(bq));
-                add_row_bias(&mut k, self.vector(bk));
-                add_row_bias(&mut v, self.vector(bv));
-            }
-            q.par_chunks_mut(qd)
-                .zip(k.par_chunks_mut(kvd))
-                .enumerate()
-                .for_each(|(t, (qt, kt))| {
-                    kernels::rope_rotate_half(qt, start + t, &self.inv_freq);
-                    kernels::rope_rotate_half(kt, start + t, &self.inv_freq);
-                });
-            cache.write(l, start, &k, &v);
-            attention::attend(c, cache, l, start, &q, &mut attn);
-            kernels::matmul(&attn, n, self.matrix(layer.o), &mut proj);
-            add_in_place(&mut x, &proj);
-
-            kernels::rms_norm(&x, self.vector(layer.ffn_norm), c.rms_norm_eps, &mut h);
-            kernels::matmul(&h, n, self.matrix(layer.gate), &mut gate);
-            kernels::matmul(&h, n, self.matrix(layer.up), &mut up);
-            kernels::silu_mul(&mut gate, &up);
-            kernels::matmul(&gate, n, self.matrix(layer.down), &mut proj);
-            add_in_place(&mut x, &proj);
+            let weights = self.block_weights(layer);
+            block_forward(
+                c,
+                &self.inv_freq,
+                &weights,
+                &mut x,
+                cache,
+                l,
+                start,
+                &mut scratch,
+                None,
+            );
         }
         cache.advance(n);
 
@@ -564,18 +557,6 @@ fn check_entry(
         )));
     }
     Ok(())
-}
-
-fn add_in_place(x: &mut [f32], y: &[f32]) {
-    for (a, b) in x.iter_mut().zip(y) {
-        *a += b;
-    }
-}
-
-fn add_row_bias(x: &mut [f32], bias: &[f32]) {
-    for row in x.chunks_exact_mut(bias.len()) {
-        add_in_place(row, bias);
-    }
 }
 
 /// Rotary inverse frequencies `theta^(-2i/d)`, with Llama 3 frequency scaling when configured.
