@@ -174,3 +174,36 @@ fn keep_rules_parse_and_match() {
     assert_eq!("awq+gptq".parse::<Method>(), Ok(Method::AwqGptq));
     assert!("smoothquant".parse::<Method>().is_err());
 }
+
+#[test]
+fn sensitivity_scan_ranks_every_block() {
+    use pocketlm::convert::sensitivity::{SensitivityOptions, scan};
+    let model = pocketlm::import::open(&fixture("hf")).unwrap();
+    let options = SensitivityOptions {
+        encoding: Encoding::Q4 {
+            group: 32,
+            asymmetric: false,
+        },
+        base: Encoding::F32,
+        text: std::fs::read_to_string(fixture("eval.txt")).unwrap(),
+        perplexity: PerplexityOptions {
+            context: 128,
+            max_chunks: Some(8),
+        },
+    };
+    let mut calls = 0;
+    let report = scan(&model, &options, &mut |_, _| calls += 1).unwrap();
+    assert_eq!(calls, model.config.num_layers + 1);
+    assert_eq!(report.layers.len(), model.config.num_layers);
+    let mut seen: Vec<usize> = report.layers.iter().map(|l| l.layer).collect();
+    seen.sort();
+    assert_eq!(seen, (0..model.config.num_layers).collect::<Vec<_>>());
+    assert!(
+        report
+            .layers
+            .windows(2)
+            .all(|w| w[0].ppl_increase >= w[1].ppl_increase)
+    );
+    // Quantizing the most sensitive block alone must cost perplexity.
+    assert!(report.layers[0].ppl > report.base_ppl);
+}

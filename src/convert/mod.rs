@@ -6,6 +6,7 @@ pub mod awq;
 pub mod calib;
 pub mod gptq;
 pub mod quant;
+pub mod sensitivity;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -36,6 +37,8 @@ pub enum ConvertError {
     Calibration(String),
     #[error("{tensor}: {message}")]
     Method { tensor: String, message: String },
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
 }
 
 /// How the quantized matrices' values are chosen.
