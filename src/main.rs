@@ -98,6 +98,23 @@ enum EvalCommand {
         #[arg(long)]
         json: bool,
     },
+    /// KL divergence of MODEL's next-token distributions from BASE's on a text (chunked as
+    /// ppl), top-1 agreement and both perplexities.
+    Kld {
+        model: PathBuf,
+        /// The reference model (e.g. the f16 file MODEL was quantized from).
+        #[arg(long)]
+        base: PathBuf,
+        #[arg(long)]
+        text: PathBuf,
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        /// Evaluate only the first N chunks.
+        #[arg(long)]
+        chunks: Option<usize>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -224,7 +241,19 @@ fn run(command: Command) -> CliResult {
             chunks,
             json,
         }) => cmd_ppl(model, text, ctx, chunks, json),
+        Command::Eval(EvalCommand::Kld {
+            model,
+            base,
+            text,
+            ctx,
+            chunks,
+            json,
+        }) => cmd_kld(model, base, text, ctx, chunks, json),
     }
+}
+
+fn read_text(path: &std::path::Path) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn bar(len: u64, template: &str) -> ProgressBar {
@@ -469,7 +498,7 @@ fn cmd_ppl(
     json: bool,
 ) -> CliResult {
     let model = Model::open(&path)?;
-    let text = std::fs::read_to_string(&text).map_err(|e| format!("{}: {e}", text.display()))?;
+    let text = read_text(&text)?;
     let progress = bar(0, "{bar:40} {pos}/{len} chunks, ppl {msg}");
     let result = eval::perplexity(
         &model,
@@ -498,5 +527,56 @@ fn cmd_ppl(
             result.seconds
         );
     }
+    Ok(())
+}
+
+fn cmd_kld(
+    path: PathBuf,
+    base: PathBuf,
+    text: PathBuf,
+    ctx: usize,
+    chunks: Option<usize>,
+    json: bool,
+) -> CliResult {
+    let model = Model::open(&path)?;
+    let base = Model::open(&base)?;
+    let text = read_text(&text)?;
+    let progress = bar(0, "{bar:40} {pos}/{len} chunks, KLD {msg}");
+    let r = eval::kl_divergence(
+        &model,
+        &base,
+        &text,
+        &PerplexityOptions {
+            context: ctx,
+            max_chunks: chunks,
+        },
+        |done, total, kld| {
+            progress.set_length(total as u64);
+            progress.set_position(done as u64);
+            progress.set_message(format!("{kld:.6}"));
+        },
+    )?;
+    progress.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    println!(
+        "KLD             {:.6} ± {:.6} (median {:.6}, p99 {:.6}, max {:.6})",
+        r.kld, r.kld_stderr, r.kld_median, r.kld_p99, r.kld_max
+    );
+    println!(
+        "top-1 agreement {:.2}% ± {:.2}%",
+        r.top1_agreement * 100.0,
+        r.top1_agreement_stderr * 100.0
+    );
+    println!(
+        "ppl             {:.4} (base {:.4}), ratio {:.4}, delta {:+.4}, ln ratio {:.5} ± {:.5}",
+        r.ppl, r.ppl_base, r.ppl_ratio, r.ppl_delta, r.ln_ppl_ratio, r.ln_ppl_ratio_stderr
+    );
+    println!(
+        "scored          {} tokens in {} chunks of {} in {:.1} s",
+        r.tokens_scored, r.chunks, r.context, r.seconds
+    );
     Ok(())
 }

@@ -1,12 +1,16 @@
-//! Evaluation: perplexity with llama.cpp's chunking, so figures are comparable, and the
-//! speed benchmark.
+//! Evaluation: perplexity and KL divergence against a base model with llama.cpp's chunking,
+//! so figures are comparable; zero-shot multiple-choice accuracy scored as
+//! lm-evaluation-harness does; a one-page model report; and the speed benchmark.
 
 pub mod bench;
+pub mod kld;
 
 use std::time::Instant;
 
 use crate::model::{Logits, Model, ModelError};
 use crate::tokenizer::TokenizerError;
+
+pub use kld::{KldResult, kl_divergence};
 
 /// Why an evaluation could not run (beyond [`ModelError`]s of the forward pass).
 #[derive(Debug, thiserror::Error)]
