@@ -5,10 +5,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use pocketlm::convert::{self, ConvertOptions};
+use pocketlm::eval::zeroshot::{self, Task};
 use pocketlm::eval::{self, PerplexityOptions};
 use pocketlm::format::{Encoding, PlmFile};
 use pocketlm::sampler::SamplerConfig;
@@ -115,6 +116,38 @@ enum EvalCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Zero-shot multiple-choice accuracy (acc, acc_norm) scored as lm-evaluation-harness.
+    Zeroshot {
+        model: PathBuf,
+        #[arg(long, value_enum)]
+        task: TaskArg,
+        /// JSON Lines data in the Hugging Face datasets layout of the task.
+        file: PathBuf,
+        /// Evaluate only the first N examples.
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TaskArg {
+    ArcEasy,
+    ArcChallenge,
+    Piqa,
+    Hellaswag,
+}
+
+impl From<TaskArg> for Task {
+    fn from(t: TaskArg) -> Task {
+        match t {
+            TaskArg::ArcEasy => Task::ArcEasy,
+            TaskArg::ArcChallenge => Task::ArcChallenge,
+            TaskArg::Piqa => Task::Piqa,
+            TaskArg::Hellaswag => Task::Hellaswag,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -249,6 +282,13 @@ fn run(command: Command) -> CliResult {
             chunks,
             json,
         }) => cmd_kld(model, base, text, ctx, chunks, json),
+        Command::Eval(EvalCommand::Zeroshot {
+            model,
+            task,
+            file,
+            limit,
+            json,
+        }) => cmd_zeroshot(model, task.into(), file, limit, json),
     }
 }
 
@@ -578,5 +618,49 @@ fn cmd_kld(
         "scored          {} tokens in {} chunks of {} in {:.1} s",
         r.tokens_scored, r.chunks, r.context, r.seconds
     );
+    Ok(())
+}
+
+fn cmd_zeroshot(
+    path: PathBuf,
+    task: Task,
+    file: PathBuf,
+    limit: Option<usize>,
+    json: bool,
+) -> CliResult {
+    let model = Model::open(&path)?;
+    let examples = zeroshot::load_examples(task, &file, limit)?;
+    if examples.is_empty() {
+        return Err(format!("{}: no examples", file.display()).into());
+    }
+    let progress = bar(0, "{bar:40} {pos}/{len} examples, acc {msg}");
+    let r = zeroshot::evaluate(&model, task, &examples, |done, total, acc| {
+        progress.set_length(total as u64);
+        progress.set_position(done as u64);
+        progress.set_message(format!("{acc:.4}"));
+    })?;
+    progress.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    println!(
+        "{}: acc {:.4} ± {:.4}, acc_norm {:.4} ± {:.4} over {} examples ({} / {} correct) in {:.1} s",
+        r.task,
+        r.accuracy,
+        r.accuracy_stderr,
+        r.accuracy_norm,
+        r.accuracy_norm_stderr,
+        r.examples,
+        r.correct,
+        r.correct_norm,
+        r.seconds
+    );
+    if r.truncated > 0 {
+        println!(
+            "note: {} contexts were cut to fit the model's window",
+            r.truncated
+        );
+    }
     Ok(())
 }
