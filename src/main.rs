@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use pocketlm::convert::{self, ConvertOptions};
+use pocketlm::eval::report::{ReportOptions, build_report};
 use pocketlm::eval::zeroshot::{self, Task};
 use pocketlm::eval::{self, PerplexityOptions};
 use pocketlm::format::{Encoding, PlmFile};
@@ -126,6 +127,26 @@ enum EvalCommand {
         /// Evaluate only the first N examples.
         #[arg(long)]
         limit: Option<usize>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Size, bits per weight, compression, FLOPs per token and recipe; with --text quality
+    /// (ppl, and KLD/top-1 against --base), with --bench speed.
+    Report {
+        model: PathBuf,
+        /// Compare with this file (compression; KLD and top-1 with --text).
+        #[arg(long)]
+        base: Option<PathBuf>,
+        #[arg(long)]
+        text: Option<PathBuf>,
+        /// Chunk length for --text, and the context of the FLOPs figure.
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        #[arg(long)]
+        chunks: Option<usize>,
+        /// Also measure prefill/decode speed (as `pocketlm bench` with its defaults).
+        #[arg(long)]
+        bench: bool,
         #[arg(long)]
         json: bool,
     },
@@ -289,6 +310,15 @@ fn run(command: Command) -> CliResult {
             limit,
             json,
         }) => cmd_zeroshot(model, task.into(), file, limit, json),
+        Command::Eval(EvalCommand::Report {
+            model,
+            base,
+            text,
+            ctx,
+            chunks,
+            bench,
+            json,
+        }) => cmd_report(model, base, text, ctx, chunks, bench, json),
     }
 }
 
@@ -661,6 +691,46 @@ fn cmd_zeroshot(
             "note: {} contexts were cut to fit the model's window",
             r.truncated
         );
+    }
+    Ok(())
+}
+
+fn cmd_report(
+    path: PathBuf,
+    base: Option<PathBuf>,
+    text: Option<PathBuf>,
+    ctx: usize,
+    chunks: Option<usize>,
+    run_bench: bool,
+    json: bool,
+) -> CliResult {
+    let model = Model::open(&path)?;
+    let base = base.map(|b| Model::open(&b)).transpose()?;
+    let text = text.map(|t| read_text(&t)).transpose()?;
+    let options = ReportOptions {
+        perplexity: PerplexityOptions {
+            context: ctx,
+            max_chunks: chunks,
+        },
+        bench: run_bench.then(pocketlm::eval::bench::BenchOptions::default),
+    };
+    let progress = bar(0, "{bar:40} {pos}/{len} chunks ({msg})");
+    let report = build_report(
+        &model,
+        base.as_ref(),
+        text.as_deref(),
+        &options,
+        |stage, done, total| {
+            progress.set_length(total as u64);
+            progress.set_position(done as u64);
+            progress.set_message(stage);
+        },
+    )?;
+    progress.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.render_table());
     }
     Ok(())
 }

@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod kld;
+pub mod report;
 pub mod zeroshot;
 
 use std::time::Instant;
