@@ -11,6 +11,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use pocketlm::convert::{
     self, Calibration, Clipping, ConvertOptions, GptqOptions, KeepRule, Method,
 };
+use pocketlm::eval::report::{ReportOptions, build_report};
+use pocketlm::eval::zeroshot::{self, Task};
 use pocketlm::eval::{self, PerplexityOptions};
 use pocketlm::format::{Encoding, PlmFile};
 use pocketlm::sampler::SamplerConfig;
@@ -136,6 +138,96 @@ enum EvalCommand {
         #[arg(long)]
         json: bool,
     },
+    /// KL divergence of MODEL's next-token distributions from BASE's on a text (chunked as
+    /// ppl), top-1 agreement and both perplexities.
+    Kld {
+        model: PathBuf,
+        /// The reference model (e.g. the f16 file MODEL was quantized from).
+        #[arg(long)]
+        base: PathBuf,
+        #[arg(long)]
+        text: PathBuf,
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        /// Evaluate only the first N chunks.
+        #[arg(long)]
+        chunks: Option<usize>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Zero-shot multiple-choice accuracy (acc, acc_norm) scored as lm-evaluation-harness.
+    Zeroshot {
+        model: PathBuf,
+        #[arg(long, value_enum)]
+        task: TaskArg,
+        /// JSON Lines data in the Hugging Face datasets layout of the task.
+        file: PathBuf,
+        /// Evaluate only the first N examples.
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Size, bits per weight, compression, FLOPs per token and recipe; with --text quality
+    /// (ppl, and KLD/top-1 against --base), with --bench speed.
+    Report {
+        model: PathBuf,
+        /// Compare with this file (compression; KLD and top-1 with --text).
+        #[arg(long)]
+        base: Option<PathBuf>,
+        #[arg(long)]
+        text: Option<PathBuf>,
+        /// Chunk length for --text, and the context of the FLOPs figure.
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        #[arg(long)]
+        chunks: Option<usize>,
+        /// Also measure prefill/decode speed (as `pocketlm bench` with its defaults).
+        #[arg(long)]
+        bench: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Per-block sensitivity of a checkpoint to quantization: converts it with one block at
+    /// a time quantized (the rest at --base-weights) and ranks blocks by perplexity increase,
+    /// to choose `convert --keep` rules.
+    Sensitivity {
+        /// Hugging Face model directory or .gguf file.
+        src: PathBuf,
+        /// The encoding whose cost is measured, e.g. q4 or q4a/g64.
+        #[arg(long, default_value = "q4")]
+        weights: Encoding,
+        /// Encoding of the other blocks.
+        #[arg(long, default_value = "f16")]
+        base_weights: Encoding,
+        #[arg(long)]
+        text: PathBuf,
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        #[arg(long, default_value_t = 4)]
+        chunks: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TaskArg {
+    ArcEasy,
+    ArcChallenge,
+    Piqa,
+    Hellaswag,
+}
+
+impl From<TaskArg> for Task {
+    fn from(t: TaskArg) -> Task {
+        match t {
+            TaskArg::ArcEasy => Task::ArcEasy,
+            TaskArg::ArcChallenge => Task::ArcChallenge,
+            TaskArg::Piqa => Task::Piqa,
+            TaskArg::Hellaswag => Task::Hellaswag,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -238,7 +330,82 @@ fn run(command: Command) -> CliResult {
             chunks,
             json,
         }) => cmd_ppl(model, text, ctx, chunks, json),
+        Command::Eval(EvalCommand::Kld {
+            model,
+            base,
+            text,
+            ctx,
+            chunks,
+            json,
+        }) => cmd_kld(model, base, text, ctx, chunks, json),
+        Command::Eval(EvalCommand::Zeroshot {
+            model,
+            task,
+            file,
+            limit,
+            json,
+        }) => cmd_zeroshot(model, task.into(), file, limit, json),
+        Command::Eval(EvalCommand::Report {
+            model,
+            base,
+            text,
+            ctx,
+            chunks,
+            bench,
+            json,
+        }) => cmd_report(model, base, text, ctx, chunks, bench, json),
+        Command::Eval(EvalCommand::Sensitivity {
+            src,
+            weights,
+            base_weights,
+            text,
+            ctx,
+            chunks,
+            json,
+        }) => {
+            let options = convert::sensitivity::SensitivityOptions {
+                encoding: weights,
+                base: base_weights,
+                text: read_text(&text)?,
+                perplexity: PerplexityOptions {
+                    context: ctx,
+                    max_chunks: Some(chunks),
+                },
+            };
+            cmd_sensitivity(src, options, json)
+        }
     }
+}
+
+fn cmd_sensitivity(
+    src: PathBuf,
+    options: convert::sensitivity::SensitivityOptions,
+    json: bool,
+) -> CliResult {
+    let model = pocketlm::import::open(&src)?;
+    let progress = bar(0, "{elapsed_precise} {bar:40} {pos}/{len} conversions");
+    let report = convert::sensitivity::scan(&model, &options, &mut |done, total| {
+        progress.set_length(total as u64);
+        progress.set_position(done as u64);
+    })?;
+    progress.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
+    println!(
+        "base ({}) ppl {:.4}; one block at {} each, most sensitive first:",
+        options.base, report.base_ppl, report.encoding
+    );
+    println!("{:>6} {:>10} {:>10}", "block", "ppl", "increase");
+    for l in &report.layers {
+        println!("{:>6} {:>10.4} {:>+10.4}", l.layer, l.ppl, l.ppl_increase);
+    }
+    Ok(())
+}
+
+fn read_text(path: &std::path::Path) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn bar(len: u64, template: &str) -> ProgressBar {
@@ -541,7 +708,7 @@ fn cmd_ppl(
     json: bool,
 ) -> CliResult {
     let model = Model::open(&path)?;
-    let text = std::fs::read_to_string(&text).map_err(|e| format!("{}: {e}", text.display()))?;
+    let text = read_text(&text)?;
     let progress = bar(0, "{bar:40} {pos}/{len} chunks, ppl {msg}");
     let result = eval::perplexity(
         &model,
@@ -569,6 +736,141 @@ fn cmd_ppl(
             result.tokens_scored,
             result.seconds
         );
+    }
+    Ok(())
+}
+
+fn cmd_kld(
+    path: PathBuf,
+    base: PathBuf,
+    text: PathBuf,
+    ctx: usize,
+    chunks: Option<usize>,
+    json: bool,
+) -> CliResult {
+    let model = Model::open(&path)?;
+    let base = Model::open(&base)?;
+    let text = read_text(&text)?;
+    let progress = bar(0, "{bar:40} {pos}/{len} chunks, KLD {msg}");
+    let r = eval::kl_divergence(
+        &model,
+        &base,
+        &text,
+        &PerplexityOptions {
+            context: ctx,
+            max_chunks: chunks,
+        },
+        |done, total, kld| {
+            progress.set_length(total as u64);
+            progress.set_position(done as u64);
+            progress.set_message(format!("{kld:.6}"));
+        },
+    )?;
+    progress.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    println!(
+        "KLD             {:.6} ± {:.6} (median {:.6}, p99 {:.6}, max {:.6})",
+        r.kld, r.kld_stderr, r.kld_median, r.kld_p99, r.kld_max
+    );
+    println!(
+        "top-1 agreement {:.2}% ± {:.2}%",
+        r.top1_agreement * 100.0,
+        r.top1_agreement_stderr * 100.0
+    );
+    println!(
+        "ppl             {:.4} (base {:.4}), ratio {:.4}, delta {:+.4}, ln ratio {:.5} ± {:.5}",
+        r.ppl, r.ppl_base, r.ppl_ratio, r.ppl_delta, r.ln_ppl_ratio, r.ln_ppl_ratio_stderr
+    );
+    println!(
+        "scored          {} tokens in {} chunks of {} in {:.1} s",
+        r.tokens_scored, r.chunks, r.context, r.seconds
+    );
+    Ok(())
+}
+
+fn cmd_zeroshot(
+    path: PathBuf,
+    task: Task,
+    file: PathBuf,
+    limit: Option<usize>,
+    json: bool,
+) -> CliResult {
+    let model = Model::open(&path)?;
+    let examples = zeroshot::load_examples(task, &file, limit)?;
+    if examples.is_empty() {
+        return Err(format!("{}: no examples", file.display()).into());
+    }
+    let progress = bar(0, "{bar:40} {pos}/{len} examples, acc {msg}");
+    let r = zeroshot::evaluate(&model, task, &examples, |done, total, acc| {
+        progress.set_length(total as u64);
+        progress.set_position(done as u64);
+        progress.set_message(format!("{acc:.4}"));
+    })?;
+    progress.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    println!(
+        "{}: acc {:.4} ± {:.4}, acc_norm {:.4} ± {:.4} over {} examples ({} / {} correct) in {:.1} s",
+        r.task,
+        r.accuracy,
+        r.accuracy_stderr,
+        r.accuracy_norm,
+        r.accuracy_norm_stderr,
+        r.examples,
+        r.correct,
+        r.correct_norm,
+        r.seconds
+    );
+    if r.truncated > 0 {
+        println!(
+            "note: {} contexts were cut to fit the model's window",
+            r.truncated
+        );
+    }
+    Ok(())
+}
+
+fn cmd_report(
+    path: PathBuf,
+    base: Option<PathBuf>,
+    text: Option<PathBuf>,
+    ctx: usize,
+    chunks: Option<usize>,
+    run_bench: bool,
+    json: bool,
+) -> CliResult {
+    let model = Model::open(&path)?;
+    let base = base.map(|b| Model::open(&b)).transpose()?;
+    let text = text.map(|t| read_text(&t)).transpose()?;
+    let options = ReportOptions {
+        perplexity: PerplexityOptions {
+            context: ctx,
+            max_chunks: chunks,
+        },
+        bench: run_bench.then(pocketlm::eval::bench::BenchOptions::default),
+    };
+    let progress = bar(0, "{bar:40} {pos}/{len} chunks ({msg})");
+    let report = build_report(
+        &model,
+        base.as_ref(),
+        text.as_deref(),
+        &options,
+        |stage, done, total| {
+            progress.set_length(total as u64);
+            progress.set_position(done as u64);
+            progress.set_message(stage);
+        },
+    )?;
+    progress.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.render_table());
     }
     Ok(())
 }
