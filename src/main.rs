@@ -9,7 +9,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use pocketlm::convert::{
-    self, Calibration, Clipping, ConvertOptions, GptqOptions, KeepRule, Method,
+    self, Calibration, Clipping, ConvertOptions, GptqOptions, KeepRule, Method, PruneMethod,
+    Pruning, Sparsity,
 };
 use pocketlm::eval::report::{ReportOptions, build_report};
 use pocketlm::eval::zeroshot::{self, Task};
@@ -115,6 +116,16 @@ struct ConvertArgs {
     /// `*ffn_down*=q8`. Repeatable; the last matching rule wins.
     #[arg(long, value_name = "PATTERN=ENCODING")]
     keep: Vec<KeepRule>,
+    /// Prune the block matrices: magnitude, wanda or sparsegpt (the last two need --calib;
+    /// sparsegpt quantizes the survivors in the same pass when the weights are quantized).
+    #[arg(long)]
+    prune: Option<PruneMethod>,
+    /// Unstructured sparsity for --prune: fraction (0.5) or percentage (50%) of every row.
+    #[arg(long, conflicts_with = "nm")]
+    sparsity: Option<Sparsity>,
+    /// N:M sparsity for --prune, e.g. 2:4.
+    #[arg(long)]
+    nm: Option<Sparsity>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -430,7 +441,15 @@ fn cmd_convert(a: ConvertArgs) -> CliResult {
         }
         (w, None) => w,
     };
-    let calibration = if a.method.needs_calibration() {
+    let pruning = match (a.prune, a.sparsity.or(a.nm)) {
+        (Some(method), Some(sparsity)) => Some(Pruning { method, sparsity }),
+        (Some(_), None) => return Err("--prune needs --sparsity F or --nm N:M".into()),
+        (None, Some(_)) => return Err("--sparsity/--nm need --prune METHOD".into()),
+        (None, None) => None,
+    };
+    let needs_calibration =
+        a.method.needs_calibration() || pruning.is_some_and(|p| p.method.needs_calibration());
+    let calibration = if needs_calibration {
         let path = a
             .calib
             .clone()
@@ -438,9 +457,8 @@ fn cmd_convert(a: ConvertArgs) -> CliResult {
         let text = std::fs::read_to_string(&path).map_err(|e| {
             if a.calib.is_none() {
                 format!(
-                    "--method {} needs calibration text: {} ({e}); pass --calib FILE or run \
+                    "this recipe needs calibration text: {} ({e}); pass --calib FILE or run \
                      scripts/fetch-calib.sh",
-                    a.method.name(),
                     path.display()
                 )
             } else {
@@ -455,7 +473,7 @@ fn cmd_convert(a: ConvertArgs) -> CliResult {
         })
     } else {
         if a.calib.is_some() {
-            eprintln!("note: --calib is ignored by --method rtn");
+            eprintln!("note: --calib is ignored: nothing in this recipe is calibrated");
         }
         None
     };
@@ -475,6 +493,7 @@ fn cmd_convert(a: ConvertArgs) -> CliResult {
         },
         calibration,
         keep: a.keep,
+        pruning,
     };
     let (src, output) = (a.src, a.output);
     let started = std::time::Instant::now();

@@ -8,7 +8,8 @@
 use std::path::{Path, PathBuf};
 
 use pocketlm::convert::{
-    Calibration, Clipping, ConvertError, ConvertOptions, KeepRule, Method, convert_path,
+    Calibration, Clipping, ConvertError, ConvertOptions, KeepRule, Method, PruneMethod, Pruning,
+    Sparsity, convert_path,
 };
 use pocketlm::eval::{PerplexityOptions, perplexity};
 use pocketlm::format::{Encoding, PlmFile};
@@ -206,4 +207,89 @@ fn sensitivity_scan_ranks_every_block() {
     );
     // Quantizing the most sensitive block alone must cost perplexity.
     assert!(report.layers[0].ppl > report.base_ppl);
+}
+
+fn zero_fraction(path: &Path) -> f64 {
+    let file = PlmFile::open(path).unwrap();
+    let (mut zeros, mut total) = (0usize, 0usize);
+    for t in file
+        .tensors()
+        .iter()
+        .filter(|t| t.name.starts_with("blk.") && t.shape.len() == 2)
+    {
+        let v = file.view(t);
+        let values = v.as_f32().unwrap();
+        zeros += values.iter().filter(|x| **x == 0.0).count();
+        total += values.len();
+    }
+    zeros as f64 / total as f64
+}
+
+#[test]
+fn calibrated_pruning_beats_magnitude_pruning() {
+    let prune = |method, sparsity| {
+        let mut o = options(Encoding::F32, Method::Rtn);
+        o.calibration = Some(calibration());
+        o.pruning = Some(Pruning { method, sparsity });
+        convert(&o)
+    };
+    for sparsity in [Sparsity::Unstructured(0.5), Sparsity::NM { n: 2, m: 4 }] {
+        let (_d1, magnitude) = prune(PruneMethod::Magnitude, sparsity);
+        let (_d2, wanda) = prune(PruneMethod::Wanda, sparsity);
+        let (_d3, sparsegpt) = prune(PruneMethod::SparseGpt, sparsity);
+        for path in [&magnitude, &wanda, &sparsegpt] {
+            let z = zero_fraction(path);
+            assert!(
+                (0.5..0.51).contains(&z),
+                "{sparsity:?}: {z} of the block weights are zero"
+            );
+        }
+        let (m, w, s) = (ppl(&magnitude), ppl(&wanda), ppl(&sparsegpt));
+        eprintln!("{sparsity:?}: magnitude {m:.3}, wanda {w:.3}, sparsegpt {s:.3}");
+        assert!(w < m, "wanda {w} vs magnitude {m}");
+        assert!(s < m, "sparsegpt {s} vs magnitude {m}");
+        let recipe = PlmFile::open(&sparsegpt).unwrap().metadata()["recipe"]["prune"].clone();
+        assert_eq!(recipe["method"], "sparsegpt");
+        assert_eq!(recipe["achieved"], 0.5);
+    }
+}
+
+#[test]
+fn sparsegpt_with_quantized_weights_prunes_and_quantizes_in_one_pass() {
+    let mut o = options(Q4, Method::Gptq);
+    o.pruning = Some(Pruning {
+        method: PruneMethod::SparseGpt,
+        sparsity: Sparsity::NM { n: 2, m: 4 },
+    });
+    let (_d, path) = convert(&o);
+    let file = PlmFile::open(&path).unwrap();
+    let entry = file.entry("blk.1.ffn_up.weight").unwrap();
+    assert_eq!(entry.encoding, Q4);
+    let model = Model::open_with(&path, ModelOptions::default()).unwrap();
+    drop(model);
+    // Symmetric q4 holds zero exactly: every run of 4 keeps at most 2 non-zeros.
+    let q = pocketlm::kernels::MatRef::from_view(&file.view(entry)).unwrap();
+    let mut row = vec![0.0f32; entry.shape[1]];
+    for r in 0..entry.shape[0] {
+        q.row_to_f32(r, &mut row);
+        for run in row.chunks(4) {
+            assert!(run.iter().filter(|v| **v != 0.0).count() <= 2);
+        }
+    }
+    assert!(ppl(&path).is_finite());
+
+    let mut missing = options(Encoding::F16, Method::Rtn);
+    missing.pruning = Some(Pruning {
+        method: PruneMethod::Wanda,
+        sparsity: Sparsity::Unstructured(0.5),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let err = convert_path(
+        &fixture("hf"),
+        &dir.path().join("x.plm"),
+        &missing,
+        &mut |_, _, _| {},
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("--calib"), "{err}");
 }

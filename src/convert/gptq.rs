@@ -11,6 +11,7 @@ use faer::linalg::solvers::DenseSolveCore;
 use faer::{Accum, Mat, MatMut, MatRef, Par, Side};
 use rayon::prelude::*;
 
+use super::prune::Sparsity;
 use super::quant::{self, Clipping, Grid};
 use crate::format::Encoding;
 
@@ -60,6 +61,33 @@ pub fn gptq(
     encoding: Encoding,
     options: &GptqOptions,
 ) -> Result<GptqOutput, String> {
+    sweep_target(w, rows, cols, h, Some(encoding), None, options)
+}
+
+/// Which weights the sweep removes.
+#[derive(Clone, Copy, Debug)]
+pub enum Prune<'a> {
+    /// A mask chosen beforehand (`[rows, cols]`, true = pruned), e.g. by magnitude or Wanda;
+    /// the sweep zeroes those weights and compensates on the rest.
+    Fixed(&'a [bool]),
+    /// SparseGPT: choose the mask during the sweep by OBS saliency `w² / [H⁻¹]ᵢᵢ²`, per row
+    /// within each block of columns (unstructured) or each `m` columns (N:M).
+    Select(Sparsity),
+}
+
+/// The OBS column sweep shared by GPTQ and SparseGPT: every weight is rounded onto its grid
+/// (`encoding`, or kept as is with `None`) or pruned to zero (`prune`), and its error is
+/// spread onto the columns not yet visited. With [`Prune::Select`] columns go in natural
+/// order (N:M groups are runs of natural columns).
+pub fn sweep_target(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    h: &[f64],
+    encoding: Option<Encoding>,
+    prune: Option<Prune<'_>>,
+    options: &GptqOptions,
+) -> Result<GptqOutput, String> {
     if w.len() != rows * cols || h.len() != cols * cols {
         return Err(format!(
             "gptq: weight {} values / Hessian {} values do not fit {rows}×{cols}",
@@ -67,15 +95,37 @@ pub fn gptq(
             h.len()
         ));
     }
-    let group = encoding
-        .group()
-        .map(|g| g as usize)
-        .ok_or_else(|| format!("gptq: {encoding} is not a quantized encoding"))?;
+    let group = match encoding {
+        Some(e) => e
+            .group()
+            .map(|g| g as usize)
+            .ok_or_else(|| format!("gptq: {e} is not a quantized encoding"))?,
+        None => cols,
+    };
     if !cols.is_multiple_of(group) {
         return Err(format!(
             "gptq: {cols} columns do not split into groups of {group}"
         ));
     }
+    if let Some(Prune::Fixed(mask)) = prune
+        && mask.len() != w.len()
+    {
+        return Err(format!(
+            "prune mask of {} entries for {rows}×{cols}",
+            mask.len()
+        ));
+    }
+    if let Some(Prune::Select(sparsity)) = prune {
+        sparsity.validate()?;
+        if let Some(reason) = sparsity.unsupported_reason(cols) {
+            return Err(reason);
+        }
+    }
+    let mut options = options.clone();
+    if matches!(prune, Some(Prune::Select(_))) {
+        options.act_order = false;
+    }
+    let options = &options;
     let mut w = w.to_vec();
     let mut h = Mat::<f64>::from_fn(cols, cols, |i, j| h[i * cols + j]);
     // Inputs that never fire carry no information: their weights do not matter, so zero them
@@ -102,11 +152,18 @@ pub fn gptq(
 
     let groups_per_row = cols / group;
     // Static grids (act-order): fixed from the original weights before any update.
-    let static_grids = options
-        .act_order
-        .then(|| quant::choose_grids(&w, cols, encoding, options.clipping, Some(&importance)));
-
-    let mut grids = vec![Grid::default_for(encoding); rows * groups_per_row];
+    let static_grids = match encoding {
+        Some(e) if options.act_order => Some(quant::choose_grids(
+            &w,
+            cols,
+            e,
+            options.clipping,
+            Some(&importance),
+        )),
+        _ => None,
+    };
+    let placeholder = Grid::default_for(encoding.unwrap_or(Encoding::Q8 { group: 32 }));
+    let mut grids = vec![placeholder; rows * groups_per_row];
     let losses: Vec<f64> = w
         .par_chunks_mut(ROW_TILE * cols)
         .zip(grids.par_chunks_mut(ROW_TILE * groups_per_row))
@@ -119,12 +176,24 @@ pub fn gptq(
                 let first = tile_index * ROW_TILE * groups_per_row;
                 tile_grids.copy_from_slice(&grids[first..first + tile_rows * groups_per_row]);
             }
+            let first_row = tile_index * ROW_TILE;
+            let prune = match prune {
+                None => TilePrune::None,
+                Some(Prune::Select(s)) => TilePrune::Select(s),
+                Some(Prune::Fixed(mask)) => {
+                    TilePrune::Fixed(&mask[first_row * cols..(first_row + tile_rows) * cols])
+                }
+            };
+            let target = Target {
+                encoding,
+                group,
+                prune,
+            };
             let loss = sweep(
                 wp.as_mut(),
                 u.as_ref(),
                 &order,
-                group,
-                encoding,
+                &target,
                 options,
                 &importance,
                 tile_grids,
@@ -139,36 +208,100 @@ pub fn gptq(
         .collect();
     Ok(GptqOutput {
         values: w,
-        grids,
+        grids: if encoding.is_some() {
+            grids
+        } else {
+            Vec::new()
+        },
         loss: losses.iter().sum(),
     })
 }
 
+/// What happens to each weight of one tile.
+struct Target<'a> {
+    encoding: Option<Encoding>,
+    /// Group size of the grids (`cols` when not quantizing).
+    group: usize,
+    prune: TilePrune<'a>,
+}
+
+enum TilePrune<'a> {
+    None,
+    /// The tile's rows of the mask, natural column order.
+    Fixed(&'a [bool]),
+    Select(Sparsity),
+}
+
 /// The column sweep over one tile of rows (`wp` in permuted column order). Grids are read
 /// from `grids` (static) or chosen when a group's first column is reached (natural order).
-#[allow(clippy::too_many_arguments)]
 fn sweep(
     mut wp: MatMut<'_, f32>,
     u: MatRef<'_, f32>,
     order: &[usize],
-    group: usize,
-    encoding: Encoding,
+    target: &Target<'_>,
     options: &GptqOptions,
     importance: &[f32],
     grids: &mut [Grid],
 ) -> f64 {
     let (rows, cols) = (wp.nrows(), wp.ncols());
+    let group = target.group;
     let groups_per_row = cols / group;
     let mut loss = 0.0f64;
-    // Blocks hold whole groups, so a group's grid is chosen after all earlier columns' errors
-    // reached it: the result then does not depend on the block size.
-    let block = options.block.max(1).div_ceil(group) * group;
+    // Blocks hold whole groups (and whole N:M runs), so a group's grid is chosen after all
+    // earlier columns' errors reached it: the result then does not depend on the block size.
+    let unit = match target.prune {
+        TilePrune::Select(Sparsity::NM { m, .. }) if target.encoding.is_some() => group.max(m),
+        TilePrune::Select(Sparsity::NM { m, .. }) => m,
+        _ if target.encoding.is_some() => group,
+        _ => 1,
+    };
+    let block = options.block.max(1).div_ceil(unit) * unit;
     let mut err = Mat::<f32>::zeros(rows, block);
     let mut values = vec![0.0f32; group];
+    // Pruned flags of the current block (Select), row-major rows × block.
+    let mut pruned = vec![false; rows * block];
+    let mut saliency = Vec::with_capacity(block);
+    let mut scratch = Vec::with_capacity(block);
     for block_start in (0..cols).step_by(block) {
         let block_end = (block_start + block).min(cols);
+        let width = block_end - block_start;
+        if let TilePrune::Select(Sparsity::Unstructured(_)) = target.prune {
+            pruned.fill(false);
+        }
+        if let TilePrune::Select(sparsity @ Sparsity::Unstructured(_)) = target.prune {
+            for r in 0..rows {
+                saliency.clear();
+                saliency.extend((block_start..block_end).map(|j| (wp[(r, j)] / u[(j, j)]).powi(2)));
+                let count = sparsity.pruned_of(width);
+                super::prune::prune_lowest(
+                    &saliency,
+                    &mut pruned[r * block..r * block + width],
+                    count,
+                    &mut scratch,
+                );
+            }
+        }
         for i in block_start..block_end {
-            if !options.act_order && i % group == 0 {
+            if let TilePrune::Select(sparsity @ Sparsity::NM { m, .. }) = target.prune
+                && (i - block_start).is_multiple_of(m)
+            {
+                for r in 0..rows {
+                    saliency.clear();
+                    saliency.extend((i..i + m).map(|j| (wp[(r, j)] / u[(j, j)]).powi(2)));
+                    let at = r * block + i - block_start;
+                    pruned[at..at + m].fill(false);
+                    super::prune::prune_lowest(
+                        &saliency,
+                        &mut pruned[at..at + m],
+                        sparsity.pruned_of(m),
+                        &mut scratch,
+                    );
+                }
+            }
+            if let Some(encoding) = target.encoding
+                && !options.act_order
+                && i.is_multiple_of(group)
+            {
                 for r in 0..rows {
                     for (k, v) in values.iter_mut().enumerate() {
                         *v = wp[(r, i + k)];
@@ -185,19 +318,31 @@ fn sweep(
             let d = u[(i, i)];
             for r in 0..rows {
                 let v = wp[(r, i)];
-                let q = grids[r * groups_per_row + g].fake_quant(v);
+                let is_pruned = match target.prune {
+                    TilePrune::None => false,
+                    TilePrune::Fixed(mask) => mask[r * cols + order[i]],
+                    TilePrune::Select(_) => pruned[r * block + i - block_start],
+                };
+                let q = if is_pruned {
+                    0.0
+                } else if target.encoding.is_some() {
+                    grids[r * groups_per_row + g].fake_quant(v)
+                } else {
+                    v
+                };
                 wp[(r, i)] = q;
                 let e = (v - q) / d;
                 loss += (e as f64) * (e as f64);
                 err[(r, i - block_start)] = e;
                 // Update the rest of this block now; later blocks get it in one product.
-                for j in i + 1..block_end {
-                    wp[(r, j)] -= e * u[(i, j)];
+                if e != 0.0 {
+                    for j in i + 1..block_end {
+                        wp[(r, j)] -= e * u[(i, j)];
+                    }
                 }
             }
         }
         if block_end < cols {
-            let width = block_end - block_start;
             matmul(
                 wp.as_mut().subcols_mut(block_end, cols - block_end),
                 Accum::Add,
@@ -386,5 +531,93 @@ mod tests {
         assert!(out.values.chunks(cols).all(|r| r[0] == 0.0));
         assert!(gptq(&w, rows, cols + 1, &h, encoding, &GptqOptions::default()).is_err());
         assert!(gptq(&w, rows, cols, &h, Encoding::F16, &GptqOptions::default()).is_err());
+    }
+
+    #[test]
+    fn sparsegpt_prunes_to_the_pattern_and_beats_magnitude() {
+        use crate::convert::prune::{self, Sparsity};
+        let (tokens, rows, cols) = (256, 24, 128);
+        let x = inputs(tokens, cols);
+        let h = hessian(&x, tokens, cols);
+        let w = random_vec(rows * cols, 31);
+        for sparsity in [Sparsity::Unstructured(0.5), Sparsity::NM { n: 2, m: 4 }] {
+            let options = GptqOptions::default();
+            let out = sweep_target(
+                &w,
+                rows,
+                cols,
+                &h,
+                None,
+                Some(Prune::Select(sparsity)),
+                &options,
+            )
+            .unwrap();
+            assert!(out.grids.is_empty());
+            let zeros = out.values.iter().filter(|v| **v == 0.0).count();
+            assert_eq!(zeros, rows * cols / 2, "{sparsity:?}");
+            if let Sparsity::NM { n, m } = sparsity {
+                for run in out.values.chunks(m) {
+                    assert_eq!(run.iter().filter(|v| **v != 0.0).count(), n);
+                }
+            }
+            let mask = prune::select_mask(&prune::scores(&w, cols, None), cols, sparsity);
+            let magnitude: Vec<f32> = w
+                .iter()
+                .zip(&mask)
+                .map(|(v, p)| if *p { 0.0 } else { *v })
+                .collect();
+            let (e_sgpt, e_mag) = (
+                output_error(&x, &w, &out.values, tokens, rows, cols),
+                output_error(&x, &w, &magnitude, tokens, rows, cols),
+            );
+            assert!(
+                e_sgpt < 0.7 * e_mag,
+                "{sparsity:?}: sparsegpt {e_sgpt} vs magnitude {e_mag}"
+            );
+        }
+    }
+
+    #[test]
+    fn fixed_mask_with_quantization_keeps_pruned_weights_at_zero() {
+        let (tokens, rows, cols) = (128, 8, 64);
+        let x = inputs(tokens, cols);
+        let h = hessian(&x, tokens, cols);
+        let w = random_vec(rows * cols, 41);
+        let mask: Vec<bool> = (0..rows * cols).map(|i| i % 3 == 0).collect();
+        let encoding = Encoding::Q4 {
+            group: 32,
+            asymmetric: false,
+        };
+        let out = sweep_target(
+            &w,
+            rows,
+            cols,
+            &h,
+            Some(encoding),
+            Some(Prune::Fixed(&mask)),
+            &GptqOptions::default(),
+        )
+        .unwrap();
+        for (v, p) in out.values.iter().zip(&mask) {
+            if *p {
+                assert_eq!(*v, 0.0);
+            }
+        }
+        let mut on_grid = out.values.clone();
+        quant::fake_quantize(&mut on_grid, cols, encoding, &out.grids);
+        assert_eq!(on_grid, out.values, "symmetric grids hold zero exactly");
+        let short = vec![false; 3];
+        assert!(
+            sweep_target(
+                &w,
+                rows,
+                cols,
+                &h,
+                None,
+                Some(Prune::Fixed(&short)),
+                &GptqOptions::default()
+            )
+            .is_err()
+        );
     }
 }

@@ -5,6 +5,7 @@
 pub mod awq;
 pub mod calib;
 pub mod gptq;
+pub mod prune;
 pub mod quant;
 pub mod sensitivity;
 
@@ -23,6 +24,7 @@ use crate::tokenizer::Tokenizer;
 
 pub use calib::Calibration;
 pub use gptq::GptqOptions;
+pub use prune::{PruneMethod, Sparsity};
 pub use quant::Clipping;
 
 #[derive(Debug, thiserror::Error)]
@@ -176,6 +178,15 @@ pub struct ConvertOptions {
     pub calibration: Option<Calibration>,
     /// Per-tensor encoding overrides (mixed precision); the last matching rule wins.
     pub keep: Vec<KeepRule>,
+    /// Pruning of the block matrices (before or, with SparseGPT, jointly with quantization).
+    pub pruning: Option<Pruning>,
+}
+
+/// `--prune METHOD` with `--sparsity F` or `--nm N:M`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Pruning {
+    pub method: PruneMethod,
+    pub sparsity: Sparsity,
 }
 
 impl Default for ConvertOptions {
@@ -195,6 +206,7 @@ impl ConvertOptions {
             gptq: GptqOptions::default(),
             calibration: None,
             keep: Vec::new(),
+            pruning: None,
         }
     }
 
@@ -232,7 +244,23 @@ impl ConvertOptions {
         }
     }
 
+    /// Whether the conversion runs the model on calibration text.
+    pub fn needs_calibration(&self) -> bool {
+        self.method.needs_calibration()
+            || self.pruning.is_some_and(|p| p.method.needs_calibration())
+    }
+
     fn validate(&self) -> Result<(), ConvertError> {
+        if let Some(p) = &self.pruning {
+            p.sparsity.validate().map_err(ConvertError::Options)?;
+            if p.method.needs_calibration() && self.calibration.is_none() {
+                return Err(ConvertError::Options(format!(
+                    "--prune {} needs calibration text (--calib FILE; scripts/fetch-calib.sh \
+                     downloads a default set)",
+                    p.method.name()
+                )));
+            }
+        }
         if self.method.needs_calibration() {
             if self.calibration.is_none() {
                 return Err(ConvertError::Options(format!(
@@ -302,7 +330,7 @@ pub fn convert(
         }
     }
     let calibration = match &options.calibration {
-        Some(c) if options.method.needs_calibration() => Some(calibration_windows(model, c)?),
+        Some(c) if options.needs_calibration() => Some(calibration_windows(model, c)?),
         _ => None,
     };
     let mut out = Output {
@@ -315,11 +343,15 @@ pub fn convert(
         total: expected.len(),
         progress,
         gptq_loss: 0.0,
+        pruned: 0,
+        prunable: 0,
+        prune_skipped: Vec::new(),
     };
 
     let embedding = model.source.load_f32(names::TOKEN_EMBD)?;
     let embd_shape = [config.vocab_size, config.hidden_size];
-    let runtime_embedding = out.write_matrix(names::TOKEN_EMBD, &embd_shape, embedding, None)?;
+    let runtime_embedding =
+        out.write_matrix(names::TOKEN_EMBD, &embd_shape, embedding, None, false)?;
     let mut calibrator = calibration.as_ref().map(|windows| {
         let d = config.hidden_size;
         calib::Calibrator::new(config, windows, |token, row| {
@@ -362,7 +394,7 @@ pub fn convert(
                     }),
                     _ => None,
                 };
-                out.write_matrix(&name, &shape, values, evidence)?
+                out.write_matrix(&name, &shape, values, evidence, true)?
             };
             layer.tensors[i].2 = values;
         }
@@ -374,7 +406,7 @@ pub fn convert(
     out.write_vector(names::OUTPUT_NORM, &[config.hidden_size], norm)?;
     if !config.tie_word_embeddings {
         let output = model.source.load_f32(names::OUTPUT)?;
-        out.write_matrix(names::OUTPUT, &embd_shape, output, None)?;
+        out.write_matrix(names::OUTPUT, &embd_shape, output, None, false)?;
     }
 
     let converted_at = SystemTime::now()
@@ -384,7 +416,7 @@ pub fn convert(
     let calibration_recipe = options
         .calibration
         .as_ref()
-        .filter(|_| options.method.needs_calibration())
+        .filter(|_| options.needs_calibration())
         .map(|c| {
             serde_json::json!({
                 "source": c.source,
@@ -409,6 +441,12 @@ pub fn convert(
                 "loss": out.gptq_loss,
             })),
             "calibration": calibration_recipe,
+            "prune": options.pruning.map(|p| serde_json::json!({
+                "method": p.method.name(),
+                "sparsity": p.sparsity.describe(),
+                "achieved": if out.prunable > 0 { out.pruned as f64 / out.prunable as f64 } else { 0.0 },
+                "skipped": out.prune_skipped.iter().map(|(n, r)| serde_json::json!({"tensor": n, "reason": r})).collect::<Vec<_>>(),
+            })),
             "keep": options.keep.iter().map(|k| format!("{}={}", k.pattern, k.encoding.describe())).collect::<Vec<_>>(),
             "tensor_encodings": out.encodings,
             "fallbacks": out.fallbacks.iter().map(|(n, r)| serde_json::json!({"tensor": n, "reason": r})).collect::<Vec<_>>(),
@@ -481,6 +519,11 @@ struct Output<'a, 'p> {
     total: usize,
     progress: Progress<'p>,
     gptq_loss: f64,
+    /// Zeros and total weights of the matrices pruning applied to.
+    pruned: u64,
+    prunable: u64,
+    /// Matrices pruning skipped, with the reason.
+    prune_skipped: Vec<(String, String)>,
 }
 
 impl Output<'_, '_> {
@@ -503,13 +546,15 @@ impl Output<'_, '_> {
     }
 
     /// Encodes and writes one matrix; returns the values the runtime will read back (what
-    /// later blocks are calibrated against).
+    /// later blocks are calibrated against). `block_matrix`: a transformer block's linear
+    /// layer (the ones pruning and the calibrated methods apply to).
     fn write_matrix(
         &mut self,
         name: &str,
         shape: &[usize],
         mut values: Vec<f32>,
         evidence: Option<Evidence<'_>>,
+        block_matrix: bool,
     ) -> Result<Vec<f32>, ConvertError> {
         let options = self.options;
         let mut encoding = options.encoding_for(name, shape);
@@ -523,6 +568,99 @@ impl Output<'_, '_> {
             message,
         };
         let (rows, cols) = (shape[0], shape[1]);
+        let quantized = encoding.is_quantized();
+        let clipping = options.clipping();
+        let gptq_options = GptqOptions {
+            clipping,
+            ..options.gptq.clone()
+        };
+        let hessian = evidence.as_ref().map(|e| scaled_hessian(e.stats, e.scales));
+        // Mean square of each (scaled) input channel: Wanda's norms, the clipping weights.
+        let input_energy = evidence.as_ref().map(|e| {
+            let mut energy = e.stats.mean_square();
+            if let Some(s) = e.scales {
+                energy.iter_mut().zip(s).for_each(|(m, s)| *m /= s * s);
+            }
+            energy
+        });
+
+        let pruning = options.pruning.filter(|_| block_matrix);
+        let pruning = match pruning.map(|p| (p, p.sparsity.unsupported_reason(cols))) {
+            Some((_, Some(reason))) => {
+                log::warn!("{name}: not pruned: {reason}");
+                self.prune_skipped.push((name.to_string(), reason));
+                None
+            }
+            other => other.map(|(p, _)| p),
+        };
+        let mask = match pruning {
+            Some(Pruning {
+                method: PruneMethod::Magnitude,
+                sparsity,
+            }) => Some(prune::select_mask(
+                &prune::scores(&values, cols, None),
+                cols,
+                sparsity,
+            )),
+            Some(Pruning {
+                method: PruneMethod::Wanda,
+                sparsity,
+            }) => {
+                let energy = input_energy
+                    .as_deref()
+                    .ok_or_else(|| method_err("wanda needs calibration statistics".into()))?;
+                let scores = prune::scores(&values, cols, Some(energy));
+                Some(prune::select_mask(&scores, cols, sparsity))
+            }
+            _ => None,
+        };
+
+        // Values (and grids when quantizing) from the method that owns this matrix.
+        let mut grids = None;
+        let sweep = match (&pruning, &hessian) {
+            (
+                Some(Pruning {
+                    method: PruneMethod::SparseGpt,
+                    sparsity,
+                }),
+                Some(h),
+            ) => Some((h, Some(gptq::Prune::Select(*sparsity)))),
+            (_, Some(h)) if quantized && options.method.uses_gptq() => {
+                Some((h, mask.as_deref().map(gptq::Prune::Fixed)))
+            }
+            (
+                Some(Pruning {
+                    method: PruneMethod::SparseGpt,
+                    ..
+                }),
+                None,
+            ) => {
+                return Err(method_err("sparsegpt needs calibration statistics".into()));
+            }
+            _ => None,
+        };
+        if let Some((h, prune)) = sweep {
+            let target = quantized.then_some(encoding);
+            let out = gptq::sweep_target(&values, rows, cols, h, target, prune, &gptq_options)
+                .map_err(method_err)?;
+            log::debug!("{name}: sweep loss {:.4e}", out.loss);
+            self.gptq_loss += out.loss;
+            values = out.values;
+            if quantized {
+                grids = Some(out.grids);
+            }
+        } else if let Some(mask) = &mask {
+            values
+                .iter_mut()
+                .zip(mask)
+                .filter(|(_, pruned)| **pruned)
+                .for_each(|(v, _)| *v = 0.0);
+        }
+        if pruning.is_some() {
+            self.pruned += values.iter().filter(|v| **v == 0.0).count() as u64;
+            self.prunable += values.len() as u64;
+        }
+
         match encoding {
             Encoding::F32 => self.writer.add_f32(name, shape, &values, encoding)?,
             Encoding::F16 => {
@@ -538,31 +676,16 @@ impl Output<'_, '_> {
                     .for_each(|v| *v = bf16::from_f32(*v).to_f32());
             }
             Encoding::Q8 { .. } | Encoding::Q4 { .. } => {
-                let clipping = options.clipping();
-                let grids = match &evidence {
-                    Some(e) if options.method.uses_gptq() => {
-                        let hessian = scaled_hessian(e.stats, e.scales);
-                        let gptq_options = GptqOptions {
-                            clipping,
-                            ..options.gptq.clone()
-                        };
-                        let out =
-                            gptq::gptq(&values, rows, cols, &hessian, encoding, &gptq_options)
-                                .map_err(method_err)?;
-                        log::debug!("{name}: gptq loss {:.4e}", out.loss);
-                        self.gptq_loss += out.loss;
-                        values = out.values;
-                        out.grids
-                    }
-                    Some(e) => {
-                        // Clipping weighted by the (scaled) activation energy of each column.
-                        let mut importance = e.stats.mean_square();
-                        if let Some(s) = e.scales {
-                            importance.iter_mut().zip(s).for_each(|(m, s)| *m /= s * s);
-                        }
-                        quant::choose_grids(&values, cols, encoding, clipping, Some(&importance))
-                    }
-                    None => quant::choose_grids(&values, cols, encoding, clipping, None),
+                let grids = match grids {
+                    Some(g) => g,
+                    // Clipping weighted by the (scaled) activation energy of each column.
+                    None => quant::choose_grids(
+                        &values,
+                        cols,
+                        encoding,
+                        clipping,
+                        input_energy.as_deref(),
+                    ),
                 };
                 let bytes =
                     quant::encode(&values, rows, cols, encoding, &grids).ok_or_else(|| {
