@@ -718,6 +718,16 @@ fn scaled_hessian(stats: &calib::InputStats, scales: Option<&[f32]>) -> Vec<f64>
 /// An input shared by some matrices `(name, rows)`, and the tensors that produce it.
 type AwqGroup = (LinearInput, Vec<(String, usize)>, Vec<String>);
 
+/// Hidden size, q width, kv width and MLP width: the shapes of a block's matrices.
+fn block_dims(config: &ModelConfig) -> (usize, usize, usize, usize) {
+    (
+        config.hidden_size,
+        config.q_dim(),
+        config.kv_dim(),
+        config.intermediate_size,
+    )
+}
+
 /// One block's tensors in f32, in the order the file stores them.
 struct LayerTensors {
     layer: usize,
@@ -778,12 +788,7 @@ impl LayerTensors {
 
     fn block_weights(&self, config: &ModelConfig) -> BlockWeights<'_> {
         let l = self.layer;
-        let (d, qd, kvd, f) = (
-            config.hidden_size,
-            config.q_dim(),
-            config.kv_dim(),
-            config.intermediate_size,
-        );
+        let (d, qd, kvd, f) = block_dims(config);
         let mat = |name: String, rows: usize, cols: usize| {
             MatRef::new(WeightData::F32(self.get(&name)), rows, cols)
                 .expect("shapes checked at import")
@@ -819,12 +824,7 @@ impl LayerTensors {
         options: &ConvertOptions,
     ) -> std::collections::HashMap<LinearInput, Vec<f32>> {
         let l = self.layer;
-        let (d, qd, kvd, f) = (
-            config.hidden_size,
-            config.q_dim(),
-            config.kv_dim(),
-            config.intermediate_size,
-        );
+        let (d, qd, kvd, f) = block_dims(config);
         let mut groups: Vec<AwqGroup> = vec![
             (
                 LinearInput::Attention,
