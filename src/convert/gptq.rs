@@ -265,10 +265,8 @@ fn sweep(
     for block_start in (0..cols).step_by(block) {
         let block_end = (block_start + block).min(cols);
         let width = block_end - block_start;
-        if let TilePrune::Select(Sparsity::Unstructured(_)) = target.prune {
-            pruned.fill(false);
-        }
         if let TilePrune::Select(sparsity @ Sparsity::Unstructured(_)) = target.prune {
+            pruned.fill(false);
             for r in 0..rows {
                 saliency.clear();
                 saliency.extend((block_start..block_end).map(|j| (wp[(r, j)] / u[(j, j)]).powi(2)));

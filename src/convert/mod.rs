@@ -574,7 +574,6 @@ impl Output<'_, '_> {
             clipping,
             ..options.gptq.clone()
         };
-        let hessian = evidence.as_ref().map(|e| scaled_hessian(e.stats, e.scales));
         // Mean square of each (scaled) input channel: Wanda's norms, the clipping weights.
         let input_energy = evidence.as_ref().map(|e| {
             let mut energy = e.stats.mean_square();
@@ -617,16 +616,16 @@ impl Output<'_, '_> {
 
         // Values (and grids when quantizing) from the method that owns this matrix.
         let mut grids = None;
-        let sweep = match (&pruning, &hessian) {
+        let sweep = match (&pruning, &evidence) {
             (
                 Some(Pruning {
                     method: PruneMethod::SparseGpt,
                     sparsity,
                 }),
-                Some(h),
-            ) => Some((h, Some(gptq::Prune::Select(*sparsity)))),
-            (_, Some(h)) if quantized && options.method.uses_gptq() => {
-                Some((h, mask.as_deref().map(gptq::Prune::Fixed)))
+                Some(e),
+            ) => Some((e, Some(gptq::Prune::Select(*sparsity)))),
+            (_, Some(e)) if quantized && options.method.uses_gptq() => {
+                Some((e, mask.as_deref().map(gptq::Prune::Fixed)))
             }
             (
                 Some(Pruning {
@@ -639,10 +638,13 @@ impl Output<'_, '_> {
             }
             _ => None,
         };
-        if let Some((h, prune)) = sweep {
+        if let Some((e, prune)) = sweep {
+            // Only the sweep reads the (rescaled) Hessian, so only it pays for the copy.
+            let hessian = scaled_hessian(e.stats, e.scales);
             let target = quantized.then_some(encoding);
-            let out = gptq::sweep_target(&values, rows, cols, h, target, prune, &gptq_options)
-                .map_err(method_err)?;
+            let out =
+                gptq::sweep_target(&values, rows, cols, &hessian, target, prune, &gptq_options)
+                    .map_err(method_err)?;
             log::debug!("{name}: sweep loss {:.4e}", out.loss);
             self.gptq_loss += out.loss;
             values = out.values;

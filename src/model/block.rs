@@ -138,7 +138,7 @@ pub fn block_forward(
     add_in_place(x, &s.proj);
 }
 
-pub(crate) fn add_in_place(x: &mut [f32], y: &[f32]) {
+fn add_in_place(x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {
         *a += b;
     }
