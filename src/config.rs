@@ -214,6 +214,14 @@ pub mod names {
     pub fn ffn_down(layer: usize) -> String {
         format!("blk.{layer}.ffn_down.weight")
     }
+    /// The first factor of a low-rank matrix `W ≈ U·V`: `V`, `rank × cols`.
+    pub fn lowrank_v(matrix: &str) -> String {
+        format!("{matrix}#v")
+    }
+    /// The second factor of a low-rank matrix: `U`, `rows × rank`.
+    pub fn lowrank_u(matrix: &str) -> String {
+        format!("{matrix}#u")
+    }
 }
 
 #[cfg(test)]

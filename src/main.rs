@@ -9,8 +9,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use pocketlm::convert::{
-    self, Calibration, Clipping, ConvertOptions, GptqOptions, KeepRule, Method, PruneMethod,
-    Pruning, Sparsity,
+    self, Calibration, Clipping, ConvertOptions, GptqOptions, KeepRule, LowRank, LowRankMethod,
+    Method, PruneMethod, Pruning, RankAllocation, RankTarget, Sparsity,
 };
 use pocketlm::eval::report::{ReportOptions, build_report};
 use pocketlm::eval::zeroshot::{self, Task};
@@ -126,6 +126,20 @@ struct ConvertArgs {
     /// N:M sparsity for --prune, e.g. 2:4.
     #[arg(long)]
     nm: Option<Sparsity>,
+    /// Factorize the block matrices as W ≈ U·V: svd (data-free), asvd or svdllm (activation
+    /// aware; need --calib). The factors are stored in --weights (quantized with --method).
+    #[arg(long)]
+    lowrank: Option<LowRankMethod>,
+    /// For --lowrank: fraction of the block matrices' parameters to remove, e.g. 0.2.
+    #[arg(long, conflicts_with = "rank")]
+    ratio: Option<f64>,
+    /// For --lowrank: the same rank for every matrix (rounded up to the quantization group).
+    #[arg(long)]
+    rank: Option<usize>,
+    /// For --lowrank --ratio: uniform (each matrix loses the ratio) or energy (a block's
+    /// budget goes where the singular-value energy is).
+    #[arg(long, default_value = "uniform")]
+    rank_alloc: RankAllocation,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -447,8 +461,27 @@ fn cmd_convert(a: ConvertArgs) -> CliResult {
         (None, Some(_)) => return Err("--sparsity/--nm need --prune METHOD".into()),
         (None, None) => None,
     };
-    let needs_calibration =
-        a.method.needs_calibration() || pruning.is_some_and(|p| p.method.needs_calibration());
+    let lowrank = match (a.lowrank, a.ratio, a.rank) {
+        (Some(method), Some(ratio), None) => Some(LowRank {
+            method,
+            target: RankTarget::Ratio(ratio),
+            allocation: a.rank_alloc,
+        }),
+        (Some(method), None, Some(rank)) => Some(LowRank {
+            method,
+            target: RankTarget::Rank(rank),
+            allocation: a.rank_alloc,
+        }),
+        (Some(_), None, None) => return Err("--lowrank needs --ratio F or --rank N".into()),
+        (None, Some(_), _) | (None, _, Some(_)) => {
+            return Err("--ratio/--rank need --lowrank METHOD".into());
+        }
+        (Some(_), Some(_), Some(_)) => return Err("choose one of --ratio and --rank".into()),
+        (None, None, None) => None,
+    };
+    let needs_calibration = a.method.needs_calibration()
+        || pruning.is_some_and(|p| p.method.needs_calibration())
+        || lowrank.is_some_and(|l| l.method.needs_calibration());
     let calibration = if needs_calibration {
         let path = a
             .calib
@@ -494,6 +527,7 @@ fn cmd_convert(a: ConvertArgs) -> CliResult {
         calibration,
         keep: a.keep,
         pruning,
+        lowrank,
     };
     let (src, output) = (a.src, a.output);
     let started = std::time::Instant::now();
@@ -597,7 +631,7 @@ fn cmd_inspect(path: PathBuf, list_tensors: bool, json: bool) -> CliResult {
         e.0 += 1;
         e.1 += t.shape.iter().product::<usize>() as u64;
     }
-    let flops = config.flops_per_token(0);
+    let flops = model.flops_per_token(0);
     if json {
         let tensors: Vec<_> = file
             .tensors()

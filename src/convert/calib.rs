@@ -76,6 +76,30 @@ impl InputStats {
         }
     }
 
+    /// The statistics of the `tokens × width` activations `x`.
+    pub fn from_activations(x: &[f32], width: usize) -> InputStats {
+        let mut stats = InputStats::new(width);
+        stats.add(x, 1, 0);
+        stats
+    }
+
+    /// Statistics known only through their second moments `XᵀX` (`width × width`) over
+    /// `tokens` (the input of a low-rank layer's second factor): mean |x| is estimated as the
+    /// root mean square, and no rows are sampled.
+    pub fn from_second_moments(width: usize, hessian: Vec<f64>, tokens: usize) -> InputStats {
+        let n = tokens.max(1) as f64;
+        let mean_abs = (0..width)
+            .map(|i| (hessian[i * width + i] / n).max(0.0).sqrt() as f32)
+            .collect();
+        InputStats {
+            width,
+            hessian,
+            tokens,
+            mean_abs,
+            sample: Vec::new(),
+        }
+    }
+
     /// Mean square of each channel (`diag(XᵀX) / tokens`).
     pub fn mean_square(&self) -> Vec<f32> {
         let n = self.tokens.max(1) as f64;

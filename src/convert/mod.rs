@@ -5,6 +5,7 @@
 pub mod awq;
 pub mod calib;
 pub mod gptq;
+pub mod lowrank;
 pub mod prune;
 pub mod quant;
 pub mod sensitivity;
@@ -18,12 +19,13 @@ use half::{bf16, f16};
 use crate::config::{ModelConfig, names};
 use crate::format::{Encoding, PlmError, PlmWriter};
 use crate::import::{self, ImportError, ImportedModel, TensorSource};
-use crate::kernels::{MatRef, WeightData};
+use crate::kernels::{Linear, MatRef, WeightData};
 use crate::model::{BlockWeights, LinearInput, expected_tensors};
 use crate::tokenizer::Tokenizer;
 
 pub use calib::Calibration;
 pub use gptq::GptqOptions;
+pub use lowrank::{LowRank, LowRankMethod, RankAllocation, RankTarget};
 pub use prune::{PruneMethod, Sparsity};
 pub use quant::Clipping;
 
@@ -180,6 +182,8 @@ pub struct ConvertOptions {
     pub keep: Vec<KeepRule>,
     /// Pruning of the block matrices (before or, with SparseGPT, jointly with quantization).
     pub pruning: Option<Pruning>,
+    /// Low-rank factorization of the block matrices (factors then stored in `weights`).
+    pub lowrank: Option<LowRank>,
 }
 
 /// `--prune METHOD` with `--sparsity F` or `--nm N:M`.
@@ -207,6 +211,7 @@ impl ConvertOptions {
             calibration: None,
             keep: Vec::new(),
             pruning: None,
+            lowrank: None,
         }
     }
 
@@ -248,9 +253,31 @@ impl ConvertOptions {
     pub fn needs_calibration(&self) -> bool {
         self.method.needs_calibration()
             || self.pruning.is_some_and(|p| p.method.needs_calibration())
+            || self.lowrank.is_some_and(|l| l.method.needs_calibration())
     }
 
     fn validate(&self) -> Result<(), ConvertError> {
+        if let Some(l) = &self.lowrank {
+            l.target.validate().map_err(ConvertError::Options)?;
+            if l.method.needs_calibration() && self.calibration.is_none() {
+                return Err(ConvertError::Options(format!(
+                    "--lowrank {} needs calibration text (--calib FILE; scripts/fetch-calib.sh \
+                     downloads a default set)",
+                    l.method.name()
+                )));
+            }
+            if matches!(l.target, RankTarget::Rank(_)) && l.allocation != RankAllocation::Uniform {
+                return Err(ConvertError::Options(
+                    "--rank-alloc applies to --ratio; --rank gives every matrix the same rank"
+                        .into(),
+                ));
+            }
+            if self.method.uses_awq() {
+                return Err(ConvertError::Options(
+                    "--lowrank with AWQ is not supported: use rtn or gptq for the factors".into(),
+                ));
+            }
+        }
         if let Some(p) = &self.pruning {
             p.sparsity.validate().map_err(ConvertError::Options)?;
             if p.method.needs_calibration() && self.calibration.is_none() {
@@ -346,6 +373,10 @@ pub fn convert(
         pruned: 0,
         prunable: 0,
         prune_skipped: Vec::new(),
+        lowrank_ranks: Vec::new(),
+        lowrank_dense: Vec::new(),
+        lowrank_before: 0,
+        lowrank_after: 0,
     };
 
     let embedding = model.source.load_f32(names::TOKEN_EMBD)?;
@@ -377,6 +408,15 @@ pub fn convert(
             }
             _ => None,
         };
+        let mut plan = match &options.lowrank {
+            Some(lr) => {
+                (out.progress)(out.done, out.total, &format!("blk.{l}: factorizing"));
+                let (plan, dense) = layer.plan_lowrank(lr, stats.as_ref(), options)?;
+                out.lowrank_dense.extend(dense);
+                plan
+            }
+            None => Default::default(),
+        };
         for i in 0..layer.tensors.len() {
             let (name, shape) = (layer.tensors[i].0.clone(), layer.tensors[i].1.clone());
             let values = std::mem::take(&mut layer.tensors[i].2);
@@ -394,7 +434,12 @@ pub fn convert(
                     }),
                     _ => None,
                 };
-                out.write_matrix(&name, &shape, values, evidence, true)?
+                match plan.remove(&name) {
+                    Some((decomposition, rank)) => {
+                        out.write_lowrank(&name, values, &decomposition, rank, evidence)?
+                    }
+                    None => out.write_matrix(&name, &shape, values, evidence, true)?,
+                }
             };
             layer.tensors[i].2 = values;
         }
@@ -447,6 +492,15 @@ pub fn convert(
                 "achieved": if out.prunable > 0 { out.pruned as f64 / out.prunable as f64 } else { 0.0 },
                 "skipped": out.prune_skipped.iter().map(|(n, r)| serde_json::json!({"tensor": n, "reason": r})).collect::<Vec<_>>(),
             })),
+            "lowrank": options.lowrank.map(|lr| serde_json::json!({
+                "method": lr.method.name(),
+                "target": lr.target.describe(),
+                "allocation": lr.allocation.name(),
+                "ranks": out.lowrank_ranks.iter().map(|(n, r)| (n.clone(), serde_json::json!(r))).collect::<serde_json::Map<_, _>>(),
+                "dense": out.lowrank_dense,
+                "weights_before": out.lowrank_before,
+                "weights_after": out.lowrank_after,
+            })),
             "keep": options.keep.iter().map(|k| format!("{}={}", k.pattern, k.encoding.describe())).collect::<Vec<_>>(),
             "tensor_encodings": out.encodings,
             "fallbacks": out.fallbacks.iter().map(|(n, r)| serde_json::json!({"tensor": n, "reason": r})).collect::<Vec<_>>(),
@@ -457,10 +511,10 @@ pub fn convert(
             "converted_at_unix": converted_at,
         },
     });
-    let (parameters, fallbacks) = (out.parameters, out.fallbacks);
     let file_bytes = out.writer.finish(&metadata)?;
+    let (parameters, fallbacks) = (out.parameters, out.fallbacks);
     Ok(ConvertReport {
-        tensors: expected.len(),
+        tensors: out.done,
         fallbacks,
         parameters,
         file_bytes,
@@ -503,6 +557,7 @@ fn calibration_windows(
 }
 
 /// What the calibration saw of a matrix's input, and the AWQ scales folded into its columns.
+#[derive(Clone, Copy)]
 struct Evidence<'a> {
     stats: &'a calib::InputStats,
     scales: Option<&'a [f32]>,
@@ -524,6 +579,12 @@ struct Output<'a, 'p> {
     prunable: u64,
     /// Matrices pruning skipped, with the reason.
     prune_skipped: Vec<(String, String)>,
+    /// Factorized matrices and their ranks; block matrices low rank left dense.
+    lowrank_ranks: Vec<(String, usize)>,
+    lowrank_dense: Vec<String>,
+    /// Weights of the factorized matrices before and after.
+    lowrank_before: u64,
+    lowrank_after: u64,
 }
 
 impl Output<'_, '_> {
@@ -702,6 +763,55 @@ impl Output<'_, '_> {
     }
 }
 
+impl Output<'_, '_> {
+    /// Writes matrix `name` (`w`, `rows × cols`) as its rank-`rank` factors `V` then `U`, each
+    /// in the encoding the options give its tensor name (and pruned as the options say). With calibration, `V` is quantized
+    /// against the matrix's inputs and `U` against `V`'s outputs (`V·H·Vᵀ`); for SVD-LLM, `U`
+    /// is first refitted to the stored `V`. Returns `U·V` as the runtime will apply it.
+    fn write_lowrank(
+        &mut self,
+        name: &str,
+        w: Vec<f32>,
+        decomposition: &lowrank::Decomposition,
+        rank: usize,
+        evidence: Option<Evidence<'_>>,
+    ) -> Result<Vec<f32>, ConvertError> {
+        let (rows, cols) = (decomposition.rows, decomposition.cols);
+        let method = self.options.lowrank.map(|l| l.method);
+        let (v, u) = decomposition.factors(rank);
+        self.total += 1;
+        let v_name = names::lowrank_v(name);
+        // Pruning, when asked for, applies to the factors (each against its own inputs).
+        let v = self.write_matrix(&v_name, &[rank, cols], v, evidence, true)?;
+        let (u, u_stats) = match evidence {
+            Some(e) => {
+                let (u, gram) = if method == Some(LowRankMethod::SvdLlm) {
+                    lowrank::refit_u(&w, rows, cols, &v, rank, &e.stats.hessian).map_err(
+                        |message| ConvertError::Method {
+                            tensor: name.to_string(),
+                            message,
+                        },
+                    )?
+                } else {
+                    (u, lowrank::factor_hessian(&v, rank, cols, &e.stats.hessian))
+                };
+                let stats = calib::InputStats::from_second_moments(rank, gram, e.stats.tokens);
+                (u, Some(stats))
+            }
+            None => (u, None),
+        };
+        let u_evidence = u_stats.as_ref().map(|stats| Evidence {
+            stats,
+            scales: None,
+        });
+        let u = self.write_matrix(&names::lowrank_u(name), &[rows, rank], u, u_evidence, true)?;
+        self.lowrank_ranks.push((name.to_string(), rank));
+        self.lowrank_before += (rows * cols) as u64;
+        self.lowrank_after += (rank * (rows + cols)) as u64;
+        Ok(lowrank::multiply(&u, &v, rows, rank, cols))
+    }
+}
+
 /// `XᵀX` of the inputs after AWQ divided channel `j` by `s[j]`: `S⁻¹ H S⁻¹`.
 fn scaled_hessian(stats: &calib::InputStats, scales: Option<&[f32]>) -> Vec<f64> {
     let Some(s) = scales else {
@@ -716,6 +826,9 @@ fn scaled_hessian(stats: &calib::InputStats, scales: Option<&[f32]>) -> Vec<f64>
     }
     h
 }
+
+/// Matrices of one block to factorize: decomposition and rank, by tensor name.
+type LowRankPlan = std::collections::HashMap<String, (lowrank::Decomposition, usize)>;
 
 /// An input shared by some matrices `(name, rows)`, and the tensors that produce it.
 type AwqGroup = (LinearInput, Vec<(String, usize)>, Vec<String>);
@@ -792,8 +905,10 @@ impl LayerTensors {
         let l = self.layer;
         let (d, qd, kvd, f) = block_dims(config);
         let mat = |name: String, rows: usize, cols: usize| {
-            MatRef::new(WeightData::F32(self.get(&name)), rows, cols)
-                .expect("shapes checked at import")
+            Linear::Dense(
+                MatRef::new(WeightData::F32(self.get(&name)), rows, cols)
+                    .expect("shapes checked at import"),
+            )
         };
         BlockWeights {
             attn_norm: self.get(&names::attn_norm(l)),
@@ -813,6 +928,58 @@ impl LayerTensors {
             up: mat(names::ffn_up(l), f, d),
             down: mat(names::ffn_down(l), d, f),
         }
+    }
+
+    /// Decomposes the block's matrices for `lr` and allocates their ranks. Returns the
+    /// matrices to factorize (decomposition and rank) and the names of those kept dense.
+    fn plan_lowrank(
+        &self,
+        lr: &LowRank,
+        stats: Option<&calib::LayerStats>,
+        options: &ConvertOptions,
+    ) -> Result<(LowRankPlan, Vec<String>), ConvertError> {
+        let mut decompositions = Vec::new();
+        // Ranks are multiples of the factors' quantization group (U's rows split into whole
+        // groups); float factors only round to a few lanes.
+        let mut step = 8;
+        for (name, shape, values) in &self.tensors {
+            let Some(input) = LayerTensors::input_of(name, self.layer) else {
+                continue;
+            };
+            let (rows, cols) = (shape[0], shape[1]);
+            let input_stats = stats.map(|s| s.input(input));
+            let d = lowrank::decompose(values, rows, cols, lr.method, input_stats).map_err(
+                |message| ConvertError::Method {
+                    tensor: name.clone(),
+                    message,
+                },
+            )?;
+            let u_encoding = options.encoding_for(&names::lowrank_u(name), shape);
+            if let Some(group) = u_encoding.group() {
+                step = step.max(group as usize);
+            }
+            decompositions.push((name.clone(), d));
+        }
+        let shapes: Vec<_> = decompositions
+            .iter()
+            .map(|(_, d)| (d.rows, d.cols, d.energy_shares()))
+            .collect();
+        let ranks = lowrank::allocate(&shapes, lr.target, lr.allocation, step);
+        let mut plan = LowRankPlan::new();
+        let mut dense = Vec::new();
+        for ((name, d), rank) in decompositions.into_iter().zip(ranks) {
+            match rank {
+                Some(rank) => {
+                    log::debug!("{name}: rank {rank} of {}", d.sigma.len());
+                    plan.insert(name, (d, rank));
+                }
+                None => {
+                    log::info!("{name}: kept dense (the factorized form would not be smaller)");
+                    dense.push(name);
+                }
+            }
+        }
+        Ok((plan, dense))
     }
 
     /// Searches AWQ scales for each input whose producer can absorb them, and folds them in:

@@ -8,8 +8,8 @@ use serde_json::Value;
 
 use super::bench::{BenchOptions, BenchResult, bench};
 use super::{EvalError, KldResult, PerplexityOptions, PerplexityResult, kl_divergence, perplexity};
-use crate::config::{ModelConfig, names};
-use crate::model::{Model, expected_tensors};
+use crate::config::names;
+use crate::model::Model;
 
 /// Size and compute figures of one model file.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -32,24 +32,10 @@ pub struct ModelSummary {
     pub compression_vs_f16: f64,
     /// Context length the attention term of `flops_per_token` averages over (`context / 2`).
     pub flops_context: usize,
-    /// See [`flops_per_token`].
+    /// See [`Model::flops_per_token`].
     pub flops_per_token: u64,
     /// The file metadata's `recipe` object (how it was converted).
     pub recipe: Option<Value>,
-}
-
-/// FLOPs to process one token with a `context`-token window, counting each multiply-add as 2:
-///
-/// ```text
-/// 2 · [ L · (d·q + 2·d·kv + q·d + 3·d·f) + V·d ]   weight matrices, output layer included
-/// + L · 4 · (context / 2) · q                       attention (q·kᵀ scores and the weighted
-///                                                   sum of v) at the average position
-/// ```
-///
-/// with `L` layers, hidden size `d`, query width `q = heads · head_dim`, key/value width `kv`,
-/// MLP width `f` and vocabulary `V`. Norms, RoPE, softmax and activations are not counted.
-pub fn flops_per_token(config: &ModelConfig, context: usize) -> u64 {
-    config.flops_per_token(context / 2)
 }
 
 /// Sizes from the tensor table of `model`'s file and FLOPs at `context`.
@@ -58,15 +44,12 @@ pub fn summarize(model: &Model, context: usize) -> ModelSummary {
     let config = model.config();
     let (mut parameters, mut tensor_bytes) = (0u64, 0u64);
     let (mut matrix_parameters, mut matrix_bytes) = (0u64, 0u64);
-    for (name, _) in expected_tensors(config) {
-        // Present: the model validated every expected tensor at load.
-        let Some(entry) = file.entry(&name) else {
-            continue;
-        };
+    for entry in model.used_tensors() {
         let elements = entry.shape.iter().map(|&d| d as u64).product::<u64>();
         parameters += elements;
         tensor_bytes += entry.length;
-        if entry.shape.len() == 2 && name != names::TOKEN_EMBD && name != names::OUTPUT {
+        if entry.shape.len() == 2 && entry.name != names::TOKEN_EMBD && entry.name != names::OUTPUT
+        {
             matrix_parameters += elements;
             matrix_bytes += entry.length;
         }
@@ -95,7 +78,7 @@ pub fn summarize(model: &Model, context: usize) -> ModelSummary {
             0.0
         },
         flops_context: context / 2,
-        flops_per_token: flops_per_token(config, context),
+        flops_per_token: model.flops_per_token(context / 2),
         recipe: file.metadata().get("recipe").cloned(),
     }
 }

@@ -6,7 +6,10 @@
 //! for tests and comparisons.
 
 pub mod dense;
+pub mod lowrank;
 pub mod quant;
+
+pub use lowrank::{Linear, linear, linear_with};
 
 use std::sync::OnceLock;
 

@@ -6,21 +6,21 @@ use rayon::prelude::*;
 
 use super::attention::{self, KvCache};
 use crate::config::ModelConfig;
-use crate::kernels::{self, MatRef};
+use crate::kernels::{self, Linear};
 
 /// The weights of one block, in any encoding the kernels read.
 #[derive(Clone, Copy)]
 pub struct BlockWeights<'a> {
     pub attn_norm: &'a [f32],
-    pub q: MatRef<'a>,
-    pub k: MatRef<'a>,
-    pub v: MatRef<'a>,
+    pub q: Linear<'a>,
+    pub k: Linear<'a>,
+    pub v: Linear<'a>,
     pub biases: Option<[&'a [f32]; 3]>,
-    pub o: MatRef<'a>,
+    pub o: Linear<'a>,
     pub ffn_norm: &'a [f32],
-    pub gate: MatRef<'a>,
-    pub up: MatRef<'a>,
-    pub down: MatRef<'a>,
+    pub gate: Linear<'a>,
+    pub up: Linear<'a>,
+    pub down: Linear<'a>,
 }
 
 /// The four distinct inputs the linear layers of a block read.
@@ -58,6 +58,8 @@ pub struct BlockScratch {
     proj: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
+    /// `tokens × rank` products of low-rank layers (grown on first use).
+    between: Vec<f32>,
 }
 
 impl BlockScratch {
@@ -78,6 +80,7 @@ impl BlockScratch {
             proj: vec![0.0; n * d],
             gate: vec![0.0; n * f],
             up: vec![0.0; n * f],
+            between: Vec::new(),
         }
     }
 }
@@ -107,9 +110,9 @@ pub fn block_forward(
     };
     kernels::rms_norm(x, w.attn_norm, c.rms_norm_eps, &mut s.h);
     see(LinearInput::Attention, &s.h);
-    kernels::matmul(&s.h, n, w.q, &mut s.q);
-    kernels::matmul(&s.h, n, w.k, &mut s.k);
-    kernels::matmul(&s.h, n, w.v, &mut s.v);
+    kernels::linear(&s.h, n, &w.q, &mut s.q, &mut s.between);
+    kernels::linear(&s.h, n, &w.k, &mut s.k, &mut s.between);
+    kernels::linear(&s.h, n, &w.v, &mut s.v, &mut s.between);
     if let Some([bq, bk, bv]) = w.biases {
         add_row_bias(&mut s.q, bq);
         add_row_bias(&mut s.k, bk);
@@ -125,16 +128,16 @@ pub fn block_forward(
     cache.write(layer, start, &s.k, &s.v);
     attention::attend(c, cache, layer, start, &s.q, &mut s.attn);
     see(LinearInput::AttentionOutput, &s.attn);
-    kernels::matmul(&s.attn, n, w.o, &mut s.proj);
+    kernels::linear(&s.attn, n, &w.o, &mut s.proj, &mut s.between);
     add_in_place(x, &s.proj);
 
     kernels::rms_norm(x, w.ffn_norm, c.rms_norm_eps, &mut s.h);
     see(LinearInput::Mlp, &s.h);
-    kernels::matmul(&s.h, n, w.gate, &mut s.gate);
-    kernels::matmul(&s.h, n, w.up, &mut s.up);
+    kernels::linear(&s.h, n, &w.gate, &mut s.gate, &mut s.between);
+    kernels::linear(&s.h, n, &w.up, &mut s.up, &mut s.between);
     kernels::silu_mul(&mut s.gate, &s.up);
     see(LinearInput::MlpDown, &s.gate);
-    kernels::matmul(&s.gate, n, w.down, &mut s.proj);
+    kernels::linear(&s.gate, n, &w.down, &mut s.proj, &mut s.between);
     add_in_place(x, &s.proj);
 }
 

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::config::{ModelConfig, names};
 use crate::format::{Encoding, PlmError, PlmFile, TensorEntry};
 use crate::import::TokenizerSpec;
-use crate::kernels::{self, MatRef};
+use crate::kernels::{self, Linear, MatRef};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
 pub use attention::KvCache;
@@ -160,32 +160,45 @@ pub fn expected_tensors(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
 /// Index of a tensor in the file's table (resolved and validated once at load).
 type TensorIndex = usize;
 
+/// Where a linear layer's weights are: one matrix, or the two factors of a low-rank one.
+#[derive(Clone, Copy, Debug)]
+enum LinearIndex {
+    Dense(TensorIndex),
+    LowRank { v: TensorIndex, u: TensorIndex },
+}
+
+impl LinearIndex {
+    fn tensors(self) -> Vec<TensorIndex> {
+        match self {
+            LinearIndex::Dense(i) => vec![i],
+            LinearIndex::LowRank { v, u } => vec![v, u],
+        }
+    }
+}
+
 struct Layer {
     attn_norm: TensorIndex,
-    q: TensorIndex,
-    k: TensorIndex,
-    v: TensorIndex,
+    q: LinearIndex,
+    k: LinearIndex,
+    v: LinearIndex,
     biases: Option<[TensorIndex; 3]>,
-    o: TensorIndex,
+    o: LinearIndex,
     ffn_norm: TensorIndex,
-    gate: TensorIndex,
-    up: TensorIndex,
-    down: TensorIndex,
+    gate: LinearIndex,
+    up: LinearIndex,
+    down: LinearIndex,
 }
 
 impl Layer {
+    fn linears(&self) -> [LinearIndex; 7] {
+        [
+            self.q, self.k, self.v, self.o, self.gate, self.up, self.down,
+        ]
+    }
+
     fn indices(&self) -> Vec<TensorIndex> {
-        let mut v = vec![
-            self.attn_norm,
-            self.q,
-            self.k,
-            self.v,
-            self.o,
-            self.ffn_norm,
-            self.gate,
-            self.up,
-            self.down,
-        ];
+        let mut v = vec![self.attn_norm, self.ffn_norm];
+        v.extend(self.linears().into_iter().flat_map(LinearIndex::tensors));
         v.extend(self.biases.into_iter().flatten());
         v
     }
@@ -261,27 +274,52 @@ impl Model {
         .map_err(|e| meta_err(format!("tokenizer: {e}")))?;
         let tokenizer = Tokenizer::from_spec(&tokenizer_spec)?;
 
-        for (name, shape) in expected_tensors(&config) {
-            let entry = file.entry(&name).ok_or_else(|| ModelError::Tensor {
-                path: path.clone(),
-                name: name.clone(),
-                message: "missing (required by the model config)".into(),
-            })?;
-            check_entry(&file, &path, entry, &shape)?;
-        }
-        let index = |name: &str| -> TensorIndex {
-            // Presence was checked above for every expected tensor.
-            file.tensors()
-                .iter()
-                .position(|t| t.name == name)
-                .unwrap_or(usize::MAX)
+        let index = |name: &str| -> Option<TensorIndex> {
+            file.tensors().iter().position(|t| t.name == name)
         };
+        let mut linears = std::collections::HashMap::new();
+        for (name, shape) in expected_tensors(&config) {
+            if let Some(entry) = file.entry(&name) {
+                check_entry(&file, &path, entry, &shape)?;
+                if shape.len() == 2 {
+                    linears.insert(name.clone(), LinearIndex::Dense(index(&name).unwrap_or(0)));
+                }
+                continue;
+            }
+            let (v_name, u_name) = (names::lowrank_v(&name), names::lowrank_u(&name));
+            match (file.entry(&v_name), file.entry(&u_name)) {
+                (Some(v), Some(u)) if shape.len() == 2 && name.starts_with("blk.") => {
+                    let rank = v.shape.first().copied().unwrap_or(0);
+                    if rank == 0 {
+                        return Err(ModelError::Tensor {
+                            path: path.clone(),
+                            name: v_name,
+                            message: "a low-rank factor needs rank ≥ 1".into(),
+                        });
+                    }
+                    check_entry(&file, &path, v, &[rank, shape[1]])?;
+                    check_entry(&file, &path, u, &[shape[0], rank])?;
+                    let (v, u) = (index(&v_name).unwrap_or(0), index(&u_name).unwrap_or(0));
+                    linears.insert(name, LinearIndex::LowRank { v, u });
+                }
+                _ => {
+                    return Err(ModelError::Tensor {
+                        path: path.clone(),
+                        name,
+                        message: "missing (required by the model config)".into(),
+                    });
+                }
+            }
+        }
+        // Presence was checked above for every expected tensor.
+        let linear = |name: &str| linears[name];
+        let index = |name: &str| index(name).unwrap_or(usize::MAX);
         let layers = (0..config.num_layers)
             .map(|l| Layer {
                 attn_norm: index(&names::attn_norm(l)),
-                q: index(&names::attn_q(l)),
-                k: index(&names::attn_k(l)),
-                v: index(&names::attn_v(l)),
+                q: linear(&names::attn_q(l)),
+                k: linear(&names::attn_k(l)),
+                v: linear(&names::attn_v(l)),
                 biases: config.attention_bias.then(|| {
                     [
                         index(&names::attn_q_bias(l)),
@@ -289,11 +327,11 @@ impl Model {
                         index(&names::attn_v_bias(l)),
                     ]
                 }),
-                o: index(&names::attn_output(l)),
+                o: linear(&names::attn_output(l)),
                 ffn_norm: index(&names::ffn_norm(l)),
-                gate: index(&names::ffn_gate(l)),
-                up: index(&names::ffn_up(l)),
-                down: index(&names::ffn_down(l)),
+                gate: linear(&names::ffn_gate(l)),
+                up: linear(&names::ffn_up(l)),
+                down: linear(&names::ffn_down(l)),
             })
             .collect();
         let token_embd = index(names::TOKEN_EMBD);
@@ -426,21 +464,77 @@ impl Model {
             .expect("1-D tensors are f32, checked at load")
     }
 
+    fn linear(&self, index: LinearIndex) -> Linear<'_> {
+        match index {
+            LinearIndex::Dense(i) => Linear::Dense(self.matrix(i)),
+            LinearIndex::LowRank { v, u } => Linear::low_rank(self.matrix(v), self.matrix(u))
+                .expect("factor shapes checked at load"),
+        }
+    }
+
     fn block_weights(&self, layer: &Layer) -> BlockWeights<'_> {
         BlockWeights {
             attn_norm: self.vector(layer.attn_norm),
-            q: self.matrix(layer.q),
-            k: self.matrix(layer.k),
-            v: self.matrix(layer.v),
+            q: self.linear(layer.q),
+            k: self.linear(layer.k),
+            v: self.linear(layer.v),
             biases: layer
                 .biases
                 .map(|[q, k, v]| [self.vector(q), self.vector(k), self.vector(v)]),
-            o: self.matrix(layer.o),
+            o: self.linear(layer.o),
             ffn_norm: self.vector(layer.ffn_norm),
-            gate: self.matrix(layer.gate),
-            up: self.matrix(layer.up),
-            down: self.matrix(layer.down),
+            gate: self.linear(layer.gate),
+            up: self.linear(layer.up),
+            down: self.linear(layer.down),
         }
+    }
+
+    /// Every tensor the forward pass reads, low-rank factors included (each once).
+    pub fn used_tensors(&self) -> Vec<&TensorEntry> {
+        let mut indices = vec![self.token_embd, self.output_norm, self.output];
+        for layer in &self.layers {
+            indices.extend(layer.indices());
+        }
+        indices.sort_unstable();
+        indices.dedup();
+        indices.into_iter().map(|i| self.entry(i)).collect()
+    }
+
+    /// FLOPs to process one token at context position `context_len`, counting each
+    /// multiply-add as 2:
+    ///
+    /// ```text
+    /// 2 · [ Σ stored block matrix weights + V·d ]   weight matrices, output layer included
+    /// + L · 4 · context_len · q                     attention (q·kᵀ scores and the weighted
+    ///                                               sum of v)
+    /// ```
+    ///
+    /// A dense block has `d·q + 2·d·kv + q·d + 3·d·f` matrix weights (`L` layers, hidden size
+    /// `d`, query width `q`, key/value width `kv`, MLP width `f`, vocabulary `V`); a low-rank
+    /// layer stores `rank · (rows + cols)`. Norms, RoPE, softmax and activations are not counted.
+    pub fn flops_per_token(&self, context_len: usize) -> u64 {
+        let c = &self.config;
+        let (d, q, kv, f) = (
+            c.hidden_size as u64,
+            c.q_dim() as u64,
+            c.kv_dim() as u64,
+            c.intermediate_size as u64,
+        );
+        let dense_blocks = c.num_layers as u64 * (2 * d * q + 2 * d * kv + 3 * d * f);
+        let stored: u64 = self
+            .block_linears()
+            .iter()
+            .map(|l| l.parameters() as u64)
+            .sum();
+        c.flops_per_token(context_len) - 2 * dense_blocks + 2 * stored
+    }
+
+    /// The linear layers of every block, in file order (q, k, v, o, gate, up, down).
+    pub fn block_linears(&self) -> Vec<Linear<'_>> {
+        self.layers
+            .iter()
+            .flat_map(|l| l.linears().map(|i| self.linear(i)))
+            .collect()
     }
 
     /// Runs `tokens` at positions `cache.len()..`, appending their keys/values to `cache`.
