@@ -256,3 +256,60 @@ fn low_rank_composes_with_pruning_of_the_factors() {
     assert!((0.45..=0.55).contains(&share), "factors {share:.3} zero");
     assert!(ppl(&path).is_finite());
 }
+
+#[test]
+fn a_file_served_at_a_lower_rank_equals_one_with_the_factors_cut() {
+    let options = ConvertOptions {
+        lowrank: Some(LowRank {
+            method: LowRankMethod::Svd,
+            target: RankTarget::Rank(32),
+            allocation: RankAllocation::Uniform,
+        }),
+        ..ConvertOptions::with_weights(Encoding::F32)
+    };
+    let (dir, path) = convert(&options);
+    let file = PlmFile::open(&path).unwrap();
+    // The same file with every factor cut to its first 16 components.
+    let cut_path = dir.path().join("cut.plm");
+    let mut writer = pocketlm::format::PlmWriter::create(&cut_path).unwrap();
+    let mut factorized = 0;
+    for t in file.tensors() {
+        let values = file.view(t).as_f32().unwrap();
+        if t.name.ends_with("#v") {
+            writer
+                .add_f32(&t.name, &[16, t.shape[1]], &values[..16 * t.shape[1]], Encoding::F32)
+                .unwrap();
+            factorized += 1;
+        } else if t.name.ends_with("#u") {
+            let (rows, rank) = (t.shape[0], t.shape[1]);
+            let cut: Vec<f32> = (0..rows)
+                .flat_map(|r| values[r * rank..r * rank + 16].to_vec())
+                .collect();
+            writer
+                .add_f32(&t.name, &[rows, 16], &cut, Encoding::F32)
+                .unwrap();
+        } else {
+            writer
+                .add_f32(&t.name, &t.shape, values, Encoding::F32)
+                .unwrap();
+        }
+    }
+    writer.finish(file.metadata()).unwrap();
+    assert!(factorized > 0);
+
+    let logits = |path: &Path, low_rank_percent| {
+        let options = ModelOptions {
+            low_rank_percent,
+            ..ModelOptions::default()
+        };
+        let model = Model::open_with(path, options).unwrap();
+        let mut cache = model.new_cache(16).unwrap();
+        model
+            .forward(&[1, 300, 7, 42], &mut cache, pocketlm::model::Logits::All)
+            .unwrap()
+    };
+    let full = logits(&path, 100);
+    let served = logits(&path, 50);
+    assert_ne!(full, served, "serving fewer components changes the output");
+    assert_eq!(served, logits(&cut_path, 100));
+}

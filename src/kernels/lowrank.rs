@@ -45,6 +45,34 @@ impl<'a> Linear<'a> {
         }
     }
 
+    /// The layer served with only its first `rank` components (`V`'s first rows, `U`'s first
+    /// columns, read in place). `None` for a dense layer, a rank above the stored one, or a
+    /// rank that splits a quantization group of `U`.
+    pub fn with_rank(self, rank: usize) -> Option<Linear<'a>> {
+        match self {
+            Linear::Dense(_) => None,
+            Linear::LowRank { v, u } if rank > 0 => Some(Linear::LowRank {
+                v: v.first_rows(rank)?,
+                u: u.first_cols(rank)?,
+            }),
+            Linear::LowRank { .. } => None,
+        }
+    }
+
+    /// [`Linear::with_rank`] at `percent` of the stored rank, rounded down to whole groups of
+    /// `U` (at least one); the layer unchanged when it is dense or cannot be cut.
+    pub fn at_percent(self, percent: usize) -> Linear<'a> {
+        let Linear::LowRank { u, .. } = self else {
+            return self;
+        };
+        let step = match u.data {
+            super::WeightData::Quant(q) => q.group,
+            _ => 1,
+        };
+        let rank = (u.cols * percent / 100 / step * step).max(step);
+        self.with_rank(rank).unwrap_or(self)
+    }
+
     /// Stored weights (both factors for a low-rank layer): the multiply-adds per token.
     pub fn parameters(&self) -> usize {
         match self {
@@ -163,6 +191,74 @@ mod tests {
                 assert_close(got[t * rows + r], e, cols);
             }
         }
+    }
+
+    /// A `rows × cols` q8/g32 matrix of `w`.
+    fn q8(w: &[f32], rows: usize, cols: usize) -> (Vec<u8>, crate::format::QuantLayout) {
+        let encoding = crate::format::Encoding::Q8 { group: 32 };
+        let bytes = super::super::quant::quantize_rtn(w, rows, cols, encoding).unwrap();
+        (bytes, encoding.quant_layout(&[rows, cols]).unwrap())
+    }
+
+    fn quant<'b>(bytes: &'b [u8], layout: &crate::format::QuantLayout) -> WeightData<'b> {
+        let encoding = crate::format::Encoding::Q8 { group: 32 };
+        WeightData::Quant(
+            super::super::quant::QuantMatrix::from_parts(encoding, layout, bytes).unwrap(),
+        )
+    }
+
+    #[test]
+    fn lower_rank_views_equal_factors_cut_to_that_rank() {
+        let (rows, rank, cols, cut) = (40, 64, 48, 32);
+        let u = random_vec(rows * rank, 11);
+        let v = random_vec(rank * cols, 12);
+        let u_cut: Vec<f32> = (0..rows)
+            .flat_map(|r| u[r * rank..r * rank + cut].to_vec())
+            .collect();
+        let (uq, ul) = q8(&u, rows, rank);
+        let (uq_cut, ul_cut) = q8(&u_cut, rows, cut);
+        let u16: Vec<f16> = u.iter().map(|&x| f16::from_f32(x)).collect();
+        let u16_cut: Vec<f16> = u_cut.iter().map(|&x| f16::from_f32(x)).collect();
+        let cases = [
+            (WeightData::F32(&u), WeightData::F32(&u_cut)),
+            (WeightData::F16(&u16), WeightData::F16(&u16_cut)),
+            (quant(&uq, &ul), quant(&uq_cut, &ul_cut)),
+        ];
+        // 3 tokens: per-row dot products; 9: the f32 GEMM path with a row stride.
+        for tokens in [3, 9] {
+            let x = random_vec(tokens * cols, 13);
+            for (full_u, cut_u) in cases {
+                let full = Linear::low_rank(
+                    MatRef::new(WeightData::F32(&v), rank, cols).unwrap(),
+                    MatRef::new(full_u, rows, rank).unwrap(),
+                )
+                .unwrap();
+                let expected = Linear::low_rank(
+                    MatRef::new(WeightData::F32(&v[..cut * cols]), cut, cols).unwrap(),
+                    MatRef::new(cut_u, rows, cut).unwrap(),
+                )
+                .unwrap();
+                let served = full.at_percent(50);
+                assert_eq!(served.rank(), Some(cut));
+                for path in KernelPath::ALL.into_iter().filter(|p| p.is_supported()) {
+                    let mut got = vec![0.0; tokens * rows];
+                    let mut want = vec![0.0; tokens * rows];
+                    linear_with(path, &x, tokens, &served, &mut got, &mut Vec::new());
+                    linear_with(path, &x, tokens, &expected, &mut want, &mut Vec::new());
+                    assert_eq!(got, want, "{path:?}, {tokens} tokens");
+                }
+            }
+        }
+        // A quantized U cannot be cut inside a group; dense layers have no rank to cut.
+        let full = Linear::low_rank(
+            MatRef::new(WeightData::F32(&v), rank, cols).unwrap(),
+            MatRef::new(quant(&uq, &ul), rows, rank).unwrap(),
+        )
+        .unwrap();
+        assert!(full.with_rank(40).is_none());
+        assert_eq!(full.at_percent(10).rank(), Some(32), "at least one group");
+        let dense = Linear::Dense(MatRef::new(WeightData::F32(&u), rows, rank).unwrap());
+        assert!(dense.with_rank(8).is_none());
     }
 
     #[test]

@@ -154,6 +154,9 @@ pub struct MatRef<'a> {
     pub data: WeightData<'a>,
     pub rows: usize,
     pub cols: usize,
+    /// Elements from one row's start to the next: `cols`, or more for a view of the first
+    /// columns of a wider matrix ([`MatRef::first_cols`]). Quantized data keeps its own.
+    stride: usize,
 }
 
 impl<'a> MatRef<'a> {
@@ -164,10 +167,44 @@ impl<'a> MatRef<'a> {
             WeightData::F16(d) => d.len(),
             WeightData::BF16(d) => d.len(),
             WeightData::Quant(q) => {
-                return (q.rows == rows && q.cols == cols).then_some(MatRef { data, rows, cols });
+                return (q.rows == rows && q.cols == cols).then_some(MatRef {
+                    data,
+                    rows,
+                    cols,
+                    stride: cols,
+                });
             }
         };
-        (rows.checked_mul(cols)? == len).then_some(MatRef { data, rows, cols })
+        (rows.checked_mul(cols)? == len).then_some(MatRef {
+            data,
+            rows,
+            cols,
+            stride: cols,
+        })
+    }
+
+    /// The first `rows` rows (`None` beyond the matrix).
+    pub fn first_rows(self, rows: usize) -> Option<Self> {
+        let data = match self.data {
+            WeightData::Quant(q) => WeightData::Quant(q.first_rows(rows)?),
+            other => other,
+        };
+        (rows <= self.rows).then_some(MatRef { data, rows, ..self })
+    }
+
+    /// The first `cols` columns of every row, read in place. `None` beyond the matrix, or
+    /// for quantized data when `cols` is not a whole number of groups.
+    pub fn first_cols(self, cols: usize) -> Option<Self> {
+        let data = match self.data {
+            WeightData::Quant(q) => WeightData::Quant(q.first_cols(cols)?),
+            other => other,
+        };
+        (cols <= self.cols).then_some(MatRef { data, cols, ..self })
+    }
+
+    /// Elements of row `r` in the dense data (`r < rows`).
+    fn row_range(&self, r: usize) -> std::ops::Range<usize> {
+        r * self.stride..r * self.stride + self.cols
     }
 
     /// The matrix a 2-D tensor view holds, in any encoding; `None` for other ranks or data that
@@ -190,7 +227,7 @@ impl<'a> MatRef<'a> {
 
     /// Copies row `r` widened to f32 into `out` (`out.len() == cols`).
     pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
-        let range = r * self.cols..(r + 1) * self.cols;
+        let range = self.row_range(r);
         match self.data {
             WeightData::F32(d) => out.copy_from_slice(&d[range]),
             WeightData::F16(d) => {
@@ -233,7 +270,7 @@ pub fn matmul_with(path: KernelPath, x: &[f32], tokens: usize, w: MatRef<'_>, ou
         && tokens >= GEMM_MIN_TOKENS
         && path != KernelPath::Scalar
     {
-        return gemm_f32(x, tokens, weights, w.rows, w.cols, out);
+        return gemm_f32(x, tokens, weights, w.rows, w.cols, w.stride, out);
     }
     let rpt = rows_per_task(w.rows);
     if tokens == 1 {
@@ -269,11 +306,20 @@ pub fn matmul_with(path: KernelPath, x: &[f32], tokens: usize, w: MatRef<'_>, ou
 /// calibration and f32 prefill), which beats per-row dot products several times over.
 const GEMM_MIN_TOKENS: usize = 8;
 
-/// `out = x · wᵀ` with faer (row-major views, no copies), on the rayon pool.
-fn gemm_f32(x: &[f32], tokens: usize, w: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
+/// `out = x · wᵀ` with faer (row-major views, no copies), on the rayon pool. Row `r` of `w`
+/// starts at `r · stride`.
+fn gemm_f32(
+    x: &[f32],
+    tokens: usize,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    stride: usize,
+    out: &mut [f32],
+) {
     use faer::linalg::matmul::matmul;
     let x = faer::MatRef::from_row_major_slice(x, tokens, cols);
-    let w = faer::MatRef::from_row_major_slice(w, rows, cols);
+    let w = faer::MatRef::from_row_major_slice_with_stride(w, rows, cols, stride);
     let out = faer::MatMut::from_row_major_slice_mut(out, tokens, rows);
     matmul(
         out,
@@ -359,7 +405,7 @@ pub fn quant_dot_n<const N: usize>(
 /// Row `r` as f32: borrowed when stored as f32, widened into `scratch` otherwise.
 fn widen_row<'a: 'o, 'o>(w: &MatRef<'a>, r: usize, scratch: &'o mut [f32]) -> &'o [f32] {
     match w.data {
-        WeightData::F32(d) => &d[r * w.cols..(r + 1) * w.cols],
+        WeightData::F32(d) => &d[w.row_range(r)],
         _ => {
             w.row_to_f32(r, scratch);
             scratch
@@ -371,7 +417,7 @@ fn row_dot(path: KernelPath, w: &MatRef<'_>, r: usize, x: &[f32], scratch: &mut 
     #[cfg(target_arch = "x86_64")]
     if let (KernelPath::Avx2, WeightData::F16(d)) = (path, w.data) {
         // SAFETY: Avx2 is only selected after `avx2_available()` confirmed AVX2, FMA, F16C.
-        return unsafe { dense::avx2::dot_f16(&d[r * w.cols..(r + 1) * w.cols], x) };
+        return unsafe { dense::avx2::dot_f16(&d[w.row_range(r)], x) };
     }
     let wr = widen_row(w, r, scratch);
     dot(path, wr, x)

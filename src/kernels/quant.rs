@@ -28,6 +28,8 @@ pub struct QuantMatrix<'a> {
     pub quants: &'a [u8],
     pub scales: &'a [f16],
     pub mins: Option<&'a [f16]>,
+    /// Columns of the stored rows: `cols`, or more for a view of the first columns.
+    stored_cols: usize,
 }
 
 impl<'a> QuantMatrix<'a> {
@@ -60,7 +62,20 @@ impl<'a> QuantMatrix<'a> {
             quants: bytes.get(layout.quants.clone())?,
             scales,
             mins,
+            stored_cols: layout.cols,
         })
+    }
+
+    /// The first `rows` rows (`None` beyond the matrix).
+    pub fn first_rows(self, rows: usize) -> Option<Self> {
+        (rows <= self.rows).then_some(QuantMatrix { rows, ..self })
+    }
+
+    /// The first `cols` columns of each row, read in place: `None` beyond the matrix or when
+    /// `cols` is not a whole number of groups.
+    pub fn first_cols(self, cols: usize) -> Option<Self> {
+        (cols <= self.cols && cols.is_multiple_of(self.group))
+            .then_some(QuantMatrix { cols, ..self })
     }
 
     pub fn from_view(view: &TensorView<'a>) -> Option<Self> {
@@ -73,21 +88,22 @@ impl<'a> QuantMatrix<'a> {
     }
 
     fn row_quants(&self, r: usize) -> &'a [u8] {
-        let n = match self.kind {
-            QuantKind::Q8 => self.cols,
-            _ => self.cols / 2,
+        let bytes = |cols: usize| match self.kind {
+            QuantKind::Q8 => cols,
+            _ => cols / 2,
         };
-        &self.quants[r * n..(r + 1) * n]
+        let start = r * bytes(self.stored_cols);
+        &self.quants[start..start + bytes(self.cols)]
     }
 
     fn row_scales(&self, r: usize) -> &'a [f16] {
-        let g = self.groups_per_row();
-        &self.scales[r * g..(r + 1) * g]
+        let start = r * (self.stored_cols / self.group);
+        &self.scales[start..start + self.groups_per_row()]
     }
 
     fn row_mins(&self, r: usize) -> Option<&'a [f16]> {
-        let g = self.groups_per_row();
-        self.mins.map(|m| &m[r * g..(r + 1) * g])
+        let start = r * (self.stored_cols / self.group);
+        self.mins.map(|m| &m[start..start + self.groups_per_row()])
     }
 
     /// Row `r` decoded to f32 (reference dequantization).

@@ -99,6 +99,20 @@ impl VerifyMode {
     }
 }
 
+/// `POCKETLM_LOW_RANK_PERCENT` (1..=100, a trailing `%` allowed); 100 when unset or invalid.
+fn low_rank_percent_from_env() -> u8 {
+    let Ok(v) = std::env::var("POCKETLM_LOW_RANK_PERCENT") else {
+        return 100;
+    };
+    match v.trim().trim_end_matches('%').parse::<u8>() {
+        Ok(p) if (1..=100).contains(&p) => p,
+        _ => {
+            log::warn!("POCKETLM_LOW_RANK_PERCENT={v:?} is not 1..=100; serving full rank");
+            100
+        }
+    }
+}
+
 /// Load-time options of a [`Model`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ModelOptions {
@@ -107,6 +121,10 @@ pub struct ModelOptions {
     pub max_kv_cache_bytes: u64,
     /// Largest activation footprint one [`Model::forward`] call may allocate.
     pub max_activation_bytes: u64,
+    /// Serve low-rank layers with this percentage of their stored rank (1..=100): the first
+    /// components of the rank-ordered factors, read in place, so only their pages are
+    /// touched. Rounded down to whole quantization groups; dense layers are unaffected.
+    pub low_rank_percent: u8,
 }
 
 impl Default for ModelOptions {
@@ -115,15 +133,18 @@ impl Default for ModelOptions {
             verify: VerifyMode::Off,
             max_kv_cache_bytes: DEFAULT_MAX_KV_CACHE_BYTES,
             max_activation_bytes: DEFAULT_MAX_ACTIVATION_BYTES,
+            low_rank_percent: 100,
         }
     }
 }
 
 impl ModelOptions {
-    /// Defaults, with the verification mode taken from `POCKETLM_VERIFY`.
+    /// Defaults, with the verification mode taken from `POCKETLM_VERIFY` and the low-rank
+    /// percentage from `POCKETLM_LOW_RANK_PERCENT`.
     pub fn from_env() -> ModelOptions {
         ModelOptions {
             verify: VerifyMode::from_env(),
+            low_rank_percent: low_rank_percent_from_env(),
             ..ModelOptions::default()
         }
     }
@@ -467,8 +488,14 @@ impl Model {
     fn linear(&self, index: LinearIndex) -> Linear<'_> {
         match index {
             LinearIndex::Dense(i) => Linear::Dense(self.matrix(i)),
-            LinearIndex::LowRank { v, u } => Linear::low_rank(self.matrix(v), self.matrix(u))
-                .expect("factor shapes checked at load"),
+            LinearIndex::LowRank { v, u } => {
+                let full = Linear::low_rank(self.matrix(v), self.matrix(u))
+                    .expect("factor shapes checked at load");
+                match self.options.low_rank_percent {
+                    100.. => full,
+                    percent => full.at_percent(percent as usize),
+                }
+            }
         }
     }
 
