@@ -277,7 +277,12 @@ fn a_file_served_at_a_lower_rank_equals_one_with_the_factors_cut() {
         let values = file.view(t).as_f32().unwrap();
         if t.name.ends_with("#v") {
             writer
-                .add_f32(&t.name, &[16, t.shape[1]], &values[..16 * t.shape[1]], Encoding::F32)
+                .add_f32(
+                    &t.name,
+                    &[16, t.shape[1]],
+                    &values[..16 * t.shape[1]],
+                    Encoding::F32,
+                )
                 .unwrap();
             factorized += 1;
         } else if t.name.ends_with("#u") {
@@ -310,6 +315,40 @@ fn a_file_served_at_a_lower_rank_equals_one_with_the_factors_cut() {
     };
     let full = logits(&path, 100);
     let served = logits(&path, 50);
+    // The bandwidth figure of `bench` counts what is served: at full rank every stored byte
+    // (f32 has no padding), at 50% half of each factor.
+    let bytes = |percent| {
+        let options = ModelOptions {
+            low_rank_percent: percent,
+            ..ModelOptions::default()
+        };
+        let model = Model::open_with(&path, options).unwrap();
+        pocketlm::eval::bench::decode_bytes_per_token(&model)
+    };
+    let config = Model::open(&path).unwrap().config().clone();
+    let stored: u64 = file
+        .tensors()
+        .iter()
+        .map(|t| match t.name.as_str() {
+            "token_embd.weight" => {
+                t.length / config.vocab_size as u64
+                    + if config.tie_word_embeddings {
+                        t.length
+                    } else {
+                        0
+                    }
+            }
+            _ => t.length,
+        })
+        .sum();
+    let factor_bytes: u64 = file
+        .tensors()
+        .iter()
+        .filter(|t| t.name.contains('#'))
+        .map(|t| t.length)
+        .sum();
+    assert_eq!(bytes(100), stored);
+    assert_eq!(bytes(50), stored - factor_bytes / 2);
     assert_ne!(full, served, "serving fewer components changes the output");
     assert_eq!(served, logits(&cut_path, 100));
 }

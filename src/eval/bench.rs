@@ -134,19 +134,20 @@ pub fn bench(model: &Model, options: &BenchOptions) -> Result<BenchResult, Model
     })
 }
 
-/// Weight bytes a decode step reads: every 2-D tensor except the embedding table, of which
-/// one row is read (plus the whole table again when it doubles as the output layer).
+/// Weight bytes a decode step reads: the block matrices as served (a low-rank layer served at
+/// a lower rank reads only its first components), the norms, the output layer, and one row
+/// of the embedding table (plus the whole table again when it doubles as the output layer).
 pub fn decode_bytes_per_token(model: &Model) -> u64 {
     let config = model.config();
-    let file = model.file();
-    let mut bytes = 0u64;
-    for t in file.tensors() {
+    let mut bytes: u64 = model.block_linears().iter().map(|l| l.bytes_read()).sum();
+    for t in model.used_tensors() {
+        let block_matrix = t.name.starts_with("blk.") && t.shape.len() == 2;
         if t.name == crate::config::names::TOKEN_EMBD {
             bytes += t.length / config.vocab_size.max(1) as u64;
             if config.tie_word_embeddings {
                 bytes += t.length;
             }
-        } else {
+        } else if !block_matrix {
             bytes += t.length;
         }
     }

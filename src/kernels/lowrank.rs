@@ -73,6 +73,14 @@ impl<'a> Linear<'a> {
         self.with_rank(rank).unwrap_or(self)
     }
 
+    /// Bytes one product reads (both factors of a low-rank layer, as served).
+    pub fn bytes_read(&self) -> u64 {
+        match self {
+            Linear::Dense(w) => w.bytes_read(),
+            Linear::LowRank { v, u } => v.bytes_read() + u.bytes_read(),
+        }
+    }
+
     /// Stored weights (both factors for a low-rank layer): the multiply-adds per token.
     pub fn parameters(&self) -> usize {
         match self {

@@ -202,6 +202,16 @@ impl<'a> MatRef<'a> {
         (cols <= self.cols).then_some(MatRef { data, cols, ..self })
     }
 
+    /// Bytes one product reads from this view (every row's values, scales and minimums).
+    pub fn bytes_read(&self) -> u64 {
+        let per_row = match self.data {
+            WeightData::F32(_) => 4 * self.cols,
+            WeightData::F16(_) | WeightData::BF16(_) => 2 * self.cols,
+            WeightData::Quant(q) => q.row_bytes(),
+        };
+        (self.rows * per_row) as u64
+    }
+
     /// Elements of row `r` in the dense data (`r < rows`).
     fn row_range(&self, r: usize) -> std::ops::Range<usize> {
         r * self.stride..r * self.stride + self.cols

@@ -87,6 +87,16 @@ impl<'a> QuantMatrix<'a> {
         self.cols / self.group
     }
 
+    /// Bytes of one row: its codes, scales and minimums.
+    pub fn row_bytes(&self) -> usize {
+        let codes = match self.kind {
+            QuantKind::Q8 => self.cols,
+            _ => self.cols / 2,
+        };
+        let per_group = if self.mins.is_some() { 4 } else { 2 };
+        codes + per_group * self.groups_per_row()
+    }
+
     fn row_quants(&self, r: usize) -> &'a [u8] {
         let bytes = |cols: usize| match self.kind {
             QuantKind::Q8 => cols,
