@@ -123,9 +123,13 @@ struct ConvertArgs {
     /// Unstructured sparsity for --prune: fraction (0.5) or percentage (50%) of every row.
     #[arg(long, conflicts_with = "nm")]
     sparsity: Option<Sparsity>,
-    /// N:M sparsity for --prune, e.g. 2:4.
+    /// N:M sparsity for --prune, e.g. 2:4. f16 matrices pruned 2:4 are stored in the 2:4
+    /// sparse encoding (9 bits per weight, faster decode).
     #[arg(long)]
     nm: Option<Sparsity>,
+    /// Store pruned matrices dense even where a sparse encoding applies (for comparisons).
+    #[arg(long)]
+    dense_storage: bool,
     /// Factorize the block matrices as W ≈ U·V: svd (data-free), asvd or svdllm (activation
     /// aware; need --calib). The factors are stored in --weights (quantized with --method).
     #[arg(long)]
@@ -528,6 +532,7 @@ fn cmd_convert(a: ConvertArgs) -> CliResult {
         keep: a.keep,
         pruning,
         lowrank,
+        sparse_storage: !a.dense_storage,
     };
     let (src, output) = (a.src, a.output);
     let started = std::time::Instant::now();

@@ -293,3 +293,51 @@ fn sparsegpt_with_quantized_weights_prunes_and_quantizes_in_one_pass() {
     .unwrap_err();
     assert!(err.to_string().contains("--calib"), "{err}");
 }
+
+#[test]
+fn f16_matrices_pruned_2_4_are_stored_sparse_and_compute_the_same() {
+    let prune = |sparse_storage| {
+        let mut o = options(Encoding::F16, Method::Rtn);
+        o.calibration = Some(calibration());
+        o.pruning = Some(Pruning {
+            method: PruneMethod::Wanda,
+            sparsity: Sparsity::NM { n: 2, m: 4 },
+        });
+        o.sparse_storage = sparse_storage;
+        convert(&o)
+    };
+    let (_d1, sparse) = prune(true);
+    let (_d2, dense) = prune(false);
+    let file = PlmFile::open(&sparse).unwrap();
+    let sparse_entry = file.entry("blk.0.attn_q.weight").unwrap();
+    assert_eq!(sparse_entry.encoding, Encoding::F16Sparse24);
+    // stories260K's MLP width (172) is not a multiple of 8: `down` stays dense, and says why.
+    assert_eq!(
+        file.entry("blk.0.ffn_down.weight").unwrap().encoding,
+        Encoding::F16
+    );
+    let recipe = file.metadata()["recipe"]["prune"].clone();
+    assert_eq!(recipe["sparse_tensors"], 5 * 6);
+    let reasons = recipe["dense_storage"].as_array().unwrap();
+    assert_eq!(reasons.len(), 5);
+    assert!(
+        reasons[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("multiple of 8")
+    );
+
+    // The same values: the sparse file decodes to the dense file's matrices.
+    let dense_file = PlmFile::open(&dense).unwrap();
+    let dense_entry = dense_file.entry("blk.0.attn_q.weight").unwrap();
+    assert_eq!(
+        file.view(sparse_entry).to_f32_vec(),
+        dense_file.view(dense_entry).to_f32_vec()
+    );
+    assert!(
+        sparse_entry.length * 16 < dense_entry.length * 10,
+        "9 of 16 bits"
+    );
+    let (s, d) = (ppl(&sparse), ppl(&dense));
+    assert!((s - d).abs() < 1e-3 * d, "sparse {s} vs dense {d}");
+}

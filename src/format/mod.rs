@@ -82,6 +82,10 @@ pub enum Encoding {
     /// (`w = (q − 8) · d`) or asymmetric with an f16 minimum (`w = q · d + m`).
     /// Code 17, param0 = group, param1 bit 0 = asymmetric. See [`QuantLayout`].
     Q4 { group: u32, asymmetric: bool },
+    /// 2:4 sparse matrix with f16 values: of every 4 consecutive weights of a row at most 2
+    /// are non-zero; the 2 kept values are stored with their positions. 9 bits per weight.
+    /// Code 256, no params. See [`Sparse24Layout`].
+    F16Sparse24,
 }
 
 /// Quantized weights come in blocks of this many values: the activation block of the integer
@@ -108,6 +112,7 @@ impl Encoding {
             Encoding::Q4 {
                 asymmetric: true, ..
             } => "q4a",
+            Encoding::F16Sparse24 => "f16+2:4",
         }
     }
 
@@ -121,6 +126,11 @@ impl Encoding {
 
     pub fn is_quantized(self) -> bool {
         matches!(self, Encoding::Q8 { .. } | Encoding::Q4 { .. })
+    }
+
+    /// One value per element, no side data (f32, f16, bf16).
+    pub fn is_dense(self) -> bool {
+        matches!(self, Encoding::F32 | Encoding::F16 | Encoding::BF16)
     }
 
     /// Group size of quantized encodings.
@@ -140,6 +150,7 @@ impl Encoding {
             Encoding::Q4 { group, asymmetric } => {
                 4.0 + if asymmetric { 32.0 } else { 16.0 } / group as f64
             }
+            Encoding::F16Sparse24 => 9.0,
         }
     }
 
@@ -149,6 +160,9 @@ impl Encoding {
     pub fn byte_len(self, shape: &[usize]) -> Option<usize> {
         if self.is_quantized() {
             return self.quant_layout(shape).map(|l| l.total);
+        }
+        if self == Encoding::F16Sparse24 {
+            return Sparse24Layout::new(shape).map(|l| l.total);
         }
         let elements = shape
             .iter()
@@ -164,13 +178,14 @@ impl Encoding {
             Encoding::BF16 => 2,
             Encoding::Q8 { .. } => 16,
             Encoding::Q4 { .. } => 17,
+            Encoding::F16Sparse24 => 256,
         }
     }
 
     /// The two u32 parameters stored beside the code.
     pub fn params(self) -> (u32, u32) {
         match self {
-            Encoding::F32 | Encoding::F16 | Encoding::BF16 => (0, 0),
+            Encoding::F32 | Encoding::F16 | Encoding::BF16 | Encoding::F16Sparse24 => (0, 0),
             Encoding::Q8 { group } => (group, 0),
             Encoding::Q4 { group, asymmetric } => (group, asymmetric as u32),
         }
@@ -187,6 +202,7 @@ impl Encoding {
     pub fn from_table(code: u16, param0: u32, param1: u32) -> Result<Option<Encoding>, String> {
         let encoding = match code {
             16 => Encoding::Q8 { group: param0 },
+            256 => Encoding::F16Sparse24,
             17 => Encoding::Q4 {
                 group: param0,
                 asymmetric: param1 & 1 == 1,
@@ -257,8 +273,9 @@ impl Encoding {
         match self {
             Encoding::F32 => 4,
             Encoding::F16 | Encoding::BF16 => 2,
-            // Not used for quantized encodings (see `quant_layout`); one byte is the q8 value.
-            Encoding::Q8 { .. } | Encoding::Q4 { .. } => 1,
+            // Not used for quantized or sparse encodings (see `quant_layout`,
+            // `Sparse24Layout`); one byte is the q8 value.
+            Encoding::Q8 { .. } | Encoding::Q4 { .. } | Encoding::F16Sparse24 => 1,
         }
     }
 }
@@ -290,6 +307,45 @@ pub struct QuantLayout {
     pub scales: std::ops::Range<usize>,
     pub mins: Option<std::ops::Range<usize>>,
     pub total: usize,
+}
+
+/// Where the parts of a 2:4 sparse `[rows, cols]` matrix ([`Encoding::F16Sparse24`]) lie in
+/// its tensor data (`cols` a multiple of 8):
+///
+/// - `values`: `rows × cols / 2` f16, the kept values of each row in column order (two per
+///   run of four columns; a run with fewer non-zeros keeps zeros).
+/// - `positions`: starts at the next multiple of 64; `rows × cols / 8` bytes. Byte `j` of a
+///   row describes runs `2j` (low nibble) and `2j + 1` (high nibble); in each nibble, bits 0–1
+///   are the first kept value's position within its run and bits 2–3 the second's, first <
+///   second.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sparse24Layout {
+    pub rows: usize,
+    pub cols: usize,
+    pub values: std::ops::Range<usize>,
+    pub positions: std::ops::Range<usize>,
+    pub total: usize,
+}
+
+impl Sparse24Layout {
+    /// `None` for shapes that are not matrices with rows a multiple of 8 long, or on overflow.
+    pub fn new(shape: &[usize]) -> Option<Sparse24Layout> {
+        let &[rows, cols] = shape else { return None };
+        if !cols.is_multiple_of(8) {
+            return None;
+        }
+        let value_bytes = rows.checked_mul(cols)?; // cols / 2 values of 2 bytes
+        let start =
+            value_bytes.checked_add(TENSOR_ALIGNMENT - 1)? / TENSOR_ALIGNMENT * TENSOR_ALIGNMENT;
+        let total = start.checked_add(rows.checked_mul(cols / 8)?)?;
+        Some(Sparse24Layout {
+            rows,
+            cols,
+            values: 0..value_bytes,
+            positions: start..total,
+            total,
+        })
+    }
 }
 
 impl fmt::Display for Encoding {
@@ -327,6 +383,7 @@ impl FromStr for Encoding {
                 group: group_or_default,
                 asymmetric: true,
             },
+            "f16+2:4" if group.is_none() => Encoding::F16Sparse24,
             _ => {
                 let dense = Encoding::ALL
                     .into_iter()

@@ -91,6 +91,16 @@ impl<'a> TensorView<'a> {
                     .map(|m| m.dequantize())
                     .unwrap_or_default()
             }
+            Encoding::F16Sparse24 => {
+                let Some(m) = crate::kernels::sparse::Sparse24Matrix::from_view(self) else {
+                    return Vec::new();
+                };
+                let mut out = vec![0.0; m.rows * m.cols];
+                for (r, row) in out.chunks_exact_mut(m.cols.max(1)).enumerate() {
+                    m.row_to_f32(r, row);
+                }
+                out
+            }
         }
     }
 

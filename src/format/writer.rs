@@ -111,11 +111,11 @@ impl PlmWriter {
         values: &[f32],
         encoding: Encoding,
     ) -> Result<(), PlmError> {
-        if encoding.is_quantized() {
+        if !encoding.is_dense() {
             return Err(PlmError::tensor(
                 name,
                 format!(
-                    "add_f32 writes dense encodings; quantize to {encoding} first and use add_tensor"
+                    "add_f32 writes dense encodings; encode to {encoding} first and use add_tensor"
                 ),
             ));
         }

@@ -8,6 +8,7 @@
 pub mod dense;
 pub mod lowrank;
 pub mod quant;
+pub mod sparse;
 
 pub use lowrank::{Linear, linear, linear_with};
 
@@ -147,6 +148,8 @@ pub enum WeightData<'a> {
     BF16(&'a [bf16]),
     /// Integer-quantized rows (q8, q4), multiplied with int8-quantized activations.
     Quant(quant::QuantMatrix<'a>),
+    /// 2:4 sparse rows with f16 values.
+    Sparse24(sparse::Sparse24Matrix<'a>),
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -174,6 +177,14 @@ impl<'a> MatRef<'a> {
                     stride: cols,
                 });
             }
+            WeightData::Sparse24(m) => {
+                return (m.rows == rows && m.cols == cols).then_some(MatRef {
+                    data,
+                    rows,
+                    cols,
+                    stride: cols,
+                });
+            }
         };
         (rows.checked_mul(cols)? == len).then_some(MatRef {
             data,
@@ -187,6 +198,7 @@ impl<'a> MatRef<'a> {
     pub fn first_rows(self, rows: usize) -> Option<Self> {
         let data = match self.data {
             WeightData::Quant(q) => WeightData::Quant(q.first_rows(rows)?),
+            WeightData::Sparse24(m) => WeightData::Sparse24(m.first_rows(rows)?),
             other => other,
         };
         (rows <= self.rows).then_some(MatRef { data, rows, ..self })
@@ -197,6 +209,7 @@ impl<'a> MatRef<'a> {
     pub fn first_cols(self, cols: usize) -> Option<Self> {
         let data = match self.data {
             WeightData::Quant(q) => WeightData::Quant(q.first_cols(cols)?),
+            WeightData::Sparse24(m) => WeightData::Sparse24(m.first_cols(cols)?),
             other => other,
         };
         (cols <= self.cols).then_some(MatRef { data, cols, ..self })
@@ -208,6 +221,7 @@ impl<'a> MatRef<'a> {
             WeightData::F32(_) => 4 * self.cols,
             WeightData::F16(_) | WeightData::BF16(_) => 2 * self.cols,
             WeightData::Quant(q) => q.row_bytes(),
+            WeightData::Sparse24(m) => m.row_bytes(),
         };
         (self.rows * per_row) as u64
     }
@@ -231,6 +245,7 @@ impl<'a> MatRef<'a> {
             Encoding::Q8 { .. } | Encoding::Q4 { .. } => {
                 WeightData::Quant(quant::QuantMatrix::from_view(view)?)
             }
+            Encoding::F16Sparse24 => WeightData::Sparse24(sparse::Sparse24Matrix::from_view(view)?),
         };
         MatRef::new(data, rows, cols)
     }
@@ -249,6 +264,7 @@ impl<'a> MatRef<'a> {
                 d[range].convert_to_f32_slice(out)
             }
             WeightData::Quant(q) => q.dequantize_row(r, out),
+            WeightData::Sparse24(m) => m.row_to_f32(r, out),
         }
     }
 }
@@ -428,6 +444,9 @@ fn row_dot(path: KernelPath, w: &MatRef<'_>, r: usize, x: &[f32], scratch: &mut 
     if let (KernelPath::Avx2, WeightData::F16(d)) = (path, w.data) {
         // SAFETY: Avx2 is only selected after `avx2_available()` confirmed AVX2, FMA, F16C.
         return unsafe { dense::avx2::dot_f16(&d[w.row_range(r)], x) };
+    }
+    if let WeightData::Sparse24(m) = w.data {
+        return m.dot(path, r, x, scratch);
     }
     let wr = widen_row(w, r, scratch);
     dot(path, wr, x)
