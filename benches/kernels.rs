@@ -5,7 +5,7 @@
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use half::f16;
 use pocketlm::format::Encoding;
-use pocketlm::kernels::{self, KernelPath, MatRef, WeightData, quant};
+use pocketlm::kernels::{self, KernelPath, MatRef, WeightData, quant, sparse};
 
 fn weights(n: usize) -> Vec<f32> {
     (0..n)
@@ -32,6 +32,16 @@ fn bench_matmul(c: &mut Criterion) {
             },
             Encoding::Q8 { group: 32 },
         ];
+        // 2:4: drop the two smaller-magnitude weights of every run of four.
+        let mut pruned = w.clone();
+        for run in pruned.chunks_exact_mut(4) {
+            let mut order = [0, 1, 2, 3];
+            order.sort_by(|&a, &b| run[a].abs().total_cmp(&run[b].abs()));
+            run[order[0]] = 0.0;
+            run[order[1]] = 0.0;
+        }
+        let sparse_bytes = sparse::encode(&pruned, rows, cols).unwrap();
+        let sparse_layout = pocketlm::format::Sparse24Layout::new(&[rows, cols]).unwrap();
         let quantized: Vec<(Encoding, Vec<u8>)> = encodings
             .iter()
             .map(|&e| (e, quant::quantize_rtn(&w, rows, cols, e).unwrap()))
@@ -52,6 +62,11 @@ fn bench_matmul(c: &mut Criterion) {
                 let f16m = MatRef::new(WeightData::F16(&w16), rows, cols).unwrap();
                 group.bench_function(BenchmarkId::new("f16", path.name()), |b| {
                     b.iter(|| kernels::matmul_with(path, &x, tokens, f16m, &mut out))
+                });
+                let sm = sparse::Sparse24Matrix::from_parts(&sparse_layout, &sparse_bytes).unwrap();
+                let sm = MatRef::new(WeightData::Sparse24(sm), rows, cols).unwrap();
+                group.bench_function(BenchmarkId::new("f16+2:4", path.name()), |b| {
+                    b.iter(|| kernels::matmul_with(path, &x, tokens, sm, &mut out))
                 });
                 for (e, bytes) in &quantized {
                     let layout = e.quant_layout(&[rows, cols]).unwrap();

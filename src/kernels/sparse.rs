@@ -179,7 +179,6 @@ pub fn encode(values: &[f32], rows: usize, cols: usize) -> Option<Vec<u8>> {
 
 #[cfg(target_arch = "x86_64")]
 pub mod avx2 {
-    use super::POSITIONS;
     use half::f16;
     use std::arch::x86_64::*;
 
@@ -191,31 +190,65 @@ pub mod avx2 {
     pub unsafe fn dot(values: &[f16], positions: &[u8], x: &[f32]) -> f32 {
         let bytes = positions.len().min(values.len() / 4).min(x.len() / 8);
         let pairs = bytes / 2;
-        let mut acc = _mm256_setzero_ps();
+        // Two accumulators, so consecutive FMAs do not wait on each other.
+        let mut acc = [_mm256_setzero_ps(); 2];
         let (vp, xp) = (values.as_ptr() as *const __m128i, x.as_ptr());
+        let pp = positions.as_ptr() as *const u16;
         // SAFETY: step `i` reads values 8i..8i+8, position bytes 2i, 2i+1 and activations
-        // 16i..16i+16, all below the lengths bounded above; table rows are 16 bytes.
+        // 16i..16i+16, all below the lengths bounded above.
         unsafe {
-            for i in 0..pairs {
-                let w = _mm256_cvtph_ps(_mm_loadu_si128(vp.add(i)));
-                let xa = _mm256_loadu_ps(xp.add(16 * i));
-                let xb = _mm256_loadu_ps(xp.add(16 * i + 8));
-                let lo = _mm_loadu_si128(POSITIONS[positions[2 * i] as usize].as_ptr().cast());
-                let hi = _mm_loadu_si128(POSITIONS[positions[2 * i + 1] as usize].as_ptr().cast());
-                let idx = _mm256_set_m128i(hi, lo);
-                let gathered = _mm256_blend_ps::<0xF0>(
-                    _mm256_permutevar8x32_ps(xa, idx),
-                    _mm256_permutevar8x32_ps(xb, idx),
+            let mut i = 0;
+            while i + 2 <= pairs {
+                let (p0, p1) = (pp.add(i).read_unaligned(), pp.add(i + 1).read_unaligned());
+                acc[0] = gather_fma(vp.add(i), xp.add(16 * i), p0, acc[0]);
+                acc[1] = gather_fma(vp.add(i + 1), xp.add(16 * i + 16), p1, acc[1]);
+                i += 2;
+            }
+            if i < pairs {
+                acc[0] = gather_fma(
+                    vp.add(i),
+                    xp.add(16 * i),
+                    pp.add(i).read_unaligned(),
+                    acc[0],
                 );
-                acc = _mm256_fmadd_ps(w, gathered, acc);
             }
         }
+        let acc = _mm256_add_ps(acc[0], acc[1]);
         let mut sum = hsum(acc);
         if bytes % 2 == 1 {
             let j = bytes - 1;
             sum += super::dot_scalar(&values[4 * j..4 * j + 4], &positions[j..j + 1], &x[8 * j..]);
         }
         sum
+    }
+
+    /// `acc + w · x[positions]` for 16 columns (4 runs): 8 kept f16 values at `w`, 16
+    /// activations at `x`, the runs' position bytes in `positions` (little-endian).
+    ///
+    /// In-lane permutes only: one register holds runs 0 and 2 (one per 128-bit lane), another
+    /// runs 1 and 3; each kept value's 2-bit position is directly its `vpermilps` index.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C; `w` has 8 halves and `x` 16 floats.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn gather_fma(w: *const __m128i, x: *const f32, positions: u16, acc: __m256) -> __m256 {
+        // SAFETY: the caller guarantees the lengths behind every pointer.
+        unsafe {
+            let w = _mm256_cvtph_ps(_mm_loadu_si128(w));
+            let runs_0_2 = _mm256_loadu2_m128(x.add(8), x);
+            let runs_1_3 = _mm256_loadu2_m128(x.add(12), x.add(4));
+            // Element j takes bits 2j.. of the 16 position bits (only the low 2 bits count).
+            let shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+            let idx = _mm256_srlv_epi32(_mm256_set1_epi32(positions as i32), shifts);
+            // Elements 0, 1 of each lane from runs 0/2, elements 2, 3 from runs 1/3: column
+            // order [r0 r0 r1 r1 | r2 r2 r3 r3], as the values are stored.
+            let gathered = _mm256_blend_ps::<0b1100_1100>(
+                _mm256_permutevar_ps(runs_0_2, idx),
+                _mm256_permutevar_ps(runs_1_3, idx),
+            );
+            _mm256_fmadd_ps(w, gathered, acc)
+        }
     }
 
     #[target_feature(enable = "avx2")]
