@@ -738,7 +738,7 @@ impl Output<'_, '_> {
                     .iter_mut()
                     .for_each(|v| *v = bf16::from_f32(*v).to_f32());
             }
-            Encoding::Q8 { .. } | Encoding::Q4 { .. } => {
+            Encoding::Q8 { .. } | Encoding::Q4 { .. } | Encoding::Q3 { .. } => {
                 let grids = match grids {
                     Some(g) => g,
                     // Clipping weighted by the (scaled) activation energy of each column.

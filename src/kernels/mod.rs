@@ -218,7 +218,7 @@ impl<'a> MatRef<'a> {
             Encoding::F32 => WeightData::F32(view.as_f32().ok()?),
             Encoding::F16 => WeightData::F16(view.as_f16().ok()?),
             Encoding::BF16 => WeightData::BF16(view.as_bf16().ok()?),
-            Encoding::Q8 { .. } | Encoding::Q4 { .. } => {
+            Encoding::Q8 { .. } | Encoding::Q4 { .. } | Encoding::Q3 { .. } => {
                 WeightData::Quant(quant::QuantMatrix::from_view(view)?)
             }
         };
