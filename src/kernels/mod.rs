@@ -604,6 +604,82 @@ mod tests {
     }
 
     #[test]
+    fn quantized_matmul_matches_scalar_on_every_path_and_ragged_token_counts() {
+        use crate::format::Encoding;
+        let mut encodings = Vec::new();
+        for group in [32, 64, 128] {
+            encodings.extend([
+                Encoding::Q8 { group },
+                Encoding::Q4 {
+                    group,
+                    asymmetric: false,
+                },
+                Encoding::Q4 {
+                    group,
+                    asymmetric: true,
+                },
+                Encoding::Q3 { group },
+            ]);
+        }
+        // (rows, groups per row, tokens): token counts around the 4-token kernel width.
+        let shapes = [
+            (1, 1, 1),
+            (17, 2, 3),
+            (33, 3, 5),
+            (40, 1, 9),
+            (7, 4, 4),
+            (20, 2, 11),
+        ];
+        for encoding in encodings {
+            let group = encoding.group().unwrap() as usize;
+            for (i, &(rows, groups, tokens)) in shapes.iter().enumerate() {
+                let cols = groups * group;
+                let w = random_vec(rows * cols, 40 + i as u64);
+                let bytes = quant::quantize_rtn(&w, rows, cols, encoding).unwrap();
+                let layout = encoding.quant_layout(&[rows, cols]).unwrap();
+                let q = quant::QuantMatrix::from_parts(encoding, &layout, &bytes).unwrap();
+                let full = MatRef::new(WeightData::Quant(q), rows, cols).unwrap();
+                // The whole matrix, and a view of its first rows and first group of columns.
+                let mut mats = vec![full];
+                if rows > 1 && groups > 1 {
+                    mats.push(
+                        full.first_rows(rows - 1)
+                            .unwrap()
+                            .first_cols(group)
+                            .unwrap(),
+                    );
+                }
+                for m in mats {
+                    let x = random_vec(tokens * m.cols, 77 + i as u64);
+                    let mut want = vec![0.0; tokens * m.rows];
+                    matmul_with(KernelPath::Scalar, &x, tokens, m, &mut want);
+                    // The scalar path against the dequantized weights (activations are
+                    // quantized to int8, hence the looser bound).
+                    let reference = reference_matmul(&x, tokens, &m);
+                    for (g, e) in want.iter().zip(&reference) {
+                        assert!(
+                            (g - e).abs() <= 0.02 * (m.cols as f32).sqrt(),
+                            "{encoding} scalar {g} vs dequantized {e}"
+                        );
+                    }
+                    for path in paths() {
+                        let mut out = vec![0.0; tokens * m.rows];
+                        matmul_with(path, &x, tokens, m, &mut out);
+                        for (g, e) in out.iter().zip(&want) {
+                            assert!(
+                                (g - e).abs() <= 1e-4 * e.abs().max(1.0),
+                                "{path:?} {encoding} {}×{} tokens {tokens}: {g} vs {e}",
+                                m.rows,
+                                m.cols
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn matref_rejects_wrong_length() {
         let d = [0.0f32; 6];
         assert!(MatRef::new(WeightData::F32(&d), 2, 3).is_some());
