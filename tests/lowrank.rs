@@ -277,7 +277,12 @@ fn a_file_served_at_a_lower_rank_equals_one_with_the_factors_cut() {
         let values = file.view(t).as_f32().unwrap();
         if t.name.ends_with("#v") {
             writer
-                .add_f32(&t.name, &[16, t.shape[1]], &values[..16 * t.shape[1]], Encoding::F32)
+                .add_f32(
+                    &t.name,
+                    &[16, t.shape[1]],
+                    &values[..16 * t.shape[1]],
+                    Encoding::F32,
+                )
                 .unwrap();
             factorized += 1;
         } else if t.name.ends_with("#u") {
