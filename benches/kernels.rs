@@ -31,6 +31,7 @@ fn bench_matmul(c: &mut Criterion) {
                 asymmetric: true,
             },
             Encoding::Q8 { group: 32 },
+            Encoding::Q3 { group: 64 },
         ];
         let quantized: Vec<(Encoding, Vec<u8>)> = encodings
             .iter()

@@ -298,7 +298,7 @@ impl ConvertOptions {
             }
             if !self.weights.is_quantized() {
                 return Err(ConvertError::Options(format!(
-                    "--method {} quantizes: choose quantized weights (q8, q4, q4a), not {}",
+                    "--method {} quantizes: choose quantized weights (q8, q4, q4a, q3), not {}",
                     self.method.name(),
                     self.weights
                 )));

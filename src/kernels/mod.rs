@@ -145,7 +145,7 @@ pub enum WeightData<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
     BF16(&'a [bf16]),
-    /// Integer-quantized rows (q8, q4), multiplied with int8-quantized activations.
+    /// Integer-quantized rows (q8, q4, q3), multiplied with int8-quantized activations.
     Quant(quant::QuantMatrix<'a>),
 }
 
