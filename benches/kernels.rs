@@ -31,6 +31,7 @@ fn bench_matmul(c: &mut Criterion) {
                 asymmetric: true,
             },
             Encoding::Q8 { group: 32 },
+            Encoding::Q3 { group: 64 },
         ];
         // 2:4: drop the two smaller-magnitude weights of every run of four.
         let mut pruned = w.clone();

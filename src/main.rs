@@ -76,8 +76,8 @@ struct ConvertArgs {
     src: PathBuf,
     #[arg(short, long)]
     output: PathBuf,
-    /// Encoding of weight matrices: f32, f16, bf16, q8, q4 (symmetric) or q4a (with a
-    /// minimum), optionally with a group size such as q4/g64.
+    /// Encoding of weight matrices: f32, f16, bf16, q8, q4 (symmetric), q4a (with a
+    /// minimum) or q3 (symmetric 3-bit), optionally with a group size such as q4/g64.
     #[arg(long, visible_alias = "dtype", default_value = "f16")]
     weights: Encoding,
     /// Group size for quantized weights (overrides a /gN suffix).
@@ -454,8 +454,9 @@ fn cmd_convert(a: ConvertArgs) -> CliResult {
     let weights = match (a.weights, a.group) {
         (Encoding::Q8 { .. }, Some(group)) => Encoding::Q8 { group },
         (Encoding::Q4 { asymmetric, .. }, Some(group)) => Encoding::Q4 { group, asymmetric },
+        (Encoding::Q3 { .. }, Some(group)) => Encoding::Q3 { group },
         (w, Some(_)) => {
-            return Err(format!("--group applies to q8/q4 weights, not {w}").into());
+            return Err(format!("--group applies to q8/q4/q3 weights, not {w}").into());
         }
         (w, None) => w,
     };

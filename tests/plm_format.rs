@@ -989,3 +989,82 @@ fn random_corruption_never_panics() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Quantized encodings
+
+/// A file with one q3/g64 matrix (code 18): the spec's byte length, the values read back, and
+/// every way its table entry can be wrong.
+#[test]
+fn q3_tensor_round_trips_and_bad_entries_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q3.plm");
+    let (rows, cols) = (3usize, 128usize);
+    let q3 = Encoding::Q3 { group: 64 };
+    let values: Vec<f32> = (0..rows * cols)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0)
+        .collect();
+    let bytes = pocketlm::kernels::quant::quantize_rtn(&values, rows, cols, q3).unwrap();
+    // docs/format.md: 12 bytes per 32 weights, scales at the next multiple of 64, one f16 per
+    // group.
+    let expected_len = (rows * cols * 3 / 8).next_multiple_of(64) + 2 * rows * cols / 64;
+    assert_eq!(bytes.len(), expected_len);
+    let mut w = PlmWriter::create(&path).unwrap();
+    w.add_f32("norm.weight", &[4], &[1.0; 4], Encoding::F32)
+        .unwrap();
+    w.add_tensor("blk.0.ffn_up.weight", &[rows, cols], q3, &bytes)
+        .unwrap();
+    // A writer refuses data of the wrong length or a shape the group does not divide.
+    assert!(w.add_tensor("bad", &[rows, cols], q3, &bytes[1..]).is_err());
+    assert!(w.add_tensor("bad", &[rows, 96], q3, &bytes).is_err());
+    w.finish(&json!({})).unwrap();
+
+    let file = PlmFile::open(&path).unwrap();
+    let entry = file.entry("blk.0.ffn_up.weight").unwrap();
+    assert_eq!(entry.encoding, q3);
+    let back = file.view(entry).to_f32_vec();
+    // Round to nearest on 8 levels: within one step of the group's scale.
+    for (g, (a, b)) in values.chunks(64).zip(back.chunks(64)).enumerate() {
+        let amax = a.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() <= amax / 4.0 + 1e-3, "group {g}: {x} vs {y}");
+        }
+    }
+    file.verify().unwrap();
+    drop(file);
+
+    let raw = Raw::load(&path);
+    let entries = raw.entries();
+    assert_eq!((entries[1].code, entries[1].params), (18, [64, 0]));
+    let name = "blk.0.ffn_up.weight";
+    let with = |f: &dyn Fn(&mut RawEntry)| {
+        let mut e = entries.clone();
+        f(&mut e[1]);
+        expect_err(dir.path(), &raw.with_entries(&e))
+    };
+    // Group not a multiple of 32, zero, or beyond the limit.
+    for group in [48, 0, (1 << 16) + 32] {
+        let err = with(&|e| e.params = [group, 0]);
+        assert_tensor_err(&err, name, "group size");
+    }
+    // param1 is unused and must be zero.
+    let err = with(&|e| e.params = [64, 1]);
+    assert_tensor_err(&err, name, "invalid parameters");
+    // Length one q3 block too long, or too short.
+    let err = with(&|e| e.length += 12);
+    assert_tensor_err(&err, name, "does not match");
+    let err = with(&|e| e.length -= 2);
+    assert_tensor_err(&err, name, "does not match");
+    // A row length that is not a whole number of groups.
+    let err = with(&|e| e.dims = vec![4, 96]);
+    assert_tensor_err(&err, name, "does not fit encoding q3/g64");
+    // A vector is not a matrix.
+    let err = with(&|e| {
+        e.rank = 1;
+        e.dims = vec![384];
+    });
+    assert_tensor_err(&err, name, "does not fit encoding q3/g64");
+    // The same group as g128 needs fewer scale bytes: the recorded length no longer matches.
+    let err = with(&|e| e.params = [128, 0]);
+    assert_tensor_err(&err, name, "does not match");
+}

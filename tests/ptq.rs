@@ -85,6 +85,49 @@ fn calibrated_methods_beat_round_to_nearest() {
     assert!(both < rtn, "awq+gptq {both} vs rtn {rtn}");
 }
 
+/// Issue #5: at 3 bits (group 64) the calibrated methods must beat round-to-nearest, with
+/// and without the clipping search, and the clipping search must help RTN.
+///
+/// Measured on this fixture (f32 3.147): min/max RTN 5.10, GPTQ 4.11, AWQ 4.98; search RTN
+/// 4.71, GPTQ 3.95, AWQ 4.57. GPTQ recovers about half of RTN's loss; AWQ gains less here
+/// (hidden size 64 makes a g64 group a whole row, and `ffn_down` stays f16 because 172 is not
+/// a multiple of 64), so its bound is a plain 1% of RTN's perplexity.
+#[test]
+fn calibrated_methods_beat_round_to_nearest_at_3_bits() {
+    const Q3: Encoding = Encoding::Q3 { group: 64 };
+    let (_d0, base) = convert(&ConvertOptions::with_weights(Encoding::F32));
+    let base = ppl(&base);
+    let mut rtn_by_clipping = Vec::new();
+    for clipping in [Clipping::MinMax, Clipping::Search] {
+        let with = |method| {
+            let mut o = options(Q3, method);
+            o.clipping = Some(clipping);
+            convert(&o)
+        };
+        let (_d1, rtn) = with(Method::Rtn);
+        let (_d2, gptq) = with(Method::Gptq);
+        let (_d3, awq) = with(Method::Awq);
+        let file = PlmFile::open(&gptq).unwrap();
+        assert_eq!(file.entry("blk.1.ffn_up.weight").unwrap().encoding, Q3);
+        assert_eq!(file.metadata()["recipe"]["weights"], "q3/g64");
+        drop(file);
+        let (rtn, gptq, awq) = (ppl(&rtn), ppl(&gptq), ppl(&awq));
+        eprintln!("q3/g64 {clipping:?}: f32 {base:.4}, rtn {rtn:.4}, gptq {gptq:.4}, awq {awq:.4}");
+        assert!(rtn > base, "3 bits cost something: rtn {rtn} vs f32 {base}");
+        // GPTQ: at least a fifth of RTN's perplexity increase recovered.
+        let margin = 0.2 * (rtn - base);
+        assert!(gptq < rtn - margin, "gptq {gptq} vs rtn {rtn} (f32 {base})");
+        assert!(awq < 0.99 * rtn, "awq {awq} vs rtn {rtn} (f32 {base})");
+        rtn_by_clipping.push(rtn);
+    }
+    assert!(
+        rtn_by_clipping[1] < rtn_by_clipping[0],
+        "clipping search {} vs min/max {}",
+        rtn_by_clipping[1],
+        rtn_by_clipping[0]
+    );
+}
+
 #[test]
 fn recipe_records_the_method_and_calibration() {
     let mut opts = options(Q4, Method::AwqGptq);

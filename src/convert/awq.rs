@@ -148,26 +148,33 @@ mod tests {
             .collect();
         let w = random_vec(rows * cols, 4);
         let stats = stats_from(&x, cols);
-        let encoding = Encoding::Q4 {
-            group: 64,
-            asymmetric: false,
-        };
-        let s = search_scales(&stats, &[(&w, rows)], encoding);
-        assert!(s.iter().any(|&v| v != 1.0), "some scaling chosen");
-        let error = |s: &[f32]| {
-            let mut ws = w.clone();
-            scale_columns(&mut ws, s);
-            let grids = quant::choose_grids(&ws, cols, encoding, Clipping::MinMax, None);
-            quant::fake_quantize(&mut ws, cols, encoding, &grids);
-            let inv: Vec<f32> = s.iter().map(|v| 1.0 / v).collect();
-            scale_columns(&mut ws, &inv);
-            let xm = MatRef::from_row_major_slice(&x, tokens, cols);
-            let a = product(xm, MatRef::from_row_major_slice(&ws, rows, cols));
-            let b = product(xm, MatRef::from_row_major_slice(&w, rows, cols));
-            squared_distance(a.as_ref(), b.as_ref())
-        };
-        let (plain, awq) = (error(&vec![1.0; cols]), error(&s));
-        assert!(awq < 0.8 * plain, "awq {awq} vs plain {plain}");
+        for encoding in [
+            Encoding::Q4 {
+                group: 64,
+                asymmetric: false,
+            },
+            Encoding::Q3 { group: 64 },
+        ] {
+            let s = search_scales(&stats, &[(&w, rows)], encoding);
+            assert!(
+                s.iter().any(|&v| v != 1.0),
+                "{encoding}: some scaling chosen"
+            );
+            let error = |s: &[f32]| {
+                let mut ws = w.clone();
+                scale_columns(&mut ws, s);
+                let grids = quant::choose_grids(&ws, cols, encoding, Clipping::MinMax, None);
+                quant::fake_quantize(&mut ws, cols, encoding, &grids);
+                let inv: Vec<f32> = s.iter().map(|v| 1.0 / v).collect();
+                scale_columns(&mut ws, &inv);
+                let xm = MatRef::from_row_major_slice(&x, tokens, cols);
+                let a = product(xm, MatRef::from_row_major_slice(&ws, rows, cols));
+                let b = product(xm, MatRef::from_row_major_slice(&w, rows, cols));
+                squared_distance(a.as_ref(), b.as_ref())
+            };
+            let (plain, awq) = (error(&vec![1.0; cols]), error(&s));
+            assert!(awq < 0.8 * plain, "{encoding}: awq {awq} vs plain {plain}");
+        }
     }
 
     #[test]

@@ -461,6 +461,7 @@ mod tests {
                 asymmetric: true,
             },
             Encoding::Q8 { group: 32 },
+            Encoding::Q3 { group: 64 },
         ] {
             let mut rtn = w.clone();
             let grids = quant::choose_grids(&w, cols, encoding, Clipping::MinMax, None);

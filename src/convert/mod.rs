@@ -315,7 +315,7 @@ impl ConvertOptions {
             }
             if !self.weights.is_quantized() {
                 return Err(ConvertError::Options(format!(
-                    "--method {} quantizes: choose quantized weights (q8, q4, q4a), not {}",
+                    "--method {} quantizes: choose quantized weights (q8, q4, q4a, q3), not {}",
                     self.method.name(),
                     self.weights
                 )));
@@ -812,7 +812,7 @@ impl Output<'_, '_> {
                     .iter_mut()
                     .for_each(|v| *v = bf16::from_f32(*v).to_f32());
             }
-            Encoding::Q8 { .. } | Encoding::Q4 { .. } => {
+            Encoding::Q8 { .. } | Encoding::Q4 { .. } | Encoding::Q3 { .. } => {
                 let grids = match grids {
                     Some(g) => g,
                     // Clipping weighted by the (scaled) activation energy of each column.

@@ -5,7 +5,7 @@
 //! a fraction of every row; N:M keeps N of every M consecutive weights of a row.
 //!
 //! Pruned weights are stored as zeros in the matrix's encoding for now (exact for f32/f16,
-//! q8 and symmetric q4; the nearest level to zero for q4a).
+//! q8, symmetric q4 and q3; the nearest level to zero for q4a).
 
 use std::str::FromStr;
 

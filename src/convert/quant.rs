@@ -1,4 +1,4 @@
-//! Quantization grids: per-group scale (and minimum) choice for the int8/int4 encodings,
+//! Quantization grids: per-group scale (and minimum) choice for the int8/int4/int3 encodings,
 //! round-to-nearest with optional error-minimising clipping, and the fake-quantization that
 //! GPTQ and AWQ use to see what the runtime will see. The bytes are always laid out by
 //! [`crate::kernels::quant::encode_with_scales`], so every method emits the same format.
@@ -49,6 +49,8 @@ enum GridKind {
     Int4Symmetric,
     /// levels 0..=15 above `min`
     Int4Asymmetric,
+    /// levels −4..=3 (stored as 0..=7 with offset 4)
+    Int3Symmetric,
 }
 
 impl Grid {
@@ -62,6 +64,11 @@ impl Grid {
                 // The extreme value maps to level −8, using all 16 levels (as ggml's Q4_0).
                 let extreme = if hi.abs() > lo.abs() { hi } else { lo };
                 (GridKind::Int4Symmetric, extreme / -8.0, 0.0)
+            }
+            Encoding::Q3 { .. } => {
+                // Likewise the extreme maps to level −4, using all 8 levels.
+                let extreme = if hi.abs() > lo.abs() { hi } else { lo };
+                (GridKind::Int3Symmetric, extreme / -4.0, 0.0)
             }
             _ => (GridKind::Int4Asymmetric, (hi - lo) / 15.0, lo),
         };
@@ -96,6 +103,9 @@ impl Grid {
             }
             GridKind::Int4Asymmetric => {
                 ((v - self.min) * self.inv).round().clamp(0.0, 15.0) * self.scale + self.min
+            }
+            GridKind::Int3Symmetric => {
+                ((v * self.inv + 4.0).round().clamp(0.0, 7.0) - 4.0) * self.scale
             }
         }
     }
@@ -215,7 +225,7 @@ mod tests {
     use crate::kernels::quant::QuantMatrix;
     use crate::kernels::test_util::random_vec;
 
-    const ENCODINGS: [Encoding; 3] = [
+    const ENCODINGS: [Encoding; 5] = [
         Encoding::Q8 { group: 32 },
         Encoding::Q4 {
             group: 32,
@@ -225,6 +235,8 @@ mod tests {
             group: 64,
             asymmetric: true,
         },
+        Encoding::Q3 { group: 32 },
+        Encoding::Q3 { group: 64 },
     ];
 
     fn decode(bytes: &[u8], rows: usize, cols: usize, encoding: Encoding) -> Vec<f32> {
@@ -275,20 +287,24 @@ mod tests {
         for g in w.chunks_mut(32) {
             g[5] = 2.5;
         }
-        let encoding = Encoding::Q4 {
-            group: 32,
-            asymmetric: true,
-        };
-        let sse = |clipping| {
-            let grids = choose_grids(&w, cols, encoding, clipping, None);
-            let mut fq = w.clone();
-            fake_quantize(&mut fq, cols, encoding, &grids);
-            fq.iter().zip(&w).map(|(a, b)| (a - b).powi(2)).sum::<f32>()
-        };
-        let (plain, clipped) = (sse(Clipping::MinMax), sse(Clipping::Search));
-        assert!(
-            clipped < 0.97 * plain,
-            "clipped {clipped} vs min/max {plain}"
-        );
+        for encoding in [
+            Encoding::Q4 {
+                group: 32,
+                asymmetric: true,
+            },
+            Encoding::Q3 { group: 32 },
+        ] {
+            let sse = |clipping| {
+                let grids = choose_grids(&w, cols, encoding, clipping, None);
+                let mut fq = w.clone();
+                fake_quantize(&mut fq, cols, encoding, &grids);
+                fq.iter().zip(&w).map(|(a, b)| (a - b).powi(2)).sum::<f32>()
+            };
+            let (plain, clipped) = (sse(Clipping::MinMax), sse(Clipping::Search));
+            assert!(
+                clipped < 0.97 * plain,
+                "{encoding}: clipped {clipped} vs min/max {plain}"
+            );
+        }
     }
 }

@@ -82,6 +82,10 @@ pub enum Encoding {
     /// (`w = (q − 8) · d`) or asymmetric with an f16 minimum (`w = q · d + m`).
     /// Code 17, param0 = group, param1 bit 0 = asymmetric. See [`QuantLayout`].
     Q4 { group: u32, asymmetric: bool },
+    /// Symmetric 3-bit matrix with one f16 scale per `group` weights of a row:
+    /// `w = (q − 4) · d`, q in 0..=7, stored as a 2-bit plane and a 1-bit plane per block of
+    /// 32. Code 18, param0 = group. See [`QuantLayout`].
+    Q3 { group: u32 },
     /// 2:4 sparse matrix with f16 values: of every 4 consecutive weights of a row at most 2
     /// are non-zero; the 2 kept values are stored with their positions. 9 bits per weight.
     /// Code 256, no params. See [`Sparse24Layout`].
@@ -94,6 +98,10 @@ pub const QUANT_BLOCK: usize = 32;
 
 /// Largest group a quantized encoding may declare (one scale per this many weights).
 pub const MAX_QUANT_GROUP: u32 = 1 << 16;
+
+/// Bytes of one q3 block of [`QUANT_BLOCK`] values: an 8-byte 2-bit plane and a 4-byte 1-bit
+/// plane.
+pub const Q3_BLOCK_BYTES: usize = 12;
 
 impl Encoding {
     /// The dense (unquantized) encodings.
@@ -112,6 +120,7 @@ impl Encoding {
             Encoding::Q4 {
                 asymmetric: true, ..
             } => "q4a",
+            Encoding::Q3 { .. } => "q3",
             Encoding::F16Sparse24 => "f16+2:4",
         }
     }
@@ -125,7 +134,10 @@ impl Encoding {
     }
 
     pub fn is_quantized(self) -> bool {
-        matches!(self, Encoding::Q8 { .. } | Encoding::Q4 { .. })
+        matches!(
+            self,
+            Encoding::Q8 { .. } | Encoding::Q4 { .. } | Encoding::Q3 { .. }
+        )
     }
 
     /// One value per element, no side data (f32, f16, bf16).
@@ -136,7 +148,9 @@ impl Encoding {
     /// Group size of quantized encodings.
     pub fn group(self) -> Option<u32> {
         match self {
-            Encoding::Q8 { group } | Encoding::Q4 { group, .. } => Some(group),
+            Encoding::Q8 { group } | Encoding::Q4 { group, .. } | Encoding::Q3 { group } => {
+                Some(group)
+            }
             _ => None,
         }
     }
@@ -150,6 +164,7 @@ impl Encoding {
             Encoding::Q4 { group, asymmetric } => {
                 4.0 + if asymmetric { 32.0 } else { 16.0 } / group as f64
             }
+            Encoding::Q3 { group } => 3.0 + 16.0 / group as f64,
             Encoding::F16Sparse24 => 9.0,
         }
     }
@@ -178,6 +193,7 @@ impl Encoding {
             Encoding::BF16 => 2,
             Encoding::Q8 { .. } => 16,
             Encoding::Q4 { .. } => 17,
+            Encoding::Q3 { .. } => 18,
             Encoding::F16Sparse24 => 256,
         }
     }
@@ -188,6 +204,7 @@ impl Encoding {
             Encoding::F32 | Encoding::F16 | Encoding::BF16 | Encoding::F16Sparse24 => (0, 0),
             Encoding::Q8 { group } => (group, 0),
             Encoding::Q4 { group, asymmetric } => (group, asymmetric as u32),
+            Encoding::Q3 { group } => (group, 0),
         }
     }
 
@@ -207,6 +224,7 @@ impl Encoding {
                 group: param0,
                 asymmetric: param1 & 1 == 1,
             },
+            18 => Encoding::Q3 { group: param0 },
             _ => match Encoding::from_code(code) {
                 Some(e) => e,
                 None => return Ok(None),
@@ -242,6 +260,8 @@ impl Encoding {
         let values = rows.checked_mul(cols)?;
         let quant_bytes = match self {
             Encoding::Q8 { .. } => values,
+            // 12 bytes per block of 32 (rows of whole groups, so `values` is a multiple of 32).
+            Encoding::Q3 { .. } => values / QUANT_BLOCK * Q3_BLOCK_BYTES,
             _ => values / 2,
         };
         let scales_start =
@@ -275,7 +295,10 @@ impl Encoding {
             Encoding::F16 | Encoding::BF16 => 2,
             // Not used for quantized or sparse encodings (see `quant_layout`,
             // `Sparse24Layout`); one byte is the q8 value.
-            Encoding::Q8 { .. } | Encoding::Q4 { .. } | Encoding::F16Sparse24 => 1,
+            Encoding::Q8 { .. }
+            | Encoding::Q4 { .. }
+            | Encoding::Q3 { .. }
+            | Encoding::F16Sparse24 => 1,
         }
     }
 }
@@ -292,10 +315,15 @@ fn encoding_group_ok(group: u32) -> Result<(), String> {
 /// Byte layout of a quantized `[rows, cols]` matrix inside its tensor data, chosen so the
 /// kernels read each region with aligned, contiguous loads and never repack at load time:
 ///
-/// - `quants`: row-major, `cols` bytes per row (q8: i8 values) or `cols / 2` (q4: nibbles).
+/// - `quants`: row-major, `cols` bytes per row (q8: i8 values), `cols / 2` (q4: nibbles) or
+///   `cols · 3 / 8` (q3: bit planes).
 ///   q4 packs each block of 32 values into 16 bytes, byte `j` holding value `j` in its low
 ///   nibble and value `j + 16` in its high nibble, so one 128-bit load, a mask and a shift
 ///   yield the block in order.
+///   q3 packs each block of 32 levels (0..=7) into 12 bytes: 8 bytes of low 2-bit pairs, byte
+///   `j` holding value `j + 8k` in bits `2k..2k+2` (k = 0..4), then 4 bytes of high bits, bit
+///   `i` of the little-endian u32 being the high bit of value `i`. A broadcast and four shifts
+///   yield the low bits in value order; a byte shuffle and a bit test yield the high bits.
 /// - `scales`: starts at the next multiple of 64; `rows × cols / group` f16 scales, row-major.
 /// - `mins` (asymmetric q4 only): right after the scales, same shape, f16.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -357,7 +385,7 @@ impl fmt::Display for Encoding {
 impl FromStr for Encoding {
     type Err = String;
 
-    /// Parses `f32`, `f16`, `bf16`, `q8`, `q4`, `q4a`, optionally with `/gN` (default group 32).
+    /// Parses `f32`, `f16`, `bf16`, `q8`, `q4`, `q4a`, `q3`, optionally with `/gN` (default group 32).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim().to_ascii_lowercase();
         let (base, group) = match s.split_once("/g") {
@@ -383,6 +411,9 @@ impl FromStr for Encoding {
                 group: group_or_default,
                 asymmetric: true,
             },
+            "q3" => Encoding::Q3 {
+                group: group_or_default,
+            },
             "f16+2:4" if group.is_none() => Encoding::F16Sparse24,
             _ => {
                 let dense = Encoding::ALL
@@ -390,7 +421,7 @@ impl FromStr for Encoding {
                     .find(|e| e.name() == base)
                     .ok_or_else(|| {
                         format!(
-                            "unknown encoding '{s}' (expected one of: f32, f16, bf16, q8, q4, q4a, \
+                            "unknown encoding '{s}' (expected one of: f32, f16, bf16, q8, q4, q4a, q3, \
                              optionally with /g32, /g64, /g128)"
                         )
                     })?;
@@ -526,8 +557,8 @@ mod tests {
         );
         assert_eq!(Encoding::from_code(3), None);
         assert_eq!("BF16".parse::<Encoding>().unwrap(), Encoding::BF16);
-        let err = "q3".parse::<Encoding>().unwrap_err();
-        assert!(err.contains("'q3'"), "{err}");
+        let err = "q5".parse::<Encoding>().unwrap_err();
+        assert!(err.contains("'q5'"), "{err}");
         assert_eq!(Encoding::F32.bits_per_weight(), 32.0);
         assert_eq!(Encoding::F16.bits_per_weight(), 16.0);
         assert_eq!(Encoding::BF16.bits_per_weight(), 16.0);
@@ -581,6 +612,48 @@ mod tests {
             Encoding::Q8 { group: 32 }.byte_len(&[usize::MAX / 2, 64]),
             None
         );
+    }
+
+    #[test]
+    fn q3_parses_round_trips_and_lays_out_bit_planes() {
+        assert_eq!("q3".parse::<Encoding>(), Ok(Encoding::Q3 { group: 32 }));
+        assert_eq!("Q3/g64".parse::<Encoding>(), Ok(Encoding::Q3 { group: 64 }));
+        let q3 = "q3/g128".parse::<Encoding>().unwrap();
+        assert_eq!(q3, Encoding::Q3 { group: 128 });
+        assert_eq!(q3.to_string(), "q3/g128");
+        assert_eq!((q3.code(), q3.params()), (18, (128, 0)));
+        assert_eq!(Encoding::from_table(18, 128, 0), Ok(Some(q3)));
+        assert!(q3.is_quantized());
+        assert!("q3/g48".parse::<Encoding>().is_err());
+        assert!("q3/g0".parse::<Encoding>().is_err());
+        // param1 is unused (must be 0); the group must be a positive multiple of 32.
+        assert!(Encoding::from_table(18, 64, 1).is_err());
+        assert!(Encoding::from_table(18, 0, 0).is_err());
+        assert!(Encoding::from_table(18, 48, 0).is_err());
+        assert!(Encoding::from_table(18, MAX_QUANT_GROUP + 32, 0).is_err());
+        assert_eq!(Encoding::Q3 { group: 32 }.bits_per_weight(), 3.5);
+        assert_eq!(Encoding::Q3 { group: 64 }.bits_per_weight(), 3.25);
+        assert_eq!(q3.bits_per_weight(), 3.125);
+        // 3 rows × 128: 4 blocks of 12 bytes a row; scales at the next multiple of 64.
+        let l = Encoding::Q3 { group: 64 }.quant_layout(&[3, 128]).unwrap();
+        assert_eq!(l.quants, 0..144);
+        assert_eq!(l.scales, 192..192 + 12);
+        assert_eq!(l.mins, None);
+        assert_eq!(l.total, 204);
+        assert_eq!(Encoding::Q3 { group: 64 }.byte_len(&[3, 96]), None);
+        assert_eq!(Encoding::Q3 { group: 32 }.byte_len(&[32]), None);
+        assert_eq!(
+            Encoding::Q3 { group: 32 }.byte_len(&[usize::MAX / 16, 64]),
+            None
+        );
+        // Storage matches the advertised bits per weight (up to the scale alignment).
+        let (rows, cols) = (64, 4096);
+        for group in [32, 64, 128] {
+            let e = Encoding::Q3 { group };
+            let bytes = e.byte_len(&[rows, cols]).unwrap();
+            let want = (rows * cols) as f64 * e.bits_per_weight() / 8.0;
+            assert!((bytes as f64 - want).abs() < 64.0, "{e}: {bytes} vs {want}");
+        }
     }
 
     #[test]

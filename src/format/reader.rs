@@ -86,7 +86,7 @@ impl<'a> TensorView<'a> {
                 .chunks_exact(2)
                 .map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
                 .collect(),
-            Encoding::Q8 { .. } | Encoding::Q4 { .. } => {
+            Encoding::Q8 { .. } | Encoding::Q4 { .. } | Encoding::Q3 { .. } => {
                 crate::kernels::quant::QuantMatrix::from_view(self)
                     .map(|m| m.dequantize())
                     .unwrap_or_default()

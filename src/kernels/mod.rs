@@ -146,7 +146,7 @@ pub enum WeightData<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
     BF16(&'a [bf16]),
-    /// Integer-quantized rows (q8, q4), multiplied with int8-quantized activations.
+    /// Integer-quantized rows (q8, q4, q3), multiplied with int8-quantized activations.
     Quant(quant::QuantMatrix<'a>),
     /// 2:4 sparse rows with f16 values.
     Sparse24(sparse::Sparse24Matrix<'a>),
@@ -242,7 +242,7 @@ impl<'a> MatRef<'a> {
             Encoding::F32 => WeightData::F32(view.as_f32().ok()?),
             Encoding::F16 => WeightData::F16(view.as_f16().ok()?),
             Encoding::BF16 => WeightData::BF16(view.as_bf16().ok()?),
-            Encoding::Q8 { .. } | Encoding::Q4 { .. } => {
+            Encoding::Q8 { .. } | Encoding::Q4 { .. } | Encoding::Q3 { .. } => {
                 WeightData::Quant(quant::QuantMatrix::from_view(view)?)
             }
             Encoding::F16Sparse24 => WeightData::Sparse24(sparse::Sparse24Matrix::from_view(view)?),
@@ -626,6 +626,82 @@ mod tests {
                     matmul_with(path, &x, tokens, w, &mut out);
                     for (g, e) in out.iter().zip(&want) {
                         assert_close(*g, *e, cols);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn quantized_matmul_matches_scalar_on_every_path_and_ragged_token_counts() {
+        use crate::format::Encoding;
+        let mut encodings = Vec::new();
+        for group in [32, 64, 128] {
+            encodings.extend([
+                Encoding::Q8 { group },
+                Encoding::Q4 {
+                    group,
+                    asymmetric: false,
+                },
+                Encoding::Q4 {
+                    group,
+                    asymmetric: true,
+                },
+                Encoding::Q3 { group },
+            ]);
+        }
+        // (rows, groups per row, tokens): token counts around the 4-token kernel width.
+        let shapes = [
+            (1, 1, 1),
+            (17, 2, 3),
+            (33, 3, 5),
+            (40, 1, 9),
+            (7, 4, 4),
+            (20, 2, 11),
+        ];
+        for encoding in encodings {
+            let group = encoding.group().unwrap() as usize;
+            for (i, &(rows, groups, tokens)) in shapes.iter().enumerate() {
+                let cols = groups * group;
+                let w = random_vec(rows * cols, 40 + i as u64);
+                let bytes = quant::quantize_rtn(&w, rows, cols, encoding).unwrap();
+                let layout = encoding.quant_layout(&[rows, cols]).unwrap();
+                let q = quant::QuantMatrix::from_parts(encoding, &layout, &bytes).unwrap();
+                let full = MatRef::new(WeightData::Quant(q), rows, cols).unwrap();
+                // The whole matrix, and a view of its first rows and first group of columns.
+                let mut mats = vec![full];
+                if rows > 1 && groups > 1 {
+                    mats.push(
+                        full.first_rows(rows - 1)
+                            .unwrap()
+                            .first_cols(group)
+                            .unwrap(),
+                    );
+                }
+                for m in mats {
+                    let x = random_vec(tokens * m.cols, 77 + i as u64);
+                    let mut want = vec![0.0; tokens * m.rows];
+                    matmul_with(KernelPath::Scalar, &x, tokens, m, &mut want);
+                    // The scalar path against the dequantized weights (activations are
+                    // quantized to int8, hence the looser bound).
+                    let reference = reference_matmul(&x, tokens, &m);
+                    for (g, e) in want.iter().zip(&reference) {
+                        assert!(
+                            (g - e).abs() <= 0.02 * (m.cols as f32).sqrt(),
+                            "{encoding} scalar {g} vs dequantized {e}"
+                        );
+                    }
+                    for path in paths() {
+                        let mut out = vec![0.0; tokens * m.rows];
+                        matmul_with(path, &x, tokens, m, &mut out);
+                        for (g, e) in out.iter().zip(&want) {
+                            assert!(
+                                (g - e).abs() <= 1e-4 * e.abs().max(1.0),
+                                "{path:?} {encoding} {}×{} tokens {tokens}: {g} vs {e}",
+                                m.rows,
+                                m.cols
+                            );
+                        }
                     }
                 }
             }

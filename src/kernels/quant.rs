@@ -1,4 +1,5 @@
-//! Integer kernels for the quantized encodings (q8, q4 symmetric, q4 asymmetric; grouped).
+//! Integer kernels for the quantized encodings (q8, q4 symmetric, q4 asymmetric, q3
+//! symmetric; grouped).
 //!
 //! Activations are quantized on the fly to int8 in blocks of [`QUANT_BLOCK`] with an f32
 //! scale, so each block's product is an integer dot product (`maddubs` on AVX2, `sdot` on ARM)
@@ -7,7 +8,7 @@
 
 use half::f16;
 
-use crate::format::{Encoding, QUANT_BLOCK, QuantLayout, TensorView};
+use crate::format::{Encoding, Q3_BLOCK_BYTES, QUANT_BLOCK, QuantLayout, TensorView};
 
 /// Which quantized format a matrix uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -15,6 +16,18 @@ pub enum QuantKind {
     Q8,
     Q4,
     Q4Asym,
+    Q3,
+}
+
+impl QuantKind {
+    /// Bytes that `cols` weights (a multiple of 32) of one row occupy.
+    pub fn row_bytes(self, cols: usize) -> usize {
+        match self {
+            QuantKind::Q8 => cols,
+            QuantKind::Q4 | QuantKind::Q4Asym => cols / 2,
+            QuantKind::Q3 => cols / QUANT_BLOCK * Q3_BLOCK_BYTES,
+        }
+    }
 }
 
 /// A quantized matrix borrowed from its tensor bytes (zero-copy from the map).
@@ -24,7 +37,8 @@ pub struct QuantMatrix<'a> {
     pub rows: usize,
     pub cols: usize,
     pub group: usize,
-    /// q8: `rows × cols` i8 (as bytes); q4: `rows × cols / 2` packed nibbles.
+    /// q8: `rows × cols` i8 (as bytes); q4: `rows × cols / 2` packed nibbles; q3: 12 bytes
+    /// of bit planes per 32 values.
     pub quants: &'a [u8],
     pub scales: &'a [f16],
     pub mins: Option<&'a [f16]>,
@@ -44,6 +58,7 @@ impl<'a> QuantMatrix<'a> {
             Encoding::Q4 {
                 asymmetric: true, ..
             } => QuantKind::Q4Asym,
+            Encoding::Q3 { .. } => QuantKind::Q3,
             _ => return None,
         };
         if bytes.len() != layout.total {
@@ -98,12 +113,8 @@ impl<'a> QuantMatrix<'a> {
     }
 
     fn row_quants(&self, r: usize) -> &'a [u8] {
-        let bytes = |cols: usize| match self.kind {
-            QuantKind::Q8 => cols,
-            _ => cols / 2,
-        };
-        let start = r * bytes(self.stored_cols);
-        &self.quants[start..start + bytes(self.cols)]
+        let start = r * self.kind.row_bytes(self.stored_cols);
+        &self.quants[start..start + self.kind.row_bytes(self.cols)]
     }
 
     fn row_scales(&self, r: usize) -> &'a [f16] {
@@ -128,6 +139,7 @@ impl<'a> QuantMatrix<'a> {
                 QuantKind::Q8 => q[c] as i8 as f32 * d,
                 QuantKind::Q4 => (nibble(q, c) as f32 - 8.0) * d,
                 QuantKind::Q4Asym => nibble(q, c) as f32 * d + mins.map_or(0.0, |m| m[g].to_f32()),
+                QuantKind::Q3 => (level3(q, c) as f32 - 4.0) * d,
             };
         }
     }
@@ -160,6 +172,27 @@ fn nibble(q: &[u8], c: usize) -> u8 {
         byte & 0x0F
     } else {
         byte >> 4
+    }
+}
+
+/// Level (0..=7) of value `c` of a q3 row: block `c / 32` is 12 bytes; value `i` of the block
+/// has its low two bits in byte `i % 8`, bits `2 · (i / 8)..`, and its high bit at bit `i` of
+/// the block's trailing four bytes.
+fn level3(q: &[u8], c: usize) -> u8 {
+    let block = &q[c / QUANT_BLOCK * Q3_BLOCK_BYTES..][..Q3_BLOCK_BYTES];
+    let i = c % QUANT_BLOCK;
+    let low = (block[i % 8] >> (2 * (i / 8))) & 3;
+    let high = (block[8 + i / 8] >> (i % 8)) & 1;
+    low | high << 2
+}
+
+/// Packs 32 levels (0..=7) into the 12 bytes of a q3 block (the inverse of [`level3`]).
+fn pack3(levels: &[u8; QUANT_BLOCK], out: &mut [u8]) {
+    out[..Q3_BLOCK_BYTES].fill(0);
+    for (i, &l) in levels.iter().enumerate() {
+        debug_assert!(l < 8);
+        out[i % 8] |= (l & 3) << (2 * (i / 8));
+        out[8 + i / 8] |= (l >> 2) << (i % 8);
     }
 }
 
@@ -263,6 +296,12 @@ pub fn dot_scalar(w: &QuantRow<'_>, x: &ActRow<'_>) -> f32 {
                     })
                     .sum()
             }
+            QuantKind::Q3 => {
+                let wq = &w.quants[b * Q3_BLOCK_BYTES..(b + 1) * Q3_BLOCK_BYTES];
+                (0..QUANT_BLOCK)
+                    .map(|i| (level3(wq, i) as i32 - 4) * xq[i] as i32)
+                    .sum()
+            }
         };
         acc += dw * dx * isum as f32;
         if let Some(m) = w.mins {
@@ -274,8 +313,8 @@ pub fn dot_scalar(w: &QuantRow<'_>, x: &ActRow<'_>) -> f32 {
 
 /// Round-to-nearest quantization of a `[rows, cols]` f32 matrix into the bytes of `encoding`
 /// (the exact tensor data the format stores). Scales: q8 `amax / 127`; q4 symmetric maps the
-/// value of largest magnitude to −8 (ggml's choice, using the full 16 levels); q4 asymmetric
-/// spans `[min, max]` with 15 steps. Better scale choices (clipping, GPTQ, AWQ) live in the
+/// value of largest magnitude to −8 (ggml's choice, using the full 16 levels), q3 likewise to
+/// −4 (all 8 levels); q4 asymmetric spans `[min, max]` with 15 steps. Better scale choices (clipping, GPTQ, AWQ) live in the
 /// converter and call [`encode_with_scales`].
 pub fn quantize_rtn(w: &[f32], rows: usize, cols: usize, encoding: Encoding) -> Option<Vec<u8>> {
     let layout = encoding.quant_layout(&[rows, cols])?;
@@ -295,6 +334,10 @@ pub fn quantize_rtn(w: &[f32], rows: usize, cols: usize, encoding: Encoding) -> 
             } => {
                 let extreme = if hi.abs() > lo.abs() { hi } else { lo };
                 scales.push(extreme / -8.0);
+            }
+            Encoding::Q3 { .. } => {
+                let extreme = if hi.abs() > lo.abs() { hi } else { lo };
+                scales.push(extreme / -4.0);
             }
             _ => {
                 scales.push((hi - lo) / 15.0);
@@ -340,6 +383,18 @@ pub fn encode_with_scales(
                 *q = (v * inv).round().clamp(-127.0, 127.0) as i8 as u8;
             }
         }
+        Encoding::Q3 { .. } => {
+            let mut levels = [0u8; QUANT_BLOCK];
+            for (b, packed) in quants.chunks_exact_mut(Q3_BLOCK_BYTES).enumerate() {
+                for (j, l) in levels.iter_mut().enumerate() {
+                    let i = b * QUANT_BLOCK + j;
+                    let d = stored[i / group];
+                    let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
+                    *l = (w[i] * inv + 4.0).round().clamp(0.0, 7.0) as u8;
+                }
+                pack3(&levels, packed);
+            }
+        }
         _ => {
             let level = |i: usize| -> u8 {
                 let g = i / group;
@@ -379,7 +434,7 @@ pub mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{ActRow, QuantKind, QuantRow};
-    use crate::format::QUANT_BLOCK;
+    use crate::format::{Q3_BLOCK_BYTES, QUANT_BLOCK};
 
     /// One f16 value widened with F16C.
     #[inline]
@@ -391,16 +446,20 @@ pub mod avx2 {
     const KIND_Q8: u8 = 0;
     const KIND_Q4: u8 = 1;
     const KIND_Q4_ASYM: u8 = 2;
+    const KIND_Q3: u8 = 3;
 
     /// 32 weights of block `b` in value order: q8 as is; q4 unpacked nibbles (minus 8 when
-    /// symmetric).
+    /// symmetric); q3 levels rebuilt from the two bit planes, minus 4.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn load_weights<const KIND: u8>(quants: *const u8, b: usize) -> __m256i {
-        // SAFETY: the caller guarantees block `b` lies inside the row (32 or 16 bytes).
+        // SAFETY: the caller guarantees block `b` lies inside the row (32, 16 or 12 bytes).
         unsafe {
             if KIND == KIND_Q8 {
                 return _mm256_loadu_si256(quants.add(b * QUANT_BLOCK) as *const __m256i);
+            }
+            if KIND == KIND_Q3 {
+                return load_q3(quants.add(b * Q3_BLOCK_BYTES));
             }
             let packed = _mm_loadu_si128(quants.add(b * 16) as *const __m128i);
             let mask = _mm_set1_epi8(0x0F);
@@ -413,6 +472,43 @@ pub mod avx2 {
                 v
             }
         }
+    }
+
+    /// The 32 signed weights (−4..=3) of the q3 block at `p` (12 bytes), in value order.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load_q3(p: *const u8) -> __m256i {
+        // SAFETY: the caller guarantees 12 readable bytes at `p`; both reads are unaligned.
+        let (low_plane, high_plane) = unsafe {
+            (
+                (p as *const u64).read_unaligned(),
+                (p.add(8) as *const u32).read_unaligned(),
+            )
+        };
+        // Low bits: 64-bit lane k holds the plane shifted right by 2k, so byte j of lane k has
+        // the pair of value 8k + j in its bottom two bits.
+        let low = _mm256_and_si256(
+            _mm256_srlv_epi64(
+                _mm256_set1_epi64x(low_plane as i64),
+                _mm256_set_epi64x(6, 4, 2, 0),
+            ),
+            _mm256_set1_epi8(3),
+        );
+        // High bits: byte i takes plane byte i / 8 (each 128-bit lane holds the whole u32),
+        // then tests bit i % 8.
+        let spread = _mm256_shuffle_epi8(
+            _mm256_set1_epi32(high_plane as i32),
+            _mm256_set_epi64x(
+                0x0303_0303_0303_0303,
+                0x0202_0202_0202_0202,
+                0x0101_0101_0101_0101,
+                0,
+            ),
+        );
+        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+        // level − 4 = low − 4 when the high bit is clear, low when it is set.
+        _mm256_sub_epi8(low, _mm256_andnot_si256(set, _mm256_set1_epi8(4)))
     }
 
     /// Σ w·x of 32 bytes as 8 i32 lanes: signed weights use the sign trick so `maddubs`
@@ -448,6 +544,7 @@ pub mod avx2 {
                 QuantKind::Q8 => dot_kind::<KIND_Q8, N>(w, x),
                 QuantKind::Q4 => dot_kind::<KIND_Q4, N>(w, x),
                 QuantKind::Q4Asym => dot_kind::<KIND_Q4_ASYM, N>(w, x),
+                QuantKind::Q3 => dot_kind::<KIND_Q3, N>(w, x),
             }
         }
     }
@@ -485,7 +582,7 @@ pub mod avx2 {
         while b < blocks {
             let pair = b + 1 < blocks;
             // SAFETY: b (and b + 1 when `pair`) < blocks: every read below lies inside the
-            // weight row (32 or 16 bytes a block), its scales, and each activation row.
+            // weight row (32, 16 or 12 bytes a block), its scales, and each activation row.
             unsafe {
                 let dw0 = f16_to_f32(*sp.add(group_of(b)));
                 if KIND == KIND_Q4_ASYM {
@@ -538,21 +635,25 @@ pub mod neon {
     use std::arch::asm;
 
     use super::{ActRow, QuantKind, QuantRow};
-    use crate::format::QUANT_BLOCK;
+    use crate::format::{Q3_BLOCK_BYTES, QUANT_BLOCK};
 
     const KIND_Q8: u8 = 0;
     const KIND_Q4: u8 = 1;
     const KIND_Q4_ASYM: u8 = 2;
+    const KIND_Q3: u8 = 3;
 
     /// Block `b`'s 32 weights as two signed 16-byte vectors in value order.
     #[inline]
     #[target_feature(enable = "neon")]
     unsafe fn load_weights<const KIND: u8>(q: *const u8, b: usize) -> (int8x16_t, int8x16_t) {
-        // SAFETY: the caller guarantees block `b` lies inside the row (32 or 16 bytes).
+        // SAFETY: the caller guarantees block `b` lies inside the row (32, 16 or 12 bytes).
         unsafe {
             if KIND == KIND_Q8 {
                 let p = q.add(b * QUANT_BLOCK) as *const i8;
                 return (vld1q_s8(p), vld1q_s8(p.add(16)));
+            }
+            if KIND == KIND_Q3 {
+                return load_q3(q.add(b * Q3_BLOCK_BYTES));
             }
             let packed = vld1q_u8(q.add(b * 16));
             let lo = vreinterpretq_s8_u8(vandq_u8(packed, vdupq_n_u8(0x0F)));
@@ -564,6 +665,33 @@ pub mod neon {
                 (lo, hi)
             }
         }
+    }
+
+    /// The 32 signed weights (−4..=3) of the q3 block at `p` (12 bytes), in value order.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    unsafe fn load_q3(p: *const u8) -> (int8x16_t, int8x16_t) {
+        // SAFETY: the caller guarantees 12 readable bytes at `p`: 8 for the 2-bit plane, then
+        // 4 (read unaligned) for the 1-bit plane.
+        let (plane, high_plane) =
+            unsafe { (vld1_u8(p), (p.add(8) as *const u32).read_unaligned()) };
+        // Byte j of the plane holds the low pairs of values j, j + 8, j + 16, j + 24.
+        let three = vdup_n_u8(3);
+        let low0 = vcombine_u8(vand_u8(plane, three), vand_u8(vshr_n_u8::<2>(plane), three));
+        let low1 = vcombine_u8(vand_u8(vshr_n_u8::<4>(plane), three), vshr_n_u8::<6>(plane));
+        // Byte i gets plane byte i / 8 and tests bit i % 8.
+        let high = vreinterpretq_u8_u32(vdupq_n_u32(high_plane));
+        let bit = vreinterpretq_u8_u64(vdupq_n_u64(0x8040_2010_0804_0201));
+        let idx0 = vcombine_u8(vdup_n_u8(0), vdup_n_u8(1));
+        let idx1 = vcombine_u8(vdup_n_u8(2), vdup_n_u8(3));
+        let set0 = vtstq_u8(vqtbl1q_u8(high, idx0), bit);
+        let set1 = vtstq_u8(vqtbl1q_u8(high, idx1), bit);
+        // level − 4 = low − 4 when the high bit is clear, low when it is set.
+        let four = vdupq_n_u8(4);
+        (
+            vreinterpretq_s8_u8(vsubq_u8(low0, vbicq_u8(four, set0))),
+            vreinterpretq_s8_u8(vsubq_u8(low1, vbicq_u8(four, set1))),
+        )
     }
 
     /// Σ w·x over 32 values as four i32 lanes, with widening multiplies (plain NEON).
@@ -661,6 +789,7 @@ pub mod neon {
                 QuantKind::Q8 => dot_neon_kind::<KIND_Q8, N>(w, x),
                 QuantKind::Q4 => dot_neon_kind::<KIND_Q4, N>(w, x),
                 QuantKind::Q4Asym => dot_neon_kind::<KIND_Q4_ASYM, N>(w, x),
+                QuantKind::Q3 => dot_neon_kind::<KIND_Q3, N>(w, x),
             }
         }
     }
@@ -675,6 +804,7 @@ pub mod neon {
                 QuantKind::Q8 => dot_dotprod_kind::<KIND_Q8, N>(w, x),
                 QuantKind::Q4 => dot_dotprod_kind::<KIND_Q4, N>(w, x),
                 QuantKind::Q4Asym => dot_dotprod_kind::<KIND_Q4_ASYM, N>(w, x),
+                QuantKind::Q3 => dot_dotprod_kind::<KIND_Q3, N>(w, x),
             }
         }
     }
@@ -697,6 +827,7 @@ mod tests {
                 group,
                 asymmetric: true,
             });
+            v.push(Encoding::Q3 { group });
         }
         v
     }
@@ -723,14 +854,14 @@ mod tests {
             for (i, (a, b)) in w.iter().zip(&back).enumerate() {
                 let d = m.scales[i / group].to_f32().abs();
                 // Half a step, plus f16 rounding of the scale/min stored with the group.
-                // Symmetric q4 has 8 negative levels and 7 positive ones: when the group's
+                // Symmetric q4 (q3) has 8 (4) negative levels and 7 (3) positive ones: when the group's
                 // extreme is negative, values near +|extreme| clip one step short.
                 let steps = if matches!(
                     enc,
                     Encoding::Q4 {
                         asymmetric: false,
                         ..
-                    }
+                    } | Encoding::Q3 { .. }
                 ) {
                     1.0
                 } else {
@@ -757,6 +888,81 @@ mod tests {
         assert_eq!(bytes[0], 15 << 4); // value 0 low, value 16 (=15) high
         assert_eq!(bytes[15], 15); // value 15 (=15) low, value 31 (=0) high
         assert_eq!(matrix(enc, 1, 32, &bytes).dequantize(), w);
+    }
+
+    #[test]
+    fn q3_bit_planes_match_the_spec() {
+        let enc = Encoding::Q3 { group: 32 };
+        // Scale −1: level = 4 − w, so w = 4 − level. Levels 0..8 repeated, then one block of
+        // a single high bit.
+        let levels: Vec<u8> = (0..32).map(|i| (i % 8) as u8).collect();
+        let w: Vec<f32> = levels.iter().map(|&l| 4.0 - l as f32).collect();
+        let bytes = encode_with_scales(&w, 1, 32, enc, &[-1.0], None).unwrap();
+        // Byte j: value j (level j % 8) in bits 0-1, j + 8 in 2-3, j + 16 in 4-5, j + 24 in
+        // 6-7; every value i has level i % 8, so each byte repeats the pair of j % 4.
+        for (j, &byte) in bytes[..8].iter().enumerate() {
+            let pair = (j % 4) as u8;
+            assert_eq!(byte, pair * 0b0101_0101, "byte {j}");
+        }
+        // High bits: set for levels 4..8, i.e. values with i % 8 >= 4.
+        assert_eq!(&bytes[8..12], &[0xF0; 4]);
+        assert_eq!(matrix(enc, 1, 32, &bytes).dequantize(), w);
+
+        let mut one = [4.0f32; 32]; // level 0 everywhere ...
+        one[13] = -3.0; // ... but value 13 has level 7
+        let bytes = encode_with_scales(&one, 1, 32, enc, &[-1.0], None).unwrap();
+        assert_eq!(bytes[5], 0b11 << 2); // value 13 = 5 + 8: byte 5, bits 2-3
+        assert_eq!(
+            u32::from_le_bytes(bytes[8..12].try_into().unwrap()),
+            1 << 13
+        );
+        assert!(
+            bytes[..8]
+                .iter()
+                .enumerate()
+                .all(|(j, &b)| j == 5 || b == 0)
+        );
+        assert_eq!(matrix(enc, 1, 32, &bytes).dequantize(), one);
+    }
+
+    #[test]
+    fn q3_views_of_first_rows_and_columns_read_in_place() {
+        let enc = Encoding::Q3 { group: 64 };
+        let (rows, cols) = (5, 256);
+        let w = random_vec(rows * cols, 21);
+        let bytes = quantize_rtn(&w, rows, cols, enc).unwrap();
+        let m = matrix(enc, rows, cols, &bytes);
+        let full = m.dequantize();
+        let view = m.first_rows(3).unwrap().first_cols(128).unwrap();
+        assert!(m.first_cols(96).is_none(), "cuts only on whole groups");
+        assert!(m.first_cols(320).is_none() && m.first_rows(6).is_none());
+        let part = view.dequantize();
+        for r in 0..3 {
+            assert_eq!(
+                &part[r * 128..(r + 1) * 128],
+                &full[r * cols..r * cols + 128]
+            );
+        }
+        let x = random_vec(128, 22);
+        let acts = QuantizedActivations::quantize(&x, 1, 128);
+        let xq: Vec<f32> = acts
+            .qs
+            .iter()
+            .enumerate()
+            .map(|(i, &q)| q as f32 * acts.d[i / 32])
+            .collect();
+        for r in 0..3 {
+            let want: f32 = part[r * 128..(r + 1) * 128]
+                .iter()
+                .zip(&xq)
+                .map(|(a, b)| a * b)
+                .sum();
+            let got = dot_scalar(&view.row(r), &acts.row(0));
+            assert!(
+                (got - want).abs() < 1e-3 * want.abs().max(1.0),
+                "{got} vs {want}"
+            );
+        }
     }
 
     #[test]

@@ -122,7 +122,8 @@ pub fn dot_scalar(values: &[f16], positions: &[u8], x: &[f32]) -> f32 {
 }
 
 /// For each position byte (two runs of four): the index, within those 8 columns, of each of
-/// its 4 kept values.
+/// its 4 kept values (the NEON kernel's gather table is built from it).
+#[cfg(target_arch = "aarch64")]
 const fn position_table() -> [[u32; 4]; 256] {
     let mut table = [[0u32; 4]; 256];
     let mut b = 0;
@@ -134,6 +135,7 @@ const fn position_table() -> [[u32; 4]; 256] {
     table
 }
 
+#[cfg(target_arch = "aarch64")]
 static POSITIONS: [[u32; 4]; 256] = position_table();
 
 /// Packs a `rows × cols` matrix whose every run of 4 has at most 2 non-zeros into the
