@@ -30,8 +30,24 @@ struct Cli {
     /// Worker threads (default: all cores).
     #[arg(short = 't', long, global = true)]
     threads: Option<usize>,
+    /// Serve low-rank layers with this percentage of their stored rank (1-100; default
+    /// POCKETLM_LOW_RANK_PERCENT, else 100): one file, several operating points.
+    #[arg(long, global = true, value_name = "P", value_parser = clap::value_parser!(u8).range(1..=100))]
+    low_rank_percent: Option<u8>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// `--low-rank-percent`, set once at start.
+static LOW_RANK_PERCENT: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
+
+/// Opens a model with the environment's options and the command line's overrides.
+fn open_model(path: &std::path::Path) -> Result<Model, pocketlm::model::ModelError> {
+    let mut options = pocketlm::model::ModelOptions::from_env();
+    if let Some(&percent) = LOW_RANK_PERCENT.get() {
+        options.low_rank_percent = percent;
+    }
+    Model::open_with(path, options)
 }
 
 #[derive(Subcommand)]
@@ -302,6 +318,9 @@ struct RunArgs {
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
+    if let Some(percent) = cli.low_rank_percent {
+        let _ = LOW_RANK_PERCENT.set(percent);
+    }
     let mut pool = rayon::ThreadPoolBuilder::new();
     if let Some(n) = cli.threads {
         pool = pool.num_threads(n);
@@ -560,7 +579,7 @@ fn cmd_convert(a: ConvertArgs) -> CliResult {
 
 fn cmd_run(a: RunArgs) -> CliResult {
     let load_started = std::time::Instant::now();
-    let model = Arc::new(Model::open(&a.model)?);
+    let model = Arc::new(open_model(&a.model)?);
     let load_ms = load_started.elapsed().as_secs_f64() * 1e3;
     let options = GenerateOptions {
         max_tokens: a.max_tokens,
@@ -621,7 +640,7 @@ fn cmd_run(a: RunArgs) -> CliResult {
 }
 
 fn cmd_inspect(path: PathBuf, list_tensors: bool, json: bool) -> CliResult {
-    let model = Model::open(&path)?;
+    let model = open_model(&path)?;
     let file = model.file();
     let config = model.config();
     let params: u64 = file
@@ -714,7 +733,7 @@ fn cmd_bench(
     repetitions: usize,
     json: bool,
 ) -> CliResult {
-    let model = Model::open(&path)?;
+    let model = open_model(&path)?;
     let options = pocketlm::eval::bench::BenchOptions {
         prompt_tokens,
         generated_tokens,
@@ -766,7 +785,7 @@ fn cmd_ppl(
     chunks: Option<usize>,
     json: bool,
 ) -> CliResult {
-    let model = Model::open(&path)?;
+    let model = open_model(&path)?;
     let text = read_text(&text)?;
     let progress = bar(0, "{bar:40} {pos}/{len} chunks, ppl {msg}");
     let result = eval::perplexity(
@@ -807,8 +826,8 @@ fn cmd_kld(
     chunks: Option<usize>,
     json: bool,
 ) -> CliResult {
-    let model = Model::open(&path)?;
-    let base = Model::open(&base)?;
+    let model = open_model(&path)?;
+    let base = open_model(&base)?;
     let text = read_text(&text)?;
     let progress = bar(0, "{bar:40} {pos}/{len} chunks, KLD {msg}");
     let r = eval::kl_divergence(
@@ -857,7 +876,7 @@ fn cmd_zeroshot(
     limit: Option<usize>,
     json: bool,
 ) -> CliResult {
-    let model = Model::open(&path)?;
+    let model = open_model(&path)?;
     let examples = zeroshot::load_examples(task, &file, limit)?;
     if examples.is_empty() {
         return Err(format!("{}: no examples", file.display()).into());
@@ -903,8 +922,8 @@ fn cmd_report(
     run_bench: bool,
     json: bool,
 ) -> CliResult {
-    let model = Model::open(&path)?;
-    let base = base.map(|b| Model::open(&b)).transpose()?;
+    let model = open_model(&path)?;
+    let base = base.map(|b| open_model(&b)).transpose()?;
     let text = text.map(|t| read_text(&t)).transpose()?;
     let options = ReportOptions {
         perplexity: PerplexityOptions {

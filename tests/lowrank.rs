@@ -352,3 +352,39 @@ fn a_file_served_at_a_lower_rank_equals_one_with_the_factors_cut() {
     assert_ne!(full, served, "serving fewer components changes the output");
     assert_eq!(served, logits(&cut_path, 100));
 }
+
+#[test]
+fn the_cli_serves_a_lower_rank_on_request() {
+    let options = ConvertOptions {
+        lowrank: Some(LowRank {
+            method: LowRankMethod::Svd,
+            target: RankTarget::Rank(32),
+            allocation: RankAllocation::Uniform,
+        }),
+        ..ConvertOptions::with_weights(Encoding::F32)
+    };
+    let (_d, path) = convert(&options);
+    let flops = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pocketlm"))
+            .args(extra)
+            .args(["inspect", "--json"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["flops_per_token"].as_u64().unwrap()
+    };
+    let (full, half) = (flops(&[]), flops(&["--low-rank-percent", "50"]));
+    assert!(half < full, "{half} vs {full}");
+    let rejected = std::process::Command::new(env!("CARGO_BIN_EXE_pocketlm"))
+        .args(["--low-rank-percent", "0", "inspect"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!rejected.status.success());
+}
