@@ -3,30 +3,17 @@
 //! that load and run, the recipe says what was done, low rank composes with quantization, and
 //! a file whose factors do not fit together is rejected with a clear message.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use pocketlm::convert::{
-    Calibration, ConvertError, ConvertOptions, LowRank, LowRankMethod, Method, RankAllocation,
-    RankTarget, convert_path,
+    ConvertError, ConvertOptions, LowRank, LowRankMethod, Method, RankAllocation, RankTarget,
+    convert_path,
 };
-use pocketlm::eval::{PerplexityOptions, perplexity};
 use pocketlm::format::{Encoding, PlmFile};
 use pocketlm::model::{Model, ModelOptions};
 
-fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/stories260k")
-        .join(rel)
-}
-
-fn calibration() -> Calibration {
-    Calibration {
-        text: std::fs::read_to_string(fixture("calib.txt")).unwrap(),
-        source: "calib.txt".into(),
-        samples: 48,
-        seq_len: 128,
-    }
-}
+mod common;
+use common::{calibration, convert, fixture, ppl};
 
 fn lowrank_options(weights: Encoding, method: LowRankMethod, ratio: f64) -> ConvertOptions {
     ConvertOptions {
@@ -41,23 +28,16 @@ fn lowrank_options(weights: Encoding, method: LowRankMethod, ratio: f64) -> Conv
     }
 }
 
-fn convert(options: &ConvertOptions) -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("model.plm");
-    convert_path(&fixture("hf"), &out, options, &mut |_, _, _| {}).unwrap();
-    (dir, out)
-}
-
-fn ppl(path: &Path) -> f64 {
-    let model = Model::open_with(path, ModelOptions::default()).unwrap();
-    let text = std::fs::read_to_string(fixture("eval.txt")).unwrap();
-    let options = PerplexityOptions {
-        context: 128,
-        max_chunks: None,
-    };
-    perplexity(&model, &text, &options, |_, _, _| {})
-        .unwrap()
-        .ppl
+/// Plain SVD at rank 32 with f32 factors: factor prefixes are exactly lower-rank SVDs.
+fn svd_rank_32_f32() -> ConvertOptions {
+    ConvertOptions {
+        lowrank: Some(LowRank {
+            method: LowRankMethod::Svd,
+            target: RankTarget::Rank(32),
+            allocation: RankAllocation::Uniform,
+        }),
+        ..ConvertOptions::with_weights(Encoding::F32)
+    }
 }
 
 fn recipe(path: &Path) -> serde_json::Value {
@@ -259,14 +239,7 @@ fn low_rank_composes_with_pruning_of_the_factors() {
 
 #[test]
 fn a_file_served_at_a_lower_rank_equals_one_with_the_factors_cut() {
-    let options = ConvertOptions {
-        lowrank: Some(LowRank {
-            method: LowRankMethod::Svd,
-            target: RankTarget::Rank(32),
-            allocation: RankAllocation::Uniform,
-        }),
-        ..ConvertOptions::with_weights(Encoding::F32)
-    };
+    let options = svd_rank_32_f32();
     let (dir, path) = convert(&options);
     let file = PlmFile::open(&path).unwrap();
     // The same file with every factor cut to its first 16 components.
@@ -355,14 +328,7 @@ fn a_file_served_at_a_lower_rank_equals_one_with_the_factors_cut() {
 
 #[test]
 fn the_cli_serves_a_lower_rank_on_request() {
-    let options = ConvertOptions {
-        lowrank: Some(LowRank {
-            method: LowRankMethod::Svd,
-            target: RankTarget::Rank(32),
-            allocation: RankAllocation::Uniform,
-        }),
-        ..ConvertOptions::with_weights(Encoding::F32)
-    };
+    let options = svd_rank_32_f32();
     let (_d, path) = convert(&options);
     let flops = |extra: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_pocketlm"))

@@ -5,30 +5,18 @@
 //! The calibration and evaluation texts in the fixture were sampled from the f32 model
 //! (different prompts and seeds), so they are in the model's own domain.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use pocketlm::convert::{
     Calibration, Clipping, ConvertError, ConvertOptions, KeepRule, Method, PruneMethod, Pruning,
     Sparsity, convert_path,
 };
-use pocketlm::eval::{PerplexityOptions, perplexity};
+use pocketlm::eval::PerplexityOptions;
 use pocketlm::format::{Encoding, PlmFile};
 use pocketlm::model::{Model, ModelOptions};
 
-fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/stories260k")
-        .join(rel)
-}
-
-fn calibration() -> Calibration {
-    Calibration {
-        text: std::fs::read_to_string(fixture("calib.txt")).unwrap(),
-        source: "calib.txt".into(),
-        samples: 48,
-        seq_len: 128,
-    }
-}
+mod common;
+use common::{calibration, convert, fixture, ppl};
 
 fn options(weights: Encoding, method: Method) -> ConvertOptions {
     ConvertOptions {
@@ -40,25 +28,6 @@ fn options(weights: Encoding, method: Method) -> ConvertOptions {
         clipping: Some(Clipping::MinMax),
         ..ConvertOptions::with_weights(weights)
     }
-}
-
-fn convert(options: &ConvertOptions) -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("model.plm");
-    convert_path(&fixture("hf"), &out, options, &mut |_, _, _| {}).unwrap();
-    (dir, out)
-}
-
-fn ppl(path: &Path) -> f64 {
-    let model = Model::open_with(path, ModelOptions::default()).unwrap();
-    let text = std::fs::read_to_string(fixture("eval.txt")).unwrap();
-    let options = PerplexityOptions {
-        context: 128,
-        max_chunks: None,
-    };
-    perplexity(&model, &text, &options, |_, _, _| {})
-        .unwrap()
-        .ppl
 }
 
 const Q4: Encoding = Encoding::Q4 {
