@@ -181,9 +181,10 @@ pub mod avx2 {
         }
     }
 
+    /// Sum of the 8 lanes (shared by every AVX2 kernel).
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    fn hsum(v: __m256) -> f32 {
+    pub(crate) fn hsum(v: __m256) -> f32 {
         let lo = _mm256_castps256_ps128(v);
         let hi = _mm256_extractf128_ps::<1>(v);
         let s = _mm_add_ps(lo, hi);

@@ -435,6 +435,7 @@ pub mod avx2 {
 
     use super::{ActRow, QuantKind, QuantRow};
     use crate::format::{Q3_BLOCK_BYTES, QUANT_BLOCK};
+    use crate::kernels::dense::avx2::hsum;
 
     /// One f16 value widened with F16C.
     #[inline]
@@ -522,15 +523,6 @@ pub mod avx2 {
             _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w))
         };
         _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
-        _mm_cvtss_f32(s)
     }
 
     /// # Safety

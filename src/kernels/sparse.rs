@@ -184,6 +184,8 @@ pub mod avx2 {
     use half::f16;
     use std::arch::x86_64::*;
 
+    use crate::kernels::dense::avx2::hsum;
+
     /// # Safety
     /// The CPU must support AVX2, FMA and F16C; `values.len() == 4 · positions.len()`... that
     /// is, a row of `cols` columns has `cols / 2` values, `cols / 8` position bytes and
@@ -251,14 +253,6 @@ pub mod avx2 {
             );
             _mm256_fmadd_ps(w, gathered, acc)
         }
-    }
-
-    #[target_feature(enable = "avx2")]
-    fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
-        _mm_cvtss_f32(s)
     }
 }
 
