@@ -59,16 +59,14 @@ impl<'a> Linear<'a> {
         }
     }
 
-    /// [`Linear::with_rank`] at `percent` of the stored rank, rounded down to whole groups of
-    /// `U` (at least one); the layer unchanged when it is dense or cannot be cut.
+    /// [`Linear::with_rank`] at `percent` of the stored rank, rounded down to a multiple of
+    /// `U`'s column step (at least one step); the layer unchanged when it is dense or cannot
+    /// be cut.
     pub fn at_percent(self, percent: usize) -> Linear<'a> {
         let Linear::LowRank { u, .. } = self else {
             return self;
         };
-        let step = match u.data {
-            super::WeightData::Quant(q) => q.group,
-            _ => 1,
-        };
+        let step = u.column_step();
         let rank = (u.cols * percent / 100 / step * step).max(step);
         self.with_rank(rank).unwrap_or(self)
     }
@@ -267,6 +265,44 @@ mod tests {
         assert_eq!(full.at_percent(10).rank(), Some(32), "at least one group");
         let dense = Linear::Dense(MatRef::new(WeightData::F32(&u), rows, rank).unwrap());
         assert!(dense.with_rank(8).is_none());
+    }
+
+    #[test]
+    fn a_2_4_sparse_u_is_cut_on_whole_position_bytes() {
+        let (rows, rank, cols) = (24, 64, 40);
+        let mut u = random_vec(rows * rank, 31);
+        for run in u.chunks_exact_mut(4) {
+            run[1] = 0.0;
+            run[2] = 0.0;
+        }
+        let u: Vec<f32> = u.iter().map(|&x| f16::from_f32(x).to_f32()).collect();
+        let v = random_vec(rank * cols, 32);
+        let bytes = super::super::sparse::encode(&u, rows, rank).unwrap();
+        let layout = crate::format::Sparse24Layout::new(&[rows, rank]).unwrap();
+        let um = super::super::sparse::Sparse24Matrix::from_parts(&layout, &bytes).unwrap();
+        let full = Linear::low_rank(
+            MatRef::new(WeightData::F32(&v), rank, cols).unwrap(),
+            MatRef::new(WeightData::Sparse24(um), rows, rank).unwrap(),
+        )
+        .unwrap();
+        let served = full.at_percent(30); // 19.2 components: 16, two position bytes
+        assert_eq!(served.rank(), Some(16));
+        let want = product(
+            &(0..rows)
+                .flat_map(|r| u[r * rank..r * rank + 16].to_vec())
+                .collect::<Vec<_>>(),
+            &v[..16 * cols],
+            rows,
+            16,
+            cols,
+        );
+        let x = random_vec(cols, 33);
+        let mut got = vec![0.0; rows];
+        linear(&x, 1, &served, &mut got, &mut Vec::new());
+        for r in 0..rows {
+            let e: f32 = (0..cols).map(|c| want[r * cols + c] * x[c]).sum();
+            assert_close(got[r], e, cols);
+        }
     }
 
     #[test]

@@ -163,35 +163,32 @@ pub struct MatRef<'a> {
 }
 
 impl<'a> MatRef<'a> {
-    /// Returns `None` when the data length does not match `rows × cols`.
+    /// Returns `None` when the data length (or a structured matrix's own shape) does not
+    /// match `rows × cols`.
     pub fn new(data: WeightData<'a>, rows: usize, cols: usize) -> Option<Self> {
-        let len = match data {
-            WeightData::F32(d) => d.len(),
-            WeightData::F16(d) => d.len(),
-            WeightData::BF16(d) => d.len(),
-            WeightData::Quant(q) => {
-                return (q.rows == rows && q.cols == cols).then_some(MatRef {
-                    data,
-                    rows,
-                    cols,
-                    stride: cols,
-                });
-            }
-            WeightData::Sparse24(m) => {
-                return (m.rows == rows && m.cols == cols).then_some(MatRef {
-                    data,
-                    rows,
-                    cols,
-                    stride: cols,
-                });
-            }
+        let fits = match data {
+            WeightData::F32(d) => rows.checked_mul(cols)? == d.len(),
+            WeightData::F16(d) => rows.checked_mul(cols)? == d.len(),
+            WeightData::BF16(d) => rows.checked_mul(cols)? == d.len(),
+            WeightData::Quant(q) => (q.rows, q.cols) == (rows, cols),
+            WeightData::Sparse24(m) => (m.rows, m.cols) == (rows, cols),
         };
-        (rows.checked_mul(cols)? == len).then_some(MatRef {
+        fits.then_some(MatRef {
             data,
             rows,
             cols,
             stride: cols,
         })
+    }
+
+    /// The column counts [`MatRef::first_cols`] can cut at are multiples of this: a
+    /// quantized matrix's group, a 2:4 sparse matrix's 8 columns (one position byte), else 1.
+    pub fn column_step(&self) -> usize {
+        match self.data {
+            WeightData::Quant(q) => q.group,
+            WeightData::Sparse24(_) => 8,
+            _ => 1,
+        }
     }
 
     /// The first `rows` rows (`None` beyond the matrix).
@@ -205,7 +202,7 @@ impl<'a> MatRef<'a> {
     }
 
     /// The first `cols` columns of every row, read in place. `None` beyond the matrix, or
-    /// for quantized data when `cols` is not a whole number of groups.
+    /// when `cols` is not a multiple of [`MatRef::column_step`].
     pub fn first_cols(self, cols: usize) -> Option<Self> {
         let data = match self.data {
             WeightData::Quant(q) => WeightData::Quant(q.first_cols(cols)?),
