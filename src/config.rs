@@ -150,12 +150,20 @@ impl ModelConfig {
         let d = self.hidden_size as u64;
         let q = self.q_dim() as u64;
         let kv = self.kv_dim() as u64;
-        let f = self.intermediate_size as u64;
         let v = self.vocab_size as u64;
         let bias = if self.attention_bias { q + 2 * kv } else { 0 };
-        let per_layer = 2 * d + d * q + 2 * d * kv + q * d + bias + 3 * d * f;
+        let per_layer = 2 * d + self.block_matrix_weights() + bias;
         let output = if self.tie_word_embeddings { 0 } else { v * d };
         v * d + self.num_layers as u64 * per_layer + d + output
+    }
+
+    /// Weights of one block's dense linear layers: q, k, v, o, gate, up and down.
+    pub fn block_matrix_weights(&self) -> u64 {
+        let d = self.hidden_size as u64;
+        let q = self.q_dim() as u64;
+        let kv = self.kv_dim() as u64;
+        let f = self.intermediate_size as u64;
+        d * q + 2 * d * kv + q * d + 3 * d * f
     }
 
     /// Multiply-accumulate count ×2 per token for the weight matrices, plus attention at
@@ -163,12 +171,9 @@ impl ModelConfig {
     pub fn flops_per_token(&self, context_len: usize) -> u64 {
         let d = self.hidden_size as u64;
         let q = self.q_dim() as u64;
-        let kv = self.kv_dim() as u64;
-        let f = self.intermediate_size as u64;
         let v = self.vocab_size as u64;
-        let matmul = d * q + 2 * d * kv + q * d + 3 * d * f;
         let attention = 2 * q * context_len as u64;
-        2 * (self.num_layers as u64 * (matmul + attention) + v * d)
+        2 * (self.num_layers as u64 * (self.block_matrix_weights() + attention) + v * d)
     }
 }
 

@@ -541,13 +541,7 @@ impl Model {
     /// layer stores `rank · (rows + cols)`. Norms, RoPE, softmax and activations are not counted.
     pub fn flops_per_token(&self, context_len: usize) -> u64 {
         let c = &self.config;
-        let (d, q, kv, f) = (
-            c.hidden_size as u64,
-            c.q_dim() as u64,
-            c.kv_dim() as u64,
-            c.intermediate_size as u64,
-        );
-        let dense_blocks = c.num_layers as u64 * (2 * d * q + 2 * d * kv + 3 * d * f);
+        let dense_blocks = c.num_layers as u64 * c.block_matrix_weights();
         let stored: u64 = self
             .block_linears()
             .iter()
