@@ -630,22 +630,22 @@ impl Output<'_, '_> {
         Ok(values)
     }
 
-    /// The storage for a pruned matrix requested as `encoding`: the 2:4 sparse encoding for
-    /// f16 matrices pruned 2:4 (9 instead of 16 bits per weight, half the multiply-adds),
-    /// unless the options ask for dense storage; otherwise `encoding`, with the reason
-    /// recorded when a sparse form was not used.
-    fn sparse_storage(
+    /// The 2:4 sparse bytes of a pruned matrix requested as `encoding`, when that storage
+    /// applies: f16 matrices pruned 2:4 (9 instead of 16 bits per weight, half the
+    /// multiply-adds), unless the options ask for dense storage. `None` otherwise, with the
+    /// reason recorded.
+    fn sparse_encoding(
         &mut self,
         name: &str,
         shape: &[usize],
         values: &[f32],
         encoding: Encoding,
         sparsity: Sparsity,
-    ) -> Encoding {
+    ) -> Option<Vec<u8>> {
         let mut dense = |reason: String| {
             log::info!("{name}: stored dense ({encoding}): {reason}");
             self.dense_storage.push((name.to_string(), reason));
-            encoding
+            None
         };
         if !self.options.sparse_storage {
             return dense("dense storage requested".into());
@@ -667,14 +667,13 @@ impl Output<'_, '_> {
                 shape[1]
             ));
         }
-        let is_24 = values
-            .chunks_exact(4)
-            .all(|run| run.iter().filter(|v| **v != 0.0).count() <= 2);
-        if !is_24 {
-            return dense("some runs of 4 keep more than 2 weights".into());
+        match crate::kernels::sparse::encode(values, shape[0], shape[1]) {
+            Some(bytes) => {
+                self.sparse_tensors += 1;
+                Some(bytes)
+            }
+            None => dense("some runs of 4 keep more than 2 weights".into()),
         }
-        self.sparse_tensors += 1;
-        Encoding::F16Sparse24
     }
 
     /// Encodes and writes one matrix; returns the values the runtime will read back (what
@@ -794,8 +793,10 @@ impl Output<'_, '_> {
             self.pruned += values.iter().filter(|v| **v == 0.0).count() as u64;
             self.prunable += values.len() as u64;
         }
-        if let Some(p) = pruning {
-            encoding = self.sparse_storage(name, shape, &values, encoding, p.sparsity);
+        let sparse =
+            pruning.and_then(|p| self.sparse_encoding(name, shape, &values, encoding, p.sparsity));
+        if sparse.is_some() {
+            encoding = Encoding::F16Sparse24;
         }
 
         match encoding {
@@ -832,8 +833,9 @@ impl Output<'_, '_> {
                 quant::fake_quantize(&mut values, cols, encoding, &grids);
             }
             Encoding::F16Sparse24 => {
-                let bytes = crate::kernels::sparse::encode(&values, rows, cols)
-                    .ok_or_else(|| method_err("not 2:4 sparse after pruning".into()))?;
+                let bytes = sparse.ok_or_else(|| {
+                    method_err("f16+2:4 is only chosen for matrices pruned 2:4".into())
+                })?;
                 self.writer.add_tensor(name, shape, encoding, &bytes)?;
                 values
                     .iter_mut()
@@ -843,13 +845,11 @@ impl Output<'_, '_> {
         self.finish_tensor(name, encoding, values.len());
         Ok(values)
     }
-}
 
-impl Output<'_, '_> {
     /// Writes matrix `name` (`w`, `rows × cols`) as its rank-`rank` factors `V` then `U`, each
-    /// in the encoding the options give its tensor name (and pruned as the options say). With calibration, `V` is quantized
-    /// against the matrix's inputs and `U` against `V`'s outputs (`V·H·Vᵀ`); for SVD-LLM, `U`
-    /// is first refitted to the stored `V`. Returns `U·V` as the runtime will apply it.
+    /// in the encoding the options give its tensor name (and pruned as the options say). With
+    /// calibration, `V` is quantized against the matrix's inputs and `U` against `V`'s outputs
+    /// (`V·H·Vᵀ`); for SVD-LLM, `U` is first refitted to the stored `V`. Returns `U·V` as the runtime will apply it.
     fn write_lowrank(
         &mut self,
         name: &str,
