@@ -937,12 +937,7 @@ mod tests {
         }
         let x = random_vec(128, 22);
         let acts = QuantizedActivations::quantize(&x, 1, 128);
-        let xq: Vec<f32> = acts
-            .qs
-            .iter()
-            .enumerate()
-            .map(|(i, &q)| q as f32 * acts.d[i / 32])
-            .collect();
+        let xq = dequantized(&acts);
         for r in 0..3 {
             let want: f32 = part[r * 128..(r + 1) * 128]
                 .iter()
@@ -957,6 +952,15 @@ mod tests {
         }
     }
 
+    /// The activations as the integer dot products see them: `q · d` per block.
+    fn dequantized(acts: &QuantizedActivations) -> Vec<f32> {
+        acts.qs
+            .iter()
+            .enumerate()
+            .map(|(i, &q)| q as f32 * acts.d[i / QUANT_BLOCK])
+            .collect()
+    }
+
     #[test]
     fn dot_scalar_matches_dequantized_product() {
         for enc in encodings() {
@@ -966,12 +970,7 @@ mod tests {
             let bytes = quantize_rtn(&w, rows, cols, enc).unwrap();
             let m = matrix(enc, rows, cols, &bytes);
             let acts = QuantizedActivations::quantize(&x, 1, cols);
-            let xq: Vec<f32> = acts
-                .qs
-                .iter()
-                .enumerate()
-                .map(|(i, &q)| q as f32 * acts.d[i / 32])
-                .collect();
+            let xq = dequantized(&acts);
             let mut row = vec![0.0; cols];
             for r in 0..rows {
                 m.dequantize_row(r, &mut row);
