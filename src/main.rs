@@ -1,13 +1,14 @@
 //! `pocketlm` command line: convert, run, inspect, verify, eval.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use pocketlm::convert::plan::{Budget, PlanOptions};
 use pocketlm::convert::{
     self, Calibration, Clipping, ConvertOptions, GptqOptions, KeepRule, LowRank, LowRankMethod,
     Method, PruneMethod, Pruning, RankAllocation, RankTarget, Sparsity,
@@ -94,8 +95,9 @@ struct ConvertArgs {
     output: PathBuf,
     /// Encoding of weight matrices: f32, f16, bf16, q8, q4 (symmetric), q4a (with a
     /// minimum) or q3 (symmetric 3-bit), optionally with a group size such as q4/g64.
-    #[arg(long, visible_alias = "dtype", default_value = "f16")]
-    weights: Encoding,
+    /// Default f16; with --budget, the first quantized candidate.
+    #[arg(long, visible_alias = "dtype")]
+    weights: Option<Encoding>,
     /// Group size for quantized weights (overrides a /gN suffix).
     #[arg(long)]
     group: Option<u32>,
@@ -160,6 +162,27 @@ struct ConvertArgs {
     /// budget goes where the singular-value energy is).
     #[arg(long, default_value = "uniform")]
     rank_alloc: RankAllocation,
+    /// Plan a recipe per block for this file size (e.g. 80MB, 76MiB): the planner measures
+    /// each candidate's KL cost on every block and picks the least total within the budget,
+    /// then verifies the file. Needs --calib; --method applies to quantized candidates.
+    #[arg(long, value_parser = convert::plan::parse_size, conflicts_with = "bits_per_weight")]
+    budget: Option<u64>,
+    /// Plan for this many bits per weight (tensor bytes × 8 / the model's parameters).
+    #[arg(long)]
+    bits_per_weight: Option<f64>,
+    /// Candidate recipes for the planner: ENCODING[+SPARSITY[/METHOD]][+lrP%[/METHOD]],
+    /// comma separated, e.g. q8,q4/g32,q3/g64,f16+2:4,q4/g32+lr20%.
+    #[arg(long, default_value = convert::plan::DEFAULT_CANDIDATES)]
+    candidates: String,
+    /// Calibration sequences the planner measures costs on.
+    #[arg(long, default_value_t = PlanOptions::DEFAULT_SAMPLES)]
+    plan_samples: usize,
+    /// Tokens per planner sequence.
+    #[arg(long, default_value_t = PlanOptions::DEFAULT_SEQ_LEN)]
+    plan_len: usize,
+    /// Write the planner's measurements and choice as JSON.
+    #[arg(long, value_name = "FILE")]
+    plan_json: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -199,6 +222,30 @@ enum EvalCommand {
         chunks: Option<usize>,
         #[arg(long)]
         json: bool,
+    },
+    /// Measures many files of one model alike (size, bits per weight, perplexity, with
+    /// --bench decode speed), marks the size–perplexity Pareto front among them and the
+    /// --reference points, and writes a Markdown table, JSON and SVG charts.
+    Sweep {
+        models: Vec<PathBuf>,
+        #[arg(long)]
+        text: PathBuf,
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        /// Evaluate only the first N chunks.
+        #[arg(long)]
+        chunks: Option<usize>,
+        /// Points measured elsewhere, e.g. `llama.cpp Q4_K_M=105.5MB:28.336[:DECODE_TOK_S]`.
+        #[arg(long = "reference", value_name = "NAME=SIZE:PPL[:TOK_S]")]
+        references: Vec<pocketlm::eval::sweep::SweepPoint>,
+        /// Also measure decode/prefill speed (as `pocketlm bench` with its defaults).
+        #[arg(long)]
+        bench: bool,
+        /// Chart of perplexity vs size (SVG); with --bench also `<stem>-speed.svg`.
+        #[arg(long, value_name = "FILE")]
+        svg: Option<PathBuf>,
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
     },
     /// Zero-shot multiple-choice accuracy (acc, acc_norm) scored as lm-evaluation-harness.
     Zeroshot {
@@ -393,6 +440,30 @@ fn run(command: Command) -> CliResult {
             limit,
             json,
         }) => cmd_zeroshot(model, task.into(), file, limit, json),
+        Command::Eval(EvalCommand::Sweep {
+            models,
+            text,
+            ctx,
+            chunks,
+            references,
+            bench,
+            svg,
+            json,
+        }) => {
+            let options = PerplexityOptions {
+                context: ctx,
+                max_chunks: chunks,
+            };
+            cmd_sweep(
+                &models,
+                &read_text(&text)?,
+                &options,
+                references,
+                bench,
+                svg,
+                json,
+            )
+        }
         Command::Eval(EvalCommand::Report {
             model,
             base,
@@ -423,6 +494,56 @@ fn run(command: Command) -> CliResult {
             cmd_sensitivity(src, options, json)
         }
     }
+}
+
+fn cmd_sweep(
+    models: &[PathBuf],
+    text: &str,
+    options: &PerplexityOptions,
+    mut points: Vec<pocketlm::eval::sweep::SweepPoint>,
+    bench: bool,
+    svg: Option<PathBuf>,
+    json: Option<PathBuf>,
+) -> CliResult {
+    use pocketlm::eval::sweep::{self, Axis};
+    let speed = bench.then(pocketlm::eval::bench::BenchOptions::default);
+    let progress = bar(
+        models.len() as u64,
+        "{elapsed_precise} {bar:40} {pos}/{len} files {msg}",
+    );
+    for path in models {
+        progress.set_message(path.display().to_string());
+        let model = open_model(path)?;
+        points.push(sweep::measure_file(
+            path,
+            &model,
+            text,
+            options,
+            speed.as_ref(),
+        )?);
+        progress.inc(1);
+    }
+    progress.finish_and_clear();
+    if points.is_empty() {
+        return Err("nothing to sweep: give .plm files (and/or --reference points)".into());
+    }
+    sweep::mark_pareto(&mut points);
+    print!("{}", sweep::render_markdown(&points));
+    if let Some(path) = &svg {
+        sweep::render_svg(&points, Axis::Size, path)?;
+        if points.iter().any(|p| p.decode_tokens_per_s.is_some()) {
+            let stem = path
+                .file_stem()
+                .map_or("sweep".into(), |s| s.to_string_lossy());
+            let speed_path = path.with_file_name(format!("{stem}-speed.svg"));
+            sweep::render_svg(&points, Axis::DecodeSpeed, &speed_path)?;
+        }
+    }
+    if let Some(path) = &json {
+        std::fs::write(path, serde_json::to_string_pretty(&points)?)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(())
 }
 
 fn cmd_sensitivity(
@@ -470,7 +591,32 @@ fn bar(len: u64, template: &str) -> ProgressBar {
 const DEFAULT_CALIBRATION: &str = "data/calib/default.txt";
 
 fn cmd_convert(a: ConvertArgs) -> CliResult {
-    let weights = match (a.weights, a.group) {
+    let budget = match (a.budget, a.bits_per_weight) {
+        (Some(bytes), _) => Some(Budget::FileBytes(bytes)),
+        (None, Some(bpw)) if bpw.is_finite() && bpw > 0.0 => Some(Budget::BitsPerWeight(bpw)),
+        (None, Some(bpw)) => return Err(format!("--bits-per-weight {bpw} must be positive").into()),
+        (None, None) => None,
+    };
+    let plan = match budget {
+        Some(budget) => Some(PlanOptions {
+            budget,
+            candidates: convert::plan::parse_candidates(&a.candidates)
+                .map_err(|e| format!("--candidates: {e}"))?,
+            samples: a.plan_samples,
+            seq_len: a.plan_len,
+        }),
+        None => None,
+    };
+    let default_weights = plan
+        .as_ref()
+        .and_then(|p| {
+            p.candidates
+                .iter()
+                .map(|c| c.weights)
+                .find(|w| w.is_quantized())
+        })
+        .unwrap_or(Encoding::F16);
+    let weights = match (a.weights.unwrap_or(default_weights), a.group) {
         (Encoding::Q8 { .. }, Some(group)) => Encoding::Q8 { group },
         (Encoding::Q4 { asymmetric, .. }, Some(group)) => Encoding::Q4 { group, asymmetric },
         (Encoding::Q3 { .. }, Some(group)) => Encoding::Q3 { group },
@@ -503,7 +649,8 @@ fn cmd_convert(a: ConvertArgs) -> CliResult {
         (Some(_), Some(_), Some(_)) => return Err("choose one of --ratio and --rank".into()),
         (None, None, None) => None,
     };
-    let needs_calibration = a.method.needs_calibration()
+    let needs_calibration = plan.is_some()
+        || a.method.needs_calibration()
         || pruning.is_some_and(|p| p.method.needs_calibration())
         || lowrank.is_some_and(|l| l.method.needs_calibration());
     let calibration = if needs_calibration {
@@ -523,7 +670,7 @@ fn cmd_convert(a: ConvertArgs) -> CliResult {
             }
         })?;
         Some(Calibration {
-            text,
+            text: text.into(),
             source: path.display().to_string(),
             samples: a.calib_samples,
             seq_len: a.calib_len,
@@ -553,9 +700,13 @@ fn cmd_convert(a: ConvertArgs) -> CliResult {
         pruning,
         lowrank,
         sparse_storage: !a.dense_storage,
+        blocks: Vec::new(),
     };
     let (src, output) = (a.src, a.output);
     let started = std::time::Instant::now();
+    if let Some(plan) = plan {
+        return convert_planned(&src, &output, &options, &plan, a.plan_json.as_deref());
+    }
     let progress = bar(0, "{elapsed_precise} {bar:40} {pos}/{len} tensors {msg}");
     let report = convert::convert_path(&src, &output, &options, &mut |done, total, name| {
         progress.set_length(total as u64);
@@ -572,6 +723,78 @@ fn cmd_convert(a: ConvertArgs) -> CliResult {
         report.tensors,
         report.parameters as f64 / 1e6,
         report.file_bytes as f64 / 1e6,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `convert --budget`: measure, plan, convert, verify, and print the plan.
+fn convert_planned(
+    src: &Path,
+    output: &Path,
+    options: &ConvertOptions,
+    plan: &PlanOptions,
+    json: Option<&Path>,
+) -> CliResult {
+    let started = std::time::Instant::now();
+    let model = pocketlm::import::open(src)?;
+    let progress = bar(0, "{elapsed_precise} {bar:40} {pos}/{len} {msg}");
+    let (report, convert_report) = convert::plan::convert_with_plan(
+        &model,
+        output,
+        options,
+        plan,
+        &mut |done, total, what| {
+            progress.set_length(total as u64);
+            progress.set_position(done as u64);
+            progress.set_message(what.to_string());
+        },
+    )?;
+    progress.finish_and_clear();
+    let s = &report.sensitivities;
+    println!(
+        "plan for {} over {} candidates, costs measured on {} tokens (KL, nats/token):",
+        report.plan.budget,
+        s.candidates.len(),
+        s.tokens
+    );
+    let widths: Vec<usize> = s.candidates.iter().map(|c| c.len().max(9)).collect();
+    print!("{:>5}", "block");
+    for (c, w) in s.candidates.iter().zip(&widths) {
+        print!("  {c:>w$}");
+    }
+    println!("  chosen");
+    for (b, &chosen) in report.plan.choice.iter().enumerate() {
+        print!("{b:>5}");
+        for (c, (kl, w)) in s.kl[b].iter().zip(&widths).enumerate() {
+            let mark = if c == chosen { '*' } else { ' ' };
+            print!(" {kl:>w$.5}{mark}");
+        }
+        println!("  {}", s.candidates[chosen]);
+    }
+    println!(
+        "embedding/output: {:.2} MB, KL {:.5}",
+        s.fixed_bytes as f64 / 1e6,
+        s.fixed_kl
+    );
+    println!(
+        "predicted: {:.2} MB ({:.3} bits per weight in tensors), KL {:.5}; measured: {:.2} MB, KL {:.5}",
+        report.plan.predicted_file_bytes as f64 / 1e6,
+        report.plan.predicted_bits_per_weight,
+        report.plan.predicted_kl,
+        report.file_bytes as f64 / 1e6,
+        report.measured_kl
+    );
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    eprintln!(
+        "wrote {} ({} tensors, {:.1} M parameters, {:.1} MB) in {:.1} s",
+        output.display(),
+        convert_report.tensors,
+        convert_report.parameters as f64 / 1e6,
+        convert_report.file_bytes as f64 / 1e6,
         started.elapsed().as_secs_f64()
     );
     Ok(())

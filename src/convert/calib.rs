@@ -14,7 +14,8 @@ use crate::model::{
 /// Calibration text and how to cut it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Calibration {
-    pub text: String,
+    /// Shared, so per-block copies of the options do not copy the text.
+    pub text: std::sync::Arc<str>,
     /// Where the text came from (a path), for the recipe in the file's metadata.
     pub source: String,
     /// Number of sequences.
@@ -201,6 +202,21 @@ impl Calibrator {
             seq_len,
             hidden,
         }
+    }
+
+    /// Starts from given residual-stream activations (`sequences × seq_len × hidden`).
+    pub fn from_hidden(config: &ModelConfig, seq_len: usize, hidden: Vec<f32>) -> Calibrator {
+        Calibrator {
+            config: config.clone(),
+            inv_freq: rope_inv_freq(config),
+            seq_len,
+            hidden,
+        }
+    }
+
+    /// The current activations, `tokens × hidden`.
+    pub fn hidden(&self) -> &[f32] {
+        &self.hidden
     }
 
     pub fn tokens(&self) -> usize {

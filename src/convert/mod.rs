@@ -6,6 +6,7 @@ pub mod awq;
 pub mod calib;
 pub mod gptq;
 pub mod lowrank;
+pub mod plan;
 pub mod prune;
 pub mod quant;
 pub mod sensitivity;
@@ -26,6 +27,7 @@ use crate::tokenizer::Tokenizer;
 pub use calib::Calibration;
 pub use gptq::GptqOptions;
 pub use lowrank::{LowRank, LowRankMethod, RankAllocation, RankTarget};
+pub use plan::BlockRecipe;
 pub use prune::{PruneMethod, Sparsity};
 pub use quant::Clipping;
 
@@ -187,6 +189,9 @@ pub struct ConvertOptions {
     /// Store pruned matrices in a sparse encoding where one applies (default); `false` keeps
     /// them dense (for comparisons).
     pub sparse_storage: bool,
+    /// One recipe per transformer block (what the planner chose); replaces `weights`,
+    /// `pruning` and `lowrank` for that block's matrices. Empty: every block follows those.
+    pub blocks: Vec<BlockRecipe>,
 }
 
 /// `--prune METHOD` with `--sparsity F` or `--nm N:M`.
@@ -216,6 +221,35 @@ impl ConvertOptions {
             pruning: None,
             lowrank: None,
             sparse_storage: true,
+            blocks: Vec::new(),
+        }
+    }
+
+    /// The options block `layer` is compressed with.
+    pub fn for_block(&self, layer: usize) -> ConvertOptions {
+        match self.blocks.get(layer) {
+            Some(recipe) => self.with_recipe(recipe),
+            None => self.clone(),
+        }
+    }
+
+    /// These options with `recipe` for every block.
+    pub fn with_recipe(&self, recipe: &BlockRecipe) -> ConvertOptions {
+        ConvertOptions {
+            weights: recipe.weights,
+            pruning: recipe.pruning,
+            lowrank: recipe.lowrank,
+            blocks: Vec::new(),
+            ..self.clone()
+        }
+    }
+
+    /// The recipe every block follows when there is no per-block plan.
+    pub fn uniform_recipe(&self) -> BlockRecipe {
+        BlockRecipe {
+            weights: self.weights,
+            pruning: self.pruning,
+            lowrank: self.lowrank,
         }
     }
 
@@ -255,12 +289,25 @@ impl ConvertOptions {
 
     /// Whether the conversion runs the model on calibration text.
     pub fn needs_calibration(&self) -> bool {
-        self.method.needs_calibration()
+        self.blocks
+            .iter()
+            .any(|b| self.with_recipe(b).needs_calibration())
+            || self.method.needs_calibration()
             || self.pruning.is_some_and(|p| p.method.needs_calibration())
             || self.lowrank.is_some_and(|l| l.method.needs_calibration())
     }
 
     fn validate(&self) -> Result<(), ConvertError> {
+        for recipe in &self.blocks {
+            let mut block = self.with_recipe(recipe);
+            if !recipe.weights.is_quantized() {
+                // The quantization method has nothing to do in a float block.
+                block.method = Method::Rtn;
+            }
+            block
+                .validate()
+                .map_err(|e| ConvertError::Options(format!("block recipe {recipe}: {e}")))?;
+        }
         let requested = std::iter::once(self.weights)
             .chain(self.embedding)
             .chain(self.output)
@@ -373,30 +420,26 @@ pub fn convert(
             );
         }
     }
+    if !options.blocks.is_empty() && options.blocks.len() != config.num_layers {
+        return Err(ConvertError::Options(format!(
+            "{} block recipes given for a model of {} blocks",
+            options.blocks.len(),
+            config.num_layers
+        )));
+    }
     let calibration = match &options.calibration {
         Some(c) if options.needs_calibration() => Some(calibration_windows(model, c)?),
         _ => None,
     };
-    let mut out = Output {
-        writer: PlmWriter::create(dst)?,
+    let block_options: Vec<ConvertOptions> = (0..config.num_layers)
+        .map(|l| options.for_block(l))
+        .collect();
+    let mut out = Output::new(
+        Sink::File(PlmWriter::create(dst)?),
         options,
-        parameters: 0,
-        fallbacks: Vec::new(),
-        encodings: Default::default(),
-        done: 0,
-        total: expected.len(),
+        expected.len(),
         progress,
-        gptq_loss: 0.0,
-        pruned: 0,
-        prunable: 0,
-        prune_skipped: Vec::new(),
-        sparse_tensors: 0,
-        dense_storage: Vec::new(),
-        lowrank_ranks: Vec::new(),
-        lowrank_dense: Vec::new(),
-        lowrank_before: 0,
-        lowrank_after: 0,
-    };
+    );
 
     let embedding = model.source.load_f32(names::TOKEN_EMBD)?;
     let embd_shape = [config.vocab_size, config.hidden_size];
@@ -411,7 +454,7 @@ pub fn convert(
     });
     drop(runtime_embedding);
 
-    for l in 0..config.num_layers {
+    for (l, block_options) in block_options.iter().enumerate() {
         let mut layer = LayerTensors::load(model.source.as_ref(), config, l)?;
         let stats = match &calibrator {
             Some(c) => {
@@ -420,52 +463,13 @@ pub fn convert(
             }
             None => None,
         };
-        let scales = match &stats {
-            Some(stats) if options.method.uses_awq() => {
-                (out.progress)(out.done, out.total, &format!("blk.{l}: awq scale search"));
-                Some(layer.apply_awq(config, stats, options))
-            }
-            _ => None,
-        };
-        let mut plan = match &options.lowrank {
-            Some(lr) => {
-                (out.progress)(out.done, out.total, &format!("blk.{l}: factorizing"));
-                let (plan, dense) = layer.plan_lowrank(lr, stats.as_ref(), options)?;
-                out.lowrank_dense.extend(dense);
-                plan
-            }
-            None => Default::default(),
-        };
-        for i in 0..layer.tensors.len() {
-            let (name, shape) = (layer.tensors[i].0.clone(), layer.tensors[i].1.clone());
-            let values = std::mem::take(&mut layer.tensors[i].2);
-            let values = if shape.len() == 1 {
-                out.write_vector(&name, &shape, values)?
-            } else {
-                let input = LayerTensors::input_of(&name, l);
-                let evidence = match (&stats, input) {
-                    (Some(stats), Some(input)) => Some(Evidence {
-                        stats: stats.input(input),
-                        scales: scales
-                            .as_ref()
-                            .and_then(|s| s.get(&input))
-                            .map(Vec::as_slice),
-                    }),
-                    _ => None,
-                };
-                match plan.remove(&name) {
-                    Some((decomposition, rank)) => {
-                        out.write_lowrank(&name, values, &decomposition, rank, evidence)?
-                    }
-                    None => out.write_matrix(&name, &shape, values, evidence, true)?,
-                }
-            };
-            layer.tensors[i].2 = values;
-        }
+        out.options = block_options;
+        compress_block(&mut out, config, &mut layer, stats.as_ref())?;
         if let Some(c) = &mut calibrator {
             c.advance(&layer.block_weights(config));
         }
     }
+    out.options = options;
     let norm = model.source.load_f32(names::OUTPUT_NORM)?;
     out.write_vector(names::OUTPUT_NORM, &[config.hidden_size], norm)?;
     if !config.tie_word_embeddings {
@@ -522,6 +526,7 @@ pub fn convert(
                 "weights_before": out.lowrank_before,
                 "weights_after": out.lowrank_after,
             })),
+            "blocks": (!options.blocks.is_empty()).then(|| options.blocks.iter().map(ToString::to_string).collect::<Vec<_>>()),
             "keep": options.keep.iter().map(|k| format!("{}={}", k.pattern, k.encoding.describe())).collect::<Vec<_>>(),
             "tensor_encodings": out.encodings,
             "fallbacks": out.fallbacks.iter().map(|(n, r)| serde_json::json!({"tensor": n, "reason": r})).collect::<Vec<_>>(),
@@ -532,7 +537,10 @@ pub fn convert(
             "converted_at_unix": converted_at,
         },
     });
-    let file_bytes = out.writer.finish(&metadata)?;
+    let file_bytes = match out.writer {
+        Sink::File(writer) => writer.finish(&metadata)?,
+        Sink::Count { bytes } => bytes,
+    };
     let (parameters, fallbacks) = (out.parameters, out.fallbacks);
     Ok(ConvertReport {
         tensors: out.done,
@@ -540,6 +548,68 @@ pub fn convert(
         parameters,
         file_bytes,
     })
+}
+
+/// Compresses block `layer` as `out.options` say (AWQ scaling, low rank, pruning,
+/// quantization), sends its tensors to `out.writer`, and leaves in `layer` the values the
+/// runtime will read back (what later blocks are calibrated on).
+fn compress_block(
+    out: &mut Output<'_, '_>,
+    config: &ModelConfig,
+    layer: &mut LayerTensors,
+    stats: Option<&calib::LayerStats>,
+) -> Result<(), ConvertError> {
+    let scales = match stats {
+        Some(stats) if out.options.method.uses_awq() => {
+            (out.progress)(
+                out.done,
+                out.total,
+                &format!("blk.{}: awq scale search", layer.layer),
+            );
+            Some(layer.apply_awq(config, stats, out.options))
+        }
+        _ => None,
+    };
+    let mut plan = match &out.options.lowrank {
+        Some(lr) => {
+            (out.progress)(
+                out.done,
+                out.total,
+                &format!("blk.{}: factorizing", layer.layer),
+            );
+            let (plan, dense) = layer.plan_lowrank(lr, stats, out.options)?;
+            out.lowrank_dense.extend(dense);
+            plan
+        }
+        None => Default::default(),
+    };
+    for i in 0..layer.tensors.len() {
+        let (name, shape) = (layer.tensors[i].0.clone(), layer.tensors[i].1.clone());
+        let values = std::mem::take(&mut layer.tensors[i].2);
+        let values = if shape.len() == 1 {
+            out.write_vector(&name, &shape, values)?
+        } else {
+            let input = LayerTensors::input_of(&name, layer.layer);
+            let evidence = match (stats, input) {
+                (Some(stats), Some(input)) => Some(Evidence {
+                    stats: stats.input(input),
+                    scales: scales
+                        .as_ref()
+                        .and_then(|s| s.get(&input))
+                        .map(Vec::as_slice),
+                }),
+                _ => None,
+            };
+            match plan.remove(&name) {
+                Some((decomposition, rank)) => {
+                    out.write_lowrank(&name, values, &decomposition, rank, evidence)?
+                }
+                None => out.write_matrix(&name, &shape, values, evidence, true)?,
+            }
+        };
+        layer.tensors[i].2 = values;
+    }
+    Ok(())
 }
 
 /// Tokenizes the calibration text with the model's own tokenizer and cuts it into windows.
@@ -584,9 +654,57 @@ struct Evidence<'a> {
     scales: Option<&'a [f32]>,
 }
 
+/// Where encoded tensors go: the file being written, or only a count of the bytes they
+/// would take (the planner measures recipes this way without writing them).
+enum Sink {
+    File(PlmWriter),
+    Count { bytes: u64 },
+}
+
+impl Sink {
+    fn count(&mut self, name: &str, shape: &[usize], encoding: Encoding) -> Result<(), PlmError> {
+        if let Sink::Count { bytes } = self {
+            let len = encoding.byte_len(shape).ok_or_else(|| {
+                PlmError::tensor(
+                    name,
+                    format!("shape {shape:?} cannot be stored in {encoding}"),
+                )
+            })?;
+            *bytes += len.next_multiple_of(crate::format::TENSOR_ALIGNMENT) as u64;
+        }
+        Ok(())
+    }
+
+    fn add_f32(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        values: &[f32],
+        encoding: Encoding,
+    ) -> Result<(), PlmError> {
+        match self {
+            Sink::File(w) => w.add_f32(name, shape, values, encoding),
+            Sink::Count { .. } => self.count(name, shape, encoding),
+        }
+    }
+
+    fn add_tensor(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        encoding: Encoding,
+        data: &[u8],
+    ) -> Result<(), PlmError> {
+        match self {
+            Sink::File(w) => w.add_tensor(name, shape, encoding, data),
+            Sink::Count { .. } => self.count(name, shape, encoding),
+        }
+    }
+}
+
 /// The writer plus the running totals of a conversion.
 struct Output<'a, 'p> {
-    writer: PlmWriter,
+    writer: Sink,
     options: &'a ConvertOptions,
     parameters: u64,
     fallbacks: Vec<(String, String)>,
@@ -611,7 +729,43 @@ struct Output<'a, 'p> {
     lowrank_after: u64,
 }
 
-impl Output<'_, '_> {
+impl<'a, 'p> Output<'a, 'p> {
+    fn new(
+        writer: Sink,
+        options: &'a ConvertOptions,
+        total: usize,
+        progress: Progress<'p>,
+    ) -> Self {
+        Output {
+            writer,
+            options,
+            parameters: 0,
+            fallbacks: Vec::new(),
+            encodings: Default::default(),
+            done: 0,
+            total,
+            progress,
+            gptq_loss: 0.0,
+            pruned: 0,
+            prunable: 0,
+            prune_skipped: Vec::new(),
+            sparse_tensors: 0,
+            dense_storage: Vec::new(),
+            lowrank_ranks: Vec::new(),
+            lowrank_dense: Vec::new(),
+            lowrank_before: 0,
+            lowrank_after: 0,
+        }
+    }
+
+    /// Bytes counted so far by a [`Sink::Count`] output (0 for a file).
+    fn counted_bytes(&self) -> u64 {
+        match self.writer {
+            Sink::Count { bytes } => bytes,
+            Sink::File(_) => 0,
+        }
+    }
+
     fn finish_tensor(&mut self, name: &str, encoding: Encoding, len: usize) {
         *self.encodings.entry(encoding.describe()).or_default() += 1;
         self.parameters += len as u64;
@@ -926,6 +1080,7 @@ fn block_dims(config: &ModelConfig) -> (usize, usize, usize, usize) {
 }
 
 /// One block's tensors in f32, in the order the file stores them.
+#[derive(Clone)]
 struct LayerTensors {
     layer: usize,
     tensors: Vec<(String, Vec<usize>, Vec<f32>)>,

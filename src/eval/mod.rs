@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod kld;
 pub mod report;
+pub mod sweep;
 pub mod zeroshot;
 
 use std::time::Instant;

@@ -17,7 +17,9 @@ pub fn fixture(rel: &str) -> PathBuf {
 /// The fixture's calibration text (sampled from the model itself), 48 × 128 tokens.
 pub fn calibration() -> Calibration {
     Calibration {
-        text: std::fs::read_to_string(fixture("calib.txt")).unwrap(),
+        text: std::fs::read_to_string(fixture("calib.txt"))
+            .unwrap()
+            .into(),
         source: "calib.txt".into(),
         samples: 48,
         seq_len: 128,

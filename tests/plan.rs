@@ -1,0 +1,168 @@
+//! The compression planner on stories260K: measured costs, budgets, the converted file.
+
+mod common;
+
+use common::{calibration, fixture};
+use pocketlm::convert::plan::{
+    Budget, PlanOptions, choose_plan, convert_with_plan, measure, parse_candidates,
+};
+use pocketlm::convert::{ConvertError, ConvertOptions, Method};
+use pocketlm::format::{Encoding, PlmFile};
+use pocketlm::import::{self, ImportedModel};
+
+fn options() -> ConvertOptions {
+    ConvertOptions {
+        method: Method::Gptq,
+        calibration: Some(calibration()),
+        ..ConvertOptions::with_weights(Encoding::Q4 {
+            group: 32,
+            asymmetric: false,
+        })
+    }
+}
+
+fn plan_options(budget: Budget) -> PlanOptions {
+    PlanOptions {
+        budget,
+        candidates: parse_candidates("q8/g32,q4/g32,q3/g32").unwrap(),
+        samples: 8,
+        seq_len: 64,
+    }
+}
+
+fn model() -> ImportedModel {
+    import::open(&fixture("hf")).unwrap()
+}
+
+#[test]
+fn costs_grow_as_bits_shrink_and_bigger_budgets_never_predict_more() {
+    let model = model();
+    let (s, _) = measure(
+        &model,
+        &options(),
+        &plan_options(Budget::BitsPerWeight(8.0)),
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    assert_eq!(s.kl.len(), model.config.num_layers);
+    for (b, (kl, bytes)) in s.kl.iter().zip(&s.bytes).enumerate() {
+        // q8, q4, q3: fewer bytes, more KL, in every block.
+        assert!(
+            bytes[0] > bytes[1] && bytes[1] > bytes[2],
+            "blk.{b}: {bytes:?}"
+        );
+        assert!(kl[0] < kl[1] && kl[1] < kl[2], "blk.{b}: {kl:?}");
+        assert!(kl[0] >= 0.0 && kl[2].is_finite());
+    }
+    assert!(s.fixed_bytes > 0 && s.fixed_kl >= 0.0);
+
+    let size = |c: usize| -> u64 {
+        s.bytes.iter().map(|b| b[c]).sum::<u64>() + s.fixed_bytes + s.metadata_bytes
+    };
+    let (smallest, largest) = (size(2), size(0));
+    let mut last = f64::INFINITY;
+    let mut planned = 0;
+    for step in 0..=10u64 {
+        let budget = smallest - 1000 + step * (largest + 2000 - smallest) / 10;
+        match choose_plan(&s, Budget::FileBytes(budget)) {
+            Ok(plan) => {
+                assert!(plan.predicted_kl <= last + 1e-12, "{budget}: {plan:?}");
+                assert!(plan.predicted_file_bytes <= budget);
+                last = plan.predicted_kl;
+                planned += 1;
+            }
+            Err(e) => {
+                assert!(matches!(e, ConvertError::Options(_)), "{e}");
+                assert!(e.to_string().contains("too small"), "{e}");
+                assert!(
+                    planned == 0,
+                    "a larger budget failed after a smaller one fit"
+                );
+            }
+        }
+    }
+    assert_eq!(planned, 10, "every budget from all-q3 up fits");
+    let all_q8: f64 = s.kl.iter().map(|k| k[0]).sum::<f64>() + s.fixed_kl;
+    assert!(
+        (last - all_q8).abs() < 1e-12,
+        "an ample budget takes q8 everywhere"
+    );
+}
+
+#[test]
+fn planned_file_fits_its_budget_and_the_verified_kl_follows_the_prediction() {
+    let model = model();
+    let dir = tempfile::tempdir().unwrap();
+    let (s, _) = measure(
+        &model,
+        &options(),
+        &plan_options(Budget::BitsPerWeight(8.0)),
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    // Halfway between every block in q3 and every block in q8.
+    let size = |c: usize| -> u64 {
+        s.bytes.iter().map(|b| b[c]).sum::<u64>() + s.fixed_bytes + s.metadata_bytes
+    };
+    let budget = (size(0) + size(2)) / 2;
+    let out = dir.path().join("planned.plm");
+    let (report, converted) = convert_with_plan(
+        &model,
+        &out,
+        &options(),
+        &plan_options(Budget::FileBytes(budget)),
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    assert!(
+        report.file_bytes <= budget,
+        "{} > {budget}",
+        report.file_bytes
+    );
+    assert_eq!(report.file_bytes, converted.file_bytes);
+    let mut kinds = report.plan.recipes.clone();
+    kinds.dedup();
+    assert!(kinds.len() >= 2, "a mid budget mixes recipes: {kinds:?}");
+
+    // Each block's matrices are stored as its recipe says.
+    let file = PlmFile::open(&out).unwrap();
+    for (b, recipe) in report.plan.recipes.iter().enumerate() {
+        let q = file.tensor(&format!("blk.{b}.attn_q.weight")).unwrap();
+        assert_eq!(&q.encoding.describe(), recipe, "blk.{b}");
+    }
+    let recipe = &file.metadata()["recipe"]["blocks"];
+    assert_eq!(recipe.as_array().unwrap().len(), model.config.num_layers);
+
+    // The file's real KL is of the predicted size (effects add up for small errors).
+    let (predicted, measured) = (report.plan.predicted_kl, report.measured_kl);
+    assert!(
+        measured > 0.3 * predicted && measured < 3.0 * predicted,
+        "predicted {predicted}, measured {measured}"
+    );
+}
+
+#[test]
+fn planner_errors_say_what_to_change() {
+    let model = model();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.plm");
+    let run = |options: &ConvertOptions, budget: Budget| {
+        convert_with_plan(
+            &model,
+            &out,
+            options,
+            &plan_options(budget),
+            &mut |_, _, _| {},
+        )
+        .unwrap_err()
+        .to_string()
+    };
+    let err = run(&options(), Budget::FileBytes(1000));
+    assert!(err.contains("too small"), "{err}");
+    let mut uncalibrated = options();
+    uncalibrated.method = Method::Rtn;
+    uncalibrated.calibration = None;
+    let err = run(&uncalibrated, Budget::BitsPerWeight(5.0));
+    assert!(err.contains("--calib"), "{err}");
+    assert!(!out.exists(), "no file is left behind");
+}
