@@ -183,6 +183,10 @@ struct ConvertArgs {
     /// Write the planner's measurements and choice as JSON.
     #[arg(long, value_name = "FILE")]
     plan_json: Option<PathBuf>,
+    /// Reuse the costs measured by an earlier --plan-json run with the same candidates
+    /// (plan another budget without measuring again).
+    #[arg(long, value_name = "FILE")]
+    plan_from: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -705,7 +709,24 @@ fn cmd_convert(a: ConvertArgs) -> CliResult {
     let (src, output) = (a.src, a.output);
     let started = std::time::Instant::now();
     if let Some(plan) = plan {
-        return convert_planned(&src, &output, &options, &plan, a.plan_json.as_deref());
+        let known = match &a.plan_from {
+            Some(path) => {
+                let json: serde_json::Value = serde_json::from_str(&read_text(path)?)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                let costs = serde_json::from_value(json["sensitivities"].clone())
+                    .map_err(|e| format!("{}: not a --plan-json file: {e}", path.display()))?;
+                Some(costs)
+            }
+            None => None,
+        };
+        return convert_planned(
+            &src,
+            &output,
+            &options,
+            &plan,
+            known,
+            a.plan_json.as_deref(),
+        );
     }
     let progress = bar(0, "{elapsed_precise} {bar:40} {pos}/{len} tensors {msg}");
     let report = convert::convert_path(&src, &output, &options, &mut |done, total, name| {
@@ -734,6 +755,7 @@ fn convert_planned(
     output: &Path,
     options: &ConvertOptions,
     plan: &PlanOptions,
+    known: Option<convert::plan::Sensitivities>,
     json: Option<&Path>,
 ) -> CliResult {
     let started = std::time::Instant::now();
@@ -744,6 +766,7 @@ fn convert_planned(
         output,
         options,
         plan,
+        known,
         &mut |done, total, what| {
             progress.set_length(total as u64);
             progress.set_position(done as u64);
@@ -771,6 +794,11 @@ fn convert_planned(
             print!(" {kl:>w$.5}{mark}");
         }
         println!("  {}", s.candidates[chosen]);
+    }
+    for (c, &n) in s.candidates.iter().zip(&s.fallbacks) {
+        if n > 0 {
+            println!("note: {c} keeps up to {n} matrices per block in f16 (it cannot encode them)");
+        }
     }
     println!(
         "embedding/output: {:.2} MB, KL {:.5}",

@@ -4,7 +4,7 @@ mod common;
 
 use common::{calibration, fixture};
 use pocketlm::convert::plan::{
-    Budget, PlanOptions, choose_plan, convert_with_plan, measure, parse_candidates,
+    BlockRecipe, Budget, PlanOptions, choose_plan, convert_with_plan, measure, parse_candidates,
 };
 use pocketlm::convert::{ConvertError, ConvertOptions, Method};
 use pocketlm::format::{Encoding, PlmFile};
@@ -22,9 +22,13 @@ fn options() -> ConvertOptions {
 }
 
 fn plan_options(budget: Budget) -> PlanOptions {
+    with_candidates(budget, "q8/g32,q4/g32,q3/g32")
+}
+
+fn with_candidates(budget: Budget, candidates: &str) -> PlanOptions {
     PlanOptions {
         budget,
-        candidates: parse_candidates("q8/g32,q4/g32,q3/g32").unwrap(),
+        candidates: parse_candidates(candidates).unwrap(),
         samples: 8,
         seq_len: 64,
     }
@@ -41,6 +45,7 @@ fn costs_grow_as_bits_shrink_and_bigger_budgets_never_predict_more() {
         &model,
         &options(),
         &plan_options(Budget::BitsPerWeight(8.0)),
+        None,
         &mut |_, _, _| {},
     )
     .unwrap();
@@ -93,10 +98,13 @@ fn costs_grow_as_bits_shrink_and_bigger_budgets_never_predict_more() {
 fn planned_file_fits_its_budget_and_the_verified_kl_follows_the_prediction() {
     let model = model();
     let dir = tempfile::tempdir().unwrap();
+    let candidates = "q8/g32,q4/g32~v=q8/g32,q3/g32";
+    let measure_with = |budget| with_candidates(budget, candidates);
     let (s, _) = measure(
         &model,
         &options(),
-        &plan_options(Budget::BitsPerWeight(8.0)),
+        &measure_with(Budget::BitsPerWeight(8.0)),
+        None,
         &mut |_, _, _| {},
     )
     .unwrap();
@@ -110,7 +118,8 @@ fn planned_file_fits_its_budget_and_the_verified_kl_follows_the_prediction() {
         &model,
         &out,
         &options(),
-        &plan_options(Budget::FileBytes(budget)),
+        &measure_with(Budget::FileBytes(budget)),
+        Some(s.clone()),
         &mut |_, _, _| {},
     )
     .unwrap();
@@ -121,17 +130,36 @@ fn planned_file_fits_its_budget_and_the_verified_kl_follows_the_prediction() {
     );
     assert_eq!(report.file_bytes, converted.file_bytes);
     let mut kinds = report.plan.recipes.clone();
+    kinds.sort();
     kinds.dedup();
     assert!(kinds.len() >= 2, "a mid budget mixes recipes: {kinds:?}");
 
     // Each block's matrices are stored as its recipe says.
     let file = PlmFile::open(&out).unwrap();
+    let encoding = |name: String| file.tensor(&name).unwrap().encoding.describe();
     for (b, recipe) in report.plan.recipes.iter().enumerate() {
-        let q = file.tensor(&format!("blk.{b}.attn_q.weight")).unwrap();
-        assert_eq!(&q.encoding.describe(), recipe, "blk.{b}");
+        let recipe: BlockRecipe = recipe.parse().unwrap();
+        let v = recipe.matrices[2].unwrap_or(recipe.weights);
+        assert_eq!(
+            encoding(format!("blk.{b}.attn_q.weight")),
+            recipe.weights.describe()
+        );
+        assert_eq!(encoding(format!("blk.{b}.attn_v.weight")), v.describe());
     }
     let recipe = &file.metadata()["recipe"]["blocks"];
     assert_eq!(recipe.as_array().unwrap().len(), model.config.num_layers);
+
+    // Costs measured once plan any budget; other candidates are refused.
+    let other = convert_with_plan(
+        &model,
+        &out,
+        &options(),
+        &plan_options(Budget::FileBytes(budget)),
+        Some(s.clone()),
+        &mut |_, _, _| {},
+    )
+    .unwrap_err();
+    assert!(other.to_string().contains("saved costs"), "{other}");
 
     // The file's real KL is of the predicted size (effects add up for small errors).
     let (predicted, measured) = (report.plan.predicted_kl, report.measured_kl);
@@ -152,6 +180,7 @@ fn planner_errors_say_what_to_change() {
             &out,
             options,
             &plan_options(budget),
+            None,
             &mut |_, _, _| {},
         )
         .unwrap_err()

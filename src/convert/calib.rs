@@ -5,6 +5,7 @@
 
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef, Par};
+use rayon::prelude::*;
 
 use crate::config::ModelConfig;
 use crate::model::{
@@ -268,21 +269,21 @@ impl Calibrator {
     pub fn advance(&mut self, weights: &BlockWeights<'_>) {
         let c = &self.config;
         let span = self.seq_len * c.hidden_size;
-        let mut cache = KvCache::new(1, c.kv_dim(), self.seq_len);
-        let mut scratch = BlockScratch::new(c, self.seq_len);
-        for x in self.hidden.chunks_exact_mut(span.max(1)) {
-            block_forward(
-                c,
-                &self.inv_freq,
-                weights,
-                x,
-                &mut cache,
-                0,
-                0,
-                &mut scratch,
-                None,
-            );
-        }
+        let (inv_freq, seq_len) = (&self.inv_freq, self.seq_len);
+        // Sequences are independent; much of a block's forward pass (attention, norms,
+        // activations) is serial within one, so they run side by side.
+        self.hidden.par_chunks_exact_mut(span.max(1)).for_each_init(
+            || {
+                (
+                    KvCache::new(1, c.kv_dim(), seq_len),
+                    BlockScratch::new(c, seq_len),
+                )
+            },
+            |(cache, scratch), x| {
+                cache.clear();
+                block_forward(c, inv_freq, weights, x, cache, 0, 0, scratch, None);
+            },
+        );
     }
 }
 

@@ -235,21 +235,15 @@ impl ConvertOptions {
 
     /// These options with `recipe` for every block.
     pub fn with_recipe(&self, recipe: &BlockRecipe) -> ConvertOptions {
+        let mut keep = self.keep.clone();
+        keep.extend(recipe.keep_rules());
         ConvertOptions {
             weights: recipe.weights,
             pruning: recipe.pruning,
             lowrank: recipe.lowrank,
+            keep,
             blocks: Vec::new(),
             ..self.clone()
-        }
-    }
-
-    /// The recipe every block follows when there is no per-block plan.
-    pub fn uniform_recipe(&self) -> BlockRecipe {
-        BlockRecipe {
-            weights: self.weights,
-            pruning: self.pruning,
-            lowrank: self.lowrank,
         }
     }
 

@@ -27,19 +27,66 @@ use crate::import::ImportedModel;
 use crate::kernels::{self, MatRef, WeightData};
 use crate::model::{Logits, Model};
 
-/// What one block gets: the encoding of its matrices, and optionally pruning and low rank.
-/// Written `ENCODING[+SPARSITY[/METHOD]][+lrPERCENT%[/METHOD[/ALLOCATION]]]`, e.g. `q4/g32`,
-/// `f16+2:4/sparsegpt`, `q4/g32+lr20%/svdllm/energy`.
+/// What one block gets: the encoding of its matrices (some may differ), and optionally
+/// pruning and low rank. Written
+/// `ENCODING[~MATRIX=ENCODING...][+SPARSITY[/METHOD]][+lrPERCENT%[/METHOD[/ALLOCATION]]]`,
+/// e.g. `q4/g32`, `q4/g32~v=q8/g32~down=q8/g32`, `f16+2:4/sparsegpt`,
+/// `q4/g32+lr20%/svdllm/energy`; MATRIX is one of q, k, v, o, gate, up, down.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BlockRecipe {
     pub weights: Encoding,
+    /// Encodings of single matrices, indexed as [`MATRICES`].
+    pub matrices: [Option<Encoding>; 7],
     pub pruning: Option<Pruning>,
     pub lowrank: Option<LowRank>,
+}
+
+/// Short names of a block's matrices in recipes, and their tensor names.
+pub const MATRICES: [(&str, &str); 7] = [
+    ("q", "attn_q"),
+    ("k", "attn_k"),
+    ("v", "attn_v"),
+    ("o", "attn_output"),
+    ("gate", "ffn_gate"),
+    ("up", "ffn_up"),
+    ("down", "ffn_down"),
+];
+
+impl BlockRecipe {
+    /// Every matrix in `weights`.
+    pub fn uniform(weights: Encoding) -> BlockRecipe {
+        BlockRecipe {
+            weights,
+            matrices: [None; 7],
+            pruning: None,
+            lowrank: None,
+        }
+    }
+
+    /// The per-matrix encodings as `--keep` rules for one block's options (patterns that
+    /// also match a matrix's low-rank factors).
+    pub fn keep_rules(&self) -> Vec<super::KeepRule> {
+        MATRICES
+            .iter()
+            .zip(&self.matrices)
+            .filter_map(|((_, tensor), e)| {
+                e.map(|encoding| super::KeepRule {
+                    pattern: format!("*.{tensor}.weight*"),
+                    encoding,
+                })
+            })
+            .collect()
+    }
 }
 
 impl fmt::Display for BlockRecipe {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.weights.describe())?;
+        for ((short, _), e) in MATRICES.iter().zip(&self.matrices) {
+            if let Some(e) = e {
+                write!(f, "~{short}={}", e.describe())?;
+            }
+        }
         if let Some(p) = self.pruning {
             write!(f, "+{}/{}", p.sparsity.describe(), p.method.name())?;
         }
@@ -65,18 +112,34 @@ impl FromStr for BlockRecipe {
     /// Pruning defaults to SparseGPT and low rank to SVD-LLM with energy allocation (the
     /// best of each measured on SmolLM2; see BENCHMARKS.md).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut parts = s.trim().split('+');
-        let weights: Encoding = parts.next().unwrap_or_default().parse()?;
-        if !weights.is_dense() && !weights.is_quantized() {
-            return Err(format!(
-                "'{s}': {weights} is chosen by the converter, not requested (use f16+2:4)"
-            ));
-        }
-        let mut recipe = BlockRecipe {
-            weights,
-            pruning: None,
-            lowrank: None,
+        let requestable = |e: Encoding| -> Result<Encoding, String> {
+            if e.is_dense() || e.is_quantized() {
+                Ok(e)
+            } else {
+                Err(format!(
+                    "'{s}': {e} is chosen by the converter, not requested (use f16+2:4)"
+                ))
+            }
         };
+        let mut parts = s.trim().split('+');
+        let mut encodings = parts.next().unwrap_or_default().split('~');
+        let weights = requestable(encodings.next().unwrap_or_default().parse()?)?;
+        let mut recipe = BlockRecipe::uniform(weights);
+        for part in encodings {
+            let (short, encoding) = part
+                .split_once('=')
+                .ok_or_else(|| format!("'{s}': expected ~MATRIX=ENCODING, got '~{part}'"))?;
+            let i = MATRICES
+                .iter()
+                .position(|(name, _)| *name == short.trim())
+                .ok_or_else(|| {
+                    format!("'{s}': unknown matrix '{short}' (q, k, v, o, gate, up, down)")
+                })?;
+            if recipe.matrices[i].is_some() {
+                return Err(format!("'{s}': {short} given twice"));
+            }
+            recipe.matrices[i] = Some(requestable(encoding.parse()?)?);
+        }
         for part in parts {
             let mut fields = part.trim().split('/');
             let head = fields.next().unwrap_or_default().trim();
@@ -122,9 +185,12 @@ impl FromStr for BlockRecipe {
     }
 }
 
-/// The candidates tried when none are given: the quantized grids that trade size for
-/// accuracy in small steps (8.5, 4.5, 4.125, 3.5 and 3.125 bits per weight).
-pub const DEFAULT_CANDIDATES: &str = "q8/g32,q4/g32,q4/g128,q3/g32,q3/g128";
+/// The candidates tried when none are given: quantized grids that trade size for accuracy in
+/// small steps (8.5, 4.5, 4.25 and 3.25 bits per weight), and mixes that keep the two matrices
+/// most sensitive to quantization (`attn_v`, `ffn_down`, as llama.cpp's K-quant mixes do)
+/// one step finer. Groups of 32 and 64 divide the row lengths of most models.
+pub const DEFAULT_CANDIDATES: &str =
+    "q8/g32,q4/g32~v=q8/g32~down=q8/g32,q4/g32,q4/g64,q3/g64~v=q4/g32~down=q4/g32,q3/g64";
 
 /// Parses a comma-separated list of recipes.
 pub fn parse_candidates(list: &str) -> Result<Vec<BlockRecipe>, String> {
@@ -200,7 +266,7 @@ impl PlanOptions {
 }
 
 /// What each candidate stores and costs, block by block.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Sensitivities {
     pub candidates: Vec<String>,
     /// `bytes[block][candidate]`: the block's tensors (norms included), aligned as stored.
@@ -208,6 +274,10 @@ pub struct Sensitivities {
     /// `kl[block][candidate]`: mean KL divergence (nats per token) of the final logits from
     /// the uncompressed model's with only this block compressed.
     pub kl: Vec<Vec<f64>>,
+    /// Per candidate: the most matrices of one block it could not encode as asked (kept in
+    /// f16, e.g. a group size that does not divide the rows), counted in its bytes and cost.
+    #[serde(default)]
+    pub fallbacks: Vec<usize>,
     /// Tensor bytes outside the blocks (embedding, output layer, final norm).
     pub fixed_bytes: u64,
     /// KL of the embedding and output layer in their encodings, blocks uncompressed.
@@ -342,14 +412,29 @@ fn kl_from_log_probs(base: &[f32], logits: &[f32]) -> f64 {
     kl.max(0.0)
 }
 
-/// Measures every candidate on every block. `progress(done, total, what)`.
+/// Measures every candidate on every block, or takes `known` costs from an earlier run of
+/// the same candidates (then only the reference for the verification is computed).
+/// `progress(done, total, what)`.
 pub fn measure(
     model: &ImportedModel,
     options: &ConvertOptions,
     plan: &PlanOptions,
+    known: Option<Sensitivities>,
     progress: Progress<'_>,
 ) -> Result<(Sensitivities, Reference), ConvertError> {
     let config = &model.config;
+    if let Some(known) = &known {
+        let candidates: Vec<String> = plan.candidates.iter().map(ToString::to_string).collect();
+        if known.candidates != candidates || known.kl.len() != config.num_layers {
+            return Err(ConvertError::Options(format!(
+                "the saved costs are for {} blocks and candidates {}, not {} blocks and {}",
+                known.kl.len(),
+                known.candidates.join(","),
+                config.num_layers,
+                candidates.join(",")
+            )));
+        }
+    }
     let calibration = options.calibration.as_ref().ok_or_else(|| {
         ConvertError::Options(
             "the planner measures on calibration text: pass --calib FILE \
@@ -380,7 +465,11 @@ pub fn measure(
     )?;
     let seq_len = windows[0].len();
     let (d, layers, vocab) = (config.hidden_size, config.num_layers, config.vocab_size);
-    let total = 2 * layers + layers * plan.candidates.len();
+    let total = if known.is_some() {
+        layers
+    } else {
+        2 * layers + layers * plan.candidates.len()
+    };
     let mut done = 0;
     let mut step = |what: String, progress: &mut dyn FnMut(usize, usize, &str)| {
         done += 1;
@@ -394,13 +483,14 @@ pub fn measure(
         Some(model.source.load_f32(names::OUTPUT)?)
     };
     let norm = model.source.load_f32(names::OUTPUT_NORM)?;
-    let embed = |table: &[f32]| -> Vec<f32> {
+    let embed_windows = |windows: &[Vec<u32>], table: &[f32]| -> Vec<f32> {
         windows
             .iter()
             .flatten()
             .flat_map(|&t| table[t as usize * d..][..d].iter().copied())
             .collect()
     };
+    let embed = |table: &[f32]| embed_windows(&windows, table);
     let base_head = Head::new(
         config,
         &norm,
@@ -418,6 +508,14 @@ pub fn measure(
     }
     let reference_log_probs = base_head.log_probs(state.hidden());
     drop(state);
+    if let Some(known) = known {
+        let reference = Reference {
+            windows,
+            log_probs: reference_log_probs,
+            vocab,
+        };
+        return Ok((known, reference));
+    }
 
     // Everything outside the blocks, in the encodings the options give it.
     let mut quiet = |_: usize, _: usize, _: &str| {};
@@ -446,36 +544,64 @@ pub fn measure(
     .mean_kl(state.hidden(), &reference_log_probs);
     drop((state, stored_embedding, stored_output));
 
+    // The calibrated methods see what they will see in the conversion: its calibration
+    // windows (not the planner's, which would make their cost an in-sample estimate),
+    // entering each block from the uncompressed blocks before it.
+    let needs_stats = per_candidate.iter().any(ConvertOptions::needs_calibration);
+    let mut calibrator = match needs_stats {
+        true => {
+            let stats_windows = calibration_windows(model, calibration)?;
+            let seq_len = stats_windows[0].len();
+            Some(Calibrator::from_hidden(
+                config,
+                seq_len,
+                embed_windows(&stats_windows, &embedding),
+            ))
+        }
+        false => None,
+    };
+
     // Each block with each candidate, the rest uncompressed.
     let mut bytes = vec![vec![0u64; plan.candidates.len()]; layers];
     let mut kl = vec![vec![0f64; plan.candidates.len()]; layers];
+    let mut fallbacks = vec![0usize; plan.candidates.len()];
     for b in 0..layers {
         let input = std::mem::take(&mut inputs[b]);
         let layer = LayerTensors::load(model.source.as_ref(), config, b)?;
-        let stats = per_candidate
-            .iter()
-            .any(ConvertOptions::needs_calibration)
-            .then(|| {
-                Calibrator::from_hidden(config, seq_len, input.clone())
-                    .observe(&layer.block_weights(config))
-            });
-        let mut states = Vec::with_capacity(plan.candidates.len());
-        for (c, candidate_options) in per_candidate.iter().enumerate() {
-            let mut compressed = layer.clone();
-            let mut quiet = |_: usize, _: usize, _: &str| {};
-            let mut out = Output::new(Sink::Count { bytes: 0 }, candidate_options, 0, &mut quiet);
-            compress_block(&mut out, config, &mut compressed, stats.as_ref())?;
-            bytes[b][c] = out.counted_bytes();
-            let mut state = Calibrator::from_hidden(config, seq_len, input.clone());
-            state.advance(&compressed.block_weights(config));
+        let stats = calibrator
+            .as_ref()
+            .map(|c| c.observe(&layer.block_weights(config)));
+        // Candidates run side by side: the block forward is mostly serial per sequence.
+        let measured = per_candidate
+            .par_iter()
+            .map(
+                |candidate_options| -> Result<(u64, usize, Calibrator), ConvertError> {
+                    let mut compressed = layer.clone();
+                    let mut quiet = |_: usize, _: usize, _: &str| {};
+                    let mut out =
+                        Output::new(Sink::Count { bytes: 0 }, candidate_options, 0, &mut quiet);
+                    compress_block(&mut out, config, &mut compressed, stats.as_ref())?;
+                    let mut state = Calibrator::from_hidden(config, seq_len, input.clone());
+                    state.advance(&compressed.block_weights(config));
+                    Ok((out.counted_bytes(), out.fallbacks.len(), state))
+                },
+            )
+            .collect::<Result<Vec<_>, ConvertError>>()?;
+        let mut states = Vec::with_capacity(measured.len());
+        for (c, (size, fallback, state)) in measured.into_iter().enumerate() {
+            bytes[b][c] = size;
+            fallbacks[c] = fallbacks[c].max(fallback);
             states.push(state);
+        }
+        if let Some(c) = &mut calibrator {
+            c.advance(&layer.block_weights(config));
         }
         for l in b + 1..layers {
             let later = LayerTensors::load(model.source.as_ref(), config, l)?;
             let weights = later.block_weights(config);
-            for state in &mut states {
-                state.advance(&weights);
-            }
+            states
+                .par_iter_mut()
+                .for_each(|state| state.advance(&weights));
         }
         for (c, state) in states.iter().enumerate() {
             kl[b][c] = base_head.mean_kl(state.hidden(), &reference_log_probs);
@@ -494,6 +620,7 @@ pub fn measure(
         candidates: plan.candidates.iter().map(ToString::to_string).collect(),
         bytes,
         kl,
+        fallbacks,
         fixed_bytes,
         fixed_kl,
         metadata_bytes: metadata_estimate(model),
@@ -624,15 +751,17 @@ pub struct PlanReport {
     pub measured_kl: f64,
 }
 
-/// Measures, plans, converts with the plan and verifies the file.
+/// Measures (unless `known` costs are given), plans, converts with the plan and verifies the
+/// file.
 pub fn convert_with_plan(
     model: &ImportedModel,
     dst: &Path,
     options: &ConvertOptions,
     plan_options: &PlanOptions,
+    known: Option<Sensitivities>,
     progress: Progress<'_>,
 ) -> Result<(PlanReport, ConvertReport), ConvertError> {
-    let (sensitivities, reference) = measure(model, options, plan_options, progress)?;
+    let (sensitivities, reference) = measure(model, options, plan_options, known, progress)?;
     let plan = choose_plan(&sensitivities, plan_options.budget)?;
     let mut planned = options.clone();
     planned.blocks = plan
@@ -744,6 +873,8 @@ mod tests {
             "q4/g128+50%/wanda",
             "q4/g32+lr20%/svdllm/energy",
             "f16+2:4/magnitude+lr10%/asvd/uniform",
+            "q4/g32~v=q8/g32~down=q8/g32",
+            "q3/g64~q=q4/g32+2:4/wanda",
         ] {
             let r: BlockRecipe = s.parse().unwrap();
             assert_eq!(r.to_string(), s);
@@ -759,10 +890,14 @@ mod tests {
             "q4+2:4/fast",
             "q4+2:4/wanda/x",
             "f16+2:4+lr10%+lr20%",
+            "q4~x=q8",
+            "q4~v=q8~v=q8",
+            "q4~v",
+            "q4~v=f16+2:4",
         ] {
             assert!(bad.parse::<BlockRecipe>().is_err(), "{bad}");
         }
-        assert_eq!(parse_candidates(DEFAULT_CANDIDATES).unwrap().len(), 5);
+        assert_eq!(parse_candidates(DEFAULT_CANDIDATES).unwrap().len(), 6);
         assert!(parse_candidates(" , ").is_err());
     }
 
