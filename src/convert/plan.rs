@@ -893,7 +893,8 @@ mod tests {
             "q4~x=q8",
             "q4~v=q8~v=q8",
             "q4~v",
-            "q4~v=f16+2:4",
+            "q4~v=q9",
+            "q4~=q8",
         ] {
             assert!(bad.parse::<BlockRecipe>().is_err(), "{bad}");
         }
