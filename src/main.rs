@@ -232,8 +232,9 @@ enum EvalCommand {
     /// --reference points, and writes a Markdown table, JSON and SVG charts.
     Sweep {
         models: Vec<PathBuf>,
+        /// The perplexity text (needed when files are given).
         #[arg(long)]
-        text: PathBuf,
+        text: Option<PathBuf>,
         #[arg(long, default_value_t = 512)]
         ctx: usize,
         /// Evaluate only the first N chunks.
@@ -242,6 +243,9 @@ enum EvalCommand {
         /// Points measured elsewhere, e.g. `llama.cpp Q4_K_M=105.5MB:28.336[:DECODE_TOK_S]`.
         #[arg(long = "reference", value_name = "NAME=SIZE:PPL[:TOK_S]")]
         references: Vec<pocketlm::eval::sweep::SweepPoint>,
+        /// Points measured by an earlier sweep (its --json output), added as they are.
+        #[arg(long, value_name = "FILE")]
+        load: Vec<PathBuf>,
         /// Also measure decode/prefill speed (as `pocketlm bench` with its defaults).
         #[arg(long)]
         bench: bool,
@@ -449,7 +453,8 @@ fn run(command: Command) -> CliResult {
             text,
             ctx,
             chunks,
-            references,
+            mut references,
+            load,
             bench,
             svg,
             json,
@@ -458,15 +463,18 @@ fn run(command: Command) -> CliResult {
                 context: ctx,
                 max_chunks: chunks,
             };
-            cmd_sweep(
-                &models,
-                &read_text(&text)?,
-                &options,
-                references,
-                bench,
-                svg,
-                json,
-            )
+            for path in &load {
+                let points: Vec<pocketlm::eval::sweep::SweepPoint> =
+                    serde_json::from_str(&read_text(path)?)
+                        .map_err(|e| format!("{}: not a sweep --json file: {e}", path.display()))?;
+                references.extend(points);
+            }
+            let text = match (&text, models.is_empty()) {
+                (Some(path), _) => read_text(path)?,
+                (None, true) => String::new(),
+                (None, false) => return Err("--text FILE is needed to measure files".into()),
+            };
+            cmd_sweep(&models, &text, &options, references, bench, svg, json)
         }
         Command::Eval(EvalCommand::Report {
             model,

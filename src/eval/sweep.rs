@@ -13,7 +13,7 @@ use super::{EvalError, PerplexityOptions, perplexity};
 use crate::model::Model;
 
 /// One point of the sweep.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SweepPoint {
     pub name: String,
     /// Measured here from a .plm file, or given (`--reference`).
@@ -155,7 +155,7 @@ pub enum Axis {
     DecodeSpeed,
 }
 
-/// Draws perplexity (log scale) against `axis` as an SVG at `path`: files as blue circles,
+/// Draws perplexity against `axis` as an SVG at `path`: files as blue circles,
 /// references as red triangles, each labelled, and (for size) the Pareto front as a line.
 pub fn render_svg(points: &[SweepPoint], axis: Axis, path: &Path) -> Result<(), EvalError> {
     let x_of = |p: &SweepPoint| match axis {
@@ -182,6 +182,7 @@ pub fn render_svg(points: &[SweepPoint], axis: Axis, path: &Path) -> Result<(), 
             Axis::DecodeSpeed => ("perplexity vs decode speed", "decode tokens/s"),
         };
         let pad = (x_max - x_min).max(1e-9) * 0.08;
+        let y_pad = (y_max - y_min).max(1e-9) * 0.08;
         let mut chart = ChartBuilder::on(&root)
             .caption(caption, ("sans-serif", 22))
             .margin(15)
@@ -189,12 +190,12 @@ pub fn render_svg(points: &[SweepPoint], axis: Axis, path: &Path) -> Result<(), 
             .y_label_area_size(60)
             .build_cartesian_2d(
                 (x_min - pad).max(0.0)..x_max + pad,
-                (y_min * 0.95..y_max * 1.08).log_scale(),
+                y_min - y_pad..y_max + y_pad,
             )?;
         chart
             .configure_mesh()
             .x_desc(x_desc)
-            .y_desc("perplexity (log scale)")
+            .y_desc("perplexity")
             .draw()?;
         if axis == Axis::Size {
             let front: Vec<(f64, f64)> = shown
@@ -219,9 +220,16 @@ pub fn render_svg(points: &[SweepPoint], axis: Axis, path: &Path) -> Result<(), 
                 .label("reference")
                 .legend(|(x, y)| TriangleMarker::new((x, y), 7, RED.filled()));
         }
-        chart.draw_series(shown.iter().map(|&(p, x)| {
+        // Neighbours often sit close: references are labelled below their point, files
+        // alternately above and below.
+        chart.draw_series(shown.iter().enumerate().map(|(i, &(p, x))| {
+            let offset = if p.reference || i % 2 == 1 {
+                (8, 4)
+            } else {
+                (8, -16)
+            };
             EmptyElement::at((x, p.ppl))
-                + Text::new(p.name.clone(), (8, -14), ("sans-serif", 12).into_font())
+                + Text::new(p.name.clone(), offset, ("sans-serif", 12).into_font())
         }))?;
         chart
             .configure_series_labels()
