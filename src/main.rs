@@ -743,6 +743,12 @@ fn cmd_convert(a: ConvertArgs) -> CliResult {
         progress.set_message(name.to_string());
     })?;
     progress.finish_and_clear();
+    print_written(&output, &report, started);
+    Ok(())
+}
+
+/// The converter's closing lines: fallbacks, then what was written and how long it took.
+fn print_written(output: &Path, report: &convert::ConvertReport, started: std::time::Instant) {
     for (name, reason) in &report.fallbacks {
         eprintln!("note: {name} kept in f16: {reason}");
     }
@@ -754,7 +760,6 @@ fn cmd_convert(a: ConvertArgs) -> CliResult {
         report.file_bytes as f64 / 1e6,
         started.elapsed().as_secs_f64()
     );
-    Ok(())
 }
 
 /// `convert --budget`: measure, plan, convert, verify, and print the plan.
@@ -825,14 +830,7 @@ fn convert_planned(
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
             .map_err(|e| format!("{}: {e}", path.display()))?;
     }
-    eprintln!(
-        "wrote {} ({} tensors, {:.1} M parameters, {:.1} MB) in {:.1} s",
-        output.display(),
-        convert_report.tensors,
-        convert_report.parameters as f64 / 1e6,
-        convert_report.file_bytes as f64 / 1e6,
-        started.elapsed().as_secs_f64()
-    );
+    print_written(output, &convert_report, started);
     Ok(())
 }
 

@@ -323,7 +323,10 @@ mod tests {
         mark_pareto(&mut points);
         // What --json writes, --load reads back unchanged.
         let json = serde_json::to_string(&points).unwrap();
-        assert_eq!(serde_json::from_str::<Vec<SweepPoint>>(&json).unwrap(), points);
+        assert_eq!(
+            serde_json::from_str::<Vec<SweepPoint>>(&json).unwrap(),
+            points
+        );
         let table = render_markdown(&points);
         for name in ["q4", "q3", "Q4_K_M (reference)", "30.050", "62.0"] {
             assert!(table.contains(name), "{name} missing from\n{table}");
