@@ -450,9 +450,9 @@ pub fn measure(
         .iter()
         .map(|c| options.with_recipe(c))
         .collect();
+    // Validating the options with the candidates as block recipes validates each candidate.
     let mut check = options.clone();
-    check.blocks = vec![plan.candidates[0]; config.num_layers];
-    check.blocks.extend_from_slice(&plan.candidates);
+    check.blocks = plan.candidates.clone();
     check.validate()?;
 
     let windows = calibration_windows(
@@ -483,26 +483,26 @@ pub fn measure(
         Some(model.source.load_f32(names::OUTPUT)?)
     };
     let norm = model.source.load_f32(names::OUTPUT_NORM)?;
-    let embed_windows = |windows: &[Vec<u32>], table: &[f32]| -> Vec<f32> {
-        windows
-            .iter()
-            .flatten()
-            .flat_map(|&t| table[t as usize * d..][..d].iter().copied())
-            .collect()
+    let embedded = |windows: &[Vec<u32>], table: &[f32]| {
+        Calibrator::new(config, windows, |t, row| {
+            row.copy_from_slice(&table[t as usize * d..][..d]);
+        })
     };
-    let embed = |table: &[f32]| embed_windows(&windows, table);
     let base_head = Head::new(
         config,
         &norm,
         untied_output.as_deref().unwrap_or(&embedding),
     )?;
 
-    // The uncompressed model: every block's input, and the reference log-probabilities.
+    // The uncompressed model: every block's input (unless the costs are known), and the
+    // reference log-probabilities.
     let mut inputs = Vec::with_capacity(layers);
-    let mut state = Calibrator::from_hidden(config, seq_len, embed(&embedding));
+    let mut state = embedded(&windows, &embedding);
     for l in 0..layers {
         let layer = LayerTensors::load(model.source.as_ref(), config, l)?;
-        inputs.push(state.hidden().to_vec());
+        if known.is_none() {
+            inputs.push(state.hidden().to_vec());
+        }
         state.advance(&layer.block_weights(config));
         step(format!("reference: blk.{l}"), progress);
     }
@@ -530,7 +530,7 @@ pub fn measure(
     fixed.write_vector(names::OUTPUT_NORM, &[d], norm.clone())?;
     let fixed_bytes = fixed.counted_bytes();
     drop(fixed);
-    let mut state = Calibrator::from_hidden(config, seq_len, embed(&stored_embedding));
+    let mut state = embedded(&windows, &stored_embedding);
     for l in 0..layers {
         let layer = LayerTensors::load(model.source.as_ref(), config, l)?;
         state.advance(&layer.block_weights(config));
@@ -549,15 +549,10 @@ pub fn measure(
     // entering each block from the uncompressed blocks before it.
     let needs_stats = per_candidate.iter().any(ConvertOptions::needs_calibration);
     let mut calibrator = match needs_stats {
-        true => {
-            let stats_windows = calibration_windows(model, calibration)?;
-            let seq_len = stats_windows[0].len();
-            Some(Calibrator::from_hidden(
-                config,
-                seq_len,
-                embed_windows(&stats_windows, &embedding),
-            ))
-        }
+        true => Some(embedded(
+            &calibration_windows(model, calibration)?,
+            &embedding,
+        )),
         false => None,
     };
 
