@@ -21,11 +21,11 @@ fi
 rustup toolchain list | grep -q '^debian' || rustup toolchain link debian /usr
 
 target=aarch64-unknown-linux-gnu
-cargo +debian build --locked --target "$target" --lib --tests --test stories260k
+cargo +debian build --locked --no-default-features --target "$target" --lib --tests --test stories260k
 for cpu in cortex-a72 cortex-a76 max; do
   echo "== aarch64 tests under qemu -cpu $cpu"
-  QEMU_CPU=$cpu cargo +debian test --locked --target "$target" --lib --test stories260k
+  QEMU_CPU=$cpu cargo +debian test --locked --no-default-features --target "$target" --lib --test stories260k
   # Shows which dispatch paths this CPU model exercised.
-  QEMU_CPU=$cpu cargo +debian test --locked --target "$target" --lib \
+  QEMU_CPU=$cpu cargo +debian test --locked --no-default-features --target "$target" --lib \
     every_supported_path_matches_scalar -- --nocapture 2>&1 | grep "testing kernel paths"
 done

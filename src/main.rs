@@ -9,9 +9,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use pocketlm::convert::plan::{Budget, PlanOptions};
+use pocketlm::convert::recover::RecoverMode;
 use pocketlm::convert::{
     self, Calibration, Clipping, ConvertOptions, GptqOptions, KeepRule, LowRank, LowRankMethod,
-    Method, PruneMethod, Pruning, RankAllocation, RankTarget, Sparsity,
+    Method, PruneMethod, Pruning, RankAllocation, RankTarget, Recovery, Sparsity,
 };
 use pocketlm::eval::report::{ReportOptions, build_report};
 use pocketlm::eval::zeroshot::{self, Task};
@@ -54,7 +55,7 @@ fn open_model(path: &std::path::Path) -> Result<Model, pocketlm::model::ModelErr
 #[derive(Subcommand)]
 enum Command {
     /// Convert a Hugging Face directory or a GGUF file into a .plm file.
-    Convert(ConvertArgs),
+    Convert(Box<ConvertArgs>),
     /// Generate text, streaming it to stdout; speed on stderr.
     Run(RunArgs),
     /// Describe a .plm file: architecture, size, bits per weight, tensors, FLOPs per token.
@@ -187,6 +188,21 @@ struct ConvertArgs {
     /// (plan another budget without measuring again).
     #[arg(long, value_name = "FILE")]
     plan_from: Option<PathBuf>,
+    /// Recovery after compression. blockwise: tune what each compressed block keeps (grid
+    /// scales, the latent weights codes are rounded from, surviving weights, low-rank factors,
+    /// norms) so its output matches the original block's on the calibration text. Needs
+    /// --calib and a build with `--features recover`.
+    #[arg(long)]
+    recover: Option<RecoverMode>,
+    /// Optimizer steps per block for --recover.
+    #[arg(long, default_value_t = Recovery::default().steps)]
+    recover_steps: usize,
+    /// Calibration sequences per step for --recover.
+    #[arg(long, default_value_t = Recovery::default().batch)]
+    recover_batch: usize,
+    /// Multiplier of --recover's learning rates.
+    #[arg(long, default_value_t = Recovery::default().learning_rate)]
+    recover_lr: f32,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -402,7 +418,7 @@ type CliResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
 fn run(command: Command) -> CliResult {
     match command {
-        Command::Convert(args) => cmd_convert(args),
+        Command::Convert(args) => cmd_convert(*args),
         Command::Run(args) => cmd_run(args),
         Command::Inspect {
             model,
@@ -661,11 +677,33 @@ fn cmd_convert(a: ConvertArgs) -> CliResult {
         (Some(_), Some(_), Some(_)) => return Err("choose one of --ratio and --rank".into()),
         (None, None, None) => None,
     };
-    let needs_calibration = plan.is_some()
-        || a.method.needs_calibration()
-        || pruning.is_some_and(|p| p.method.needs_calibration())
-        || lowrank.is_some_and(|l| l.method.needs_calibration());
-    let calibration = if needs_calibration {
+    let mut options = ConvertOptions {
+        weights,
+        embedding: a.embedding,
+        output: a.output_weights,
+        method: a.method,
+        clipping: a.clip.map(|c| match c {
+            ClipArg::Minmax => Clipping::MinMax,
+            ClipArg::Search => Clipping::Search,
+        }),
+        gptq: GptqOptions {
+            damp: a.damp,
+            act_order: !a.no_act_order,
+            ..GptqOptions::default()
+        },
+        calibration: None,
+        keep: a.keep,
+        pruning,
+        lowrank,
+        sparse_storage: !a.dense_storage,
+        blocks: Vec::new(),
+        recover: a.recover.map(|RecoverMode::Blockwise| Recovery {
+            steps: a.recover_steps,
+            batch: a.recover_batch,
+            learning_rate: a.recover_lr,
+        }),
+    };
+    options.calibration = if plan.is_some() || options.needs_calibration() {
         let path = a
             .calib
             .clone()
@@ -692,27 +730,6 @@ fn cmd_convert(a: ConvertArgs) -> CliResult {
             eprintln!("note: --calib is ignored: nothing in this recipe is calibrated");
         }
         None
-    };
-    let options = ConvertOptions {
-        weights,
-        embedding: a.embedding,
-        output: a.output_weights,
-        method: a.method,
-        clipping: a.clip.map(|c| match c {
-            ClipArg::Minmax => Clipping::MinMax,
-            ClipArg::Search => Clipping::Search,
-        }),
-        gptq: GptqOptions {
-            damp: a.damp,
-            act_order: !a.no_act_order,
-            ..GptqOptions::default()
-        },
-        calibration,
-        keep: a.keep,
-        pruning,
-        lowrank,
-        sparse_storage: !a.dense_storage,
-        blocks: Vec::new(),
     };
     let (src, output) = (a.src, a.output);
     let started = std::time::Instant::now();
@@ -751,6 +768,18 @@ fn cmd_convert(a: ConvertArgs) -> CliResult {
 fn print_written(output: &Path, report: &convert::ConvertReport, started: std::time::Instant) {
     for (name, reason) in &report.fallbacks {
         eprintln!("note: {name} kept in f16: {reason}");
+    }
+    if !report.recovery.is_empty() {
+        let kept = report.recovery.iter().filter(|b| b.kept).count();
+        let mean = |f: fn(&convert::BlockRecovery) -> f64| {
+            report.recovery.iter().map(f).sum::<f64>() / report.recovery.len() as f64
+        };
+        eprintln!(
+            "recovery: block output error {:.3e} -> {:.3e} on average; {kept} of {} blocks improved",
+            mean(|b| b.loss_before),
+            mean(|b| if b.kept { b.loss_after } else { b.loss_before }),
+            report.recovery.len()
+        );
     }
     eprintln!(
         "wrote {} ({} tensors, {:.1} M parameters, {:.1} MB) in {:.1} s",

@@ -220,6 +220,11 @@ impl Calibrator {
         &self.hidden
     }
 
+    /// Tokens per calibration sequence.
+    pub fn seq_len(&self) -> usize {
+        self.seq_len
+    }
+
     pub fn tokens(&self) -> usize {
         self.hidden.len() / self.config.hidden_size
     }

@@ -9,13 +9,12 @@ pub mod lowrank;
 pub mod plan;
 pub mod prune;
 pub mod quant;
+pub mod recover;
 pub mod sensitivity;
 
 use std::path::Path;
 use std::str::FromStr;
 use std::time::{SystemTime, UNIX_EPOCH};
-
-use half::{bf16, f16};
 
 use crate::config::{ModelConfig, names};
 use crate::format::{Encoding, PlmError, PlmWriter};
@@ -30,6 +29,7 @@ pub use lowrank::{LowRank, LowRankMethod, RankAllocation, RankTarget};
 pub use plan::BlockRecipe;
 pub use prune::{PruneMethod, Sparsity};
 pub use quant::Clipping;
+pub use recover::{BlockRecovery, Recovery};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConvertError {
@@ -192,6 +192,9 @@ pub struct ConvertOptions {
     /// One recipe per transformer block (what the planner chose); replaces `weights`,
     /// `pruning` and `lowrank` for that block's matrices. Empty: every block follows those.
     pub blocks: Vec<BlockRecipe>,
+    /// Block-wise reconstruction after each block is compressed (needs calibration and the
+    /// `recover` feature).
+    pub recover: Option<Recovery>,
 }
 
 /// `--prune METHOD` with `--sparsity F` or `--nm N:M`.
@@ -222,6 +225,7 @@ impl ConvertOptions {
             lowrank: None,
             sparse_storage: true,
             blocks: Vec::new(),
+            recover: None,
         }
     }
 
@@ -289,6 +293,7 @@ impl ConvertOptions {
             || self.method.needs_calibration()
             || self.pruning.is_some_and(|p| p.method.needs_calibration())
             || self.lowrank.is_some_and(|l| l.method.needs_calibration())
+            || self.recover.is_some()
     }
 
     fn validate(&self) -> Result<(), ConvertError> {
@@ -301,6 +306,16 @@ impl ConvertOptions {
             block
                 .validate()
                 .map_err(|e| ConvertError::Options(format!("block recipe {recipe}: {e}")))?;
+        }
+        if let Some(r) = &self.recover {
+            r.validate().map_err(ConvertError::Options)?;
+            if self.calibration.is_none() {
+                return Err(ConvertError::Options(
+                    "--recover needs calibration text (--calib FILE; scripts/fetch-calib.sh \
+                     downloads a default set)"
+                        .into(),
+                ));
+            }
         }
         let requested = std::iter::once(self.weights)
             .chain(self.embedding)
@@ -382,6 +397,8 @@ pub struct ConvertReport {
     pub fallbacks: Vec<(String, String)>,
     pub parameters: u64,
     pub file_bytes: u64,
+    /// Per block, what recovery did (empty without `--recover`).
+    pub recovery: Vec<BlockRecovery>,
 }
 
 /// Progress callback: (tensors done, tensors total, name of the tensor just written).
@@ -437,10 +454,18 @@ pub fn convert(
 
     let embedding = model.source.load_f32(names::TOKEN_EMBD)?;
     let embd_shape = [config.vocab_size, config.hidden_size];
+    let d = config.hidden_size;
+    // Recovery's teacher: the original model's activations, from the original embedding.
+    let mut teacher = match (&options.recover, &calibration) {
+        (Some(_), Some(windows)) => Some(calib::Calibrator::new(config, windows, |token, row| {
+            let t = token as usize;
+            row.copy_from_slice(&embedding[t * d..(t + 1) * d]);
+        })),
+        _ => None,
+    };
     let runtime_embedding =
         out.write_matrix(names::TOKEN_EMBD, &embd_shape, embedding, None, false)?;
     let mut calibrator = calibration.as_ref().map(|windows| {
-        let d = config.hidden_size;
         calib::Calibrator::new(config, windows, |token, row| {
             let t = token as usize;
             row.copy_from_slice(&runtime_embedding[t * d..(t + 1) * d]);
@@ -448,6 +473,7 @@ pub fn convert(
     });
     drop(runtime_embedding);
 
+    let mut recovered = Vec::new();
     for (l, block_options) in block_options.iter().enumerate() {
         let mut layer = LayerTensors::load(model.source.as_ref(), config, l)?;
         let stats = match &calibrator {
@@ -458,7 +484,29 @@ pub fn convert(
             None => None,
         };
         out.options = block_options;
-        compress_block(&mut out, config, &mut layer, stats.as_ref())?;
+        match (&mut teacher, &calibrator, options.recover) {
+            (Some(teacher), Some(student), Some(recovery)) => {
+                teacher.advance(&layer.block_weights(config));
+                out.deferred = Some(Vec::new());
+                compress_block(&mut out, config, &mut layer, stats.as_ref())?;
+                let mut tensors = out.deferred.take().unwrap_or_default();
+                let report = recover_block(
+                    &mut out,
+                    config,
+                    l,
+                    &mut tensors,
+                    student,
+                    teacher,
+                    &recovery,
+                )?;
+                recovered.push(report);
+                for t in &tensors {
+                    out.emit(t)?;
+                }
+                layer.set_readback(&tensors);
+            }
+            _ => compress_block(&mut out, config, &mut layer, stats.as_ref())?,
+        }
         if let Some(c) = &mut calibrator {
             c.advance(&layer.block_weights(config));
         }
@@ -520,6 +568,15 @@ pub fn convert(
                 "weights_before": out.lowrank_before,
                 "weights_after": out.lowrank_after,
             })),
+            "recover": options.recover.map(|r| serde_json::json!({
+                "mode": "blockwise",
+                "steps": r.steps,
+                "batch": r.batch,
+                "learning_rate": r.learning_rate,
+                "loss_before": recovered.iter().map(|b| b.loss_before).collect::<Vec<_>>(),
+                "loss_after": recovered.iter().map(|b| b.loss_after).collect::<Vec<_>>(),
+                "kept": recovered.iter().map(|b| b.kept).collect::<Vec<_>>(),
+            })),
             "blocks": (!options.blocks.is_empty()).then(|| options.blocks.iter().map(ToString::to_string).collect::<Vec<_>>()),
             "keep": options.keep.iter().map(|k| format!("{}={}", k.pattern, k.encoding.describe())).collect::<Vec<_>>(),
             "tensor_encodings": out.encodings,
@@ -541,6 +598,7 @@ pub fn convert(
         fallbacks,
         parameters,
         file_bytes,
+        recovery: recovered,
     })
 }
 
@@ -604,6 +662,72 @@ fn compress_block(
         layer.tensors[i].2 = values;
     }
     Ok(())
+}
+
+/// Block-wise reconstruction of block `layer` (its tensors held back in `tensors`): the
+/// student runs on `student`'s activations, the target is `teacher`'s (already advanced
+/// through the original block).
+#[cfg(feature = "recover")]
+fn recover_block(
+    out: &mut Output<'_, '_>,
+    config: &ModelConfig,
+    layer: usize,
+    tensors: &mut [recover::BlockTensor],
+    student: &calib::Calibrator,
+    teacher: &calib::Calibrator,
+    recovery: &Recovery,
+) -> Result<BlockRecovery, ConvertError> {
+    let (done, total) = (out.done, out.total);
+    let progress = &mut out.progress;
+    let report = recover::recover_block(
+        config,
+        layer,
+        tensors,
+        recover::Activations {
+            inputs: student.hidden(),
+            targets: teacher.hidden(),
+            seq_len: student.seq_len(),
+        },
+        recovery,
+        &mut |step, loss| {
+            progress(
+                done,
+                total,
+                &format!(
+                    "blk.{layer}: recovering {step}/{} loss {loss:.3e}",
+                    recovery.steps
+                ),
+            )
+        },
+    )
+    .map_err(ConvertError::Calibration)?;
+    log::info!(
+        "blk.{layer}: recovery {:.4e} -> {:.4e} ({}; {} parameters)",
+        report.loss_before,
+        report.loss_after,
+        if report.kept {
+            "kept"
+        } else {
+            "not better, left as compressed"
+        },
+        report.parameters
+    );
+    Ok(report)
+}
+
+#[cfg(not(feature = "recover"))]
+fn recover_block(
+    _: &mut Output<'_, '_>,
+    _: &ModelConfig,
+    _: usize,
+    _: &mut [recover::BlockTensor],
+    _: &calib::Calibrator,
+    _: &calib::Calibrator,
+    recovery: &Recovery,
+) -> Result<BlockRecovery, ConvertError> {
+    Err(ConvertError::Options(
+        recovery.validate().err().unwrap_or_default(),
+    ))
 }
 
 /// Tokenizes the calibration text with the model's own tokenizer and cuts it into windows.
@@ -721,6 +845,9 @@ struct Output<'a, 'p> {
     /// Weights of the factorized matrices before and after.
     lowrank_before: u64,
     lowrank_after: u64,
+    /// While a block is being recovered: its tensors, held back until recovery has tuned
+    /// them (then written in the same order).
+    deferred: Option<Vec<recover::BlockTensor>>,
 }
 
 impl<'a, 'p> Output<'a, 'p> {
@@ -749,6 +876,7 @@ impl<'a, 'p> Output<'a, 'p> {
             lowrank_dense: Vec::new(),
             lowrank_before: 0,
             lowrank_after: 0,
+            deferred: None,
         }
     }
 
@@ -758,6 +886,39 @@ impl<'a, 'p> Output<'a, 'p> {
             Sink::Count { bytes } => bytes,
             Sink::File(_) => 0,
         }
+    }
+
+    /// Sends one tensor's bytes to the writer.
+    fn emit(&mut self, tensor: &recover::BlockTensor) -> Result<(), ConvertError> {
+        let (name, shape, encoding) = (tensor.name.as_str(), &tensor.shape[..], tensor.encoding);
+        let method_err = |message: String| ConvertError::Method {
+            tensor: name.to_string(),
+            message,
+        };
+        match encoding {
+            Encoding::F32 | Encoding::F16 | Encoding::BF16 => {
+                self.writer.add_f32(name, shape, &tensor.values, encoding)?
+            }
+            Encoding::Q8 { .. } | Encoding::Q4 { .. } | Encoding::Q3 { .. } => {
+                let grids = tensor
+                    .grids
+                    .as_deref()
+                    .ok_or_else(|| method_err(format!("{encoding} needs quantization grids")))?;
+                let bytes = quant::encode(&tensor.values, shape[0], shape[1], encoding, grids)
+                    .ok_or_else(|| {
+                        method_err(format!("cannot quantize shape {shape:?} to {encoding}"))
+                    })?;
+                self.writer.add_tensor(name, shape, encoding, &bytes)?;
+            }
+            Encoding::F16Sparse24 => {
+                let bytes = crate::kernels::sparse::encode(&tensor.values, shape[0], shape[1])
+                    .ok_or_else(|| {
+                        method_err("f16+2:4 is only chosen for matrices pruned 2:4".into())
+                    })?;
+                self.writer.add_tensor(name, shape, encoding, &bytes)?;
+            }
+        }
+        Ok(())
     }
 
     fn finish_tensor(&mut self, name: &str, encoding: Encoding, len: usize) {
@@ -773,27 +934,37 @@ impl<'a, 'p> Output<'a, 'p> {
         shape: &[usize],
         values: Vec<f32>,
     ) -> Result<Vec<f32>, ConvertError> {
-        self.writer.add_f32(name, shape, &values, Encoding::F32)?;
-        self.finish_tensor(name, Encoding::F32, values.len());
-        Ok(values)
+        let tensor = recover::BlockTensor {
+            name: name.to_string(),
+            shape: shape.to_vec(),
+            encoding: Encoding::F32,
+            values,
+            grids: None,
+            masked: false,
+        };
+        match &mut self.deferred {
+            Some(deferred) => deferred.push(tensor.clone()),
+            None => self.emit(&tensor)?,
+        }
+        self.finish_tensor(name, Encoding::F32, tensor.values.len());
+        Ok(tensor.values)
     }
 
-    /// The 2:4 sparse bytes of a pruned matrix requested as `encoding`, when that storage
-    /// applies: f16 matrices pruned 2:4 (9 instead of 16 bits per weight, half the
-    /// multiply-adds), unless the options ask for dense storage. `None` otherwise, with the
-    /// reason recorded.
-    fn sparse_encoding(
+    /// Whether a pruned matrix requested as `encoding` is stored 2:4 sparse: f16 matrices
+    /// pruned 2:4 (9 instead of 16 bits per weight, half the multiply-adds), unless the
+    /// options ask for dense storage. When not, the reason is recorded.
+    fn sparse_storage(
         &mut self,
         name: &str,
         shape: &[usize],
         values: &[f32],
         encoding: Encoding,
         sparsity: Sparsity,
-    ) -> Option<Vec<u8>> {
+    ) -> bool {
         let mut dense = |reason: String| {
             log::info!("{name}: stored dense ({encoding}): {reason}");
             self.dense_storage.push((name.to_string(), reason));
-            None
+            false
         };
         if !self.options.sparse_storage {
             return dense("dense storage requested".into());
@@ -816,9 +987,9 @@ impl<'a, 'p> Output<'a, 'p> {
             ));
         }
         match crate::kernels::sparse::encode(values, shape[0], shape[1]) {
-            Some(bytes) => {
+            Some(_) => {
                 self.sparse_tensors += 1;
-                Some(bytes)
+                true
             }
             None => dense("some runs of 4 keep more than 2 weights".into()),
         }
@@ -941,54 +1112,33 @@ impl<'a, 'p> Output<'a, 'p> {
             self.pruned += values.iter().filter(|v| **v == 0.0).count() as u64;
             self.prunable += values.len() as u64;
         }
-        let sparse =
-            pruning.and_then(|p| self.sparse_encoding(name, shape, &values, encoding, p.sparsity));
-        if sparse.is_some() {
+        if pruning.is_some_and(|p| self.sparse_storage(name, shape, &values, encoding, p.sparsity))
+        {
             encoding = Encoding::F16Sparse24;
         }
 
-        match encoding {
-            Encoding::F32 => self.writer.add_f32(name, shape, &values, encoding)?,
-            Encoding::F16 => {
-                self.writer.add_f32(name, shape, &values, encoding)?;
-                values
-                    .iter_mut()
-                    .for_each(|v| *v = f16::from_f32(*v).to_f32());
-            }
-            Encoding::BF16 => {
-                self.writer.add_f32(name, shape, &values, encoding)?;
-                values
-                    .iter_mut()
-                    .for_each(|v| *v = bf16::from_f32(*v).to_f32());
-            }
-            Encoding::Q8 { .. } | Encoding::Q4 { .. } | Encoding::Q3 { .. } => {
-                let grids = match grids {
-                    Some(g) => g,
-                    // Clipping weighted by the (scaled) activation energy of each column.
-                    None => quant::choose_grids(
-                        &values,
-                        cols,
-                        encoding,
-                        clipping,
-                        input_energy.as_deref(),
-                    ),
-                };
-                let bytes =
-                    quant::encode(&values, rows, cols, encoding, &grids).ok_or_else(|| {
-                        method_err(format!("cannot quantize shape {shape:?} to {encoding}"))
-                    })?;
-                self.writer.add_tensor(name, shape, encoding, &bytes)?;
-                quant::fake_quantize(&mut values, cols, encoding, &grids);
-            }
-            Encoding::F16Sparse24 => {
-                let bytes = sparse.ok_or_else(|| {
-                    method_err("f16+2:4 is only chosen for matrices pruned 2:4".into())
-                })?;
-                self.writer.add_tensor(name, shape, encoding, &bytes)?;
-                values
-                    .iter_mut()
-                    .for_each(|v| *v = f16::from_f32(*v).to_f32());
-            }
+        let grids = match encoding {
+            Encoding::Q8 { .. } | Encoding::Q4 { .. } | Encoding::Q3 { .. } => Some(match grids {
+                Some(g) => g,
+                // Clipping weighted by the (scaled) activation energy of each column.
+                None => {
+                    quant::choose_grids(&values, cols, encoding, clipping, input_energy.as_deref())
+                }
+            }),
+            _ => None,
+        };
+        let tensor = recover::BlockTensor {
+            name: name.to_string(),
+            shape: shape.to_vec(),
+            encoding,
+            values,
+            grids,
+            masked: pruning.is_some(),
+        };
+        let values = tensor.readback();
+        match &mut self.deferred {
+            Some(deferred) => deferred.push(tensor),
+            None => self.emit(&tensor)?,
         }
         self.finish_tensor(name, encoding, values.len());
         Ok(values)
@@ -1096,6 +1246,26 @@ impl LayerTensors {
             })
             .collect::<Result<Vec<_>, ConvertError>>()?;
         Ok(LayerTensors { layer, tensors })
+    }
+
+    /// Puts in place the values the runtime will read back from `tensors` (this block's,
+    /// as written); a factorized matrix becomes the product of its factors.
+    fn set_readback(&mut self, tensors: &[recover::BlockTensor]) {
+        let readback: std::collections::HashMap<&str, (&recover::BlockTensor, Vec<f32>)> = tensors
+            .iter()
+            .map(|t| (t.name.as_str(), (t, t.readback())))
+            .collect();
+        for (name, _, values) in &mut self.tensors {
+            if let Some((_, v)) = readback.get(name.as_str()) {
+                values.clone_from(v);
+            } else if let (Some((vt, v)), Some((ut, u))) = (
+                readback.get(names::lowrank_v(name).as_str()),
+                readback.get(names::lowrank_u(name).as_str()),
+            ) {
+                let (rank, cols, rows) = (vt.shape[0], vt.shape[1], ut.shape[0]);
+                *values = lowrank::multiply(u, v, rows, rank, cols);
+            }
+        }
     }
 
     fn get(&self, name: &str) -> &[f32] {

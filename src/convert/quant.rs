@@ -75,6 +75,28 @@ impl Grid {
         Grid::new(kind, scale, min)
     }
 
+    /// The grid of `encoding` with the given scale and minimum (rounded to f16, as stored);
+    /// the minimum only counts for asymmetric int4.
+    pub fn from_parts(encoding: Encoding, scale: f32, min: f32) -> Grid {
+        let probe = Grid::spanning(encoding, 0.0, 0.0);
+        let min = if probe.kind == GridKind::Int4Asymmetric {
+            min
+        } else {
+            0.0
+        };
+        Grid::new(probe.kind, scale, min)
+    }
+
+    /// The levels of the grid: `value = scale · level + min` with `level` in `lo..=hi`.
+    pub fn levels(&self) -> (f32, f32) {
+        match self.kind {
+            GridKind::Int8 => (-127.0, 127.0),
+            GridKind::Int4Symmetric => (-8.0, 7.0),
+            GridKind::Int4Asymmetric => (0.0, 15.0),
+            GridKind::Int3Symmetric => (-4.0, 3.0),
+        }
+    }
+
     /// A zero grid of `encoding`'s kind (every value maps to zero), as a placeholder.
     pub fn default_for(encoding: Encoding) -> Grid {
         Grid::spanning(encoding, 0.0, 0.0)

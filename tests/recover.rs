@@ -1,0 +1,132 @@
+//! Issue #11: block-wise recovery after compression, on the stories260K fixture.
+#![cfg(feature = "recover")]
+
+use pocketlm::convert::{
+    ConvertError, ConvertOptions, Method, PruneMethod, Pruning, Recovery, Sparsity, convert_path,
+};
+use pocketlm::format::{Encoding, PlmFile};
+
+mod common;
+use common::{calibration, convert, fixture, ppl};
+
+const Q3: Encoding = Encoding::Q3 { group: 32 };
+
+fn recovered(mut options: ConvertOptions) -> ConvertOptions {
+    options.recover = Some(Recovery::default());
+    options
+}
+
+fn q3_gptq() -> ConvertOptions {
+    ConvertOptions {
+        method: Method::Gptq,
+        calibration: Some(calibration()),
+        embedding: Some(Encoding::F32),
+        ..ConvertOptions::with_weights(Q3)
+    }
+}
+
+/// Measured on this fixture (f32 3.147): q3/g32 GPTQ 3.92, recovered 3.64.
+#[test]
+fn recovery_lowers_the_perplexity_of_a_3_bit_model_and_keeps_its_encodings() {
+    let (_d0, plain) = convert(&q3_gptq());
+    let (_d1, tuned) = convert(&recovered(q3_gptq()));
+    let (p_plain, p_tuned) = (ppl(&plain), ppl(&tuned));
+    eprintln!("q3 gptq {p_plain:.4}, recovered {p_tuned:.4}");
+    assert!(p_tuned < p_plain - 0.05, "recovered {p_tuned} vs {p_plain}");
+
+    // Same tensors, encodings and size: recovery changes values, not the layout.
+    let (a, b) = (
+        PlmFile::open(&plain).unwrap(),
+        PlmFile::open(&tuned).unwrap(),
+    );
+    let recipe = |f: &PlmFile| f.metadata()["recipe"].clone();
+    assert_eq!(
+        recipe(&a)["tensor_encodings"],
+        recipe(&b)["tensor_encodings"]
+    );
+    assert_eq!(a.tensor_bytes_total(), b.tensor_bytes_total());
+    let layout = |f: &PlmFile| -> Vec<(String, Encoding, u64)> {
+        f.tensors()
+            .iter()
+            .map(|t| (t.name.clone(), t.encoding, t.length))
+            .collect()
+    };
+    assert_eq!(layout(&a), layout(&b));
+    b.verify().unwrap();
+    assert!(recipe(&a)["recover"].is_null());
+    let r = &recipe(&b)["recover"];
+    assert_eq!(r["mode"], "blockwise");
+    assert_eq!(r["steps"], Recovery::default().steps);
+    let before = r["loss_before"].as_array().unwrap();
+    let after = r["loss_after"].as_array().unwrap();
+    assert_eq!(before.len(), 5);
+    let kept = r["kept"].as_array().unwrap();
+    for ((b, a), k) in before.iter().zip(after).zip(kept) {
+        let (b, a) = (b.as_f64().unwrap(), a.as_f64().unwrap());
+        assert_eq!(k.as_bool().unwrap(), a < b, "{b} -> {a}");
+    }
+    assert!(kept.iter().filter(|k| k.as_bool().unwrap()).count() >= 3);
+}
+
+/// 2:4 pruning keeps its sparse storage and mask through recovery, and tuning the surviving
+/// weights closes at least half of the gap to the base (issue #11's target). Measured: f32
+/// 3.147, Wanda 2:4 f16 58.5, recovered 7.30.
+#[test]
+fn recovery_tunes_the_survivors_of_a_pruned_model() {
+    let pruned = ConvertOptions {
+        calibration: Some(calibration()),
+        embedding: Some(Encoding::F32),
+        pruning: Some(Pruning {
+            method: PruneMethod::Wanda,
+            sparsity: Sparsity::NM { n: 2, m: 4 },
+        }),
+        ..ConvertOptions::with_weights(Encoding::F16)
+    };
+    let (_d, base) = convert(&ConvertOptions::with_weights(Encoding::F32));
+    let (_d0, plain) = convert(&pruned);
+    let (_d1, tuned) = convert(&recovered(pruned));
+    let (base, p_plain, p_tuned) = (ppl(&base), ppl(&plain), ppl(&tuned));
+    eprintln!("f32 {base:.4}, wanda 2:4 {p_plain:.4}, recovered {p_tuned:.4}");
+    assert!(
+        p_tuned - base < 0.5 * (p_plain - base),
+        "recovered {p_tuned} vs {p_plain} (base {base})"
+    );
+    let file = PlmFile::open(&tuned).unwrap();
+    assert_eq!(
+        file.entry("blk.2.ffn_gate.weight").unwrap().encoding,
+        Encoding::F16Sparse24
+    );
+}
+
+#[test]
+fn recovery_needs_calibration() {
+    let options = recovered(ConvertOptions::with_weights(Q3));
+    let dir = tempfile::tempdir().unwrap();
+    let err = convert_path(
+        &fixture("hf"),
+        &dir.path().join("m.plm"),
+        &options,
+        &mut |_, _, _| {},
+    )
+    .unwrap_err();
+    assert!(matches!(err, ConvertError::Options(_)), "{err}");
+    assert!(
+        err.to_string().contains("--recover needs calibration"),
+        "{err}"
+    );
+    let bad = ConvertOptions {
+        recover: Some(Recovery {
+            steps: 0,
+            ..Recovery::default()
+        }),
+        ..q3_gptq()
+    };
+    let err = convert_path(
+        &fixture("hf"),
+        &dir.path().join("m.plm"),
+        &bad,
+        &mut |_, _, _| {},
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("at least 1"), "{err}");
+}
