@@ -569,8 +569,12 @@ mod train {
                 let Some(g) = grads.get(var.as_tensor()) else {
                     continue;
                 };
-                *m = ((&*m * Self::BETA1)? + (g * (1.0 - Self::BETA1))?)?;
-                *v = ((&*v * Self::BETA2)? + (g.sqr()? * (1.0 - Self::BETA2))?)?;
+                // Gradients are built from the forward pass's tensors and would keep every
+                // step's graph alive through the moments.
+                let g = g.detach();
+                let g = &g;
+                *m = ((&*m * Self::BETA1)? + (g * (1.0 - Self::BETA1))?)?.detach();
+                *v = ((&*v * Self::BETA2)? + (g.sqr()? * (1.0 - Self::BETA2))?)?.detach();
                 let denom = ((&*v / c2)?.sqrt()? + Self::EPS)?;
                 let update = ((&*m / c1)? / denom)?;
                 var.set(&(var.as_tensor() - (update * *lr)?)?)?;
