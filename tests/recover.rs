@@ -2,7 +2,8 @@
 #![cfg(feature = "recover")]
 
 use pocketlm::convert::{
-    ConvertError, ConvertOptions, Method, PruneMethod, Pruning, Recovery, Sparsity, convert_path,
+    ConvertError, ConvertOptions, LowRank, LowRankMethod, Method, PruneMethod, Pruning,
+    RankAllocation, RankTarget, Recovery, Sparsity, convert_path,
 };
 use pocketlm::format::{Encoding, PlmFile};
 
@@ -96,6 +97,34 @@ fn recovery_tunes_the_survivors_of_a_pruned_model() {
         file.entry("blk.2.ffn_gate.weight").unwrap().encoding,
         Encoding::F16Sparse24
     );
+}
+
+/// Low-rank factors are tuned too (both factors of each pair, through their product).
+/// Measured: f32 3.147, SVD-LLM 20% fewer weights 35.3, recovered 9.07.
+#[test]
+fn recovery_tunes_low_rank_factors() {
+    let factored = ConvertOptions {
+        calibration: Some(calibration()),
+        embedding: Some(Encoding::F32),
+        lowrank: Some(LowRank {
+            method: LowRankMethod::SvdLlm,
+            target: RankTarget::Ratio(0.2),
+            allocation: RankAllocation::Uniform,
+        }),
+        ..ConvertOptions::with_weights(Encoding::F16)
+    };
+    let (_d, base) = convert(&ConvertOptions::with_weights(Encoding::F32));
+    let (_d0, plain) = convert(&factored);
+    let (_d1, tuned) = convert(&recovered(factored));
+    let (base, p_plain, p_tuned) = (ppl(&base), ppl(&plain), ppl(&tuned));
+    eprintln!("f32 {base:.4}, svdllm 20% {p_plain:.4}, recovered {p_tuned:.4}");
+    assert!(
+        p_tuned - base < 0.5 * (p_plain - base),
+        "recovered {p_tuned} vs {p_plain} (base {base})"
+    );
+    let file = PlmFile::open(&tuned).unwrap();
+    assert!(file.entry("blk.1.ffn_up.weight#u").is_some());
+    assert!(file.entry("blk.1.ffn_up.weight").is_none());
 }
 
 #[test]
