@@ -192,6 +192,14 @@ mod train {
         },
     }
 
+    /// The latent weights with pruned positions held at the latent value of zero.
+    fn latent(z: &Var, mask: &Option<(Tensor, Tensor)>) -> candle_core::Result<Tensor> {
+        match mask {
+            Some((keep, zero)) => (z.as_tensor() * keep)? + zero,
+            None => Ok(z.as_tensor().clone()),
+        }
+    }
+
     /// `x` rounded in the forward pass, the identity in the backward pass.
     fn round_ste(x: &Tensor) -> candle_core::Result<Tensor> {
         x + (x.round()? - x)?.detach()
@@ -287,10 +295,7 @@ mod train {
                     levels,
                     shape,
                 } => {
-                    let mut z = z.as_tensor().clone();
-                    if let Some((keep, zero)) = mask {
-                        z = ((z * keep)? + zero)?;
-                    }
+                    let mut z = latent(z, mask)?;
                     let r = r.as_tensor();
                     if let Some(dm) = dm {
                         z = z.broadcast_sub(dm.as_tensor())?;
@@ -344,10 +349,7 @@ mod train {
                     mask,
                     ..
                 } => {
-                    let mut z = z.as_tensor().clone();
-                    if let Some((keep, zero)) = mask {
-                        z = ((z * keep)? + zero)?;
-                    }
+                    let z = latent(z, mask)?;
                     let s0 = s0.flatten_all()?.to_vec1::<f32>()?;
                     let r = r.as_tensor().flatten_all()?.to_vec1::<f32>()?;
                     let dm = match dm {
