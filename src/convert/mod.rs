@@ -942,12 +942,27 @@ impl<'a, 'p> Output<'a, 'p> {
             grids: None,
             masked: false,
         };
-        match &mut self.deferred {
-            Some(deferred) => deferred.push(tensor.clone()),
-            None => self.emit(&tensor)?,
-        }
-        self.finish_tensor(name, Encoding::F32, tensor.values.len());
-        Ok(tensor.values)
+        self.store(tensor)
+    }
+
+    /// Writes `tensor` (or holds it back while its block is recovered), counts it, and
+    /// returns its values as the runtime will read them back.
+    fn store(&mut self, tensor: recover::BlockTensor) -> Result<Vec<f32>, ConvertError> {
+        let (name, encoding) = (tensor.name.clone(), tensor.encoding);
+        let values = match &mut self.deferred {
+            Some(deferred) => {
+                let values = tensor.readback();
+                deferred.push(tensor);
+                values
+            }
+            None => {
+                self.emit(&tensor)?;
+                // In place: no second copy of a large matrix (the embedding) while writing.
+                tensor.into_readback()
+            }
+        };
+        self.finish_tensor(&name, encoding, values.len());
+        Ok(values)
     }
 
     /// Whether a pruned matrix requested as `encoding` is stored 2:4 sparse: f16 matrices
@@ -1135,13 +1150,7 @@ impl<'a, 'p> Output<'a, 'p> {
             grids,
             masked: pruning.is_some(),
         };
-        let values = tensor.readback();
-        match &mut self.deferred {
-            Some(deferred) => deferred.push(tensor),
-            None => self.emit(&tensor)?,
-        }
-        self.finish_tensor(name, encoding, values.len());
-        Ok(values)
+        self.store(tensor)
     }
 
     /// Writes matrix `name` (`w`, `rows × cols`) as its rank-`rank` factors `V` then `U`, each

@@ -115,6 +115,19 @@ impl BlockTensor {
     /// The values as the runtime will read them back.
     pub fn readback(&self) -> Vec<f32> {
         let mut values = self.values.clone();
+        self.round_as_stored(&mut values);
+        values
+    }
+
+    /// [`BlockTensor::readback`] without a copy of the values.
+    pub fn into_readback(mut self) -> Vec<f32> {
+        let mut values = std::mem::take(&mut self.values);
+        self.round_as_stored(&mut values);
+        values
+    }
+
+    /// Rounds `values` (this tensor's) as its encoding stores them.
+    fn round_as_stored(&self, values: &mut [f32]) {
         match (self.encoding, &self.grids) {
             (Encoding::F32, _) => {}
             (Encoding::F16 | Encoding::F16Sparse24, _) => values
@@ -123,12 +136,9 @@ impl BlockTensor {
             (Encoding::BF16, _) => values
                 .iter_mut()
                 .for_each(|v| *v = bf16::from_f32(*v).to_f32()),
-            (_, Some(grids)) => {
-                quant::fake_quantize(&mut values, self.shape[1], self.encoding, grids)
-            }
+            (_, Some(grids)) => quant::fake_quantize(values, self.shape[1], self.encoding, grids),
             (_, None) => {}
         }
-        values
     }
 }
 
