@@ -190,12 +190,14 @@ struct ConvertArgs {
     plan_from: Option<PathBuf>,
     /// Recovery after compression. blockwise: tune what each compressed block keeps (grid
     /// scales, the latent weights codes are rounded from, surviving weights, low-rank factors,
-    /// norms) so its output matches the original block's on the calibration text. Needs
-    /// --calib and a build with `--features recover`.
+    /// norms) so its output matches the original block's on the calibration text. kd:
+    /// distil the original model's next-token distribution into the whole compressed model,
+    /// tuning grid scales, norms and low-rank factors (codes unchanged). blockwise+kd: both.
+    /// Needs --calib and a build with `--features recover`.
     #[arg(long)]
     recover: Option<RecoverMode>,
-    /// Optimizer steps per block for --recover.
-    #[arg(long, default_value_t = Recovery::default().steps)]
+    /// Optimizer steps for --recover: per block for blockwise, in all for kd.
+    #[arg(long, visible_alias = "steps", default_value_t = Recovery::default().steps)]
     recover_steps: usize,
     /// Calibration sequences per step for --recover.
     #[arg(long, default_value_t = Recovery::default().batch)]
@@ -697,7 +699,8 @@ fn cmd_convert(a: ConvertArgs) -> CliResult {
         lowrank,
         sparse_storage: !a.dense_storage,
         blocks: Vec::new(),
-        recover: a.recover.map(|RecoverMode::Blockwise| Recovery {
+        recover: a.recover.map(|mode| Recovery {
+            mode,
             steps: a.recover_steps,
             batch: a.recover_batch,
             learning_rate: a.recover_lr,
@@ -779,6 +782,22 @@ fn print_written(output: &Path, report: &convert::ConvertReport, started: std::t
             mean(|b| b.loss_before),
             mean(|b| if b.kept { b.loss_after } else { b.loss_before }),
             report.recovery.len()
+        );
+    }
+    if let Some(kd) = &report.distillation {
+        eprintln!(
+            "distillation: KL {:.4} -> {:.4} on {} held-out sequences ({:.4} -> {:.4} on the \
+             training ones); {}",
+            kd.kl_before,
+            kd.kl_after,
+            kd.held_out,
+            kd.train_kl_before,
+            kd.train_kl_after,
+            if kd.kept {
+                "kept"
+            } else {
+                "not better, left as compressed"
+            }
         );
     }
     eprintln!(

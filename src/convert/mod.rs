@@ -29,7 +29,7 @@ pub use lowrank::{LowRank, LowRankMethod, RankAllocation, RankTarget};
 pub use plan::BlockRecipe;
 pub use prune::{PruneMethod, Sparsity};
 pub use quant::Clipping;
-pub use recover::{BlockRecovery, Recovery};
+pub use recover::{BlockRecovery, Distillation, RecoverMode, Recovery};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConvertError {
@@ -397,8 +397,10 @@ pub struct ConvertReport {
     pub fallbacks: Vec<(String, String)>,
     pub parameters: u64,
     pub file_bytes: u64,
-    /// Per block, what recovery did (empty without `--recover`).
+    /// Per block, what block-wise recovery did (empty without it).
     pub recovery: Vec<BlockRecovery>,
+    /// What distillation did (`--recover kd`).
+    pub distillation: Option<Distillation>,
 }
 
 /// Progress callback: (tensors done, tensors total, name of the tensor just written).
@@ -471,7 +473,16 @@ pub fn convert(
             row.copy_from_slice(&runtime_embedding[t * d..(t + 1) * d]);
         })
     });
-    drop(runtime_embedding);
+    // Distillation tunes the whole model at once: it starts from the embedded calibration
+    // text, and every block's tensors are held back until it is done.
+    let distilling = options.recover.is_some_and(|r| r.mode.distills());
+    let student_inputs = match &calibrator {
+        Some(c) if distilling => c.hidden().to_vec(),
+        _ => Vec::new(),
+    };
+    let mut held_blocks: Vec<Vec<recover::BlockTensor>> = Vec::new();
+    // The student's output layer, when tied.
+    let student_embedding = (distilling && config.tie_word_embeddings).then_some(runtime_embedding);
 
     let mut recovered = Vec::new();
     for (l, block_options) in block_options.iter().enumerate() {
@@ -490,20 +501,26 @@ pub fn convert(
                 out.deferred = Some(Vec::new());
                 compress_block(&mut out, config, &mut layer, stats.as_ref())?;
                 let mut tensors = out.deferred.take().unwrap_or_default();
-                let report = recover_block(
-                    &mut out,
-                    config,
-                    l,
-                    &mut tensors,
-                    student,
-                    teacher,
-                    &recovery,
-                )?;
-                recovered.push(report);
-                for t in &tensors {
-                    out.emit(t)?;
+                if recovery.mode.blockwise() {
+                    let report = recover_block(
+                        &mut out,
+                        config,
+                        l,
+                        &mut tensors,
+                        student,
+                        teacher,
+                        &recovery,
+                    )?;
+                    recovered.push(report);
+                    layer.set_readback(&tensors);
                 }
-                layer.set_readback(&tensors);
+                if distilling {
+                    held_blocks.push(tensors);
+                } else {
+                    for t in &tensors {
+                        out.emit(t)?;
+                    }
+                }
             }
             _ => compress_block(&mut out, config, &mut layer, stats.as_ref())?,
         }
@@ -513,10 +530,54 @@ pub fn convert(
     }
     out.options = options;
     let norm = model.source.load_f32(names::OUTPUT_NORM)?;
-    out.write_vector(names::OUTPUT_NORM, &[config.hidden_size], norm)?;
-    if !config.tie_word_embeddings {
-        let output = model.source.load_f32(names::OUTPUT)?;
-        out.write_matrix(names::OUTPUT, &embd_shape, output, None, false)?;
+    let mut distillation = None;
+    match (options.recover, teacher, calibrator) {
+        (Some(recovery), Some(teacher), Some(calibrator)) if distilling => {
+            out.deferred = Some(Vec::new());
+            out.write_vector(names::OUTPUT_NORM, &[config.hidden_size], norm.clone())?;
+            let original_head = if config.tie_word_embeddings {
+                model.source.load_f32(names::TOKEN_EMBD)?
+            } else {
+                model.source.load_f32(names::OUTPUT)?
+            };
+            let student_head = match student_embedding {
+                Some(embedding) => embedding,
+                None => out.write_matrix(
+                    names::OUTPUT,
+                    &embd_shape,
+                    original_head.clone(),
+                    None,
+                    false,
+                )?,
+            };
+            let mut tail = out.deferred.take().unwrap_or_default();
+            let report = distill_model(
+                &mut out,
+                config,
+                DistillInputs {
+                    blocks: &mut held_blocks,
+                    output_norm: &mut tail[0],
+                    student_head: &student_head,
+                    student_inputs: &student_inputs,
+                    seq_len: calibrator.seq_len(),
+                    teacher_hidden: teacher.hidden(),
+                    teacher_norm: &norm,
+                    teacher_head: &original_head,
+                },
+                &recovery,
+            )?;
+            distillation = Some(report);
+            for t in held_blocks.iter().flatten().chain(&tail) {
+                out.emit(t)?;
+            }
+        }
+        _ => {
+            out.write_vector(names::OUTPUT_NORM, &[config.hidden_size], norm)?;
+            if !config.tie_word_embeddings {
+                let output = model.source.load_f32(names::OUTPUT)?;
+                out.write_matrix(names::OUTPUT, &embd_shape, output, None, false)?;
+            }
+        }
     }
 
     let converted_at = SystemTime::now()
@@ -569,13 +630,22 @@ pub fn convert(
                 "weights_after": out.lowrank_after,
             })),
             "recover": options.recover.map(|r| serde_json::json!({
-                "mode": "blockwise",
+                "mode": r.mode.name(),
                 "steps": r.steps,
                 "batch": r.batch,
                 "learning_rate": r.learning_rate,
                 "loss_before": recovered.iter().map(|b| b.loss_before).collect::<Vec<_>>(),
                 "loss_after": recovered.iter().map(|b| b.loss_after).collect::<Vec<_>>(),
                 "kept": recovered.iter().map(|b| b.kept).collect::<Vec<_>>(),
+                "kd": distillation.map(|k| serde_json::json!({
+                    "kl_before": k.kl_before,
+                    "kl_after": k.kl_after,
+                    "train_kl_before": k.train_kl_before,
+                    "train_kl_after": k.train_kl_after,
+                    "held_out_sequences": k.held_out,
+                    "kept": k.kept,
+                    "parameters": k.parameters,
+                })),
             })),
             "blocks": (!options.blocks.is_empty()).then(|| options.blocks.iter().map(ToString::to_string).collect::<Vec<_>>()),
             "keep": options.keep.iter().map(|k| format!("{}={}", k.pattern, k.encoding.describe())).collect::<Vec<_>>(),
@@ -599,6 +669,7 @@ pub fn convert(
         parameters,
         file_bytes,
         recovery: recovered,
+        distillation,
     })
 }
 
@@ -725,6 +796,86 @@ fn recover_block(
     _: &calib::Calibrator,
     recovery: &Recovery,
 ) -> Result<BlockRecovery, ConvertError> {
+    Err(ConvertError::Options(
+        recovery.validate().err().unwrap_or_default(),
+    ))
+}
+
+/// What distillation works on: the student's held-back tensors and inputs, and the
+/// teacher's final activations and output layer.
+struct DistillInputs<'a> {
+    blocks: &'a mut [Vec<recover::BlockTensor>],
+    output_norm: &'a mut recover::BlockTensor,
+    student_head: &'a [f32],
+    student_inputs: &'a [f32],
+    seq_len: usize,
+    teacher_hidden: &'a [f32],
+    teacher_norm: &'a [f32],
+    teacher_head: &'a [f32],
+}
+
+/// Logit distillation of the whole compressed model (`--recover kd`).
+#[cfg(feature = "recover")]
+fn distill_model(
+    out: &mut Output<'_, '_>,
+    config: &ModelConfig,
+    inputs: DistillInputs<'_>,
+    recovery: &Recovery,
+) -> Result<Distillation, ConvertError> {
+    use recover::distill;
+    let (done, total) = (out.done, out.total);
+    let progress = &mut out.progress;
+    progress(done, total, "kd: teacher logits");
+    let teacher = distill::TeacherLogits::from_hidden(
+        config,
+        inputs.teacher_hidden,
+        inputs.teacher_norm,
+        inputs.teacher_head,
+        distill::TOP_K,
+    );
+    let report = distill::distill(
+        config,
+        distill::Student {
+            blocks: inputs.blocks,
+            output_norm: inputs.output_norm,
+            head: inputs.student_head,
+            inputs: inputs.student_inputs,
+            seq_len: inputs.seq_len,
+        },
+        &teacher,
+        recovery,
+        &mut |step, loss| {
+            progress(
+                done,
+                total,
+                &format!("kd: step {step}/{} KL {loss:.4}", recovery.steps),
+            )
+        },
+    )
+    .map_err(ConvertError::Calibration)?;
+    log::info!(
+        "kd: held-out KL {:.4} -> {:.4}, training KL {:.4} -> {:.4} ({}; {} parameters)",
+        report.kl_before,
+        report.kl_after,
+        report.train_kl_before,
+        report.train_kl_after,
+        if report.kept {
+            "kept"
+        } else {
+            "not better, left as compressed"
+        },
+        report.parameters
+    );
+    Ok(report)
+}
+
+#[cfg(not(feature = "recover"))]
+fn distill_model(
+    _: &mut Output<'_, '_>,
+    _: &ModelConfig,
+    _: DistillInputs<'_>,
+    recovery: &Recovery,
+) -> Result<Distillation, ConvertError> {
     Err(ConvertError::Options(
         recovery.validate().err().unwrap_or_default(),
     ))

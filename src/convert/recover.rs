@@ -1,14 +1,16 @@
-//! Recovery after compression: block-wise reconstruction (`--recover blockwise`).
+//! Recovery after compression: block-wise reconstruction (`--recover blockwise`) and logit
+//! distillation of the whole model (`--recover kd`, in [`distill`]).
 //!
-//! After a block is compressed, what it keeps is tuned so that its output on the calibration
-//! activations matches the uncompressed block's: the quantization grids (a scale factor per
-//! group, and the minimum of asymmetric grids), the latent weights the codes are rounded from
-//! (straight-through estimation for the rounding), the surviving weights of pruned matrices
-//! (the pruning mask stays fixed), low-rank factors, norms and biases. The student block runs
-//! on the compressed model's activations, the teacher (the original block) on the original
-//! model's, so a block also learns to correct the error the blocks before it left. Gradients
-//! come from candle's autodiff, behind the `recover` cargo feature so the mobile library does
-//! not carry it. Memory stays bounded by one block and the calibration activations.
+//! Block-wise: after a block is compressed, what it keeps is tuned so that its output on the
+//! calibration activations matches the uncompressed block's: the quantization grids (a scale
+//! factor per group, and the minimum of asymmetric grids), the latent weights the codes are
+//! rounded from (straight-through estimation for the rounding), the surviving weights of
+//! pruned matrices (the pruning mask stays fixed), low-rank factors, norms and biases. The
+//! student block runs on the compressed model's activations, the teacher (the original block)
+//! on the original model's, so a block also learns to correct the error the blocks before it
+//! left. Gradients come from candle's autodiff, behind the `recover` cargo feature so the
+//! mobile library does not carry it. Memory stays bounded by one block and the calibration
+//! activations.
 
 use std::str::FromStr;
 
@@ -17,10 +19,14 @@ use half::{bf16, f16};
 use super::quant::{self, Grid};
 use crate::format::Encoding;
 
-/// `--recover blockwise` and its settings.
+#[cfg(feature = "recover")]
+pub mod distill;
+
+/// `--recover MODE` and its settings.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Recovery {
-    /// Optimizer steps per block.
+    pub mode: RecoverMode,
+    /// Optimizer steps: per block for block-wise, in all for distillation.
     pub steps: usize,
     /// Calibration sequences per step.
     pub batch: usize,
@@ -31,6 +37,7 @@ pub struct Recovery {
 impl Default for Recovery {
     fn default() -> Self {
         Recovery {
+            mode: RecoverMode::Blockwise,
             steps: 64,
             batch: 4,
             learning_rate: 1.0,
@@ -64,7 +71,31 @@ impl Recovery {
 /// The recovery modes `--recover` accepts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RecoverMode {
+    /// Each block's output matched to the original block's, as the converter goes.
     Blockwise,
+    /// The whole compressed model's next-token distribution matched to the original's
+    /// (KL divergence), tuning grid scales, norms and low-rank factors.
+    Distill,
+    /// Block-wise, then distillation.
+    BlockwiseDistill,
+}
+
+impl RecoverMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            RecoverMode::Blockwise => "blockwise",
+            RecoverMode::Distill => "kd",
+            RecoverMode::BlockwiseDistill => "blockwise+kd",
+        }
+    }
+
+    pub fn blockwise(self) -> bool {
+        matches!(self, RecoverMode::Blockwise | RecoverMode::BlockwiseDistill)
+    }
+
+    pub fn distills(self) -> bool {
+        matches!(self, RecoverMode::Distill | RecoverMode::BlockwiseDistill)
+    }
 }
 
 impl FromStr for RecoverMode {
@@ -72,7 +103,11 @@ impl FromStr for RecoverMode {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.trim().to_ascii_lowercase().as_str() {
             "blockwise" | "block" => Ok(RecoverMode::Blockwise),
-            other => Err(format!("unknown recovery '{other}' (expected blockwise)")),
+            "kd" | "distill" => Ok(RecoverMode::Distill),
+            "blockwise+kd" | "kd+blockwise" => Ok(RecoverMode::BlockwiseDistill),
+            other => Err(format!(
+                "unknown recovery '{other}' (expected blockwise, kd or blockwise+kd)"
+            )),
         }
     }
 }
@@ -163,6 +198,20 @@ pub struct BlockRecovery {
     pub parameters: usize,
 }
 
+/// What distillation did: the KL divergence (to the teacher's top-k summary, mean per
+/// position) on the held-out sequences before and after, on the training sequences before
+/// and after, and whether the tuned values were kept.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Distillation {
+    pub kl_before: f64,
+    pub kl_after: f64,
+    pub train_kl_before: f64,
+    pub train_kl_after: f64,
+    pub held_out: usize,
+    pub kept: bool,
+    pub parameters: usize,
+}
+
 #[cfg(feature = "recover")]
 pub use train::recover_block;
 
@@ -175,7 +224,7 @@ mod train {
 
     type Result<T> = std::result::Result<T, String>;
 
-    fn err(e: candle_core::Error) -> String {
+    pub(super) fn err(e: candle_core::Error) -> String {
         format!("recovery: {e}")
     }
 
@@ -215,7 +264,7 @@ mod train {
         x + (x.round()? - x)?.detach()
     }
 
-    fn rms(values: &[f32]) -> f32 {
+    pub(super) fn rms(values: &[f32]) -> f32 {
         let ms = values.iter().map(|v| v * v).sum::<f32>() / values.len().max(1) as f32;
         if ms > 0.0 { ms.sqrt() } else { 1.0 }
     }
@@ -410,7 +459,7 @@ mod train {
     }
 
     /// Where each of the block's tensors sits among the recovered tensors.
-    struct Layout {
+    pub(super) struct Layout {
         attn_norm: usize,
         ffn_norm: usize,
         biases: Option<[usize; 3]>,
@@ -424,7 +473,11 @@ mod train {
     }
 
     impl Layout {
-        fn new(config: &ModelConfig, layer: usize, tensors: &[BlockTensor]) -> Result<Layout> {
+        pub(super) fn new(
+            config: &ModelConfig,
+            layer: usize,
+            tensors: &[BlockTensor],
+        ) -> Result<Layout> {
             let find = |name: String| -> Result<usize> {
                 tensors
                     .iter()
@@ -466,7 +519,7 @@ mod train {
 
     /// The block's forward pass in candle, on `x` (`sequences × seq_len × hidden`), with the
     /// weights `w` (one per recovered tensor) — the same computation as the runtime's.
-    struct Forward<'a> {
+    pub(super) struct Forward<'a> {
         config: &'a ModelConfig,
         layout: &'a Layout,
         cos: Tensor,
@@ -482,7 +535,7 @@ mod train {
             }
         }
 
-        fn rms_norm(&self, x: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
+        pub(super) fn rms_norm(&self, x: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
             let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
             let inv = (ms + self.config.rms_norm_eps as f64)?.sqrt()?.recip()?;
             x.broadcast_mul(&inv)?.broadcast_mul(g)
@@ -498,7 +551,7 @@ mod train {
             Tensor::cat(&[ra, rb], D::Minus1)
         }
 
-        fn run(&self, x: &Tensor, w: &[Tensor]) -> candle_core::Result<Tensor> {
+        pub(super) fn run(&self, x: &Tensor, w: &[Tensor]) -> candle_core::Result<Tensor> {
             let c = self.config;
             let (seqs, len, d) = x.dims3()?;
             let (heads, kv_heads, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
@@ -550,7 +603,7 @@ mod train {
     }
 
     /// Adam over a set of variables, each with its own step size.
-    struct Adam {
+    pub(super) struct Adam {
         vars: Vec<(Var, f64)>,
         moments: Vec<(Tensor, Tensor)>,
         t: i32,
@@ -561,7 +614,7 @@ mod train {
         const BETA2: f64 = 0.999;
         const EPS: f64 = 1e-12;
 
-        fn new(vars: Vec<(Var, f64)>) -> candle_core::Result<Adam> {
+        pub(super) fn new(vars: Vec<(Var, f64)>) -> candle_core::Result<Adam> {
             let moments = vars
                 .iter()
                 .map(|(v, _)| Ok((v.zeros_like()?, v.zeros_like()?)))
@@ -573,7 +626,7 @@ mod train {
             })
         }
 
-        fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
+        pub(super) fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
             self.t += 1;
             let c1 = 1.0 - Self::BETA1.powi(self.t);
             let c2 = 1.0 - Self::BETA2.powi(self.t);
@@ -721,7 +774,7 @@ mod train {
         })
     }
 
-    fn build_forward<'a>(
+    pub(super) fn build_forward<'a>(
         config: &'a ModelConfig,
         layout: &'a Layout,
         seq_len: usize,
@@ -791,7 +844,7 @@ mod tests {
     use crate::kernels::{Linear, MatRef, WeightData};
     use crate::model::BlockWeights;
 
-    fn config(bias: bool) -> ModelConfig {
+    pub(super) fn config(bias: bool) -> ModelConfig {
         ModelConfig {
             architecture: Architecture::Llama,
             vocab_size: 8,
@@ -812,7 +865,7 @@ mod tests {
 
     /// The tensors of block 0 with random values, in `encoding` (vectors in f32), with
     /// grids chosen by round-to-nearest; `masked`: half of each matrix pruned.
-    fn block(c: &ModelConfig, encoding: Encoding, masked: bool) -> Vec<BlockTensor> {
+    pub(super) fn block(c: &ModelConfig, encoding: Encoding, masked: bool) -> Vec<BlockTensor> {
         crate::model::expected_tensors(c)
             .into_iter()
             .filter(|(n, _)| n.starts_with("blk.0."))
@@ -853,7 +906,7 @@ mod tests {
     }
 
     /// The runtime's block forward on the tensors' read-back values.
-    fn runtime_forward(
+    pub(super) fn runtime_forward(
         c: &ModelConfig,
         tensors: &[BlockTensor],
         x: &[f32],
@@ -896,7 +949,7 @@ mod tests {
         group: 16,
         asymmetric: false,
     };
-    const Q4A: Encoding = Encoding::Q4 {
+    pub(super) const Q4A: Encoding = Encoding::Q4 {
         group: 16,
         asymmetric: true,
     };
@@ -942,6 +995,7 @@ mod tests {
             let x = random_vec(8 * seq_len * c.hidden_size, 9);
             let target = runtime_forward(&c, &teacher, &x, seq_len);
             let options = Recovery {
+                mode: RecoverMode::Blockwise,
                 steps: 60,
                 batch: 4,
                 learning_rate: 1.0,

@@ -1,0 +1,595 @@
+//! Logit distillation (`--recover kd`): the compressed model (student) is tuned so that its
+//! next-token distribution on the calibration text matches the original model's (teacher),
+//! by KL divergence over the whole model at once, where block-wise reconstruction sees one
+//! block at a time.
+//!
+//! Only a small parameter set is trained, so the file keeps every code it had (parameter-
+//! efficient quantization-aware tuning, as PEQA): the scale of every quantization group and
+//! the minimum of asymmetric ones, the norms and biases, and float low-rank factors. Float
+//! and pruned matrices stay as they are.
+//!
+//! The teacher is summarised by its top-k probabilities per position plus the mass of the
+//! rest, computed once from the original model's final activations, so neither the teacher
+//! model nor full-vocabulary logits are kept while training. The KL divergence between
+//! those coarse distributions (the top k tokens and one bucket for the rest) is the loss;
+//! it is exact for the mass the top k cover and never more than the full KL divergence.
+//! A held-out part of the calibration sequences decides whether the tuned values are kept.
+
+use candle_core::{D, DType, Device, Tensor, Var};
+use faer::linalg::matmul::matmul;
+use faer::{Accum, Mat, MatRef, Par};
+use rayon::prelude::*;
+
+use super::train::{Adam, Forward, Layout, build_forward, err, rms};
+use super::{BlockTensor, Distillation, Grid, Recovery};
+use crate::config::ModelConfig;
+
+type Result<T> = std::result::Result<T, String>;
+
+/// Adam step sizes for distillation: grid scales and minimum shifts relative to the initial
+/// scale, float low-rank factors and vectors relative to their tensor's RMS.
+pub const DISTILL_RATES: DistillRates = DistillRates {
+    grid: 3e-3,
+    float: 6e-3,
+    vector: 3e-3,
+};
+
+#[derive(Clone, Copy, Debug)]
+pub struct DistillRates {
+    pub grid: f64,
+    pub float: f64,
+    pub vector: f64,
+}
+
+/// Teacher tokens kept per position.
+pub const TOP_K: usize = 64;
+
+/// The teacher's next-token distribution at every calibration position, as its `k` most
+/// likely tokens with their log-probabilities and the log-probability of all the others.
+#[derive(Clone, Debug)]
+pub struct TeacherLogits {
+    pub k: usize,
+    /// `positions × k` token ids.
+    pub indices: Vec<u32>,
+    /// `positions × k` log-probabilities.
+    pub log_probs: Vec<f32>,
+    /// Per position, the log-probability of the tokens outside the top k.
+    pub rest: Vec<f32>,
+}
+
+/// The least log-probability a bucket is given (its mass is then negligible).
+const LOG_FLOOR: f32 = -30.0;
+
+impl TeacherLogits {
+    /// From the final residual stream `hidden` (`positions × hidden`), the final norm's
+    /// weights and the output matrix `head` (`vocab × hidden`).
+    pub fn from_hidden(
+        config: &ModelConfig,
+        hidden: &[f32],
+        norm: &[f32],
+        head: &[f32],
+        k: usize,
+    ) -> TeacherLogits {
+        let d = config.hidden_size;
+        let vocab = head.len() / d;
+        let k = k.min(vocab);
+        let positions = hidden.len() / d;
+        let mut normed = vec![0.0f32; hidden.len()];
+        crate::kernels::rms_norm(hidden, norm, config.rms_norm_eps, &mut normed);
+        let head = MatRef::from_row_major_slice(head, vocab, d);
+        let mut out = TeacherLogits {
+            k,
+            indices: Vec::with_capacity(positions * k),
+            log_probs: Vec::with_capacity(positions * k),
+            rest: Vec::with_capacity(positions),
+        };
+        // Chunks of positions bound the logits held at once.
+        const CHUNK: usize = 128;
+        for rows in normed.chunks(CHUNK * d) {
+            let n = rows.len() / d;
+            let mut logits = Mat::<f32>::zeros(n, vocab);
+            matmul(
+                logits.as_mut(),
+                Accum::Replace,
+                MatRef::from_row_major_slice(rows, n, d),
+                head.transpose(),
+                1.0f32,
+                Par::rayon(0),
+            );
+            let tops: Vec<(Vec<u32>, Vec<f32>, f32)> = (0..n)
+                .into_par_iter()
+                .map(|i| {
+                    let row: Vec<f32> = (0..vocab).map(|j| logits[(i, j)]).collect();
+                    top_k(&row, k)
+                })
+                .collect();
+            for (indices, log_probs, rest) in tops {
+                out.indices.extend(indices);
+                out.log_probs.extend(log_probs);
+                out.rest.push(rest);
+            }
+        }
+        out
+    }
+
+    pub fn positions(&self) -> usize {
+        self.rest.len()
+    }
+}
+
+/// The `k` largest logits of `row` as (ids, log-probabilities), and the log-probability of
+/// the rest.
+fn top_k(row: &[f32], k: usize) -> (Vec<u32>, Vec<f32>, f32) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
+    let log_z = max + sum.ln() as f32;
+    let mut ids: Vec<u32> = (0..row.len() as u32).collect();
+    if k < row.len() {
+        ids.select_nth_unstable_by(k, |&a, &b| row[b as usize].total_cmp(&row[a as usize]));
+        ids.truncate(k);
+    }
+    let log_probs: Vec<f32> = ids.iter().map(|&i| row[i as usize] - log_z).collect();
+    let top_mass: f64 = log_probs.iter().map(|&l| (l as f64).exp()).sum();
+    let rest = ((1.0 - top_mass).max(0.0).ln() as f32).max(LOG_FLOOR);
+    (ids, log_probs, rest)
+}
+
+/// How one tensor's values come from the trained parameters.
+enum Tuned {
+    /// Codes fixed, grids trained: `w = q · (s0 · r) + (m0 + s0 · dm)` per group.
+    Grid {
+        q: Tensor,
+        r: Var,
+        dm: Option<Var>,
+        s0: Tensor,
+        m0: Tensor,
+        shape: (usize, usize),
+    },
+    /// `w = z · rho`.
+    Float { z: Var, rho: f32, vector: bool },
+    /// Not trained.
+    Frozen(Tensor),
+}
+
+impl Tuned {
+    fn new(t: &BlockTensor, dev: &Device) -> candle_core::Result<Tuned> {
+        let is_factor = t.name.ends_with("#u") || t.name.ends_with("#v");
+        let vector = t.shape.len() == 1;
+        match &t.grids {
+            Some(grids) => {
+                let (rows, cols) = (t.shape[0], t.shape[1]);
+                let groups = grids.len() / rows;
+                let group = cols / groups;
+                // The codes the file holds, from the values as the runtime reads them.
+                let readback = t.readback();
+                let q: Vec<f32> = readback
+                    .chunks(group)
+                    .zip(grids)
+                    .flat_map(|(vals, g)| {
+                        vals.iter().map(move |&v| {
+                            if g.scale != 0.0 {
+                                ((v - g.min) / g.scale).round()
+                            } else {
+                                0.0
+                            }
+                        })
+                    })
+                    .collect();
+                let s0: Vec<f32> = grids.iter().map(|g| g.scale).collect();
+                let m0: Vec<f32> = grids.iter().map(|g| g.min).collect();
+                let asymmetric = grids[0].levels().0 == 0.0;
+                Ok(Tuned::Grid {
+                    q: Tensor::from_vec(q, (rows, groups, group), dev)?,
+                    r: Var::ones((rows, groups, 1), DType::F32, dev)?,
+                    dm: if asymmetric {
+                        Some(Var::zeros((rows, groups, 1), DType::F32, dev)?)
+                    } else {
+                        None
+                    },
+                    s0: Tensor::from_vec(s0, (rows, groups, 1), dev)?,
+                    m0: Tensor::from_vec(m0, (rows, groups, 1), dev)?,
+                    shape: (rows, cols),
+                })
+            }
+            None if vector || is_factor => {
+                let rho = rms(&t.values);
+                let z: Vec<f32> = t.values.iter().map(|v| v / rho).collect();
+                Ok(Tuned::Float {
+                    z: Var::from_tensor(&Tensor::from_vec(z, t.shape.clone(), dev)?)?,
+                    rho,
+                    vector,
+                })
+            }
+            None => Ok(Tuned::Frozen(Tensor::from_vec(
+                t.readback(),
+                t.shape.clone(),
+                dev,
+            )?)),
+        }
+    }
+
+    fn scale_and_min(
+        r: &Var,
+        dm: &Option<Var>,
+        s0: &Tensor,
+        m0: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let scale = (r.as_tensor() * s0)?;
+        let min = match dm {
+            Some(dm) => ((dm.as_tensor() * s0)? + m0)?,
+            None => m0.clone(),
+        };
+        Ok((scale, min))
+    }
+
+    fn weights(&self) -> candle_core::Result<Tensor> {
+        match self {
+            Tuned::Grid {
+                q,
+                r,
+                dm,
+                s0,
+                m0,
+                shape,
+            } => {
+                let (scale, min) = Self::scale_and_min(r, dm, s0, m0)?;
+                q.broadcast_mul(&scale)?
+                    .broadcast_add(&min)?
+                    .reshape(*shape)
+            }
+            Tuned::Float { z, rho, .. } => z.as_tensor() * *rho as f64,
+            Tuned::Frozen(w) => Ok(w.clone()),
+        }
+    }
+
+    fn variables(&self, rates: &DistillRates) -> Vec<(Var, f64)> {
+        match self {
+            Tuned::Grid { r, dm, .. } => {
+                let mut v = vec![(r.clone(), rates.grid)];
+                if let Some(dm) = dm {
+                    v.push((dm.clone(), rates.grid));
+                }
+                v
+            }
+            Tuned::Float { z, vector, .. } => {
+                vec![(z.clone(), if *vector { rates.vector } else { rates.float })]
+            }
+            Tuned::Frozen(_) => Vec::new(),
+        }
+    }
+
+    /// Writes the tuned values back into `t`: new grids with the same codes.
+    fn store(&self, t: &mut BlockTensor) -> candle_core::Result<()> {
+        match self {
+            Tuned::Grid {
+                q, r, dm, s0, m0, ..
+            } => {
+                let (scale, min) = Self::scale_and_min(r, dm, s0, m0)?;
+                let scale = scale.flatten_all()?.to_vec1::<f32>()?;
+                let min = min.flatten_all()?.to_vec1::<f32>()?;
+                let q = q.flatten_all()?.to_vec1::<f32>()?;
+                let group = q.len() / scale.len();
+                let grids = t.grids.as_mut().expect("quantized tensor has grids");
+                for (g, grid) in grids.iter_mut().enumerate() {
+                    *grid = Grid::from_parts(t.encoding, scale[g], min[g]);
+                    // Values exactly on the new grid at the old codes, so the encoder writes
+                    // the same codes (pruned positions included).
+                    let (s, m) = (grid.scale, grid.min);
+                    for (v, &code) in t.values[g * group..(g + 1) * group]
+                        .iter_mut()
+                        .zip(&q[g * group..(g + 1) * group])
+                    {
+                        *v = code * s + m;
+                    }
+                }
+            }
+            Tuned::Float { .. } => {
+                t.values = self.weights()?.flatten_all()?.to_vec1::<f32>()?;
+            }
+            Tuned::Frozen(_) => {}
+        }
+        Ok(())
+    }
+}
+
+/// What the student is: its blocks' tensors, the final norm and the output matrix (fixed),
+/// and the embedded calibration sequences it starts from.
+pub struct Student<'a> {
+    pub blocks: &'a mut [Vec<BlockTensor>],
+    pub output_norm: &'a mut BlockTensor,
+    /// `vocab × hidden`, as the runtime reads it.
+    pub head: &'a [f32],
+    /// `sequences × seq_len × hidden`: the compressed model's embedding of the calibration
+    /// sequences.
+    pub inputs: &'a [f32],
+    pub seq_len: usize,
+}
+
+/// Tunes the student's small parameter set (see the module docs) for `options.steps` Adam
+/// steps so that its next-token distribution matches `teacher` (one entry per position of
+/// `student.inputs`). The tensors are updated in place when that lowers the KL divergence
+/// on the held-out sequences. `progress(step, loss)` follows the optimisation.
+pub fn distill(
+    config: &ModelConfig,
+    student: Student<'_>,
+    teacher: &TeacherLogits,
+    options: &Recovery,
+    progress: &mut dyn FnMut(usize, f64),
+) -> Result<Distillation> {
+    let dev = Device::Cpu;
+    let (d, seq_len) = (config.hidden_size, student.seq_len);
+    let span = seq_len * d;
+    let sequences = student.inputs.len() / span.max(1);
+    if sequences == 0 || teacher.positions() != sequences * seq_len {
+        return Err(format!(
+            "distillation: {} teacher positions for {sequences} sequences of {seq_len}",
+            teacher.positions()
+        ));
+    }
+    if student.blocks.len() != config.num_layers {
+        return Err(format!(
+            "distillation: {} blocks for a model of {}",
+            student.blocks.len(),
+            config.num_layers
+        ));
+    }
+    let vocab = student.head.len() / d;
+    // The last eighth of the sequences (at least one, when there are two) is held out.
+    let held_out = if sequences >= 2 {
+        (sequences / 8).max(1)
+    } else {
+        0
+    };
+    let train = sequences - held_out;
+
+    let layouts = student
+        .blocks
+        .iter()
+        .enumerate()
+        .map(|(l, tensors)| Layout::new(config, l, tensors))
+        .collect::<Result<Vec<_>>>()?;
+    let forwards = layouts
+        .iter()
+        .map(|layout| build_forward(config, layout, seq_len, &dev))
+        .collect::<candle_core::Result<Vec<Forward<'_>>>>()
+        .map_err(err)?;
+    let tuned = student
+        .blocks
+        .iter()
+        .map(|tensors| {
+            tensors
+                .iter()
+                .map(|t| Tuned::new(t, &dev))
+                .collect::<candle_core::Result<Vec<_>>>()
+        })
+        .collect::<candle_core::Result<Vec<_>>>()
+        .map_err(err)?;
+    let norm = Tuned::new(student.output_norm, &dev).map_err(err)?;
+    let head = Tensor::from_slice(student.head, (vocab, d), &dev).map_err(err)?;
+    let scale = options.learning_rate as f64;
+    let rates = DistillRates {
+        grid: DISTILL_RATES.grid * scale,
+        float: DISTILL_RATES.float * scale,
+        vector: DISTILL_RATES.vector * scale,
+    };
+    let vars: Vec<(Var, f64)> = tuned
+        .iter()
+        .flatten()
+        .chain(std::iter::once(&norm))
+        .flat_map(|t| t.variables(&rates))
+        .collect();
+    let parameters = vars.iter().map(|(v, _)| v.elem_count()).sum();
+
+    let k = teacher.k;
+    let teacher_of = |first: usize, n: usize| -> candle_core::Result<[Tensor; 3]> {
+        let (a, b) = (first * seq_len, (first + n) * seq_len);
+        Ok([
+            Tensor::from_slice(&teacher.indices[a * k..b * k], (b - a, k), &dev)?,
+            Tensor::from_slice(&teacher.log_probs[a * k..b * k], (b - a, k), &dev)?,
+            Tensor::from_slice(&teacher.rest[a..b], (b - a, 1), &dev)?,
+        ])
+    };
+    let weights = |detached: bool| -> candle_core::Result<(Vec<Vec<Tensor>>, Tensor)> {
+        let take = |t: &Tuned| -> candle_core::Result<Tensor> {
+            let w = t.weights()?;
+            Ok(if detached { w.detach() } else { w })
+        };
+        let blocks = tuned
+            .iter()
+            .map(|ts| ts.iter().map(take).collect::<candle_core::Result<Vec<_>>>())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok((blocks, take(&norm)?))
+    };
+    // Mean KL divergence per position of sequences `first..first + n`.
+    let loss_of = |first: usize,
+                   n: usize,
+                   (blocks, norm_w): &(Vec<Vec<Tensor>>, Tensor)|
+     -> candle_core::Result<Tensor> {
+        let mut x = Tensor::from_slice(
+            &student.inputs[first * span..(first + n) * span],
+            (n, seq_len, d),
+            &dev,
+        )?;
+        for (forward, w) in forwards.iter().zip(blocks) {
+            x = forward.run(&x, w)?;
+        }
+        let h = forwards[0].rms_norm(&x.reshape((n * seq_len, d))?, norm_w)?;
+        let logits = h.matmul(&head.t()?)?;
+        let max = logits.max_keepdim(D::Minus1)?.detach();
+        let shifted = logits.broadcast_sub(&max)?;
+        let log_z = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+        let [ids, log_p, log_p_rest] = teacher_of(first, n)?;
+        let log_q = shifted.gather(&ids, D::Minus1)?.broadcast_sub(&log_z)?;
+        let q_rest = (1.0 - log_q.exp()?.sum_keepdim(D::Minus1)?)?;
+        let log_q_rest = q_rest.clamp(LOG_FLOOR.exp(), 1.0)?.log()?;
+        let top = (log_p.exp()? * (&log_p - log_q)?)?.sum_keepdim(D::Minus1)?;
+        let rest = (log_p_rest.exp()? * (&log_p_rest - log_q_rest)?)?;
+        (top + rest)?.mean_all()
+    };
+    let batch = options.batch.min(train.max(1));
+    let mean_loss = |first: usize, count: usize| -> candle_core::Result<f64> {
+        let w = weights(true)?;
+        let mut total = 0.0;
+        let mut at = first;
+        while at < first + count {
+            let n = batch.min(first + count - at);
+            total += loss_of(at, n, &w)?.to_scalar::<f32>()? as f64 * n as f64;
+            at += n;
+        }
+        Ok(total / count.max(1) as f64)
+    };
+    let held = || -> candle_core::Result<f64> {
+        if held_out == 0 {
+            mean_loss(0, train)
+        } else {
+            mean_loss(train, held_out)
+        }
+    };
+
+    let kl_before = held().map_err(err)?;
+    let train_kl_before = mean_loss(0, train).map_err(err)?;
+    let mut adam = Adam::new(vars).map_err(err)?;
+    let batches = train.div_ceil(batch);
+    for step in 0..options.steps {
+        let first = (step % batches) * batch;
+        let n = batch.min(train - first);
+        let w = weights(false).map_err(err)?;
+        let loss = loss_of(first, n, &w).map_err(err)?;
+        let value = loss.to_scalar::<f32>().map_err(err)? as f64;
+        if !value.is_finite() {
+            log::warn!("distillation diverged at step {step}; keeping the model as compressed");
+            break;
+        }
+        let grads = loss.backward().map_err(err)?;
+        adam.step(&grads).map_err(err)?;
+        progress(step + 1, value);
+    }
+    let kl_after = held().map_err(err)?;
+    let train_kl_after = mean_loss(0, train).map_err(err)?;
+    let kept = kl_after.is_finite() && kl_after < kl_before;
+    if kept {
+        for (ts, tensors) in tuned.iter().zip(student.blocks.iter_mut()) {
+            for (t, tensor) in ts.iter().zip(tensors.iter_mut()) {
+                t.store(tensor).map_err(err)?;
+            }
+        }
+        norm.store(student.output_norm).map_err(err)?;
+    }
+    Ok(Distillation {
+        kl_before,
+        kl_after,
+        train_kl_before,
+        train_kl_after,
+        held_out,
+        kept,
+        parameters,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{Q4A, block, config, runtime_forward};
+    use super::*;
+    use crate::format::Encoding;
+    use crate::kernels::test_util::random_vec;
+
+    /// The integer codes a quantized tensor is stored with.
+    fn codes(t: &BlockTensor) -> Vec<f32> {
+        let grids = t.grids.as_ref().unwrap();
+        let group = t.values.len() / grids.len();
+        t.readback()
+            .chunks(group)
+            .zip(grids)
+            .flat_map(|(v, g)| v.iter().map(move |&v| ((v - g.min) / g.scale).round()))
+            .collect()
+    }
+
+    #[test]
+    fn distillation_lowers_the_kl_divergence_and_keeps_every_code() {
+        let c = config(false);
+        let (seq_len, sequences) = (12, 16);
+        let d = c.hidden_size;
+        let embedding = random_vec(c.vocab_size * d, 5);
+        let tokens: Vec<usize> = (0..sequences * seq_len)
+            .map(|i| (i * 7 + i / 5) % c.vocab_size)
+            .collect();
+        let inputs: Vec<f32> = tokens
+            .iter()
+            .flat_map(|&t| embedding[t * d..(t + 1) * d].to_vec())
+            .collect();
+        let norm = vec![1.0f32; d];
+        let teacher_block = block(&c, Encoding::F32, false);
+        let hidden = runtime_forward(&c, &teacher_block, &inputs, seq_len);
+        // Four of the eight tokens kept: the rest bucket is exercised.
+        let teacher = TeacherLogits::from_hidden(&c, &hidden, &norm, &embedding, 4);
+        assert_eq!(teacher.positions(), sequences * seq_len);
+
+        for encoding in [Encoding::Q3 { group: 32 }, Q4A] {
+            let mut blocks = vec![block(&c, encoding, encoding == Q4A)];
+            let codes_before: Vec<Vec<f32>> = blocks[0]
+                .iter()
+                .filter(|t| t.grids.is_some())
+                .map(codes)
+                .collect();
+            let mut output_norm = BlockTensor {
+                name: "output_norm.weight".into(),
+                shape: vec![d],
+                encoding: Encoding::F32,
+                values: norm.clone(),
+                grids: None,
+                masked: false,
+            };
+            let options = Recovery {
+                mode: super::super::RecoverMode::Distill,
+                steps: 80,
+                batch: 4,
+                learning_rate: 3.0,
+            };
+            let report = distill(
+                &c,
+                Student {
+                    blocks: &mut blocks,
+                    output_norm: &mut output_norm,
+                    head: &embedding,
+                    inputs: &inputs,
+                    seq_len,
+                },
+                &teacher,
+                &options,
+                &mut |_, _| {},
+            )
+            .unwrap();
+            assert_eq!(report.held_out, 2);
+            assert!(
+                report.kept && report.kl_after < 0.8 * report.kl_before,
+                "{encoding}: {report:?}"
+            );
+            assert!(report.train_kl_after < report.train_kl_before);
+            let codes_after: Vec<Vec<f32>> = blocks[0]
+                .iter()
+                .filter(|t| t.grids.is_some())
+                .map(codes)
+                .collect();
+            assert_eq!(codes_before, codes_after, "{encoding}: codes changed");
+            assert_ne!(output_norm.values, norm, "the final norm is tuned");
+        }
+    }
+
+    #[test]
+    fn top_k_keeps_the_largest_and_the_rest_mass() {
+        let row = [0.5f32, 3.0, -1.0, 2.0, 0.0];
+        let (ids, log_probs, rest) = top_k(&row, 2);
+        let mut sorted = ids.clone();
+        sorted.sort();
+        assert_eq!(sorted, vec![1, 3]);
+        let z: f32 = row.iter().map(|v| v.exp()).sum();
+        for (&i, &lp) in ids.iter().zip(&log_probs) {
+            assert!((lp - (row[i as usize].exp() / z).ln()).abs() < 1e-5);
+        }
+        let rest_mass = (0.5f32.exp() + (-1.0f32).exp() + 1.0) / z;
+        assert!((rest - rest_mass.ln()).abs() < 1e-5, "{rest}");
+        // All tokens kept: the rest has (nearly) no mass.
+        let (_, _, rest) = top_k(&row, 5);
+        assert!(rest <= -10.0, "{rest}");
+    }
+}
