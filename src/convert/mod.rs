@@ -845,6 +845,9 @@ fn distill_model(
         &teacher,
         recovery,
         &mut |step, loss| {
+            if step % 8 == 0 || step == recovery.steps {
+                log::info!("kd: step {step}/{} KL {loss:.4}", recovery.steps);
+            }
             progress(
                 done,
                 total,

@@ -627,11 +627,19 @@ mod train {
         }
 
         pub(super) fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
+            self.step_with(|var| grads.get(var).cloned())
+        }
+
+        /// A step with the gradient of each variable from `grad_of` (`None`: not updated).
+        pub(super) fn step_with(
+            &mut self,
+            grad_of: impl Fn(&Tensor) -> Option<Tensor>,
+        ) -> candle_core::Result<()> {
             self.t += 1;
             let c1 = 1.0 - Self::BETA1.powi(self.t);
             let c2 = 1.0 - Self::BETA2.powi(self.t);
             for ((var, lr), (m, v)) in self.vars.iter().zip(self.moments.iter_mut()) {
-                let Some(g) = grads.get(var.as_tensor()) else {
+                let Some(g) = grad_of(var.as_tensor()) else {
                     continue;
                 };
                 // Gradients are built from the forward pass's tensors and would keep every

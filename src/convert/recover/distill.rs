@@ -15,7 +15,10 @@
 //! it is exact for the mass the top k cover and never more than the full KL divergence.
 //! A held-out part of the calibration sequences decides whether the tuned values are kept.
 
-use candle_core::{D, DType, Device, Tensor, Var};
+use std::collections::HashMap;
+
+use candle_core::backprop::GradStore;
+use candle_core::{D, DType, Device, Tensor, TensorId, Var};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef, Par};
 use rayon::prelude::*;
@@ -389,31 +392,26 @@ pub fn distill(
             Tensor::from_slice(&teacher.rest[a..b], (b - a, 1), &dev)?,
         ])
     };
-    let weights = |detached: bool| -> candle_core::Result<(Vec<Vec<Tensor>>, Tensor)> {
-        let take = |t: &Tuned| -> candle_core::Result<Tensor> {
-            let w = t.weights()?;
-            Ok(if detached { w.detach() } else { w })
-        };
-        let blocks = tuned
+    let block_weights = |l: usize, detached: bool| -> candle_core::Result<Vec<Tensor>> {
+        tuned[l]
             .iter()
-            .map(|ts| ts.iter().map(take).collect::<candle_core::Result<Vec<_>>>())
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok((blocks, take(&norm)?))
+            .map(|t| {
+                let w = t.weights()?;
+                Ok(if detached { w.detach() } else { w })
+            })
+            .collect()
     };
-    // Mean KL divergence per position of sequences `first..first + n`.
-    let loss_of = |first: usize,
-                   n: usize,
-                   (blocks, norm_w): &(Vec<Vec<Tensor>>, Tensor)|
-     -> candle_core::Result<Tensor> {
-        let mut x = Tensor::from_slice(
+    let input = |first: usize, n: usize| -> candle_core::Result<Tensor> {
+        Tensor::from_slice(
             &student.inputs[first * span..(first + n) * span],
             (n, seq_len, d),
             &dev,
-        )?;
-        for (forward, w) in forwards.iter().zip(blocks) {
-            x = forward.run(&x, w)?;
-        }
-        let h = forwards[0].rms_norm(&x.reshape((n * seq_len, d))?, norm_w)?;
+        )
+    };
+    // Mean KL divergence per position of sequences `first..first + n`, from the final
+    // residual stream `x` (`n × seq_len × hidden`).
+    let head_loss = |x: &Tensor, first: usize, n: usize| -> candle_core::Result<Tensor> {
+        let h = forwards[0].rms_norm(&x.reshape((n * seq_len, d))?, &norm.weights()?)?;
         let logits = h.matmul(&head.t()?)?;
         let max = logits.max_keepdim(D::Minus1)?.detach();
         let shifted = logits.broadcast_sub(&max)?;
@@ -426,14 +424,24 @@ pub fn distill(
         let rest = (log_p_rest.exp()? * (&log_p_rest - log_q_rest)?)?;
         (top + rest)?.mean_all()
     };
+    // The residual stream entering each block and leaving the last, without gradients.
+    let residuals = |first: usize, n: usize| -> candle_core::Result<Vec<Tensor>> {
+        let mut xs = vec![input(first, n)?];
+        for (l, forward) in forwards.iter().enumerate() {
+            let x = forward.run(&xs[l], &block_weights(l, true)?)?;
+            xs.push(x);
+        }
+        Ok(xs)
+    };
     let batch = options.batch.min(train.max(1));
     let mean_loss = |first: usize, count: usize| -> candle_core::Result<f64> {
-        let w = weights(true)?;
         let mut total = 0.0;
         let mut at = first;
         while at < first + count {
             let n = batch.min(first + count - at);
-            total += loss_of(at, n, &w)?.to_scalar::<f32>()? as f64 * n as f64;
+            let x = residuals(at, n)?.pop().expect("final residual stream");
+            let loss = head_loss(&x, at, n)?.detach();
+            total += loss.to_scalar::<f32>()? as f64 * n as f64;
             at += n;
         }
         Ok(total / count.max(1) as f64)
@@ -445,6 +453,48 @@ pub fn distill(
             mean_loss(train, held_out)
         }
     };
+    // The loss and every trained variable's gradient on sequences `first..first + n`. The
+    // graph is kept for one block at a time (gradient checkpointing): the forward pass keeps
+    // only each block's input, then each block is run again, last first, and back-propagated
+    // from the gradient of its output (`sum(out · grad)` has that gradient), so memory stays
+    // bounded by one block's graph and the output layer's logits.
+    let gradients = |first: usize,
+                     n: usize|
+     -> candle_core::Result<(f64, HashMap<TensorId, Tensor>)> {
+        let mut xs = residuals(first, n)?;
+        let last = Var::from_tensor(&xs.pop().expect("final residual stream"))?;
+        let loss = head_loss(last.as_tensor(), first, n)?;
+        let value = loss.to_scalar::<f32>()? as f64;
+        let mut found = HashMap::new();
+        let mut keep = |store: &mut GradStore, vars: &[(Var, f64)]| {
+            for (var, _) in vars {
+                if let Some(g) = store.remove(var.as_tensor()) {
+                    found.insert(var.as_tensor().id(), g.detach());
+                }
+            }
+        };
+        let mut store = loss.backward()?;
+        keep(&mut store, &norm.variables(&rates));
+        let mut grad = store
+            .remove(last.as_tensor())
+            .ok_or_else(|| candle_core::Error::Msg("no gradient at the output".into()))?
+            .detach();
+        drop(store);
+        for (l, forward) in forwards.iter().enumerate().rev() {
+            let x = Var::from_tensor(&xs[l])?;
+            let out = forward.run(x.as_tensor(), &block_weights(l, false)?)?;
+            let mut store = (out * &grad)?.sum_all()?.backward()?;
+            let vars: Vec<(Var, f64)> = tuned[l].iter().flat_map(|t| t.variables(&rates)).collect();
+            keep(&mut store, &vars);
+            if l > 0 {
+                grad = store
+                    .remove(x.as_tensor())
+                    .ok_or_else(|| candle_core::Error::Msg(format!("no gradient into block {l}")))?
+                    .detach();
+            }
+        }
+        Ok((value, found))
+    };
 
     let kl_before = held().map_err(err)?;
     let train_kl_before = mean_loss(0, train).map_err(err)?;
@@ -453,15 +503,13 @@ pub fn distill(
     for step in 0..options.steps {
         let first = (step % batches) * batch;
         let n = batch.min(train - first);
-        let w = weights(false).map_err(err)?;
-        let loss = loss_of(first, n, &w).map_err(err)?;
-        let value = loss.to_scalar::<f32>().map_err(err)? as f64;
+        let (value, grads) = gradients(first, n).map_err(err)?;
         if !value.is_finite() {
             log::warn!("distillation diverged at step {step}; keeping the model as compressed");
             break;
         }
-        let grads = loss.backward().map_err(err)?;
-        adam.step(&grads).map_err(err)?;
+        adam.step_with(|var| grads.get(&var.id()).cloned())
+            .map_err(err)?;
         progress(step + 1, value);
     }
     let kl_after = held().map_err(err)?;
