@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use pocketlm::convert::{ConvertOptions, convert_path};
+use pocketlm::convert::{
+    ConvertOptions, LowRank, LowRankMethod, RankAllocation, RankTarget, convert_path,
+};
 use pocketlm::ffi::{
     ChatMessage, Engine, EngineOptions, GenerationConfig, PocketLmError, Session, StopReason,
     TokenCallback, default_generation_config,
@@ -398,4 +400,55 @@ fn defaults_match_the_documented_values() {
         .complete(PROMPT.into(), GenerationConfig::default())
         .unwrap();
     assert_eq!(sampled.text, again.text, "same seed, same text");
+}
+
+/// A low-rank file served at part of its rank through the mobile API: the engine reports the
+/// percentage, the output changes, and an out-of-range value is refused.
+#[test]
+fn low_rank_layers_are_served_at_the_requested_percentage() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("svd.plm");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/stories260k/hf");
+    let options = ConvertOptions {
+        lowrank: Some(LowRank {
+            method: LowRankMethod::Svd,
+            target: RankTarget::Rank(32),
+            allocation: RankAllocation::Uniform,
+        }),
+        ..ConvertOptions::with_weights(Encoding::F32)
+    };
+    convert_path(&src, &path, &options, &mut |_, _, _| {}).unwrap();
+    let open = |low_rank_percent: u8| {
+        Engine::open(
+            path.display().to_string(),
+            EngineOptions {
+                threads: 2,
+                low_rank_percent,
+                ..EngineOptions::default()
+            },
+        )
+    };
+    let text = |engine: Arc<Engine>| {
+        engine
+            .new_session()
+            .unwrap()
+            .complete(PROMPT.into(), greedy(24))
+            .unwrap()
+            .text
+    };
+    let full = open(100).unwrap();
+    assert_eq!(full.info().low_rank_percent, 100);
+    let quarter = open(25).unwrap();
+    assert_eq!(quarter.info().low_rank_percent, 25);
+    assert_ne!(
+        text(full),
+        text(quarter),
+        "rank 8 of 32 should change the output"
+    );
+    match open(101) {
+        Err(PocketLmError::InvalidConfig { reason }) => {
+            assert!(reason.contains("low_rank_percent"), "{reason}")
+        }
+        other => panic!("{:?}", other.map(|e| e.info())),
+    }
 }

@@ -879,30 +879,46 @@ class _UniffiFfiConverterOptionalString(_UniffiConverterRustBuffer):
         else:
             raise InternalError("Unexpected flag byte for optional type")
 
+class _UniffiFfiConverterUInt8(_UniffiConverterPrimitiveInt):
+    CLASS_NAME = "u8"
+    VALUE_MIN = 0
+    VALUE_MAX = 2**8
+
+    @staticmethod
+    def read(buf):
+        return buf.read_u8()
+
+    @staticmethod
+    def write(value, buf):
+        buf.write_u8(value)
+
 @dataclass
 class EngineOptions:
     """
     How an [`Engine`] runs. All fields have defaults.
 """
-    def __init__(self, *, threads:int = 0, context_length:int = 0, kernel_path:typing.Optional[str] = _DEFAULT):
+    def __init__(self, *, threads:int = 0, context_length:int = 0, kernel_path:typing.Optional[str] = _DEFAULT, low_rank_percent:int = 0):
         self.threads = threads
         self.context_length = context_length
         if kernel_path is _DEFAULT:
             self.kernel_path = None
         else:
             self.kernel_path = kernel_path
+        self.low_rank_percent = low_rank_percent
         
         
 
     
     def __str__(self):
-        return "EngineOptions(threads={}, context_length={}, kernel_path={})".format(self.threads, self.context_length, self.kernel_path)
+        return "EngineOptions(threads={}, context_length={}, kernel_path={}, low_rank_percent={})".format(self.threads, self.context_length, self.kernel_path, self.low_rank_percent)
     def __eq__(self, other):
         if self.threads != other.threads:
             return False
         if self.context_length != other.context_length:
             return False
         if self.kernel_path != other.kernel_path:
+            return False
+        if self.low_rank_percent != other.low_rank_percent:
             return False
         return True
 
@@ -913,6 +929,7 @@ class _UniffiFfiConverterTypeEngineOptions(_UniffiConverterRustBuffer):
             threads=_UniffiFfiConverterUInt32.read(buf),
             context_length=_UniffiFfiConverterUInt32.read(buf),
             kernel_path=_UniffiFfiConverterOptionalString.read(buf),
+            low_rank_percent=_UniffiFfiConverterUInt8.read(buf),
         )
 
     @staticmethod
@@ -920,12 +937,14 @@ class _UniffiFfiConverterTypeEngineOptions(_UniffiConverterRustBuffer):
         _UniffiFfiConverterUInt32.check_lower(value.threads)
         _UniffiFfiConverterUInt32.check_lower(value.context_length)
         _UniffiFfiConverterOptionalString.check_lower(value.kernel_path)
+        _UniffiFfiConverterUInt8.check_lower(value.low_rank_percent)
 
     @staticmethod
     def write(value, buf):
         _UniffiFfiConverterUInt32.write(value.threads, buf)
         _UniffiFfiConverterUInt32.write(value.context_length, buf)
         _UniffiFfiConverterOptionalString.write(value.kernel_path, buf)
+        _UniffiFfiConverterUInt8.write(value.low_rank_percent, buf)
 
 class _UniffiFfiConverterFloat32(_UniffiConverterPrimitiveFloat):
     @staticmethod
@@ -1295,7 +1314,7 @@ class ModelInfo:
     """
     What an engine has loaded.
 """
-    def __init__(self, *, architecture:str, parameters:int, bits_per_weight:float, file_size_bytes:int, context_length:int, max_context_length:int, vocab_size:int, has_chat_template:bool, kernel_path:str, threads:int):
+    def __init__(self, *, architecture:str, parameters:int, bits_per_weight:float, file_size_bytes:int, context_length:int, max_context_length:int, vocab_size:int, has_chat_template:bool, kernel_path:str, threads:int, low_rank_percent:int):
         self.architecture = architecture
         self.parameters = parameters
         self.bits_per_weight = bits_per_weight
@@ -1306,12 +1325,13 @@ class ModelInfo:
         self.has_chat_template = has_chat_template
         self.kernel_path = kernel_path
         self.threads = threads
+        self.low_rank_percent = low_rank_percent
         
         
 
     
     def __str__(self):
-        return "ModelInfo(architecture={}, parameters={}, bits_per_weight={}, file_size_bytes={}, context_length={}, max_context_length={}, vocab_size={}, has_chat_template={}, kernel_path={}, threads={})".format(self.architecture, self.parameters, self.bits_per_weight, self.file_size_bytes, self.context_length, self.max_context_length, self.vocab_size, self.has_chat_template, self.kernel_path, self.threads)
+        return "ModelInfo(architecture={}, parameters={}, bits_per_weight={}, file_size_bytes={}, context_length={}, max_context_length={}, vocab_size={}, has_chat_template={}, kernel_path={}, threads={}, low_rank_percent={})".format(self.architecture, self.parameters, self.bits_per_weight, self.file_size_bytes, self.context_length, self.max_context_length, self.vocab_size, self.has_chat_template, self.kernel_path, self.threads, self.low_rank_percent)
     def __eq__(self, other):
         if self.architecture != other.architecture:
             return False
@@ -1333,6 +1353,8 @@ class ModelInfo:
             return False
         if self.threads != other.threads:
             return False
+        if self.low_rank_percent != other.low_rank_percent:
+            return False
         return True
 
 class _UniffiFfiConverterTypeModelInfo(_UniffiConverterRustBuffer):
@@ -1349,6 +1371,7 @@ class _UniffiFfiConverterTypeModelInfo(_UniffiConverterRustBuffer):
             has_chat_template=_UniffiFfiConverterBoolean.read(buf),
             kernel_path=_UniffiFfiConverterString.read(buf),
             threads=_UniffiFfiConverterUInt32.read(buf),
+            low_rank_percent=_UniffiFfiConverterUInt8.read(buf),
         )
 
     @staticmethod
@@ -1363,6 +1386,7 @@ class _UniffiFfiConverterTypeModelInfo(_UniffiConverterRustBuffer):
         _UniffiFfiConverterBoolean.check_lower(value.has_chat_template)
         _UniffiFfiConverterString.check_lower(value.kernel_path)
         _UniffiFfiConverterUInt32.check_lower(value.threads)
+        _UniffiFfiConverterUInt8.check_lower(value.low_rank_percent)
 
     @staticmethod
     def write(value, buf):
@@ -1376,6 +1400,7 @@ class _UniffiFfiConverterTypeModelInfo(_UniffiConverterRustBuffer):
         _UniffiFfiConverterBoolean.write(value.has_chat_template, buf)
         _UniffiFfiConverterString.write(value.kernel_path, buf)
         _UniffiFfiConverterUInt32.write(value.threads, buf)
+        _UniffiFfiConverterUInt8.write(value.low_rank_percent, buf)
 
 
 

@@ -471,6 +471,22 @@ private let UNIFFI_CALLBACK_UNEXPECTED_ERROR: Int32 = 2
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
+fileprivate struct FfiConverterUInt8: FfiConverterPrimitive {
+    typealias FfiType = UInt8
+    typealias SwiftType = UInt8
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> UInt8 {
+        return try lift(readInt(&buf))
+    }
+
+    public static func write(_ value: UInt8, into buf: inout [UInt8]) {
+        writeInt(&buf, lower(value))
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
 fileprivate struct FfiConverterUInt32: FfiConverterPrimitive {
     typealias FfiType = UInt32
     typealias SwiftType = UInt32
@@ -1354,6 +1370,13 @@ public struct EngineOptions: Equatable, Hashable {
      * `InvalidConfig` error. `ModelInfo::kernel_path` reports the path in use.
      */
     public var kernelPath: String?
+    /**
+     * Serve low-rank layers with this percentage (1..=100) of their stored rank. Their
+     * factors are stored rank-ordered, so a lower percentage reads (and pages in) fewer bytes
+     * and runs faster, at some quality cost, from the same file. 0 = the
+     * `POCKETLM_LOW_RANK_PERCENT` environment variable, else 100. Dense layers are unaffected.
+     */
+    public var lowRankPercent: UInt8
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -1371,10 +1394,17 @@ public struct EngineOptions: Equatable, Hashable {
          * The choice is process-wide: it takes effect if no model has run yet in this process
          * (and `POCKETLM_KERNELS` is unset); asking for a different path afterwards is an
          * `InvalidConfig` error. `ModelInfo::kernel_path` reports the path in use.
-         */kernelPath: String? = nil) {
+         */kernelPath: String? = nil, 
+        /**
+         * Serve low-rank layers with this percentage (1..=100) of their stored rank. Their
+         * factors are stored rank-ordered, so a lower percentage reads (and pages in) fewer bytes
+         * and runs faster, at some quality cost, from the same file. 0 = the
+         * `POCKETLM_LOW_RANK_PERCENT` environment variable, else 100. Dense layers are unaffected.
+         */lowRankPercent: UInt8 = UInt8(0)) {
         self.threads = threads
         self.contextLength = contextLength
         self.kernelPath = kernelPath
+        self.lowRankPercent = lowRankPercent
     }
 
     
@@ -1395,7 +1425,8 @@ public struct FfiConverterTypeEngineOptions: FfiConverterRustBuffer {
             try EngineOptions(
                 threads: FfiConverterUInt32.read(from: &buf), 
                 contextLength: FfiConverterUInt32.read(from: &buf), 
-                kernelPath: FfiConverterOptionString.read(from: &buf)
+                kernelPath: FfiConverterOptionString.read(from: &buf), 
+                lowRankPercent: FfiConverterUInt8.read(from: &buf)
         )
     }
 
@@ -1403,6 +1434,7 @@ public struct FfiConverterTypeEngineOptions: FfiConverterRustBuffer {
         FfiConverterUInt32.write(value.threads, into: &buf)
         FfiConverterUInt32.write(value.contextLength, into: &buf)
         FfiConverterOptionString.write(value.kernelPath, into: &buf)
+        FfiConverterUInt8.write(value.lowRankPercent, into: &buf)
     }
 }
 
@@ -1738,6 +1770,10 @@ public struct ModelInfo: Equatable, Hashable {
      * Worker threads of this engine's pool.
      */
     public var threads: UInt32
+    /**
+     * Percentage of their stored rank low-rank layers are served with.
+     */
+    public var lowRankPercent: UInt8
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -1762,7 +1798,10 @@ public struct ModelInfo: Equatable, Hashable {
          */kernelPath: String, 
         /**
          * Worker threads of this engine's pool.
-         */threads: UInt32) {
+         */threads: UInt32, 
+        /**
+         * Percentage of their stored rank low-rank layers are served with.
+         */lowRankPercent: UInt8) {
         self.architecture = architecture
         self.parameters = parameters
         self.bitsPerWeight = bitsPerWeight
@@ -1773,6 +1812,7 @@ public struct ModelInfo: Equatable, Hashable {
         self.hasChatTemplate = hasChatTemplate
         self.kernelPath = kernelPath
         self.threads = threads
+        self.lowRankPercent = lowRankPercent
     }
 
     
@@ -1800,7 +1840,8 @@ public struct FfiConverterTypeModelInfo: FfiConverterRustBuffer {
                 vocabSize: FfiConverterUInt32.read(from: &buf), 
                 hasChatTemplate: FfiConverterBool.read(from: &buf), 
                 kernelPath: FfiConverterString.read(from: &buf), 
-                threads: FfiConverterUInt32.read(from: &buf)
+                threads: FfiConverterUInt32.read(from: &buf), 
+                lowRankPercent: FfiConverterUInt8.read(from: &buf)
         )
     }
 
@@ -1815,6 +1856,7 @@ public struct FfiConverterTypeModelInfo: FfiConverterRustBuffer {
         FfiConverterBool.write(value.hasChatTemplate, into: &buf)
         FfiConverterString.write(value.kernelPath, into: &buf)
         FfiConverterUInt32.write(value.threads, into: &buf)
+        FfiConverterUInt8.write(value.lowRankPercent, into: &buf)
     }
 }
 

@@ -18,7 +18,7 @@ use std::thread::ThreadId;
 
 use crate::format::PlmError;
 use crate::kernels::{self, KernelPath};
-use crate::model::{Model, ModelError};
+use crate::model::{Model, ModelError, ModelOptions};
 use crate::sampler::SamplerConfig;
 use crate::tokenizer::TokenizerError;
 
@@ -127,6 +127,12 @@ pub struct EngineOptions {
     /// `InvalidConfig` error. `ModelInfo::kernel_path` reports the path in use.
     #[uniffi(default = None)]
     pub kernel_path: Option<String>,
+    /// Serve low-rank layers with this percentage (1..=100) of their stored rank. Their
+    /// factors are stored rank-ordered, so a lower percentage reads (and pages in) fewer bytes
+    /// and runs faster, at some quality cost, from the same file. 0 = the
+    /// `POCKETLM_LOW_RANK_PERCENT` environment variable, else 100. Dense layers are unaffected.
+    #[uniffi(default = 0)]
+    pub low_rank_percent: u8,
 }
 
 /// What an engine has loaded.
@@ -149,6 +155,8 @@ pub struct ModelInfo {
     pub kernel_path: String,
     /// Worker threads of this engine's pool.
     pub threads: u32,
+    /// Percentage of their stored rank low-rank layers are served with.
+    pub low_rank_percent: u8,
 }
 
 /// A loaded model: the memory-mapped `.plm` file and a worker thread pool. Thread-safe;
@@ -211,7 +219,17 @@ impl Engine {
                 .map_err(|e| PocketLmError::InvalidConfig {
                     reason: format!("cannot start {} threads: {e}", options.threads),
                 })?;
-            let model = Model::open(Path::new(&path))?;
+            let mut model_options = ModelOptions::from_env();
+            match options.low_rank_percent {
+                0 => {}
+                p @ 1..=100 => model_options.low_rank_percent = p,
+                p => {
+                    return Err(PocketLmError::InvalidConfig {
+                        reason: format!("low_rank_percent must be 0 (default) or 1..=100, got {p}"),
+                    });
+                }
+            }
+            let model = Model::open_with(Path::new(&path), model_options)?;
             let trained = model.config().max_position_embeddings;
             let context_length = match options.context_length {
                 0 => trained.min(DEFAULT_CONTEXT_LENGTH as usize),
@@ -245,6 +263,7 @@ impl Engine {
             has_chat_template: self.model.tokenizer().has_chat_template(),
             kernel_path: kernels::active_path().name().to_string(),
             threads: self.pool.current_num_threads() as u32,
+            low_rank_percent: self.model.options().low_rank_percent,
         }
     }
 

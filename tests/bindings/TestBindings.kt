@@ -62,6 +62,7 @@ fun main(args: Array<String>) {
         check(info.vocabSize == 512u && info.contextLength == 512u) { "$info" }
         check(!info.hasChatTemplate && info.threads == 2u) { "$info" }
         check(info.kernelPath in setOf("scalar", "generic", "avx2")) { "$info" }
+        check(info.lowRankPercent.toInt() == 100) { "$info" }
     }
     tests["greedy completion"] = {
         engine.newSession().use { session ->

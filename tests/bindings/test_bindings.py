@@ -66,6 +66,7 @@ def test_info():
     assert info.vocab_size == 512 and info.context_length == 512, info
     assert info.has_chat_template is False, info
     assert info.threads == 2, info
+    assert info.low_rank_percent == 100, info
     assert info.kernel_path in ("scalar", "generic", "avx2"), info
 
 

@@ -1147,6 +1147,33 @@ private class JavaLangRefCleanable(
 /**
  * @suppress
  */
+public object FfiConverterUByte: FfiConverter<UByte, Byte> {
+    override fun lift(value: Byte): UByte {
+        return value.toUByte()
+    }
+
+    fun lift(value: Int): UByte {
+        return value.toUByte()
+    }
+
+    override fun read(buf: ByteBuffer): UByte {
+        return lift(buf.get())
+    }
+
+    override fun lower(value: UByte): Byte {
+        return value.toByte()
+    }
+
+    override fun allocationSize(value: UByte) = 1UL
+
+    override fun write(value: UByte, buf: ByteBuffer) {
+        buf.put(value.toByte())
+    }
+}
+
+/**
+ * @suppress
+ */
 public object FfiConverterUInt: FfiConverter<UInt, Int> {
     override fun lift(value: Int): UInt {
         return value.toUInt()
@@ -2494,6 +2521,14 @@ data class EngineOptions (
      * `InvalidConfig` error. `ModelInfo::kernel_path` reports the path in use.
      */
     var `kernelPath`: kotlin.String? = null 
+    , 
+    /**
+     * Serve low-rank layers with this percentage (1..=100) of their stored rank. Their
+     * factors are stored rank-ordered, so a lower percentage reads (and pages in) fewer bytes
+     * and runs faster, at some quality cost, from the same file. 0 = the
+     * `POCKETLM_LOW_RANK_PERCENT` environment variable, else 100. Dense layers are unaffected.
+     */
+    var `lowRankPercent`: kotlin.UByte = 0u 
     
 ){
     
@@ -2513,19 +2548,22 @@ public object FfiConverterTypeEngineOptions: FfiConverterRustBuffer<EngineOption
             FfiConverterUInt.read(buf),
             FfiConverterUInt.read(buf),
             FfiConverterOptionalString.read(buf),
+            FfiConverterUByte.read(buf),
         )
     }
 
     override fun allocationSize(value: EngineOptions) = (
             FfiConverterUInt.allocationSize(value.`threads`) +
             FfiConverterUInt.allocationSize(value.`contextLength`) +
-            FfiConverterOptionalString.allocationSize(value.`kernelPath`)
+            FfiConverterOptionalString.allocationSize(value.`kernelPath`) +
+            FfiConverterUByte.allocationSize(value.`lowRankPercent`)
     )
 
     override fun write(value: EngineOptions, buf: ByteBuffer) {
             FfiConverterUInt.write(value.`threads`, buf)
             FfiConverterUInt.write(value.`contextLength`, buf)
             FfiConverterOptionalString.write(value.`kernelPath`, buf)
+            FfiConverterUByte.write(value.`lowRankPercent`, buf)
     }
 }
 
@@ -2786,6 +2824,11 @@ data class ModelInfo (
      * Worker threads of this engine's pool.
      */
     var `threads`: kotlin.UInt
+    , 
+    /**
+     * Percentage of their stored rank low-rank layers are served with.
+     */
+    var `lowRankPercent`: kotlin.UByte
     
 ){
     
@@ -2812,6 +2855,7 @@ public object FfiConverterTypeModelInfo: FfiConverterRustBuffer<ModelInfo> {
             FfiConverterBoolean.read(buf),
             FfiConverterString.read(buf),
             FfiConverterUInt.read(buf),
+            FfiConverterUByte.read(buf),
         )
     }
 
@@ -2825,7 +2869,8 @@ public object FfiConverterTypeModelInfo: FfiConverterRustBuffer<ModelInfo> {
             FfiConverterUInt.allocationSize(value.`vocabSize`) +
             FfiConverterBoolean.allocationSize(value.`hasChatTemplate`) +
             FfiConverterString.allocationSize(value.`kernelPath`) +
-            FfiConverterUInt.allocationSize(value.`threads`)
+            FfiConverterUInt.allocationSize(value.`threads`) +
+            FfiConverterUByte.allocationSize(value.`lowRankPercent`)
     )
 
     override fun write(value: ModelInfo, buf: ByteBuffer) {
@@ -2839,6 +2884,7 @@ public object FfiConverterTypeModelInfo: FfiConverterRustBuffer<ModelInfo> {
             FfiConverterBoolean.write(value.`hasChatTemplate`, buf)
             FfiConverterString.write(value.`kernelPath`, buf)
             FfiConverterUInt.write(value.`threads`, buf)
+            FfiConverterUByte.write(value.`lowRankPercent`, buf)
     }
 }
 
