@@ -803,6 +803,7 @@ fn recover_block(
 
 /// What distillation works on: the student's held-back tensors and inputs, and the
 /// teacher's final activations and output layer.
+#[cfg_attr(not(feature = "recover"), allow(dead_code))]
 struct DistillInputs<'a> {
     blocks: &'a mut [Vec<recover::BlockTensor>],
     output_norm: &'a mut recover::BlockTensor,
