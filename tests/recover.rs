@@ -27,6 +27,14 @@ fn q3_gptq() -> ConvertOptions {
     }
 }
 
+/// Each tensor's name, encoding and byte length: what recovery must leave unchanged.
+fn tensor_layout(f: &PlmFile) -> Vec<(String, Encoding, u64)> {
+    f.tensors()
+        .iter()
+        .map(|t| (t.name.clone(), t.encoding, t.length))
+        .collect()
+}
+
 /// Measured on this fixture (f32 3.147): q3/g32 GPTQ 3.92, recovered 3.64.
 #[test]
 fn recovery_lowers_the_perplexity_of_a_3_bit_model_and_keeps_its_encodings() {
@@ -47,13 +55,7 @@ fn recovery_lowers_the_perplexity_of_a_3_bit_model_and_keeps_its_encodings() {
         recipe(&b)["tensor_encodings"]
     );
     assert_eq!(a.tensor_bytes_total(), b.tensor_bytes_total());
-    let layout = |f: &PlmFile| -> Vec<(String, Encoding, u64)> {
-        f.tensors()
-            .iter()
-            .map(|t| (t.name.clone(), t.encoding, t.length))
-            .collect()
-    };
-    assert_eq!(layout(&a), layout(&b));
+    assert_eq!(tensor_layout(&a), tensor_layout(&b));
     b.verify().unwrap();
     assert!(recipe(&a)["recover"].is_null());
     let r = &recipe(&b)["recover"];
@@ -93,13 +95,7 @@ fn distillation_after_blockwise_recovery_lowers_the_perplexity_further() {
         PlmFile::open(&blockwise).unwrap(),
         PlmFile::open(&distilled).unwrap(),
     );
-    let layout = |f: &PlmFile| -> Vec<(String, Encoding, u64)> {
-        f.tensors()
-            .iter()
-            .map(|t| (t.name.clone(), t.encoding, t.length))
-            .collect()
-    };
-    assert_eq!(layout(&a), layout(&b));
+    assert_eq!(tensor_layout(&a), tensor_layout(&b));
     b.verify().unwrap();
     let r = &b.metadata()["recipe"]["recover"];
     assert_eq!(r["mode"], "blockwise+kd");
