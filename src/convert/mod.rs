@@ -776,11 +776,7 @@ fn recover_block(
         "blk.{layer}: recovery {:.4e} -> {:.4e} ({}; {} parameters)",
         report.loss_before,
         report.loss_after,
-        if report.kept {
-            "kept"
-        } else {
-            "not better, left as compressed"
-        },
+        recovery_outcome(report.kept),
         report.parameters
     );
     Ok(report)
@@ -799,6 +795,16 @@ fn recover_block(
     Err(ConvertError::Options(
         recovery.validate().err().unwrap_or_default(),
     ))
+}
+
+/// How the log says whether recovery's tuned values were kept.
+#[cfg(feature = "recover")]
+fn recovery_outcome(kept: bool) -> &'static str {
+    if kept {
+        "kept"
+    } else {
+        "not better, left as compressed"
+    }
 }
 
 /// What distillation works on: the student's held-back tensors and inputs, and the
@@ -863,11 +869,7 @@ fn distill_model(
         report.kl_after,
         report.train_kl_before,
         report.train_kl_after,
-        if report.kept {
-            "kept"
-        } else {
-            "not better, left as compressed"
-        },
+        recovery_outcome(report.kept),
         report.parameters
     );
     Ok(report)
