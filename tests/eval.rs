@@ -365,7 +365,8 @@ fn report_counts_parameters_bits_and_quality() {
                 Encoding::Q8 { group: 32 }
             };
             assert_eq!(t.encoding, expected, "{}", t.name);
-            bits += e * t.encoding.bits_per_weight();
+            // Stored bytes: q8 pads gate/up (172 rows) to whole tiles of 8 rows.
+            bits += 8.0 * t.encoding.byte_len(&t.shape).unwrap() as f64;
             n += e;
         }
     }

@@ -536,7 +536,7 @@ fn wrong_magic_is_not_plm() {
 fn other_versions_are_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let raw = Raw::load(&sample_file(dir.path()));
-    for version in [0u32, 2, 0xffff_ffff] {
+    for version in [0u32, 1, 3, 0xffff_ffff] {
         // Sealed or not, the version is reported (it is checked before the header CRC).
         let sealed = raw.edit_header(|b| put_u32(b, 8, version));
         let mut unsealed = raw.clone();
@@ -550,7 +550,8 @@ fn other_versions_are_refused_clearly() {
             assert_eq!(
                 err.to_string(),
                 format!(
-                    "unsupported .plm format version {version} (this build reads {FORMAT_VERSION})"
+                    "unsupported .plm format version {version} (this build reads {FORMAT_VERSION}; \
+                     convert the model again with this version of pocketlm)"
                 )
             );
         }
@@ -1005,9 +1006,9 @@ fn q3_tensor_round_trips_and_bad_entries_are_rejected() {
         .map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0)
         .collect();
     let bytes = pocketlm::kernels::quant::quantize_rtn(&values, rows, cols, q3).unwrap();
-    // docs/format.md: 12 bytes per 32 weights, scales at the next multiple of 64, one f16 per
-    // group.
-    let expected_len = (rows * cols * 3 / 8).next_multiple_of(64) + 2 * rows * cols / 64;
+    // docs/format.md: rows in tiles of 8 (the 3 rows padded to 8), 96 bytes per tile and 32
+    // columns, scales at the next multiple of 64, one f16 per group and row of the tile.
+    let expected_len = (8 * cols * 3 / 8).next_multiple_of(64) + 2 * 8 * cols / 64;
     assert_eq!(bytes.len(), expected_len);
     let mut w = PlmWriter::create(&path).unwrap();
     w.add_f32("norm.weight", &[4], &[1.0; 4], Encoding::F32)

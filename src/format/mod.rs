@@ -37,7 +37,8 @@ pub const MAGIC: [u8; 8] = *b"POCKETLM";
 
 /// The (major) format version this build reads and writes. Readers reject any other value;
 /// new tensor encodings add encoding codes instead of bumping it (see `docs/format.md`).
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2 stores quantized matrices in tiles of [`TILE_ROWS`] interleaved rows.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Every tensor's data starts at a file offset that is a multiple of this.
 ///
@@ -99,9 +100,13 @@ pub const QUANT_BLOCK: usize = 32;
 /// Largest group a quantized encoding may declare (one scale per this many weights).
 pub const MAX_QUANT_GROUP: u32 = 1 << 16;
 
-/// Bytes of one q3 block of [`QUANT_BLOCK`] values: an 8-byte 2-bit plane and a 4-byte 1-bit
-/// plane.
-pub const Q3_BLOCK_BYTES: usize = 12;
+/// Quantized matrices are stored in tiles of this many consecutive rows, interleaved so one
+/// SIMD register holds the same 8 columns of every row of a tile (see [`QuantLayout`]).
+pub const TILE_ROWS: usize = 8;
+
+/// Columns of one row that a tile stores contiguously (a "piece"): the width of one
+/// activation broadcast in the integer kernels.
+pub const TILE_PIECE: usize = 8;
 
 impl Encoding {
     /// The dense (unquantized) encodings.
@@ -257,16 +262,14 @@ impl Encoding {
         if encoding_group_ok(group as u32).is_err() || cols % group != 0 {
             return None;
         }
-        let values = rows.checked_mul(cols)?;
-        let quant_bytes = match self {
-            Encoding::Q8 { .. } => values,
-            // 12 bytes per block of 32 (rows of whole groups, so `values` is a multiple of 32).
-            Encoding::Q3 { .. } => values / QUANT_BLOCK * Q3_BLOCK_BYTES,
-            _ => values / 2,
-        };
+        let tiles = rows.div_ceil(TILE_ROWS);
+        let tile_bytes = (cols / QUANT_BLOCK).checked_mul(self.tile_block_bytes()?)?;
+        let quant_bytes = tiles.checked_mul(tile_bytes)?;
         let scales_start =
             quant_bytes.checked_add(TENSOR_ALIGNMENT - 1)? / TENSOR_ALIGNMENT * TENSOR_ALIGNMENT;
-        let scale_bytes = (values / group).checked_mul(2)?;
+        let scale_bytes = (tiles * TILE_ROWS)
+            .checked_mul(cols / group)?
+            .checked_mul(2)?;
         let scales_end = scales_start.checked_add(scale_bytes)?;
         let (mins, total) = match self {
             Encoding::Q4 {
@@ -281,11 +284,23 @@ impl Encoding {
             rows,
             cols,
             group,
+            tiles,
             quants: 0..quant_bytes,
             scales: scales_start..scales_end,
             mins,
             total,
         })
+    }
+
+    /// Bytes of one tile block ([`TILE_ROWS`] rows × [`QUANT_BLOCK`] columns) of a quantized
+    /// encoding: q8 256, q4 128, q3 96.
+    pub fn tile_block_bytes(self) -> Option<usize> {
+        match self {
+            Encoding::Q8 { .. } => Some(TILE_ROWS * QUANT_BLOCK),
+            Encoding::Q4 { .. } => Some(TILE_ROWS * QUANT_BLOCK / 2),
+            Encoding::Q3 { .. } => Some(TILE_ROWS * QUANT_BLOCK * 3 / 8),
+            _ => None,
+        }
     }
 
     /// Bytes per element of the dense encodings.
@@ -313,24 +328,30 @@ fn encoding_group_ok(group: u32) -> Result<(), String> {
 }
 
 /// Byte layout of a quantized `[rows, cols]` matrix inside its tensor data, chosen so the
-/// kernels read each region with aligned, contiguous loads and never repack at load time:
+/// kernels read each region with contiguous loads and never repack at load time (the
+/// byte-exact spec is in `docs/format.md`):
 ///
-/// - `quants`: row-major, `cols` bytes per row (q8: i8 values), `cols / 2` (q4: nibbles) or
-///   `cols · 3 / 8` (q3: bit planes).
-///   q4 packs each block of 32 values into 16 bytes, byte `j` holding value `j` in its low
-///   nibble and value `j + 16` in its high nibble, so one 128-bit load, a mask and a shift
-///   yield the block in order.
-///   q3 packs each block of 32 levels (0..=7) into 12 bytes: 8 bytes of low 2-bit pairs, byte
-///   `j` holding value `j + 8k` in bits `2k..2k+2` (k = 0..4), then 4 bytes of high bits, bit
-///   `i` of the little-endian u32 being the high bit of value `i`. A broadcast and four shifts
-///   yield the low bits in value order; a byte shuffle and a bit test yield the high bits.
-/// - `scales`: starts at the next multiple of 64; `rows × cols / group` f16 scales, row-major.
-/// - `mins` (asymmetric q4 only): right after the scales, same shape, f16.
+/// - `quants`: rows are grouped in tiles of [`TILE_ROWS`] (the last tile padded with rows
+///   whose scales are zero). Tiles follow each other; a tile holds its blocks of
+///   [`QUANT_BLOCK`] columns in order; a tile block holds the block's four pieces of
+///   [`TILE_PIECE`] columns for all eight rows, so that one 64-byte load (or one 8-byte
+///   broadcast of the activations) serves the same columns of every row. Within a tile
+///   block, with `k` the piece (0..4), `r` the row in the tile and `j` the column in the piece:
+///   - q8 (256 bytes): byte `64k + 8r + j` is the i8 code;
+///   - q4 (128 bytes): byte `64(k / 2) + 8r + j` holds the code in its low nibble for even
+///     `k`, in its high nibble for odd `k`;
+///   - q3 (96 bytes): byte `8r + j` holds the low two bits of the level in bits `2k..2k+2`;
+///     bit `j` of byte `64 + 8k + r` is its high bit.
+/// - `scales`: starts at the next multiple of 64; per tile, per group, the f16 scales of the
+///   tile's eight rows.
+/// - `mins` (asymmetric q4 only): right after the scales, same order, f16.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QuantLayout {
     pub rows: usize,
     pub cols: usize,
     pub group: usize,
+    /// Row tiles stored: `rows` rounded up to a multiple of [`TILE_ROWS`], divided by it.
+    pub tiles: usize,
     pub quants: std::ops::Range<usize>,
     pub scales: std::ops::Range<usize>,
     pub mins: Option<std::ops::Range<usize>>,
@@ -450,7 +471,10 @@ pub enum PlmError {
     },
     #[error("not a .plm file: {reason}")]
     NotPlm { reason: String },
-    #[error("unsupported .plm format version {version} (this build reads {FORMAT_VERSION})")]
+    #[error(
+        "unsupported .plm format version {version} (this build reads {FORMAT_VERSION}; \
+         convert the model again with this version of pocketlm)"
+    )]
     UnsupportedVersion { version: u32 },
     #[error(
         "header: file uses feature flags {flags:#x} that this version of pocketlm does not \
@@ -601,11 +625,18 @@ mod tests {
             group: 32,
             asymmetric: true,
         };
+        // 3 rows fill one tile of 8 (padded): 3 blocks of 128 bytes, then 8 rows × 3 groups
+        // of f16 scales and as many minimums.
         let l = q4a.quant_layout(&[3, 96]).unwrap();
-        assert_eq!(l.quants, 0..144);
-        assert_eq!(l.scales, 192..192 + 18);
-        assert_eq!(l.mins, Some(210..228));
-        assert_eq!(q4a.byte_len(&[3, 96]), Some(228));
+        assert_eq!(l.tiles, 1);
+        assert_eq!(l.quants, 0..384);
+        assert_eq!(l.scales, 384..384 + 48);
+        assert_eq!(l.mins, Some(432..480));
+        assert_eq!(q4a.byte_len(&[3, 96]), Some(480));
+        // 17 rows: three tiles; q8 blocks are 256 bytes, scales start at a multiple of 64.
+        let l = Encoding::Q8 { group: 64 }.quant_layout(&[17, 64]).unwrap();
+        assert_eq!((l.tiles, l.quants.clone()), (3, 0..1536));
+        assert_eq!(l.scales, 1536..1536 + 3 * 8 * 2);
         assert_eq!(q4a.byte_len(&[3, 100]), None);
         assert_eq!(q4a.byte_len(&[96]), None);
         assert_eq!(
@@ -634,12 +665,13 @@ mod tests {
         assert_eq!(Encoding::Q3 { group: 32 }.bits_per_weight(), 3.5);
         assert_eq!(Encoding::Q3 { group: 64 }.bits_per_weight(), 3.25);
         assert_eq!(q3.bits_per_weight(), 3.125);
-        // 3 rows × 128: 4 blocks of 12 bytes a row; scales at the next multiple of 64.
+        // 3 rows × 128: one tile of 4 blocks of 96 bytes; scales (8 rows × 2 groups) at the
+        // next multiple of 64.
         let l = Encoding::Q3 { group: 64 }.quant_layout(&[3, 128]).unwrap();
-        assert_eq!(l.quants, 0..144);
-        assert_eq!(l.scales, 192..192 + 12);
+        assert_eq!(l.quants, 0..384);
+        assert_eq!(l.scales, 384..384 + 32);
         assert_eq!(l.mins, None);
-        assert_eq!(l.total, 204);
+        assert_eq!(l.total, 416);
         assert_eq!(Encoding::Q3 { group: 64 }.byte_len(&[3, 96]), None);
         assert_eq!(Encoding::Q3 { group: 32 }.byte_len(&[32]), None);
         assert_eq!(

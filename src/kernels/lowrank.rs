@@ -4,7 +4,7 @@
 //! A factorization pays off when `rank · (rows + cols) < rows · cols`: the bytes read per
 //! token, and the multiply-adds, shrink in that proportion.
 
-use super::{KernelPath, MatRef, active_path, matmul_with};
+use super::{KernelPath, MatRef, WeightData, active_path, matmul_with, quant, quant_products};
 
 /// A linear layer's weights as the kernels read them.
 #[derive(Clone, Copy, Debug)]
@@ -113,6 +113,45 @@ pub fn linear_with(
             matmul_with(path, x, tokens, *v, &mut between[..len]);
             matmul_with(path, &between[..len], tokens, *u, out);
         }
+    }
+}
+
+/// `out = x · Wᵀ` for several layers that read the same input (q, k and v; gate and up).
+/// Dense quantized layers share one quantization of `x` and one parallel pass over all their
+/// rows; the others run one after another.
+pub fn linear_many(
+    x: &[f32],
+    tokens: usize,
+    layers: &mut [(&Linear<'_>, &mut [f32])],
+    between: &mut Vec<f32>,
+) {
+    linear_many_with(active_path(), x, tokens, layers, between)
+}
+
+pub fn linear_many_with(
+    path: KernelPath,
+    x: &[f32],
+    tokens: usize,
+    layers: &mut [(&Linear<'_>, &mut [f32])],
+    between: &mut Vec<f32>,
+) {
+    let mut quantized = Vec::new();
+    for (w, out) in layers.iter_mut() {
+        match w {
+            Linear::Dense(MatRef {
+                data: WeightData::Quant(q),
+                ..
+            }) => {
+                assert_eq!(out.len(), tokens * q.rows, "linear: output shape");
+                quantized.push((*q, &mut **out));
+            }
+            _ => linear_with(path, x, tokens, w, out, between),
+        }
+    }
+    if let Some((first, _)) = quantized.first() {
+        assert_eq!(x.len(), tokens * first.cols, "linear: activation shape");
+        let acts = quant::QuantizedActivations::quantize_with(path, x, tokens, first.cols);
+        quant_products(path, &acts, &mut quantized);
     }
 }
 

@@ -2,20 +2,22 @@
 //! element-wise operations of the decoder (RMSNorm, RoPE, softmax, SwiGLU).
 //!
 //! The SIMD path is chosen once per process by run-time CPU feature detection, so one binary
-//! runs on any CPU of its architecture; `POCKETLM_KERNELS=scalar|generic|avx2` forces a path
-//! for tests and comparisons.
+//! runs on any CPU of its architecture; `POCKETLM_KERNELS=scalar|generic|avx2|avxvnni|avx512|
+//! neon|dotprod|i8mm` forces a path for tests and comparisons.
 
 pub mod dense;
 pub mod lowrank;
 pub mod quant;
 pub mod sparse;
 
-pub use lowrank::{Linear, linear, linear_with};
+pub use lowrank::{Linear, linear, linear_many, linear_many_with, linear_with};
 
 use std::sync::OnceLock;
 
 use half::{bf16, f16};
 use rayon::prelude::*;
+
+use crate::format::TILE_ROWS;
 
 /// Which implementation family the products use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,19 +28,30 @@ pub enum KernelPath {
     Generic,
     /// x86-64 AVX2 + FMA + F16C intrinsics.
     Avx2,
+    /// AVX2 with AVX-VNNI (`vpdpbusd` on 256-bit registers) for the integer products.
+    AvxVnni,
+    /// AVX-512 F/BW with VNNI (`vpdpbusd` on 512-bit registers) for the integer products;
+    /// float products as on AVX2.
+    Avx512,
     /// AArch64 NEON (widening integer multiplies for quantized weights).
     Neon,
     /// AArch64 NEON with the dotprod extension (`sdot`).
     Dotprod,
+    /// AArch64 NEON with dotprod and the int8 matrix multiply extension (`smmla`: two rows
+    /// by two tokens per instruction in multi-token products).
+    I8mm,
 }
 
 impl KernelPath {
-    pub const ALL: [KernelPath; 5] = [
+    pub const ALL: [KernelPath; 8] = [
         KernelPath::Scalar,
         KernelPath::Generic,
         KernelPath::Avx2,
+        KernelPath::AvxVnni,
+        KernelPath::Avx512,
         KernelPath::Neon,
         KernelPath::Dotprod,
+        KernelPath::I8mm,
     ];
 
     pub fn name(self) -> &'static str {
@@ -46,8 +59,11 @@ impl KernelPath {
             KernelPath::Scalar => "scalar",
             KernelPath::Generic => "generic",
             KernelPath::Avx2 => "avx2",
+            KernelPath::AvxVnni => "avxvnni",
+            KernelPath::Avx512 => "avx512",
             KernelPath::Neon => "neon",
             KernelPath::Dotprod => "dotprod",
+            KernelPath::I8mm => "i8mm",
         }
     }
 
@@ -56,8 +72,11 @@ impl KernelPath {
             "scalar" => Some(KernelPath::Scalar),
             "generic" | "sse2" => Some(KernelPath::Generic),
             "avx2" => Some(KernelPath::Avx2),
+            "avxvnni" | "avx-vnni" => Some(KernelPath::AvxVnni),
+            "avx512" | "avx512vnni" => Some(KernelPath::Avx512),
             "neon" => Some(KernelPath::Neon),
             "dotprod" => Some(KernelPath::Dotprod),
+            "i8mm" => Some(KernelPath::I8mm),
             _ => None,
         }
     }
@@ -67,21 +86,44 @@ impl KernelPath {
         match self {
             KernelPath::Scalar | KernelPath::Generic => true,
             KernelPath::Avx2 => avx2_available(),
+            KernelPath::AvxVnni => avx2_available() && avx_vnni_available(),
+            KernelPath::Avx512 => avx2_available() && avx512_vnni_available(),
             KernelPath::Neon => cfg!(target_arch = "aarch64"),
             KernelPath::Dotprod => dotprod_available(),
+            KernelPath::I8mm => dotprod_available() && i8mm_available(),
         }
     }
 
     /// The fastest path this CPU supports.
     pub fn detect() -> KernelPath {
-        if avx2_available() {
-            KernelPath::Avx2
-        } else if dotprod_available() {
-            KernelPath::Dotprod
-        } else if cfg!(target_arch = "aarch64") {
-            KernelPath::Neon
-        } else {
-            KernelPath::Generic
+        [
+            KernelPath::Avx512,
+            KernelPath::AvxVnni,
+            KernelPath::Avx2,
+            KernelPath::I8mm,
+            KernelPath::Dotprod,
+            KernelPath::Neon,
+        ]
+        .into_iter()
+        .find(|p| p.is_supported())
+        .unwrap_or(KernelPath::Generic)
+    }
+
+    /// One of the x86-64 SIMD paths (all of which have AVX2, FMA and F16C).
+    pub fn is_x86_simd(self) -> bool {
+        matches!(
+            self,
+            KernelPath::Avx2 | KernelPath::AvxVnni | KernelPath::Avx512
+        )
+    }
+
+    /// The path of the float (f32/f16/bf16, sparse) kernels: the integer extensions add
+    /// nothing there, so they share their base path's kernels.
+    pub fn float_path(self) -> KernelPath {
+        match self {
+            KernelPath::AvxVnni | KernelPath::Avx512 => KernelPath::Avx2,
+            KernelPath::I8mm => KernelPath::Dotprod,
+            other => other,
         }
     }
 }
@@ -91,8 +133,18 @@ fn dotprod_available() -> bool {
     std::arch::is_aarch64_feature_detected!("dotprod")
 }
 
+#[cfg(target_arch = "aarch64")]
+fn i8mm_available() -> bool {
+    std::arch::is_aarch64_feature_detected!("i8mm")
+}
+
 #[cfg(not(target_arch = "aarch64"))]
 fn dotprod_available() -> bool {
+    false
+}
+
+#[cfg(not(target_arch = "aarch64"))]
+fn i8mm_available() -> bool {
     false
 }
 
@@ -103,8 +155,30 @@ fn avx2_available() -> bool {
         && is_x86_feature_detected!("f16c")
 }
 
+#[cfg(target_arch = "x86_64")]
+fn avx_vnni_available() -> bool {
+    is_x86_feature_detected!("avxvnni")
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx512_vnni_available() -> bool {
+    is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vnni")
+}
+
 #[cfg(not(target_arch = "x86_64"))]
 fn avx2_available() -> bool {
+    false
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn avx_vnni_available() -> bool {
+    false
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn avx512_vnni_available() -> bool {
     false
 }
 
@@ -287,8 +361,10 @@ pub fn matmul_with(path: KernelPath, x: &[f32], tokens: usize, w: MatRef<'_>, ou
     assert_eq!(x.len(), tokens * w.cols, "matmul: activation shape");
     assert_eq!(out.len(), tokens * w.rows, "matmul: output shape");
     if let WeightData::Quant(q) = w.data {
-        return matmul_quant(path, x, tokens, &q, out);
+        let acts = quant::QuantizedActivations::quantize_with(path, x, tokens, w.cols);
+        return quant_products(path, &acts, &mut [(q, out)]);
     }
+    let path = path.float_path();
     if let WeightData::F32(weights) = w.data
         && tokens >= GEMM_MIN_TOKENS
         && path != KernelPath::Scalar
@@ -354,46 +430,58 @@ fn gemm_f32(
     );
 }
 
-fn matmul_quant(
+/// Tiles handed to one task of a quantized product: enough work to amortise scheduling (a
+/// tile is 8 rows), few enough tasks to balance the pool.
+fn tiles_per_task(total_tiles: usize, tokens: usize) -> usize {
+    let tasks = 4 * rayon::current_num_threads();
+    // Multi-token products do `tokens` times the work per tile: smaller tasks balance better.
+    let min = if tokens > 1 { 1 } else { 2 };
+    total_tiles.div_ceil(tasks).max(min)
+}
+
+/// Products of several quantized matrices with the same quantized activations (q, k and v
+/// of one input; gate and up) in one parallel pass over all their tiles, so the activations
+/// are quantized once and the pool is woken once. Each `out` is `tokens × rows`.
+pub fn quant_products(
     path: KernelPath,
-    x: &[f32],
-    tokens: usize,
-    w: &quant::QuantMatrix<'_>,
-    out: &mut [f32],
+    acts: &quant::QuantizedActivations,
+    products: &mut [(quant::QuantMatrix<'_>, &mut [f32])],
 ) {
-    let acts = quant::QuantizedActivations::quantize(x, tokens, w.cols);
-    let rows: Vec<quant::ActRow<'_>> = (0..tokens).map(|t| acts.row(t)).collect();
-    let rpt = rows_per_task(w.rows);
-    if tokens == 1 {
-        out.par_chunks_mut(rpt)
-            .enumerate()
-            .for_each(|(chunk, out_rows)| {
-                for (i, o) in out_rows.iter_mut().enumerate() {
-                    let wr = w.row(chunk * rpt + i);
-                    *o = quant_dot_n(path, &wr, [&rows[0]])[0];
-                }
-            });
-        return;
+    let tokens = acts.tokens;
+    for (w, out) in products.iter() {
+        assert_eq!(w.cols, acts.cols, "quantized product: activation width");
+        assert_eq!(
+            out.len(),
+            tokens * w.rows,
+            "quantized product: output shape"
+        );
     }
-    let mut by_row = vec![0.0f32; w.rows * tokens];
-    by_row
-        .par_chunks_mut(rpt * tokens)
-        .enumerate()
-        .for_each(|(chunk, block)| {
-            for (i, out_row) in block.chunks_mut(tokens).enumerate() {
-                let wr = w.row(chunk * rpt + i);
-                let mut t = 0;
-                while t + 4 <= tokens {
-                    let xs = [&rows[t], &rows[t + 1], &rows[t + 2], &rows[t + 3]];
-                    out_row[t..t + 4].copy_from_slice(&quant_dot_n(path, &wr, xs));
-                    t += 4;
-                }
-                for k in t..tokens {
-                    out_row[k] = quant_dot_n(path, &wr, [&rows[k]])[0];
-                }
+    let total: usize = products.iter().map(|(w, _)| w.tiles()).sum();
+    let tpt = tiles_per_task(total, tokens);
+    // Each task gets a tile range of one matrix and, for every token, the slice of that
+    // token's output row the range covers.
+    let mut tasks = Vec::new();
+    for (w, out) in products.iter_mut() {
+        if w.rows == 0 {
+            continue;
+        }
+        let first_task = tasks.len();
+        for start in (0..w.tiles()).step_by(tpt) {
+            let tiles = start..(start + tpt).min(w.tiles());
+            tasks.push((*w, tiles, Vec::with_capacity(tokens)));
+        }
+        for row in out.chunks_mut(w.rows) {
+            for (task, piece) in tasks[first_task..]
+                .iter_mut()
+                .zip(row.chunks_mut(tpt * TILE_ROWS))
+            {
+                task.2.push(piece);
             }
-        });
-    transpose_into(&by_row, tokens, w.rows, out);
+        }
+    }
+    tasks.into_par_iter().for_each(|(w, tiles, mut out)| {
+        quant::gemm_tiles(path, &w, acts, tiles, &mut out);
+    });
 }
 
 /// `by_row` is `rows × tokens`; `out` becomes its transpose, `tokens × rows`.
@@ -402,26 +490,6 @@ fn transpose_into(by_row: &[f32], tokens: usize, rows: usize, out: &mut [f32]) {
         for (t, v) in row.iter().enumerate() {
             out[t * rows + r] = *v;
         }
-    }
-}
-
-/// One quantized weight row against `N` token rows on `path`.
-pub fn quant_dot_n<const N: usize>(
-    path: KernelPath,
-    w: &quant::QuantRow<'_>,
-    x: [&quant::ActRow<'_>; N],
-) -> [f32; N] {
-    match path {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: Avx2 is only selected after `avx2_available()` confirmed AVX2, FMA, F16C.
-        KernelPath::Avx2 => unsafe { quant::avx2::dot_n(w, x) },
-        #[cfg(target_arch = "aarch64")]
-        // SAFETY: NEON is baseline on AArch64; rows come from one matrix and activations.
-        KernelPath::Neon => unsafe { quant::neon::dot_n(w, x) },
-        #[cfg(target_arch = "aarch64")]
-        // SAFETY: Dotprod is only selected after run-time detection of the extension.
-        KernelPath::Dotprod => unsafe { quant::neon::dot_n_dotprod(w, x) },
-        _ => x.map(|xr| quant::dot_scalar(w, xr)),
     }
 }
 
@@ -471,27 +539,22 @@ fn rows_times_tokens(path: KernelPath, wr: &[f32], x: &[f32], cols: usize, out: 
 pub fn dot(path: KernelPath, w: &[f32], x: &[f32]) -> f32 {
     match path {
         KernelPath::Scalar => dense::dot_scalar(w, x),
-        KernelPath::Generic => dense::dot_wide(w, x),
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: Avx2 is only selected after `avx2_available()` confirmed AVX2 and FMA.
-        KernelPath::Avx2 => unsafe { dense::avx2::dot(w, x) },
-        #[cfg(not(target_arch = "x86_64"))]
-        KernelPath::Avx2 => dense::dot_wide(w, x),
-        // `wide` compiles to NEON on AArch64.
-        KernelPath::Neon | KernelPath::Dotprod => dense::dot_wide(w, x),
+        // SAFETY: the x86 SIMD paths are only selected after run-time detection of AVX2 and
+        // FMA (`avx2_available()`).
+        p if p.is_x86_simd() => unsafe { dense::avx2::dot(w, x) },
+        // `wide` compiles to NEON on AArch64, SSE2 on x86-64.
+        _ => dense::dot_wide(w, x),
     }
 }
 
 fn dot4(path: KernelPath, w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
     match path {
         KernelPath::Scalar => dense::dot4_scalar(w, x),
-        KernelPath::Generic => dense::dot4_wide(w, x),
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: Avx2 is only selected after `avx2_available()` confirmed AVX2 and FMA.
-        KernelPath::Avx2 => unsafe { dense::avx2::dot4(w, x) },
-        #[cfg(not(target_arch = "x86_64"))]
-        KernelPath::Avx2 => dense::dot4_wide(w, x),
-        KernelPath::Neon | KernelPath::Dotprod => dense::dot4_wide(w, x),
+        // SAFETY: as in `dot`.
+        p if p.is_x86_simd() => unsafe { dense::avx2::dot4(w, x) },
+        _ => dense::dot4_wide(w, x),
     }
 }
 
@@ -509,22 +572,77 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 
 /// In-place numerically stable softmax.
 pub fn softmax(x: &mut [f32]) {
+    softmax_with(active_path(), x)
+}
+
+/// [`softmax`] on `path`: the scalar path calls libm's `exp`, the others `wide`'s vector
+/// exponential (within a few ulp of it).
+pub fn softmax_with(path: KernelPath, x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
+    let sum = if path == KernelPath::Scalar {
+        let mut sum = 0.0;
+        for v in x.iter_mut() {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        sum
+    } else {
+        let (chunks, tail) = x.as_chunks_mut::<8>();
+        let m = wide::f32x8::splat(max);
+        let mut acc = wide::f32x8::ZERO;
+        for c in chunks {
+            let e = (wide::f32x8::from(*c) - m).exp();
+            acc += e;
+            *c = e.to_array();
+        }
+        let mut sum = acc.reduce_add();
+        for v in tail {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        sum
+    };
     let inv = 1.0 / sum;
     for v in x.iter_mut() {
         *v *= inv;
     }
 }
 
+/// Values from which SwiGLU is split across the thread pool (prefill).
+const PARALLEL_SILU_VALUES: usize = 1 << 15;
+
 /// SwiGLU: `gate[i] = silu(gate[i]) * up[i]`.
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
-    for (g, u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
+    silu_mul_with(active_path(), gate, up)
+}
+
+/// [`silu_mul`] on `path` (the exponential as in [`softmax_with`]).
+pub fn silu_mul_with(path: KernelPath, gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len(), "silu_mul: shapes");
+    let run = |(g, u): (&mut [f32], &[f32])| {
+        if path == KernelPath::Scalar {
+            for (g, u) in g.iter_mut().zip(u) {
+                *g = *g / (1.0 + (-*g).exp()) * u;
+            }
+            return;
+        }
+        let (gc, gt) = g.as_chunks_mut::<8>();
+        let (uc, ut) = u.as_chunks::<8>();
+        let one = wide::f32x8::ONE;
+        for (g, u) in gc.iter_mut().zip(uc) {
+            let v = wide::f32x8::from(*g);
+            *g = (v / (one + (-v).exp()) * wide::f32x8::from(*u)).to_array();
+        }
+        for (g, u) in gt.iter_mut().zip(ut) {
+            *g = *g / (1.0 + (-*g).exp()) * u;
+        }
+    };
+    if gate.len() >= PARALLEL_SILU_VALUES {
+        gate.par_chunks_mut(PARALLEL_SILU_VALUES / 4)
+            .zip(up.par_chunks(PARALLEL_SILU_VALUES / 4))
+            .for_each(run);
+    } else {
+        run((gate, up));
     }
 }
 

@@ -85,7 +85,7 @@ impl<'a> Sparse24Matrix<'a> {
     /// `Σ_c w[r][c] · x[c]` on `path` (`x.len() == cols`).
     pub fn dot(&self, path: KernelPath, r: usize, x: &[f32], scratch: &mut [f32]) -> f32 {
         let (values, positions) = self.row(r);
-        match path {
+        match path.float_path() {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: Avx2 is only selected after `avx2_available()` confirmed AVX2, FMA, F16C;
             // the row slices come from one validated matrix and `x` has `cols` values.

@@ -110,9 +110,12 @@ pub fn block_forward(
     };
     kernels::rms_norm(x, w.attn_norm, c.rms_norm_eps, &mut s.h);
     see(LinearInput::Attention, &s.h);
-    kernels::linear(&s.h, n, &w.q, &mut s.q, &mut s.between);
-    kernels::linear(&s.h, n, &w.k, &mut s.k, &mut s.between);
-    kernels::linear(&s.h, n, &w.v, &mut s.v, &mut s.between);
+    kernels::linear_many(
+        &s.h,
+        n,
+        &mut [(&w.q, &mut s.q), (&w.k, &mut s.k), (&w.v, &mut s.v)],
+        &mut s.between,
+    );
     if let Some([bq, bk, bv]) = w.biases {
         add_row_bias(&mut s.q, bq);
         add_row_bias(&mut s.k, bk);
@@ -133,8 +136,12 @@ pub fn block_forward(
 
     kernels::rms_norm(x, w.ffn_norm, c.rms_norm_eps, &mut s.h);
     see(LinearInput::Mlp, &s.h);
-    kernels::linear(&s.h, n, &w.gate, &mut s.gate, &mut s.between);
-    kernels::linear(&s.h, n, &w.up, &mut s.up, &mut s.between);
+    kernels::linear_many(
+        &s.h,
+        n,
+        &mut [(&w.gate, &mut s.gate), (&w.up, &mut s.up)],
+        &mut s.between,
+    );
     kernels::silu_mul(&mut s.gate, &s.up);
     see(LinearInput::MlpDown, &s.gate);
     kernels::linear(&s.gate, n, &w.down, &mut s.proj, &mut s.between);

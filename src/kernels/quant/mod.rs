@@ -1,0 +1,834 @@
+//! Integer kernels for the quantized encodings (q8, q4 symmetric, q4 asymmetric, q3
+//! symmetric; grouped).
+//!
+//! Activations are quantized on the fly to int8 in blocks of [`QUANT_BLOCK`] with an f32
+//! scale, so each block's product is an integer dot product (`vpdpbusd`, `maddubs`, `sdot`,
+//! `smmla`) scaled once: `Σ w·x ≈ d_w · d_x · Σ q_w·q_x`.
+//!
+//! Weights are stored in tiles of [`TILE_ROWS`] rows ([`crate::format::QuantLayout`]): one
+//! 64-byte load holds the same eight columns of all eight rows, so a broadcast of eight
+//! activation bytes against it yields eight rows' partial sums in eight (pairs of) lanes, and
+//! the kernels never reduce across lanes until a tile's rows are done. The reference
+//! ([`dot_scalar`]) reads one weight at a time through [`QuantMatrix::level`]; every SIMD
+//! path ([`x86`], [`arm`]) is tested against it.
+
+#[cfg(target_arch = "aarch64")]
+pub mod arm;
+#[cfg(target_arch = "x86_64")]
+pub mod x86;
+
+use std::ops::Range;
+
+use half::f16;
+
+use super::KernelPath;
+use crate::format::{Encoding, QUANT_BLOCK, QuantLayout, TILE_PIECE, TILE_ROWS, TensorView};
+
+/// Which quantized format a matrix uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QuantKind {
+    Q8,
+    Q4,
+    Q4Asym,
+    Q3,
+}
+
+impl QuantKind {
+    /// Bytes of one tile block: [`TILE_ROWS`] rows × [`QUANT_BLOCK`] columns.
+    pub fn tile_block_bytes(self) -> usize {
+        match self {
+            QuantKind::Q8 => TILE_ROWS * QUANT_BLOCK,
+            QuantKind::Q4 | QuantKind::Q4Asym => TILE_ROWS * QUANT_BLOCK / 2,
+            QuantKind::Q3 => TILE_ROWS * QUANT_BLOCK * 3 / 8,
+        }
+    }
+
+    /// Bits of one stored code.
+    pub fn code_bits(self) -> usize {
+        match self {
+            QuantKind::Q8 => 8,
+            QuantKind::Q4 | QuantKind::Q4Asym => 4,
+            QuantKind::Q3 => 3,
+        }
+    }
+
+    /// The stored code that means level 0: `level = code − zero_point` (q8 codes are signed).
+    pub fn zero_point(self) -> i32 {
+        match self {
+            QuantKind::Q8 | QuantKind::Q4Asym => 0,
+            QuantKind::Q4 => 8,
+            QuantKind::Q3 => 4,
+        }
+    }
+}
+
+/// A quantized matrix borrowed from its tensor bytes (zero-copy from the map).
+#[derive(Clone, Copy, Debug)]
+pub struct QuantMatrix<'a> {
+    pub kind: QuantKind,
+    pub rows: usize,
+    pub cols: usize,
+    pub group: usize,
+    /// Row tiles, each `stored_cols / 32` tile blocks ([`QuantKind::tile_block_bytes`]).
+    pub quants: &'a [u8],
+    /// Per tile, per group, the scales of the tile's rows.
+    pub scales: &'a [f16],
+    pub mins: Option<&'a [f16]>,
+    /// Columns of the stored rows: `cols`, or more for a view of the first columns.
+    stored_cols: usize,
+}
+
+impl<'a> QuantMatrix<'a> {
+    /// Splits a tensor's bytes by `layout`; `None` when the bytes do not match it or the scale
+    /// regions are misaligned (impossible for views of a validated file).
+    pub fn from_parts(encoding: Encoding, layout: &QuantLayout, bytes: &'a [u8]) -> Option<Self> {
+        let kind = match encoding {
+            Encoding::Q8 { .. } => QuantKind::Q8,
+            Encoding::Q4 {
+                asymmetric: false, ..
+            } => QuantKind::Q4,
+            Encoding::Q4 {
+                asymmetric: true, ..
+            } => QuantKind::Q4Asym,
+            Encoding::Q3 { .. } => QuantKind::Q3,
+            _ => return None,
+        };
+        if bytes.len() != layout.total {
+            return None;
+        }
+        let scales = bytemuck::try_cast_slice(bytes.get(layout.scales.clone())?).ok()?;
+        let mins = match &layout.mins {
+            Some(r) => Some(bytemuck::try_cast_slice(bytes.get(r.clone())?).ok()?),
+            None => None,
+        };
+        Some(QuantMatrix {
+            kind,
+            rows: layout.rows,
+            cols: layout.cols,
+            group: layout.group,
+            quants: bytes.get(layout.quants.clone())?,
+            scales,
+            mins,
+            stored_cols: layout.cols,
+        })
+    }
+
+    /// The first `rows` rows (`None` beyond the matrix). The last tile may then hold rows
+    /// beyond the view; the kernels compute them and drop the results.
+    pub fn first_rows(self, rows: usize) -> Option<Self> {
+        (rows <= self.rows).then_some(QuantMatrix { rows, ..self })
+    }
+
+    /// The first `cols` columns of each row, read in place: `None` beyond the matrix or when
+    /// `cols` is not a whole number of groups.
+    pub fn first_cols(self, cols: usize) -> Option<Self> {
+        (cols <= self.cols && cols.is_multiple_of(self.group))
+            .then_some(QuantMatrix { cols, ..self })
+    }
+
+    pub fn from_view(view: &TensorView<'a>) -> Option<Self> {
+        let layout = view.encoding.quant_layout(view.shape)?;
+        QuantMatrix::from_parts(view.encoding, &layout, view.bytes)
+    }
+
+    pub fn groups_per_row(&self) -> usize {
+        self.cols / self.group
+    }
+
+    /// Blocks of [`QUANT_BLOCK`] columns in a row of the view.
+    pub fn blocks_per_row(&self) -> usize {
+        self.cols / QUANT_BLOCK
+    }
+
+    /// Row tiles the view covers (the last one possibly partial).
+    pub fn tiles(&self) -> usize {
+        self.rows.div_ceil(TILE_ROWS)
+    }
+
+    /// Bytes of one row: its codes, scales and minimums.
+    pub fn row_bytes(&self) -> usize {
+        let codes = self.cols * self.kind.code_bits() / 8;
+        let per_group = if self.mins.is_some() { 4 } else { 2 };
+        codes + per_group * self.groups_per_row()
+    }
+
+    /// The codes of tile `t`: the view's blocks, [`QuantKind::tile_block_bytes`] each.
+    pub fn tile_quants(&self, t: usize) -> &'a [u8] {
+        let block = self.kind.tile_block_bytes();
+        let start = t * (self.stored_cols / QUANT_BLOCK) * block;
+        &self.quants[start..start + self.blocks_per_row() * block]
+    }
+
+    /// The scales of tile `t`: per group of the view, one per row of the tile.
+    pub fn tile_scales(&self, t: usize) -> &'a [f16] {
+        let start = t * TILE_ROWS * (self.stored_cols / self.group);
+        &self.scales[start..start + TILE_ROWS * self.groups_per_row()]
+    }
+
+    /// The minimums of tile `t` (asymmetric q4), in the order of [`QuantMatrix::tile_scales`].
+    pub fn tile_mins(&self, t: usize) -> Option<&'a [f16]> {
+        let start = t * TILE_ROWS * (self.stored_cols / self.group);
+        self.mins
+            .map(|m| &m[start..start + TILE_ROWS * self.groups_per_row()])
+    }
+
+    /// The signed level of weight `(r, c)`: `w = level · scale` (`+ min` for asymmetric q4).
+    /// This is the definition of the tile layout that the SIMD kernels implement.
+    pub fn level(&self, r: usize, c: usize) -> i32 {
+        let block = self.kind.tile_block_bytes();
+        let tile = self.tile_quants(r / TILE_ROWS);
+        let b = &tile[c / QUANT_BLOCK * block..][..block];
+        let (i, k, j) = (r % TILE_ROWS, c % QUANT_BLOCK / TILE_PIECE, c % TILE_PIECE);
+        let code = match self.kind {
+            QuantKind::Q8 => return b[64 * k + 8 * i + j] as i8 as i32,
+            QuantKind::Q4 | QuantKind::Q4Asym => {
+                let byte = b[64 * (k / 2) + 8 * i + j];
+                if k % 2 == 0 { byte & 0x0F } else { byte >> 4 }
+            }
+            QuantKind::Q3 => {
+                let low = (b[8 * i + j] >> (2 * k)) & 3;
+                let high = (b[64 + 8 * k + i] >> j) & 1;
+                low | high << 2
+            }
+        };
+        code as i32 - self.kind.zero_point()
+    }
+
+    /// Scale of row `r`, group `g`.
+    pub fn scale(&self, r: usize, g: usize) -> f32 {
+        self.tile_scales(r / TILE_ROWS)[g * TILE_ROWS + r % TILE_ROWS].to_f32()
+    }
+
+    /// Minimum of row `r`, group `g` (0 for symmetric encodings).
+    pub fn min(&self, r: usize, g: usize) -> f32 {
+        self.tile_mins(r / TILE_ROWS)
+            .map_or(0.0, |m| m[g * TILE_ROWS + r % TILE_ROWS].to_f32())
+    }
+
+    /// Row `r` decoded to f32 (reference dequantization).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        for g in 0..self.groups_per_row() {
+            let (d, m) = (self.scale(r, g), self.min(r, g));
+            let cols = g * self.group..(g + 1) * self.group;
+            for (c, o) in cols.clone().zip(&mut out[cols]) {
+                *o = self.level(r, c) as f32 * d + m;
+            }
+        }
+    }
+
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.rows * self.cols];
+        for (r, row) in out.chunks_exact_mut(self.cols).enumerate() {
+            self.dequantize_row(r, row);
+        }
+        out
+    }
+}
+
+/// Activations quantized to int8 per block of 32: `x ≈ d · q`. `dsums[b] = d[b] · Σ q` serves
+/// the minimum term of asymmetric weights and the zero point of unsigned codes.
+#[derive(Clone, Debug, Default)]
+pub struct QuantizedActivations {
+    pub tokens: usize,
+    pub cols: usize,
+    pub qs: Vec<i8>,
+    pub d: Vec<f32>,
+    pub dsums: Vec<f32>,
+}
+
+/// Tokens from which activation quantization is split across the thread pool.
+const PARALLEL_QUANTIZE_TOKENS: usize = 16;
+
+impl QuantizedActivations {
+    /// Quantizes `tokens × cols` activations (`cols` a multiple of 32) with the reference
+    /// rounding.
+    pub fn quantize(x: &[f32], tokens: usize, cols: usize) -> Self {
+        Self::quantize_with(KernelPath::Scalar, x, tokens, cols)
+    }
+
+    /// [`QuantizedActivations::quantize`] on `path`; every path gives the same bytes.
+    pub fn quantize_with(path: KernelPath, x: &[f32], tokens: usize, cols: usize) -> Self {
+        use rayon::prelude::*;
+        assert_eq!(x.len(), tokens * cols, "activation shape");
+        assert_eq!(
+            cols % QUANT_BLOCK,
+            0,
+            "activation width must be whole blocks"
+        );
+        let blocks = x.len() / QUANT_BLOCK;
+        let mut out = QuantizedActivations {
+            tokens,
+            cols,
+            qs: vec![0; x.len()],
+            d: vec![0.0; blocks],
+            dsums: vec![0.0; blocks],
+        };
+        let bpt = cols / QUANT_BLOCK;
+        if tokens >= PARALLEL_QUANTIZE_TOKENS {
+            out.qs
+                .par_chunks_mut(cols)
+                .zip(out.d.par_chunks_mut(bpt))
+                .zip(out.dsums.par_chunks_mut(bpt))
+                .enumerate()
+                .for_each(|(t, ((qs, d), dsums))| {
+                    quantize_blocks(path, &x[t * cols..(t + 1) * cols], qs, d, dsums)
+                });
+        } else {
+            quantize_blocks(path, x, &mut out.qs, &mut out.d, &mut out.dsums);
+        }
+        out
+    }
+
+    pub fn row(&self, t: usize) -> ActRow<'_> {
+        let nb = self.cols / QUANT_BLOCK;
+        ActRow {
+            qs: &self.qs[t * self.cols..(t + 1) * self.cols],
+            d: &self.d[t * nb..(t + 1) * nb],
+            dsums: &self.dsums[t * nb..(t + 1) * nb],
+        }
+    }
+}
+
+/// Quantizes whole blocks of `x` into `qs`, with scales `d` and `dsums`.
+fn quantize_blocks(path: KernelPath, x: &[f32], qs: &mut [i8], d: &mut [f32], dsums: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if path.is_x86_simd() {
+        // SAFETY: the x86 SIMD paths are only selected when AVX2 and FMA are available;
+        // the slices hold whole blocks of matching counts.
+        return unsafe { x86::quantize_blocks(x, qs, d, dsums) };
+    }
+    #[cfg(target_arch = "aarch64")]
+    if path != KernelPath::Scalar && path != KernelPath::Generic {
+        // SAFETY: NEON is part of the AArch64 baseline; the slices hold whole blocks.
+        return unsafe { arm::quantize_blocks(x, qs, d, dsums) };
+    }
+    let _ = path;
+    for (b, (xb, qb)) in x
+        .chunks_exact(QUANT_BLOCK)
+        .zip(qs.chunks_exact_mut(QUANT_BLOCK))
+        .enumerate()
+    {
+        let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let scale = amax / 127.0;
+        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, v) in qb.iter_mut().zip(xb) {
+            // Round half away from zero via truncation (`f32::round` is a libm call);
+            // |v · inv| ≤ 127 by construction of the scale. The SIMD paths do the same
+            // operations, so every path gives the same bytes.
+            let scaled = v * inv;
+            *q = (scaled + 0.5f32.copysign(scaled)) as i8;
+            sum += *q as i32;
+        }
+        d[b] = scale;
+        dsums[b] = scale * sum as f32;
+    }
+}
+
+/// One token's quantized activations.
+#[derive(Clone, Copy, Debug)]
+pub struct ActRow<'a> {
+    pub qs: &'a [i8],
+    pub d: &'a [f32],
+    pub dsums: &'a [f32],
+}
+
+/// Scalar reference: row `r` of `w` against one token, Σ over blocks of
+/// `d_w · d_x · Σ level·q_x` (+ the minimum term `m · d_x · Σ q_x`).
+pub fn dot_scalar(w: &QuantMatrix<'_>, r: usize, x: &ActRow<'_>) -> f32 {
+    let bpg = w.group / QUANT_BLOCK;
+    let mut acc = 0.0f32;
+    for (b, (&dx, &dsum)) in x.d.iter().zip(x.dsums).enumerate().take(w.blocks_per_row()) {
+        let g = b / bpg;
+        let isum: i32 = (0..QUANT_BLOCK)
+            .map(|j| w.level(r, b * QUANT_BLOCK + j) * x.qs[b * QUANT_BLOCK + j] as i32)
+            .sum();
+        acc += w.scale(r, g) * dx * isum as f32;
+        if w.mins.is_some() {
+            acc += w.min(r, g) * dsum;
+        }
+    }
+    acc
+}
+
+/// Products of the tiles `tiles` of `w` with every token of `acts`: `out[t]` receives token
+/// `t`'s results for rows `8 · tiles.start..min(8 · tiles.end, w.rows)`.
+pub fn gemm_tiles(
+    path: KernelPath,
+    w: &QuantMatrix<'_>,
+    acts: &QuantizedActivations,
+    tiles: Range<usize>,
+    out: &mut [&mut [f32]],
+) {
+    assert!(tiles.end <= w.tiles(), "gemm_tiles: tile range");
+    assert_eq!(acts.cols, w.cols, "gemm_tiles: activation width");
+    assert_eq!(
+        out.len(),
+        acts.tokens,
+        "gemm_tiles: one output row per token"
+    );
+    let rows = (tiles.end * TILE_ROWS).min(w.rows) - (tiles.start * TILE_ROWS).min(w.rows);
+    assert!(
+        out.iter().all(|o| o.len() == rows),
+        "gemm_tiles: output rows"
+    );
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: each x86 SIMD path is only selected after run-time detection of its
+        // features; shapes were checked above.
+        KernelPath::Avx2 | KernelPath::AvxVnni | KernelPath::Avx512 => unsafe {
+            x86::gemm_tiles(path, w, acts, tiles, out)
+        },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: NEON is baseline; dotprod and i8mm are selected after run-time detection.
+        KernelPath::Neon | KernelPath::Dotprod | KernelPath::I8mm => unsafe {
+            arm::gemm_tiles(path, w, acts, tiles, out)
+        },
+        _ => {
+            let first = tiles.start * TILE_ROWS;
+            for (t, o) in out.iter_mut().enumerate() {
+                let x = acts.row(t);
+                for (i, v) in o.iter_mut().enumerate() {
+                    *v = dot_scalar(w, first + i, &x);
+                }
+            }
+        }
+    }
+}
+
+/// Stores the tile results `res` (token-major, 8 rows each) of the tile at row offset `at`
+/// of each output row in `out`, cutting the padded rows of a last, partial tile.
+#[inline]
+pub(crate) fn store_tile<const T: usize>(
+    res: &[[f32; TILE_ROWS]; T],
+    out: &mut [&mut [f32]],
+    at: usize,
+) {
+    for (r, o) in res.iter().zip(out.iter_mut()) {
+        if o.len() >= at + TILE_ROWS {
+            o[at..at + TILE_ROWS].copy_from_slice(r);
+        } else {
+            let n = o.len() - at;
+            o[at..].copy_from_slice(&r[..n]);
+        }
+    }
+}
+
+/// Round-to-nearest quantization of a `[rows, cols]` f32 matrix into the bytes of `encoding`
+/// (the exact tensor data the format stores). Scales: q8 `amax / 127`; q4 symmetric maps the
+/// value of largest magnitude to −8 (ggml's choice, using the full 16 levels), q3 likewise to
+/// −4 (all 8 levels); q4 asymmetric spans `[min, max]` with 15 steps. Better scale choices
+/// (clipping, GPTQ, AWQ) live in the converter and call [`encode_with_scales`].
+pub fn quantize_rtn(w: &[f32], rows: usize, cols: usize, encoding: Encoding) -> Option<Vec<u8>> {
+    let layout = encoding.quant_layout(&[rows, cols])?;
+    let group = layout.group;
+    let mut scales = Vec::with_capacity(rows * cols / group);
+    let mut mins = Vec::new();
+    for g in w.chunks_exact(group) {
+        let (lo, hi) = g
+            .iter()
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+                (lo.min(v), hi.max(v))
+            });
+        match encoding {
+            Encoding::Q8 { .. } => scales.push(lo.abs().max(hi.abs()) / 127.0),
+            Encoding::Q4 {
+                asymmetric: false, ..
+            } => {
+                let extreme = if hi.abs() > lo.abs() { hi } else { lo };
+                scales.push(extreme / -8.0);
+            }
+            Encoding::Q3 { .. } => {
+                let extreme = if hi.abs() > lo.abs() { hi } else { lo };
+                scales.push(extreme / -4.0);
+            }
+            _ => {
+                scales.push((hi - lo) / 15.0);
+                mins.push(lo);
+            }
+        }
+    }
+    let mins = (!mins.is_empty()).then_some(&mins[..]);
+    encode_with_scales(w, rows, cols, encoding, &scales, mins)
+}
+
+/// Writes `code` (unsigned, zero point included; q8: the i8 bits) of row `i` of a tile,
+/// column `c` of the block, into the tile block `block` (the inverse of
+/// [`QuantMatrix::level`]).
+fn put_code(kind: QuantKind, block: &mut [u8], i: usize, c: usize, code: u8) {
+    let (k, j) = (c / TILE_PIECE, c % TILE_PIECE);
+    match kind {
+        QuantKind::Q8 => block[64 * k + 8 * i + j] = code,
+        QuantKind::Q4 | QuantKind::Q4Asym => {
+            block[64 * (k / 2) + 8 * i + j] |= if k % 2 == 0 { code } else { code << 4 }
+        }
+        QuantKind::Q3 => {
+            debug_assert!(code < 8);
+            block[8 * i + j] |= (code & 3) << (2 * k);
+            block[64 + 8 * k + i] |= (code >> 2) << j;
+        }
+    }
+}
+
+/// Quantizes `w` with the given per-group scales (and minimums for asymmetric q4), rounding
+/// to nearest, and lays the result out as the format's tensor bytes. `scales` (and `mins`)
+/// are row-major: `rows × cols / group`.
+pub fn encode_with_scales(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    encoding: Encoding,
+    scales: &[f32],
+    mins: Option<&[f32]>,
+) -> Option<Vec<u8>> {
+    let layout = encoding.quant_layout(&[rows, cols])?;
+    let group = layout.group;
+    if w.len() != rows * cols || scales.len() != rows * cols / group {
+        return None;
+    }
+    let asymmetric = layout.mins.is_some();
+    if asymmetric && mins.is_none_or(|m| m.len() != scales.len()) {
+        return None;
+    }
+    let mut out = vec![0u8; layout.total];
+    let kind = QuantMatrix::from_parts(encoding, &layout, &out)?.kind;
+    // Quantize against the f16-rounded scale actually stored, so rounding sees the real grid.
+    let stored: Vec<f32> = scales.iter().map(|&d| f16::from_f32(d).to_f32()).collect();
+    let stored_mins: Vec<f32> = mins
+        .map(|m| m.iter().map(|&v| f16::from_f32(v).to_f32()).collect())
+        .unwrap_or_default();
+    let groups = cols / group;
+    let code = |i: usize| -> u8 {
+        let g = i / group;
+        let d = stored[g];
+        let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
+        match kind {
+            QuantKind::Q8 => (w[i] * inv).round().clamp(-127.0, 127.0) as i8 as u8,
+            QuantKind::Q4 => (w[i] * inv + 8.0).round().clamp(0.0, 15.0) as u8,
+            QuantKind::Q4Asym => ((w[i] - stored_mins[g]) * inv).round().clamp(0.0, 15.0) as u8,
+            QuantKind::Q3 => (w[i] * inv + 4.0).round().clamp(0.0, 7.0) as u8,
+        }
+    };
+    let block_bytes = kind.tile_block_bytes();
+    let tile_bytes = cols / QUANT_BLOCK * block_bytes;
+    let quants = &mut out[layout.quants.clone()];
+    for r in 0..rows {
+        let tile = &mut quants[r / TILE_ROWS * tile_bytes..][..tile_bytes];
+        for (b, block) in tile.chunks_exact_mut(block_bytes).enumerate() {
+            for c in 0..QUANT_BLOCK {
+                let i = r * cols + b * QUANT_BLOCK + c;
+                put_code(kind, block, r % TILE_ROWS, c, code(i));
+            }
+        }
+    }
+    // Scales (and minimums) go tile by tile, group by group, one per row of the tile.
+    let position = |r: usize, g: usize| (r / TILE_ROWS * groups + g) * TILE_ROWS + r % TILE_ROWS;
+    for r in 0..rows {
+        for g in 0..groups {
+            let at = layout.scales.start + 2 * position(r, g);
+            out[at..at + 2].copy_from_slice(&f16::from_f32(stored[r * groups + g]).to_le_bytes());
+            if let Some(range) = &layout.mins {
+                let at = range.start + 2 * position(r, g);
+                let m = stored_mins[r * groups + g];
+                out[at..at + 2].copy_from_slice(&f16::from_f32(m).to_le_bytes());
+            }
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::test_util::random_vec;
+
+    fn encodings() -> Vec<Encoding> {
+        let mut v = Vec::new();
+        for group in [32, 64, 128] {
+            v.push(Encoding::Q8 { group });
+            v.push(Encoding::Q4 {
+                group,
+                asymmetric: false,
+            });
+            v.push(Encoding::Q4 {
+                group,
+                asymmetric: true,
+            });
+            v.push(Encoding::Q3 { group });
+        }
+        v
+    }
+
+    fn matrix<'a>(
+        encoding: Encoding,
+        rows: usize,
+        cols: usize,
+        bytes: &'a [u8],
+    ) -> QuantMatrix<'a> {
+        let layout = encoding.quant_layout(&[rows, cols]).unwrap();
+        QuantMatrix::from_parts(encoding, &layout, bytes).unwrap()
+    }
+
+    #[test]
+    fn rtn_round_trip_error_is_within_half_a_step() {
+        for enc in encodings() {
+            // 11 rows: one whole tile and a ragged one.
+            let (rows, cols) = (11, 256);
+            let w = random_vec(rows * cols, 5);
+            let bytes = quantize_rtn(&w, rows, cols, enc).unwrap();
+            let m = matrix(enc, rows, cols, &bytes);
+            let back = m.dequantize();
+            let group = enc.group().unwrap() as usize;
+            for (i, (a, b)) in w.iter().zip(&back).enumerate() {
+                let d = m.scale(i / cols, i % cols / group).abs();
+                // Half a step, plus f16 rounding of the scale/min stored with the group.
+                // Symmetric q4 (q3) has 8 (4) negative levels and 7 (3) positive ones: when the group's
+                // extreme is negative, values near +|extreme| clip one step short.
+                let steps = if matches!(
+                    enc,
+                    Encoding::Q4 {
+                        asymmetric: false,
+                        ..
+                    } | Encoding::Q3 { .. }
+                ) {
+                    1.0
+                } else {
+                    0.5
+                };
+                let tol = steps * d + 0.01 * a.abs().max(d) + 1e-3;
+                assert!(
+                    (a - b).abs() <= tol,
+                    "{enc}: w[{i}] = {a}, got {b} (step {d})"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn q8_and_q4_tiles_match_the_spec() {
+        // 8 rows × 32: row r, column c holds the level (c + r) % 16 − 8, scale 1.
+        let (rows, cols) = (8, 32);
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i % cols + i / cols) % 16) as f32 - 8.0)
+            .collect();
+        let q4 = Encoding::Q4 {
+            group: 32,
+            asymmetric: false,
+        };
+        let bytes = encode_with_scales(&w, rows, cols, q4, &[1.0; 8], None).unwrap();
+        for r in 0..rows {
+            for c in 0..cols {
+                let (k, j) = (c / 8, c % 8);
+                let byte = bytes[64 * (k / 2) + 8 * r + j];
+                let code = if k % 2 == 0 { byte & 15 } else { byte >> 4 };
+                assert_eq!(code as usize, (c + r) % 16, "row {r} col {c}");
+            }
+        }
+        // Scales start at byte 128 (already a multiple of 64), one per row of the tile.
+        assert_eq!(&bytes[128..130], &f16::from_f32(1.0).to_le_bytes());
+        assert_eq!(matrix(q4, rows, cols, &bytes).dequantize(), w);
+
+        let q8 = Encoding::Q8 { group: 32 };
+        let bytes = encode_with_scales(&w, rows, cols, q8, &[1.0; 8], None).unwrap();
+        for r in 0..rows {
+            for c in 0..cols {
+                let code = bytes[64 * (c / 8) + 8 * r + c % 8] as i8;
+                assert_eq!(code as f32, w[r * cols + c], "row {r} col {c}");
+            }
+        }
+        assert_eq!(matrix(q8, rows, cols, &bytes).dequantize(), w);
+    }
+
+    #[test]
+    fn q3_bit_planes_match_the_spec() {
+        let enc = Encoding::Q3 { group: 32 };
+        // 9 rows (a second, padded tile) × 64: row r, column c at level (c + 3r) % 8, scale
+        // −1, so w = 4 − level.
+        let (rows, cols) = (9, 64);
+        let level = |r: usize, c: usize| ((c + 3 * r) % 8) as u8;
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| 4.0 - level(i / cols, i % cols) as f32)
+            .collect();
+        let bytes = encode_with_scales(&w, rows, cols, enc, &[-1.0; 18], None).unwrap();
+        // Two tiles of two 96-byte blocks.
+        assert_eq!(enc.quant_layout(&[rows, cols]).unwrap().quants, 0..384);
+        for r in 0..rows {
+            for c in 0..cols {
+                let block = &bytes[(r / 8) * 192 + (c / 32) * 96..][..96];
+                let (i, k, j) = (r % 8, c % 32 / 8, c % 8);
+                let low = (block[8 * i + j] >> (2 * k)) & 3;
+                let high = (block[64 + 8 * k + i] >> j) & 1;
+                assert_eq!(low | high << 2, level(r, c), "row {r} col {c}");
+            }
+        }
+        let m = matrix(enc, rows, cols, &bytes);
+        assert_eq!(m.dequantize(), w);
+        // The padded rows of the last tile are zero codes with zero scales.
+        assert_eq!(m.tile_scales(1)[1].to_f32(), 0.0);
+    }
+
+    #[test]
+    fn views_of_first_rows_and_columns_read_in_place() {
+        for enc in encodings() {
+            let group = enc.group().unwrap() as usize;
+            let (rows, cols) = (13, 4 * group);
+            let w = random_vec(rows * cols, 21);
+            let bytes = quantize_rtn(&w, rows, cols, enc).unwrap();
+            let m = matrix(enc, rows, cols, &bytes);
+            let full = m.dequantize();
+            let view = m.first_rows(11).unwrap().first_cols(2 * group).unwrap();
+            assert!(
+                m.first_cols(group / 2).is_none(),
+                "cuts only on whole groups"
+            );
+            assert!(m.first_cols(5 * group).is_none() && m.first_rows(14).is_none());
+            let part = view.dequantize();
+            for r in 0..11 {
+                assert_eq!(
+                    &part[r * 2 * group..(r + 1) * 2 * group],
+                    &full[r * cols..r * cols + 2 * group],
+                    "{enc} row {r}"
+                );
+            }
+        }
+    }
+
+    /// The activations as the integer dot products see them: `q · d` per block.
+    fn dequantized(acts: &QuantizedActivations) -> Vec<f32> {
+        acts.qs
+            .iter()
+            .enumerate()
+            .map(|(i, &q)| q as f32 * acts.d[i / QUANT_BLOCK])
+            .collect()
+    }
+
+    #[test]
+    fn dot_scalar_matches_dequantized_product() {
+        for enc in encodings() {
+            let (rows, cols) = (10, 384);
+            let w = random_vec(rows * cols, 11);
+            let x = random_vec(cols, 12);
+            let bytes = quantize_rtn(&w, rows, cols, enc).unwrap();
+            let m = matrix(enc, rows, cols, &bytes);
+            let acts = QuantizedActivations::quantize(&x, 1, cols);
+            let xq = dequantized(&acts);
+            let mut row = vec![0.0; cols];
+            for r in 0..rows {
+                m.dequantize_row(r, &mut row);
+                let want: f32 = row.iter().zip(&xq).map(|(a, b)| a * b).sum();
+                let got = dot_scalar(&m, r, &acts.row(0));
+                assert!(
+                    (got - want).abs() < 1e-3 * want.abs().max(1.0),
+                    "{enc}: {got} vs {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn activation_quantization_error_is_bounded() {
+        let x = random_vec(96, 3);
+        let a = QuantizedActivations::quantize(&x, 1, 96);
+        for (i, v) in x.iter().enumerate() {
+            let d = a.d[i / 32];
+            assert!((a.qs[i] as f32 * d - v).abs() <= 0.5 * d + 1e-7);
+        }
+        let zeros = QuantizedActivations::quantize(&[0.0; 32], 1, 32);
+        assert_eq!(zeros.d[0], 0.0);
+        assert!(zeros.qs.iter().all(|&q| q == 0));
+    }
+
+    fn paths() -> Vec<KernelPath> {
+        KernelPath::ALL
+            .into_iter()
+            .filter(|p| p.is_supported())
+            .collect()
+    }
+
+    #[test]
+    fn every_path_quantizes_activations_to_the_same_bytes() {
+        // Values at exact rounding ties and zero blocks too.
+        let mut x = random_vec(40 * 96, 8);
+        for (i, v) in x.iter_mut().enumerate().take(96) {
+            *v = (i as f32 - 48.0) * 0.5;
+        }
+        x[96..128].fill(0.0);
+        for tokens in [1, 40] {
+            let x = &x[..tokens * 96];
+            let want = QuantizedActivations::quantize(x, tokens, 96);
+            for path in paths() {
+                let got = QuantizedActivations::quantize_with(path, x, tokens, 96);
+                assert_eq!(got.qs, want.qs, "{path:?}");
+                assert_eq!(got.d, want.d, "{path:?}");
+                assert_eq!(got.dsums, want.dsums, "{path:?}");
+            }
+        }
+    }
+
+    /// Each token's results for the rows of `tiles`.
+    fn products(
+        path: KernelPath,
+        m: &QuantMatrix<'_>,
+        acts: &QuantizedActivations,
+        tiles: Range<usize>,
+    ) -> Vec<Vec<f32>> {
+        let rows = (tiles.end * TILE_ROWS).min(m.rows) - tiles.start * TILE_ROWS;
+        let mut out = vec![vec![f32::NAN; rows]; acts.tokens];
+        let mut slices: Vec<&mut [f32]> = out.iter_mut().map(|o| &mut o[..]).collect();
+        gemm_tiles(path, m, acts, tiles, &mut slices);
+        out
+    }
+
+    #[test]
+    fn every_supported_path_matches_scalar_for_every_encoding() {
+        let paths = paths();
+        eprintln!("testing kernel paths {paths:?}");
+        for enc in encodings() {
+            let group = enc.group().unwrap() as usize;
+            // Ragged tiles (rows not a multiple of 8), 1..=3 groups a row, token counts around
+            // every kernel's token width (2, 4, 8).
+            for (i, &(rows, groups, tokens)) in [
+                (1, 1, 1),
+                (8, 1, 2),
+                (13, 3, 3),
+                (24, 2, 5),
+                (17, 1, 9),
+                (9, 2, 11),
+                (16, 1, 17),
+            ]
+            .iter()
+            .enumerate()
+            {
+                let cols = groups * group;
+                let w = random_vec(rows * cols, 30 + i as u64);
+                let bytes = quantize_rtn(&w, rows, cols, enc).unwrap();
+                let m = matrix(enc, rows, cols, &bytes);
+                let x = random_vec(tokens * cols, 7 + i as u64);
+                let acts = QuantizedActivations::quantize(&x, tokens, cols);
+                let tiles = m.tiles();
+                let want = products(KernelPath::Scalar, &m, &acts, 0..tiles);
+                for &path in &paths {
+                    let got = products(path, &m, &acts, 0..tiles);
+                    // A later tile range alone gives the same results.
+                    let tail = products(path, &m, &acts, tiles / 2..tiles);
+                    for t in 0..tokens {
+                        for r in 0..rows {
+                            let (g, e) = (got[t][r], want[t][r]);
+                            assert!(
+                                (g - e).abs() <= 1e-4 * e.abs().max(1.0),
+                                "{path:?} {enc} {rows}×{cols} tokens {tokens}: token {t} row {r}: {g} vs {e}"
+                            );
+                            if r >= tiles / 2 * TILE_ROWS {
+                                assert_eq!(
+                                    tail[t][r - tiles / 2 * TILE_ROWS],
+                                    g,
+                                    "{path:?} {enc}: tile range"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
