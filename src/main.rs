@@ -36,18 +36,33 @@ struct Cli {
     /// POCKETLM_LOW_RANK_PERCENT, else 100): one file, several operating points.
     #[arg(long, global = true, value_name = "P", value_parser = clap::value_parser!(u8).range(1..=100))]
     low_rank_percent: Option<u8>,
+    /// KV cache storage: f32, or q8 (int8 with a scale per head vector: 3.8x less memory for
+    /// 64-wide heads). Default POCKETLM_KV_CACHE, else f32.
+    #[arg(long, global = true, value_name = "TYPE", value_parser = parse_kv_type)]
+    kv_cache: Option<pocketlm::model::KvType>,
     #[command(subcommand)]
     command: Command,
 }
 
+fn parse_kv_type(s: &str) -> Result<pocketlm::model::KvType, String> {
+    pocketlm::model::KvType::parse(s)
+        .ok_or_else(|| format!("unknown KV cache type {s:?} (f32, q8)"))
+}
+
 /// `--low-rank-percent`, set once at start.
 static LOW_RANK_PERCENT: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
+
+/// `--kv-cache`, set once at start.
+static KV_CACHE: std::sync::OnceLock<pocketlm::model::KvType> = std::sync::OnceLock::new();
 
 /// Opens a model with the environment's options and the command line's overrides.
 fn open_model(path: &std::path::Path) -> Result<Model, pocketlm::model::ModelError> {
     let mut options = pocketlm::model::ModelOptions::from_env();
     if let Some(&percent) = LOW_RANK_PERCENT.get() {
         options.low_rank_percent = percent;
+    }
+    if let Some(&kind) = KV_CACHE.get() {
+        options.kv_cache = kind;
     }
     Model::open_with(path, options)
 }
@@ -393,6 +408,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(percent) = cli.low_rank_percent {
         let _ = LOW_RANK_PERCENT.set(percent);
+    }
+    if let Some(kind) = cli.kv_cache {
+        let _ = KV_CACHE.set(kind);
     }
     let mut pool = rayon::ThreadPoolBuilder::new();
     if let Some(n) = cli.threads {

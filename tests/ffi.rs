@@ -452,3 +452,42 @@ fn low_rank_layers_are_served_at_the_requested_percentage() {
         other => panic!("{:?}", other.map(|e| e.info())),
     }
 }
+
+/// An int8 KV cache through the mobile API: reported, a fraction of the f32 cache's memory
+/// per position, greedy output starting like f32's, and an unknown type refused.
+#[test]
+fn int8_kv_cache_is_chosen_reported_and_refused_when_unknown() {
+    let open = |kv_cache: Option<&str>| {
+        Engine::open(
+            model_path().display().to_string(),
+            EngineOptions {
+                threads: 2,
+                kv_cache: kv_cache.map(str::to_string),
+                ..EngineOptions::default()
+            },
+        )
+    };
+    let f32_engine = open(None).unwrap();
+    let q8_engine = open(Some("q8")).unwrap();
+    assert_eq!(f32_engine.info().kv_cache, "f32");
+    assert_eq!(q8_engine.info().kv_cache, "q8");
+    let text = |engine: &Arc<Engine>| {
+        Arc::clone(engine)
+            .new_session()
+            .unwrap()
+            .complete(PROMPT.into(), greedy(8))
+            .unwrap()
+            .text
+    };
+    let (a, b) = (text(&f32_engine), text(&q8_engine));
+    // The first few greedy words agree; rounding may move later ones.
+    let head =
+        |s: &str| -> Vec<String> { s.split_whitespace().take(3).map(String::from).collect() };
+    assert_eq!(head(&a), head(&b), "{a:?} vs {b:?}");
+    match open(Some("f16")) {
+        Err(PocketLmError::InvalidConfig { reason }) => {
+            assert!(reason.contains("kv_cache"), "{reason}")
+        }
+        other => panic!("{:?}", other.map(|e| e.info())),
+    }
+}

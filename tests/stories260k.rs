@@ -271,3 +271,59 @@ fn importer_errors_name_what_is_wrong() {
     );
     assert!(!out.exists(), "no output on failure");
 }
+
+/// The int8 KV cache: a quarter of the f32 cache's memory (plus a scale per head vector),
+/// logits close to f32's, and the same greedy choice at almost every position.
+#[test]
+fn int8_kv_cache_stays_close_to_f32() {
+    use pocketlm::model::{KvType, ModelOptions};
+    let (_dir, plm) = convert("hf", Encoding::F32);
+    let open = |kv_cache| {
+        Model::open_with(
+            &plm,
+            ModelOptions {
+                kv_cache,
+                ..ModelOptions::default()
+            },
+        )
+        .unwrap()
+    };
+    let (f32_model, q8_model) = (open(KvType::F32), open(KvType::Q8));
+    let ids = f32_model
+        .tokenizer()
+        .encode(
+            "Lily and Ben went to the park to play. They saw a big dog and a small cat.",
+            true,
+        )
+        .unwrap();
+    let mut f32_cache = f32_model.new_cache(64).unwrap();
+    let mut q8_cache = q8_model.new_cache(64).unwrap();
+    let hd = f32_model.config().head_dim;
+    assert_eq!(
+        q8_cache.memory_bytes() * 4 * hd,
+        f32_cache.memory_bytes() * (hd + 4),
+        "q8: one byte a value and 4 bytes a head vector"
+    );
+    let a = f32_model
+        .forward(&ids, &mut f32_cache, Logits::All)
+        .unwrap();
+    let b = q8_model.forward(&ids, &mut q8_cache, Logits::All).unwrap();
+    let vocab = f32_model.config().vocab_size;
+    let argmax = |r: &[f32]| (0..r.len()).max_by(|&i, &j| r[i].total_cmp(&r[j])).unwrap();
+    let (mut same, mut worst) = (0, 0.0f32);
+    for (ra, rb) in a.chunks(vocab).zip(b.chunks(vocab)) {
+        same += (argmax(ra) == argmax(rb)) as usize;
+        worst = ra
+            .iter()
+            .zip(rb)
+            .map(|(x, y)| (x - y).abs())
+            .fold(worst, f32::max);
+    }
+    // This model's head vectors have only 8 values, so their int8 rounding is coarse.
+    assert!(
+        same * 10 >= ids.len() * 9,
+        "argmax agrees at {same} of {}",
+        ids.len()
+    );
+    assert!(worst > 0.0 && worst < 1.0, "max logit difference {worst}");
+}

@@ -897,7 +897,7 @@ class EngineOptions:
     """
     How an [`Engine`] runs. All fields have defaults.
 """
-    def __init__(self, *, threads:int = 0, context_length:int = 0, kernel_path:typing.Optional[str] = _DEFAULT, low_rank_percent:int = 0):
+    def __init__(self, *, threads:int = 0, context_length:int = 0, kernel_path:typing.Optional[str] = _DEFAULT, low_rank_percent:int = 0, kv_cache:typing.Optional[str] = _DEFAULT):
         self.threads = threads
         self.context_length = context_length
         if kernel_path is _DEFAULT:
@@ -905,12 +905,16 @@ class EngineOptions:
         else:
             self.kernel_path = kernel_path
         self.low_rank_percent = low_rank_percent
+        if kv_cache is _DEFAULT:
+            self.kv_cache = None
+        else:
+            self.kv_cache = kv_cache
         
         
 
     
     def __str__(self):
-        return "EngineOptions(threads={}, context_length={}, kernel_path={}, low_rank_percent={})".format(self.threads, self.context_length, self.kernel_path, self.low_rank_percent)
+        return "EngineOptions(threads={}, context_length={}, kernel_path={}, low_rank_percent={}, kv_cache={})".format(self.threads, self.context_length, self.kernel_path, self.low_rank_percent, self.kv_cache)
     def __eq__(self, other):
         if self.threads != other.threads:
             return False
@@ -919,6 +923,8 @@ class EngineOptions:
         if self.kernel_path != other.kernel_path:
             return False
         if self.low_rank_percent != other.low_rank_percent:
+            return False
+        if self.kv_cache != other.kv_cache:
             return False
         return True
 
@@ -930,6 +936,7 @@ class _UniffiFfiConverterTypeEngineOptions(_UniffiConverterRustBuffer):
             context_length=_UniffiFfiConverterUInt32.read(buf),
             kernel_path=_UniffiFfiConverterOptionalString.read(buf),
             low_rank_percent=_UniffiFfiConverterUInt8.read(buf),
+            kv_cache=_UniffiFfiConverterOptionalString.read(buf),
         )
 
     @staticmethod
@@ -938,6 +945,7 @@ class _UniffiFfiConverterTypeEngineOptions(_UniffiConverterRustBuffer):
         _UniffiFfiConverterUInt32.check_lower(value.context_length)
         _UniffiFfiConverterOptionalString.check_lower(value.kernel_path)
         _UniffiFfiConverterUInt8.check_lower(value.low_rank_percent)
+        _UniffiFfiConverterOptionalString.check_lower(value.kv_cache)
 
     @staticmethod
     def write(value, buf):
@@ -945,6 +953,7 @@ class _UniffiFfiConverterTypeEngineOptions(_UniffiConverterRustBuffer):
         _UniffiFfiConverterUInt32.write(value.context_length, buf)
         _UniffiFfiConverterOptionalString.write(value.kernel_path, buf)
         _UniffiFfiConverterUInt8.write(value.low_rank_percent, buf)
+        _UniffiFfiConverterOptionalString.write(value.kv_cache, buf)
 
 class _UniffiFfiConverterFloat32(_UniffiConverterPrimitiveFloat):
     @staticmethod
@@ -1314,7 +1323,7 @@ class ModelInfo:
     """
     What an engine has loaded.
 """
-    def __init__(self, *, architecture:str, parameters:int, bits_per_weight:float, file_size_bytes:int, context_length:int, max_context_length:int, vocab_size:int, has_chat_template:bool, kernel_path:str, threads:int, low_rank_percent:int):
+    def __init__(self, *, architecture:str, parameters:int, bits_per_weight:float, file_size_bytes:int, context_length:int, max_context_length:int, vocab_size:int, has_chat_template:bool, kernel_path:str, threads:int, low_rank_percent:int, kv_cache:str):
         self.architecture = architecture
         self.parameters = parameters
         self.bits_per_weight = bits_per_weight
@@ -1326,12 +1335,13 @@ class ModelInfo:
         self.kernel_path = kernel_path
         self.threads = threads
         self.low_rank_percent = low_rank_percent
+        self.kv_cache = kv_cache
         
         
 
     
     def __str__(self):
-        return "ModelInfo(architecture={}, parameters={}, bits_per_weight={}, file_size_bytes={}, context_length={}, max_context_length={}, vocab_size={}, has_chat_template={}, kernel_path={}, threads={}, low_rank_percent={})".format(self.architecture, self.parameters, self.bits_per_weight, self.file_size_bytes, self.context_length, self.max_context_length, self.vocab_size, self.has_chat_template, self.kernel_path, self.threads, self.low_rank_percent)
+        return "ModelInfo(architecture={}, parameters={}, bits_per_weight={}, file_size_bytes={}, context_length={}, max_context_length={}, vocab_size={}, has_chat_template={}, kernel_path={}, threads={}, low_rank_percent={}, kv_cache={})".format(self.architecture, self.parameters, self.bits_per_weight, self.file_size_bytes, self.context_length, self.max_context_length, self.vocab_size, self.has_chat_template, self.kernel_path, self.threads, self.low_rank_percent, self.kv_cache)
     def __eq__(self, other):
         if self.architecture != other.architecture:
             return False
@@ -1355,6 +1365,8 @@ class ModelInfo:
             return False
         if self.low_rank_percent != other.low_rank_percent:
             return False
+        if self.kv_cache != other.kv_cache:
+            return False
         return True
 
 class _UniffiFfiConverterTypeModelInfo(_UniffiConverterRustBuffer):
@@ -1372,6 +1384,7 @@ class _UniffiFfiConverterTypeModelInfo(_UniffiConverterRustBuffer):
             kernel_path=_UniffiFfiConverterString.read(buf),
             threads=_UniffiFfiConverterUInt32.read(buf),
             low_rank_percent=_UniffiFfiConverterUInt8.read(buf),
+            kv_cache=_UniffiFfiConverterString.read(buf),
         )
 
     @staticmethod
@@ -1387,6 +1400,7 @@ class _UniffiFfiConverterTypeModelInfo(_UniffiConverterRustBuffer):
         _UniffiFfiConverterString.check_lower(value.kernel_path)
         _UniffiFfiConverterUInt32.check_lower(value.threads)
         _UniffiFfiConverterUInt8.check_lower(value.low_rank_percent)
+        _UniffiFfiConverterString.check_lower(value.kv_cache)
 
     @staticmethod
     def write(value, buf):
@@ -1401,6 +1415,7 @@ class _UniffiFfiConverterTypeModelInfo(_UniffiConverterRustBuffer):
         _UniffiFfiConverterString.write(value.kernel_path, buf)
         _UniffiFfiConverterUInt32.write(value.threads, buf)
         _UniffiFfiConverterUInt8.write(value.low_rank_percent, buf)
+        _UniffiFfiConverterString.write(value.kv_cache, buf)
 
 
 

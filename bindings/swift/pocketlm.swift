@@ -1364,7 +1364,8 @@ public struct EngineOptions: Equatable, Hashable {
      */
     public var contextLength: UInt32
     /**
-     * Kernel path (`"scalar"`, `"generic"`/`"neon"`/`"sse2"`, `"avx2"`); None = detect.
+     * Kernel path (`"scalar"`, `"generic"`, `"avx2"`, `"avxvnni"`, `"avx512"`, `"neon"`,
+     * `"dotprod"`, `"i8mm"`); None = detect.
      * The choice is process-wide: it takes effect if no model has run yet in this process
      * (and `POCKETLM_KERNELS` is unset); asking for a different path afterwards is an
      * `InvalidConfig` error. `ModelInfo::kernel_path` reports the path in use.
@@ -1377,6 +1378,12 @@ public struct EngineOptions: Equatable, Hashable {
      * `POCKETLM_LOW_RANK_PERCENT` environment variable, else 100. Dense layers are unaffected.
      */
     public var lowRankPercent: UInt8
+    /**
+     * KV cache storage: `"f32"`, or `"q8"` (int8 with a scale per head vector, 3.8× less
+     * memory for 64-wide heads, so longer contexts fit). None = the `POCKETLM_KV_CACHE`
+     * environment variable, else f32.
+     */
+    public var kvCache: String?
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -1390,7 +1397,8 @@ public struct EngineOptions: Equatable, Hashable {
          * are capped at the trained context.
          */contextLength: UInt32 = UInt32(0), 
         /**
-         * Kernel path (`"scalar"`, `"generic"`/`"neon"`/`"sse2"`, `"avx2"`); None = detect.
+         * Kernel path (`"scalar"`, `"generic"`, `"avx2"`, `"avxvnni"`, `"avx512"`, `"neon"`,
+         * `"dotprod"`, `"i8mm"`); None = detect.
          * The choice is process-wide: it takes effect if no model has run yet in this process
          * (and `POCKETLM_KERNELS` is unset); asking for a different path afterwards is an
          * `InvalidConfig` error. `ModelInfo::kernel_path` reports the path in use.
@@ -1400,11 +1408,17 @@ public struct EngineOptions: Equatable, Hashable {
          * factors are stored rank-ordered, so a lower percentage reads (and pages in) fewer bytes
          * and runs faster, at some quality cost, from the same file. 0 = the
          * `POCKETLM_LOW_RANK_PERCENT` environment variable, else 100. Dense layers are unaffected.
-         */lowRankPercent: UInt8 = UInt8(0)) {
+         */lowRankPercent: UInt8 = UInt8(0), 
+        /**
+         * KV cache storage: `"f32"`, or `"q8"` (int8 with a scale per head vector, 3.8× less
+         * memory for 64-wide heads, so longer contexts fit). None = the `POCKETLM_KV_CACHE`
+         * environment variable, else f32.
+         */kvCache: String? = nil) {
         self.threads = threads
         self.contextLength = contextLength
         self.kernelPath = kernelPath
         self.lowRankPercent = lowRankPercent
+        self.kvCache = kvCache
     }
 
     
@@ -1426,7 +1440,8 @@ public struct FfiConverterTypeEngineOptions: FfiConverterRustBuffer {
                 threads: FfiConverterUInt32.read(from: &buf), 
                 contextLength: FfiConverterUInt32.read(from: &buf), 
                 kernelPath: FfiConverterOptionString.read(from: &buf), 
-                lowRankPercent: FfiConverterUInt8.read(from: &buf)
+                lowRankPercent: FfiConverterUInt8.read(from: &buf), 
+                kvCache: FfiConverterOptionString.read(from: &buf)
         )
     }
 
@@ -1435,6 +1450,7 @@ public struct FfiConverterTypeEngineOptions: FfiConverterRustBuffer {
         FfiConverterUInt32.write(value.contextLength, into: &buf)
         FfiConverterOptionString.write(value.kernelPath, into: &buf)
         FfiConverterUInt8.write(value.lowRankPercent, into: &buf)
+        FfiConverterOptionString.write(value.kvCache, into: &buf)
     }
 }
 
@@ -1774,6 +1790,10 @@ public struct ModelInfo: Equatable, Hashable {
      * Percentage of their stored rank low-rank layers are served with.
      */
     public var lowRankPercent: UInt8
+    /**
+     * KV cache storage of this engine's sessions (`f32` or `q8`).
+     */
+    public var kvCache: String
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -1801,7 +1821,10 @@ public struct ModelInfo: Equatable, Hashable {
          */threads: UInt32, 
         /**
          * Percentage of their stored rank low-rank layers are served with.
-         */lowRankPercent: UInt8) {
+         */lowRankPercent: UInt8, 
+        /**
+         * KV cache storage of this engine's sessions (`f32` or `q8`).
+         */kvCache: String) {
         self.architecture = architecture
         self.parameters = parameters
         self.bitsPerWeight = bitsPerWeight
@@ -1813,6 +1836,7 @@ public struct ModelInfo: Equatable, Hashable {
         self.kernelPath = kernelPath
         self.threads = threads
         self.lowRankPercent = lowRankPercent
+        self.kvCache = kvCache
     }
 
     
@@ -1841,7 +1865,8 @@ public struct FfiConverterTypeModelInfo: FfiConverterRustBuffer {
                 hasChatTemplate: FfiConverterBool.read(from: &buf), 
                 kernelPath: FfiConverterString.read(from: &buf), 
                 threads: FfiConverterUInt32.read(from: &buf), 
-                lowRankPercent: FfiConverterUInt8.read(from: &buf)
+                lowRankPercent: FfiConverterUInt8.read(from: &buf), 
+                kvCache: FfiConverterString.read(from: &buf)
         )
     }
 
@@ -1857,6 +1882,7 @@ public struct FfiConverterTypeModelInfo: FfiConverterRustBuffer {
         FfiConverterString.write(value.kernelPath, into: &buf)
         FfiConverterUInt32.write(value.threads, into: &buf)
         FfiConverterUInt8.write(value.lowRankPercent, into: &buf)
+        FfiConverterString.write(value.kvCache, into: &buf)
     }
 }
 

@@ -18,7 +18,7 @@ use std::thread::ThreadId;
 
 use crate::format::PlmError;
 use crate::kernels::{self, KernelPath};
-use crate::model::{Model, ModelError, ModelOptions};
+use crate::model::{KvType, Model, ModelError, ModelOptions};
 use crate::sampler::SamplerConfig;
 use crate::tokenizer::TokenizerError;
 
@@ -121,7 +121,8 @@ pub struct EngineOptions {
     /// are capped at the trained context.
     #[uniffi(default = 0)]
     pub context_length: u32,
-    /// Kernel path (`"scalar"`, `"generic"`/`"neon"`/`"sse2"`, `"avx2"`); None = detect.
+    /// Kernel path (`"scalar"`, `"generic"`, `"avx2"`, `"avxvnni"`, `"avx512"`, `"neon"`,
+    /// `"dotprod"`, `"i8mm"`); None = detect.
     /// The choice is process-wide: it takes effect if no model has run yet in this process
     /// (and `POCKETLM_KERNELS` is unset); asking for a different path afterwards is an
     /// `InvalidConfig` error. `ModelInfo::kernel_path` reports the path in use.
@@ -133,6 +134,11 @@ pub struct EngineOptions {
     /// `POCKETLM_LOW_RANK_PERCENT` environment variable, else 100. Dense layers are unaffected.
     #[uniffi(default = 0)]
     pub low_rank_percent: u8,
+    /// KV cache storage: `"f32"`, or `"q8"` (int8 with a scale per head vector, 3.8× less
+    /// memory for 64-wide heads, so longer contexts fit). None = the `POCKETLM_KV_CACHE`
+    /// environment variable, else f32.
+    #[uniffi(default = None)]
+    pub kv_cache: Option<String>,
 }
 
 /// What an engine has loaded.
@@ -157,6 +163,8 @@ pub struct ModelInfo {
     pub threads: u32,
     /// Percentage of their stored rank low-rank layers are served with.
     pub low_rank_percent: u8,
+    /// KV cache storage of this engine's sessions (`f32` or `q8`).
+    pub kv_cache: String,
 }
 
 /// A loaded model: the memory-mapped `.plm` file and a worker thread pool. Thread-safe;
@@ -229,6 +237,12 @@ impl Engine {
                     });
                 }
             }
+            if let Some(name) = options.kv_cache.as_deref() {
+                model_options.kv_cache =
+                    KvType::parse(name).ok_or_else(|| PocketLmError::InvalidConfig {
+                        reason: format!("kv_cache must be \"f32\" or \"q8\", got {name:?}"),
+                    })?;
+            }
             let model = Model::open_with(Path::new(&path), model_options)?;
             let trained = model.config().max_position_embeddings;
             let context_length = match options.context_length {
@@ -264,6 +278,7 @@ impl Engine {
             kernel_path: kernels::active_path().name().to_string(),
             threads: self.pool.current_num_threads() as u32,
             low_rank_percent: self.model.options().low_rank_percent,
+            kv_cache: self.model.options().kv_cache.name().to_string(),
         }
     }
 

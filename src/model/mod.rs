@@ -17,7 +17,7 @@ use crate::import::TokenizerSpec;
 use crate::kernels::{self, Linear, MatRef};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
-pub use attention::KvCache;
+pub use attention::{KvCache, KvType};
 pub use block::{BlockScratch, BlockWeights, LinearInput, block_forward};
 
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +113,17 @@ fn low_rank_percent_from_env() -> u8 {
     }
 }
 
+/// `POCKETLM_KV_CACHE` (`f32`, `q8`); f32 when unset or invalid.
+fn kv_cache_from_env() -> KvType {
+    let Ok(v) = std::env::var("POCKETLM_KV_CACHE") else {
+        return KvType::F32;
+    };
+    KvType::parse(&v).unwrap_or_else(|| {
+        log::warn!("POCKETLM_KV_CACHE={v:?} is not f32 or q8; using f32");
+        KvType::F32
+    })
+}
+
 /// Load-time options of a [`Model`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ModelOptions {
@@ -125,6 +136,8 @@ pub struct ModelOptions {
     /// components of the rank-ordered factors, read in place, so only their pages are
     /// touched. Rounded down to whole quantization groups; dense layers are unaffected.
     pub low_rank_percent: u8,
+    /// How [`Model::new_cache`] stores keys and values.
+    pub kv_cache: KvType,
 }
 
 impl Default for ModelOptions {
@@ -134,17 +147,20 @@ impl Default for ModelOptions {
             max_kv_cache_bytes: DEFAULT_MAX_KV_CACHE_BYTES,
             max_activation_bytes: DEFAULT_MAX_ACTIVATION_BYTES,
             low_rank_percent: 100,
+            kv_cache: KvType::F32,
         }
     }
 }
 
 impl ModelOptions {
-    /// Defaults, with the verification mode taken from `POCKETLM_VERIFY` and the low-rank
-    /// percentage from `POCKETLM_LOW_RANK_PERCENT`.
+    /// Defaults, with the verification mode taken from `POCKETLM_VERIFY`, the low-rank
+    /// percentage from `POCKETLM_LOW_RANK_PERCENT` and the KV cache type from
+    /// `POCKETLM_KV_CACHE` (`f32` or `q8`).
     pub fn from_env() -> ModelOptions {
         ModelOptions {
             verify: VerifyMode::from_env(),
             low_rank_percent: low_rank_percent_from_env(),
+            kv_cache: kv_cache_from_env(),
             ..ModelOptions::default()
         }
     }
@@ -414,10 +430,15 @@ impl Model {
     /// allocation itself fails, instead of aborting the process.
     pub fn new_cache(&self, capacity: usize) -> Result<KvCache, ModelError> {
         let capacity = capacity.clamp(1, self.config.max_position_embeddings);
-        let (layers, kv_dim) = (self.config.num_layers, self.config.kv_dim());
+        let (layers, kv_dim, head_dim) = (
+            self.config.num_layers,
+            self.config.kv_dim(),
+            self.config.head_dim,
+        );
+        let kind = self.options.kv_cache;
         let limit = self.options.max_kv_cache_bytes;
-        let bytes =
-            KvCache::required_bytes(layers, kv_dim, capacity).map_or(u64::MAX, |b| b as u64);
+        let bytes = KvCache::required_bytes(kind, layers, kv_dim, head_dim, capacity)
+            .map_or(u64::MAX, |b| b as u64);
         if bytes > limit {
             return Err(ModelError::MemoryLimit {
                 what: "KV cache",
@@ -426,10 +447,12 @@ impl Model {
                 limit,
             });
         }
-        KvCache::try_new(layers, kv_dim, capacity).map_err(|source| ModelError::OutOfMemory {
-            what: "KV cache",
-            bytes,
-            source,
+        KvCache::try_new(kind, layers, kv_dim, head_dim, capacity).map_err(|source| {
+            ModelError::OutOfMemory {
+                what: "KV cache",
+                bytes,
+                source,
+            }
         })
     }
 

@@ -2515,7 +2515,8 @@ data class EngineOptions (
     var `contextLength`: kotlin.UInt = 0u 
     , 
     /**
-     * Kernel path (`"scalar"`, `"generic"`/`"neon"`/`"sse2"`, `"avx2"`); None = detect.
+     * Kernel path (`"scalar"`, `"generic"`, `"avx2"`, `"avxvnni"`, `"avx512"`, `"neon"`,
+     * `"dotprod"`, `"i8mm"`); None = detect.
      * The choice is process-wide: it takes effect if no model has run yet in this process
      * (and `POCKETLM_KERNELS` is unset); asking for a different path afterwards is an
      * `InvalidConfig` error. `ModelInfo::kernel_path` reports the path in use.
@@ -2529,6 +2530,13 @@ data class EngineOptions (
      * `POCKETLM_LOW_RANK_PERCENT` environment variable, else 100. Dense layers are unaffected.
      */
     var `lowRankPercent`: kotlin.UByte = 0u 
+    , 
+    /**
+     * KV cache storage: `"f32"`, or `"q8"` (int8 with a scale per head vector, 3.8× less
+     * memory for 64-wide heads, so longer contexts fit). None = the `POCKETLM_KV_CACHE`
+     * environment variable, else f32.
+     */
+    var `kvCache`: kotlin.String? = null 
     
 ){
     
@@ -2549,6 +2557,7 @@ public object FfiConverterTypeEngineOptions: FfiConverterRustBuffer<EngineOption
             FfiConverterUInt.read(buf),
             FfiConverterOptionalString.read(buf),
             FfiConverterUByte.read(buf),
+            FfiConverterOptionalString.read(buf),
         )
     }
 
@@ -2556,7 +2565,8 @@ public object FfiConverterTypeEngineOptions: FfiConverterRustBuffer<EngineOption
             FfiConverterUInt.allocationSize(value.`threads`) +
             FfiConverterUInt.allocationSize(value.`contextLength`) +
             FfiConverterOptionalString.allocationSize(value.`kernelPath`) +
-            FfiConverterUByte.allocationSize(value.`lowRankPercent`)
+            FfiConverterUByte.allocationSize(value.`lowRankPercent`) +
+            FfiConverterOptionalString.allocationSize(value.`kvCache`)
     )
 
     override fun write(value: EngineOptions, buf: ByteBuffer) {
@@ -2564,6 +2574,7 @@ public object FfiConverterTypeEngineOptions: FfiConverterRustBuffer<EngineOption
             FfiConverterUInt.write(value.`contextLength`, buf)
             FfiConverterOptionalString.write(value.`kernelPath`, buf)
             FfiConverterUByte.write(value.`lowRankPercent`, buf)
+            FfiConverterOptionalString.write(value.`kvCache`, buf)
     }
 }
 
@@ -2829,6 +2840,11 @@ data class ModelInfo (
      * Percentage of their stored rank low-rank layers are served with.
      */
     var `lowRankPercent`: kotlin.UByte
+    , 
+    /**
+     * KV cache storage of this engine's sessions (`f32` or `q8`).
+     */
+    var `kvCache`: kotlin.String
     
 ){
     
@@ -2856,6 +2872,7 @@ public object FfiConverterTypeModelInfo: FfiConverterRustBuffer<ModelInfo> {
             FfiConverterString.read(buf),
             FfiConverterUInt.read(buf),
             FfiConverterUByte.read(buf),
+            FfiConverterString.read(buf),
         )
     }
 
@@ -2870,7 +2887,8 @@ public object FfiConverterTypeModelInfo: FfiConverterRustBuffer<ModelInfo> {
             FfiConverterBoolean.allocationSize(value.`hasChatTemplate`) +
             FfiConverterString.allocationSize(value.`kernelPath`) +
             FfiConverterUInt.allocationSize(value.`threads`) +
-            FfiConverterUByte.allocationSize(value.`lowRankPercent`)
+            FfiConverterUByte.allocationSize(value.`lowRankPercent`) +
+            FfiConverterString.allocationSize(value.`kvCache`)
     )
 
     override fun write(value: ModelInfo, buf: ByteBuffer) {
@@ -2885,6 +2903,7 @@ public object FfiConverterTypeModelInfo: FfiConverterRustBuffer<ModelInfo> {
             FfiConverterString.write(value.`kernelPath`, buf)
             FfiConverterUInt.write(value.`threads`, buf)
             FfiConverterUByte.write(value.`lowRankPercent`, buf)
+            FfiConverterString.write(value.`kvCache`, buf)
     }
 }
 
