@@ -276,7 +276,8 @@ fn sparsegpt_with_quantized_weights_prunes_and_quantizes_in_one_pass() {
     let (_d, path) = convert(&o);
     let file = PlmFile::open(&path).unwrap();
     let entry = file.entry("blk.1.ffn_up.weight").unwrap();
-    assert_eq!(entry.encoding, Q4);
+    // Stored as kept codes and a mask (q4+2:4).
+    assert_eq!(entry.encoding, Encoding::Q4Sparse24 { group: 32 });
     let model = Model::open_with(&path, ModelOptions::default()).unwrap();
     drop(model);
     // Symmetric q4 holds zero exactly: every run of 4 keeps at most 2 non-zeros.
@@ -352,4 +353,85 @@ fn f16_matrices_pruned_2_4_are_stored_sparse_and_compute_the_same() {
     );
     let (s, d) = (ppl(&sparse), ppl(&dense));
     assert!((s - d).abs() < 1e-3 * d, "sparse {s} vs dense {d}");
+}
+
+/// q4 and q8 matrices pruned 2:4 are stored as kept codes and a mask (q4+2:4, q8+2:4): the
+/// same values as dense storage, fewer bytes, the same perplexity.
+#[test]
+fn quantized_matrices_pruned_2_4_are_stored_sparse_and_compute_the_same() {
+    for (weights, sparse_encoding, bits) in [
+        (
+            Encoding::Q4 {
+                group: 32,
+                asymmetric: false,
+            },
+            Encoding::Q4Sparse24 { group: 32 },
+            (3.5, 4.5),
+        ),
+        (
+            Encoding::Q8 { group: 32 },
+            Encoding::Q8Sparse24 { group: 32 },
+            (5.5, 8.5),
+        ),
+    ] {
+        let prune = |sparse_storage| {
+            let mut o = options(weights, Method::Gptq);
+            o.calibration = Some(calibration());
+            o.pruning = Some(Pruning {
+                method: PruneMethod::SparseGpt,
+                sparsity: Sparsity::NM { n: 2, m: 4 },
+            });
+            o.sparse_storage = sparse_storage;
+            convert(&o)
+        };
+        let (_d1, sparse) = prune(true);
+        let (_d2, dense) = prune(false);
+        let (file, dense_file) = (
+            PlmFile::open(&sparse).unwrap(),
+            PlmFile::open(&dense).unwrap(),
+        );
+        for name in ["blk.0.attn_q.weight", "blk.4.ffn_up.weight"] {
+            let (s, d) = (file.entry(name).unwrap(), dense_file.entry(name).unwrap());
+            assert_eq!(
+                (s.encoding, d.encoding),
+                (sparse_encoding, weights),
+                "{name}"
+            );
+            assert_eq!(
+                file.view(s).to_f32_vec(),
+                dense_file.view(d).to_f32_vec(),
+                "{name}: same values"
+            );
+            // Stored bytes per weight (tiles of 8 rows: ffn_up's 172 rows are padded to 176).
+            let rows = s.shape[0].next_multiple_of(8) as f64;
+            let per_weight = |len: u64| 8.0 * len as f64 / (rows * s.shape[1] as f64);
+            assert!(
+                (per_weight(s.length) - bits.0).abs() < 0.3,
+                "{name}: {}",
+                per_weight(s.length)
+            );
+            assert!(
+                (per_weight(d.length) - bits.1).abs() < 0.3,
+                "{name}: {}",
+                per_weight(d.length)
+            );
+        }
+        let (s, d) = (ppl(&sparse), ppl(&dense));
+        assert!(
+            (s - d).abs() < 1e-3 * d,
+            "{weights}: sparse {s} vs dense {d}"
+        );
+    }
+    // Asking for the sparse storage directly is refused with the way to get it.
+    let err = convert_path(
+        &fixture("hf"),
+        &tempfile::tempdir().unwrap().path().join("x.plm"),
+        &options(Encoding::Q4Sparse24 { group: 32 }, Method::Rtn),
+        &mut |_, _, _| {},
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("--weights q4/g32 --prune"),
+        "{err}"
+    );
 }

@@ -322,12 +322,18 @@ impl ConvertOptions {
             .chain(self.output)
             .chain(self.keep.iter().map(|k| k.encoding));
         for e in requested {
-            if e == Encoding::F16Sparse24 {
-                return Err(ConvertError::Options(
-                    "f16+2:4 is chosen automatically for f16 matrices pruned 2:4: use \
-                     --weights f16 --prune METHOD --nm 2:4"
-                        .into(),
-                ));
+            if matches!(
+                e,
+                Encoding::F16Sparse24 | Encoding::Q8Sparse24 { .. } | Encoding::Q4Sparse24 { .. }
+            ) {
+                let base = match e {
+                    Encoding::F16Sparse24 => "f16".to_string(),
+                    other => other.quant_base().describe(),
+                };
+                return Err(ConvertError::Options(format!(
+                    "{e} is chosen automatically for {base} matrices pruned 2:4: use \
+                     --weights {base} --prune METHOD --nm 2:4"
+                )));
             }
         }
         if let Some(l) = &self.lowrank {
@@ -1056,7 +1062,15 @@ impl<'a, 'p> Output<'a, 'p> {
             Encoding::F32 | Encoding::F16 | Encoding::BF16 => {
                 self.writer.add_f32(name, shape, &tensor.values, encoding)?
             }
-            Encoding::Q8 { .. } | Encoding::Q4 { .. } | Encoding::Q3 { .. } => {
+            Encoding::F16Sparse24 => {
+                let bytes = crate::kernels::sparse::encode(&tensor.values, shape[0], shape[1])
+                    .ok_or_else(|| {
+                        method_err("f16+2:4 is only chosen for matrices pruned 2:4".into())
+                    })?;
+                self.writer.add_tensor(name, shape, encoding, &bytes)?;
+            }
+            // The remaining encodings are the quantized ones.
+            _ => {
                 let grids = tensor
                     .grids
                     .as_deref()
@@ -1064,13 +1078,6 @@ impl<'a, 'p> Output<'a, 'p> {
                 let bytes = quant::encode(&tensor.values, shape[0], shape[1], encoding, grids)
                     .ok_or_else(|| {
                         method_err(format!("cannot quantize shape {shape:?} to {encoding}"))
-                    })?;
-                self.writer.add_tensor(name, shape, encoding, &bytes)?;
-            }
-            Encoding::F16Sparse24 => {
-                let bytes = crate::kernels::sparse::encode(&tensor.values, shape[0], shape[1])
-                    .ok_or_else(|| {
-                        method_err("f16+2:4 is only chosen for matrices pruned 2:4".into())
                     })?;
                 self.writer.add_tensor(name, shape, encoding, &bytes)?;
             }
@@ -1122,9 +1129,10 @@ impl<'a, 'p> Output<'a, 'p> {
         Ok(values)
     }
 
-    /// Whether a pruned matrix requested as `encoding` is stored 2:4 sparse: f16 matrices
-    /// pruned 2:4 (9 instead of 16 bits per weight, half the multiply-adds), unless the
-    /// options ask for dense storage. When not, the reason is recorded.
+    /// The 2:4 sparse storage of a pruned matrix requested as `encoding`, when one applies:
+    /// f16 matrices become f16+2:4 (9 instead of 16 bits per weight), q8 and symmetric q4
+    /// matrices q8+2:4 and q4+2:4 (5 and 3 instead of 8 and 4 bits per weight, plus scales).
+    /// Every other case stays dense, and the reason is recorded.
     fn sparse_storage(
         &mut self,
         name: &str,
@@ -1132,39 +1140,40 @@ impl<'a, 'p> Output<'a, 'p> {
         values: &[f32],
         encoding: Encoding,
         sparsity: Sparsity,
-    ) -> bool {
+    ) -> Option<Encoding> {
         let mut dense = |reason: String| {
             log::info!("{name}: stored dense ({encoding}): {reason}");
             self.dense_storage.push((name.to_string(), reason));
-            false
+            None
         };
         if !self.options.sparse_storage {
             return dense("dense storage requested".into());
         }
         if sparsity != (Sparsity::NM { n: 2, m: 4 }) {
             return dense(format!(
-                "no sparse encoding for {} yet (only 2:4 with f16 values)",
+                "no sparse encoding for {} yet (only 2:4)",
                 sparsity.describe()
             ));
         }
-        if encoding != Encoding::F16 {
+        let Some(sparse) = encoding.sparse24() else {
             return dense(format!(
-                "no 2:4 encoding with {encoding} values yet (f16 only)"
+                "no 2:4 encoding with {encoding} values (f16, q8 and symmetric q4 have one)"
             ));
-        }
-        if crate::format::Sparse24Layout::new(shape).is_none() {
+        };
+        if !shape[1].is_multiple_of(8) {
             return dense(format!(
                 "rows of {} columns are not a multiple of 8",
                 shape[1]
             ));
         }
-        match crate::kernels::sparse::encode(values, shape[0], shape[1]) {
-            Some(_) => {
-                self.sparse_tensors += 1;
-                true
-            }
-            None => dense("some runs of 4 keep more than 2 weights".into()),
+        let two_of_four = values
+            .chunks_exact(4)
+            .all(|run| run.iter().filter(|v| **v != 0.0).count() <= 2);
+        if !two_of_four {
+            return dense("some runs of 4 keep more than 2 weights".into());
         }
+        self.sparse_tensors += 1;
+        Some(sparse)
     }
 
     /// Encodes and writes one matrix; returns the values the runtime will read back (what
@@ -1284,13 +1293,14 @@ impl<'a, 'p> Output<'a, 'p> {
             self.pruned += values.iter().filter(|v| **v == 0.0).count() as u64;
             self.prunable += values.len() as u64;
         }
-        if pruning.is_some_and(|p| self.sparse_storage(name, shape, &values, encoding, p.sparsity))
+        if let Some(p) = pruning
+            && let Some(sparse) = self.sparse_storage(name, shape, &values, encoding, p.sparsity)
         {
-            encoding = Encoding::F16Sparse24;
+            encoding = sparse;
         }
 
         let grids = match encoding {
-            Encoding::Q8 { .. } | Encoding::Q4 { .. } | Encoding::Q3 { .. } => Some(match grids {
+            e if e.is_quantized() => Some(match grids {
                 Some(g) => g,
                 // Clipping weighted by the (scaled) activation energy of each column.
                 None => {

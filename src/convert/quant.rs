@@ -56,7 +56,7 @@ enum GridKind {
 impl Grid {
     /// The grid covering `[lo, hi]` for `encoding` (a quantized encoding).
     fn spanning(encoding: Encoding, lo: f32, hi: f32) -> Grid {
-        let (kind, scale, min) = match encoding {
+        let (kind, scale, min) = match encoding.quant_base() {
             Encoding::Q8 { .. } => (GridKind::Int8, lo.abs().max(hi.abs()) / 127.0, 0.0),
             Encoding::Q4 {
                 asymmetric: false, ..

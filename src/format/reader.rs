@@ -86,11 +86,6 @@ impl<'a> TensorView<'a> {
                 .chunks_exact(2)
                 .map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
                 .collect(),
-            Encoding::Q8 { .. } | Encoding::Q4 { .. } | Encoding::Q3 { .. } => {
-                crate::kernels::quant::QuantMatrix::from_view(self)
-                    .map(|m| m.dequantize())
-                    .unwrap_or_default()
-            }
             Encoding::F16Sparse24 => {
                 let Some(m) = crate::kernels::sparse::Sparse24Matrix::from_view(self) else {
                     return Vec::new();
@@ -101,6 +96,10 @@ impl<'a> TensorView<'a> {
                 }
                 out
             }
+            // The remaining encodings are the quantized ones.
+            _ => crate::kernels::quant::QuantMatrix::from_view(self)
+                .map(|m| m.dequantize())
+                .unwrap_or_default(),
         }
     }
 

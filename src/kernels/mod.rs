@@ -30,8 +30,8 @@ pub enum KernelPath {
     Avx2,
     /// AVX2 with AVX-VNNI (`vpdpbusd` on 256-bit registers) for the integer products.
     AvxVnni,
-    /// AVX-512 F/BW with VNNI (`vpdpbusd` on 512-bit registers) for the integer products;
-    /// float products as on AVX2.
+    /// AVX-512 F/BW with VNNI (`vpdpbusd` on 512-bit registers) and VBMI2 (`vpexpandb`
+    /// expands 2:4 sparse codes) for the integer products; float products as on AVX2.
     Avx512,
     /// AArch64 NEON (widening integer multiplies for quantized weights).
     Neon,
@@ -165,6 +165,7 @@ fn avx512_vnni_available() -> bool {
     is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("avx512bw")
         && is_x86_feature_detected!("avx512vnni")
+        && is_x86_feature_detected!("avx512vbmi2")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -313,10 +314,9 @@ impl<'a> MatRef<'a> {
             Encoding::F32 => WeightData::F32(view.as_f32().ok()?),
             Encoding::F16 => WeightData::F16(view.as_f16().ok()?),
             Encoding::BF16 => WeightData::BF16(view.as_bf16().ok()?),
-            Encoding::Q8 { .. } | Encoding::Q4 { .. } | Encoding::Q3 { .. } => {
-                WeightData::Quant(quant::QuantMatrix::from_view(view)?)
-            }
             Encoding::F16Sparse24 => WeightData::Sparse24(sparse::Sparse24Matrix::from_view(view)?),
+            // The remaining encodings are the quantized ones.
+            _ => WeightData::Quant(quant::QuantMatrix::from_view(view)?),
         };
         MatRef::new(data, rows, cols)
     }

@@ -13,7 +13,7 @@ use std::arch::aarch64::*;
 use std::arch::asm;
 use std::ops::Range;
 
-use super::{ActRow, QuantKind, QuantMatrix, QuantizedActivations, store_tile};
+use super::{ActRow, QuantKind, QuantMatrix, QuantizedActivations, SPARSE24_SHUFFLE, store_tile};
 use crate::format::{QUANT_BLOCK, TILE_ROWS};
 use crate::kernels::KernelPath;
 
@@ -21,11 +21,14 @@ const Q8: u8 = 0;
 const Q4: u8 = 1;
 const Q4A: u8 = 2;
 const Q3: u8 = 3;
+const Q8S: u8 = 4;
+const Q4S: u8 = 5;
 
 const fn block_bytes(kind: u8) -> usize {
     match kind {
         Q8 => 256,
-        Q3 => 96,
+        Q8S => 160,
+        Q3 | Q4S => 96,
         _ => 128,
     }
 }
@@ -51,6 +54,8 @@ pub unsafe fn gemm_tiles(
                 QuantKind::Q4 => $run::<Q4>(w, &rows, tiles, out),
                 QuantKind::Q4Asym => $run::<Q4A>(w, &rows, tiles, out),
                 QuantKind::Q3 => $run::<Q3>(w, &rows, tiles, out),
+                QuantKind::Q8Sparse24 => $run::<Q8S>(w, &rows, tiles, out),
+                QuantKind::Q4Sparse24 => $run::<Q4S>(w, &rows, tiles, out),
             }
         };
     }
@@ -117,6 +122,7 @@ unsafe fn pieces<const K: u8>(blk: *const u8, c: usize) -> [[int8x16_t; 4]; 2] {
     // stays inside it (256, 128 or 96 bytes).
     unsafe {
         match K {
+            Q8S | Q4S => [expand24::<K>(blk, 2 * c), expand24::<K>(blk, 2 * c + 1)],
             Q8 => {
                 let p = blk as *const i8;
                 [
@@ -150,6 +156,37 @@ unsafe fn pieces<const K: u8>(blk: *const u8, c: usize) -> [[int8x16_t; 4]; 2] {
                 ]
             }
         }
+    }
+}
+
+/// Piece `k` of the 2:4 tile block at `blk` as four row pairs of signed levels: each row's
+/// kept levels go through the table lookup its mask byte selects (pruned columns read 0).
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn expand24<const K: u8>(blk: *const u8, k: usize) -> [int8x16_t; 4] {
+    // SAFETY: the caller guarantees a whole tile block at `blk`: 32 mask bytes, then the
+    // kept codes (160 or 96 bytes in all); every read below lies inside it.
+    unsafe {
+        [0, 1, 2, 3].map(|r| {
+            let (m0, m1) = (*blk.add(8 * k + 2 * r), *blk.add(8 * k + 2 * r + 1));
+            // The second row's kept levels start at byte 4 of the table.
+            let control = vcombine_u8(
+                vcreate_u8(SPARSE24_SHUFFLE[m0 as usize]),
+                vadd_u8(vcreate_u8(SPARSE24_SHUFFLE[m1 as usize]), vdup_n_u8(4)),
+            );
+            let levels = if K == Q8S {
+                vld1_s8(blk.add(32 + 32 * k + 8 * r) as *const i8)
+            } else {
+                let v = vld1_u8(blk.add(32 + 32 * (k / 2) + 8 * r));
+                let v = if k % 2 == 0 {
+                    vand_u8(v, vdup_n_u8(0x0F))
+                } else {
+                    vshr_n_u8::<4>(v)
+                };
+                vsub_s8(vreinterpret_s8_u8(v), vdup_n_s8(8))
+            };
+            vqtbl1q_s8(vcombine_s8(levels, vdup_n_s8(0)), control)
+        })
     }
 }
 
@@ -381,7 +418,78 @@ unsafe fn tile_i8mm<const K: u8, const T: usize>(
     acc.map(|a| finish(a))
 }
 
-/// Tiles of `w` × tokens of `x` on plain NEON, one token at a time.
+/// The 2:4 sparse tile `tile` of `w` expanded into `codes` as a q8 tile (signed levels, 256
+/// bytes a block), so a tile meeting many tokens pays the expansion once.
+#[target_feature(enable = "neon")]
+unsafe fn expand_tile<const K: u8>(w: &QuantMatrix<'_>, tile: usize, codes: &mut [u8]) {
+    let q = w.tile_quants(tile).as_ptr();
+    assert_eq!(codes.len(), w.blocks_per_row() * 256);
+    for b in 0..w.blocks_per_row() {
+        for c in 0..2 {
+            // SAFETY: block b lies inside the tile's codes; each store writes 16 bytes at
+            // 256b + 64k + 16r < codes.len().
+            unsafe {
+                let p = pieces::<K>(q.add(b * block_bytes(K)), c);
+                for (i, piece) in p.iter().enumerate() {
+                    for (r, &v) in piece.iter().enumerate() {
+                        let at = 256 * b + 64 * (2 * c + i) + 16 * r;
+                        vst1q_s8(codes.as_mut_ptr().add(at) as *mut i8, v);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A buffer for one expanded q8 tile when `w` is 2:4 sparse and meets more than `width`
+/// tokens (so the expansion is paid once per tile, not once per run of tokens).
+fn expansion_buffer<const K: u8>(
+    w: &QuantMatrix<'_>,
+    tokens: usize,
+    width: usize,
+) -> Option<Vec<u8>> {
+    ((K == Q8S || K == Q4S) && tokens > width).then(|| vec![0u8; w.blocks_per_row() * 256])
+}
+
+/// Runs `$tokens::<K>` (or `::<Q8>` over the expanded tile) on every tile.
+macro_rules! each_tile {
+    ($tokens:ident, $width:literal, $w:expr, $x:expr, $tiles:expr, $out:expr) => {{
+        let (w, x, out) = ($w, $x, $out);
+        let first = $tiles.start;
+        let mut codes = expansion_buffer::<K>(w, x.len(), $width);
+        for tile in $tiles {
+            let at = (tile - first) * TILE_ROWS;
+            // SAFETY: forwarded contract; `codes` holds a q8 tile of the view's blocks.
+            unsafe {
+                match codes.as_mut() {
+                    Some(codes) => {
+                        expand_tile::<K>(w, tile, codes);
+                        $tokens::<Q8>(&w.expanded_tile(tile, codes), 0, x, out, at);
+                    }
+                    None => $tokens::<K>(w, tile, x, out, at),
+                }
+            }
+        }
+    }};
+}
+
+/// Tile `tile` of `m` × every token of `x` on plain NEON, one token at a time.
+#[target_feature(enable = "neon")]
+unsafe fn tokens_neon<const K: u8>(
+    m: &QuantMatrix<'_>,
+    tile: usize,
+    x: &[ActRow<'_>],
+    out: &mut [&mut [f32]],
+    at: usize,
+) {
+    for (t, xr) in x.iter().enumerate() {
+        // SAFETY: forwarded contract.
+        let res = unsafe { tile_neon::<K>(m, tile, xr) };
+        store_tile(&[res], &mut out[t..t + 1], at);
+    }
+}
+
+/// Tiles of `w` × tokens of `x` on plain NEON.
 #[target_feature(enable = "neon")]
 unsafe fn run_neon<const K: u8>(
     w: &QuantMatrix<'_>,
@@ -389,17 +497,35 @@ unsafe fn run_neon<const K: u8>(
     tiles: Range<usize>,
     out: &mut [&mut [f32]],
 ) {
-    let first = tiles.start;
-    for tile in tiles {
-        for (t, xr) in x.iter().enumerate() {
-            // SAFETY: forwarded contract.
-            let res = unsafe { tile_neon::<K>(w, tile, xr) };
-            store_tile(&[res], &mut out[t..t + 1], (tile - first) * TILE_ROWS);
+    each_tile!(tokens_neon, 1, w, x, tiles, out)
+}
+
+/// Tile `tile` of `m` × every token of `x` with `sdot`, two tokens at a time.
+#[target_feature(enable = "neon,dotprod")]
+unsafe fn tokens_dotprod<const K: u8>(
+    m: &QuantMatrix<'_>,
+    tile: usize,
+    x: &[ActRow<'_>],
+    out: &mut [&mut [f32]],
+    at: usize,
+) {
+    let mut t0 = 0;
+    while t0 < x.len() {
+        let n = (x.len() - t0).min(2);
+        let (xs, os) = (&x[t0..t0 + n], &mut out[t0..t0 + n]);
+        // SAFETY: forwarded contract; `xs` holds exactly `n` rows.
+        unsafe {
+            if n == 2 {
+                store_tile(&tile_dotprod::<K, 2>(m, tile, xs), os, at);
+            } else {
+                store_tile(&tile_dotprod::<K, 1>(m, tile, xs), os, at);
+            }
         }
+        t0 += n;
     }
 }
 
-/// Tiles of `w` × tokens of `x` with `sdot`, two tokens at a time.
+/// Tiles of `w` × tokens of `x` with `sdot`.
 #[target_feature(enable = "neon,dotprod")]
 unsafe fn run_dotprod<const K: u8>(
     w: &QuantMatrix<'_>,
@@ -407,28 +533,40 @@ unsafe fn run_dotprod<const K: u8>(
     tiles: Range<usize>,
     out: &mut [&mut [f32]],
 ) {
-    let first = tiles.start;
-    for tile in tiles {
-        let at = (tile - first) * TILE_ROWS;
-        let mut t0 = 0;
-        while t0 < x.len() {
-            let n = (x.len() - t0).min(2);
-            let (xs, os) = (&x[t0..t0 + n], &mut out[t0..t0 + n]);
-            // SAFETY: forwarded contract; `xs` holds exactly `n` rows.
-            unsafe {
-                if n == 2 {
-                    store_tile(&tile_dotprod::<K, 2>(w, tile, xs), os, at);
-                } else {
-                    store_tile(&tile_dotprod::<K, 1>(w, tile, xs), os, at);
-                }
+    each_tile!(tokens_dotprod, 2, w, x, tiles, out)
+}
+
+/// Tile `tile` of `m` × every token of `x` with `smmla`, four (or two) tokens at a time; a
+/// last odd token goes to `sdot`.
+#[target_feature(enable = "neon,dotprod,i8mm")]
+unsafe fn tokens_i8mm<const K: u8>(
+    m: &QuantMatrix<'_>,
+    tile: usize,
+    x: &[ActRow<'_>],
+    out: &mut [&mut [f32]],
+    at: usize,
+) {
+    let mut t0 = 0;
+    while t0 < x.len() {
+        let n = match x.len() - t0 {
+            left if left >= 4 => 4,
+            left if left >= 2 => 2,
+            _ => 1,
+        };
+        let (xs, os) = (&x[t0..t0 + n], &mut out[t0..t0 + n]);
+        // SAFETY: forwarded contract; `xs` holds exactly `n` rows.
+        unsafe {
+            match n {
+                4 => store_tile(&tile_i8mm::<K, 4>(m, tile, xs), os, at),
+                2 => store_tile(&tile_i8mm::<K, 2>(m, tile, xs), os, at),
+                _ => store_tile(&tile_dotprod::<K, 1>(m, tile, xs), os, at),
             }
-            t0 += n;
         }
+        t0 += n;
     }
 }
 
-/// Tiles of `w` × tokens of `x` with `smmla`, four (or two) tokens at a time; a last odd
-/// token goes to `sdot`.
+/// Tiles of `w` × tokens of `x` with `smmla`.
 #[target_feature(enable = "neon,dotprod,i8mm")]
 unsafe fn run_i8mm<const K: u8>(
     w: &QuantMatrix<'_>,
@@ -436,28 +574,7 @@ unsafe fn run_i8mm<const K: u8>(
     tiles: Range<usize>,
     out: &mut [&mut [f32]],
 ) {
-    let first = tiles.start;
-    for tile in tiles {
-        let at = (tile - first) * TILE_ROWS;
-        let mut t0 = 0;
-        while t0 < x.len() {
-            let n = match x.len() - t0 {
-                left if left >= 4 => 4,
-                left if left >= 2 => 2,
-                _ => 1,
-            };
-            let (xs, os) = (&x[t0..t0 + n], &mut out[t0..t0 + n]);
-            // SAFETY: forwarded contract; `xs` holds exactly `n` rows.
-            unsafe {
-                match n {
-                    4 => store_tile(&tile_i8mm::<K, 4>(w, tile, xs), os, at),
-                    2 => store_tile(&tile_i8mm::<K, 2>(w, tile, xs), os, at),
-                    _ => store_tile(&tile_dotprod::<K, 1>(w, tile, xs), os, at),
-                }
-            }
-            t0 += n;
-        }
-    }
+    each_tile!(tokens_i8mm, 4, w, x, tiles, out)
 }
 
 /// Quantizes whole blocks of 32 activations (NEON): the same operations as the scalar

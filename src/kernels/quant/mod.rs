@@ -31,6 +31,10 @@ pub enum QuantKind {
     Q4,
     Q4Asym,
     Q3,
+    /// q8 pruned 2:4: kept codes and a position bitmask.
+    Q8Sparse24,
+    /// Symmetric q4 pruned 2:4.
+    Q4Sparse24,
 }
 
 impl QuantKind {
@@ -40,23 +44,31 @@ impl QuantKind {
             QuantKind::Q8 => TILE_ROWS * QUANT_BLOCK,
             QuantKind::Q4 | QuantKind::Q4Asym => TILE_ROWS * QUANT_BLOCK / 2,
             QuantKind::Q3 => TILE_ROWS * QUANT_BLOCK * 3 / 8,
+            QuantKind::Q8Sparse24 => TILE_ROWS * QUANT_BLOCK * 5 / 8,
+            QuantKind::Q4Sparse24 => TILE_ROWS * QUANT_BLOCK * 3 / 8,
         }
     }
 
-    /// Bits of one stored code.
+    /// Bits stored per weight, scales aside (sparse kinds: kept codes and mask).
     pub fn code_bits(self) -> usize {
         match self {
             QuantKind::Q8 => 8,
             QuantKind::Q4 | QuantKind::Q4Asym => 4,
-            QuantKind::Q3 => 3,
+            QuantKind::Q3 | QuantKind::Q4Sparse24 => 3,
+            QuantKind::Q8Sparse24 => 5,
         }
+    }
+
+    /// Whether the kind keeps two weights of every run of four (a mask and kept codes).
+    pub fn is_sparse24(self) -> bool {
+        matches!(self, QuantKind::Q8Sparse24 | QuantKind::Q4Sparse24)
     }
 
     /// The stored code that means level 0: `level = code − zero_point` (q8 codes are signed).
     pub fn zero_point(self) -> i32 {
         match self {
-            QuantKind::Q8 | QuantKind::Q4Asym => 0,
-            QuantKind::Q4 => 8,
+            QuantKind::Q8 | QuantKind::Q4Asym | QuantKind::Q8Sparse24 => 0,
+            QuantKind::Q4 | QuantKind::Q4Sparse24 => 8,
             QuantKind::Q3 => 4,
         }
     }
@@ -91,6 +103,8 @@ impl<'a> QuantMatrix<'a> {
                 asymmetric: true, ..
             } => QuantKind::Q4Asym,
             Encoding::Q3 { .. } => QuantKind::Q3,
+            Encoding::Q8Sparse24 { .. } => QuantKind::Q8Sparse24,
+            Encoding::Q4Sparse24 { .. } => QuantKind::Q4Sparse24,
             _ => return None,
         };
         if bytes.len() != layout.total {
@@ -172,6 +186,26 @@ impl<'a> QuantMatrix<'a> {
             .map(|m| &m[start..start + TILE_ROWS * self.groups_per_row()])
     }
 
+    /// Tile `tile` as a one-tile q8 matrix over `codes` (its levels expanded into the q8
+    /// tile layout by a kernel), with the tile's scales: how a 2:4 sparse tile meeting many
+    /// tokens is multiplied.
+    pub(crate) fn expanded_tile<'b>(&self, tile: usize, codes: &'b [u8]) -> QuantMatrix<'b>
+    where
+        'a: 'b,
+    {
+        debug_assert!(self.mins.is_none() && codes.len() == self.blocks_per_row() * 256);
+        QuantMatrix {
+            kind: QuantKind::Q8,
+            rows: (self.rows - tile * TILE_ROWS).min(TILE_ROWS),
+            cols: self.cols,
+            group: self.group,
+            quants: codes,
+            scales: self.tile_scales(tile),
+            mins: None,
+            stored_cols: self.cols,
+        }
+    }
+
     /// The signed level of weight `(r, c)`: `w = level · scale` (`+ min` for asymmetric q4).
     /// This is the definition of the tile layout that the SIMD kernels implement.
     pub fn level(&self, r: usize, c: usize) -> i32 {
@@ -189,6 +223,20 @@ impl<'a> QuantMatrix<'a> {
                 let low = (b[8 * i + j] >> (2 * k)) & 3;
                 let high = (b[64 + 8 * k + i] >> j) & 1;
                 low | high << 2
+            }
+            QuantKind::Q8Sparse24 | QuantKind::Q4Sparse24 => {
+                let mask = b[8 * k + i];
+                if mask >> j & 1 == 0 {
+                    return 0;
+                }
+                // The kept codes of the row's piece in column order: this one's index is
+                // the number of kept columns before it.
+                let n = (mask & ((1u16 << j) - 1) as u8).count_ones() as usize;
+                if self.kind == QuantKind::Q8Sparse24 {
+                    return b[32 + 32 * k + 4 * i + n] as i8 as i32;
+                }
+                let byte = b[32 + 32 * (k / 2) + 4 * i + n];
+                if k % 2 == 0 { byte & 0x0F } else { byte >> 4 }
             }
         };
         code as i32 - self.kind.zero_point()
@@ -430,7 +478,7 @@ pub fn quantize_rtn(w: &[f32], rows: usize, cols: usize, encoding: Encoding) -> 
             .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
                 (lo.min(v), hi.max(v))
             });
-        match encoding {
+        match encoding.quant_base() {
             Encoding::Q8 { .. } => scales.push(lo.abs().max(hi.abs()) / 127.0),
             Encoding::Q4 {
                 asymmetric: false, ..
@@ -467,7 +515,79 @@ fn put_code(kind: QuantKind, block: &mut [u8], i: usize, c: usize, code: u8) {
             block[8 * i + j] |= (code & 3) << (2 * k);
             block[64 + 8 * k + i] |= (code >> 2) << j;
         }
+        QuantKind::Q8Sparse24 | QuantKind::Q4Sparse24 => {
+            unreachable!("2:4 sparse rows are written by put_sparse24_row")
+        }
     }
+}
+
+/// Shuffle controls that expand the kept codes of one row of a 2:4 piece: for the mask byte
+/// `m` (bit `j`: column `j` kept), byte `j` of entry `m` is the index of column `j`'s code
+/// among the row's kept codes, or `0x80` (a zero from a byte shuffle or table lookup) when it
+/// is pruned.
+pub(crate) static SPARSE24_SHUFFLE: [u64; 256] = {
+    let mut table = [0u64; 256];
+    let mut m = 0;
+    while m < 256 {
+        let (mut entry, mut kept, mut j) = (0u64, 0u64, 0);
+        while j < 8 {
+            let byte = if m >> j & 1 == 1 {
+                kept += 1;
+                kept - 1
+            } else {
+                0x80
+            };
+            entry |= byte << (8 * j);
+            j += 1;
+        }
+        table[m] = entry;
+        m += 1;
+    }
+    table
+};
+
+/// Writes row `i` of a tile block of a 2:4 sparse kind: the two kept positions of every run
+/// of four (the non-zero values of `w`, completed with the first zero positions) into the
+/// mask, and their codes (`code(c)` for column `c`) into the kept region. `None` when a run
+/// has more than two non-zero values.
+fn put_sparse24_row(
+    kind: QuantKind,
+    block: &mut [u8],
+    i: usize,
+    w: &[f32],
+    code: impl Fn(usize) -> u8,
+) -> Option<()> {
+    for k in 0..QUANT_BLOCK / TILE_PIECE {
+        let mut mask = 0u8;
+        for run in 0..TILE_PIECE / 4 {
+            let cols = 4 * run..4 * run + 4;
+            let nonzero: Vec<usize> = cols.clone().filter(|&c| w[8 * k + c] != 0.0).collect();
+            if nonzero.len() > 2 {
+                return None;
+            }
+            let mut kept = nonzero;
+            for c in cols {
+                if kept.len() < 2 && !kept.contains(&c) {
+                    kept.push(c);
+                }
+            }
+            for c in kept {
+                mask |= 1 << c;
+            }
+        }
+        block[8 * k + i] = mask;
+        for (n, j) in (0..TILE_PIECE).filter(|j| mask >> j & 1 == 1).enumerate() {
+            let code = code(8 * k + j);
+            match kind {
+                QuantKind::Q8Sparse24 => block[32 + 32 * k + 4 * i + n] = code,
+                _ => {
+                    block[32 + 32 * (k / 2) + 4 * i + n] |=
+                        if k % 2 == 0 { code } else { code << 4 }
+                }
+            }
+        }
+    }
+    Some(())
 }
 
 /// Quantizes `w` with the given per-group scales (and minimums for asymmetric q4), rounding
@@ -503,8 +623,12 @@ pub fn encode_with_scales(
         let d = stored[g];
         let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
         match kind {
-            QuantKind::Q8 => (w[i] * inv).round().clamp(-127.0, 127.0) as i8 as u8,
-            QuantKind::Q4 => (w[i] * inv + 8.0).round().clamp(0.0, 15.0) as u8,
+            QuantKind::Q8 | QuantKind::Q8Sparse24 => {
+                (w[i] * inv).round().clamp(-127.0, 127.0) as i8 as u8
+            }
+            QuantKind::Q4 | QuantKind::Q4Sparse24 => {
+                (w[i] * inv + 8.0).round().clamp(0.0, 15.0) as u8
+            }
             QuantKind::Q4Asym => ((w[i] - stored_mins[g]) * inv).round().clamp(0.0, 15.0) as u8,
             QuantKind::Q3 => (w[i] * inv + 4.0).round().clamp(0.0, 7.0) as u8,
         }
@@ -515,9 +639,14 @@ pub fn encode_with_scales(
     for r in 0..rows {
         let tile = &mut quants[r / TILE_ROWS * tile_bytes..][..tile_bytes];
         for (b, block) in tile.chunks_exact_mut(block_bytes).enumerate() {
-            for c in 0..QUANT_BLOCK {
-                let i = r * cols + b * QUANT_BLOCK + c;
-                put_code(kind, block, r % TILE_ROWS, c, code(i));
+            let start = r * cols + b * QUANT_BLOCK;
+            if kind.is_sparse24() {
+                let run = &w[start..start + QUANT_BLOCK];
+                put_sparse24_row(kind, block, r % TILE_ROWS, run, |c| code(start + c))?;
+            } else {
+                for c in 0..QUANT_BLOCK {
+                    put_code(kind, block, r % TILE_ROWS, c, code(start + c));
+                }
             }
         }
     }
@@ -555,8 +684,30 @@ mod tests {
                 asymmetric: true,
             });
             v.push(Encoding::Q3 { group });
+            v.push(Encoding::Q8Sparse24 { group });
+            v.push(Encoding::Q4Sparse24 { group });
         }
         v
+    }
+
+    /// Random weights; for the 2:4 sparse encodings, the two smaller of every four zeroed
+    /// (and some runs with fewer non-zeros).
+    fn weights(encoding: Encoding, n: usize, seed: u64) -> Vec<f32> {
+        let mut w = random_vec(n, seed);
+        if matches!(
+            encoding,
+            Encoding::Q8Sparse24 { .. } | Encoding::Q4Sparse24 { .. }
+        ) {
+            for (i, run) in w.chunks_exact_mut(4).enumerate() {
+                let mut order = [0, 1, 2, 3];
+                order.sort_by(|&a, &b| run[a].abs().total_cmp(&run[b].abs()));
+                let drop = if i % 7 == 3 { 3 } else { 2 };
+                for &j in &order[..drop] {
+                    run[j] = 0.0;
+                }
+            }
+        }
+        w
     }
 
     fn matrix<'a>(
@@ -574,7 +725,7 @@ mod tests {
         for enc in encodings() {
             // 11 rows: one whole tile and a ragged one.
             let (rows, cols) = (11, 256);
-            let w = random_vec(rows * cols, 5);
+            let w = weights(enc, rows * cols, 5);
             let bytes = quantize_rtn(&w, rows, cols, enc).unwrap();
             let m = matrix(enc, rows, cols, &bytes);
             let back = m.dequantize();
@@ -590,6 +741,7 @@ mod tests {
                         asymmetric: false,
                         ..
                     } | Encoding::Q3 { .. }
+                        | Encoding::Q4Sparse24 { .. }
                 ) {
                     1.0
                 } else {
@@ -668,11 +820,58 @@ mod tests {
     }
 
     #[test]
+    fn sparse24_tiles_match_the_spec_and_refuse_dense_runs() {
+        // 8 rows × 32: row r keeps columns r % 4 and (r + 1) % 4 of every run of four, at
+        // level 1 + (r + c) % 7, never zero (scale 1).
+        let (rows, cols) = (8, 32);
+        let kept = |r: usize, c: usize| c % 4 == r % 4 || c % 4 == (r + 1) % 4;
+        let level = |r: usize, c: usize| (1 + (r + c) % 7) as f32;
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| {
+                let (r, c) = (i / cols, i % cols);
+                if kept(r, c) { level(r, c) } else { 0.0 }
+            })
+            .collect();
+        for enc in [
+            Encoding::Q8Sparse24 { group: 32 },
+            Encoding::Q4Sparse24 { group: 32 },
+        ] {
+            let bytes = encode_with_scales(&w, rows, cols, enc, &[1.0; 8], None).unwrap();
+            // One tile block (160 or 96 bytes), scales at the next multiple of 64.
+            let q8 = enc == Encoding::Q8Sparse24 { group: 32 };
+            assert_eq!(bytes.len(), if q8 { 192 + 16 } else { 128 + 16 });
+            for r in 0..rows {
+                for c in 0..cols {
+                    let (k, j) = (c / 8, c % 8);
+                    let mask = bytes[8 * k + r];
+                    assert_eq!(mask >> j & 1 == 1, kept(r, c), "{enc} row {r} col {c}");
+                    if !kept(r, c) {
+                        continue;
+                    }
+                    let n = (0..j).filter(|&b| mask >> b & 1 == 1).count();
+                    let code = if q8 {
+                        bytes[32 + 32 * k + 4 * r + n] as i8 as f32
+                    } else {
+                        let byte = bytes[32 + 32 * (k / 2) + 4 * r + n];
+                        (if k % 2 == 0 { byte & 15 } else { byte >> 4 }) as f32 - 8.0
+                    };
+                    assert_eq!(code, level(r, c), "{enc} row {r} col {c}");
+                }
+            }
+            assert_eq!(matrix(enc, rows, cols, &bytes).dequantize(), w);
+            // Three non-zeros in a run of four cannot be stored 2:4.
+            let mut dense = w.clone();
+            dense[..4].copy_from_slice(&[1.0, 1.0, 1.0, 0.0]);
+            assert!(encode_with_scales(&dense, rows, cols, enc, &[1.0; 8], None).is_none());
+        }
+    }
+
+    #[test]
     fn views_of_first_rows_and_columns_read_in_place() {
         for enc in encodings() {
             let group = enc.group().unwrap() as usize;
             let (rows, cols) = (13, 4 * group);
-            let w = random_vec(rows * cols, 21);
+            let w = weights(enc, rows * cols, 21);
             let bytes = quantize_rtn(&w, rows, cols, enc).unwrap();
             let m = matrix(enc, rows, cols, &bytes);
             let full = m.dequantize();
@@ -706,7 +905,7 @@ mod tests {
     fn dot_scalar_matches_dequantized_product() {
         for enc in encodings() {
             let (rows, cols) = (10, 384);
-            let w = random_vec(rows * cols, 11);
+            let w = weights(enc, rows * cols, 11);
             let x = random_vec(cols, 12);
             let bytes = quantize_rtn(&w, rows, cols, enc).unwrap();
             let m = matrix(enc, rows, cols, &bytes);
@@ -800,7 +999,7 @@ mod tests {
             .enumerate()
             {
                 let cols = groups * group;
-                let w = random_vec(rows * cols, 30 + i as u64);
+                let w = weights(enc, rows * cols, 30 + i as u64);
                 let bytes = quantize_rtn(&w, rows, cols, enc).unwrap();
                 let m = matrix(enc, rows, cols, &bytes);
                 let x = random_vec(tokens * cols, 7 + i as u64);

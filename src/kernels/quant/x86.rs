@@ -12,7 +12,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::{ActRow, QuantKind, QuantMatrix, QuantizedActivations, store_tile};
+use super::{ActRow, QuantKind, QuantMatrix, QuantizedActivations, SPARSE24_SHUFFLE, store_tile};
 use crate::format::{QUANT_BLOCK, TILE_ROWS};
 use crate::kernels::KernelPath;
 
@@ -23,12 +23,15 @@ const Q8: u8 = 0;
 const Q4: u8 = 1;
 const Q4A: u8 = 2;
 const Q3: u8 = 3;
+const Q8S: u8 = 4;
+const Q4S: u8 = 5;
 
 /// Bytes of one tile block of kind `K`.
 const fn block_bytes(kind: u8) -> usize {
     match kind {
         Q8 => 256,
-        Q3 => 96,
+        Q8S => 160,
+        Q3 | Q4S => 96,
         _ => 128,
     }
 }
@@ -54,6 +57,8 @@ pub unsafe fn gemm_tiles(
                 QuantKind::Q4 => $family::run::<Q4>(w, &rows, tiles, out),
                 QuantKind::Q4Asym => $family::run::<Q4A>(w, &rows, tiles, out),
                 QuantKind::Q3 => $family::run::<Q3>(w, &rows, tiles, out),
+                QuantKind::Q8Sparse24 => $family::run::<Q8S>(w, &rows, tiles, out),
+                QuantKind::Q4Sparse24 => $family::run::<Q4S>(w, &rows, tiles, out),
             }
         };
     }
@@ -68,9 +73,11 @@ pub unsafe fn gemm_tiles(
 }
 
 /// Splits every tile's tokens into runs of a power-of-two width up to `$max`, calls the tile
-/// kernel `$tile::<K, T>` on each and stores its results.
+/// kernel `$tile::<K, T>` on each and stores its results. A 2:4 sparse tile meeting more
+/// tokens than one run is first expanded (`$expand`) into a dense q8 tile, so the expansion
+/// is paid once per tile instead of once per run.
 macro_rules! run_tiles {
-    ($tile:ident, $max:literal) => {
+    ($tile:ident, $expand:ident, $max:literal) => {
         /// # Safety
         /// The CPU must support this family's features; shapes as for `gemm_tiles`.
         pub(super) unsafe fn run<const K: u8>(
@@ -80,28 +87,50 @@ macro_rules! run_tiles {
             out: &mut [&mut [f32]],
         ) {
             let first = tiles.start;
+            let expand = (K == Q8S || K == Q4S) && x.len() > $max;
+            let mut codes = vec![0u8; if expand { w.blocks_per_row() * 256 } else { 0 }];
             for tile in tiles {
                 let at = (tile - first) * TILE_ROWS;
-                let mut t0 = 0;
-                while t0 < x.len() {
-                    let left = x.len() - t0;
-                    let n = if left >= $max {
-                        $max
+                // SAFETY: forwarded contract; `codes` holds a q8 tile of the view's blocks.
+                unsafe {
+                    if expand {
+                        $expand::<K>(w, tile, &mut codes);
+                        token_runs::<Q8>(&w.expanded_tile(tile, &codes), 0, x, out, at);
                     } else {
-                        1 << left.ilog2()
-                    };
-                    let (xs, os) = (&x[t0..t0 + n], &mut out[t0..t0 + n]);
-                    // SAFETY: forwarded contract; `xs` holds exactly `n` rows.
-                    unsafe {
-                        match n {
-                            1 => store_tile(&$tile::<K, 1>(w, tile, xs), os, at),
-                            2 => store_tile(&$tile::<K, 2>(w, tile, xs), os, at),
-                            4 => store_tile(&$tile::<K, 4>(w, tile, xs), os, at),
-                            _ => store_tile(&$tile::<K, $max>(w, tile, xs), os, at),
-                        }
+                        token_runs::<K>(w, tile, x, out, at);
                     }
-                    t0 += n;
                 }
+            }
+        }
+
+        /// Tile `tile` of `w` against every token of `x`, results at row `at` of `out`.
+        #[inline]
+        unsafe fn token_runs<const K: u8>(
+            w: &QuantMatrix<'_>,
+            tile: usize,
+            x: &[ActRow<'_>],
+            out: &mut [&mut [f32]],
+            at: usize,
+        ) {
+            let mut t0 = 0;
+            while t0 < x.len() {
+                let left = x.len() - t0;
+                let n = if left >= $max {
+                    $max
+                } else {
+                    1 << left.ilog2()
+                };
+                let (xs, os) = (&x[t0..t0 + n], &mut out[t0..t0 + n]);
+                // SAFETY: forwarded contract; `xs` holds exactly `n` rows.
+                unsafe {
+                    match n {
+                        1 => store_tile(&$tile::<K, 1>(w, tile, xs), os, at),
+                        2 => store_tile(&$tile::<K, 2>(w, tile, xs), os, at),
+                        4 => store_tile(&$tile::<K, 4>(w, tile, xs), os, at),
+                        _ => store_tile(&$tile::<K, $max>(w, tile, xs), os, at),
+                    }
+                }
+                t0 += n;
             }
         }
     };
@@ -118,8 +147,8 @@ macro_rules! avx2_family {
             /// Codes of q8 are offset by 128 for `vpdpbusd`; AVX2 multiplies them signed.
             const fn zero_point(kind: u8) -> f32 {
                 match kind {
-                    Q8 if $vnni => 128.0,
-                    Q4 => 8.0,
+                    Q8 | Q8S if $vnni => 128.0,
+                    Q4 | Q4S => 8.0,
                     Q3 => 4.0,
                     _ => 0.0,
                 }
@@ -173,6 +202,15 @@ macro_rules! avx2_family {
                 unsafe {
                     let half = 32 * h;
                     match K {
+                        Q8S | Q4S => {
+                            let p = [0, 1, 2, 3].map(|k| expand24::<K>(blk, k, h));
+                            if K == Q8S && $vnni {
+                                let flip = _mm256_set1_epi8(i8::MIN);
+                                p.map(|v| _mm256_xor_si256(v, flip))
+                            } else {
+                                p
+                            }
+                        }
                         Q8 => {
                             let p = [
                                 load(blk.add(half)),
@@ -222,6 +260,50 @@ macro_rules! avx2_family {
                 }
             }
 
+            /// Piece `k` of rows `4h..4h + 4` of the 2:4 tile block at `blk`, expanded to dense
+            /// codes: each row's kept codes go through the shuffle its mask byte selects;
+            /// pruned columns get the zero point.
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn expand24<const K: u8>(blk: *const u8, k: usize, h: usize) -> __m256i {
+                // SAFETY: the caller guarantees a whole tile block at `blk`: 32 mask bytes
+                // (row masks of piece k at 8k), then the kept codes (160 or 96 bytes in all);
+                // every read below lies inside it.
+                unsafe {
+                    let m = (blk.add(8 * k + 4 * h) as *const u32).read_unaligned();
+                    let entry = |i: u32| SPARSE24_SHUFFLE[(m >> (8 * i) & 0xFF) as usize] as i64;
+                    // Row i of the half finds its kept codes at byte 4i of the source.
+                    let control = _mm256_add_epi8(
+                        _mm256_set_epi64x(entry(3), entry(2), entry(1), entry(0)),
+                        _mm256_set_epi64x(
+                            0x0c0c_0c0c_0c0c_0c0c,
+                            0x0808_0808_0808_0808,
+                            0x0404_0404_0404_0404,
+                            0,
+                        ),
+                    );
+                    let kept = if K == Q8S {
+                        _mm_loadu_si128(blk.add(32 + 32 * k + 16 * h) as *const __m128i)
+                    } else {
+                        let v =
+                            _mm_loadu_si128(blk.add(32 + 32 * (k / 2) + 16 * h) as *const __m128i);
+                        let v = if k % 2 == 0 {
+                            v
+                        } else {
+                            _mm_srli_epi16::<4>(v)
+                        };
+                        _mm_and_si128(v, _mm_set1_epi8(0x0F))
+                    };
+                    let dense = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(kept), control);
+                    if K == Q4S {
+                        // Pruned columns (control byte ≥ 0x80) read as the zero point 8.
+                        _mm256_blendv_epi8(dense, _mm256_set1_epi8(8), control)
+                    } else {
+                        dense
+                    }
+                }
+            }
+
             /// `acc` plus the sums of four products per 32-bit lane.
             #[inline]
             #[target_feature(enable = $features)]
@@ -236,7 +318,7 @@ macro_rules! avx2_family {
                 } else {
                     // Unsigned codes are at most 15: two products fit an i16 unsaturated.
                     // Signed q8 codes use the sign trick so `maddubs` (u8 × i8) applies.
-                    let pairs = if K == Q8 {
+                    let pairs = if K == Q8 || K == Q8S {
                         _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w))
                     } else {
                         _mm256_maddubs_epi16(w, x)
@@ -357,7 +439,35 @@ macro_rules! avx2_family {
                 out
             }
 
-            run_tiles!(tile, 4);
+            /// The 2:4 sparse tile `tile` of `w` expanded into `codes` as a q8 tile (signed
+            /// levels, 256 bytes a block).
+            #[target_feature(enable = $features)]
+            unsafe fn expand_tile<const K: u8>(w: &QuantMatrix<'_>, tile: usize, codes: &mut [u8]) {
+                let q = w.tile_quants(tile).as_ptr();
+                assert_eq!(codes.len(), w.blocks_per_row() * 256);
+                for b in 0..w.blocks_per_row() {
+                    for h in 0..2 {
+                        // SAFETY: block b lies inside the tile's codes; each store writes 32
+                        // bytes at 256b + 64k + 32h < codes.len().
+                        unsafe {
+                            let p = pieces::<K>(q.add(b * block_bytes(K)), h);
+                            for (k, v) in p.into_iter().enumerate() {
+                                let level = if K == Q4S {
+                                    _mm256_sub_epi8(v, _mm256_set1_epi8(8))
+                                } else if $vnni {
+                                    _mm256_xor_si256(v, _mm256_set1_epi8(i8::MIN))
+                                } else {
+                                    v
+                                };
+                                let dst = codes.as_mut_ptr().add(256 * b + 64 * k + 32 * h);
+                                _mm256_storeu_si256(dst as *mut __m256i, level);
+                            }
+                        }
+                    }
+                }
+            }
+
+            run_tiles!(tile, expand_tile, 4);
         }
     };
 }
@@ -371,22 +481,22 @@ pub(super) mod avx512 {
 
     const fn zero_point(kind: u8) -> f32 {
         match kind {
-            Q8 => 128.0,
-            Q4 => 8.0,
+            Q8 | Q8S => 128.0,
+            Q4 | Q4S => 8.0,
             Q3 => 4.0,
             _ => 0.0,
         }
     }
 
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi2,avx2,fma,f16c")]
     unsafe fn load(p: *const u8) -> __m512i {
         // SAFETY: the caller guarantees 64 readable bytes at `p`.
         unsafe { _mm512_loadu_si512(p as *const __m512i) }
     }
 
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi2,avx2,fma,f16c")]
     unsafe fn broadcast(p: *const i8) -> __m512i {
         // SAFETY: the caller guarantees 8 readable bytes at `p`.
         _mm512_set1_epi64(unsafe { (p as *const i64).read_unaligned() })
@@ -394,7 +504,7 @@ pub(super) mod avx512 {
 
     /// Pieces 0..4 of all eight rows of the tile block at `blk`, as unsigned codes.
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi2,avx2,fma,f16c")]
     unsafe fn pieces<const K: u8>(blk: *const u8) -> [__m512i; 4] {
         // SAFETY: the caller guarantees a whole tile block at `blk`; every offset below stays
         // inside it (256, 128 or 96 bytes).
@@ -403,6 +513,41 @@ pub(super) mod avx512 {
                 Q8 => {
                     let flip = _mm512_set1_epi8(i8::MIN);
                     [0, 64, 128, 192].map(|o| _mm512_xor_si512(load(blk.add(o)), flip))
+                }
+                Q8S => {
+                    // Each piece's 32 kept codes (rows in order, four each) expand to the
+                    // positions its 64-bit mask sets; pruned columns read 0, then 128 after
+                    // the offset.
+                    let flip = _mm512_set1_epi8(i8::MIN);
+                    let masks = blk as *const u64;
+                    [0, 1, 2, 3].map(|k| {
+                        let kept = _mm256_loadu_si256(blk.add(32 + 32 * k) as *const __m256i);
+                        let dense = _mm512_maskz_expand_epi8(
+                            masks.add(k).read_unaligned(),
+                            _mm512_castsi256_si512(kept),
+                        );
+                        _mm512_xor_si512(dense, flip)
+                    })
+                }
+                Q4S => {
+                    let nibble = _mm256_set1_epi8(0x0F);
+                    let eight = _mm512_set1_epi8(8);
+                    let masks = blk as *const u64;
+                    let c0 = _mm256_loadu_si256(blk.add(32) as *const __m256i);
+                    let c1 = _mm256_loadu_si256(blk.add(64) as *const __m256i);
+                    let kept = [
+                        _mm256_and_si256(c0, nibble),
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(c0), nibble),
+                        _mm256_and_si256(c1, nibble),
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(c1), nibble),
+                    ];
+                    [0, 1, 2, 3].map(|k| {
+                        _mm512_mask_expand_epi8(
+                            eight,
+                            masks.add(k).read_unaligned(),
+                            _mm512_castsi256_si512(kept[k]),
+                        )
+                    })
                 }
                 Q3 => {
                     let low = load(blk);
@@ -450,7 +595,7 @@ pub(super) mod avx512 {
 
     /// Eight f16 values at `p` as f32, each twice: the lane pairs of eight rows.
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi2,avx2,fma,f16c")]
     unsafe fn row_pairs(p: *const half::f16) -> __m512 {
         // SAFETY: the caller guarantees 8 readable f16 at `p`.
         let v = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(p as *const __m128i) });
@@ -460,7 +605,7 @@ pub(super) mod avx512 {
         )
     }
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi2,avx2,fma,f16c")]
     unsafe fn tile<const K: u8, const T: usize>(
         w: &QuantMatrix<'_>,
         tile: usize,
@@ -533,7 +678,33 @@ pub(super) mod avx512 {
         out
     }
 
-    run_tiles!(tile, 8);
+    /// The 2:4 sparse tile `tile` of `w` expanded into `codes` as a q8 tile (signed levels,
+    /// 256 bytes a block).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi2,avx2,fma,f16c")]
+    unsafe fn expand_tile<const K: u8>(w: &QuantMatrix<'_>, tile: usize, codes: &mut [u8]) {
+        let q = w.tile_quants(tile).as_ptr();
+        assert_eq!(codes.len(), w.blocks_per_row() * 256);
+        for b in 0..w.blocks_per_row() {
+            // SAFETY: block b lies inside the tile's codes; each store writes 64 bytes at
+            // 256b + 64k < codes.len().
+            unsafe {
+                let p = pieces::<K>(q.add(b * block_bytes(K)));
+                for (k, v) in p.into_iter().enumerate() {
+                    let level = if K == Q4S {
+                        _mm512_sub_epi8(v, _mm512_set1_epi8(8))
+                    } else {
+                        _mm512_xor_si512(v, _mm512_set1_epi8(i8::MIN))
+                    };
+                    _mm512_storeu_si512(
+                        codes.as_mut_ptr().add(256 * b + 64 * k) as *mut __m512i,
+                        level,
+                    );
+                }
+            }
+        }
+    }
+
+    run_tiles!(tile, expand_tile, 8);
 }
 
 /// Quantizes whole blocks of 32 activations (AVX2): the same operations as the scalar
