@@ -276,8 +276,8 @@ fn sparsegpt_with_quantized_weights_prunes_and_quantizes_in_one_pass() {
     let (_d, path) = convert(&o);
     let file = PlmFile::open(&path).unwrap();
     let entry = file.entry("blk.1.ffn_up.weight").unwrap();
-    // Stored as kept codes and a mask (q4+2:4).
-    assert_eq!(entry.encoding, Encoding::Q4Sparse24 { group: 32 });
+    // Stored as kept codes and a mask (q4+4:8).
+    assert_eq!(entry.encoding, Encoding::Q4Sparse48 { group: 32 });
     let model = Model::open_with(&path, ModelOptions::default()).unwrap();
     drop(model);
     // Symmetric q4 holds zero exactly: every run of 4 keeps at most 2 non-zeros.
@@ -355,22 +355,21 @@ fn f16_matrices_pruned_2_4_are_stored_sparse_and_compute_the_same() {
     assert!((s - d).abs() < 1e-3 * d, "sparse {s} vs dense {d}");
 }
 
-/// q4 and q8 matrices pruned 2:4 are stored as kept codes and a mask (q4+2:4, q8+2:4): the
-/// same values as dense storage, fewer bytes, the same perplexity.
+/// q4 and q8 matrices pruned 2:4 or 4:8 are stored as kept codes and a mask (q4+4:8,
+/// q8+4:8): the same values as dense storage, fewer bytes, the same perplexity.
 #[test]
-fn quantized_matrices_pruned_2_4_are_stored_sparse_and_compute_the_same() {
-    for (weights, sparse_encoding, bits) in [
-        (
-            Encoding::Q4 {
-                group: 32,
-                asymmetric: false,
-            },
-            Encoding::Q4Sparse24 { group: 32 },
-            (3.5, 4.5),
-        ),
+fn quantized_matrices_pruned_n_m_are_stored_sparse_and_compute_the_same() {
+    let q4 = Encoding::Q4 {
+        group: 32,
+        asymmetric: false,
+    };
+    for (weights, (n, m), sparse_encoding, bits) in [
+        (q4, (2, 4), Encoding::Q4Sparse48 { group: 32 }, (3.5, 4.5)),
+        (q4, (4, 8), Encoding::Q4Sparse48 { group: 32 }, (3.5, 4.5)),
         (
             Encoding::Q8 { group: 32 },
-            Encoding::Q8Sparse24 { group: 32 },
+            (2, 4),
+            Encoding::Q8Sparse48 { group: 32 },
             (5.5, 8.5),
         ),
     ] {
@@ -379,7 +378,7 @@ fn quantized_matrices_pruned_2_4_are_stored_sparse_and_compute_the_same() {
             o.calibration = Some(calibration());
             o.pruning = Some(Pruning {
                 method: PruneMethod::SparseGpt,
-                sparsity: Sparsity::NM { n: 2, m: 4 },
+                sparsity: Sparsity::NM { n, m },
             });
             o.sparse_storage = sparse_storage;
             convert(&o)
@@ -426,7 +425,7 @@ fn quantized_matrices_pruned_2_4_are_stored_sparse_and_compute_the_same() {
     let err = convert_path(
         &fixture("hf"),
         &tempfile::tempdir().unwrap().path().join("x.plm"),
-        &options(Encoding::Q4Sparse24 { group: 32 }, Method::Rtn),
+        &options(Encoding::Q4Sparse48 { group: 32 }, Method::Rtn),
         &mut |_, _, _| {},
     )
     .unwrap_err();

@@ -324,15 +324,15 @@ impl ConvertOptions {
         for e in requested {
             if matches!(
                 e,
-                Encoding::F16Sparse24 | Encoding::Q8Sparse24 { .. } | Encoding::Q4Sparse24 { .. }
+                Encoding::F16Sparse24 | Encoding::Q8Sparse48 { .. } | Encoding::Q4Sparse48 { .. }
             ) {
-                let base = match e {
-                    Encoding::F16Sparse24 => "f16".to_string(),
-                    other => other.quant_base().describe(),
+                let (base, nm) = match e {
+                    Encoding::F16Sparse24 => ("f16".to_string(), "2:4"),
+                    other => (other.quant_base().describe(), "2:4|4:8"),
                 };
                 return Err(ConvertError::Options(format!(
-                    "{e} is chosen automatically for {base} matrices pruned 2:4: use \
-                     --weights {base} --prune METHOD --nm 2:4"
+                    "{e} is chosen automatically for {base} matrices pruned N:M: use \
+                     --weights {base} --prune METHOD --nm {nm}"
                 )));
             }
         }
@@ -1129,10 +1129,11 @@ impl<'a, 'p> Output<'a, 'p> {
         Ok(values)
     }
 
-    /// The 2:4 sparse storage of a pruned matrix requested as `encoding`, when one applies:
-    /// f16 matrices become f16+2:4 (9 instead of 16 bits per weight), q8 and symmetric q4
-    /// matrices q8+2:4 and q4+2:4 (5 and 3 instead of 8 and 4 bits per weight, plus scales).
-    /// Every other case stays dense, and the reason is recorded.
+    /// The sparse storage of a pruned matrix requested as `encoding`, when one applies:
+    /// f16 matrices pruned 2:4 become f16+2:4 (9 instead of 16 bits per weight); q8 and
+    /// symmetric q4 matrices keeping at most 4 of every 8 weights (2:4, 4:8) become q8+4:8
+    /// and q4+4:8 (5 and 3 instead of 8 and 4 bits per weight, plus scales). Every other case
+    /// stays dense, and the reason is recorded.
     fn sparse_storage(
         &mut self,
         name: &str,
@@ -1149,28 +1150,38 @@ impl<'a, 'p> Output<'a, 'p> {
         if !self.options.sparse_storage {
             return dense("dense storage requested".into());
         }
-        if sparsity != (Sparsity::NM { n: 2, m: 4 }) {
+        let Some(sparse) = encoding.sparse_storage() else {
             return dense(format!(
-                "no sparse encoding for {} yet (only 2:4)",
+                "no sparse encoding with {encoding} values (f16, q8 and symmetric q4 have one)"
+            ));
+        };
+        // f16+2:4 keeps 2 of every 4 weights, the quantized ones 4 of every 8.
+        let (run, kept) = if sparse == Encoding::F16Sparse24 {
+            (4, 2)
+        } else {
+            (8, 4)
+        };
+        if !matches!(sparsity, Sparsity::NM { .. }) {
+            return dense(format!(
+                "no sparse encoding for {} yet (N:M patterns keeping at most {kept} of every \
+                 {run} weights only)",
                 sparsity.describe()
             ));
         }
-        let Some(sparse) = encoding.sparse24() else {
-            return dense(format!(
-                "no 2:4 encoding with {encoding} values (f16, q8 and symmetric q4 have one)"
-            ));
-        };
         if !shape[1].is_multiple_of(8) {
             return dense(format!(
                 "rows of {} columns are not a multiple of 8",
                 shape[1]
             ));
         }
-        let two_of_four = values
-            .chunks_exact(4)
-            .all(|run| run.iter().filter(|v| **v != 0.0).count() <= 2);
-        if !two_of_four {
-            return dense("some runs of 4 keep more than 2 weights".into());
+        let fits = values
+            .chunks_exact(run)
+            .all(|r| r.iter().filter(|v| **v != 0.0).count() <= kept);
+        if !fits {
+            return dense(format!(
+                "some runs of {run} keep more than {kept} weights ({} for {sparse})",
+                sparsity.describe()
+            ));
         }
         self.sparse_tensors += 1;
         Some(sparse)

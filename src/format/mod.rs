@@ -91,13 +91,14 @@ pub enum Encoding {
     /// are non-zero; the 2 kept values are stored with their positions. 9 bits per weight.
     /// Code 256, no params. See [`Sparse24Layout`].
     F16Sparse24,
-    /// 2:4 sparse q8 matrix: the two kept i8 codes of every run of four weights and a bitmask
-    /// of their positions, in tiles like [`Encoding::Q8`]: 5 bits per weight plus the
-    /// scales. Code 257, param0 = group. See [`QuantLayout`].
-    Q8Sparse24 { group: u32 },
-    /// 2:4 sparse symmetric q4 matrix, stored like [`Encoding::Q8Sparse24`] with 4-bit codes:
+    /// Sparse q8 matrix keeping at most 4 of every 8 consecutive weights of a row (pruned 2:4
+    /// or 4:8): four kept i8 codes per 8 weights and a bitmask of their positions, in tiles
+    /// like [`Encoding::Q8`]: 5 bits per weight plus the scales. Code 257, param0 = group.
+    /// See [`QuantLayout`].
+    Q8Sparse48 { group: u32 },
+    /// Sparse symmetric q4 matrix (at most 4 of every 8 weights kept), stored like [`Encoding::Q8Sparse48`] with 4-bit codes:
     /// 3 bits per weight plus the scales. Code 258, param0 = group. See [`QuantLayout`].
-    Q4Sparse24 { group: u32 },
+    Q4Sparse48 { group: u32 },
 }
 
 /// Quantized weights come in blocks of this many values: the activation block of the integer
@@ -134,8 +135,8 @@ impl Encoding {
             } => "q4a",
             Encoding::Q3 { .. } => "q3",
             Encoding::F16Sparse24 => "f16+2:4",
-            Encoding::Q8Sparse24 { .. } => "q8+2:4",
-            Encoding::Q4Sparse24 { .. } => "q4+2:4",
+            Encoding::Q8Sparse48 { .. } => "q8+4:8",
+            Encoding::Q4Sparse48 { .. } => "q4+4:8",
         }
     }
 
@@ -152,11 +153,11 @@ impl Encoding {
     }
 
     /// The dense quantized encoding whose grid (levels, scales) a quantized encoding uses:
-    /// q8 for q8+2:4, q4 for q4+2:4, itself otherwise.
+    /// q8 for q8+4:8, q4 for q4+4:8, itself otherwise.
     pub fn quant_base(self) -> Encoding {
         match self {
-            Encoding::Q8Sparse24 { group } => Encoding::Q8 { group },
-            Encoding::Q4Sparse24 { group } => Encoding::Q4 {
+            Encoding::Q8Sparse48 { group } => Encoding::Q8 { group },
+            Encoding::Q4Sparse48 { group } => Encoding::Q4 {
                 group,
                 asymmetric: false,
             },
@@ -164,14 +165,16 @@ impl Encoding {
         }
     }
 
-    /// The 2:4 sparse storage of a quantized encoding, where one exists (q8, symmetric q4).
-    pub fn sparse24(self) -> Option<Encoding> {
+    /// The sparse storage of a pruned matrix of this encoding, where one exists: f16+2:4 for
+    /// f16 (patterns of 2:4), q8+4:8 and q4+4:8 for q8 and symmetric q4 (at most 4 of every
+    /// 8 weights kept: 2:4, 4:8 and sparser N:M patterns).
+    pub fn sparse_storage(self) -> Option<Encoding> {
         match self {
-            Encoding::Q8 { group } => Some(Encoding::Q8Sparse24 { group }),
+            Encoding::Q8 { group } => Some(Encoding::Q8Sparse48 { group }),
             Encoding::Q4 {
                 group,
                 asymmetric: false,
-            } => Some(Encoding::Q4Sparse24 { group }),
+            } => Some(Encoding::Q4Sparse48 { group }),
             Encoding::F16 => Some(Encoding::F16Sparse24),
             _ => None,
         }
@@ -188,8 +191,8 @@ impl Encoding {
             Encoding::Q8 { group }
             | Encoding::Q4 { group, .. }
             | Encoding::Q3 { group }
-            | Encoding::Q8Sparse24 { group }
-            | Encoding::Q4Sparse24 { group } => Some(group),
+            | Encoding::Q8Sparse48 { group }
+            | Encoding::Q4Sparse48 { group } => Some(group),
             _ => None,
         }
     }
@@ -205,8 +208,8 @@ impl Encoding {
             }
             Encoding::Q3 { group } => 3.0 + 16.0 / group as f64,
             Encoding::F16Sparse24 => 9.0,
-            Encoding::Q8Sparse24 { group } => 5.0 + 16.0 / group as f64,
-            Encoding::Q4Sparse24 { group } => 3.0 + 16.0 / group as f64,
+            Encoding::Q8Sparse48 { group } => 5.0 + 16.0 / group as f64,
+            Encoding::Q4Sparse48 { group } => 3.0 + 16.0 / group as f64,
         }
     }
 
@@ -236,8 +239,8 @@ impl Encoding {
             Encoding::Q4 { .. } => 17,
             Encoding::Q3 { .. } => 18,
             Encoding::F16Sparse24 => 256,
-            Encoding::Q8Sparse24 { .. } => 257,
-            Encoding::Q4Sparse24 { .. } => 258,
+            Encoding::Q8Sparse48 { .. } => 257,
+            Encoding::Q4Sparse48 { .. } => 258,
         }
     }
 
@@ -248,8 +251,8 @@ impl Encoding {
             Encoding::Q8 { group } => (group, 0),
             Encoding::Q4 { group, asymmetric } => (group, asymmetric as u32),
             Encoding::Q3 { group }
-            | Encoding::Q8Sparse24 { group }
-            | Encoding::Q4Sparse24 { group } => (group, 0),
+            | Encoding::Q8Sparse48 { group }
+            | Encoding::Q4Sparse48 { group } => (group, 0),
         }
     }
 
@@ -270,8 +273,8 @@ impl Encoding {
                 asymmetric: param1 & 1 == 1,
             },
             18 => Encoding::Q3 { group: param0 },
-            257 => Encoding::Q8Sparse24 { group: param0 },
-            258 => Encoding::Q4Sparse24 { group: param0 },
+            257 => Encoding::Q8Sparse48 { group: param0 },
+            258 => Encoding::Q4Sparse48 { group: param0 },
             _ => match Encoding::from_code(code) {
                 Some(e) => e,
                 None => return Ok(None),
@@ -342,8 +345,8 @@ impl Encoding {
             Encoding::Q4 { .. } => Some(TILE_ROWS * QUANT_BLOCK / 2),
             Encoding::Q3 { .. } => Some(TILE_ROWS * QUANT_BLOCK * 3 / 8),
             // Kept codes (half the weights) and a one-bit-per-weight mask.
-            Encoding::Q8Sparse24 { .. } => Some(TILE_ROWS * QUANT_BLOCK * 5 / 8),
-            Encoding::Q4Sparse24 { .. } => Some(TILE_ROWS * QUANT_BLOCK * 3 / 8),
+            Encoding::Q8Sparse48 { .. } => Some(TILE_ROWS * QUANT_BLOCK * 5 / 8),
+            Encoding::Q4Sparse48 { .. } => Some(TILE_ROWS * QUANT_BLOCK * 3 / 8),
             _ => None,
         }
     }
@@ -359,8 +362,8 @@ impl Encoding {
             | Encoding::Q4 { .. }
             | Encoding::Q3 { .. }
             | Encoding::F16Sparse24
-            | Encoding::Q8Sparse24 { .. }
-            | Encoding::Q4Sparse24 { .. } => 1,
+            | Encoding::Q8Sparse48 { .. }
+            | Encoding::Q4Sparse48 { .. } => 1,
         }
     }
 }
@@ -393,11 +396,11 @@ fn encoding_group_ok(group: u32) -> Result<(), String> {
 ///   tile's eight rows.
 /// - `mins` (asymmetric q4 only): right after the scales, same order, f16.
 ///
-/// The 2:4 sparse encodings (q8+2:4, q4+2:4) keep two codes of every run of four weights. A
+/// The sparse encodings (q8+4:8, q4+4:8) keep four codes of every piece of eight columns. A
 /// tile block starts with a 32-byte bitmask (bit `8r + j` of the little-endian u64 at byte
-/// `8k`: column `j` of piece `k` of row `r` is kept; two bits of every run of four are set),
-/// then the kept codes in column order, row by row: q8+2:4 128 bytes (piece `k` at `32k`, row
-/// `r`'s four at `4r`); q4+2:4 64 bytes (byte `32(k / 2) + 4r + i` holds kept code `i` of row
+/// `8k`: column `j` of piece `k` of row `r` is kept; four bits of every mask byte are set),
+/// then the kept codes in column order, row by row: q8+4:8 128 bytes (piece `k` at `32k`, row
+/// `r`'s four at `4r`); q4+4:8 64 bytes (byte `32(k / 2) + 4r + i` holds kept code `i` of row
 /// `r` in its low nibble for even `k`, high nibble for odd `k`). Pruned weights are zero.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QuantLayout {
@@ -490,10 +493,10 @@ impl FromStr for Encoding {
                 group: group_or_default,
             },
             "f16+2:4" if group.is_none() => Encoding::F16Sparse24,
-            "q8+2:4" => Encoding::Q8Sparse24 {
+            "q8+4:8" => Encoding::Q8Sparse48 {
                 group: group_or_default,
             },
-            "q4+2:4" => Encoding::Q4Sparse24 {
+            "q4+4:8" => Encoding::Q4Sparse48 {
                 group: group_or_default,
             },
             _ => {
@@ -750,14 +753,14 @@ mod tests {
 
     #[test]
     fn sparse_quantized_encodings_parse_round_trip_and_lay_out() {
-        let q4s = "q4+2:4/g64".parse::<Encoding>().unwrap();
-        assert_eq!(q4s, Encoding::Q4Sparse24 { group: 64 });
-        assert_eq!(q4s.to_string(), "q4+2:4/g64");
-        assert_eq!("q8+2:4".parse(), Ok(Encoding::Q8Sparse24 { group: 32 }));
+        let q4s = "q4+4:8/g64".parse::<Encoding>().unwrap();
+        assert_eq!(q4s, Encoding::Q4Sparse48 { group: 64 });
+        assert_eq!(q4s.to_string(), "q4+4:8/g64");
+        assert_eq!("q8+4:8".parse(), Ok(Encoding::Q8Sparse48 { group: 32 }));
         assert_eq!((q4s.code(), q4s.params()), (258, (64, 0)));
         assert_eq!(
             Encoding::from_table(257, 32, 0),
-            Ok(Some(Encoding::Q8Sparse24 { group: 32 }))
+            Ok(Some(Encoding::Q8Sparse48 { group: 32 }))
         );
         assert!(Encoding::from_table(258, 48, 0).is_err());
         assert!(Encoding::from_table(257, 32, 1).is_err());
@@ -770,28 +773,28 @@ mod tests {
             }
         );
         assert_eq!(
-            Encoding::Q8 { group: 32 }.sparse24(),
-            Some(Encoding::Q8Sparse24 { group: 32 })
+            Encoding::Q8 { group: 32 }.sparse_storage(),
+            Some(Encoding::Q8Sparse48 { group: 32 })
         );
         assert_eq!(
             Encoding::Q4 {
                 group: 32,
                 asymmetric: true
             }
-            .sparse24(),
+            .sparse_storage(),
             None
         );
-        assert_eq!(Encoding::Q8Sparse24 { group: 32 }.bits_per_weight(), 5.5);
-        assert_eq!(Encoding::Q4Sparse24 { group: 32 }.bits_per_weight(), 3.5);
+        assert_eq!(Encoding::Q8Sparse48 { group: 32 }.bits_per_weight(), 5.5);
+        assert_eq!(Encoding::Q4Sparse48 { group: 32 }.bits_per_weight(), 3.5);
         // One tile of 4 blocks: 160 (q8) or 96 (q4) bytes each, scales at a multiple of 64.
-        let l = Encoding::Q8Sparse24 { group: 32 }
+        let l = Encoding::Q8Sparse48 { group: 32 }
             .quant_layout(&[5, 128])
             .unwrap();
         assert_eq!((l.quants, l.scales.clone()), (0..640, 640..640 + 64));
         let l = q4s.quant_layout(&[9, 128]).unwrap();
         assert_eq!((l.tiles, l.quants, l.scales), (2, 0..768, 768..768 + 64));
         // Storage matches the advertised bits per weight (up to the scale alignment).
-        for e in [q4s, Encoding::Q8Sparse24 { group: 32 }] {
+        for e in [q4s, Encoding::Q8Sparse48 { group: 32 }] {
             let bytes = e.byte_len(&[64, 4096]).unwrap();
             let want = (64 * 4096) as f64 * e.bits_per_weight() / 8.0;
             assert!((bytes as f64 - want).abs() < 64.0, "{e}: {bytes} vs {want}");

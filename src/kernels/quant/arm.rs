@@ -13,7 +13,7 @@ use std::arch::aarch64::*;
 use std::arch::asm;
 use std::ops::Range;
 
-use super::{ActRow, QuantKind, QuantMatrix, QuantizedActivations, SPARSE24_SHUFFLE, store_tile};
+use super::{ActRow, QuantKind, QuantMatrix, QuantizedActivations, SPARSE48_SHUFFLE, store_tile};
 use crate::format::{QUANT_BLOCK, TILE_ROWS};
 use crate::kernels::KernelPath;
 
@@ -54,8 +54,8 @@ pub unsafe fn gemm_tiles(
                 QuantKind::Q4 => $run::<Q4>(w, &rows, tiles, out),
                 QuantKind::Q4Asym => $run::<Q4A>(w, &rows, tiles, out),
                 QuantKind::Q3 => $run::<Q3>(w, &rows, tiles, out),
-                QuantKind::Q8Sparse24 => $run::<Q8S>(w, &rows, tiles, out),
-                QuantKind::Q4Sparse24 => $run::<Q4S>(w, &rows, tiles, out),
+                QuantKind::Q8Sparse48 => $run::<Q8S>(w, &rows, tiles, out),
+                QuantKind::Q4Sparse48 => $run::<Q4S>(w, &rows, tiles, out),
             }
         };
     }
@@ -122,7 +122,7 @@ unsafe fn pieces<const K: u8>(blk: *const u8, c: usize) -> [[int8x16_t; 4]; 2] {
     // stays inside it (256, 128 or 96 bytes).
     unsafe {
         match K {
-            Q8S | Q4S => [expand24::<K>(blk, 2 * c), expand24::<K>(blk, 2 * c + 1)],
+            Q8S | Q4S => [expand48::<K>(blk, 2 * c), expand48::<K>(blk, 2 * c + 1)],
             Q8 => {
                 let p = blk as *const i8;
                 [
@@ -159,11 +159,11 @@ unsafe fn pieces<const K: u8>(blk: *const u8, c: usize) -> [[int8x16_t; 4]; 2] {
     }
 }
 
-/// Piece `k` of the 2:4 tile block at `blk` as four row pairs of signed levels: each row's
+/// Piece `k` of the sparse (4 of 8) tile block at `blk` as four row pairs of signed levels: each row's
 /// kept levels go through the table lookup its mask byte selects (pruned columns read 0).
 #[inline]
 #[target_feature(enable = "neon")]
-unsafe fn expand24<const K: u8>(blk: *const u8, k: usize) -> [int8x16_t; 4] {
+unsafe fn expand48<const K: u8>(blk: *const u8, k: usize) -> [int8x16_t; 4] {
     // SAFETY: the caller guarantees a whole tile block at `blk`: 32 mask bytes, then the
     // kept codes (160 or 96 bytes in all); every read below lies inside it.
     unsafe {
@@ -171,8 +171,8 @@ unsafe fn expand24<const K: u8>(blk: *const u8, k: usize) -> [int8x16_t; 4] {
             let (m0, m1) = (*blk.add(8 * k + 2 * r), *blk.add(8 * k + 2 * r + 1));
             // The second row's kept levels start at byte 4 of the table.
             let control = vcombine_u8(
-                vcreate_u8(SPARSE24_SHUFFLE[m0 as usize]),
-                vadd_u8(vcreate_u8(SPARSE24_SHUFFLE[m1 as usize]), vdup_n_u8(4)),
+                vcreate_u8(SPARSE48_SHUFFLE[m0 as usize]),
+                vadd_u8(vcreate_u8(SPARSE48_SHUFFLE[m1 as usize]), vdup_n_u8(4)),
             );
             let levels = if K == Q8S {
                 vld1_s8(blk.add(32 + 32 * k + 8 * r) as *const i8)
@@ -418,7 +418,7 @@ unsafe fn tile_i8mm<const K: u8, const T: usize>(
     acc.map(|a| finish(a))
 }
 
-/// The 2:4 sparse tile `tile` of `w` expanded into `codes` as a q8 tile (signed levels, 256
+/// The sparse (4 of 8) tile `tile` of `w` expanded into `codes` as a q8 tile (signed levels, 256
 /// bytes a block), so a tile meeting many tokens pays the expansion once.
 #[target_feature(enable = "neon")]
 unsafe fn expand_tile<const K: u8>(w: &QuantMatrix<'_>, tile: usize, codes: &mut [u8]) {
@@ -441,7 +441,7 @@ unsafe fn expand_tile<const K: u8>(w: &QuantMatrix<'_>, tile: usize, codes: &mut
     }
 }
 
-/// A buffer for one expanded q8 tile when `w` is 2:4 sparse and meets more than `width`
+/// A buffer for one expanded q8 tile when `w` is sparse (4 of 8) and meets more than `width`
 /// tokens (so the expansion is paid once per tile, not once per run of tokens).
 fn expansion_buffer<const K: u8>(
     w: &QuantMatrix<'_>,

@@ -31,10 +31,11 @@ pub enum QuantKind {
     Q4,
     Q4Asym,
     Q3,
-    /// q8 pruned 2:4: kept codes and a position bitmask.
-    Q8Sparse24,
-    /// Symmetric q4 pruned 2:4.
-    Q4Sparse24,
+    /// q8 keeping at most 4 of every 8 weights (pruned 2:4 or 4:8): kept codes and a
+    /// position bitmask.
+    Q8Sparse48,
+    /// Symmetric q4 keeping at most 4 of every 8 weights.
+    Q4Sparse48,
 }
 
 impl QuantKind {
@@ -44,8 +45,8 @@ impl QuantKind {
             QuantKind::Q8 => TILE_ROWS * QUANT_BLOCK,
             QuantKind::Q4 | QuantKind::Q4Asym => TILE_ROWS * QUANT_BLOCK / 2,
             QuantKind::Q3 => TILE_ROWS * QUANT_BLOCK * 3 / 8,
-            QuantKind::Q8Sparse24 => TILE_ROWS * QUANT_BLOCK * 5 / 8,
-            QuantKind::Q4Sparse24 => TILE_ROWS * QUANT_BLOCK * 3 / 8,
+            QuantKind::Q8Sparse48 => TILE_ROWS * QUANT_BLOCK * 5 / 8,
+            QuantKind::Q4Sparse48 => TILE_ROWS * QUANT_BLOCK * 3 / 8,
         }
     }
 
@@ -54,21 +55,21 @@ impl QuantKind {
         match self {
             QuantKind::Q8 => 8,
             QuantKind::Q4 | QuantKind::Q4Asym => 4,
-            QuantKind::Q3 | QuantKind::Q4Sparse24 => 3,
-            QuantKind::Q8Sparse24 => 5,
+            QuantKind::Q3 | QuantKind::Q4Sparse48 => 3,
+            QuantKind::Q8Sparse48 => 5,
         }
     }
 
-    /// Whether the kind keeps two weights of every run of four (a mask and kept codes).
-    pub fn is_sparse24(self) -> bool {
-        matches!(self, QuantKind::Q8Sparse24 | QuantKind::Q4Sparse24)
+    /// Whether the kind keeps four weights of every eight (a mask and kept codes).
+    pub fn is_sparse48(self) -> bool {
+        matches!(self, QuantKind::Q8Sparse48 | QuantKind::Q4Sparse48)
     }
 
     /// The stored code that means level 0: `level = code − zero_point` (q8 codes are signed).
     pub fn zero_point(self) -> i32 {
         match self {
-            QuantKind::Q8 | QuantKind::Q4Asym | QuantKind::Q8Sparse24 => 0,
-            QuantKind::Q4 | QuantKind::Q4Sparse24 => 8,
+            QuantKind::Q8 | QuantKind::Q4Asym | QuantKind::Q8Sparse48 => 0,
+            QuantKind::Q4 | QuantKind::Q4Sparse48 => 8,
             QuantKind::Q3 => 4,
         }
     }
@@ -103,8 +104,8 @@ impl<'a> QuantMatrix<'a> {
                 asymmetric: true, ..
             } => QuantKind::Q4Asym,
             Encoding::Q3 { .. } => QuantKind::Q3,
-            Encoding::Q8Sparse24 { .. } => QuantKind::Q8Sparse24,
-            Encoding::Q4Sparse24 { .. } => QuantKind::Q4Sparse24,
+            Encoding::Q8Sparse48 { .. } => QuantKind::Q8Sparse48,
+            Encoding::Q4Sparse48 { .. } => QuantKind::Q4Sparse48,
             _ => return None,
         };
         if bytes.len() != layout.total {
@@ -187,7 +188,7 @@ impl<'a> QuantMatrix<'a> {
     }
 
     /// Tile `tile` as a one-tile q8 matrix over `codes` (its levels expanded into the q8
-    /// tile layout by a kernel), with the tile's scales: how a 2:4 sparse tile meeting many
+    /// tile layout by a kernel), with the tile's scales: how a sparse (4 of 8) tile meeting many
     /// tokens is multiplied.
     pub(crate) fn expanded_tile<'b>(&self, tile: usize, codes: &'b [u8]) -> QuantMatrix<'b>
     where
@@ -224,7 +225,7 @@ impl<'a> QuantMatrix<'a> {
                 let high = (b[64 + 8 * k + i] >> j) & 1;
                 low | high << 2
             }
-            QuantKind::Q8Sparse24 | QuantKind::Q4Sparse24 => {
+            QuantKind::Q8Sparse48 | QuantKind::Q4Sparse48 => {
                 let mask = b[8 * k + i];
                 if mask >> j & 1 == 0 {
                     return 0;
@@ -232,7 +233,7 @@ impl<'a> QuantMatrix<'a> {
                 // The kept codes of the row's piece in column order: this one's index is
                 // the number of kept columns before it.
                 let n = (mask & ((1u16 << j) - 1) as u8).count_ones() as usize;
-                if self.kind == QuantKind::Q8Sparse24 {
+                if self.kind == QuantKind::Q8Sparse48 {
                     return b[32 + 32 * k + 4 * i + n] as i8 as i32;
                 }
                 let byte = b[32 + 32 * (k / 2) + 4 * i + n];
@@ -515,17 +516,17 @@ fn put_code(kind: QuantKind, block: &mut [u8], i: usize, c: usize, code: u8) {
             block[8 * i + j] |= (code & 3) << (2 * k);
             block[64 + 8 * k + i] |= (code >> 2) << j;
         }
-        QuantKind::Q8Sparse24 | QuantKind::Q4Sparse24 => {
-            unreachable!("2:4 sparse rows are written by put_sparse24_row")
+        QuantKind::Q8Sparse48 | QuantKind::Q4Sparse48 => {
+            unreachable!("sparse rows are written by put_sparse48_row")
         }
     }
 }
 
-/// Shuffle controls that expand the kept codes of one row of a 2:4 piece: for the mask byte
+/// Shuffle controls that expand the kept codes of one row of a sparse (4 of 8) piece: for the mask byte
 /// `m` (bit `j`: column `j` kept), byte `j` of entry `m` is the index of column `j`'s code
 /// among the row's kept codes, or `0x80` (a zero from a byte shuffle or table lookup) when it
 /// is pruned.
-pub(crate) static SPARSE24_SHUFFLE: [u64; 256] = {
+pub(crate) static SPARSE48_SHUFFLE: [u64; 256] = {
     let mut table = [0u64; 256];
     let mut m = 0;
     while m < 256 {
@@ -546,11 +547,11 @@ pub(crate) static SPARSE24_SHUFFLE: [u64; 256] = {
     table
 };
 
-/// Writes row `i` of a tile block of a 2:4 sparse kind: the two kept positions of every run
-/// of four (the non-zero values of `w`, completed with the first zero positions) into the
-/// mask, and their codes (`code(c)` for column `c`) into the kept region. `None` when a run
-/// has more than two non-zero values.
-fn put_sparse24_row(
+/// Writes row `i` of a tile block of a sparse kind: four kept positions of every piece of
+/// eight columns (the non-zero values of `w`, completed with the first zero positions) into
+/// the mask, and their codes (`code(c)` for column `c`) into the kept region. `None` when a
+/// piece has more than four non-zero values.
+fn put_sparse48_row(
     kind: QuantKind,
     block: &mut [u8],
     i: usize,
@@ -558,28 +559,26 @@ fn put_sparse24_row(
     code: impl Fn(usize) -> u8,
 ) -> Option<()> {
     for k in 0..QUANT_BLOCK / TILE_PIECE {
+        let piece = &w[TILE_PIECE * k..TILE_PIECE * (k + 1)];
+        let nonzero = piece.iter().filter(|v| **v != 0.0).count();
+        if nonzero > TILE_PIECE / 2 {
+            return None;
+        }
         let mut mask = 0u8;
-        for run in 0..TILE_PIECE / 4 {
-            let cols = 4 * run..4 * run + 4;
-            let nonzero: Vec<usize> = cols.clone().filter(|&c| w[8 * k + c] != 0.0).collect();
-            if nonzero.len() > 2 {
-                return None;
-            }
-            let mut kept = nonzero;
-            for c in cols {
-                if kept.len() < 2 && !kept.contains(&c) {
-                    kept.push(c);
-                }
-            }
-            for c in kept {
-                mask |= 1 << c;
+        let mut zeros_to_keep = TILE_PIECE / 2 - nonzero;
+        for (j, v) in piece.iter().enumerate() {
+            if *v != 0.0 {
+                mask |= 1 << j;
+            } else if zeros_to_keep > 0 {
+                mask |= 1 << j;
+                zeros_to_keep -= 1;
             }
         }
         block[8 * k + i] = mask;
         for (n, j) in (0..TILE_PIECE).filter(|j| mask >> j & 1 == 1).enumerate() {
             let code = code(8 * k + j);
             match kind {
-                QuantKind::Q8Sparse24 => block[32 + 32 * k + 4 * i + n] = code,
+                QuantKind::Q8Sparse48 => block[32 + 32 * k + 4 * i + n] = code,
                 _ => {
                     block[32 + 32 * (k / 2) + 4 * i + n] |=
                         if k % 2 == 0 { code } else { code << 4 }
@@ -623,10 +622,10 @@ pub fn encode_with_scales(
         let d = stored[g];
         let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
         match kind {
-            QuantKind::Q8 | QuantKind::Q8Sparse24 => {
+            QuantKind::Q8 | QuantKind::Q8Sparse48 => {
                 (w[i] * inv).round().clamp(-127.0, 127.0) as i8 as u8
             }
-            QuantKind::Q4 | QuantKind::Q4Sparse24 => {
+            QuantKind::Q4 | QuantKind::Q4Sparse48 => {
                 (w[i] * inv + 8.0).round().clamp(0.0, 15.0) as u8
             }
             QuantKind::Q4Asym => ((w[i] - stored_mins[g]) * inv).round().clamp(0.0, 15.0) as u8,
@@ -640,9 +639,9 @@ pub fn encode_with_scales(
         let tile = &mut quants[r / TILE_ROWS * tile_bytes..][..tile_bytes];
         for (b, block) in tile.chunks_exact_mut(block_bytes).enumerate() {
             let start = r * cols + b * QUANT_BLOCK;
-            if kind.is_sparse24() {
+            if kind.is_sparse48() {
                 let run = &w[start..start + QUANT_BLOCK];
-                put_sparse24_row(kind, block, r % TILE_ROWS, run, |c| code(start + c))?;
+                put_sparse48_row(kind, block, r % TILE_ROWS, run, |c| code(start + c))?;
             } else {
                 for c in 0..QUANT_BLOCK {
                     put_code(kind, block, r % TILE_ROWS, c, code(start + c));
@@ -684,26 +683,34 @@ mod tests {
                 asymmetric: true,
             });
             v.push(Encoding::Q3 { group });
-            v.push(Encoding::Q8Sparse24 { group });
-            v.push(Encoding::Q4Sparse24 { group });
+            v.push(Encoding::Q8Sparse48 { group });
+            v.push(Encoding::Q4Sparse48 { group });
         }
         v
     }
 
-    /// Random weights; for the 2:4 sparse encodings, the two smaller of every four zeroed
+    /// Random weights; for the sparse (4 of 8) encodings pruned 2:4 (the two smaller of every
+    /// four zeroed; runs alternate with 4:8 runs where the four smaller of eight are)
     /// (and some runs with fewer non-zeros).
     fn weights(encoding: Encoding, n: usize, seed: u64) -> Vec<f32> {
         let mut w = random_vec(n, seed);
         if matches!(
             encoding,
-            Encoding::Q8Sparse24 { .. } | Encoding::Q4Sparse24 { .. }
+            Encoding::Q8Sparse48 { .. } | Encoding::Q4Sparse48 { .. }
         ) {
-            for (i, run) in w.chunks_exact_mut(4).enumerate() {
-                let mut order = [0, 1, 2, 3];
-                order.sort_by(|&a, &b| run[a].abs().total_cmp(&run[b].abs()));
-                let drop = if i % 7 == 3 { 3 } else { 2 };
-                for &j in &order[..drop] {
-                    run[j] = 0.0;
+            for (i, piece) in w.chunks_exact_mut(8).enumerate() {
+                let runs: Vec<&mut [f32]> = if i % 2 == 0 {
+                    piece.chunks_mut(4).collect()
+                } else {
+                    vec![piece]
+                };
+                for (r, run) in runs.into_iter().enumerate() {
+                    let mut order: Vec<usize> = (0..run.len()).collect();
+                    order.sort_by(|&a, &b| run[a].abs().total_cmp(&run[b].abs()));
+                    let drop = run.len() / 2 + usize::from((i + r) % 7 == 3);
+                    for &j in &order[..drop] {
+                        run[j] = 0.0;
+                    }
                 }
             }
         }
@@ -741,7 +748,7 @@ mod tests {
                         asymmetric: false,
                         ..
                     } | Encoding::Q3 { .. }
-                        | Encoding::Q4Sparse24 { .. }
+                        | Encoding::Q4Sparse48 { .. }
                 ) {
                     1.0
                 } else {
@@ -820,7 +827,7 @@ mod tests {
     }
 
     #[test]
-    fn sparse24_tiles_match_the_spec_and_refuse_dense_runs() {
+    fn sparse_tiles_match_the_spec_and_refuse_dense_pieces() {
         // 8 rows × 32: row r keeps columns r % 4 and (r + 1) % 4 of every run of four, at
         // level 1 + (r + c) % 7, never zero (scale 1).
         let (rows, cols) = (8, 32);
@@ -833,12 +840,12 @@ mod tests {
             })
             .collect();
         for enc in [
-            Encoding::Q8Sparse24 { group: 32 },
-            Encoding::Q4Sparse24 { group: 32 },
+            Encoding::Q8Sparse48 { group: 32 },
+            Encoding::Q4Sparse48 { group: 32 },
         ] {
             let bytes = encode_with_scales(&w, rows, cols, enc, &[1.0; 8], None).unwrap();
             // One tile block (160 or 96 bytes), scales at the next multiple of 64.
-            let q8 = enc == Encoding::Q8Sparse24 { group: 32 };
+            let q8 = enc == Encoding::Q8Sparse48 { group: 32 };
             assert_eq!(bytes.len(), if q8 { 192 + 16 } else { 128 + 16 });
             for r in 0..rows {
                 for c in 0..cols {
@@ -859,9 +866,11 @@ mod tests {
                 }
             }
             assert_eq!(matrix(enc, rows, cols, &bytes).dequantize(), w);
-            // Three non-zeros in a run of four cannot be stored 2:4.
+            // Five non-zeros in a piece of eight cannot be stored; three in a run of four can.
             let mut dense = w.clone();
-            dense[..4].copy_from_slice(&[1.0, 1.0, 1.0, 0.0]);
+            dense[..8].copy_from_slice(&[1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+            assert!(encode_with_scales(&dense, rows, cols, enc, &[1.0; 8], None).is_some());
+            dense[..8].copy_from_slice(&[1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0]);
             assert!(encode_with_scales(&dense, rows, cols, enc, &[1.0; 8], None).is_none());
         }
     }

@@ -12,7 +12,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::{ActRow, QuantKind, QuantMatrix, QuantizedActivations, SPARSE24_SHUFFLE, store_tile};
+use super::{ActRow, QuantKind, QuantMatrix, QuantizedActivations, SPARSE48_SHUFFLE, store_tile};
 use crate::format::{QUANT_BLOCK, TILE_ROWS};
 use crate::kernels::KernelPath;
 
@@ -57,8 +57,8 @@ pub unsafe fn gemm_tiles(
                 QuantKind::Q4 => $family::run::<Q4>(w, &rows, tiles, out),
                 QuantKind::Q4Asym => $family::run::<Q4A>(w, &rows, tiles, out),
                 QuantKind::Q3 => $family::run::<Q3>(w, &rows, tiles, out),
-                QuantKind::Q8Sparse24 => $family::run::<Q8S>(w, &rows, tiles, out),
-                QuantKind::Q4Sparse24 => $family::run::<Q4S>(w, &rows, tiles, out),
+                QuantKind::Q8Sparse48 => $family::run::<Q8S>(w, &rows, tiles, out),
+                QuantKind::Q4Sparse48 => $family::run::<Q4S>(w, &rows, tiles, out),
             }
         };
     }
@@ -73,7 +73,7 @@ pub unsafe fn gemm_tiles(
 }
 
 /// Splits every tile's tokens into runs of a power-of-two width up to `$max`, calls the tile
-/// kernel `$tile::<K, T>` on each and stores its results. A 2:4 sparse tile meeting more
+/// kernel `$tile::<K, T>` on each and stores its results. A sparse (4 of 8) tile meeting more
 /// tokens than one run is first expanded (`$expand`) into a dense q8 tile, so the expansion
 /// is paid once per tile instead of once per run.
 macro_rules! run_tiles {
@@ -203,7 +203,7 @@ macro_rules! avx2_family {
                     let half = 32 * h;
                     match K {
                         Q8S | Q4S => {
-                            let p = [0, 1, 2, 3].map(|k| expand24::<K>(blk, k, h));
+                            let p = [0, 1, 2, 3].map(|k| expand48::<K>(blk, k, h));
                             if K == Q8S && $vnni {
                                 let flip = _mm256_set1_epi8(i8::MIN);
                                 p.map(|v| _mm256_xor_si256(v, flip))
@@ -260,18 +260,18 @@ macro_rules! avx2_family {
                 }
             }
 
-            /// Piece `k` of rows `4h..4h + 4` of the 2:4 tile block at `blk`, expanded to dense
+            /// Piece `k` of rows `4h..4h + 4` of the sparse (4 of 8) tile block at `blk`, expanded to dense
             /// codes: each row's kept codes go through the shuffle its mask byte selects;
             /// pruned columns get the zero point.
             #[inline]
             #[target_feature(enable = $features)]
-            unsafe fn expand24<const K: u8>(blk: *const u8, k: usize, h: usize) -> __m256i {
+            unsafe fn expand48<const K: u8>(blk: *const u8, k: usize, h: usize) -> __m256i {
                 // SAFETY: the caller guarantees a whole tile block at `blk`: 32 mask bytes
                 // (row masks of piece k at 8k), then the kept codes (160 or 96 bytes in all);
                 // every read below lies inside it.
                 unsafe {
                     let m = (blk.add(8 * k + 4 * h) as *const u32).read_unaligned();
-                    let entry = |i: u32| SPARSE24_SHUFFLE[(m >> (8 * i) & 0xFF) as usize] as i64;
+                    let entry = |i: u32| SPARSE48_SHUFFLE[(m >> (8 * i) & 0xFF) as usize] as i64;
                     // Row i of the half finds its kept codes at byte 4i of the source.
                     let control = _mm256_add_epi8(
                         _mm256_set_epi64x(entry(3), entry(2), entry(1), entry(0)),
@@ -439,7 +439,7 @@ macro_rules! avx2_family {
                 out
             }
 
-            /// The 2:4 sparse tile `tile` of `w` expanded into `codes` as a q8 tile (signed
+            /// The sparse (4 of 8) tile `tile` of `w` expanded into `codes` as a q8 tile (signed
             /// levels, 256 bytes a block).
             #[target_feature(enable = $features)]
             unsafe fn expand_tile<const K: u8>(w: &QuantMatrix<'_>, tile: usize, codes: &mut [u8]) {
@@ -678,7 +678,7 @@ pub(super) mod avx512 {
         out
     }
 
-    /// The 2:4 sparse tile `tile` of `w` expanded into `codes` as a q8 tile (signed levels,
+    /// The sparse (4 of 8) tile `tile` of `w` expanded into `codes` as a q8 tile (signed levels,
     /// 256 bytes a block).
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi2,avx2,fma,f16c")]
     unsafe fn expand_tile<const K: u8>(w: &QuantMatrix<'_>, tile: usize, codes: &mut [u8]) {
