@@ -117,8 +117,9 @@ pub fn linear_with(
 }
 
 /// `out = x · Wᵀ` for several layers that read the same input (q, k and v; gate and up).
-/// Dense quantized layers share one quantization of `x` and one parallel pass over all their
-/// rows; the others run one after another.
+/// Dense quantized layers and the `V` factors of quantized low-rank layers share one
+/// quantization of `x` and one parallel pass; the `U` factors of those low-rank layers share
+/// a second pass. Other layers run one after another.
 pub fn linear_many(
     x: &[f32],
     tokens: usize,
@@ -128,6 +129,25 @@ pub fn linear_many(
     linear_many_with(active_path(), x, tokens, layers, between)
 }
 
+/// The factors of a low-rank layer whose `V` and `U` are both quantized.
+fn quantized_factors<'a>(
+    w: &Linear<'a>,
+) -> Option<(quant::QuantMatrix<'a>, quant::QuantMatrix<'a>)> {
+    match w {
+        Linear::LowRank {
+            v: MatRef {
+                data: WeightData::Quant(v),
+                ..
+            },
+            u: MatRef {
+                data: WeightData::Quant(u),
+                ..
+            },
+        } => Some((*v, *u)),
+        _ => None,
+    }
+}
+
 pub fn linear_many_with(
     path: KernelPath,
     x: &[f32],
@@ -135,23 +155,49 @@ pub fn linear_many_with(
     layers: &mut [(&Linear<'_>, &mut [f32])],
     between: &mut Vec<f32>,
 ) {
-    let mut quantized = Vec::new();
+    // One `x · Vᵀ` buffer per quantized low-rank layer.
+    let mut betweens: Vec<Vec<f32>> = layers
+        .iter()
+        .filter_map(|(w, _)| quantized_factors(w).map(|(v, _)| vec![0.0; tokens * v.rows]))
+        .collect();
+    let mut first = Vec::new();
+    let mut second = Vec::new();
+    let mut buffers = betweens.iter_mut();
     for (w, out) in layers.iter_mut() {
-        match w {
-            Linear::Dense(MatRef {
-                data: WeightData::Quant(q),
-                ..
-            }) => {
-                assert_eq!(out.len(), tokens * q.rows, "linear: output shape");
-                quantized.push((*q, &mut **out));
-            }
-            _ => linear_with(path, x, tokens, w, out, between),
+        if let Linear::Dense(MatRef {
+            data: WeightData::Quant(q),
+            ..
+        }) = w
+        {
+            first.push((*q, &mut **out));
+        } else if let Some((v, u)) = quantized_factors(w) {
+            let buffer = buffers
+                .next()
+                .expect("one buffer per quantized low-rank layer");
+            first.push((v, &mut buffer[..]));
+            second.push((u, &mut **out));
+        } else {
+            linear_with(path, x, tokens, w, out, between);
         }
     }
-    if let Some((first, _)) = quantized.first() {
-        assert_eq!(x.len(), tokens * first.cols, "linear: activation shape");
-        let acts = quant::QuantizedActivations::quantize_with(path, x, tokens, first.cols);
-        quant_products(path, &acts, &mut quantized);
+    if let Some((w, _)) = first.first() {
+        assert_eq!(x.len(), tokens * w.cols, "linear: activation shape");
+        let acts = quant::QuantizedActivations::quantize_with(path, x, tokens, w.cols);
+        let mut products: Vec<_> = first.into_iter().map(|(w, out)| (&acts, w, out)).collect();
+        quant_products(path, &mut products);
+    }
+    if !second.is_empty() {
+        let acts: Vec<quant::QuantizedActivations> = betweens
+            .iter()
+            .zip(&second)
+            .map(|(b, (u, _))| quant::QuantizedActivations::quantize_with(path, b, tokens, u.cols))
+            .collect();
+        let mut products: Vec<_> = acts
+            .iter()
+            .zip(second)
+            .map(|(a, (u, out))| (a, u, out))
+            .collect();
+        quant_products(path, &mut products);
     }
 }
 
@@ -209,6 +255,66 @@ mod tests {
                 }
             }
             assert_eq!(between.len(), tokens * rank, "scratch sized once");
+        }
+    }
+
+    /// Layers sharing an input computed together (dense and low-rank, quantized or not)
+    /// give what each gives alone, on every path and for one or many tokens.
+    #[test]
+    fn layers_sharing_an_input_compute_together_as_alone() {
+        use crate::format::Encoding;
+        let cols = 64;
+        let q8 = Encoding::Q8 { group: 32 };
+        let q4 = Encoding::Q4 {
+            group: 32,
+            asymmetric: false,
+        };
+        let quantized = |rows: usize, enc: Encoding, seed: u64| {
+            let w = random_vec(rows * cols.max(rows), seed);
+            let c = if enc == q4 { 32 } else { cols };
+            let bytes = crate::kernels::quant::quantize_rtn(&w[..rows * c], rows, c, enc).unwrap();
+            (bytes, enc.quant_layout(&[rows, c]).unwrap(), rows, c, enc)
+        };
+        // A dense q8 layer (24 × 64), a low-rank layer with q8 V (32 × 64) and q4 U (40 × 32),
+        // and a dense f32 layer (9 × 64).
+        let dense_q = quantized(24, q8, 1);
+        let v = quantized(32, q8, 2);
+        let u = quantized(40, q4, 3);
+        let f = random_vec(9 * cols, 4);
+        type Stored = (Vec<u8>, crate::format::QuantLayout, usize, usize, Encoding);
+        fn mat(s: &Stored) -> MatRef<'_> {
+            let (bytes, layout, rows, c, enc) = s;
+            let q = crate::kernels::quant::QuantMatrix::from_parts(*enc, layout, bytes).unwrap();
+            MatRef::new(WeightData::Quant(q), *rows, *c).unwrap()
+        }
+        let layers = [
+            Linear::Dense(mat(&dense_q)),
+            Linear::low_rank(mat(&v), mat(&u)).unwrap(),
+            Linear::Dense(MatRef::new(WeightData::F32(&f), 9, cols).unwrap()),
+        ];
+        for tokens in [1, 6] {
+            let x = random_vec(tokens * cols, 5 + tokens as u64);
+            for path in KernelPath::ALL.into_iter().filter(|p| p.is_supported()) {
+                let alone: Vec<Vec<f32>> = layers
+                    .iter()
+                    .map(|l| {
+                        let mut out = vec![0.0; tokens * l.rows()];
+                        linear_with(path, &x, tokens, l, &mut out, &mut Vec::new());
+                        out
+                    })
+                    .collect();
+                let mut outs: Vec<Vec<f32>> = layers
+                    .iter()
+                    .map(|l| vec![0.0; tokens * l.rows()])
+                    .collect();
+                let mut pairs: Vec<(&Linear<'_>, &mut [f32])> = layers
+                    .iter()
+                    .zip(outs.iter_mut())
+                    .map(|(l, o)| (l, &mut o[..]))
+                    .collect();
+                linear_many_with(path, &x, tokens, &mut pairs, &mut Vec::new());
+                assert_eq!(outs, alone, "{path:?}, {tokens} tokens");
+            }
         }
     }
 

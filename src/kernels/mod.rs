@@ -362,7 +362,7 @@ pub fn matmul_with(path: KernelPath, x: &[f32], tokens: usize, w: MatRef<'_>, ou
     assert_eq!(out.len(), tokens * w.rows, "matmul: output shape");
     if let WeightData::Quant(q) = w.data {
         let acts = quant::QuantizedActivations::quantize_with(path, x, tokens, w.cols);
-        return quant_products(path, &acts, &mut [(q, out)]);
+        return quant_products(path, &mut [(&acts, q, out)]);
     }
     let path = path.float_path();
     if let WeightData::F32(weights) = w.data
@@ -439,47 +439,54 @@ fn tiles_per_task(total_tiles: usize, tokens: usize) -> usize {
     total_tiles.div_ceil(tasks).max(min)
 }
 
-/// Products of several quantized matrices with the same quantized activations (q, k and v
-/// of one input; gate and up) in one parallel pass over all their tiles, so the activations
-/// are quantized once and the pool is woken once. Each `out` is `tokens × rows`.
+/// Products of several quantized matrices with quantized activations, in one parallel pass
+/// over all their tiles, so the pool is woken once: q, k and v of one input (sharing one
+/// quantization of it), gate and up, the `U` factors of several low-rank layers. Each
+/// `out` is `tokens × rows`.
 pub fn quant_products(
     path: KernelPath,
-    acts: &quant::QuantizedActivations,
-    products: &mut [(quant::QuantMatrix<'_>, &mut [f32])],
+    products: &mut [(
+        &quant::QuantizedActivations,
+        quant::QuantMatrix<'_>,
+        &mut [f32],
+    )],
 ) {
-    let tokens = acts.tokens;
-    for (w, out) in products.iter() {
+    for (acts, w, out) in products.iter() {
         assert_eq!(w.cols, acts.cols, "quantized product: activation width");
         assert_eq!(
             out.len(),
-            tokens * w.rows,
+            acts.tokens * w.rows,
             "quantized product: output shape"
         );
     }
-    let total: usize = products.iter().map(|(w, _)| w.tiles()).sum();
+    let total: usize = products.iter().map(|(_, w, _)| w.tiles()).sum();
+    let tokens = products.iter().map(|(a, _, _)| a.tokens).max().unwrap_or(0);
     let tpt = tiles_per_task(total, tokens);
     // Each task gets a tile range of one matrix and, for every token, the slice of that
     // token's output row the range covers.
     let mut tasks = Vec::new();
-    for (w, out) in products.iter_mut() {
+    for (acts, w, out) in products.iter_mut() {
         if w.rows == 0 {
             continue;
         }
         let first_task = tasks.len();
         for start in (0..w.tiles()).step_by(tpt) {
             let tiles = start..(start + tpt).min(w.tiles());
-            tasks.push((*w, tiles, Vec::with_capacity(tokens)));
+            tasks.push((*acts, *w, tiles, Vec::with_capacity(acts.tokens)));
         }
         for row in out.chunks_mut(w.rows) {
             for (task, piece) in tasks[first_task..]
                 .iter_mut()
                 .zip(row.chunks_mut(tpt * TILE_ROWS))
             {
-                task.2.push(piece);
+                task.3.push(piece);
             }
         }
     }
-    tasks.into_par_iter().for_each(|(w, tiles, mut out)| {
+    // Even small products go to the pool: one-token products are bound by memory, and two
+    // threads read faster than one (running products under 128k multiply-adds on the caller
+    // made low-rank decode 14% slower at 2 threads).
+    tasks.into_par_iter().for_each(|(acts, w, tiles, mut out)| {
         quant::gemm_tiles(path, &w, acts, tiles, &mut out);
     });
 }
