@@ -43,10 +43,17 @@ fn bench_matmul(c: &mut Criterion) {
         }
         let sparse_bytes = sparse::encode(&pruned, rows, cols).unwrap();
         let sparse_layout = pocketlm::format::Sparse24Layout::new(&[rows, cols]).unwrap();
-        let quantized: Vec<(Encoding, Vec<u8>)> = encodings
+        let mut quantized: Vec<(Encoding, Vec<u8>)> = encodings
             .iter()
             .map(|&e| (e, quant::quantize_rtn(&w, rows, cols, e).unwrap()))
             .collect();
+        // The sparse quantized encodings hold the 2:4-pruned weights.
+        for e in [
+            Encoding::Q4Sparse48 { group: 32 },
+            Encoding::Q8Sparse48 { group: 32 },
+        ] {
+            quantized.push((e, quant::quantize_rtn(&pruned, rows, cols, e).unwrap()));
+        }
         for tokens in [1usize, 128] {
             if rows > 2000 && tokens > 1 {
                 continue; // the output layer is only ever applied to one token per step

@@ -233,6 +233,11 @@ impl<'a> QuantMatrix<'a> {
                 // The kept codes of the row's piece in column order: this one's index is
                 // the number of kept columns before it.
                 let n = (mask & ((1u16 << j) - 1) as u8).count_ones() as usize;
+                if n >= TILE_PIECE / 2 {
+                    // More than four kept columns: a corrupt mask (valid files set four bits
+                    // a byte). Read as pruned, as no kernel reads past its row's codes either.
+                    return 0;
+                }
                 if self.kind == QuantKind::Q8Sparse48 {
                     return b[32 + 32 * k + 4 * i + n] as i8 as i32;
                 }
@@ -872,6 +877,36 @@ mod tests {
             assert!(encode_with_scales(&dense, rows, cols, enc, &[1.0; 8], None).is_some());
             dense[..8].copy_from_slice(&[1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0]);
             assert!(encode_with_scales(&dense, rows, cols, enc, &[1.0; 8], None).is_none());
+        }
+    }
+
+    /// Masks with more than four kept columns (only a corrupt file has them) decode and
+    /// multiply without reading past a row's codes or panicking, on every path.
+    #[test]
+    fn corrupt_sparse_masks_are_read_safely() {
+        for enc in [
+            Encoding::Q8Sparse48 { group: 32 },
+            Encoding::Q4Sparse48 { group: 32 },
+        ] {
+            let (rows, cols) = (16, 64);
+            let w = weights(enc, rows * cols, 3);
+            let mut bytes = quantize_rtn(&w, rows, cols, enc).unwrap();
+            let block = enc.tile_block_bytes().unwrap();
+            for b in 0..bytes.len() / block.max(1) {
+                if (b + 1) * block <= enc.quant_layout(&[rows, cols]).unwrap().quants.end {
+                    bytes[b * block..b * block + 32].fill(0xFF);
+                }
+            }
+            let m = matrix(enc, rows, cols, &bytes);
+            assert!(m.dequantize().iter().all(|v| v.is_finite()));
+            let acts = QuantizedActivations::quantize(&random_vec(3 * cols, 4), 3, cols);
+            for path in paths() {
+                let got = products(path, &m, &acts, 0..m.tiles());
+                assert!(
+                    got.iter().flatten().all(|v| v.is_finite()),
+                    "{path:?} {enc}"
+                );
+            }
         }
     }
 
