@@ -723,6 +723,14 @@ pub(crate) mod test_util {
             .collect()
     }
 
+    /// Every kernel path this CPU runs.
+    pub fn paths() -> Vec<super::KernelPath> {
+        super::KernelPath::ALL
+            .into_iter()
+            .filter(|p| p.is_supported())
+            .collect()
+    }
+
     /// Tolerance grows with the reduction length: summation order differs between paths.
     pub fn assert_close(got: f32, want: f32, n: usize) {
         let tol = 1e-5 * (n as f32).sqrt().max(1.0) * want.abs().max(1.0);
@@ -748,13 +756,6 @@ mod tests {
             }
         }
         out
-    }
-
-    fn paths() -> Vec<KernelPath> {
-        KernelPath::ALL
-            .into_iter()
-            .filter(|p| p.is_supported())
-            .collect()
     }
 
     #[test]

@@ -343,22 +343,7 @@ mod tests {
 
     #[test]
     fn attention_matches_naive_gqa() {
-        let config = ModelConfig {
-            architecture: Architecture::Llama,
-            vocab_size: 8,
-            hidden_size: 16,
-            intermediate_size: 8,
-            num_layers: 1,
-            num_heads: 4,
-            num_kv_heads: 2,
-            head_dim: 4,
-            rms_norm_eps: 1e-5,
-            rope_theta: 10000.0,
-            rope_scaling: None,
-            max_position_embeddings: 16,
-            tie_word_embeddings: true,
-            attention_bias: false,
-        };
+        let config = test_config();
         let (hd, kvd, qd) = (4, 8, 16);
         let mut cache = KvCache::new(1, kvd, 16);
         // 3 cached positions, then 2 new tokens

@@ -13,25 +13,10 @@ use std::arch::aarch64::*;
 use std::arch::asm;
 use std::ops::Range;
 
-use super::{ActRow, QuantKind, QuantMatrix, QuantizedActivations, SPARSE48_SHUFFLE, store_tile};
+use super::kinds::{Q3, Q4, Q4A, Q4S, Q8, Q8S, block_bytes};
+use super::{ActRow, QuantMatrix, QuantizedActivations, SPARSE48_SHUFFLE, store_tile};
 use crate::format::{QUANT_BLOCK, TILE_ROWS};
 use crate::kernels::KernelPath;
-
-const Q8: u8 = 0;
-const Q4: u8 = 1;
-const Q4A: u8 = 2;
-const Q3: u8 = 3;
-const Q8S: u8 = 4;
-const Q4S: u8 = 5;
-
-const fn block_bytes(kind: u8) -> usize {
-    match kind {
-        Q8 => 256,
-        Q8S => 160,
-        Q3 | Q4S => 96,
-        _ => 128,
-    }
-}
 
 /// Products of tiles `tiles` of `w` with every token of `acts`, into `out` as
 /// [`super::gemm_tiles`] describes.
@@ -47,24 +32,12 @@ pub unsafe fn gemm_tiles(
     out: &mut [&mut [f32]],
 ) {
     let rows: Vec<ActRow<'_>> = (0..acts.tokens).map(|t| acts.row(t)).collect();
-    macro_rules! by_kind {
-        ($run:ident) => {
-            match w.kind {
-                QuantKind::Q8 => $run::<Q8>(w, &rows, tiles, out),
-                QuantKind::Q4 => $run::<Q4>(w, &rows, tiles, out),
-                QuantKind::Q4Asym => $run::<Q4A>(w, &rows, tiles, out),
-                QuantKind::Q3 => $run::<Q3>(w, &rows, tiles, out),
-                QuantKind::Q8Sparse48 => $run::<Q8S>(w, &rows, tiles, out),
-                QuantKind::Q4Sparse48 => $run::<Q4S>(w, &rows, tiles, out),
-            }
-        };
-    }
     // SAFETY: forwarded contract.
     unsafe {
         match path {
-            KernelPath::I8mm => by_kind!(run_i8mm),
-            KernelPath::Dotprod => by_kind!(run_dotprod),
-            _ => by_kind!(run_neon),
+            KernelPath::I8mm => by_kind!(w.kind, run_i8mm, w, &rows, tiles, out),
+            KernelPath::Dotprod => by_kind!(w.kind, run_dotprod, w, &rows, tiles, out),
+            _ => by_kind!(w.kind, run_neon, w, &rows, tiles, out),
         }
     }
 }

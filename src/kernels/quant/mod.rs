@@ -12,6 +12,41 @@
 //! ([`dot_scalar`]) reads one weight at a time through [`QuantMatrix::level`]; every SIMD
 //! path ([`x86`], [`arm`]) is tested against it.
 
+/// The kinds as codes, the const parameter the SIMD kernels are specialised on.
+pub(crate) mod kinds {
+    pub const Q8: u8 = 0;
+    pub const Q4: u8 = 1;
+    pub const Q4A: u8 = 2;
+    pub const Q3: u8 = 3;
+    pub const Q8S: u8 = 4;
+    pub const Q4S: u8 = 5;
+
+    /// Bytes of one tile block of kind `kind` ([`super::QuantKind::tile_block_bytes`]).
+    pub const fn block_bytes(kind: u8) -> usize {
+        match kind {
+            Q8 => 256,
+            Q8S => 160,
+            Q3 | Q4S => 96,
+            _ => 128,
+        }
+    }
+}
+
+/// `$run::<K>($args)` with `K` the kind code of `$kind` (a [`QuantKind`]).
+macro_rules! by_kind {
+    ($kind:expr, $($run:ident)::+, $($args:expr),*) => {{
+        use $crate::kernels::quant::{QuantKind, kinds};
+        match $kind {
+            QuantKind::Q8 => $($run)::+::<{ kinds::Q8 }>($($args),*),
+            QuantKind::Q4 => $($run)::+::<{ kinds::Q4 }>($($args),*),
+            QuantKind::Q4Asym => $($run)::+::<{ kinds::Q4A }>($($args),*),
+            QuantKind::Q3 => $($run)::+::<{ kinds::Q3 }>($($args),*),
+            QuantKind::Q8Sparse48 => $($run)::+::<{ kinds::Q8S }>($($args),*),
+            QuantKind::Q4Sparse48 => $($run)::+::<{ kinds::Q4S }>($($args),*),
+        }
+    }};
+}
+
 #[cfg(target_arch = "aarch64")]
 pub mod arm;
 #[cfg(target_arch = "x86_64")]
@@ -673,7 +708,7 @@ pub fn encode_with_scales(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::test_util::random_vec;
+    use crate::kernels::test_util::{paths, random_vec};
 
     fn encodings() -> Vec<Encoding> {
         let mut v = Vec::new();
@@ -979,13 +1014,6 @@ mod tests {
         let zeros = QuantizedActivations::quantize(&[0.0; 32], 1, 32);
         assert_eq!(zeros.d[0], 0.0);
         assert!(zeros.qs.iter().all(|&q| q == 0));
-    }
-
-    fn paths() -> Vec<KernelPath> {
-        KernelPath::ALL
-            .into_iter()
-            .filter(|p| p.is_supported())
-            .collect()
     }
 
     #[test]

@@ -12,29 +12,13 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::{ActRow, QuantKind, QuantMatrix, QuantizedActivations, SPARSE48_SHUFFLE, store_tile};
+use super::kinds::{Q3, Q4, Q4A, Q4S, Q8, Q8S, block_bytes};
+use super::{ActRow, QuantMatrix, QuantizedActivations, SPARSE48_SHUFFLE, store_tile};
 use crate::format::{QUANT_BLOCK, TILE_ROWS};
 use crate::kernels::KernelPath;
 
 /// How far ahead of the block being multiplied a one-token product asks for weight bytes.
 const PREFETCH_AHEAD: usize = 2048;
-
-const Q8: u8 = 0;
-const Q4: u8 = 1;
-const Q4A: u8 = 2;
-const Q3: u8 = 3;
-const Q8S: u8 = 4;
-const Q4S: u8 = 5;
-
-/// Bytes of one tile block of kind `K`.
-const fn block_bytes(kind: u8) -> usize {
-    match kind {
-        Q8 => 256,
-        Q8S => 160,
-        Q3 | Q4S => 96,
-        _ => 128,
-    }
-}
 
 /// Products of tiles `tiles` of `w` with every token of `acts`, into `out` as
 /// [`super::gemm_tiles`] describes.
@@ -50,24 +34,12 @@ pub unsafe fn gemm_tiles(
     out: &mut [&mut [f32]],
 ) {
     let rows: Vec<ActRow<'_>> = (0..acts.tokens).map(|t| acts.row(t)).collect();
-    macro_rules! by_kind {
-        ($family:ident) => {
-            match w.kind {
-                QuantKind::Q8 => $family::run::<Q8>(w, &rows, tiles, out),
-                QuantKind::Q4 => $family::run::<Q4>(w, &rows, tiles, out),
-                QuantKind::Q4Asym => $family::run::<Q4A>(w, &rows, tiles, out),
-                QuantKind::Q3 => $family::run::<Q3>(w, &rows, tiles, out),
-                QuantKind::Q8Sparse48 => $family::run::<Q8S>(w, &rows, tiles, out),
-                QuantKind::Q4Sparse48 => $family::run::<Q4S>(w, &rows, tiles, out),
-            }
-        };
-    }
     // SAFETY: forwarded contract; each family's features were detected for its path.
     unsafe {
         match path {
-            KernelPath::Avx512 => by_kind!(avx512),
-            KernelPath::AvxVnni => by_kind!(avx_vnni),
-            _ => by_kind!(avx2),
+            KernelPath::Avx512 => by_kind!(w.kind, avx512::run, w, &rows, tiles, out),
+            KernelPath::AvxVnni => by_kind!(w.kind, avx_vnni::run, w, &rows, tiles, out),
+            _ => by_kind!(w.kind, avx2::run, w, &rows, tiles, out),
         }
     }
 }
