@@ -15,7 +15,9 @@ cargo build --release --locked --quiet
 bin="${CARGO_TARGET_DIR:-target}/release/pocketlm"
 gguf=models/SmolLM2-135M-Instruct.Q4_1.gguf
 for w in f16 q8 q4 q4a; do
-  [ -s "models/smollm2-$w.plm" ] || "$bin" convert "$gguf" -o "models/smollm2-$w.plm" --weights "$w" 2>/dev/null
+  # Converted again when missing or unreadable (a file from an older format version).
+  "$bin" inspect "models/smollm2-$w.plm" >/dev/null 2>&1 ||
+    "$bin" convert "$gguf" -o "models/smollm2-$w.plm" --weights "$w" 2>/dev/null
 done
 llama_bench="${LLAMA_BENCH:-}"
 quantize="$(dirname "${llama_bench:-/nonexistent}")/llama-quantize"

@@ -9,6 +9,6 @@ gguf=models/SmolLM2-135M-Instruct.Q4_1.gguf
 cargo build --release --locked
 bin="${CARGO_TARGET_DIR:-target}/release/pocketlm"
 plm=models/smollm2-135m-f16.plm
-[ -s "$plm" ] || "$bin" convert "$gguf" -o "$plm" --dtype f16
+"$bin" inspect "$plm" >/dev/null 2>&1 || "$bin" convert "$gguf" -o "$plm" --dtype f16
 "$bin" inspect "$plm"
 "$bin" run "$plm" --chat --temp 0 -n 96 -p "${1:-What is the capital of France? Answer in one sentence.}"

@@ -536,7 +536,7 @@ fn wrong_magic_is_not_plm() {
 fn other_versions_are_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let raw = Raw::load(&sample_file(dir.path()));
-    for version in [0u32, 1, 3, 0xffff_ffff] {
+    for version in [0u32, FORMAT_VERSION + 1, 0xffff_ffff] {
         // Sealed or not, the version is reported (it is checked before the header CRC).
         let sealed = raw.edit_header(|b| put_u32(b, 8, version));
         let mut unsealed = raw.clone();
@@ -550,12 +550,39 @@ fn other_versions_are_refused_clearly() {
             assert_eq!(
                 err.to_string(),
                 format!(
-                    "unsupported .plm format version {version} (this build reads {FORMAT_VERSION}; \
-                     convert the model again with this version of pocketlm)"
+                    "unsupported .plm format version {version} (this build reads \
+                     1-{FORMAT_VERSION}; convert the model again with this version of pocketlm)"
                 )
             );
         }
     }
+}
+
+/// Version 1 differs from version 2 only in how quantized matrices are laid out: a version 1
+/// file without any still opens; one with a quantized matrix is refused, naming the tensor.
+#[test]
+fn version_1_files_open_unless_they_hold_quantized_matrices() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = Raw::load(&sample_file(dir.path()));
+    let v1 = raw.edit_header(|b| put_u32(b, 8, 1));
+    let file = open_raw(dir.path(), &v1).unwrap();
+    assert_eq!(file.tensors().len(), 3);
+
+    let path = dir.path().join("q.plm");
+    let mut w = PlmWriter::create(&path).unwrap();
+    let q8 = Encoding::Q8 { group: 32 };
+    let values: Vec<f32> = (0..64).map(|i| i as f32 / 64.0).collect();
+    let bytes = pocketlm::kernels::quant::quantize_rtn(&values, 2, 32, q8).unwrap();
+    w.add_tensor("blk.0.attn_q.weight", &[2, 32], q8, &bytes)
+        .unwrap();
+    w.finish(&json!({})).unwrap();
+    let v1 = Raw::load(&path).edit_header(|b| put_u32(b, 8, 1));
+    let err = expect_err(dir.path(), &v1);
+    let message = err.to_string();
+    assert!(
+        message.contains("blk.0.attn_q.weight") && message.contains("convert the model again"),
+        "{message}"
+    );
 }
 
 #[test]

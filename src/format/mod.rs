@@ -40,6 +40,10 @@ pub const MAGIC: [u8; 8] = *b"POCKETLM";
 /// Version 2 stores quantized matrices in tiles of [`TILE_ROWS`] interleaved rows.
 pub const FORMAT_VERSION: u32 = 2;
 
+/// The oldest version readers accept: version 1 files differ from version 2 only in the
+/// layout of quantized matrices, so a version 1 file without any opens as it is.
+pub const OLDEST_READ_VERSION: u32 = 1;
+
 /// Every tensor's data starts at a file offset that is a multiple of this.
 ///
 /// Why 64: it is the cache-line size on x86-64 and on the ARM cores we target (Cortex-A5x/
@@ -535,8 +539,9 @@ pub enum PlmError {
     #[error("not a .plm file: {reason}")]
     NotPlm { reason: String },
     #[error(
-        "unsupported .plm format version {version} (this build reads {FORMAT_VERSION}; \
-         convert the model again with this version of pocketlm)"
+        "unsupported .plm format version {version} (this build reads \
+         {OLDEST_READ_VERSION}-{FORMAT_VERSION}; convert the model again with this version of \
+         pocketlm)"
     )]
     UnsupportedVersion { version: u32 },
     #[error(

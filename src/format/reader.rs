@@ -16,7 +16,8 @@ use memmap2::Mmap;
 
 use super::{
     Encoding, FORMAT_VERSION, HEADER_SIZE, KNOWN_REQUIRED_FLAGS, MAGIC, MAX_METADATA_LEN,
-    MAX_NAME_LEN, MAX_RANK, MAX_TENSORS, PlmError, REQUIRED_FLAGS_MASK, TENSOR_ALIGNMENT, header,
+    MAX_NAME_LEN, MAX_RANK, MAX_TENSORS, OLDEST_READ_VERSION, PlmError, REQUIRED_FLAGS_MASK,
+    TENSOR_ALIGNMENT, header,
 };
 
 const SECTION_HEADER: &str = "header";
@@ -140,6 +141,7 @@ impl std::fmt::Debug for PlmFile {
 
 /// Header fields, decoded but not yet validated against each other.
 struct Header {
+    version: u32,
     file_len: u64,
     data: Range<u64>,
     meta: Range<u64>,
@@ -351,7 +353,7 @@ fn parse_header(bytes: &[u8]) -> Result<Header, PlmError> {
     // The version is read before the CRC: another major version may lay out its header
     // differently, and "unsupported version" is the useful message then.
     let version = u32_at(h, header::VERSION);
-    if version != FORMAT_VERSION {
+    if !(OLDEST_READ_VERSION..=FORMAT_VERSION).contains(&version) {
         return Err(PlmError::UnsupportedVersion { version });
     }
     let stored_crc = u32_at(h, header::HEADER_CRC);
@@ -398,6 +400,7 @@ fn parse_header(bytes: &[u8]) -> Result<Header, PlmError> {
         ));
     }
     Ok(Header {
+        version,
         file_len: u64_at(h, header::FILE_LEN),
         data: range(header::DATA_OFFSET, header::DATA_LEN, "tensor data")?,
         meta: range(header::META_OFFSET, header::META_LEN, "metadata")?,
@@ -597,6 +600,17 @@ fn parse_table(bytes: &[u8], hdr: &Header) -> Result<Vec<TensorEntry>, PlmError>
                 name: name.to_string(),
                 code,
             })?;
+        if hdr.version < 2 && encoding.is_quantized() {
+            return Err(PlmError::tensor(
+                name,
+                format!(
+                    "a format version {} file stores {encoding} matrices row by row; this build \
+                     reads them in tiles of 8 rows (version {FORMAT_VERSION}): convert the model \
+                     again with this version of pocketlm",
+                    hdr.version
+                ),
+            ));
+        }
         let shape: Vec<usize> = dims
             .iter()
             .map(|&d| usize::try_from(d).ok())
