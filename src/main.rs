@@ -12,7 +12,7 @@ use pocketlm::convert::plan::{Budget, PlanOptions};
 use pocketlm::convert::recover::RecoverMode;
 use pocketlm::convert::{
     self, Calibration, Clipping, ConvertOptions, GptqOptions, KeepRule, LowRank, LowRankMethod,
-    Method, PruneMethod, Pruning, RankAllocation, RankTarget, Recovery, Sparsity,
+    Method, PruneMethod, Pruning, RankAllocation, RankTarget, Recovery, Sparsity, SparsitySchedule,
 };
 use pocketlm::eval::report::{ReportOptions, build_report};
 use pocketlm::eval::zeroshot::{self, Task};
@@ -161,6 +161,11 @@ struct ConvertArgs {
     /// sparse encoding (9 bits per weight, faster decode).
     #[arg(long)]
     nm: Option<Sparsity>,
+    /// How --sparsity is spread over the blocks: uniform, or owl[:SPREAD[:THRESHOLD]]
+    /// (blocks with more outlier Wanda scores on the uncompressed model keep more weights;
+    /// sparsities within 2·SPREAD, default 0.08, averaging --sparsity; needs --calib).
+    #[arg(long, default_value = "uniform")]
+    sparsity_schedule: SparsitySchedule,
     /// Store pruned matrices dense even where a sparse encoding applies (for comparisons).
     #[arg(long)]
     dense_storage: bool,
@@ -714,6 +719,7 @@ fn cmd_convert(a: ConvertArgs) -> CliResult {
         calibration: None,
         keep: a.keep,
         pruning,
+        sparsity_schedule: a.sparsity_schedule,
         lowrank,
         sparse_storage: !a.dense_storage,
         blocks: Vec::new(),

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use pocketlm::convert::{
     Calibration, Clipping, ConvertError, ConvertOptions, KeepRule, Method, PruneMethod, Pruning,
-    Sparsity, convert_path,
+    Sparsity, SparsitySchedule, convert_path,
 };
 use pocketlm::eval::PerplexityOptions;
 use pocketlm::format::{Encoding, PlmFile};
@@ -221,13 +221,14 @@ fn sensitivity_scan_ranks_every_block() {
     assert!(report.layers[0].ppl > report.base_ppl);
 }
 
-fn zero_fraction(path: &Path) -> f64 {
+/// The fraction of zeros among the f32 matrices whose names start with `prefix`.
+fn zero_fraction(path: &Path, prefix: &str) -> f64 {
     let file = PlmFile::open(path).unwrap();
     let (mut zeros, mut total) = (0usize, 0usize);
     for t in file
         .tensors()
         .iter()
-        .filter(|t| t.name.starts_with("blk.") && t.shape.len() == 2)
+        .filter(|t| t.name.starts_with(prefix) && t.shape.len() == 2)
     {
         let v = file.view(t);
         let values = v.as_f32().unwrap();
@@ -250,7 +251,7 @@ fn calibrated_pruning_beats_magnitude_pruning() {
         let (_d2, wanda) = prune(PruneMethod::Wanda, sparsity);
         let (_d3, sparsegpt) = prune(PruneMethod::SparseGpt, sparsity);
         for path in [&magnitude, &wanda, &sparsegpt] {
-            let z = zero_fraction(path);
+            let z = zero_fraction(path, "blk.");
             assert!(
                 (0.5..0.51).contains(&z),
                 "{sparsity:?}: {z} of the block weights are zero"
@@ -264,6 +265,108 @@ fn calibrated_pruning_beats_magnitude_pruning() {
         assert_eq!(recipe["method"], "sparsegpt");
         assert_eq!(recipe["achieved"], 0.5);
     }
+}
+
+/// Issue #6: OWL spreads unstructured sparsity over the blocks by their outlier ratios; the
+/// recipe lists each block's sparsity, the file's blocks hold it, and the total is kept.
+#[test]
+fn owl_schedule_spreads_sparsity_over_blocks() {
+    let mut o = options(Encoding::F32, Method::Rtn);
+    o.calibration = Some(calibration());
+    o.pruning = Some(Pruning {
+        method: PruneMethod::Wanda,
+        sparsity: Sparsity::Unstructured(0.5),
+    });
+    o.sparsity_schedule = SparsitySchedule::Owl {
+        spread: 0.08,
+        threshold: 5.0,
+    };
+    let (_d, path) = convert(&o);
+    let file = PlmFile::open(&path).unwrap();
+    let recipe = file.metadata()["recipe"]["prune"].clone();
+    assert_eq!(recipe["schedule"], "owl:0.08:5");
+    let numbers = |key: &str| -> Vec<f64> {
+        recipe[key]
+            .as_array()
+            .unwrap_or_else(|| panic!("{key} in {recipe}"))
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect()
+    };
+    let (sparsity, outliers) = (numbers("block_sparsity"), numbers("block_outlier_ratio"));
+    assert_eq!(sparsity.len(), 5);
+    let mean = sparsity.iter().sum::<f64>() / 5.0;
+    assert!((mean - 0.5).abs() < 1e-4, "{sparsity:?}");
+    let span =
+        sparsity.iter().cloned().fold(0.0, f64::max) - sparsity.iter().cloned().fold(1.0, f64::min);
+    assert!(
+        (span - 0.16).abs() < 1e-4,
+        "blocks span 2·spread: {sparsity:?}"
+    );
+    for a in 0..5 {
+        for b in 0..5 {
+            if outliers[a] > outliers[b] {
+                assert!(sparsity[a] < sparsity[b], "{outliers:?} {sparsity:?}");
+            }
+        }
+    }
+    // Each block holds its own sparsity (rows round to whole weights).
+    for (l, want) in sparsity.iter().enumerate() {
+        let got = zero_fraction(&path, &format!("blk.{l}."));
+        assert!(
+            (got - want).abs() < 0.01,
+            "blk.{l}: {got} zero, {want} asked"
+        );
+    }
+    let achieved = recipe["achieved"].as_f64().unwrap();
+    assert!((achieved - 0.5).abs() < 0.005, "{achieved}");
+    let uniform = {
+        let mut u = o.clone();
+        u.sparsity_schedule = SparsitySchedule::Uniform;
+        convert(&u)
+    };
+    eprintln!(
+        "wanda 50%: uniform ppl {:.3}, owl {:.3}; block sparsity {sparsity:?}",
+        ppl(&uniform.1),
+        ppl(&path)
+    );
+
+    // Only unstructured pruning of every block can be scheduled.
+    let dir = tempfile::tempdir().unwrap();
+    let refused = |o: &ConvertOptions| {
+        convert_path(
+            &fixture("hf"),
+            &dir.path().join("x.plm"),
+            o,
+            &mut |_, _, _| {},
+        )
+        .unwrap_err()
+        .to_string()
+    };
+    let mut nm = o.clone();
+    nm.pruning = Some(Pruning {
+        method: PruneMethod::Wanda,
+        sparsity: Sparsity::NM { n: 2, m: 4 },
+    });
+    assert!(refused(&nm).contains("2:4"), "{}", refused(&nm));
+    let mut unpruned = o.clone();
+    unpruned.pruning = None;
+    assert!(
+        refused(&unpruned).contains("--prune"),
+        "{}",
+        refused(&unpruned)
+    );
+    let mut uncalibrated = o.clone();
+    uncalibrated.calibration = None;
+    uncalibrated.pruning = Some(Pruning {
+        method: PruneMethod::Magnitude,
+        sparsity: Sparsity::Unstructured(0.5),
+    });
+    assert!(
+        refused(&uncalibrated).contains("--calib"),
+        "{}",
+        refused(&uncalibrated)
+    );
 }
 
 #[test]

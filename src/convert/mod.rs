@@ -27,7 +27,7 @@ pub use calib::Calibration;
 pub use gptq::GptqOptions;
 pub use lowrank::{LowRank, LowRankMethod, RankAllocation, RankTarget};
 pub use plan::BlockRecipe;
-pub use prune::{PruneMethod, Sparsity};
+pub use prune::{PruneMethod, Sparsity, SparsitySchedule};
 pub use quant::Clipping;
 pub use recover::{BlockRecovery, Distillation, RecoverMode, Recovery};
 
@@ -184,6 +184,8 @@ pub struct ConvertOptions {
     pub keep: Vec<KeepRule>,
     /// Pruning of the block matrices (before or, with SparseGPT, jointly with quantization).
     pub pruning: Option<Pruning>,
+    /// How unstructured pruning's sparsity is spread over the blocks (OWL needs calibration).
+    pub sparsity_schedule: SparsitySchedule,
     /// Low-rank factorization of the block matrices (factors then stored in `weights`).
     pub lowrank: Option<LowRank>,
     /// Store pruned matrices in a sparse encoding where one applies (default); `false` keeps
@@ -222,6 +224,7 @@ impl ConvertOptions {
             calibration: None,
             keep: Vec::new(),
             pruning: None,
+            sparsity_schedule: SparsitySchedule::Uniform,
             lowrank: None,
             sparse_storage: true,
             blocks: Vec::new(),
@@ -292,6 +295,7 @@ impl ConvertOptions {
             .any(|b| self.with_recipe(b).needs_calibration())
             || self.method.needs_calibration()
             || self.pruning.is_some_and(|p| p.method.needs_calibration())
+            || self.sparsity_schedule != SparsitySchedule::Uniform
             || self.lowrank.is_some_and(|l| l.method.needs_calibration())
             || self.recover.is_some()
     }
@@ -355,6 +359,42 @@ impl ConvertOptions {
                 return Err(ConvertError::Options(
                     "--lowrank with AWQ is not supported: use rtn or gptq for the factors".into(),
                 ));
+            }
+        }
+        if self.sparsity_schedule != SparsitySchedule::Uniform {
+            let schedule = self.sparsity_schedule.describe();
+            self.sparsity_schedule
+                .validate()
+                .map_err(ConvertError::Options)?;
+            match self.pruning {
+                Some(Pruning {
+                    sparsity: Sparsity::Unstructured(_),
+                    ..
+                }) => {}
+                Some(p) => {
+                    return Err(ConvertError::Options(format!(
+                        "--sparsity-schedule {schedule} spreads unstructured sparsity; {} is \
+                         the same pattern in every block",
+                        p.sparsity.describe()
+                    )));
+                }
+                None => {
+                    return Err(ConvertError::Options(format!(
+                        "--sparsity-schedule {schedule} needs --prune METHOD --sparsity F"
+                    )));
+                }
+            }
+            if !self.blocks.is_empty() {
+                return Err(ConvertError::Options(format!(
+                    "--sparsity-schedule {schedule} does not apply to per-block recipes (the \
+                     planner chooses each block's sparsity itself)"
+                )));
+            }
+            if self.calibration.is_none() {
+                return Err(ConvertError::Options(format!(
+                    "--sparsity-schedule {schedule} measures outliers on calibration text \
+                     (--calib FILE; scripts/fetch-calib.sh downloads a default set)"
+                )));
             }
         }
         if let Some(p) = &self.pruning {
@@ -450,8 +490,37 @@ pub fn convert(
         Some(c) if options.needs_calibration() => Some(calibration_windows(model, c)?),
         _ => None,
     };
+    let schedule = match (options.sparsity_schedule, options.pruning, &calibration) {
+        (
+            SparsitySchedule::Owl { spread, threshold },
+            Some(Pruning {
+                sparsity: Sparsity::Unstructured(target),
+                ..
+            }),
+            Some(windows),
+        ) => {
+            let outlier_ratios = block_outlier_ratios(model, windows, threshold, progress)?;
+            let sparsities = prune::owl_sparsities(&outlier_ratios, target, spread);
+            log::info!(
+                "OWL block sparsities: {}",
+                sparsities
+                    .iter()
+                    .map(|s| format!("{:.1}%", s * 100.0))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+            Some((outlier_ratios, sparsities))
+        }
+        _ => None,
+    };
     let block_options: Vec<ConvertOptions> = (0..config.num_layers)
-        .map(|l| options.for_block(l))
+        .map(|l| {
+            let mut block = options.for_block(l);
+            if let (Some((_, sparsities)), Some(p)) = (&schedule, &mut block.pruning) {
+                p.sparsity = Sparsity::Unstructured(sparsities[l]);
+            }
+            block
+        })
         .collect();
     let mut out = Output::new(
         Sink::File(PlmWriter::create(dst)?),
@@ -621,6 +690,9 @@ pub fn convert(
             "prune": options.pruning.map(|p| serde_json::json!({
                 "method": p.method.name(),
                 "sparsity": p.sparsity.describe(),
+                "schedule": options.sparsity_schedule.describe(),
+                "block_sparsity": schedule.as_ref().map(|(_, s)| s.clone()),
+                "block_outlier_ratio": schedule.as_ref().map(|(r, _)| r.clone()),
                 "achieved": if out.prunable > 0 { out.pruned as f64 / out.prunable as f64 } else { 0.0 },
                 "skipped": out.prune_skipped.iter().map(|(n, r)| serde_json::json!({"tensor": n, "reason": r})).collect::<Vec<_>>(),
                 "sparse_tensors": out.sparse_tensors,
@@ -677,6 +749,64 @@ pub fn convert(
         recovery: recovered,
         distillation,
     })
+}
+
+/// OWL's outlier ratio of every block: the fraction of its block matrices' Wanda scores
+/// above `threshold` × their mean, on the uncompressed model's calibration activations. Memory
+/// stays at one block's weights and one matrix's scores.
+fn block_outlier_ratios(
+    model: &ImportedModel,
+    windows: &[Vec<u32>],
+    threshold: f32,
+    progress: Progress<'_>,
+) -> Result<Vec<f64>, ConvertError> {
+    let config = &model.config;
+    let d = config.hidden_size;
+    let mut calibrator = {
+        let embedding = model.source.load_f32(names::TOKEN_EMBD)?;
+        calib::Calibrator::new(config, windows, |token, row| {
+            let t = token as usize;
+            row.copy_from_slice(&embedding[t * d..(t + 1) * d]);
+        })
+    };
+    let layers = config.num_layers;
+    let mut ratios = Vec::with_capacity(layers);
+    for l in 0..layers {
+        let layer = LayerTensors::load(model.source.as_ref(), config, l)?;
+        let weights = layer.block_weights(config);
+        let stats = calibrator.observe(&weights);
+        let matrices: Vec<(&[f32], usize, Vec<f32>)> = layer
+            .tensors
+            .iter()
+            .filter_map(|(name, shape, values)| {
+                let input = LayerTensors::input_of(name, l)?;
+                Some((
+                    values.as_slice(),
+                    shape[1],
+                    stats.input(input).mean_square(),
+                ))
+            })
+            .collect();
+        // Two passes over the scores (the mean, then the outliers) rather than holding a
+        // whole block's scores.
+        let (mut sum, mut count) = (0.0f64, 0u64);
+        for (values, cols, energy) in &matrices {
+            let scores = prune::scores(values, *cols, Some(energy));
+            sum += scores.iter().map(|&s| s as f64).sum::<f64>();
+            count += scores.len() as u64;
+        }
+        let mean = sum / count.max(1) as f64;
+        let outliers: u64 = matrices
+            .iter()
+            .map(|(values, cols, energy)| {
+                prune::count_outliers(&prune::scores(values, *cols, Some(energy)), mean, threshold)
+            })
+            .sum();
+        ratios.push(outliers as f64 / count.max(1) as f64);
+        calibrator.advance(&weights);
+        progress(l + 1, layers, &format!("outliers: blk.{l}"));
+    }
+    Ok(ratios)
 }
 
 /// Compresses block `layer` as `out.options` say (AWQ scaling, low rank, pruning,

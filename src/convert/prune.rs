@@ -161,6 +161,116 @@ pub fn scores(w: &[f32], cols: usize, input_mean_square: Option<&[f32]>) -> Vec<
     }
 }
 
+/// How unstructured sparsity is spread over the transformer blocks.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SparsitySchedule {
+    /// Every block at the requested sparsity.
+    Uniform,
+    /// OWL (Yin et al. 2024, "Outlier Weighed Layerwise Sparsity"): a block whose Wanda scores
+    /// hold more outliers (above `threshold` × the block's mean score, measured on the
+    /// uncompressed model) keeps more weights. Block sparsities span at most 2·`spread` and
+    /// average the requested sparsity.
+    Owl { spread: f32, threshold: f32 },
+}
+
+impl SparsitySchedule {
+    /// The values of the OWL paper for LLaMA (λ = 0.08, M = 5).
+    pub const OWL: SparsitySchedule = SparsitySchedule::Owl {
+        spread: 0.08,
+        threshold: 5.0,
+    };
+
+    pub fn describe(self) -> String {
+        match self {
+            SparsitySchedule::Uniform => "uniform".into(),
+            SparsitySchedule::Owl { spread, threshold } => format!("owl:{spread}:{threshold}"),
+        }
+    }
+
+    pub fn validate(self) -> Result<(), String> {
+        match self {
+            SparsitySchedule::Owl { spread, .. } if !(spread > 0.0 && spread <= 0.5) => Err(
+                format!("OWL spread {spread} must be in (0, 0.5] (the paper uses 0.08)"),
+            ),
+            SparsitySchedule::Owl { threshold, .. } if threshold.is_nan() || threshold <= 1.0 => {
+                Err(format!(
+                    "OWL outlier threshold {threshold} must be above 1 (× the mean score; the paper uses 5)"
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl FromStr for SparsitySchedule {
+    type Err = String;
+    /// `uniform`, `owl`, `owl:SPREAD` or `owl:SPREAD:THRESHOLD`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim().to_ascii_lowercase();
+        let mut parts = s.split(':');
+        let schedule = match parts.next() {
+            Some("uniform") if parts.clone().next().is_none() => SparsitySchedule::Uniform,
+            Some("owl") => {
+                let SparsitySchedule::Owl { spread, threshold } = SparsitySchedule::OWL else {
+                    unreachable!("OWL is an Owl schedule")
+                };
+                let number = |what: &str, part: Option<&str>, default: f32| match part {
+                    Some(p) => p
+                        .parse::<f32>()
+                        .map_err(|_| format!("bad OWL {what} '{p}' in '{s}'")),
+                    None => Ok(default),
+                };
+                let spread = number("spread", parts.next(), spread)?;
+                let threshold = number("threshold", parts.next(), threshold)?;
+                if parts.next().is_some() {
+                    return Err(format!("'{s}': expected owl[:SPREAD[:THRESHOLD]]"));
+                }
+                SparsitySchedule::Owl { spread, threshold }
+            }
+            _ => {
+                return Err(format!(
+                    "unknown sparsity schedule '{s}' (expected uniform or owl[:SPREAD[:THRESHOLD]])"
+                ));
+            }
+        };
+        schedule.validate()?;
+        Ok(schedule)
+    }
+}
+
+/// Counts the scores above `threshold` × `mean` (one matrix's share of OWL's outlier ratio).
+pub fn count_outliers(scores: &[f32], mean: f64, threshold: f32) -> u64 {
+    let limit = (mean * threshold as f64) as f32;
+    scores.iter().filter(|&&s| s > limit).count() as u64
+}
+
+/// OWL's block sparsities from the blocks' outlier ratios: densities proportional to the
+/// ratios' position between their minimum and maximum, over a range of 2·`spread`, shifted
+/// so that they average `1 − target`. Equal ratios give every block `target`. Results are
+/// clamped to [0, 0.99] (only reachable for targets within 2·`spread` of the ends).
+pub fn owl_sparsities(outlier_ratios: &[f64], target: f32, spread: f32) -> Vec<f32> {
+    let n = outlier_ratios.len();
+    let lo = outlier_ratios.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = outlier_ratios
+        .iter()
+        .copied()
+        .fold(f64::NEG_INFINITY, f64::max);
+    if n == 0 || hi - lo <= f64::EPSILON * hi.abs().max(1.0) {
+        return vec![target; n];
+    }
+    let raw: Vec<f64> = outlier_ratios
+        .iter()
+        .map(|r| (r - lo) / (hi - lo) * 2.0 * spread as f64)
+        .collect();
+    let mean = raw.iter().sum::<f64>() / n as f64;
+    raw.iter()
+        .map(|r| {
+            let density = r - mean + (1.0 - target as f64);
+            (1.0 - density).clamp(0.0, 0.99) as f32
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,5 +307,61 @@ mod tests {
         }
         assert!(Sparsity::NM { n: 2, m: 4 }.unsupported_reason(10).is_some());
         assert_eq!(Sparsity::NM { n: 2, m: 8 }.pruned_of(32), 24);
+    }
+
+    #[test]
+    fn owl_sparsities_keep_the_mean_and_favour_outlier_blocks() {
+        let ratios = [1.0, 3.0, 2.0, 6.0];
+        let s = owl_sparsities(&ratios, 0.5, 0.08);
+        let mean = s.iter().sum::<f32>() / s.len() as f32;
+        assert!((mean - 0.5).abs() < 1e-6, "{s:?}");
+        // More outliers, fewer pruned weights; the extremes are 2·spread apart.
+        assert!(s[3] < s[1] && s[1] < s[2] && s[2] < s[0], "{s:?}");
+        assert!((s[0] - s[3] - 0.16).abs() < 1e-6, "{s:?}");
+        assert_eq!(owl_sparsities(&[4.0, 4.0, 4.0], 0.6, 0.08), [0.6; 3]);
+        assert!(owl_sparsities(&[], 0.5, 0.08).is_empty());
+        // Near the end of the range the results are clamped.
+        assert!(
+            owl_sparsities(&[0.0, 1.0], 0.98, 0.1)
+                .iter()
+                .all(|s| (0.0..=0.99).contains(s))
+        );
+    }
+
+    #[test]
+    fn outliers_count_against_the_mean() {
+        assert_eq!(count_outliers(&[1.0, 1.0, 1.0, 10.0, 5.0], 2.0, 2.0), 2);
+        assert_eq!(count_outliers(&[1.0, 2.0], 1.5, 5.0), 0);
+    }
+
+    #[test]
+    fn schedules_parse_and_validate() {
+        assert_eq!("uniform".parse(), Ok(SparsitySchedule::Uniform));
+        assert_eq!("OWL".parse(), Ok(SparsitySchedule::OWL));
+        assert_eq!(
+            "owl:0.1".parse(),
+            Ok(SparsitySchedule::Owl {
+                spread: 0.1,
+                threshold: 5.0
+            })
+        );
+        assert_eq!(
+            "owl:0.05:7".parse(),
+            Ok(SparsitySchedule::Owl {
+                spread: 0.05,
+                threshold: 7.0
+            })
+        );
+        for bad in [
+            "owl:0",
+            "owl:0.6",
+            "owl:0.1:1",
+            "owl:x",
+            "owl:0.1:5:1",
+            "even",
+            "uniform:1",
+        ] {
+            assert!(bad.parse::<SparsitySchedule>().is_err(), "{bad}");
+        }
     }
 }
