@@ -215,6 +215,13 @@ impl Calibrator {
         }
     }
 
+    /// Runs later blocks with `config`'s shapes (structured pruning narrows a block's MLP);
+    /// the residual stream, and so the hidden size, stays.
+    pub fn set_config(&mut self, config: &ModelConfig) {
+        assert_eq!(config.hidden_size, self.config.hidden_size, "hidden size");
+        self.config = config.clone();
+    }
+
     /// The current activations, `tokens × hidden`.
     pub fn hidden(&self) -> &[f32] {
         &self.hidden

@@ -354,9 +354,22 @@ fn sweep(
     loss
 }
 
-/// The upper Cholesky factor `U` of `(H + λI)⁻¹ = UᵀU`, with `λ = damp · mean(diag H)`;
-/// retries with ten times the damping (up to three times) when `H` is not positive definite.
-fn inverse_cholesky_upper(mut h: Mat<f64>, damp: f64) -> Result<Mat<f64>, String> {
+/// The upper Cholesky factor `U` of `(H + λI)⁻¹ = UᵀU`, with `λ = damp · mean(diag H)`.
+fn inverse_cholesky_upper(h: Mat<f64>, damp: f64) -> Result<Mat<f64>, String> {
+    damped_inverse(h, damp, |inverse| {
+        let llt = inverse.llt(Side::Lower).ok()?;
+        Some(llt.L().transpose().to_owned())
+    })
+}
+
+/// `(H + λI)⁻¹` with `λ = damp · mean(diag H)`, handed to `accept`; retries with ten times
+/// the damping (up to three times) while `H + λI` is not positive definite or `accept`
+/// refuses the inverse (rounding can leave it indefinite).
+pub(super) fn damped_inverse<T>(
+    mut h: Mat<f64>,
+    damp: f64,
+    accept: impl Fn(Mat<f64>) -> Option<T>,
+) -> Result<T, String> {
     let n = h.nrows();
     let mean_diag = (0..n).map(|i| h[(i, i)]).sum::<f64>() / n as f64;
     let mut lambda = damp * mean_diag;
@@ -364,28 +377,20 @@ fn inverse_cholesky_upper(mut h: Mat<f64>, damp: f64) -> Result<Mat<f64>, String
         for i in 0..n {
             h[(i, i)] += lambda;
         }
-        let inverse = match h.llt(Side::Lower) {
-            Ok(llt) => llt.inverse(),
-            Err(_) => {
-                log::debug!(
-                    "gptq: Hessian not positive definite (attempt {attempt}); more damping"
-                );
-                for i in 0..n {
-                    h[(i, i)] -= lambda;
-                }
-                lambda = lambda.max(1e-8) * 10.0;
-                continue;
-            }
-        };
-        if let Ok(llt) = inverse.llt(Side::Lower) {
-            return Ok(llt.L().transpose().to_owned());
+        if let Some(accepted) = h
+            .llt(Side::Lower)
+            .ok()
+            .and_then(|llt| accept(llt.inverse()))
+        {
+            return Ok(accepted);
         }
+        log::debug!("Hessian not positive definite (attempt {attempt}); more damping");
         for i in 0..n {
             h[(i, i)] -= lambda;
         }
         lambda = lambda.max(1e-8) * 10.0;
     }
-    Err("gptq: Hessian is not positive definite even with heavy damping".into())
+    Err("the Hessian is not positive definite even with heavy damping".into())
 }
 
 #[cfg(test)]

@@ -186,6 +186,10 @@ pub struct ConvertOptions {
     pub pruning: Option<Pruning>,
     /// How unstructured pruning's sparsity is spread over the blocks (OWL needs calibration).
     pub sparsity_schedule: SparsitySchedule,
+    /// Structured pruning: this fraction of every block's MLP channels goes (rows of gate and
+    /// up, columns of down, with down compensated on calibration), so every kernel runs a
+    /// smaller dense shape. The width is rounded to whole quantization groups.
+    pub mlp_channel_pruning: Option<f32>,
     /// Low-rank factorization of the block matrices (factors then stored in `weights`).
     pub lowrank: Option<LowRank>,
     /// Store pruned matrices in a sparse encoding where one applies (default); `false` keeps
@@ -225,6 +229,7 @@ impl ConvertOptions {
             keep: Vec::new(),
             pruning: None,
             sparsity_schedule: SparsitySchedule::Uniform,
+            mlp_channel_pruning: None,
             lowrank: None,
             sparse_storage: true,
             blocks: Vec::new(),
@@ -296,6 +301,7 @@ impl ConvertOptions {
             || self.method.needs_calibration()
             || self.pruning.is_some_and(|p| p.method.needs_calibration())
             || self.sparsity_schedule != SparsitySchedule::Uniform
+            || self.mlp_channel_pruning.is_some()
             || self.lowrank.is_some_and(|l| l.method.needs_calibration())
             || self.recover.is_some()
     }
@@ -359,6 +365,29 @@ impl ConvertOptions {
                 return Err(ConvertError::Options(
                     "--lowrank with AWQ is not supported: use rtn or gptq for the factors".into(),
                 ));
+            }
+        }
+        if let Some(fraction) = self.mlp_channel_pruning {
+            if !(fraction > 0.0 && fraction < 1.0) {
+                return Err(ConvertError::Options(format!(
+                    "--prune-channels {fraction} must be a fraction in (0, 1)"
+                )));
+            }
+            let refusal = if !self.blocks.is_empty() {
+                Some("per-block recipes (the planner)")
+            } else if self.recover.is_some() {
+                Some("--recover (the teacher's and the student's blocks differ in shape)")
+            } else if self.calibration.is_none() {
+                Some(
+                    "no calibration text (--calib FILE; scripts/fetch-calib.sh downloads a default set): channels are chosen and down is compensated on calibration activations",
+                )
+            } else {
+                None
+            };
+            if let Some(what) = refusal {
+                return Err(ConvertError::Options(format!(
+                    "--prune-channels does not work with {what}"
+                )));
             }
         }
         if self.sparsity_schedule != SparsitySchedule::Uniform {
@@ -522,6 +551,17 @@ pub fn convert(
             block
         })
         .collect();
+    // The model as written: with structured pruning, a narrower MLP.
+    let mut pruned_config = config.clone();
+    if let Some(fraction) = options.mlp_channel_pruning {
+        pruned_config.intermediate_size =
+            pruned_mlp_width(config.intermediate_size, fraction, options.weights);
+        log::info!(
+            "MLP channels: {} of {} kept in every block",
+            pruned_config.intermediate_size,
+            config.intermediate_size
+        );
+    }
     let mut out = Output::new(
         Sink::File(PlmWriter::create(dst)?),
         options,
@@ -562,13 +602,30 @@ pub fn convert(
     let mut recovered = Vec::new();
     for (l, block_options) in block_options.iter().enumerate() {
         let mut layer = LayerTensors::load(model.source.as_ref(), config, l)?;
-        let stats = match &calibrator {
+        let mut stats = match &calibrator {
             Some(c) => {
                 (out.progress)(out.done, out.total, &format!("blk.{l}: calibrating"));
                 Some(c.observe(&layer.block_weights(config)))
             }
             None => None,
         };
+        if let (Some(c), Some(observed)) = (&mut calibrator, &stats)
+            && pruned_config.intermediate_size != config.intermediate_size
+        {
+            (out.progress)(out.done, out.total, &format!("blk.{l}: pruning channels"));
+            let loss = layer.prune_mlp_channels(
+                config,
+                &observed.mlp_down,
+                pruned_config.intermediate_size,
+                options.gptq.damp,
+            )?;
+            out.channel_pruning_loss += loss;
+            // What the narrower block's matrices see; the calibrator keeps the narrower
+            // shapes through `advance` and takes the original ones back for the next block.
+            c.set_config(&pruned_config);
+            stats = Some(c.observe(&layer.block_weights(&pruned_config)));
+        }
+        let config = &pruned_config;
         out.options = block_options;
         match (&mut teacher, &calibrator, options.recover) {
             (Some(teacher), Some(student), Some(recovery)) => {
@@ -601,6 +658,7 @@ pub fn convert(
         }
         if let Some(c) = &mut calibrator {
             c.advance(&layer.block_weights(config));
+            c.set_config(&model.config);
         }
     }
     out.options = options;
@@ -672,7 +730,7 @@ pub fn convert(
         });
     let metadata = serde_json::json!({
         "format": "pocketlm",
-        "config": model.config,
+        "config": pruned_config,
         "tokenizer": model.tokenizer,
         "recipe": {
             "weights": options.weights.describe(),
@@ -697,6 +755,12 @@ pub fn convert(
                 "skipped": out.prune_skipped.iter().map(|(n, r)| serde_json::json!({"tensor": n, "reason": r})).collect::<Vec<_>>(),
                 "sparse_tensors": out.sparse_tensors,
                 "dense_storage": out.dense_storage.iter().map(|(n, r)| serde_json::json!({"tensor": n, "reason": r})).collect::<Vec<_>>(),
+            })),
+            "prune_channels": options.mlp_channel_pruning.map(|f| serde_json::json!({
+                "fraction": f,
+                "intermediate_size_before": config.intermediate_size,
+                "intermediate_size_after": pruned_config.intermediate_size,
+                "loss": out.channel_pruning_loss,
             })),
             "lowrank": options.lowrank.map(|lr| serde_json::json!({
                 "method": lr.method.name(),
@@ -1124,6 +1188,8 @@ struct Output<'a, 'p> {
     total: usize,
     progress: Progress<'p>,
     gptq_loss: f64,
+    /// Predicted output error of structured MLP pruning, summed over blocks.
+    channel_pruning_loss: f64,
     /// Zeros and total weights of the matrices pruning applied to.
     pruned: u64,
     prunable: u64,
@@ -1160,6 +1226,7 @@ impl<'a, 'p> Output<'a, 'p> {
             total,
             progress,
             gptq_loss: 0.0,
+            channel_pruning_loss: 0.0,
             pruned: 0,
             prunable: 0,
             prune_skipped: Vec::new(),
@@ -1530,6 +1597,14 @@ type LowRankPlan = std::collections::HashMap<String, (lowrank::Decomposition, us
 /// An input shared by some matrices `(name, rows)`, and the tensors that produce it.
 type AwqGroup = (LinearInput, Vec<(String, usize)>, Vec<String>);
 
+/// The MLP width left after removing `fraction` of `width` channels: whole quantization
+/// groups (at least 32 channels, the kernels' unit), at least one group, at most `width`.
+fn pruned_mlp_width(width: usize, fraction: f32, weights: Encoding) -> usize {
+    let unit = weights.group().map_or(32, |g| (g as usize).max(32));
+    let kept = (width as f64 * (1.0 - fraction as f64) / unit as f64).round() as usize * unit;
+    kept.clamp(unit.min(width), width)
+}
+
 /// Hidden size, q width, kv width and MLP width: the shapes of a block's matrices.
 fn block_dims(config: &ModelConfig) -> (usize, usize, usize, usize) {
     (
@@ -1599,6 +1674,51 @@ impl LayerTensors {
             .position(|t| t.0 == name)
             .expect("tensor of this block");
         &mut self.tensors[i].2
+    }
+
+    /// Structured pruning of the MLP: keeps `width` of its channels (chosen and compensated
+    /// on `down`'s inputs, see [`prune::prune_input_channels`]); gate and up lose the rows of
+    /// the removed channels. Returns the predicted output error.
+    fn prune_mlp_channels(
+        &mut self,
+        config: &ModelConfig,
+        down_input: &calib::InputStats,
+        width: usize,
+        damp: f64,
+    ) -> Result<f64, ConvertError> {
+        let (d, f) = (config.hidden_size, config.intermediate_size);
+        let l = self.layer;
+        let down_name = names::ffn_down(l);
+        let pruned = prune::prune_input_channels(
+            self.get_mut(&down_name),
+            d,
+            f,
+            &down_input.hessian,
+            width,
+            damp,
+        )
+        .map_err(|message| ConvertError::Method {
+            tensor: down_name.clone(),
+            message,
+        })?;
+        let prune::ChannelPruning {
+            kept,
+            mut weights,
+            loss,
+        } = pruned;
+        for (name, shape, values) in &mut self.tensors {
+            if *name == down_name {
+                *values = std::mem::take(&mut weights);
+                shape[1] = width;
+            } else if *name == names::ffn_gate(l) || *name == names::ffn_up(l) {
+                *values = kept
+                    .iter()
+                    .flat_map(|&c| values[c * d..(c + 1) * d].iter().copied())
+                    .collect();
+                shape[0] = width;
+            }
+        }
+        Ok(loss)
     }
 
     /// Which linear-layer input the matrix `name` of block `layer` reads.

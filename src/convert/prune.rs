@@ -271,6 +271,95 @@ pub fn owl_sparsities(outlier_ratios: &[f64], target: f32, spread: f32) -> Vec<f
         .collect()
 }
 
+/// What structured pruning of one matrix's input channels left.
+#[derive(Clone, Debug)]
+pub struct ChannelPruning {
+    /// The kept input channels, ascending.
+    pub kept: Vec<usize>,
+    /// The matrix restricted to the kept columns (`rows × kept.len()`), compensated for the
+    /// removed ones.
+    pub weights: Vec<f32>,
+    /// Predicted increase of the summed squared output error over the calibration tokens.
+    pub loss: f64,
+}
+
+/// Removes input channels of the `rows × cols` matrix `w` (whose inputs have second moments
+/// `hessian = XᵀX`, `cols × cols`) until `keep` remain, greedily by the optimal-brain-surgeon
+/// cost of a whole column, `‖w_j‖² / [H⁻¹]_jj`, updating the kept columns after each removal
+/// so that the output on the calibration inputs moves as little as possible (the structured
+/// form of SparseGPT's update, as in ZipLM and SlimGPT). Whatever produced the removed
+/// channels (for the MLP: rows of gate and up) goes with them.
+pub fn prune_input_channels(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    hessian: &[f64],
+    keep: usize,
+    damp: f64,
+) -> Result<ChannelPruning, String> {
+    assert_eq!(w.len(), rows * cols, "matrix shape");
+    assert_eq!(hessian.len(), cols * cols, "Hessian shape");
+    let keep = keep.min(cols);
+    let h = faer::Mat::<f64>::from_fn(cols, cols, |i, j| hessian[i * cols + j]);
+    let mut hinv = super::gptq::damped_inverse(h, damp, |inverse| {
+        (0..cols).all(|j| inverse[(j, j)] > 0.0).then(|| {
+            (0..cols * cols)
+                .map(|k| inverse[(k / cols, k % cols)])
+                .collect::<Vec<f64>>()
+        })
+    })?;
+    // Column-major copy: removals touch whole columns.
+    let mut columns: Vec<f64> = (0..cols * rows)
+        .map(|k| w[(k % rows) * cols + k / rows] as f64)
+        .collect();
+    let mut alive = vec![true; cols];
+    let mut loss = 0.0;
+    for _ in keep..cols {
+        let cost = |j: usize| {
+            let col = &columns[j * rows..(j + 1) * rows];
+            col.iter().map(|v| v * v).sum::<f64>() / hinv[j * cols + j]
+        };
+        let (j, c) = (0..cols)
+            .filter(|&j| alive[j])
+            .map(|j| (j, cost(j)))
+            .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)))
+            .expect("a channel is left to remove");
+        loss += c;
+        alive[j] = false;
+        let pivot = hinv[j * cols + j];
+        let removed: Vec<f64> = columns[j * rows..(j + 1) * rows].to_vec();
+        let hinv_row: Vec<f64> = hinv[j * cols..(j + 1) * cols].to_vec();
+        // w_k -= w_j · [H⁻¹]_jk / [H⁻¹]_jj for every kept column k.
+        for k in (0..cols).filter(|&k| alive[k]) {
+            let f = hinv_row[k] / pivot;
+            if f != 0.0 {
+                let col = &mut columns[k * rows..(k + 1) * rows];
+                col.iter_mut().zip(&removed).for_each(|(v, r)| *v -= r * f);
+            }
+        }
+        // H⁻¹ of the remaining channels: remove j by a rank-one downdate.
+        for a in (0..cols).filter(|&a| alive[a]) {
+            let f = hinv[a * cols + j] / pivot;
+            if f != 0.0 {
+                let row = &mut hinv[a * cols..(a + 1) * cols];
+                row.iter_mut().zip(&hinv_row).for_each(|(v, r)| *v -= f * r);
+            }
+        }
+    }
+    let kept: Vec<usize> = (0..cols).filter(|&j| alive[j]).collect();
+    let mut weights = vec![0.0f32; rows * kept.len()];
+    for (c, &j) in kept.iter().enumerate() {
+        for r in 0..rows {
+            weights[r * kept.len() + c] = columns[j * rows + r] as f32;
+        }
+    }
+    Ok(ChannelPruning {
+        kept,
+        weights,
+        loss,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -363,5 +452,90 @@ mod tests {
         ] {
             assert!(bad.parse::<SparsitySchedule>().is_err(), "{bad}");
         }
+    }
+
+    /// Output error `Σ_t ‖W x_t − W' x'_t‖²` on the calibration inputs.
+    fn output_error(x: &[f32], cols: usize, w: &[f32], pruned: &ChannelPruning) -> f64 {
+        let rows = w.len() / cols;
+        let k = pruned.kept.len();
+        x.chunks(cols)
+            .map(|xt| {
+                (0..rows)
+                    .map(|r| {
+                        let full: f64 = (0..cols).map(|j| (w[r * cols + j] * xt[j]) as f64).sum();
+                        let part: f64 = (0..k)
+                            .map(|c| (pruned.weights[r * k + c] * xt[pruned.kept[c]]) as f64)
+                            .sum();
+                        (full - part).powi(2)
+                    })
+                    .sum::<f64>()
+            })
+            .sum()
+    }
+
+    #[test]
+    fn channel_pruning_compensates_correlated_inputs() {
+        use crate::kernels::test_util::random_vec;
+        let (rows, cols, tokens) = (6, 12, 400);
+        // Channel j + 6 copies channel j plus a little noise, so either can stand in for the
+        // other once the survivor is compensated.
+        let base = random_vec(tokens * 6, 3);
+        let noise = random_vec(tokens * 6, 4);
+        let mut x = vec![0.0f32; tokens * cols];
+        for t in 0..tokens {
+            for j in 0..6 {
+                x[t * cols + j] = base[t * 6 + j];
+                x[t * cols + j + 6] = base[t * 6 + j] + 0.05 * noise[t * 6 + j];
+            }
+        }
+        let mut hessian = vec![0.0f64; cols * cols];
+        for xt in x.chunks(cols) {
+            for i in 0..cols {
+                for j in 0..cols {
+                    hessian[i * cols + j] += xt[i] as f64 * xt[j] as f64;
+                }
+            }
+        }
+        let w = random_vec(rows * cols, 5);
+        let pruned = prune_input_channels(&w, rows, cols, &hessian, 6, 1e-6).unwrap();
+        assert_eq!(pruned.kept.len(), 6);
+        assert!(pruned.kept.windows(2).all(|p| p[0] < p[1]));
+        // One of each correlated pair survives.
+        let mut pairs: Vec<usize> = pruned.kept.iter().map(|j| j % 6).collect();
+        pairs.sort_unstable();
+        assert_eq!(pairs, [0, 1, 2, 3, 4, 5], "{:?}", pruned.kept);
+        // Compensated, the output barely moves; dropping the same columns without the update
+        // moves it a lot; the predicted loss matches the measured error.
+        let error = output_error(&x, cols, &w, &pruned);
+        let plain = ChannelPruning {
+            weights: (0..rows)
+                .flat_map(|r| pruned.kept.iter().map(move |&j| (r, j)))
+                .map(|(r, j)| w[r * cols + j])
+                .collect(),
+            ..pruned.clone()
+        };
+        let uncompensated = output_error(&x, cols, &w, &plain);
+        let signal = output_error(
+            &x,
+            cols,
+            &w,
+            &ChannelPruning {
+                kept: vec![],
+                weights: vec![],
+                loss: 0.0,
+            },
+        );
+        assert!(error < 0.01 * signal, "{error} vs signal {signal}");
+        assert!(error < 0.05 * uncompensated, "{error} vs {uncompensated}");
+        assert!(
+            (pruned.loss - error).abs() < 0.05 * error + 1e-6,
+            "{} vs {error}",
+            pruned.loss
+        );
+        // Keeping everything changes nothing.
+        let all = prune_input_channels(&w, rows, cols, &hessian, cols, 1e-6).unwrap();
+        assert_eq!(all.kept, (0..cols).collect::<Vec<_>>());
+        assert_eq!(all.weights, w);
+        assert_eq!(all.loss, 0.0);
     }
 }
