@@ -168,6 +168,32 @@ fn recovery_tunes_low_rank_factors() {
     assert!(file.entry("blk.1.ffn_up.weight").is_none());
 }
 
+/// Structured pruning (a narrower MLP) recovers too: the student's blocks have the pruned
+/// shapes, the teacher's the original ones. Measured: f32 3.147, 25% of the MLP channels
+/// 5.00, recovered 4.27 (43% of the gap closed).
+#[test]
+fn recovery_tunes_a_narrower_mlp() {
+    let narrow = ConvertOptions {
+        calibration: Some(calibration()),
+        mlp_channel_pruning: Some(0.25),
+        ..ConvertOptions::with_weights(Encoding::F32)
+    };
+    let (_d, base) = convert(&ConvertOptions::with_weights(Encoding::F32));
+    let (_d0, plain) = convert(&narrow);
+    let (_d1, tuned) = convert(&recovered(narrow));
+    let (base, p_plain, p_tuned) = (ppl(&base), ppl(&plain), ppl(&tuned));
+    eprintln!("f32 {base:.4}, 25% MLP channels {p_plain:.4}, recovered {p_tuned:.4}");
+    assert!(
+        p_tuned - base < 0.75 * (p_plain - base),
+        "recovered {p_tuned} vs {p_plain} (base {base})"
+    );
+    let file = PlmFile::open(&tuned).unwrap();
+    assert_eq!(
+        file.entry("blk.4.ffn_down.weight").unwrap().shape,
+        [64, 128]
+    );
+}
+
 #[test]
 fn recovery_needs_calibration() {
     let options = recovered(ConvertOptions::with_weights(Q3));

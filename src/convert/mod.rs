@@ -375,8 +375,6 @@ impl ConvertOptions {
             }
             let refusal = if !self.blocks.is_empty() {
                 Some("per-block recipes (the planner)")
-            } else if self.recover.is_some() {
-                Some("--recover (the teacher's and the student's blocks differ in shape)")
             } else if self.calibration.is_none() {
                 Some(
                     "no calibration text (--calib FILE; scripts/fetch-calib.sh downloads a default set): channels are chosen and down is compensated on calibration activations",
@@ -602,6 +600,9 @@ pub fn convert(
     let mut recovered = Vec::new();
     for (l, block_options) in block_options.iter().enumerate() {
         let mut layer = LayerTensors::load(model.source.as_ref(), config, l)?;
+        if let Some(teacher) = &mut teacher {
+            teacher.advance(&layer.block_weights(config));
+        }
         let mut stats = match &calibrator {
             Some(c) => {
                 (out.progress)(out.done, out.total, &format!("blk.{l}: calibrating"));
@@ -627,9 +628,8 @@ pub fn convert(
         }
         let config = &pruned_config;
         out.options = block_options;
-        match (&mut teacher, &calibrator, options.recover) {
+        match (&teacher, &calibrator, options.recover) {
             (Some(teacher), Some(student), Some(recovery)) => {
-                teacher.advance(&layer.block_weights(config));
                 out.deferred = Some(Vec::new());
                 compress_block(&mut out, config, &mut layer, stats.as_ref())?;
                 let mut tensors = out.deferred.take().unwrap_or_default();
@@ -686,7 +686,7 @@ pub fn convert(
             let mut tail = out.deferred.take().unwrap_or_default();
             let report = distill_model(
                 &mut out,
-                config,
+                &pruned_config,
                 DistillInputs {
                     blocks: &mut held_blocks,
                     output_norm: &mut tail[0],
