@@ -9,6 +9,8 @@
 
 use std::str::FromStr;
 
+use rayon::prelude::*;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PruneMethod {
     Magnitude,
@@ -320,6 +322,7 @@ pub fn prune_input_channels(
             col.iter().map(|v| v * v).sum::<f64>() / hinv[j * cols + j]
         };
         let (j, c) = (0..cols)
+            .into_par_iter()
             .filter(|&j| alive[j])
             .map(|j| (j, cost(j)))
             .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)))
@@ -330,21 +333,23 @@ pub fn prune_input_channels(
         let removed: Vec<f64> = columns[j * rows..(j + 1) * rows].to_vec();
         let hinv_row: Vec<f64> = hinv[j * cols..(j + 1) * cols].to_vec();
         // w_k -= w_j · [H⁻¹]_jk / [H⁻¹]_jj for every kept column k.
-        for k in (0..cols).filter(|&k| alive[k]) {
-            let f = hinv_row[k] / pivot;
-            if f != 0.0 {
-                let col = &mut columns[k * rows..(k + 1) * rows];
+        columns
+            .par_chunks_mut(rows)
+            .enumerate()
+            .filter(|(k, _)| alive[*k])
+            .for_each(|(k, col)| {
+                let f = hinv_row[k] / pivot;
                 col.iter_mut().zip(&removed).for_each(|(v, r)| *v -= r * f);
-            }
-        }
-        // H⁻¹ of the remaining channels: remove j by a rank-one downdate.
-        for a in (0..cols).filter(|&a| alive[a]) {
-            let f = hinv[a * cols + j] / pivot;
-            if f != 0.0 {
-                let row = &mut hinv[a * cols..(a + 1) * cols];
+            });
+        // H⁻¹ of the remaining channels: remove j by a rank-one downdate (H⁻¹ is symmetric,
+        // so row j is also column j).
+        hinv.par_chunks_mut(cols)
+            .enumerate()
+            .filter(|(a, _)| alive[*a])
+            .for_each(|(a, row)| {
+                let f = hinv_row[a] / pivot;
                 row.iter_mut().zip(&hinv_row).for_each(|(v, r)| *v -= f * r);
-            }
-        }
+            });
     }
     let kept: Vec<usize> = (0..cols).filter(|&j| alive[j]).collect();
     let mut weights = vec![0.0f32; rows * kept.len()];
