@@ -30,6 +30,19 @@ fn options(weights: Encoding, method: Method) -> ConvertOptions {
     }
 }
 
+/// The error converting the fixture with `options` gives (the conversion must fail).
+fn refusal(options: &ConvertOptions) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    convert_path(
+        &fixture("hf"),
+        &dir.path().join("x.plm"),
+        options,
+        &mut |_, _, _| {},
+    )
+    .unwrap_err()
+    .to_string()
+}
+
 const Q4: Encoding = Encoding::Q4 {
     group: 32,
     asymmetric: false,
@@ -332,29 +345,18 @@ fn owl_schedule_spreads_sparsity_over_blocks() {
     );
 
     // Only unstructured pruning of every block can be scheduled.
-    let dir = tempfile::tempdir().unwrap();
-    let refused = |o: &ConvertOptions| {
-        convert_path(
-            &fixture("hf"),
-            &dir.path().join("x.plm"),
-            o,
-            &mut |_, _, _| {},
-        )
-        .unwrap_err()
-        .to_string()
-    };
     let mut nm = o.clone();
     nm.pruning = Some(Pruning {
         method: PruneMethod::Wanda,
         sparsity: Sparsity::NM { n: 2, m: 4 },
     });
-    assert!(refused(&nm).contains("2:4"), "{}", refused(&nm));
+    assert!(refusal(&nm).contains("2:4"), "{}", refusal(&nm));
     let mut unpruned = o.clone();
     unpruned.pruning = None;
     assert!(
-        refused(&unpruned).contains("--prune"),
+        refusal(&unpruned).contains("--prune"),
         "{}",
-        refused(&unpruned)
+        refusal(&unpruned)
     );
     let mut uncalibrated = o.clone();
     uncalibrated.calibration = None;
@@ -363,9 +365,9 @@ fn owl_schedule_spreads_sparsity_over_blocks() {
         sparsity: Sparsity::Unstructured(0.5),
     });
     assert!(
-        refused(&uncalibrated).contains("--calib"),
+        refusal(&uncalibrated).contains("--calib"),
         "{}",
-        refused(&uncalibrated)
+        refusal(&uncalibrated)
     );
 }
 
@@ -419,15 +421,8 @@ fn mlp_channel_pruning_narrows_the_model() {
 
     let mut uncalibrated = ConvertOptions::with_weights(Encoding::F32);
     uncalibrated.mlp_channel_pruning = Some(0.25);
-    let dir = tempfile::tempdir().unwrap();
-    let err = convert_path(
-        &fixture("hf"),
-        &dir.path().join("x.plm"),
-        &uncalibrated,
-        &mut |_, _, _| {},
-    )
-    .unwrap_err();
-    assert!(err.to_string().contains("--calib"), "{err}");
+    let err = refusal(&uncalibrated);
+    assert!(err.contains("--calib"), "{err}");
 }
 
 #[test]
@@ -460,15 +455,8 @@ fn sparsegpt_with_quantized_weights_prunes_and_quantizes_in_one_pass() {
         method: PruneMethod::Wanda,
         sparsity: Sparsity::Unstructured(0.5),
     });
-    let dir = tempfile::tempdir().unwrap();
-    let err = convert_path(
-        &fixture("hf"),
-        &dir.path().join("x.plm"),
-        &missing,
-        &mut |_, _, _| {},
-    )
-    .unwrap_err();
-    assert!(err.to_string().contains("--calib"), "{err}");
+    let err = refusal(&missing);
+    assert!(err.contains("--calib"), "{err}");
 }
 
 #[test]
@@ -586,15 +574,6 @@ fn quantized_matrices_pruned_n_m_are_stored_sparse_and_compute_the_same() {
         );
     }
     // Asking for the sparse storage directly is refused with the way to get it.
-    let err = convert_path(
-        &fixture("hf"),
-        &tempfile::tempdir().unwrap().path().join("x.plm"),
-        &options(Encoding::Q4Sparse48 { group: 32 }, Method::Rtn),
-        &mut |_, _, _| {},
-    )
-    .unwrap_err();
-    assert!(
-        err.to_string().contains("--weights q4/g32 --prune"),
-        "{err}"
-    );
+    let err = refusal(&options(Encoding::Q4Sparse48 { group: 32 }, Method::Rtn));
+    assert!(err.contains("--weights q4/g32 --prune"), "{err}");
 }

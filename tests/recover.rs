@@ -27,6 +27,25 @@ fn q3_gptq() -> ConvertOptions {
     }
 }
 
+/// Converts `options` plainly and recovered, and checks that recovery closes more than
+/// `share` of the perplexity gap to the f32 base; returns the recovered file.
+fn closes_the_gap(
+    what: &str,
+    options: ConvertOptions,
+    share: f64,
+) -> (tempfile::TempDir, std::path::PathBuf) {
+    let (_d, base) = convert(&ConvertOptions::with_weights(Encoding::F32));
+    let (_d0, plain) = convert(&options);
+    let (dir, tuned) = convert(&recovered(options));
+    let (base, p_plain, p_tuned) = (ppl(&base), ppl(&plain), ppl(&tuned));
+    eprintln!("f32 {base:.4}, {what} {p_plain:.4}, recovered {p_tuned:.4}");
+    assert!(
+        p_tuned - base < (1.0 - share) * (p_plain - base),
+        "{what}: recovered {p_tuned} vs {p_plain} (base {base})"
+    );
+    (dir, tuned)
+}
+
 /// Each tensor's name, encoding and byte length: what recovery must leave unchanged.
 fn tensor_layout(f: &PlmFile) -> Vec<(String, Encoding, u64)> {
     f.tensors()
@@ -124,15 +143,7 @@ fn recovery_tunes_the_survivors_of_a_pruned_model() {
         }),
         ..ConvertOptions::with_weights(Encoding::F16)
     };
-    let (_d, base) = convert(&ConvertOptions::with_weights(Encoding::F32));
-    let (_d0, plain) = convert(&pruned);
-    let (_d1, tuned) = convert(&recovered(pruned));
-    let (base, p_plain, p_tuned) = (ppl(&base), ppl(&plain), ppl(&tuned));
-    eprintln!("f32 {base:.4}, wanda 2:4 {p_plain:.4}, recovered {p_tuned:.4}");
-    assert!(
-        p_tuned - base < 0.5 * (p_plain - base),
-        "recovered {p_tuned} vs {p_plain} (base {base})"
-    );
+    let (_d, tuned) = closes_the_gap("wanda 2:4", pruned, 0.5);
     let file = PlmFile::open(&tuned).unwrap();
     assert_eq!(
         file.entry("blk.2.ffn_gate.weight").unwrap().encoding,
@@ -154,15 +165,7 @@ fn recovery_tunes_low_rank_factors() {
         }),
         ..ConvertOptions::with_weights(Encoding::F16)
     };
-    let (_d, base) = convert(&ConvertOptions::with_weights(Encoding::F32));
-    let (_d0, plain) = convert(&factored);
-    let (_d1, tuned) = convert(&recovered(factored));
-    let (base, p_plain, p_tuned) = (ppl(&base), ppl(&plain), ppl(&tuned));
-    eprintln!("f32 {base:.4}, svdllm 20% {p_plain:.4}, recovered {p_tuned:.4}");
-    assert!(
-        p_tuned - base < 0.5 * (p_plain - base),
-        "recovered {p_tuned} vs {p_plain} (base {base})"
-    );
+    let (_d, tuned) = closes_the_gap("svdllm 20%", factored, 0.5);
     let file = PlmFile::open(&tuned).unwrap();
     assert!(file.entry("blk.1.ffn_up.weight#u").is_some());
     assert!(file.entry("blk.1.ffn_up.weight").is_none());
@@ -178,15 +181,7 @@ fn recovery_tunes_a_narrower_mlp() {
         mlp_channel_pruning: Some(0.25),
         ..ConvertOptions::with_weights(Encoding::F32)
     };
-    let (_d, base) = convert(&ConvertOptions::with_weights(Encoding::F32));
-    let (_d0, plain) = convert(&narrow);
-    let (_d1, tuned) = convert(&recovered(narrow));
-    let (base, p_plain, p_tuned) = (ppl(&base), ppl(&plain), ppl(&tuned));
-    eprintln!("f32 {base:.4}, 25% MLP channels {p_plain:.4}, recovered {p_tuned:.4}");
-    assert!(
-        p_tuned - base < 0.75 * (p_plain - base),
-        "recovered {p_tuned} vs {p_plain} (base {base})"
-    );
+    let (_d, tuned) = closes_the_gap("25% MLP channels", narrow, 0.25);
     let file = PlmFile::open(&tuned).unwrap();
     assert_eq!(
         file.entry("blk.4.ffn_down.weight").unwrap().shape,
