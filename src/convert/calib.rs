@@ -185,17 +185,13 @@ pub struct Calibrator {
 }
 
 impl Calibrator {
-    /// Embeds `windows` (all of length `seq_len`) with `embed_row(token, out)`.
-    pub fn new(
-        config: &ModelConfig,
-        windows: &[Vec<u32>],
-        mut embed_row: impl FnMut(u32, &mut [f32]),
-    ) -> Calibrator {
+    /// Embeds `windows` (all of length `seq_len`) as rows of `embedding` (`vocab × hidden`).
+    pub fn new(config: &ModelConfig, windows: &[Vec<u32>], embedding: &[f32]) -> Calibrator {
         let d = config.hidden_size;
         let seq_len = windows.first().map_or(0, Vec::len);
         let mut hidden = vec![0.0f32; windows.len() * seq_len * d];
         for (row, &token) in hidden.chunks_exact_mut(d).zip(windows.iter().flatten()) {
-            embed_row(token, row);
+            row.copy_from_slice(&embedding[token as usize * d..][..d]);
         }
         Calibrator {
             config: config.clone(),

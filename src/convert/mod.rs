@@ -569,23 +569,16 @@ pub fn convert(
 
     let embedding = model.source.load_f32(names::TOKEN_EMBD)?;
     let embd_shape = [config.vocab_size, config.hidden_size];
-    let d = config.hidden_size;
     // Recovery's teacher: the original model's activations, from the original embedding.
     let mut teacher = match (&options.recover, &calibration) {
-        (Some(_), Some(windows)) => Some(calib::Calibrator::new(config, windows, |token, row| {
-            let t = token as usize;
-            row.copy_from_slice(&embedding[t * d..(t + 1) * d]);
-        })),
+        (Some(_), Some(windows)) => Some(calib::Calibrator::new(config, windows, &embedding)),
         _ => None,
     };
     let runtime_embedding =
         out.write_matrix(names::TOKEN_EMBD, &embd_shape, embedding, None, false)?;
-    let mut calibrator = calibration.as_ref().map(|windows| {
-        calib::Calibrator::new(config, windows, |token, row| {
-            let t = token as usize;
-            row.copy_from_slice(&runtime_embedding[t * d..(t + 1) * d]);
-        })
-    });
+    let mut calibrator = calibration
+        .as_ref()
+        .map(|windows| calib::Calibrator::new(config, windows, &runtime_embedding));
     // Distillation tunes the whole model at once: it starts from the embedded calibration
     // text, and every block's tensors are held back until it is done.
     let distilling = options.recover.is_some_and(|r| r.mode.distills());
@@ -825,13 +818,9 @@ fn block_outlier_ratios(
     progress: Progress<'_>,
 ) -> Result<Vec<f64>, ConvertError> {
     let config = &model.config;
-    let d = config.hidden_size;
     let mut calibrator = {
         let embedding = model.source.load_f32(names::TOKEN_EMBD)?;
-        calib::Calibrator::new(config, windows, |token, row| {
-            let t = token as usize;
-            row.copy_from_slice(&embedding[t * d..(t + 1) * d]);
-        })
+        calib::Calibrator::new(config, windows, &embedding)
     };
     let layers = config.num_layers;
     let mut ratios = Vec::with_capacity(layers);

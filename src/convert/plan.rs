@@ -483,11 +483,7 @@ pub fn measure(
         Some(model.source.load_f32(names::OUTPUT)?)
     };
     let norm = model.source.load_f32(names::OUTPUT_NORM)?;
-    let embedded = |windows: &[Vec<u32>], table: &[f32]| {
-        Calibrator::new(config, windows, |t, row| {
-            row.copy_from_slice(&table[t as usize * d..][..d]);
-        })
-    };
+    let embedded = |windows: &[Vec<u32>], table: &[f32]| Calibrator::new(config, windows, table);
     let base_head = Head::new(
         config,
         &norm,
