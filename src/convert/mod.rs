@@ -1679,7 +1679,7 @@ impl LayerTensors {
         let l = self.layer;
         let down_name = names::ffn_down(l);
         let pruned = prune::prune_input_channels(
-            self.get_mut(&down_name),
+            self.get(&down_name),
             d,
             f,
             &down_input.hessian,
