@@ -184,8 +184,9 @@ struct ConvertArgs {
     /// For --lowrank: the same rank for every matrix (rounded up to the quantization group).
     #[arg(long)]
     rank: Option<usize>,
-    /// For --lowrank --ratio: uniform (each matrix loses the ratio) or energy (a block's
-    /// budget goes where the singular-value energy is).
+    /// For --lowrank --ratio: uniform (each matrix loses the ratio), energy (a block's
+    /// budget goes where the singular-value energy is) or global (one budget for the whole
+    /// model, shared by energy across blocks; measured in a first pass).
     #[arg(long, default_value = "uniform")]
     rank_alloc: RankAllocation,
     /// Plan a recipe per block for this file size (e.g. 80MB, 76MiB): the planner measures

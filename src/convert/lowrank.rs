@@ -94,6 +94,12 @@ pub enum RankAllocation {
     /// Components go, in chunks, to the matrix whose next chunk keeps the largest share of
     /// its spectrum's energy per parameter spent (matrices may end up dense).
     Energy,
+    /// As `Energy`, over every block matrix of the model at once: one budget of
+    /// `(1 − ratio) · Σ rows·cols` for the whole model. Each matrix's energy shares are
+    /// weighted by its block's influence on the residual stream ([`block_influence`]), so
+    /// blocks that change the stream more, or whose spectra are flatter, keep more rank. The
+    /// converter measures both in a first pass over the uncompressed model.
+    Global,
 }
 
 impl RankAllocation {
@@ -101,6 +107,7 @@ impl RankAllocation {
         match self {
             RankAllocation::Uniform => "uniform",
             RankAllocation::Energy => "energy",
+            RankAllocation::Global => "global",
         }
     }
 }
@@ -111,8 +118,9 @@ impl FromStr for RankAllocation {
         match s.trim().to_ascii_lowercase().as_str() {
             "uniform" => Ok(RankAllocation::Uniform),
             "energy" => Ok(RankAllocation::Energy),
+            "global" => Ok(RankAllocation::Global),
             other => Err(format!(
-                "unknown rank allocation '{other}' (expected uniform or energy)"
+                "unknown rank allocation '{other}' (expected uniform, energy or global)"
             )),
         }
     }
@@ -341,14 +349,42 @@ pub fn multiply(u: &[f32], v: &[f32], rows: usize, rank: usize, cols: usize) -> 
     out
 }
 
+/// How much a block turns the residual stream: the mean over tokens of `1 − cos(h_in,
+/// h_out)` (ShortGPT's block influence), for `tokens × width` activations before and after
+/// the block. 0 for a block that leaves every token's direction unchanged.
+pub fn block_influence(before: &[f32], after: &[f32], width: usize) -> f64 {
+    let (mut total, mut tokens) = (0.0f64, 0usize);
+    for (a, b) in before.chunks_exact(width).zip(after.chunks_exact(width)) {
+        let (mut dot, mut aa, mut bb) = (0.0f64, 0.0f64, 0.0f64);
+        for (&x, &y) in a.iter().zip(b) {
+            let (x, y) = (x as f64, y as f64);
+            dot += x * y;
+            aa += x * x;
+            bb += y * y;
+        }
+        let norms = (aa * bb).sqrt();
+        if norms > 0.0 {
+            total += 1.0 - dot / norms;
+            tokens += 1;
+        }
+    }
+    if tokens == 0 {
+        0.0
+    } else {
+        total / tokens as f64
+    }
+}
+
 /// Whether rank `rank` stores fewer weights than the dense `rows × cols` matrix.
 pub fn pays_off(rows: usize, cols: usize, rank: usize) -> bool {
     rank * (rows + cols) < rows * cols
 }
 
-/// The rank of each matrix of a block (`None`: keep it dense), given each matrix's shape and
-/// energy shares. Ranks are multiples of `step` (the quantization group of the factors'
-/// encoding, so `U`'s rows split into whole groups) and at least `step`.
+/// The rank of each matrix (`None`: keep it dense), given each matrix's shape and energy
+/// shares: the matrices of one block, or of the whole model for [`RankAllocation::Global`]
+/// (the budget is shared by whatever is passed). Ranks are multiples of `step` (the
+/// quantization group of the factors' encoding, so `U`'s rows split into whole groups) and at
+/// least `step`.
 pub fn allocate(
     matrices: &[(usize, usize, Vec<f64>)],
     target: RankTarget,
@@ -372,7 +408,7 @@ pub fn allocate(
                 keep_if_smaller(rows, cols, rank)
             })
             .collect(),
-        (RankTarget::Ratio(ratio), RankAllocation::Energy) => {
+        (RankTarget::Ratio(ratio), RankAllocation::Energy | RankAllocation::Global) => {
             allocate_by_energy(matrices, ratio, step)
         }
     }
@@ -590,6 +626,17 @@ mod tests {
         // A fixed rank above break-even keeps the matrix dense.
         let ranks = allocate(&m, RankTarget::Rank(200), RankAllocation::Uniform, 32);
         assert_eq!(ranks, vec![Some(224), None, Some(224)]);
+    }
+
+    #[test]
+    fn block_influence_measures_how_far_tokens_turn() {
+        let before = [1.0, 0.0, 0.0, 2.0];
+        assert_eq!(block_influence(&before, &[3.0, 0.0, 0.0, 0.5], 2), 0.0);
+        // First token turned by 90°, second reversed: (1 + 2) / 2.
+        let turned = block_influence(&before, &[0.0, 1.0, 0.0, -1.0], 2);
+        assert!((turned - 1.5).abs() < 1e-12, "{turned}");
+        // Zero vectors carry no direction and are skipped.
+        assert_eq!(block_influence(&[0.0, 0.0], &[1.0, 0.0], 2), 0.0);
     }
 
     #[test]

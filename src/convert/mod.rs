@@ -361,6 +361,20 @@ impl ConvertOptions {
                         .into(),
                 ));
             }
+            if l.allocation == RankAllocation::Global {
+                let refusal = if !self.blocks.is_empty() {
+                    Some("per-block recipes (the planner allocates per block)")
+                } else if self.mlp_channel_pruning.is_some() {
+                    Some("--prune-channels (the spectra are measured at the original widths)")
+                } else {
+                    None
+                };
+                if let Some(refusal) = refusal {
+                    return Err(ConvertError::Options(format!(
+                        "--rank-alloc global does not combine with {refusal}"
+                    )));
+                }
+            }
             if self.method.uses_awq() {
                 return Err(ConvertError::Options(
                     "--lowrank with AWQ is not supported: use rtn or gptq for the factors".into(),
@@ -560,12 +574,23 @@ pub fn convert(
             config.intermediate_size
         );
     }
+    let global_ranks = match &options.lowrank {
+        Some(lr) if lr.allocation == RankAllocation::Global => Some(global_lowrank_ranks(
+            model,
+            calibration.as_deref(),
+            lr,
+            options,
+            progress,
+        )?),
+        _ => None,
+    };
     let mut out = Output::new(
         Sink::File(PlmWriter::create(dst)?),
         options,
         expected.len(),
         progress,
     );
+    out.global_ranks = global_ranks;
 
     let embedding = model.source.load_f32(names::TOKEN_EMBD)?;
     let embd_shape = [config.vocab_size, config.hidden_size];
@@ -862,6 +887,62 @@ fn block_outlier_ratios(
     Ok(ratios)
 }
 
+/// Rank of every factorized block matrix by name (`None`: kept dense).
+type GlobalRanks = std::collections::HashMap<String, Option<usize>>;
+
+/// `--rank-alloc global`: decomposes every block matrix of the uncompressed model (on its
+/// own calibration activations for the activation-aware methods) and shares one parameter
+/// budget over all of them by singular-value energy weighted by the block's influence on the
+/// residual stream. Memory stays at one block's weights and the spectra (one vector per
+/// matrix).
+fn global_lowrank_ranks(
+    model: &ImportedModel,
+    windows: Option<&[Vec<u32>]>,
+    lr: &LowRank,
+    options: &ConvertOptions,
+    progress: Progress<'_>,
+) -> Result<GlobalRanks, ConvertError> {
+    let config = &model.config;
+    let mut calibrator = match windows {
+        Some(windows) => {
+            let embedding = model.source.load_f32(names::TOKEN_EMBD)?;
+            Some(calib::Calibrator::new(config, windows, &embedding))
+        }
+        None => None,
+    };
+    let layers = config.num_layers;
+    let mut names = Vec::new();
+    let mut spectra = Vec::new();
+    let mut step = 8;
+    for l in 0..layers {
+        let layer = LayerTensors::load(model.source.as_ref(), config, l)?;
+        let weights = layer.block_weights(config);
+        let stats = calibrator.as_ref().map(|c| c.observe(&weights));
+        let (decompositions, block_step) = layer.decompose_matrices(lr, stats.as_ref(), options)?;
+        step = step.max(block_step);
+        // Block influence (1 − cos(h_in, h_out)): a block that barely turns the residual
+        // stream matters less, so its matrices' energy shares count for less. Without
+        // calibration (plain SVD) every block counts alike.
+        let influence = match &mut calibrator {
+            Some(c) => {
+                let before = c.hidden().to_vec();
+                c.advance(&weights);
+                lowrank::block_influence(&before, c.hidden(), config.hidden_size)
+            }
+            None => 1.0,
+        };
+        log::info!("blk.{l}: block influence {influence:.4}");
+        for (name, d) in decompositions {
+            let values = d.energy_shares().iter().map(|e| e * influence).collect();
+            spectra.push((d.rows, d.cols, values));
+            names.push(name);
+        }
+        progress(l + 1, layers, &format!("spectra: blk.{l}"));
+    }
+    let ranks = lowrank::allocate(&spectra, lr.target, RankAllocation::Global, step);
+    Ok(names.into_iter().zip(ranks).collect())
+}
+
 /// Compresses block `layer` as `out.options` say (AWQ scaling, low rank, pruning,
 /// quantization), sends its tensors to `out.writer`, and leaves in `layer` the values the
 /// runtime will read back (what later blocks are calibrated on).
@@ -889,7 +970,8 @@ fn compress_block(
                 out.total,
                 &format!("blk.{}: factorizing", layer.layer),
             );
-            let (plan, dense) = layer.plan_lowrank(lr, stats, out.options)?;
+            let (plan, dense) =
+                layer.plan_lowrank(lr, stats, out.options, out.global_ranks.as_ref())?;
             out.lowrank_dense.extend(dense);
             plan
         }
@@ -1193,6 +1275,8 @@ struct Output<'a, 'p> {
     /// Weights of the factorized matrices before and after.
     lowrank_before: u64,
     lowrank_after: u64,
+    /// `--rank-alloc global`: the model-wide ranks, measured before the first block.
+    global_ranks: Option<GlobalRanks>,
     /// While a block is being recovered: its tensors, held back until recovery has tuned
     /// them (then written in the same order).
     deferred: Option<Vec<recover::BlockTensor>>,
@@ -1225,6 +1309,7 @@ impl<'a, 'p> Output<'a, 'p> {
             lowrank_dense: Vec::new(),
             lowrank_before: 0,
             lowrank_after: 0,
+            global_ranks: None,
             deferred: None,
         }
     }
@@ -1757,17 +1842,16 @@ impl LayerTensors {
         }
     }
 
-    /// Decomposes the block's matrices for `lr` and allocates their ranks. Returns the
-    /// matrices to factorize (decomposition and rank) and the names of those kept dense.
-    fn plan_lowrank(
+    /// Decomposes the block's matrices for `lr`. Returns each matrix's name and
+    /// decomposition, and the rank step: ranks are multiples of the factors' quantization
+    /// group (U's rows split into whole groups); float factors only round to a few lanes.
+    fn decompose_matrices(
         &self,
         lr: &LowRank,
         stats: Option<&calib::LayerStats>,
         options: &ConvertOptions,
-    ) -> Result<(LowRankPlan, Vec<String>), ConvertError> {
+    ) -> Result<(Vec<(String, lowrank::Decomposition)>, usize), ConvertError> {
         let mut decompositions = Vec::new();
-        // Ranks are multiples of the factors' quantization group (U's rows split into whole
-        // groups); float factors only round to a few lanes.
         let mut step = 8;
         for (name, shape, values) in &self.tensors {
             let Some(input) = LayerTensors::input_of(name, self.layer) else {
@@ -1787,11 +1871,39 @@ impl LayerTensors {
             }
             decompositions.push((name.clone(), d));
         }
-        let shapes: Vec<_> = decompositions
-            .iter()
-            .map(|(_, d)| (d.rows, d.cols, d.energy_shares()))
-            .collect();
-        let ranks = lowrank::allocate(&shapes, lr.target, lr.allocation, step);
+        Ok((decompositions, step))
+    }
+
+    /// Decomposes the block's matrices for `lr` and allocates their ranks, or takes them
+    /// from `global` (the model-wide allocation, by matrix name). Returns the matrices to
+    /// factorize (decomposition and rank) and the names of those kept dense.
+    fn plan_lowrank(
+        &self,
+        lr: &LowRank,
+        stats: Option<&calib::LayerStats>,
+        options: &ConvertOptions,
+        global: Option<&GlobalRanks>,
+    ) -> Result<(LowRankPlan, Vec<String>), ConvertError> {
+        let (decompositions, step) = self.decompose_matrices(lr, stats, options)?;
+        let ranks: Vec<Option<usize>> = match global {
+            Some(global) => decompositions
+                .iter()
+                .map(|(name, d)| {
+                    let rank = global.get(name).copied().flatten()?;
+                    // The spectrum measured on these (compressed-model) inputs may be
+                    // shorter than the one the allocation saw.
+                    let rank = rank.min(d.sigma.len());
+                    lowrank::pays_off(d.rows, d.cols, rank).then_some(rank)
+                })
+                .collect(),
+            None => {
+                let shapes: Vec<_> = decompositions
+                    .iter()
+                    .map(|(_, d)| (d.rows, d.cols, d.energy_shares()))
+                    .collect();
+                lowrank::allocate(&shapes, lr.target, lr.allocation, step)
+            }
+        };
         let mut plan = LowRankPlan::new();
         let mut dense = Vec::new();
         for ((name, d), rank) in decompositions.into_iter().zip(ranks) {

@@ -159,6 +159,11 @@ impl FromStr for BlockRecipe {
                 let allocation = fields
                     .next()
                     .map_or(Ok(RankAllocation::Energy), str::parse)?;
+                if allocation == RankAllocation::Global {
+                    return Err(format!(
+                        "'{s}': a candidate is one block's recipe; use uniform or energy allocation"
+                    ));
+                }
                 if recipe.lowrank.is_some() {
                     return Err(format!("'{s}': low rank given twice"));
                 }
