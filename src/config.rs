@@ -227,6 +227,16 @@ pub mod names {
     pub fn lowrank_u(matrix: &str) -> String {
         format!("{matrix}#u")
     }
+    /// The stored residual of a quantized matrix (same shape): what quantizing it lost,
+    /// quantized again. Elastic files read it at their larger operating points.
+    pub fn residual(matrix: &str) -> String {
+        format!("{matrix}#r")
+    }
+    /// Whether `name` is a stored residual: it corrects a matrix's weights, so parameter
+    /// counts leave it out (its bytes still count).
+    pub fn is_residual(name: &str) -> bool {
+        name.ends_with("#r")
+    }
 }
 
 #[cfg(test)]

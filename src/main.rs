@@ -40,6 +40,14 @@ struct Cli {
     /// 64-wide heads). Default POCKETLM_KV_CACHE, else f32.
     #[arg(long, global = true, value_name = "TYPE", value_parser = parse_kv_type)]
     kv_cache: Option<pocketlm::model::KvType>,
+    /// Operating point of an elastic file: small (base weights only, low-rank layers at half
+    /// rank), balanced (residuals of attn_v and ffn_down, 75% rank) or best (everything
+    /// stored). Default POCKETLM_PROFILE, else best.
+    #[arg(long, global = true, value_name = "PROFILE")]
+    profile: Option<pocketlm::model::Profile>,
+    /// Largest weight footprint (e.g. 100MB): serve the best profile whose weights fit.
+    #[arg(long, global = true, value_name = "SIZE", value_parser = convert::plan::parse_size)]
+    memory_limit: Option<u64>,
     #[command(subcommand)]
     command: Command,
 }
@@ -49,20 +57,33 @@ fn parse_kv_type(s: &str) -> Result<pocketlm::model::KvType, String> {
         .ok_or_else(|| format!("unknown KV cache type {s:?} (f32, q8)"))
 }
 
-/// `--low-rank-percent`, set once at start.
-static LOW_RANK_PERCENT: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
+/// The command line's overrides of the model options, set once at start.
+#[derive(Default)]
+struct ModelOverrides {
+    low_rank_percent: Option<u8>,
+    kv_cache: Option<pocketlm::model::KvType>,
+    profile: Option<pocketlm::model::Profile>,
+    max_weight_bytes: Option<u64>,
+}
 
-/// `--kv-cache`, set once at start.
-static KV_CACHE: std::sync::OnceLock<pocketlm::model::KvType> = std::sync::OnceLock::new();
+static MODEL_OVERRIDES: std::sync::OnceLock<ModelOverrides> = std::sync::OnceLock::new();
 
 /// Opens a model with the environment's options and the command line's overrides.
 fn open_model(path: &std::path::Path) -> Result<Model, pocketlm::model::ModelError> {
     let mut options = pocketlm::model::ModelOptions::from_env();
-    if let Some(&percent) = LOW_RANK_PERCENT.get() {
-        options.low_rank_percent = percent;
-    }
-    if let Some(&kind) = KV_CACHE.get() {
-        options.kv_cache = kind;
+    if let Some(o) = MODEL_OVERRIDES.get() {
+        if let Some(percent) = o.low_rank_percent {
+            options.low_rank_percent = percent;
+        }
+        if let Some(kind) = o.kv_cache {
+            options.kv_cache = kind;
+        }
+        if let Some(profile) = o.profile {
+            options.profile = profile;
+        }
+        if let Some(limit) = o.max_weight_bytes {
+            options.max_weight_bytes = limit;
+        }
     }
     Model::open_with(path, options)
 }
@@ -117,6 +138,11 @@ struct ConvertArgs {
     /// Group size for quantized weights (overrides a /gN suffix).
     #[arg(long)]
     group: Option<u32>,
+    /// Elastic file: with each quantized block matrix, store what quantization lost in this
+    /// encoding (e.g. q4/g32); `--profile balanced|best` adds it back at run time, `small`
+    /// reads the base alone.
+    #[arg(long, value_name = "ENCODING")]
+    residual: Option<Encoding>,
     /// Encoding of the token embedding (and tied output); default q8 when quantizing.
     #[arg(long)]
     embedding: Option<Encoding>,
@@ -417,12 +443,12 @@ struct RunArgs {
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
-    if let Some(percent) = cli.low_rank_percent {
-        let _ = LOW_RANK_PERCENT.set(percent);
-    }
-    if let Some(kind) = cli.kv_cache {
-        let _ = KV_CACHE.set(kind);
-    }
+    let _ = MODEL_OVERRIDES.set(ModelOverrides {
+        low_rank_percent: cli.low_rank_percent,
+        kv_cache: cli.kv_cache,
+        profile: cli.profile,
+        max_weight_bytes: cli.memory_limit,
+    });
     let mut pool = rayon::ThreadPoolBuilder::new();
     if let Some(n) = cli.threads {
         pool = pool.num_threads(n);
@@ -737,6 +763,7 @@ fn cmd_convert(a: ConvertArgs) -> CliResult {
         pruning,
         sparsity_schedule: a.sparsity_schedule,
         mlp_channel_pruning: a.prune_channels,
+        residual: a.residual,
         lowrank,
         sparse_storage: !a.dense_storage,
         blocks: Vec::new(),
@@ -992,6 +1019,7 @@ fn cmd_inspect(path: PathBuf, list_tensors: bool, json: bool) -> CliResult {
     let params: u64 = file
         .tensors()
         .iter()
+        .filter(|t| !pocketlm::config::names::is_residual(&t.name))
         .map(|t| t.shape.iter().product::<usize>() as u64)
         .sum();
     let tensor_bytes: u64 = file.tensors().iter().map(|t| t.length).sum();

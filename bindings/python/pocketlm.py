@@ -892,78 +892,6 @@ class _UniffiFfiConverterUInt8(_UniffiConverterPrimitiveInt):
     def write(value, buf):
         buf.write_u8(value)
 
-@dataclass
-class EngineOptions:
-    """
-    How an [`Engine`] runs. All fields have defaults.
-"""
-    def __init__(self, *, threads:int = 0, context_length:int = 0, kernel_path:typing.Optional[str] = _DEFAULT, low_rank_percent:int = 0, kv_cache:typing.Optional[str] = _DEFAULT):
-        self.threads = threads
-        self.context_length = context_length
-        if kernel_path is _DEFAULT:
-            self.kernel_path = None
-        else:
-            self.kernel_path = kernel_path
-        self.low_rank_percent = low_rank_percent
-        if kv_cache is _DEFAULT:
-            self.kv_cache = None
-        else:
-            self.kv_cache = kv_cache
-        
-        
-
-    
-    def __str__(self):
-        return "EngineOptions(threads={}, context_length={}, kernel_path={}, low_rank_percent={}, kv_cache={})".format(self.threads, self.context_length, self.kernel_path, self.low_rank_percent, self.kv_cache)
-    def __eq__(self, other):
-        if self.threads != other.threads:
-            return False
-        if self.context_length != other.context_length:
-            return False
-        if self.kernel_path != other.kernel_path:
-            return False
-        if self.low_rank_percent != other.low_rank_percent:
-            return False
-        if self.kv_cache != other.kv_cache:
-            return False
-        return True
-
-class _UniffiFfiConverterTypeEngineOptions(_UniffiConverterRustBuffer):
-    @staticmethod
-    def read(buf):
-        return EngineOptions(
-            threads=_UniffiFfiConverterUInt32.read(buf),
-            context_length=_UniffiFfiConverterUInt32.read(buf),
-            kernel_path=_UniffiFfiConverterOptionalString.read(buf),
-            low_rank_percent=_UniffiFfiConverterUInt8.read(buf),
-            kv_cache=_UniffiFfiConverterOptionalString.read(buf),
-        )
-
-    @staticmethod
-    def check_lower(value):
-        _UniffiFfiConverterUInt32.check_lower(value.threads)
-        _UniffiFfiConverterUInt32.check_lower(value.context_length)
-        _UniffiFfiConverterOptionalString.check_lower(value.kernel_path)
-        _UniffiFfiConverterUInt8.check_lower(value.low_rank_percent)
-        _UniffiFfiConverterOptionalString.check_lower(value.kv_cache)
-
-    @staticmethod
-    def write(value, buf):
-        _UniffiFfiConverterUInt32.write(value.threads, buf)
-        _UniffiFfiConverterUInt32.write(value.context_length, buf)
-        _UniffiFfiConverterOptionalString.write(value.kernel_path, buf)
-        _UniffiFfiConverterUInt8.write(value.low_rank_percent, buf)
-        _UniffiFfiConverterOptionalString.write(value.kv_cache, buf)
-
-class _UniffiFfiConverterFloat32(_UniffiConverterPrimitiveFloat):
-    @staticmethod
-    def read(buf):
-        return buf.read_float()
-
-    @staticmethod
-    def write(value, buf):
-        buf.write_float(value)
-
 class _UniffiFfiConverterUInt64(_UniffiConverterPrimitiveInt):
     CLASS_NAME = "u64"
     VALUE_MIN = 0
@@ -976,6 +904,93 @@ class _UniffiFfiConverterUInt64(_UniffiConverterPrimitiveInt):
     @staticmethod
     def write(value, buf):
         buf.write_u64(value)
+
+@dataclass
+class EngineOptions:
+    """
+    How an [`Engine`] runs. All fields have defaults.
+"""
+    def __init__(self, *, threads:int = 0, context_length:int = 0, kernel_path:typing.Optional[str] = _DEFAULT, low_rank_percent:int = 0, kv_cache:typing.Optional[str] = _DEFAULT, profile:typing.Optional[str] = _DEFAULT, max_weight_bytes:int = 0):
+        self.threads = threads
+        self.context_length = context_length
+        if kernel_path is _DEFAULT:
+            self.kernel_path = None
+        else:
+            self.kernel_path = kernel_path
+        self.low_rank_percent = low_rank_percent
+        if kv_cache is _DEFAULT:
+            self.kv_cache = None
+        else:
+            self.kv_cache = kv_cache
+        if profile is _DEFAULT:
+            self.profile = None
+        else:
+            self.profile = profile
+        self.max_weight_bytes = max_weight_bytes
+        
+        
+
+    
+    def __str__(self):
+        return "EngineOptions(threads={}, context_length={}, kernel_path={}, low_rank_percent={}, kv_cache={}, profile={}, max_weight_bytes={})".format(self.threads, self.context_length, self.kernel_path, self.low_rank_percent, self.kv_cache, self.profile, self.max_weight_bytes)
+    def __eq__(self, other):
+        if self.threads != other.threads:
+            return False
+        if self.context_length != other.context_length:
+            return False
+        if self.kernel_path != other.kernel_path:
+            return False
+        if self.low_rank_percent != other.low_rank_percent:
+            return False
+        if self.kv_cache != other.kv_cache:
+            return False
+        if self.profile != other.profile:
+            return False
+        if self.max_weight_bytes != other.max_weight_bytes:
+            return False
+        return True
+
+class _UniffiFfiConverterTypeEngineOptions(_UniffiConverterRustBuffer):
+    @staticmethod
+    def read(buf):
+        return EngineOptions(
+            threads=_UniffiFfiConverterUInt32.read(buf),
+            context_length=_UniffiFfiConverterUInt32.read(buf),
+            kernel_path=_UniffiFfiConverterOptionalString.read(buf),
+            low_rank_percent=_UniffiFfiConverterUInt8.read(buf),
+            kv_cache=_UniffiFfiConverterOptionalString.read(buf),
+            profile=_UniffiFfiConverterOptionalString.read(buf),
+            max_weight_bytes=_UniffiFfiConverterUInt64.read(buf),
+        )
+
+    @staticmethod
+    def check_lower(value):
+        _UniffiFfiConverterUInt32.check_lower(value.threads)
+        _UniffiFfiConverterUInt32.check_lower(value.context_length)
+        _UniffiFfiConverterOptionalString.check_lower(value.kernel_path)
+        _UniffiFfiConverterUInt8.check_lower(value.low_rank_percent)
+        _UniffiFfiConverterOptionalString.check_lower(value.kv_cache)
+        _UniffiFfiConverterOptionalString.check_lower(value.profile)
+        _UniffiFfiConverterUInt64.check_lower(value.max_weight_bytes)
+
+    @staticmethod
+    def write(value, buf):
+        _UniffiFfiConverterUInt32.write(value.threads, buf)
+        _UniffiFfiConverterUInt32.write(value.context_length, buf)
+        _UniffiFfiConverterOptionalString.write(value.kernel_path, buf)
+        _UniffiFfiConverterUInt8.write(value.low_rank_percent, buf)
+        _UniffiFfiConverterOptionalString.write(value.kv_cache, buf)
+        _UniffiFfiConverterOptionalString.write(value.profile, buf)
+        _UniffiFfiConverterUInt64.write(value.max_weight_bytes, buf)
+
+class _UniffiFfiConverterFloat32(_UniffiConverterPrimitiveFloat):
+    @staticmethod
+    def read(buf):
+        return buf.read_float()
+
+    @staticmethod
+    def write(value, buf):
+        buf.write_float(value)
 
 class _UniffiFfiConverterSequenceString(_UniffiConverterRustBuffer):
     @classmethod
@@ -1323,7 +1338,7 @@ class ModelInfo:
     """
     What an engine has loaded.
 """
-    def __init__(self, *, architecture:str, parameters:int, bits_per_weight:float, file_size_bytes:int, context_length:int, max_context_length:int, vocab_size:int, has_chat_template:bool, kernel_path:str, threads:int, low_rank_percent:int, kv_cache:str):
+    def __init__(self, *, architecture:str, parameters:int, bits_per_weight:float, file_size_bytes:int, context_length:int, max_context_length:int, vocab_size:int, has_chat_template:bool, kernel_path:str, threads:int, low_rank_percent:int, kv_cache:str, profile:str, weight_bytes:int):
         self.architecture = architecture
         self.parameters = parameters
         self.bits_per_weight = bits_per_weight
@@ -1336,12 +1351,14 @@ class ModelInfo:
         self.threads = threads
         self.low_rank_percent = low_rank_percent
         self.kv_cache = kv_cache
+        self.profile = profile
+        self.weight_bytes = weight_bytes
         
         
 
     
     def __str__(self):
-        return "ModelInfo(architecture={}, parameters={}, bits_per_weight={}, file_size_bytes={}, context_length={}, max_context_length={}, vocab_size={}, has_chat_template={}, kernel_path={}, threads={}, low_rank_percent={}, kv_cache={})".format(self.architecture, self.parameters, self.bits_per_weight, self.file_size_bytes, self.context_length, self.max_context_length, self.vocab_size, self.has_chat_template, self.kernel_path, self.threads, self.low_rank_percent, self.kv_cache)
+        return "ModelInfo(architecture={}, parameters={}, bits_per_weight={}, file_size_bytes={}, context_length={}, max_context_length={}, vocab_size={}, has_chat_template={}, kernel_path={}, threads={}, low_rank_percent={}, kv_cache={}, profile={}, weight_bytes={})".format(self.architecture, self.parameters, self.bits_per_weight, self.file_size_bytes, self.context_length, self.max_context_length, self.vocab_size, self.has_chat_template, self.kernel_path, self.threads, self.low_rank_percent, self.kv_cache, self.profile, self.weight_bytes)
     def __eq__(self, other):
         if self.architecture != other.architecture:
             return False
@@ -1367,6 +1384,10 @@ class ModelInfo:
             return False
         if self.kv_cache != other.kv_cache:
             return False
+        if self.profile != other.profile:
+            return False
+        if self.weight_bytes != other.weight_bytes:
+            return False
         return True
 
 class _UniffiFfiConverterTypeModelInfo(_UniffiConverterRustBuffer):
@@ -1385,6 +1406,8 @@ class _UniffiFfiConverterTypeModelInfo(_UniffiConverterRustBuffer):
             threads=_UniffiFfiConverterUInt32.read(buf),
             low_rank_percent=_UniffiFfiConverterUInt8.read(buf),
             kv_cache=_UniffiFfiConverterString.read(buf),
+            profile=_UniffiFfiConverterString.read(buf),
+            weight_bytes=_UniffiFfiConverterUInt64.read(buf),
         )
 
     @staticmethod
@@ -1401,6 +1424,8 @@ class _UniffiFfiConverterTypeModelInfo(_UniffiConverterRustBuffer):
         _UniffiFfiConverterUInt32.check_lower(value.threads)
         _UniffiFfiConverterUInt8.check_lower(value.low_rank_percent)
         _UniffiFfiConverterString.check_lower(value.kv_cache)
+        _UniffiFfiConverterString.check_lower(value.profile)
+        _UniffiFfiConverterUInt64.check_lower(value.weight_bytes)
 
     @staticmethod
     def write(value, buf):
@@ -1416,6 +1441,8 @@ class _UniffiFfiConverterTypeModelInfo(_UniffiConverterRustBuffer):
         _UniffiFfiConverterUInt32.write(value.threads, buf)
         _UniffiFfiConverterUInt8.write(value.low_rank_percent, buf)
         _UniffiFfiConverterString.write(value.kv_cache, buf)
+        _UniffiFfiConverterString.write(value.profile, buf)
+        _UniffiFfiConverterUInt64.write(value.weight_bytes, buf)
 
 
 

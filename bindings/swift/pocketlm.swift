@@ -1384,6 +1384,18 @@ public struct EngineOptions: Equatable, Hashable {
      * environment variable, else f32.
      */
     public var kvCache: String?
+    /**
+     * Operating point of an elastic file: `"small"` (base weights only, low-rank layers at
+     * half rank), `"balanced"` (residuals of attn_v and ffn_down, 75% rank) or `"best"`
+     * (everything stored). Only the chosen point's pages are read. None = the
+     * `POCKETLM_PROFILE` environment variable, else best.
+     */
+    public var profile: String?
+    /**
+     * Largest weight footprint in bytes: the engine steps down from `profile` to the best
+     * point whose weights fit, and fails with `InvalidConfig` if none does. 0 = no limit.
+     */
+    public var maxWeightBytes: UInt64
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -1413,12 +1425,24 @@ public struct EngineOptions: Equatable, Hashable {
          * KV cache storage: `"f32"`, or `"q8"` (int8 with a scale per head vector, 3.8× less
          * memory for 64-wide heads, so longer contexts fit). None = the `POCKETLM_KV_CACHE`
          * environment variable, else f32.
-         */kvCache: String? = nil) {
+         */kvCache: String? = nil, 
+        /**
+         * Operating point of an elastic file: `"small"` (base weights only, low-rank layers at
+         * half rank), `"balanced"` (residuals of attn_v and ffn_down, 75% rank) or `"best"`
+         * (everything stored). Only the chosen point's pages are read. None = the
+         * `POCKETLM_PROFILE` environment variable, else best.
+         */profile: String? = nil, 
+        /**
+         * Largest weight footprint in bytes: the engine steps down from `profile` to the best
+         * point whose weights fit, and fails with `InvalidConfig` if none does. 0 = no limit.
+         */maxWeightBytes: UInt64 = UInt64(0)) {
         self.threads = threads
         self.contextLength = contextLength
         self.kernelPath = kernelPath
         self.lowRankPercent = lowRankPercent
         self.kvCache = kvCache
+        self.profile = profile
+        self.maxWeightBytes = maxWeightBytes
     }
 
     
@@ -1441,7 +1465,9 @@ public struct FfiConverterTypeEngineOptions: FfiConverterRustBuffer {
                 contextLength: FfiConverterUInt32.read(from: &buf), 
                 kernelPath: FfiConverterOptionString.read(from: &buf), 
                 lowRankPercent: FfiConverterUInt8.read(from: &buf), 
-                kvCache: FfiConverterOptionString.read(from: &buf)
+                kvCache: FfiConverterOptionString.read(from: &buf), 
+                profile: FfiConverterOptionString.read(from: &buf), 
+                maxWeightBytes: FfiConverterUInt64.read(from: &buf)
         )
     }
 
@@ -1451,6 +1477,8 @@ public struct FfiConverterTypeEngineOptions: FfiConverterRustBuffer {
         FfiConverterOptionString.write(value.kernelPath, into: &buf)
         FfiConverterUInt8.write(value.lowRankPercent, into: &buf)
         FfiConverterOptionString.write(value.kvCache, into: &buf)
+        FfiConverterOptionString.write(value.profile, into: &buf)
+        FfiConverterUInt64.write(value.maxWeightBytes, into: &buf)
     }
 }
 
@@ -1794,6 +1822,14 @@ public struct ModelInfo: Equatable, Hashable {
      * KV cache storage of this engine's sessions (`f32` or `q8`).
      */
     public var kvCache: String
+    /**
+     * The operating point served (`small`, `balanced`, `best`).
+     */
+    public var profile: String
+    /**
+     * Bytes of the weights the forward pass reads at that point.
+     */
+    public var weightBytes: UInt64
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -1824,7 +1860,13 @@ public struct ModelInfo: Equatable, Hashable {
          */lowRankPercent: UInt8, 
         /**
          * KV cache storage of this engine's sessions (`f32` or `q8`).
-         */kvCache: String) {
+         */kvCache: String, 
+        /**
+         * The operating point served (`small`, `balanced`, `best`).
+         */profile: String, 
+        /**
+         * Bytes of the weights the forward pass reads at that point.
+         */weightBytes: UInt64) {
         self.architecture = architecture
         self.parameters = parameters
         self.bitsPerWeight = bitsPerWeight
@@ -1837,6 +1879,8 @@ public struct ModelInfo: Equatable, Hashable {
         self.threads = threads
         self.lowRankPercent = lowRankPercent
         self.kvCache = kvCache
+        self.profile = profile
+        self.weightBytes = weightBytes
     }
 
     
@@ -1866,7 +1910,9 @@ public struct FfiConverterTypeModelInfo: FfiConverterRustBuffer {
                 kernelPath: FfiConverterString.read(from: &buf), 
                 threads: FfiConverterUInt32.read(from: &buf), 
                 lowRankPercent: FfiConverterUInt8.read(from: &buf), 
-                kvCache: FfiConverterString.read(from: &buf)
+                kvCache: FfiConverterString.read(from: &buf), 
+                profile: FfiConverterString.read(from: &buf), 
+                weightBytes: FfiConverterUInt64.read(from: &buf)
         )
     }
 
@@ -1883,6 +1929,8 @@ public struct FfiConverterTypeModelInfo: FfiConverterRustBuffer {
         FfiConverterUInt32.write(value.threads, into: &buf)
         FfiConverterUInt8.write(value.lowRankPercent, into: &buf)
         FfiConverterString.write(value.kvCache, into: &buf)
+        FfiConverterString.write(value.profile, into: &buf)
+        FfiConverterUInt64.write(value.weightBytes, into: &buf)
     }
 }
 

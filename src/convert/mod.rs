@@ -201,6 +201,9 @@ pub struct ConvertOptions {
     /// Block-wise reconstruction after each block is compressed (needs calibration and the
     /// `recover` feature).
     pub recover: Option<Recovery>,
+    /// Elastic files: with each quantized block matrix, store what quantizing it lost
+    /// (`W − B`) in this encoding, which the runtime's larger profiles add back.
+    pub residual: Option<Encoding>,
 }
 
 /// `--prune METHOD` with `--sparsity F` or `--nm N:M`.
@@ -234,6 +237,7 @@ impl ConvertOptions {
             sparse_storage: true,
             blocks: Vec::new(),
             recover: None,
+            residual: None,
         }
     }
 
@@ -280,6 +284,9 @@ impl ConvertOptions {
         if shape.len() == 1 {
             // Norms and biases are tiny and numerically sensitive: always f32.
             return Encoding::F32;
+        }
+        if let (Some(residual), Some(_)) = (self.residual, name.strip_suffix("#r")) {
+            return residual;
         }
         if let Some(rule) = self.keep.iter().rev().find(|r| r.matches(name)) {
             return rule.encoding;
@@ -399,6 +406,34 @@ impl ConvertOptions {
             if let Some(what) = refusal {
                 return Err(ConvertError::Options(format!(
                     "--prune-channels does not work with {what}"
+                )));
+            }
+        }
+        if let Some(residual) = self.residual {
+            let refusal = if !residual.is_quantized() || residual.quant_base() != residual {
+                Some(format!(
+                    "{} (a residual is stored in q8, q4, q4a or q3)",
+                    residual.describe()
+                ))
+            } else if !self.weights.is_quantized() {
+                Some(format!(
+                    "--weights {} (only what quantization loses has a residual)",
+                    self.weights
+                ))
+            } else if self.lowrank.is_some() {
+                Some("--lowrank (low-rank files are elastic through their rank)".into())
+            } else if self.pruning.is_some() || self.mlp_channel_pruning.is_some() {
+                Some("pruning (the residual would fill in what pruning removed)".into())
+            } else if !self.blocks.is_empty() {
+                Some("per-block recipes (the planner)".into())
+            } else if self.recover.is_some() {
+                Some("--recover (it tunes what the base stores)".into())
+            } else {
+                None
+            };
+            if let Some(what) = refusal {
+                return Err(ConvertError::Options(format!(
+                    "--residual does not work with {what}"
                 )));
             }
         }
@@ -774,6 +809,10 @@ pub fn convert(
                 "sparse_tensors": out.sparse_tensors,
                 "dense_storage": out.dense_storage.iter().map(|(n, r)| serde_json::json!({"tensor": n, "reason": r})).collect::<Vec<_>>(),
             })),
+            "residual": options.residual.map(|e| serde_json::json!({
+                "encoding": e.to_string(),
+                "tensors": out.residuals,
+            })),
             "prune_channels": options.mlp_channel_pruning.map(|f| serde_json::json!({
                 "fraction": f,
                 "intermediate_size_before": config.intermediate_size,
@@ -998,7 +1037,14 @@ fn compress_block(
                 Some((decomposition, rank)) => {
                     out.write_lowrank(&name, values, &decomposition, rank, evidence)?
                 }
-                None => out.write_matrix(&name, &shape, values, evidence, true)?,
+                None => {
+                    let original = out.options.residual.map(|_| values.clone());
+                    let stored = out.write_matrix(&name, &shape, values, evidence, true)?;
+                    if let Some(original) = original {
+                        out.write_residual(&name, &shape, original, &stored, evidence)?;
+                    }
+                    stored
+                }
             }
         };
         layer.tensors[i].2 = values;
@@ -1277,6 +1323,8 @@ struct Output<'a, 'p> {
     lowrank_after: u64,
     /// `--rank-alloc global`: the model-wide ranks, measured before the first block.
     global_ranks: Option<GlobalRanks>,
+    /// Residual tensors written.
+    residuals: usize,
     /// While a block is being recovered: its tensors, held back until recovery has tuned
     /// them (then written in the same order).
     deferred: Option<Vec<recover::BlockTensor>>,
@@ -1310,6 +1358,7 @@ impl<'a, 'p> Output<'a, 'p> {
             lowrank_before: 0,
             lowrank_after: 0,
             global_ranks: None,
+            residuals: 0,
             deferred: None,
         }
     }
@@ -1358,7 +1407,10 @@ impl<'a, 'p> Output<'a, 'p> {
 
     fn finish_tensor(&mut self, name: &str, encoding: Encoding, len: usize) {
         *self.encodings.entry(encoding.describe()).or_default() += 1;
-        self.parameters += len as u64;
+        // A residual corrects its matrix's weights; it adds bytes, not parameters.
+        if !names::is_residual(name) {
+            self.parameters += len as u64;
+        }
         self.done += 1;
         (self.progress)(self.done, self.total, name);
     }
@@ -1600,6 +1652,35 @@ impl<'a, 'p> Output<'a, 'p> {
             masked: pruning.is_some(),
         };
         self.store(tensor)
+    }
+
+    /// Writes `name`'s residual: `original − stored` (what quantizing it lost), quantized in
+    /// the residual encoding by the conversion's method (with GPTQ, against the matrix's
+    /// inputs, so the residual's own rounding is compensated like the base's). Skipped for a
+    /// matrix that fell back to float storage (nothing was lost) or whose shape the residual
+    /// encoding cannot store.
+    fn write_residual(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        original: Vec<f32>,
+        stored: &[f32],
+        evidence: Option<Evidence<'_>>,
+    ) -> Result<(), ConvertError> {
+        if self.fallbacks.iter().any(|(n, _)| n == name) {
+            return Ok(());
+        }
+        let residual_name = names::residual(name);
+        let encoding = self.options.encoding_for(&residual_name, shape);
+        if let Some(reason) = quant::unsupported_reason(shape, encoding) {
+            log::info!("{name}: no residual: {reason}");
+            return Ok(());
+        }
+        let residual: Vec<f32> = original.iter().zip(stored).map(|(w, b)| w - b).collect();
+        self.total += 1;
+        self.residuals += 1;
+        self.write_matrix(&residual_name, shape, residual, evidence, false)?;
+        Ok(())
     }
 
     /// Writes matrix `name` (`w`, `rows × cols`) as its rank-`rank` factors `V` then `U`, each

@@ -45,7 +45,11 @@ pub fn summarize(model: &Model, context: usize) -> ModelSummary {
     let (mut parameters, mut tensor_bytes) = (0u64, 0u64);
     let (mut matrix_parameters, mut matrix_bytes) = (0u64, 0u64);
     for entry in model.used_tensors() {
-        let elements = entry.shape.iter().map(|&d| d as u64).product::<u64>();
+        let elements = if names::is_residual(&entry.name) {
+            0
+        } else {
+            entry.shape.iter().map(|&d| d as u64).product::<u64>()
+        };
         parameters += elements;
         tensor_bytes += entry.length;
         if entry.shape.len() == 2 && entry.name != names::TOKEN_EMBD && entry.name != names::OUTPUT

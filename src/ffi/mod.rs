@@ -18,7 +18,7 @@ use std::thread::ThreadId;
 
 use crate::format::PlmError;
 use crate::kernels::{self, KernelPath};
-use crate::model::{KvType, Model, ModelError, ModelOptions};
+use crate::model::{KvType, Model, ModelError, ModelOptions, Profile};
 use crate::sampler::SamplerConfig;
 use crate::tokenizer::TokenizerError;
 
@@ -83,6 +83,7 @@ impl From<ModelError> for PocketLmError {
             ModelError::MemoryLimit { .. } | ModelError::OutOfMemory { .. } => {
                 PocketLmError::InvalidConfig { reason }
             }
+            ModelError::WeightsOverLimit { .. } => PocketLmError::InvalidConfig { reason },
         }
     }
 }
@@ -139,6 +140,16 @@ pub struct EngineOptions {
     /// environment variable, else f32.
     #[uniffi(default = None)]
     pub kv_cache: Option<String>,
+    /// Operating point of an elastic file: `"small"` (base weights only, low-rank layers at
+    /// half rank), `"balanced"` (residuals of attn_v and ffn_down, 75% rank) or `"best"`
+    /// (everything stored). Only the chosen point's pages are read. None = the
+    /// `POCKETLM_PROFILE` environment variable, else best.
+    #[uniffi(default = None)]
+    pub profile: Option<String>,
+    /// Largest weight footprint in bytes: the engine steps down from `profile` to the best
+    /// point whose weights fit, and fails with `InvalidConfig` if none does. 0 = no limit.
+    #[uniffi(default = 0)]
+    pub max_weight_bytes: u64,
 }
 
 /// What an engine has loaded.
@@ -165,6 +176,10 @@ pub struct ModelInfo {
     pub low_rank_percent: u8,
     /// KV cache storage of this engine's sessions (`f32` or `q8`).
     pub kv_cache: String,
+    /// The operating point served (`small`, `balanced`, `best`).
+    pub profile: String,
+    /// Bytes of the weights the forward pass reads at that point.
+    pub weight_bytes: u64,
 }
 
 /// A loaded model: the memory-mapped `.plm` file and a worker thread pool. Thread-safe;
@@ -243,6 +258,17 @@ impl Engine {
                         reason: format!("kv_cache must be \"f32\" or \"q8\", got {name:?}"),
                     })?;
             }
+            if let Some(name) = options.profile.as_deref() {
+                model_options.profile =
+                    Profile::parse(name).ok_or_else(|| PocketLmError::InvalidConfig {
+                        reason: format!(
+                            "profile must be \"small\", \"balanced\" or \"best\", got {name:?}"
+                        ),
+                    })?;
+            }
+            if options.max_weight_bytes > 0 {
+                model_options.max_weight_bytes = options.max_weight_bytes;
+            }
             let model = Model::open_with(Path::new(&path), model_options)?;
             let trained = model.config().max_position_embeddings;
             let context_length = match options.context_length {
@@ -264,6 +290,7 @@ impl Engine {
         let parameters: u64 = file
             .tensors()
             .iter()
+            .filter(|t| !crate::config::names::is_residual(&t.name))
             .map(|t| t.shape.iter().product::<usize>() as u64)
             .sum();
         ModelInfo {
@@ -279,6 +306,8 @@ impl Engine {
             threads: self.pool.current_num_threads() as u32,
             low_rank_percent: self.model.options().low_rank_percent,
             kv_cache: self.model.options().kv_cache.name().to_string(),
+            profile: self.model.profile().name().to_string(),
+            weight_bytes: self.model.weight_bytes(),
         }
     }
 

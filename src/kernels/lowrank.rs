@@ -1,8 +1,12 @@
-//! Low-rank linear layers: `W ≈ U·V` stored as two thin factors, applied as two products
-//! (`x·Vᵀ`, then `·Uᵀ`) with the kernels of whatever encoding each factor uses.
+//! Linear layers made of more than one stored matrix, applied with the kernels of whatever
+//! encoding each part uses:
 //!
-//! A factorization pays off when `rank · (rows + cols) < rows · cols`: the bytes read per
-//! token, and the multiply-adds, shrink in that proportion.
+//! - low rank: `W ≈ U·V` stored as two thin factors, applied as two products (`x·Vᵀ`, then
+//!   `·Uᵀ`). A factorization pays off when `rank · (rows + cols) < rows · cols`: the bytes
+//!   read per token, and the multiply-adds, shrink in that proportion.
+//! - base plus residual: `W ≈ B + R`, where `R` quantizes what quantizing `W` to `B` lost.
+//!   The runtime may read `B` alone (a smaller operating point of the same file) or both,
+//!   whose products share one quantization of the input.
 
 use super::{KernelPath, MatRef, WeightData, active_path, matmul_with, quant, quant_products};
 
@@ -13,6 +17,11 @@ pub enum Linear<'a> {
     Dense(MatRef<'a>),
     /// `W ≈ U·V`: `v` is `rank × cols` (applied first), `u` is `rows × rank`.
     LowRank { v: MatRef<'a>, u: MatRef<'a> },
+    /// `W ≈ base + residual`, both `rows × cols`.
+    Residual {
+        base: MatRef<'a>,
+        residual: MatRef<'a>,
+    },
 }
 
 impl<'a> Linear<'a> {
@@ -21,10 +30,16 @@ impl<'a> Linear<'a> {
         (v.rows == u.cols && v.rows > 0).then_some(Linear::LowRank { v, u })
     }
 
+    /// `None` when the two matrices' shapes differ.
+    pub fn with_residual(base: MatRef<'a>, residual: MatRef<'a>) -> Option<Linear<'a>> {
+        (base.rows == residual.rows && base.cols == residual.cols)
+            .then_some(Linear::Residual { base, residual })
+    }
+
     /// Output features.
     pub fn rows(&self) -> usize {
         match self {
-            Linear::Dense(w) => w.rows,
+            Linear::Dense(w) | Linear::Residual { base: w, .. } => w.rows,
             Linear::LowRank { u, .. } => u.rows,
         }
     }
@@ -32,7 +47,7 @@ impl<'a> Linear<'a> {
     /// Input features.
     pub fn cols(&self) -> usize {
         match self {
-            Linear::Dense(w) => w.cols,
+            Linear::Dense(w) | Linear::Residual { base: w, .. } => w.cols,
             Linear::LowRank { v, .. } => v.cols,
         }
     }
@@ -40,7 +55,7 @@ impl<'a> Linear<'a> {
     /// The rank of a factorized layer; `None` for a dense one.
     pub fn rank(&self) -> Option<usize> {
         match self {
-            Linear::Dense(_) => None,
+            Linear::Dense(_) | Linear::Residual { .. } => None,
             Linear::LowRank { v, .. } => Some(v.rows),
         }
     }
@@ -50,12 +65,11 @@ impl<'a> Linear<'a> {
     /// rank that splits a quantization group of `U`.
     pub fn with_rank(self, rank: usize) -> Option<Linear<'a>> {
         match self {
-            Linear::Dense(_) => None,
             Linear::LowRank { v, u } if rank > 0 => Some(Linear::LowRank {
                 v: v.first_rows(rank)?,
                 u: u.first_cols(rank)?,
             }),
-            Linear::LowRank { .. } => None,
+            _ => None,
         }
     }
 
@@ -71,19 +85,29 @@ impl<'a> Linear<'a> {
         self.with_rank(rank).unwrap_or(self)
     }
 
-    /// Bytes one product reads (both factors of a low-rank layer, as served).
+    /// Bytes one product reads (both parts of a two-matrix layer, as served).
     pub fn bytes_read(&self) -> u64 {
         match self {
             Linear::Dense(w) => w.bytes_read(),
             Linear::LowRank { v, u } => v.bytes_read() + u.bytes_read(),
+            Linear::Residual { base, residual } => base.bytes_read() + residual.bytes_read(),
         }
     }
 
-    /// Stored weights (both factors for a low-rank layer): the multiply-adds per token.
+    /// The weights the layer applies: both factors for a low-rank layer, and `rows · cols`
+    /// for a residual one (the residual corrects the same weights rather than adding any).
     pub fn parameters(&self) -> usize {
         match self {
-            Linear::Dense(w) => w.rows * w.cols,
+            Linear::Dense(w) | Linear::Residual { base: w, .. } => w.rows * w.cols,
             Linear::LowRank { v, u } => v.rows * v.cols + u.rows * u.cols,
+        }
+    }
+
+    /// Multiply-adds per token: [`Linear::parameters`], twice for a residual layer.
+    pub fn multiply_adds(&self) -> usize {
+        match self {
+            Linear::Residual { base, .. } => 2 * base.rows * base.cols,
+            other => other.parameters(),
         }
     }
 }
@@ -113,13 +137,28 @@ pub fn linear_with(
             matmul_with(path, x, tokens, *v, &mut between[..len]);
             matmul_with(path, &between[..len], tokens, *u, out);
         }
+        Linear::Residual { .. } if quantized_residual(w).is_some() => {
+            // Both products share one quantization of `x` and one parallel pass.
+            linear_many_with(path, x, tokens, &mut [(w, out)], between)
+        }
+        Linear::Residual { base, residual } => {
+            let len = out.len();
+            if between.len() < len {
+                between.resize(len, 0.0);
+            }
+            matmul_with(path, x, tokens, *base, out);
+            matmul_with(path, x, tokens, *residual, &mut between[..len]);
+            out.iter_mut()
+                .zip(&between[..len])
+                .for_each(|(o, r)| *o += r);
+        }
     }
 }
 
 /// `out = x · Wᵀ` for several layers that read the same input (q, k and v; gate and up).
-/// Dense quantized layers and the `V` factors of quantized low-rank layers share one
-/// quantization of `x` and one parallel pass; the `U` factors of those low-rank layers share
-/// a second pass. Other layers run one after another.
+/// Dense quantized layers, both matrices of quantized residual layers, and the `V` factors of
+/// quantized low-rank layers share one quantization of `x` and one parallel pass; the `U`
+/// factors of those low-rank layers share a second pass. Other layers run one after another.
 pub fn linear_many(
     x: &[f32],
     tokens: usize,
@@ -148,6 +187,27 @@ fn quantized_factors<'a>(
     }
 }
 
+/// The two matrices of a residual layer whose base and residual are both quantized.
+fn quantized_residual<'a>(
+    w: &Linear<'a>,
+) -> Option<(quant::QuantMatrix<'a>, quant::QuantMatrix<'a>)> {
+    match w {
+        Linear::Residual {
+            base:
+                MatRef {
+                    data: WeightData::Quant(base),
+                    ..
+                },
+            residual:
+                MatRef {
+                    data: WeightData::Quant(residual),
+                    ..
+                },
+        } => Some((*base, *residual)),
+        _ => None,
+    }
+}
+
 pub fn linear_many_with(
     path: KernelPath,
     x: &[f32],
@@ -155,14 +215,19 @@ pub fn linear_many_with(
     layers: &mut [(&Linear<'_>, &mut [f32])],
     between: &mut Vec<f32>,
 ) {
-    // One `x · Vᵀ` buffer per quantized low-rank layer.
+    // One `x · Vᵀ` buffer per quantized low-rank layer, one `x · Rᵀ` per quantized residual.
     let mut betweens: Vec<Vec<f32>> = layers
         .iter()
         .filter_map(|(w, _)| quantized_factors(w).map(|(v, _)| vec![0.0; tokens * v.rows]))
         .collect();
+    let mut residual_outs: Vec<Vec<f32>> = layers
+        .iter()
+        .filter_map(|(w, _)| quantized_residual(w).map(|(_, r)| vec![0.0; tokens * r.rows]))
+        .collect();
     let mut first = Vec::new();
     let mut second = Vec::new();
     let mut buffers = betweens.iter_mut();
+    let mut residual_buffers = residual_outs.iter_mut();
     for (w, out) in layers.iter_mut() {
         if let Linear::Dense(MatRef {
             data: WeightData::Quant(q),
@@ -176,6 +241,12 @@ pub fn linear_many_with(
                 .expect("one buffer per quantized low-rank layer");
             first.push((v, &mut buffer[..]));
             second.push((u, &mut **out));
+        } else if let Some((base, residual)) = quantized_residual(w) {
+            let buffer = residual_buffers
+                .next()
+                .expect("one buffer per quantized residual layer");
+            first.push((base, &mut **out));
+            first.push((residual, &mut buffer[..]));
         } else {
             linear_with(path, x, tokens, w, out, between);
         }
@@ -198,6 +269,15 @@ pub fn linear_many_with(
             .map(|(a, (u, out))| (a, u, out))
             .collect();
         quant_products(path, &mut products);
+    }
+    let mut residual_buffers = residual_outs.iter();
+    for (w, out) in layers.iter_mut() {
+        if quantized_residual(w).is_some() {
+            let r = residual_buffers
+                .next()
+                .expect("one buffer per quantized residual layer");
+            out.iter_mut().zip(r).for_each(|(o, r)| *o += r);
+        }
     }
 }
 
@@ -448,6 +528,72 @@ mod tests {
             let e: f32 = (0..cols).map(|c| want[r * cols + c] * x[c]).sum();
             assert_close(got[r], e, cols);
         }
+    }
+
+    #[test]
+    fn a_residual_layer_adds_its_two_products_on_every_path() {
+        let (rows, cols) = (40, 96);
+        let w = random_vec(rows * cols, 41);
+        let (bq, bl) = q8(&w, rows, cols);
+        let r = random_vec(rows * cols, 42);
+        let (rq, rl) = q8(&r, rows, cols);
+        let base = MatRef::new(quant(&bq, &bl), rows, cols).unwrap();
+        let residual = MatRef::new(quant(&rq, &rl), rows, cols).unwrap();
+        let layer = Linear::with_residual(base, residual).unwrap();
+        let plain = Linear::Dense(MatRef::new(WeightData::F32(&w), rows, cols).unwrap());
+        assert_eq!(
+            (layer.rows(), layer.cols(), layer.rank()),
+            (rows, cols, None)
+        );
+        assert_eq!(
+            layer.bytes_read(),
+            base.bytes_read() + residual.bytes_read()
+        );
+        assert_eq!(layer.multiply_adds(), 2 * layer.parameters());
+        for tokens in [1, 5, 9] {
+            let x = random_vec(tokens * cols, 43 + tokens as u64);
+            for path in KernelPath::ALL.into_iter().filter(|p| p.is_supported()) {
+                let mut want = vec![0.0; tokens * rows];
+                let mut part = vec![0.0; tokens * rows];
+                linear_with(
+                    path,
+                    &x,
+                    tokens,
+                    &Linear::Dense(base),
+                    &mut want,
+                    &mut Vec::new(),
+                );
+                linear_with(
+                    path,
+                    &x,
+                    tokens,
+                    &Linear::Dense(residual),
+                    &mut part,
+                    &mut Vec::new(),
+                );
+                want.iter_mut().zip(&part).for_each(|(w, p)| *w += p);
+                let mut got = vec![0.0; tokens * rows];
+                linear_with(path, &x, tokens, &layer, &mut got, &mut Vec::new());
+                assert_eq!(got, want, "{path:?}, {tokens} tokens");
+                // Beside a dense layer, in one shared pass.
+                let (mut a, mut b) = (vec![0.0; tokens * rows], vec![0.0; tokens * rows]);
+                linear_many_with(
+                    path,
+                    &x,
+                    tokens,
+                    &mut [(&layer, &mut a[..]), (&plain, &mut b[..])],
+                    &mut Vec::new(),
+                );
+                for (g, e) in a.iter().zip(&want) {
+                    assert_close(*g, *e, cols);
+                }
+            }
+        }
+        let other = MatRef::new(WeightData::F32(&w[..cols * 8]), 8, cols).unwrap();
+        assert!(
+            Linear::with_residual(base, other).is_none(),
+            "shapes differ"
+        );
     }
 
     #[test]

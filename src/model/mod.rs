@@ -50,6 +50,16 @@ pub enum ModelError {
         bytes: u64,
         limit: u64,
     },
+    #[error(
+        "weights: the smallest operating point ({profile}) reads {}, more than the {} limit",
+        human_bytes(*bytes),
+        human_bytes(*limit)
+    )]
+    WeightsOverLimit {
+        profile: &'static str,
+        bytes: u64,
+        limit: u64,
+    },
     #[error("{what}: cannot allocate {bytes} bytes ({source})")]
     OutOfMemory {
         what: &'static str,
@@ -57,6 +67,15 @@ pub enum ModelError {
         #[source]
         source: std::collections::TryReserveError,
     },
+}
+
+/// `12.3 MB` or `456.7 kB` (decimal units, as sizes are given on the command line).
+fn human_bytes(bytes: u64) -> String {
+    if bytes >= 1_000_000 {
+        format!("{:.1} MB", bytes as f64 / 1e6)
+    } else {
+        format!("{:.1} kB", bytes as f64 / 1e3)
+    }
 }
 
 /// Default upper bound on one KV cache, in bytes. A context far beyond what the device can
@@ -124,6 +143,78 @@ fn kv_cache_from_env() -> KvType {
     })
 }
 
+/// Operating points of an elastic file: which stored parts the runtime reads. A file without
+/// residuals or low-rank factors serves the same weights at every point.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Profile {
+    /// Base weights only; low-rank layers at half their stored rank.
+    Small,
+    /// Residuals of `attn_v` and `ffn_down` (where quantization costs most, which is why
+    /// llama.cpp's Q4_K_M keeps them at higher precision); low-rank layers at 75% rank.
+    Balanced,
+    /// Everything the file stores.
+    #[default]
+    Best,
+}
+
+impl Profile {
+    /// From the most to the least the file stores.
+    pub const DESCENDING: [Profile; 3] = [Profile::Best, Profile::Balanced, Profile::Small];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Profile::Small => "small",
+            Profile::Balanced => "balanced",
+            Profile::Best => "best",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Profile> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "small" => Some(Profile::Small),
+            "balanced" => Some(Profile::Balanced),
+            "best" => Some(Profile::Best),
+            _ => None,
+        }
+    }
+
+    /// Whether a block matrix's residual is read (`sensitive`: it is `attn_v` or `ffn_down`).
+    fn reads_residual(self, sensitive: bool) -> bool {
+        match self {
+            Profile::Small => false,
+            Profile::Balanced => sensitive,
+            Profile::Best => true,
+        }
+    }
+
+    /// The largest share of a low-rank layer's stored rank this point serves.
+    fn low_rank_percent(self) -> u8 {
+        match self {
+            Profile::Small => 50,
+            Profile::Balanced => 75,
+            Profile::Best => 100,
+        }
+    }
+}
+
+impl std::str::FromStr for Profile {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Profile::parse(s).ok_or_else(|| format!("unknown profile '{s}' (small, balanced, best)"))
+    }
+}
+
+/// `POCKETLM_PROFILE` (`small`, `balanced`, `best`); best when unset or invalid.
+fn profile_from_env() -> Profile {
+    let Ok(v) = std::env::var("POCKETLM_PROFILE") else {
+        return Profile::Best;
+    };
+    Profile::parse(&v).unwrap_or_else(|| {
+        log::warn!("POCKETLM_PROFILE={v:?} is not small, balanced or best; serving best");
+        Profile::Best
+    })
+}
+
 /// Load-time options of a [`Model`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ModelOptions {
@@ -138,6 +229,11 @@ pub struct ModelOptions {
     pub low_rank_percent: u8,
     /// How [`Model::new_cache`] stores keys and values.
     pub kv_cache: KvType,
+    /// The operating point of an elastic file (residuals read, low-rank share served).
+    pub profile: Profile,
+    /// Largest weight footprint (bytes of the tensors the forward pass reads): at load, the
+    /// model steps down from `profile` to the best point that fits, and fails if none does.
+    pub max_weight_bytes: u64,
 }
 
 impl Default for ModelOptions {
@@ -148,19 +244,22 @@ impl Default for ModelOptions {
             max_activation_bytes: DEFAULT_MAX_ACTIVATION_BYTES,
             low_rank_percent: 100,
             kv_cache: KvType::F32,
+            profile: Profile::Best,
+            max_weight_bytes: u64::MAX,
         }
     }
 }
 
 impl ModelOptions {
     /// Defaults, with the verification mode taken from `POCKETLM_VERIFY`, the low-rank
-    /// percentage from `POCKETLM_LOW_RANK_PERCENT` and the KV cache type from
-    /// `POCKETLM_KV_CACHE` (`f32` or `q8`).
+    /// percentage from `POCKETLM_LOW_RANK_PERCENT`, the KV cache type from
+    /// `POCKETLM_KV_CACHE` (`f32` or `q8`) and the profile from `POCKETLM_PROFILE`.
     pub fn from_env() -> ModelOptions {
         ModelOptions {
             verify: VerifyMode::from_env(),
             low_rank_percent: low_rank_percent_from_env(),
             kv_cache: kv_cache_from_env(),
+            profile: profile_from_env(),
             ..ModelOptions::default()
         }
     }
@@ -201,14 +300,36 @@ type TensorIndex = usize;
 #[derive(Clone, Copy, Debug)]
 enum LinearIndex {
     Dense(TensorIndex),
-    LowRank { v: TensorIndex, u: TensorIndex },
+    LowRank {
+        v: TensorIndex,
+        u: TensorIndex,
+    },
+    /// A quantized matrix and its stored residual (`sensitive`: `attn_v` or `ffn_down`, whose
+    /// residual the balanced profile reads).
+    Residual {
+        base: TensorIndex,
+        residual: TensorIndex,
+        sensitive: bool,
+    },
 }
 
 impl LinearIndex {
-    fn tensors(self) -> Vec<TensorIndex> {
+    /// The tensors `profile` reads.
+    fn tensors(self, profile: Profile) -> Vec<TensorIndex> {
         match self {
             LinearIndex::Dense(i) => vec![i],
             LinearIndex::LowRank { v, u } => vec![v, u],
+            LinearIndex::Residual {
+                base,
+                residual,
+                sensitive,
+            } => {
+                if profile.reads_residual(sensitive) {
+                    vec![base, residual]
+                } else {
+                    vec![base]
+                }
+            }
         }
     }
 }
@@ -233,9 +354,9 @@ impl Layer {
         ]
     }
 
-    fn indices(&self) -> Vec<TensorIndex> {
+    fn indices(&self, profile: Profile) -> Vec<TensorIndex> {
         let mut v = vec![self.attn_norm, self.ffn_norm];
-        v.extend(self.linears().into_iter().flat_map(LinearIndex::tensors));
+        v.extend(self.linears().into_iter().flat_map(|l| l.tensors(profile)));
         v.extend(self.biases.into_iter().flatten());
         v
     }
@@ -319,7 +440,20 @@ impl Model {
             if let Some(entry) = file.entry(&name) {
                 check_entry(&file, &path, entry, &shape)?;
                 if shape.len() == 2 {
-                    linears.insert(name.clone(), LinearIndex::Dense(index(&name).unwrap_or(0)));
+                    let base = index(&name).unwrap_or(0);
+                    let residual_name = names::residual(&name);
+                    let linear = match file.entry(&residual_name) {
+                        Some(r) if name.starts_with("blk.") => {
+                            check_entry(&file, &path, r, &shape)?;
+                            LinearIndex::Residual {
+                                base,
+                                residual: index(&residual_name).unwrap_or(0),
+                                sensitive: name.contains(".attn_v.") || name.contains(".ffn_down."),
+                            }
+                        }
+                        _ => LinearIndex::Dense(base),
+                    };
+                    linears.insert(name.clone(), linear);
                 }
                 continue;
             }
@@ -389,7 +523,7 @@ impl Model {
                     .collect(),
             ),
         };
-        Ok(Model {
+        let mut model = Model {
             options,
             verified,
             inv_freq: rope_inv_freq(&config),
@@ -401,7 +535,64 @@ impl Model {
             tokenizer_spec,
             tokenizer,
             file,
-        })
+        };
+        model.fit_weight_limit()?;
+        Ok(model)
+    }
+
+    /// Steps the profile down until the weights the forward pass reads fit
+    /// `max_weight_bytes`.
+    fn fit_weight_limit(&mut self) -> Result<(), ModelError> {
+        let limit = self.options.max_weight_bytes;
+        let wanted = self.options.profile;
+        for profile in Profile::DESCENDING.into_iter().filter(|p| *p <= wanted) {
+            self.options.profile = profile;
+            let bytes = self.weight_bytes();
+            if bytes <= limit {
+                if profile != wanted {
+                    log::info!(
+                        "profile {} instead of {}: its weights ({}) fit the {} limit",
+                        profile.name(),
+                        wanted.name(),
+                        human_bytes(bytes),
+                        human_bytes(limit)
+                    );
+                }
+                return Ok(());
+            }
+            if profile == Profile::Small {
+                return Err(ModelError::WeightsOverLimit {
+                    profile: profile.name(),
+                    bytes,
+                    limit,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of the tensors the forward pass reads at the current operating point (low-rank
+    /// layers as served, residuals as the profile says).
+    pub fn weight_bytes(&self) -> u64 {
+        let vectors: u64 = self
+            .used_tensors()
+            .iter()
+            .filter(|t| t.shape.len() == 1)
+            .map(|t| t.length)
+            .sum();
+        let embedding = [self.token_embd, self.output]
+            .into_iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .map(|i| self.entry(i).length)
+            .sum::<u64>();
+        let blocks: u64 = self.block_linears().iter().map(|l| l.bytes_read()).sum();
+        vectors + embedding + blocks
+    }
+
+    /// The operating point served (after any step-down for `max_weight_bytes`).
+    pub fn profile(&self) -> Profile {
+        self.options.profile
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -514,9 +705,25 @@ impl Model {
             LinearIndex::LowRank { v, u } => {
                 let full = Linear::low_rank(self.matrix(v), self.matrix(u))
                     .expect("factor shapes checked at load");
-                match self.options.low_rank_percent {
+                match self
+                    .options
+                    .low_rank_percent
+                    .min(self.options.profile.low_rank_percent())
+                {
                     100.. => full,
                     percent => full.at_percent(percent as usize),
+                }
+            }
+            LinearIndex::Residual {
+                base,
+                residual,
+                sensitive,
+            } => {
+                if self.options.profile.reads_residual(sensitive) {
+                    Linear::with_residual(self.matrix(base), self.matrix(residual))
+                        .expect("residual shapes checked at load")
+                } else {
+                    Linear::Dense(self.matrix(base))
                 }
             }
         }
@@ -543,7 +750,7 @@ impl Model {
     pub fn used_tensors(&self) -> Vec<&TensorEntry> {
         let mut indices = vec![self.token_embd, self.output_norm, self.output];
         for layer in &self.layers {
-            indices.extend(layer.indices());
+            indices.extend(layer.indices(self.options.profile));
         }
         indices.sort_unstable();
         indices.dedup();
@@ -568,7 +775,7 @@ impl Model {
         let stored: u64 = self
             .block_linears()
             .iter()
-            .map(|l| l.parameters() as u64)
+            .map(|l| l.multiply_adds() as u64)
             .sum();
         c.flops_per_token(context_len) - 2 * dense_blocks + 2 * stored
     }
@@ -633,7 +840,7 @@ impl Model {
         let mut scratch = BlockScratch::new(c, n);
         for (l, layer) in self.layers.iter().enumerate() {
             if self.verified.is_some() {
-                self.ensure_verified(&layer.indices())?;
+                self.ensure_verified(&layer.indices(self.options.profile))?;
             }
             let weights = self.block_weights(layer);
             block_forward(

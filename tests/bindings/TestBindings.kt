@@ -66,6 +66,7 @@ fun main(args: Array<String>) {
         check(!info.hasChatTemplate && info.threads == 2u) { "$info" }
         check(info.kernelPath in KERNEL_PATHS) { "$info" }
         check(info.lowRankPercent.toInt() == 100) { "$info" }
+        check(info.profile == "best" && info.weightBytes in 1uL..info.fileSizeBytes) { "$info" }
     }
     tests["greedy completion"] = {
         engine.newSession().use { session ->
@@ -150,6 +151,9 @@ fun main(args: Array<String>) {
         val e = expect<PocketLmException.InvalidConfig> { session.complete(PROMPT, GenerationConfig(topP = -1.0f)) }
         check(e.reason.contains("top_p")) { e.reason }
         expect<PocketLmException.InvalidConfig> { Engine.open(modelPath, EngineOptions(kernelPath = "quantum")) }
+        expect<PocketLmException.InvalidConfig> { Engine.open(modelPath, EngineOptions(profile = "huge")) }
+        val limit = expect<PocketLmException.InvalidConfig> { Engine.open(modelPath, EngineOptions(maxWeightBytes = 1000uL)) }
+        check(limit.reason.contains("limit")) { limit.reason }
     }
     tests["context full"] = {
         val tiny = Engine.open(modelPath, EngineOptions(contextLength = 8u)).newSession()

@@ -72,6 +72,8 @@ def test_info():
     assert info.threads == 2, info
     assert info.low_rank_percent == 100, info
     assert info.kernel_path in KERNEL_PATHS, info
+    assert info.profile == "best", info
+    assert 0 < info.weight_bytes <= info.file_size_bytes, info
 
 
 def test_greedy_completion():
@@ -178,6 +180,9 @@ def test_bad_configs():
         PocketLmError.InvalidConfig,
         lambda: Engine.open(model_path, EngineOptions(kernel_path="quantum")),
     )
+    expect(PocketLmError.InvalidConfig, lambda: Engine.open(model_path, EngineOptions(profile="huge")))
+    e = expect(PocketLmError.InvalidConfig, lambda: Engine.open(model_path, EngineOptions(max_weight_bytes=1000)))
+    assert "limit" in e.reason, e.reason
 
 
 def test_context_full():

@@ -2537,6 +2537,20 @@ data class EngineOptions (
      * environment variable, else f32.
      */
     var `kvCache`: kotlin.String? = null 
+    , 
+    /**
+     * Operating point of an elastic file: `"small"` (base weights only, low-rank layers at
+     * half rank), `"balanced"` (residuals of attn_v and ffn_down, 75% rank) or `"best"`
+     * (everything stored). Only the chosen point's pages are read. None = the
+     * `POCKETLM_PROFILE` environment variable, else best.
+     */
+    var `profile`: kotlin.String? = null 
+    , 
+    /**
+     * Largest weight footprint in bytes: the engine steps down from `profile` to the best
+     * point whose weights fit, and fails with `InvalidConfig` if none does. 0 = no limit.
+     */
+    var `maxWeightBytes`: kotlin.ULong = 0uL 
     
 ){
     
@@ -2558,6 +2572,8 @@ public object FfiConverterTypeEngineOptions: FfiConverterRustBuffer<EngineOption
             FfiConverterOptionalString.read(buf),
             FfiConverterUByte.read(buf),
             FfiConverterOptionalString.read(buf),
+            FfiConverterOptionalString.read(buf),
+            FfiConverterULong.read(buf),
         )
     }
 
@@ -2566,7 +2582,9 @@ public object FfiConverterTypeEngineOptions: FfiConverterRustBuffer<EngineOption
             FfiConverterUInt.allocationSize(value.`contextLength`) +
             FfiConverterOptionalString.allocationSize(value.`kernelPath`) +
             FfiConverterUByte.allocationSize(value.`lowRankPercent`) +
-            FfiConverterOptionalString.allocationSize(value.`kvCache`)
+            FfiConverterOptionalString.allocationSize(value.`kvCache`) +
+            FfiConverterOptionalString.allocationSize(value.`profile`) +
+            FfiConverterULong.allocationSize(value.`maxWeightBytes`)
     )
 
     override fun write(value: EngineOptions, buf: ByteBuffer) {
@@ -2575,6 +2593,8 @@ public object FfiConverterTypeEngineOptions: FfiConverterRustBuffer<EngineOption
             FfiConverterOptionalString.write(value.`kernelPath`, buf)
             FfiConverterUByte.write(value.`lowRankPercent`, buf)
             FfiConverterOptionalString.write(value.`kvCache`, buf)
+            FfiConverterOptionalString.write(value.`profile`, buf)
+            FfiConverterULong.write(value.`maxWeightBytes`, buf)
     }
 }
 
@@ -2845,6 +2865,16 @@ data class ModelInfo (
      * KV cache storage of this engine's sessions (`f32` or `q8`).
      */
     var `kvCache`: kotlin.String
+    , 
+    /**
+     * The operating point served (`small`, `balanced`, `best`).
+     */
+    var `profile`: kotlin.String
+    , 
+    /**
+     * Bytes of the weights the forward pass reads at that point.
+     */
+    var `weightBytes`: kotlin.ULong
     
 ){
     
@@ -2873,6 +2903,8 @@ public object FfiConverterTypeModelInfo: FfiConverterRustBuffer<ModelInfo> {
             FfiConverterUInt.read(buf),
             FfiConverterUByte.read(buf),
             FfiConverterString.read(buf),
+            FfiConverterString.read(buf),
+            FfiConverterULong.read(buf),
         )
     }
 
@@ -2888,7 +2920,9 @@ public object FfiConverterTypeModelInfo: FfiConverterRustBuffer<ModelInfo> {
             FfiConverterString.allocationSize(value.`kernelPath`) +
             FfiConverterUInt.allocationSize(value.`threads`) +
             FfiConverterUByte.allocationSize(value.`lowRankPercent`) +
-            FfiConverterString.allocationSize(value.`kvCache`)
+            FfiConverterString.allocationSize(value.`kvCache`) +
+            FfiConverterString.allocationSize(value.`profile`) +
+            FfiConverterULong.allocationSize(value.`weightBytes`)
     )
 
     override fun write(value: ModelInfo, buf: ByteBuffer) {
@@ -2904,6 +2938,8 @@ public object FfiConverterTypeModelInfo: FfiConverterRustBuffer<ModelInfo> {
             FfiConverterUInt.write(value.`threads`, buf)
             FfiConverterUByte.write(value.`lowRankPercent`, buf)
             FfiConverterString.write(value.`kvCache`, buf)
+            FfiConverterString.write(value.`profile`, buf)
+            FfiConverterULong.write(value.`weightBytes`, buf)
     }
 }
 
