@@ -221,8 +221,17 @@ struct ConvertArgs {
     #[arg(long, value_parser = convert::plan::parse_size, conflicts_with = "bits_per_weight")]
     budget: Option<u64>,
     /// Plan for this many bits per weight (tensor bytes × 8 / the model's parameters).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "min_tokens_per_s")]
     bits_per_weight: Option<f64>,
+    /// Plan for this decode speed: decode is bound by memory bandwidth, so the tensors may
+    /// take at most bandwidth / T bytes per token. The file's decode speed here is measured
+    /// after conversion.
+    #[arg(long, value_name = "T", conflicts_with = "budget")]
+    min_tokens_per_s: Option<f64>,
+    /// With --min-tokens-per-s: the target device's read bandwidth in GB/s (default: measured
+    /// on this machine with the -t threads).
+    #[arg(long, value_name = "GB_S", requires = "min_tokens_per_s")]
+    bandwidth: Option<f64>,
     /// Candidate recipes for the planner: ENCODING[+SPARSITY[/METHOD]][+lrP%[/METHOD]],
     /// comma separated, e.g. q8,q4/g32,q3/g64,f16+2:4,q4/g32+lr20%.
     #[arg(long, default_value = convert::plan::DEFAULT_CANDIDATES)]
@@ -686,11 +695,31 @@ fn bar(len: u64, template: &str) -> ProgressBar {
 const DEFAULT_CALIBRATION: &str = "data/calib/default.txt";
 
 fn cmd_convert(a: ConvertArgs) -> CliResult {
-    let budget = match (a.budget, a.bits_per_weight) {
-        (Some(bytes), _) => Some(Budget::FileBytes(bytes)),
-        (None, Some(bpw)) if bpw.is_finite() && bpw > 0.0 => Some(Budget::BitsPerWeight(bpw)),
-        (None, Some(bpw)) => return Err(format!("--bits-per-weight {bpw} must be positive").into()),
-        (None, None) => None,
+    let budget = match (a.budget, a.bits_per_weight, a.min_tokens_per_s) {
+        (Some(bytes), _, _) => Some(Budget::FileBytes(bytes)),
+        (None, Some(bpw), _) if bpw.is_finite() && bpw > 0.0 => Some(Budget::BitsPerWeight(bpw)),
+        (None, Some(bpw), _) => {
+            return Err(format!("--bits-per-weight {bpw} must be positive").into());
+        }
+        (None, None, Some(t)) if t.is_finite() && t > 0.0 => {
+            let bandwidth = match a.bandwidth {
+                Some(gb) if gb.is_finite() && gb > 0.0 => gb * 1e9,
+                Some(gb) => return Err(format!("--bandwidth {gb} must be positive").into()),
+                None => {
+                    let gb = pocketlm::eval::bench::measure_read_bandwidth();
+                    eprintln!("read bandwidth here: {gb:.1} GB/s (--bandwidth sets the target's)");
+                    gb * 1e9
+                }
+            };
+            Some(Budget::TokensPerSecond {
+                tokens_per_s: t,
+                bandwidth,
+            })
+        }
+        (None, None, Some(t)) => {
+            return Err(format!("--min-tokens-per-s {t} must be positive").into());
+        }
+        (None, None, None) => None,
     };
     let plan = match budget {
         Some(budget) => Some(PlanOptions {
@@ -942,6 +971,15 @@ fn convert_planned(
         report.file_bytes as f64 / 1e6,
         report.measured_kl
     );
+    if let (Some(predicted), Some(measured)) = (
+        report.plan.predicted_tokens_per_s,
+        report.measured_tokens_per_s,
+    ) {
+        println!(
+            "decode: predicted {predicted:.1} tokens/s (bandwidth / bytes per token); measured \
+             here {measured:.1} tokens/s"
+        );
+    }
     if let Some(path) = json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
             .map_err(|e| format!("{}: {e}", path.display()))?;

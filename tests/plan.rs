@@ -87,6 +87,28 @@ fn costs_grow_as_bits_shrink_and_bigger_budgets_never_predict_more() {
         }
     }
     assert_eq!(planned, 10, "every budget from all-q3 up fits");
+
+    // A speed budget is a byte budget per token (bandwidth / tokens per second) on the
+    // tensors, which decode reads once per token; metadata is not read.
+    let tensors_q4 = size(1) - s.metadata_bytes;
+    let bandwidth = 2e9;
+    let target = bandwidth / (tensors_q4 as f64 + 0.5);
+    let speed = |tokens_per_s: f64| {
+        choose_plan(
+            &s,
+            Budget::TokensPerSecond {
+                tokens_per_s,
+                bandwidth,
+            },
+        )
+    };
+    let fast = speed(target).unwrap();
+    let sized = choose_plan(&s, Budget::FileBytes(size(1))).unwrap();
+    assert_eq!(fast.choice, sized.choice);
+    assert!(fast.predicted_tokens_per_s.unwrap() >= target, "{fast:?}");
+    assert!(sized.predicted_tokens_per_s.is_none());
+    let err = speed(bandwidth / s.fixed_bytes as f64).unwrap_err();
+    assert!(err.to_string().contains("tokens/s"), "{err}");
     let all_q8: f64 = s.kl.iter().map(|k| k[0]).sum::<f64>() + s.fixed_kl;
     assert!(
         (last - all_q8).abs() < 1e-12,
@@ -160,6 +182,27 @@ fn planned_file_fits_its_budget_and_the_verified_kl_follows_the_prediction() {
     )
     .unwrap_err();
     assert!(other.to_string().contains("saved costs"), "{other}");
+
+    // A speed budget converts too, and measures the file's decode speed here.
+    let (fast, _) = convert_with_plan(
+        &model,
+        &out,
+        &options(),
+        &measure_with(Budget::TokensPerSecond {
+            tokens_per_s: 1.0,
+            bandwidth: (budget - s.metadata_bytes) as f64,
+        }),
+        Some(s.clone()),
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    assert_eq!(
+        fast.plan.choice, report.plan.choice,
+        "the same bytes allowed"
+    );
+    let measured = fast.measured_tokens_per_s.expect("decode measured");
+    assert!(measured > 0.0 && measured.is_finite());
+    assert!(report.measured_tokens_per_s.is_none());
 
     // The file's real KL is of the predicted size (effects add up for small errors).
     let (predicted, measured) = (report.plan.predicted_kl, report.measured_kl);

@@ -217,6 +217,14 @@ pub enum Budget {
     FileBytes(u64),
     /// Tensor bytes × 8 over the original model's parameter count (as `inspect` reports).
     BitsPerWeight(f64),
+    /// Decode speed (`--min-tokens-per-s`). Decode reads every weight once per token and is
+    /// bound by memory bandwidth (pocketlm's kernels reach 77–102% of it, BENCHMARKS.md), so
+    /// the tensors may take at most `bandwidth / tokens_per_s` bytes.
+    TokensPerSecond {
+        tokens_per_s: f64,
+        /// Read bandwidth of the device the file is for, bytes per second.
+        bandwidth: f64,
+    },
 }
 
 impl Budget {
@@ -224,6 +232,25 @@ impl Budget {
         match self {
             Budget::FileBytes(b) => format!("{:.2} MB file", b as f64 / 1e6),
             Budget::BitsPerWeight(b) => format!("{b} bits per weight"),
+            Budget::TokensPerSecond {
+                tokens_per_s,
+                bandwidth,
+            } => format!(
+                "{tokens_per_s} tokens/s at {:.1} GB/s ({:.2} MB read per token)",
+                bandwidth / 1e9,
+                bandwidth / tokens_per_s / 1e6
+            ),
+        }
+    }
+
+    /// Decode tokens/s the bandwidth model predicts for `tensor_bytes` read per token
+    /// (`None` unless this is a speed budget).
+    pub fn predicted_tokens_per_s(self, tensor_bytes: u64) -> Option<f64> {
+        match self {
+            Budget::TokensPerSecond { bandwidth, .. } => {
+                Some(bandwidth / tensor_bytes.max(1) as f64)
+            }
+            _ => None,
         }
     }
 }
@@ -656,6 +683,8 @@ pub struct Plan {
     pub predicted_bits_per_weight: f64,
     /// Sum of the chosen blocks' costs plus the embedding's.
     pub predicted_kl: f64,
+    /// For a speed budget: bandwidth over the tensor bytes read per token.
+    pub predicted_tokens_per_s: Option<f64>,
 }
 
 /// Chooses the recipes for `budget`.
@@ -664,6 +693,10 @@ pub fn choose_plan(s: &Sensitivities, budget: Budget) -> Result<Plan, ConvertErr
     let capacity = match budget {
         Budget::FileBytes(b) => b.checked_sub(fixed + s.metadata_bytes),
         Budget::BitsPerWeight(bpw) => ((bpw * s.parameters as f64 / 8.0) as u64).checked_sub(fixed),
+        Budget::TokensPerSecond {
+            tokens_per_s,
+            bandwidth,
+        } => ((bandwidth / tokens_per_s) as u64).checked_sub(fixed),
     };
     let smallest: u64 = s
         .bytes
@@ -692,6 +725,7 @@ pub fn choose_plan(s: &Sensitivities, budget: Budget) -> Result<Plan, ConvertErr
         predicted_file_bytes: block_bytes + fixed + s.metadata_bytes,
         predicted_bits_per_weight: 8.0 * (block_bytes + fixed) as f64 / s.parameters.max(1) as f64,
         predicted_kl: block_kl + s.fixed_kl,
+        predicted_tokens_per_s: budget.predicted_tokens_per_s(block_bytes + fixed),
     })
 }
 
@@ -745,6 +779,9 @@ pub struct PlanReport {
     pub file_bytes: u64,
     /// KL of the converted file from the uncompressed model on the planner's windows.
     pub measured_kl: f64,
+    /// For a speed budget: decode tokens/s of the converted file on this machine
+    /// (`pocketlm bench`'s decode, 32 tokens).
+    pub measured_tokens_per_s: Option<f64>,
 }
 
 /// Measures (unless `known` costs are given), plans, converts with the plan and verifies the
@@ -768,12 +805,24 @@ pub fn convert_with_plan(
     let report = super::convert(model, dst, &planned, progress)?;
     let converted = Model::open(dst)?;
     let measured_kl = reference.kl_of(&converted)?;
+    let measured_tokens_per_s = match plan_options.budget {
+        Budget::TokensPerSecond { .. } => {
+            let options = crate::eval::bench::BenchOptions {
+                prompt_tokens: 16,
+                generated_tokens: 32,
+                repetitions: 3,
+            };
+            Some(crate::eval::bench::bench(&converted, &options)?.decode_tokens_per_s)
+        }
+        _ => None,
+    };
     Ok((
         PlanReport {
             sensitivities,
             plan,
             file_bytes: report.file_bytes,
             measured_kl,
+            measured_tokens_per_s,
         },
         report,
     ))
