@@ -258,12 +258,74 @@ pub fn parse_tokenizer_json(json: &str) -> Result<tokenizers::Tokenizer, String>
         .map_err(|e| e.to_string())
 }
 
+/// Deepest nesting a chat template may use. minijinja's parser and renderer recurse once per
+/// level of brackets, unary operators and block tags, so a template from a hostile model file
+/// nested thousands of levels deep would overflow the stack (found by fuzzing); real
+/// templates nest a handful of levels.
+const MAX_TEMPLATE_NESTING: usize = 64;
+
+/// The deepest of: bracket nesting (`(`, `[`, `{`), the longest run of unary operators (`-`,
+/// `+`, `not`), and block-tag nesting (`{% if %}` … `{% endif %}` and the other blocks).
+/// Counted over the whole source, strings included: an over-estimate is harmless here.
+fn template_nesting(source: &str) -> usize {
+    let (mut brackets, mut deepest) = (0usize, 0usize);
+    for c in source.chars() {
+        match c {
+            '(' | '[' | '{' => {
+                brackets += 1;
+                deepest = deepest.max(brackets);
+            }
+            ')' | ']' | '}' => brackets = brackets.saturating_sub(1),
+            _ => {}
+        }
+    }
+    let mut unary = 0usize;
+    for word in source.split(|c: char| c.is_whitespace() || c == '(' || c == ')') {
+        if word.is_empty() {
+            continue;
+        }
+        let signs = word.len() - word.trim_start_matches(['-', '+']).len();
+        unary += if word == "not" { 1 } else { signs };
+        deepest = deepest.max(unary);
+        if word != "not" && signs < word.len() {
+            unary = 0;
+        }
+    }
+    let mut blocks = 0usize;
+    let mut rest = source;
+    while let Some(at) = rest.find("{%") {
+        rest = &rest[at + 2..];
+        let tag = rest.trim_start_matches(['-', '+']).trim_start();
+        let word = tag
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .next()
+            .unwrap_or("");
+        if word.starts_with("end") {
+            blocks = blocks.saturating_sub(1);
+        } else if matches!(
+            word,
+            "if" | "for" | "macro" | "call" | "filter" | "with" | "block" | "autoescape" | "raw"
+        ) {
+            blocks += 1;
+            deepest = deepest.max(blocks);
+        }
+    }
+    deepest
+}
+
 fn build_template_env(source: &str) -> Result<Environment<'static>, String> {
     if source.len() > MAX_CHAT_TEMPLATE_LEN {
         return Err(format!(
             "chat template is {} bytes, more than the {} KiB limit",
             source.len(),
             MAX_CHAT_TEMPLATE_LEN >> 10
+        ));
+    }
+    let nesting = template_nesting(source);
+    if nesting > MAX_TEMPLATE_NESTING {
+        return Err(format!(
+            "chat template nests {nesting} levels deep (brackets, unary operators or block \
+             tags), more than the {MAX_TEMPLATE_NESTING} allowed"
         ));
     }
     let mut env = Environment::new();
@@ -1053,6 +1115,34 @@ mod tests {
             assert!(matches!(err, TokenizerError::Template(_)), "{err}");
             assert!(start.elapsed().as_secs() < 10);
         }
+    }
+
+    #[test]
+    fn deeply_nested_templates_are_refused_not_a_stack_overflow() {
+        let deep = |open: &str, close: &str, n: usize| {
+            format!("{{{{ {}1{} }}}}", open.repeat(n), close.repeat(n))
+        };
+        let blocks =
+            |n: usize| format!("{}x{}", "{% if true %}".repeat(n), "{% endif %}".repeat(n));
+        for src in [
+            deep("(", ")", 100_000),
+            deep("[", "]", 100_000),
+            deep("-", "", 100_000),
+            blocks(50_000),
+        ] {
+            let tok = with_template(&src);
+            let err = tok
+                .apply_chat_template(&[ChatMessage::new("user", "x")], true)
+                .unwrap_err();
+            assert!(matches!(err, TokenizerError::Template(_)), "{err}");
+        }
+        // Real templates nest a few levels; 32 is fine.
+        let tok = with_template(&deep("(", ")", 32));
+        assert_eq!(
+            tok.apply_chat_template(&[ChatMessage::new("user", "x")], true)
+                .unwrap(),
+            "1"
+        );
     }
 
     #[test]
