@@ -544,6 +544,10 @@ impl Model {
     /// `max_weight_bytes`.
     fn fit_weight_limit(&mut self) -> Result<(), ModelError> {
         let limit = self.options.max_weight_bytes;
+        if limit == u64::MAX {
+            // No limit: nothing to size at load.
+            return Ok(());
+        }
         let wanted = self.options.profile;
         for profile in Profile::DESCENDING.into_iter().filter(|p| *p <= wanted) {
             self.options.profile = profile;
