@@ -577,3 +577,73 @@ fn quantized_matrices_pruned_n_m_are_stored_sparse_and_compute_the_same() {
     let err = refusal(&options(Encoding::Q4Sparse48 { group: 32 }, Method::Rtn));
     assert!(err.contains("--weights q4/g32 --prune"), "{err}");
 }
+
+/// q4 and q8 matrices pruned without a pattern are stored as a bitmask and their kept codes
+/// (q4+mask, q8+mask) when that saves enough bytes: the same values as dense storage, fewer
+/// bytes, the same perplexity; at low sparsity they stay dense and the recipe says why.
+#[test]
+fn quantized_matrices_pruned_unstructured_are_stored_masked_and_compute_the_same() {
+    let q4 = Encoding::Q4 {
+        group: 32,
+        asymmetric: false,
+    };
+    let convert_pruned = |weights, method, sparsity, sparse_storage| {
+        let mut o = options(weights, Method::Gptq);
+        o.calibration = Some(calibration());
+        o.pruning = Some(Pruning {
+            method,
+            sparsity: Sparsity::Unstructured(sparsity),
+        });
+        o.sparse_storage = sparse_storage;
+        convert(&o)
+    };
+    for (weights, method, sparsity) in [
+        (q4, PruneMethod::Wanda, 0.6),
+        (Encoding::Q8 { group: 32 }, PruneMethod::SparseGpt, 0.5),
+    ] {
+        let (_d1, sparse) = convert_pruned(weights, method, sparsity, true);
+        let (_d2, dense) = convert_pruned(weights, method, sparsity, false);
+        let (file, dense_file) = (
+            PlmFile::open(&sparse).unwrap(),
+            PlmFile::open(&dense).unwrap(),
+        );
+        for name in ["blk.0.attn_q.weight", "blk.4.ffn_up.weight"] {
+            let (s, d) = (file.entry(name).unwrap(), dense_file.entry(name).unwrap());
+            assert!(s.encoding.is_masked(), "{name}: {}", s.encoding);
+            assert_eq!(s.encoding.quant_base(), weights, "{name}");
+            assert_eq!(d.encoding, weights, "{name}");
+            assert_eq!(
+                file.view(s).to_f32_vec(),
+                dense_file.view(d).to_f32_vec(),
+                "{name}: same values"
+            );
+            // Kept codes, a bit of mask per weight and the scales: well under dense.
+            let limit = pocketlm::convert::MASKED_MAX_SHARE * d.length as f64;
+            assert!(
+                (s.length as f64) < limit,
+                "{name}: {} vs {}",
+                s.length,
+                d.length
+            );
+        }
+        // The same integer products; a prompt's masked q4 tiles are multiplied as expanded q8
+        // tiles, which rounds the float sums in another order (on SIMD paths: ~0.1%).
+        let (s, d) = (ppl(&sparse), ppl(&dense));
+        assert!(
+            (s - d).abs() < 3e-3 * d,
+            "{weights}: sparse {s} vs dense {d}"
+        );
+    }
+    // At 30% a q4 mask would save too little: dense, with the reason in the recipe.
+    let (_d3, light) = convert_pruned(q4, PruneMethod::Wanda, 0.3, true);
+    let file = PlmFile::open(&light).unwrap();
+    assert_eq!(file.entry("blk.0.attn_q.weight").unwrap().encoding, q4);
+    let recipe = file.metadata()["recipe"]["prune"].clone();
+    let reasons = recipe["dense_storage"].as_array().unwrap();
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r["reason"].as_str().unwrap().contains("of the dense bytes")),
+        "{reasons:?}"
+    );
+}

@@ -339,6 +339,14 @@ impl ConvertOptions {
             .chain(self.output)
             .chain(self.keep.iter().map(|k| k.encoding));
         for e in requested {
+            if e.is_masked() {
+                let base = e.quant_base().describe();
+                return Err(ConvertError::Options(format!(
+                    "{} is chosen automatically for {base} matrices pruned without a pattern: \
+                     use --weights {base} --prune METHOD --sparsity FRACTION",
+                    e.name()
+                )));
+            }
             if matches!(
                 e,
                 Encoding::F16Sparse24 | Encoding::Q8Sparse48 { .. } | Encoding::Q4Sparse48 { .. }
@@ -1294,6 +1302,12 @@ impl Sink {
     }
 }
 
+/// Largest share of a dense quantized matrix's bytes that its unstructured sparse storage
+/// (q8+mask, q4+mask) may take: above it the matrix stays dense, since expanding the masks
+/// costs more than the bytes it saves (measured in BENCHMARKS.md, "Unstructured sparse
+/// storage").
+pub const MASKED_MAX_SHARE: f64 = 0.8;
+
 /// The writer plus the running totals of a conversion.
 struct Output<'a, 'p> {
     writer: Sink,
@@ -1391,6 +1405,18 @@ impl<'a, 'p> Output<'a, 'p> {
             }
             // The remaining encodings are the quantized ones.
             _ => {
+                // A masked matrix's code stream is sized for the values as finally stored
+                // (recovery may have moved them since the storage was chosen).
+                let encoding = if encoding.is_masked() {
+                    encoding
+                        .quant_base()
+                        .masked_storage(&tensor.values, shape[0], shape[1])
+                        .ok_or_else(|| {
+                            method_err(format!("cannot size {encoding} for {shape:?}"))
+                        })?
+                } else {
+                    encoding
+                };
                 let grids = tensor
                     .grids
                     .as_deref()
@@ -1455,8 +1481,10 @@ impl<'a, 'p> Output<'a, 'p> {
     /// The sparse storage of a pruned matrix requested as `encoding`, when one applies:
     /// f16 matrices pruned 2:4 become f16+2:4 (9 instead of 16 bits per weight); q8 and
     /// symmetric q4 matrices keeping at most 4 of every 8 weights (2:4, 4:8) become q8+4:8
-    /// and q4+4:8 (5 and 3 instead of 8 and 4 bits per weight, plus scales). Every other case
-    /// stays dense, and the reason is recorded.
+    /// and q4+4:8 (5 and 3 instead of 8 and 4 bits per weight, plus scales); q8 and
+    /// symmetric q4 matrices pruned without a pattern become q8+mask and q4+mask (a bit per
+    /// weight plus the kept codes) when that reads at most [`MASKED_MAX_SHARE`] of the dense
+    /// bytes. Every other case stays dense, and the reason is recorded.
     fn sparse_storage(
         &mut self,
         name: &str,
@@ -1473,6 +1501,28 @@ impl<'a, 'p> Output<'a, 'p> {
         if !self.options.sparse_storage {
             return dense("dense storage requested".into());
         }
+        if let Sparsity::Unstructured(_) = sparsity {
+            let (rows, cols) = (shape[0], shape[1]);
+            let Some(masked) = encoding.masked_storage(values, rows, cols) else {
+                return dense(format!(
+                    "no unstructured sparse encoding with {encoding} values (q8 and symmetric \
+                     q4 have one)"
+                ));
+            };
+            let bytes = |e: Encoding| e.byte_len(shape).unwrap_or(usize::MAX) as f64;
+            let share = bytes(masked) / bytes(encoding);
+            if share > MASKED_MAX_SHARE {
+                return dense(format!(
+                    "{} would read {:.0}% of the dense bytes (sparse storage pays from {:.0}% \
+                     down)",
+                    masked.describe(),
+                    100.0 * share,
+                    100.0 * MASKED_MAX_SHARE
+                ));
+            }
+            self.sparse_tensors += 1;
+            return Some(masked);
+        }
         let Some(sparse) = encoding.sparse_storage() else {
             return dense(format!(
                 "no sparse encoding with {encoding} values (f16, q8 and symmetric q4 have one)"
@@ -1484,13 +1534,6 @@ impl<'a, 'p> Output<'a, 'p> {
         } else {
             (8, 4)
         };
-        if !matches!(sparsity, Sparsity::NM { .. }) {
-            return dense(format!(
-                "no sparse encoding for {} yet (N:M patterns keeping at most {kept} of every \
-                 {run} weights only)",
-                sparsity.describe()
-            ));
-        }
         if !shape[1].is_multiple_of(8) {
             return dense(format!(
                 "rows of {} columns are not a multiple of 8",

@@ -103,7 +103,20 @@ pub enum Encoding {
     /// Sparse symmetric q4 matrix (at most 4 of every 8 weights kept), stored like [`Encoding::Q8Sparse48`] with 4-bit codes:
     /// 3 bits per weight plus the scales. Code 258, param0 = group. See [`QuantLayout`].
     Q4Sparse48 { group: u32 },
+    /// Unstructured sparse q8 (any pattern): per tile block a one-bit-per-weight mask of the
+    /// kept weights, and the kept i8 codes in one stream located by a per-block offset table,
+    /// so each block stores exactly the codes it keeps. Code 259, param0 = group, param1 =
+    /// bytes of the code stream. See [`QuantLayout`].
+    Q8Masked { group: u32, code_bytes: u32 },
+    /// Unstructured sparse symmetric q4, stored like [`Encoding::Q8Masked`] with the kept
+    /// 4-bit codes of each piece packed two to a byte. Code 260, param0 = group, param1 =
+    /// bytes of the code stream.
+    Q4Masked { group: u32, code_bytes: u32 },
 }
+
+/// Bytes after a masked encoding's code stream that the kernels may read (and never use), so
+/// a full-width SIMD load at any valid code offset stays inside the tensor.
+pub const MASKED_CODE_PADDING: usize = 64;
 
 /// Quantized weights come in blocks of this many values: the activation block of the integer
 /// dot products, and the unit of the nibble packing. Groups are multiples of it.
@@ -141,6 +154,8 @@ impl Encoding {
             Encoding::F16Sparse24 => "f16+2:4",
             Encoding::Q8Sparse48 { .. } => "q8+4:8",
             Encoding::Q4Sparse48 { .. } => "q4+4:8",
+            Encoding::Q8Masked { .. } => "q8+mask",
+            Encoding::Q4Masked { .. } => "q4+mask",
         }
     }
 
@@ -161,10 +176,11 @@ impl Encoding {
     pub fn quant_base(self) -> Encoding {
         match self {
             Encoding::Q8Sparse48 { group } => Encoding::Q8 { group },
-            Encoding::Q4Sparse48 { group } => Encoding::Q4 {
+            Encoding::Q4Sparse48 { group } | Encoding::Q4Masked { group, .. } => Encoding::Q4 {
                 group,
                 asymmetric: false,
             },
+            Encoding::Q8Masked { group, .. } => Encoding::Q8 { group },
             other => other,
         }
     }
@@ -184,6 +200,53 @@ impl Encoding {
         }
     }
 
+    /// The unstructured sparse storage of a pruned matrix of this encoding (q8+mask, q4+mask
+    /// for q8 and symmetric q4), sized for `values` (row-major `[rows, cols]`, pruned weights
+    /// exactly zero): `None` for other encodings, shapes the encoding cannot store, or a code
+    /// stream beyond 4 GiB.
+    pub fn masked_storage(self, values: &[f32], rows: usize, cols: usize) -> Option<Encoding> {
+        let nibbles = match self {
+            Encoding::Q8 { .. } => false,
+            Encoding::Q4 {
+                asymmetric: false, ..
+            } => true,
+            _ => return None,
+        };
+        let group = self.group()?;
+        if values.len() != rows.checked_mul(cols)? || !cols.is_multiple_of(group as usize) {
+            return None;
+        }
+        // Per piece (8 rows × 8 columns of a tile): its kept codes, nibbles rounded up to bytes.
+        let mut bytes = 0u64;
+        for tile in 0..rows.div_ceil(TILE_ROWS) {
+            let tile_rows = tile * TILE_ROWS..((tile + 1) * TILE_ROWS).min(rows);
+            for piece in 0..cols / TILE_PIECE {
+                let kept: usize = tile_rows
+                    .clone()
+                    .map(|r| {
+                        let at = r * cols + piece * TILE_PIECE;
+                        values[at..at + TILE_PIECE]
+                            .iter()
+                            .filter(|v| **v != 0.0)
+                            .count()
+                    })
+                    .sum();
+                bytes += if nibbles { kept.div_ceil(2) } else { kept } as u64;
+            }
+        }
+        let code_bytes = u32::try_from(bytes).ok()?;
+        Some(if nibbles {
+            Encoding::Q4Masked { group, code_bytes }
+        } else {
+            Encoding::Q8Masked { group, code_bytes }
+        })
+    }
+
+    /// Whether the encoding stores an unstructured bitmask and a variable code stream.
+    pub fn is_masked(self) -> bool {
+        matches!(self, Encoding::Q8Masked { .. } | Encoding::Q4Masked { .. })
+    }
+
     /// One value per element, no side data (f32, f16, bf16).
     pub fn is_dense(self) -> bool {
         matches!(self, Encoding::F32 | Encoding::F16 | Encoding::BF16)
@@ -196,12 +259,16 @@ impl Encoding {
             | Encoding::Q4 { group, .. }
             | Encoding::Q3 { group }
             | Encoding::Q8Sparse48 { group }
-            | Encoding::Q4Sparse48 { group } => Some(group),
+            | Encoding::Q4Sparse48 { group }
+            | Encoding::Q8Masked { group, .. }
+            | Encoding::Q4Masked { group, .. } => Some(group),
             _ => None,
         }
     }
 
-    /// Storage cost per weight, including per-group scales (and minimums).
+    /// Storage cost per weight, including per-group scales (and minimums). For the masked
+    /// encodings, whose kept codes depend on the data, the cost without the codes (mask and
+    /// scales): a matrix adds `8 · code_bytes / elements` and 32 bits per tile of 8 rows.
     pub fn bits_per_weight(self) -> f64 {
         match self {
             Encoding::F32 => 32.0,
@@ -214,6 +281,9 @@ impl Encoding {
             Encoding::F16Sparse24 => 9.0,
             Encoding::Q8Sparse48 { group } => 5.0 + 16.0 / group as f64,
             Encoding::Q4Sparse48 { group } => 3.0 + 16.0 / group as f64,
+            Encoding::Q8Masked { group, .. } | Encoding::Q4Masked { group, .. } => {
+                1.0 + 16.0 / group as f64
+            }
         }
     }
 
@@ -245,6 +315,8 @@ impl Encoding {
             Encoding::F16Sparse24 => 256,
             Encoding::Q8Sparse48 { .. } => 257,
             Encoding::Q4Sparse48 { .. } => 258,
+            Encoding::Q8Masked { .. } => 259,
+            Encoding::Q4Masked { .. } => 260,
         }
     }
 
@@ -257,6 +329,9 @@ impl Encoding {
             Encoding::Q3 { group }
             | Encoding::Q8Sparse48 { group }
             | Encoding::Q4Sparse48 { group } => (group, 0),
+            Encoding::Q8Masked { group, code_bytes } | Encoding::Q4Masked { group, code_bytes } => {
+                (group, code_bytes)
+            }
         }
     }
 
@@ -279,6 +354,14 @@ impl Encoding {
             18 => Encoding::Q3 { group: param0 },
             257 => Encoding::Q8Sparse48 { group: param0 },
             258 => Encoding::Q4Sparse48 { group: param0 },
+            259 => Encoding::Q8Masked {
+                group: param0,
+                code_bytes: param1,
+            },
+            260 => Encoding::Q4Masked {
+                group: param0,
+                code_bytes: param1,
+            },
             _ => match Encoding::from_code(code) {
                 Some(e) => e,
                 None => return Ok(None),
@@ -314,8 +397,24 @@ impl Encoding {
         let tiles = rows.div_ceil(TILE_ROWS);
         let tile_bytes = (cols / QUANT_BLOCK).checked_mul(self.tile_block_bytes()?)?;
         let quant_bytes = tiles.checked_mul(tile_bytes)?;
+        // Masked encodings: the per-tile offsets (u32, one more than tiles) and the code
+        // stream (with its padding) follow the masks.
+        let (offsets, codes, quant_end) = match self {
+            Encoding::Q8Masked { code_bytes, .. } | Encoding::Q4Masked { code_bytes, .. } => {
+                let offsets_end = quant_bytes.checked_add(tiles.checked_add(1)?.checked_mul(4)?)?;
+                let codes_end = offsets_end
+                    .checked_add(code_bytes as usize)?
+                    .checked_add(MASKED_CODE_PADDING)?;
+                (
+                    Some(quant_bytes..offsets_end),
+                    Some(offsets_end..codes_end),
+                    codes_end,
+                )
+            }
+            _ => (None, None, quant_bytes),
+        };
         let scales_start =
-            quant_bytes.checked_add(TENSOR_ALIGNMENT - 1)? / TENSOR_ALIGNMENT * TENSOR_ALIGNMENT;
+            quant_end.checked_add(TENSOR_ALIGNMENT - 1)? / TENSOR_ALIGNMENT * TENSOR_ALIGNMENT;
         let scale_bytes = (tiles * TILE_ROWS)
             .checked_mul(cols / group)?
             .checked_mul(2)?;
@@ -335,6 +434,8 @@ impl Encoding {
             group,
             tiles,
             quants: 0..quant_bytes,
+            offsets,
+            codes,
             scales: scales_start..scales_end,
             mins,
             total,
@@ -351,6 +452,10 @@ impl Encoding {
             // Kept codes (half the weights) and a one-bit-per-weight mask.
             Encoding::Q8Sparse48 { .. } => Some(TILE_ROWS * QUANT_BLOCK * 5 / 8),
             Encoding::Q4Sparse48 { .. } => Some(TILE_ROWS * QUANT_BLOCK * 3 / 8),
+            // The mask only; the codes live in the stream after the offsets.
+            Encoding::Q8Masked { .. } | Encoding::Q4Masked { .. } => {
+                Some(TILE_ROWS * QUANT_BLOCK / 8)
+            }
             _ => None,
         }
     }
@@ -367,7 +472,9 @@ impl Encoding {
             | Encoding::Q3 { .. }
             | Encoding::F16Sparse24
             | Encoding::Q8Sparse48 { .. }
-            | Encoding::Q4Sparse48 { .. } => 1,
+            | Encoding::Q4Sparse48 { .. }
+            | Encoding::Q8Masked { .. }
+            | Encoding::Q4Masked { .. } => 1,
         }
     }
 }
@@ -406,6 +513,13 @@ fn encoding_group_ok(group: u32) -> Result<(), String> {
 /// then the kept codes in column order, row by row: q8+4:8 128 bytes (piece `k` at `32k`, row
 /// `r`'s four at `4r`); q4+4:8 64 bytes (byte `32(k / 2) + 4r + i` holds kept code `i` of row
 /// `r` in its low nibble for even `k`, high nibble for odd `k`). Pruned weights are zero.
+///
+/// The masked encodings (q8+mask, q4+mask) keep any number of codes. A tile block is only
+/// its 32-byte bitmask (as above, any bits set); `offsets` holds one little-endian u32 per
+/// tile plus one, the start of each tile's codes in `codes`; a tile's codes are its blocks'
+/// pieces' in order, and a piece's are its kept codes row by row in column order (q8 one byte
+/// each; q4 two to a byte, low nibble first, a piece's last byte padded). `codes` ends with
+/// [`MASKED_CODE_PADDING`] bytes. A tile whose offsets disagree with its masks reads as zero.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QuantLayout {
     pub rows: usize,
@@ -414,6 +528,10 @@ pub struct QuantLayout {
     /// Row tiles stored: `rows` rounded up to a multiple of [`TILE_ROWS`], divided by it.
     pub tiles: usize,
     pub quants: std::ops::Range<usize>,
+    /// Masked encodings: per tile, the start of its codes (u32), and the end.
+    pub offsets: Option<std::ops::Range<usize>>,
+    /// Masked encodings: the kept codes, padded.
+    pub codes: Option<std::ops::Range<usize>>,
     pub scales: std::ops::Range<usize>,
     pub mins: Option<std::ops::Range<usize>>,
     pub total: usize,

@@ -13,7 +13,7 @@ use std::arch::aarch64::*;
 use std::arch::asm;
 use std::ops::Range;
 
-use super::kinds::{Q3, Q4, Q4A, Q4S, Q8, Q8S, block_bytes};
+use super::kinds::{Q3, Q4, Q4A, Q4M, Q4S, Q8, Q8M, Q8S, block_bytes};
 use super::{ActRow, QuantMatrix, QuantizedActivations, SPARSE48_SHUFFLE, store_tile};
 use crate::format::{QUANT_BLOCK, TILE_ROWS};
 use crate::kernels::KernelPath;
@@ -395,6 +395,10 @@ unsafe fn tile_i8mm<const K: u8, const T: usize>(
 /// bytes a block), so a tile meeting many tokens pays the expansion once.
 #[target_feature(enable = "neon")]
 unsafe fn expand_tile<const K: u8>(w: &QuantMatrix<'_>, tile: usize, codes: &mut [u8]) {
+    if K == Q8M || K == Q4M {
+        // SAFETY: forwarded contract.
+        return unsafe { expand_masked::<K>(w, tile, codes) };
+    }
     let q = w.tile_quants(tile).as_ptr();
     assert_eq!(codes.len(), w.blocks_per_row() * 256);
     for b in 0..w.blocks_per_row() {
@@ -414,14 +418,78 @@ unsafe fn expand_tile<const K: u8>(w: &QuantMatrix<'_>, tile: usize, codes: &mut
     }
 }
 
+/// The masked tile `tile` of `w` expanded into `codes` as a q8 tile (signed levels): per
+/// row pair, one 16-byte load at the first row's codes and a table lookup whose indices (the
+/// rows' mask bytes through the table, the second row's shifted by the first's count) put
+/// each kept code in its column and zeros elsewhere. q4 rows are unpacked one at a time (a
+/// row may start in the middle of a byte).
+#[target_feature(enable = "neon")]
+unsafe fn expand_masked<const K: u8>(w: &QuantMatrix<'_>, tile: usize, codes: &mut [u8]) {
+    assert_eq!(codes.len(), w.blocks_per_row() * 256);
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    let Some((tile_masks, src)) = w.masked_tile(tile) else {
+        // A corrupt tile reads as zero.
+        return codes.fill(0);
+    };
+    let mut at = 0;
+    for b in 0..w.blocks_per_row() {
+        let dense = codes[256 * b..256 * (b + 1)].as_mut_ptr();
+        let masks = &tile_masks[32 * b..32 * (b + 1)];
+        for k in 0..4 {
+            let m = &masks[8 * k..8 * k + 8];
+            // SAFETY: `masked_tile` checked that the tile's codes lie in `src` followed by 64
+            // bytes of padding: every load starts at or before a piece's last code and reads
+            // at most 16 bytes. Stores write 16 bytes inside block b of `codes`.
+            unsafe {
+                let p = src.as_ptr().add(at);
+                let mut start = 0usize;
+                for i in (0..8).step_by(2) {
+                    let (m0, m1) = (m[i] as usize, m[i + 1] as usize);
+                    let n0 = m[i].count_ones() as usize;
+                    let dst = dense.add(64 * k + 8 * i);
+                    if K == Q8M {
+                        let control = vcombine_u8(
+                            vcreate_u8(SPARSE48_SHUFFLE[m0]),
+                            vcreate_u8(SPARSE48_SHUFFLE[m1] + n0 as u64 * ONES),
+                        );
+                        let v = vld1q_u8(p.add(start));
+                        vst1q_u8(dst, vqtbl1q_u8(v, control));
+                    } else {
+                        let row = |first: usize, mask: usize| {
+                            let v = vld1_u8(p.add(first / 2));
+                            // Sixteen codes in order from the byte holding the row's first.
+                            let ordered = vcombine_u8(
+                                vzip1_u8(vand_u8(v, vdup_n_u8(0x0F)), vshr_n_u8::<4>(v)),
+                                vzip2_u8(vand_u8(v, vdup_n_u8(0x0F)), vshr_n_u8::<4>(v)),
+                            );
+                            let control =
+                                vcreate_u8(SPARSE48_SHUFFLE[mask] + (first % 2) as u64 * ONES);
+                            let level = vsub_u8(vqtbl1_u8(ordered, control), vdup_n_u8(8));
+                            // Pruned columns (index ≥ 0x80) are level 0.
+                            vand_u8(level, vclt_u8(control, vdup_n_u8(16)))
+                        };
+                        vst1q_u8(dst, vcombine_u8(row(start, m0), row(start + n0, m1)));
+                    }
+                    start += n0 + m[i + 1].count_ones() as usize;
+                }
+            }
+            at += w
+                .kind
+                .piece_code_bytes(u64::from_le_bytes(m.try_into().unwrap()));
+        }
+    }
+}
+
 /// A buffer for one expanded q8 tile when `w` is sparse (4 of 8) and meets more than `width`
-/// tokens (so the expansion is paid once per tile, not once per run of tokens).
+/// tokens (so the expansion is paid once per tile, not once per run of tokens), and always
+/// when `w` is masked (its codes are found by walking the masks).
 fn expansion_buffer<const K: u8>(
     w: &QuantMatrix<'_>,
     tokens: usize,
     width: usize,
 ) -> Option<Vec<u8>> {
-    ((K == Q8S || K == Q4S) && tokens > width).then(|| vec![0u8; w.blocks_per_row() * 256])
+    let expand = K == Q8M || K == Q4M || ((K == Q8S || K == Q4S) && tokens > width);
+    expand.then(|| vec![0u8; w.blocks_per_row() * 256])
 }
 
 /// Runs `$tokens::<K>` (or `::<Q8>` over the expanded tile) on every tile.

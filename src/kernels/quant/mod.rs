@@ -20,6 +20,8 @@ pub(crate) mod kinds {
     pub const Q3: u8 = 3;
     pub const Q8S: u8 = 4;
     pub const Q4S: u8 = 5;
+    pub const Q8M: u8 = 6;
+    pub const Q4M: u8 = 7;
 
     /// Bytes of one tile block of kind `kind` ([`super::QuantKind::tile_block_bytes`]).
     pub const fn block_bytes(kind: u8) -> usize {
@@ -27,6 +29,7 @@ pub(crate) mod kinds {
             Q8 => 256,
             Q8S => 160,
             Q3 | Q4S => 96,
+            Q8M | Q4M => 32,
             _ => 128,
         }
     }
@@ -43,6 +46,8 @@ macro_rules! by_kind {
             QuantKind::Q3 => $($run)::+::<{ kinds::Q3 }>($($args),*),
             QuantKind::Q8Sparse48 => $($run)::+::<{ kinds::Q8S }>($($args),*),
             QuantKind::Q4Sparse48 => $($run)::+::<{ kinds::Q4S }>($($args),*),
+            QuantKind::Q8Masked => $($run)::+::<{ kinds::Q8M }>($($args),*),
+            QuantKind::Q4Masked => $($run)::+::<{ kinds::Q4M }>($($args),*),
         }
     }};
 }
@@ -57,7 +62,9 @@ use std::ops::Range;
 use half::f16;
 
 use super::KernelPath;
-use crate::format::{Encoding, QUANT_BLOCK, QuantLayout, TILE_PIECE, TILE_ROWS, TensorView};
+use crate::format::{
+    Encoding, MASKED_CODE_PADDING, QUANT_BLOCK, QuantLayout, TILE_PIECE, TILE_ROWS, TensorView,
+};
 
 /// Which quantized format a matrix uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,6 +78,11 @@ pub enum QuantKind {
     Q8Sparse48,
     /// Symmetric q4 keeping at most 4 of every 8 weights.
     Q4Sparse48,
+    /// q8 keeping any weights (unstructured): a bitmask per tile block and the kept codes in
+    /// a stream located by per-block offsets.
+    Q8Masked,
+    /// Symmetric q4 keeping any weights, its kept codes two to a byte.
+    Q4Masked,
 }
 
 impl QuantKind {
@@ -82,16 +94,46 @@ impl QuantKind {
             QuantKind::Q3 => TILE_ROWS * QUANT_BLOCK * 3 / 8,
             QuantKind::Q8Sparse48 => TILE_ROWS * QUANT_BLOCK * 5 / 8,
             QuantKind::Q4Sparse48 => TILE_ROWS * QUANT_BLOCK * 3 / 8,
+            QuantKind::Q8Masked | QuantKind::Q4Masked => TILE_ROWS * QUANT_BLOCK / 8,
         }
     }
 
-    /// Bits stored per weight, scales aside (sparse kinds: kept codes and mask).
+    /// Bits stored per weight in the tile blocks, scales aside (sparse kinds: kept codes and
+    /// mask; masked kinds: the mask only, their codes are a separate stream).
     pub fn code_bits(self) -> usize {
         match self {
             QuantKind::Q8 => 8,
             QuantKind::Q4 | QuantKind::Q4Asym => 4,
             QuantKind::Q3 | QuantKind::Q4Sparse48 => 3,
             QuantKind::Q8Sparse48 => 5,
+            QuantKind::Q8Masked | QuantKind::Q4Masked => 1,
+        }
+    }
+
+    /// Masked kinds: bytes of the codes of the pieces whose masks are `masks` (8 bytes a
+    /// piece).
+    #[inline]
+    pub fn masked_code_bytes(self, masks: &[u8]) -> usize {
+        masks
+            .chunks_exact(8)
+            .map(|m| self.piece_code_bytes(u64::from_le_bytes(m.try_into().unwrap())))
+            .sum()
+    }
+
+    /// Whether the kind keeps any weights (a bitmask and a code stream).
+    pub fn is_masked(self) -> bool {
+        matches!(self, QuantKind::Q8Masked | QuantKind::Q4Masked)
+    }
+
+    /// Masked kinds: bytes of the codes of one piece whose eight row masks are the bytes of
+    /// `masks` (q8 one per kept weight; q4 two to a byte, rounded up).
+    #[inline]
+    pub fn piece_code_bytes(self, masks: u64) -> usize {
+        let kept = masks.count_ones() as usize;
+        if self == QuantKind::Q4Masked {
+            kept.div_ceil(2)
+        } else {
+            kept
         }
     }
 
@@ -103,8 +145,8 @@ impl QuantKind {
     /// The stored code that means level 0: `level = code − zero_point` (q8 codes are signed).
     pub fn zero_point(self) -> i32 {
         match self {
-            QuantKind::Q8 | QuantKind::Q4Asym | QuantKind::Q8Sparse48 => 0,
-            QuantKind::Q4 | QuantKind::Q4Sparse48 => 8,
+            QuantKind::Q8 | QuantKind::Q4Asym | QuantKind::Q8Sparse48 | QuantKind::Q8Masked => 0,
+            QuantKind::Q4 | QuantKind::Q4Sparse48 | QuantKind::Q4Masked => 8,
             QuantKind::Q3 => 4,
         }
     }
@@ -122,6 +164,11 @@ pub struct QuantMatrix<'a> {
     /// Per tile, per group, the scales of the tile's rows.
     pub scales: &'a [f16],
     pub mins: Option<&'a [f16]>,
+    /// Masked kinds: per tile block of the stored matrix, the start of its codes (u32 LE),
+    /// one more than blocks; empty otherwise.
+    pub offsets: &'a [u8],
+    /// Masked kinds: the kept codes and their padding; empty otherwise.
+    pub codes: &'a [u8],
     /// Columns of the stored rows: `cols`, or more for a view of the first columns.
     stored_cols: usize,
 }
@@ -141,6 +188,8 @@ impl<'a> QuantMatrix<'a> {
             Encoding::Q3 { .. } => QuantKind::Q3,
             Encoding::Q8Sparse48 { .. } => QuantKind::Q8Sparse48,
             Encoding::Q4Sparse48 { .. } => QuantKind::Q4Sparse48,
+            Encoding::Q8Masked { .. } => QuantKind::Q8Masked,
+            Encoding::Q4Masked { .. } => QuantKind::Q4Masked,
             _ => return None,
         };
         if bytes.len() != layout.total {
@@ -151,6 +200,10 @@ impl<'a> QuantMatrix<'a> {
             Some(r) => Some(bytemuck::try_cast_slice(bytes.get(r.clone())?).ok()?),
             None => None,
         };
+        let region = |r: &Option<Range<usize>>| match r {
+            Some(r) => bytes.get(r.clone()),
+            None => Some(&[][..]),
+        };
         Some(QuantMatrix {
             kind,
             rows: layout.rows,
@@ -159,6 +212,8 @@ impl<'a> QuantMatrix<'a> {
             quants: bytes.get(layout.quants.clone())?,
             scales,
             mins,
+            offsets: region(&layout.offsets)?,
+            codes: region(&layout.codes)?,
             stored_cols: layout.cols,
         })
     }
@@ -195,11 +250,42 @@ impl<'a> QuantMatrix<'a> {
         self.rows.div_ceil(TILE_ROWS)
     }
 
-    /// Bytes of one row: its codes, scales and minimums.
+    /// Bytes of one row: its codes, scales and minimums (masked kinds: the mask and the
+    /// stored rows' mean share of the code stream).
     pub fn row_bytes(&self) -> usize {
-        let codes = self.cols * self.kind.code_bits() / 8;
+        let mut codes = self.cols * self.kind.code_bits() / 8;
+        if self.kind.is_masked() {
+            let stored_rows = (self.offsets.len() / 4).saturating_sub(1) * TILE_ROWS;
+            let stream = self.codes.len().saturating_sub(MASKED_CODE_PADDING);
+            codes += stream * self.cols / self.stored_cols.max(1) / stored_rows.max(1);
+        }
         let per_group = if self.mins.is_some() { 4 } else { 2 };
         codes + per_group * self.groups_per_row()
+    }
+
+    /// Masked kinds: the masks of tile `tile` (the view's blocks, 32 bytes each) and the code
+    /// stream from the tile's first code on (padding included), when the tile's offsets
+    /// agree with the masks of all its stored blocks; `None` otherwise, and the whole tile
+    /// reads as zero (only a corrupt file has such a tile, and no kernel reads outside the
+    /// stream for it). The kernels walk the codes piece by piece from here.
+    #[inline]
+    pub(crate) fn masked_tile(&self, tile: usize) -> Option<(&'a [u8], &'a [u8])> {
+        let stored = 32 * (self.stored_cols / QUANT_BLOCK);
+        let all_masks = self.quants.get(tile * stored..(tile + 1) * stored)?;
+        let offset = |i: usize| -> Option<usize> {
+            let bytes = self.offsets.get(4 * i..4 * i + 4)?;
+            Some(u32::from_le_bytes(bytes.try_into().ok()?) as usize)
+        };
+        let (start, end) = (offset(tile)?, offset(tile + 1)?);
+        let fits = start <= end
+            && end - start == self.kind.masked_code_bytes(all_masks)
+            && end.checked_add(MASKED_CODE_PADDING)? <= self.codes.len();
+        fits.then(|| {
+            (
+                &all_masks[..32 * self.blocks_per_row()],
+                &self.codes[start..],
+            )
+        })
     }
 
     /// The codes of tile `t`: the view's blocks, [`QuantKind::tile_block_bytes`] each.
@@ -238,6 +324,8 @@ impl<'a> QuantMatrix<'a> {
             quants: codes,
             scales: self.tile_scales(tile),
             mins: None,
+            offsets: &[],
+            codes: &[],
             stored_cols: self.cols,
         }
     }
@@ -279,6 +367,42 @@ impl<'a> QuantMatrix<'a> {
                 let byte = b[32 + 32 * (k / 2) + 4 * i + n];
                 if k % 2 == 0 { byte & 0x0F } else { byte >> 4 }
             }
+            QuantKind::Q8Masked | QuantKind::Q4Masked => {
+                let Some((masks, codes)) = self.masked_tile(r / TILE_ROWS) else {
+                    return 0;
+                };
+                let masks = &masks[32 * (c / QUANT_BLOCK)..];
+                let codes = &codes[self.kind.masked_code_bytes(
+                    &self.tile_quants(r / TILE_ROWS)[..32 * (c / QUANT_BLOCK)],
+                )..];
+                let mask = masks[8 * k + i];
+                if mask >> j & 1 == 0 {
+                    return 0;
+                }
+                // The piece's codes follow the earlier pieces'; this one's index is the
+                // number of kept weights before it in the piece, row by row.
+                let piece_at: usize = masks[..8 * k]
+                    .chunks_exact(8)
+                    .map(|m| {
+                        self.kind
+                            .piece_code_bytes(u64::from_le_bytes(m.try_into().unwrap()))
+                    })
+                    .sum();
+                let n = masks[8 * k..8 * k + i]
+                    .iter()
+                    .map(|m| m.count_ones() as usize)
+                    .sum::<usize>()
+                    + (mask & ((1u16 << j) - 1) as u8).count_ones() as usize;
+                if self.kind == QuantKind::Q8Masked {
+                    return codes[piece_at + n] as i8 as i32;
+                }
+                let byte = codes[piece_at + n / 2];
+                if n.is_multiple_of(2) {
+                    byte & 0x0F
+                } else {
+                    byte >> 4
+                }
+            }
         };
         code as i32 - self.kind.zero_point()
     }
@@ -296,6 +420,13 @@ impl<'a> QuantMatrix<'a> {
 
     /// Row `r` decoded to f32 (reference dequantization).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        if self.kind.is_masked() {
+            // Walk the tile's masks once, not once per weight.
+            let mut dense = vec![0u8; self.blocks_per_row() * 256];
+            expand_masked_tile_scalar(self, r / TILE_ROWS, &mut dense);
+            let q8 = self.expanded_tile(r / TILE_ROWS, &dense);
+            return q8.dequantize_row(r % TILE_ROWS, out);
+        }
         for g in 0..self.groups_per_row() {
             let (d, m) = (self.scale(r, g), self.min(r, g));
             let cols = g * self.group..(g + 1) * self.group;
@@ -473,6 +604,21 @@ pub fn gemm_tiles(
         KernelPath::Neon | KernelPath::Dotprod | KernelPath::I8mm => unsafe {
             arm::gemm_tiles(path, w, acts, tiles, out)
         },
+        _ if w.kind.is_masked() => {
+            // Walking the masks once per tile, not once per weight.
+            let mut dense = vec![0u8; w.blocks_per_row() * 256];
+            for tile in tiles.clone() {
+                expand_masked_tile_scalar(w, tile, &mut dense);
+                let q8 = w.expanded_tile(tile, &dense);
+                let at = (tile - tiles.start) * TILE_ROWS;
+                for (t, o) in out.iter_mut().enumerate() {
+                    let x = acts.row(t);
+                    for i in 0..q8.rows {
+                        o[at + i] = dot_scalar(&q8, i, &x);
+                    }
+                }
+            }
+        }
         _ => {
             let first = tiles.start * TILE_ROWS;
             for (t, o) in out.iter_mut().enumerate() {
@@ -559,6 +705,9 @@ fn put_code(kind: QuantKind, block: &mut [u8], i: usize, c: usize, code: u8) {
         QuantKind::Q8Sparse48 | QuantKind::Q4Sparse48 => {
             unreachable!("sparse rows are written by put_sparse48_row")
         }
+        QuantKind::Q8Masked | QuantKind::Q4Masked => {
+            unreachable!("masked tiles are written by put_masked_tile")
+        }
     }
 }
 
@@ -629,6 +778,89 @@ fn put_sparse48_row(
     Some(())
 }
 
+/// Masked kinds: tile `tile` of `w` expanded into `out` as a q8 tile of signed levels (256
+/// bytes a block, the layout [`QuantMatrix::expanded_tile`] reads). The reference for the
+/// SIMD expansions, and the one the scalar paths use.
+pub(crate) fn expand_masked_tile_scalar(w: &QuantMatrix<'_>, tile: usize, out: &mut [u8]) {
+    assert_eq!(out.len(), w.blocks_per_row() * 256, "expanded tile size");
+    out.fill(0);
+    let Some((tile_masks, codes)) = w.masked_tile(tile) else {
+        return;
+    };
+    let mut at = 0;
+    for (dense, masks) in out.chunks_exact_mut(256).zip(tile_masks.chunks_exact(32)) {
+        for k in 0..QUANT_BLOCK / TILE_PIECE {
+            let mut n = 0;
+            for i in 0..TILE_ROWS {
+                let mask = masks[8 * k + i];
+                for j in (0..TILE_PIECE).filter(|j| mask >> j & 1 == 1) {
+                    let level = if w.kind == QuantKind::Q8Masked {
+                        codes[at + n] as i8
+                    } else {
+                        let byte = codes[at + n / 2];
+                        (if n.is_multiple_of(2) {
+                            byte & 0x0F
+                        } else {
+                            byte >> 4
+                        }) as i8
+                            - 8
+                    };
+                    dense[64 * k + 8 * i + j] = level as u8;
+                    n += 1;
+                }
+            }
+            at += w.kind.piece_code_bytes(u64::from_le_bytes(
+                masks[8 * k..8 * k + 8].try_into().unwrap(),
+            ));
+        }
+    }
+}
+
+/// Writes the masks of tile `tile` (rows `8 · tile..`, fewer in a last partial tile) of a
+/// masked kind into `masks` (32 bytes a block) and appends their kept codes (`code(i)` for
+/// element `i` of `w`, kept where `w` is non-zero) to `stream`, recording the tile's start in
+/// `offsets` (as u32 LE).
+#[allow(clippy::too_many_arguments)]
+fn put_masked_tile(
+    kind: QuantKind,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    tile: usize,
+    masks: &mut [u8],
+    offsets: &mut Vec<u8>,
+    stream: &mut Vec<u8>,
+    code: impl Fn(usize) -> u8,
+) -> Option<()> {
+    let tile_rows = tile * TILE_ROWS..((tile + 1) * TILE_ROWS).min(rows);
+    offsets.extend_from_slice(&u32::try_from(stream.len()).ok()?.to_le_bytes());
+    for (b, block_masks) in masks.chunks_exact_mut(32).enumerate() {
+        for k in 0..QUANT_BLOCK / TILE_PIECE {
+            let mut kept = Vec::with_capacity(TILE_ROWS * TILE_PIECE);
+            for r in tile_rows.clone() {
+                let mut mask = 0u8;
+                for j in 0..TILE_PIECE {
+                    let i = r * cols + b * QUANT_BLOCK + k * TILE_PIECE + j;
+                    if w[i] != 0.0 {
+                        mask |= 1 << j;
+                        kept.push(code(i));
+                    }
+                }
+                block_masks[8 * k + r % TILE_ROWS] = mask;
+            }
+            if kind == QuantKind::Q8Masked {
+                stream.extend_from_slice(&kept);
+            } else {
+                stream.extend(
+                    kept.chunks(2)
+                        .map(|p| p[0] | p.get(1).map_or(0, |h| h << 4)),
+                );
+            }
+        }
+    }
+    Some(())
+}
+
 /// Quantizes `w` with the given per-group scales (and minimums for asymmetric q4), rounding
 /// to nearest, and lays the result out as the format's tensor bytes. `scales` (and `mins`)
 /// are row-major: `rows × cols / group`.
@@ -662,10 +894,10 @@ pub fn encode_with_scales(
         let d = stored[g];
         let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
         match kind {
-            QuantKind::Q8 | QuantKind::Q8Sparse48 => {
+            QuantKind::Q8 | QuantKind::Q8Sparse48 | QuantKind::Q8Masked => {
                 (w[i] * inv).round().clamp(-127.0, 127.0) as i8 as u8
             }
-            QuantKind::Q4 | QuantKind::Q4Sparse48 => {
+            QuantKind::Q4 | QuantKind::Q4Sparse48 | QuantKind::Q4Masked => {
                 (w[i] * inv + 8.0).round().clamp(0.0, 15.0) as u8
             }
             QuantKind::Q4Asym => ((w[i] - stored_mins[g]) * inv).round().clamp(0.0, 15.0) as u8,
@@ -674,8 +906,36 @@ pub fn encode_with_scales(
     };
     let block_bytes = kind.tile_block_bytes();
     let tile_bytes = cols / QUANT_BLOCK * block_bytes;
+    if kind.is_masked() {
+        let (offsets_range, codes_range) = (layout.offsets.clone()?, layout.codes.clone()?);
+        let mut offsets = Vec::with_capacity(offsets_range.len());
+        let mut stream = Vec::with_capacity(codes_range.len());
+        for (tile, masks) in out[layout.quants.clone()]
+            .chunks_exact_mut(tile_bytes)
+            .enumerate()
+        {
+            put_masked_tile(
+                kind,
+                w,
+                rows,
+                cols,
+                tile,
+                masks,
+                &mut offsets,
+                &mut stream,
+                code,
+            )?;
+        }
+        offsets.extend_from_slice(&u32::try_from(stream.len()).ok()?.to_le_bytes());
+        // The encoding was sized for these values (`Encoding::masked_storage`).
+        if stream.len() + MASKED_CODE_PADDING != codes_range.len() {
+            return None;
+        }
+        out[offsets_range].copy_from_slice(&offsets);
+        out[codes_range.start..codes_range.start + stream.len()].copy_from_slice(&stream);
+    }
     let quants = &mut out[layout.quants.clone()];
-    for r in 0..rows {
+    for r in (0..rows).filter(|_| !kind.is_masked()) {
         let tile = &mut quants[r / TILE_ROWS * tile_bytes..][..tile_bytes];
         for (b, block) in tile.chunks_exact_mut(block_bytes).enumerate() {
             let start = r * cols + b * QUANT_BLOCK;
@@ -725,8 +985,31 @@ mod tests {
             v.push(Encoding::Q3 { group });
             v.push(Encoding::Q8Sparse48 { group });
             v.push(Encoding::Q4Sparse48 { group });
+            v.push(Encoding::Q8Masked {
+                group,
+                code_bytes: 0,
+            });
+            v.push(Encoding::Q4Masked {
+                group,
+                code_bytes: 0,
+            });
         }
         v
+    }
+
+    /// `enc` with a masked encoding's code stream sized for `w`.
+    fn sized(enc: Encoding, w: &[f32], rows: usize, cols: usize) -> Encoding {
+        if enc.is_masked() {
+            enc.quant_base().masked_storage(w, rows, cols).unwrap()
+        } else {
+            enc
+        }
+    }
+
+    /// `w` quantized by RTN into `enc` (sized for `w`), with the encoding used.
+    fn rtn(enc: Encoding, w: &[f32], rows: usize, cols: usize) -> (Encoding, Vec<u8>) {
+        let enc = sized(enc, w, rows, cols);
+        (enc, quantize_rtn(w, rows, cols, enc).unwrap())
     }
 
     /// Random weights; for the sparse (4 of 8) encodings pruned 2:4 (the two smaller of every
@@ -734,6 +1017,23 @@ mod tests {
     /// (and some runs with fewer non-zeros).
     fn weights(encoding: Encoding, n: usize, seed: u64) -> Vec<f32> {
         let mut w = random_vec(n, seed);
+        if encoding.is_masked() {
+            // Unstructured: about 60% pruned at random, with some pieces of eight all kept
+            // and some all pruned, so row codes cross bytes and pieces are ragged.
+            let keep = random_vec(n, seed ^ 0x5eed);
+            for (i, (v, k)) in w.iter_mut().zip(&keep).enumerate() {
+                let piece = i / 8;
+                let pruned = match piece % 11 {
+                    3 => false,
+                    7 => true,
+                    _ => *k < 0.2,
+                };
+                if pruned {
+                    *v = 0.0;
+                }
+            }
+            return w;
+        }
         if matches!(
             encoding,
             Encoding::Q8Sparse48 { .. } | Encoding::Q4Sparse48 { .. }
@@ -773,7 +1073,7 @@ mod tests {
             // 11 rows: one whole tile and a ragged one.
             let (rows, cols) = (11, 256);
             let w = weights(enc, rows * cols, 5);
-            let bytes = quantize_rtn(&w, rows, cols, enc).unwrap();
+            let (enc, bytes) = rtn(enc, &w, rows, cols);
             let m = matrix(enc, rows, cols, &bytes);
             let back = m.dequantize();
             let group = enc.group().unwrap() as usize;
@@ -789,6 +1089,7 @@ mod tests {
                         ..
                     } | Encoding::Q3 { .. }
                         | Encoding::Q4Sparse48 { .. }
+                        | Encoding::Q4Masked { .. }
                 ) {
                     1.0
                 } else {
@@ -951,7 +1252,7 @@ mod tests {
             let group = enc.group().unwrap() as usize;
             let (rows, cols) = (13, 4 * group);
             let w = weights(enc, rows * cols, 21);
-            let bytes = quantize_rtn(&w, rows, cols, enc).unwrap();
+            let (enc, bytes) = rtn(enc, &w, rows, cols);
             let m = matrix(enc, rows, cols, &bytes);
             let full = m.dequantize();
             let view = m.first_rows(11).unwrap().first_cols(2 * group).unwrap();
@@ -986,7 +1287,7 @@ mod tests {
             let (rows, cols) = (10, 384);
             let w = weights(enc, rows * cols, 11);
             let x = random_vec(cols, 12);
-            let bytes = quantize_rtn(&w, rows, cols, enc).unwrap();
+            let (enc, bytes) = rtn(enc, &w, rows, cols);
             let m = matrix(enc, rows, cols, &bytes);
             let acts = QuantizedActivations::quantize(&x, 1, cols);
             let xq = dequantized(&acts);
@@ -1072,7 +1373,7 @@ mod tests {
             {
                 let cols = groups * group;
                 let w = weights(enc, rows * cols, 30 + i as u64);
-                let bytes = quantize_rtn(&w, rows, cols, enc).unwrap();
+                let (enc, bytes) = rtn(enc, &w, rows, cols);
                 let m = matrix(enc, rows, cols, &bytes);
                 let x = random_vec(tokens * cols, 7 + i as u64);
                 let acts = QuantizedActivations::quantize(&x, tokens, cols);
@@ -1097,6 +1398,184 @@ mod tests {
                                 );
                             }
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn masked_tiles_match_the_spec() {
+        // 9 rows (a second, partial tile) × 64: row r keeps column c when (c + 3r) % 5 < 2
+        // (so pieces keep 3 or 4 of 8 and rows start mid-byte in q4), level 1 + (r + c) % 7.
+        let (rows, cols) = (9, 64);
+        let kept = |r: usize, c: usize| (c + 3 * r) % 5 < 2;
+        let level = |r: usize, c: usize| (1 + (r + c) % 7) as f32;
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| {
+                let (r, c) = (i / cols, i % cols);
+                if kept(r, c) { level(r, c) } else { 0.0 }
+            })
+            .collect();
+        for base in [
+            Encoding::Q8 { group: 32 },
+            Encoding::Q4 {
+                group: 32,
+                asymmetric: false,
+            },
+        ] {
+            let enc = base.masked_storage(&w, rows, cols).unwrap();
+            let layout = enc.quant_layout(&[rows, cols]).unwrap();
+            let bytes = encode_with_scales(&w, rows, cols, enc, &[1.0; 18], None).unwrap();
+            // Masks: 2 tiles × 2 blocks × 32 bytes; then 3 offsets; then the codes.
+            assert_eq!(layout.quants, 0..128);
+            assert_eq!(layout.offsets, Some(128..140));
+            let q8 = !matches!(enc, Encoding::Q4Masked { .. });
+            let offset = |i: usize| {
+                u32::from_le_bytes(bytes[128 + 4 * i..132 + 4 * i].try_into().unwrap()) as usize
+            };
+            let codes = &bytes[140..];
+            let mut stream = Vec::new();
+            for tile in 0..2 {
+                assert_eq!(offset(tile), stream.len(), "{enc} tile offset");
+                for b in 0..2 {
+                    for k in 0..4 {
+                        let mut piece = Vec::new();
+                        for i in 0..8 {
+                            let r = 8 * tile + i;
+                            let mask = bytes[64 * tile + 32 * b + 8 * k + i];
+                            for j in 0..8 {
+                                let c = 32 * b + 8 * k + j;
+                                let want = r < rows && kept(r, c);
+                                assert_eq!(mask >> j & 1 == 1, want, "{enc} row {r} col {c}");
+                                if want {
+                                    piece.push(level(r, c) as i32 + if q8 { 0 } else { 8 });
+                                }
+                            }
+                        }
+                        if q8 {
+                            stream.extend(piece.iter().map(|&v| v as u8));
+                        } else {
+                            stream.extend(
+                                piece
+                                    .chunks(2)
+                                    .map(|p| p[0] as u8 | (p.get(1).map_or(0, |&h| h as u8) << 4)),
+                            );
+                        }
+                    }
+                }
+            }
+            assert_eq!(offset(2), stream.len());
+            assert_eq!(&codes[..stream.len()], &stream[..], "{enc} codes");
+            assert_eq!(enc.params().1 as usize, stream.len());
+            assert_eq!(matrix(enc, rows, cols, &bytes).dequantize(), w, "{enc}");
+            // Sized for other values, the encoding refuses these.
+            let other = Encoding::Q8Masked {
+                group: 32,
+                code_bytes: enc.params().1 + 1,
+            };
+            assert!(encode_with_scales(&w, rows, cols, other, &[1.0; 18], None).is_none());
+        }
+        // Masked storage exists for q8 and symmetric q4 only.
+        let q4a = Encoding::Q4 {
+            group: 32,
+            asymmetric: true,
+        };
+        assert!(q4a.masked_storage(&w, rows, cols).is_none());
+    }
+
+    /// Offsets or masks that disagree (only a corrupt file has them) make their block read
+    /// as zero on every path, with no read outside the code stream and no panic.
+    #[test]
+    fn corrupt_masked_blocks_read_as_zero_on_every_path() {
+        for base in [
+            Encoding::Q8Masked {
+                group: 32,
+                code_bytes: 0,
+            },
+            Encoding::Q4Masked {
+                group: 32,
+                code_bytes: 0,
+            },
+        ] {
+            let (rows, cols) = (24, 96);
+            let w = weights(base, rows * cols, 9);
+            let (enc, clean) = rtn(base, &w, rows, cols);
+            let layout = enc.quant_layout(&[rows, cols]).unwrap();
+            let offsets = layout.offsets.clone().unwrap();
+            let acts = QuantizedActivations::quantize(&random_vec(2 * cols, 5), 2, cols);
+            type Corruption<'a> = &'a dyn Fn(&mut [u8]);
+            let corruptions: [Corruption<'_>; 4] = [
+                // A mask bit set that the offsets do not pay for.
+                &|b: &mut [u8]| b[32 * 4 + 3] ^= 0x10,
+                // An offset past the stream.
+                &|b: &mut [u8]| {
+                    b[offsets.start + 4 * 2..offsets.start + 4 * 3]
+                        .copy_from_slice(&u32::MAX.to_le_bytes())
+                },
+                // Offsets out of order.
+                &|b: &mut [u8]| {
+                    b[offsets.start + 4 * 2..offsets.start + 4 * 3]
+                        .copy_from_slice(&1u32.to_le_bytes())
+                },
+                // Every mask full.
+                &|b: &mut [u8]| b[layout.quants.clone()].fill(0xFF),
+            ];
+            for (c, corrupt) in corruptions.iter().enumerate() {
+                let mut bytes = clean.clone();
+                corrupt(&mut bytes);
+                let m = matrix(enc, rows, cols, &bytes);
+                let dense = m.dequantize();
+                assert!(dense.iter().all(|v| v.is_finite()));
+                assert_ne!(
+                    dense,
+                    matrix(enc, rows, cols, &clean).dequantize(),
+                    "{enc} corruption {c}"
+                );
+                let want = products(KernelPath::Scalar, &m, &acts, 0..m.tiles());
+                for path in paths() {
+                    let got = products(path, &m, &acts, 0..m.tiles());
+                    for (g, e) in got.iter().flatten().zip(want.iter().flatten()) {
+                        assert!(
+                            (g - e).abs() <= 1e-4 * e.abs().max(1.0),
+                            "{path:?} {enc} corruption {c}: {g} vs {e}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The scalar expansion of masked tiles (what the scalar paths use, and the layout the
+    /// SIMD expansions write; the product tests compare those on every path) reads every
+    /// weight as `level` does.
+    #[test]
+    fn masked_expansion_matches_the_reference() {
+        for base in [
+            Encoding::Q8Masked {
+                group: 64,
+                code_bytes: 0,
+            },
+            Encoding::Q4Masked {
+                group: 64,
+                code_bytes: 0,
+            },
+        ] {
+            let (rows, cols) = (19, 192);
+            let w = weights(base, rows * cols, 17);
+            let (enc, bytes) = rtn(base, &w, rows, cols);
+            let m = matrix(enc, rows, cols, &bytes);
+            let mut dense = vec![0u8; m.blocks_per_row() * 256];
+            for tile in 0..m.tiles() {
+                expand_masked_tile_scalar(&m, tile, &mut dense);
+                let q8 = m.expanded_tile(tile, &dense);
+                for i in 0..q8.rows {
+                    for c in 0..cols {
+                        assert_eq!(
+                            q8.level(i, c),
+                            m.level(8 * tile + i, c),
+                            "{enc} tile {tile} row {i} col {c}"
+                        );
                     }
                 }
             }

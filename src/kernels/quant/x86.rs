@@ -12,13 +12,27 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::kinds::{Q3, Q4, Q4A, Q4S, Q8, Q8S, block_bytes};
+use super::kinds::{Q3, Q4, Q4A, Q4M, Q4S, Q8, Q8M, Q8S, block_bytes};
 use super::{ActRow, QuantMatrix, QuantizedActivations, SPARSE48_SHUFFLE, store_tile};
 use crate::format::{QUANT_BLOCK, TILE_ROWS};
 use crate::kernels::KernelPath;
 
 /// How far ahead of the block being multiplied a one-token product asks for weight bytes.
 const PREFETCH_AHEAD: usize = 2048;
+
+/// Adds `n` to every byte of a shuffle-table entry (a row's codes start `n` bytes later).
+const SHIFT_BYTES: u64 = 0x0101_0101_0101_0101;
+
+const fn is_masked(kind: u8) -> bool {
+    kind == Q8M || kind == Q4M
+}
+
+/// Bytes of the codes of one masked piece with row masks `masks` (q4: two to a byte).
+#[inline]
+fn piece_bytes<const K: u8>(masks: u64) -> usize {
+    let kept = masks.count_ones() as usize;
+    if K == Q4M { kept.div_ceil(2) } else { kept }
+}
 
 /// Products of tiles `tiles` of `w` with every token of `acts`, into `out` as
 /// [`super::gemm_tiles`] describes.
@@ -47,7 +61,8 @@ pub unsafe fn gemm_tiles(
 /// Splits every tile's tokens into runs of a power-of-two width up to `$max`, calls the tile
 /// kernel `$tile::<K, T>` on each and stores its results. A sparse (4 of 8) tile meeting more
 /// tokens than one run is first expanded (`$expand`) into a dense q8 tile, so the expansion
-/// is paid once per tile instead of once per run.
+/// is paid once per tile instead of once per run (likewise a masked tile, whose codes are
+/// found by walking its masks).
 macro_rules! run_tiles {
     ($tile:ident, $expand:ident, $max:literal) => {
         /// # Safety
@@ -59,7 +74,7 @@ macro_rules! run_tiles {
             out: &mut [&mut [f32]],
         ) {
             let first = tiles.start;
-            let expand = (K == Q8S || K == Q4S) && x.len() > $max;
+            let expand = (K == Q8S || K == Q4S || is_masked(K)) && x.len() > $max;
             let mut codes = vec![0u8; if expand { w.blocks_per_row() * 256 } else { 0 }];
             for tile in tiles {
                 let at = (tile - first) * TILE_ROWS;
@@ -119,8 +134,8 @@ macro_rules! avx2_family {
             /// Codes of q8 are offset by 128 for `vpdpbusd`; AVX2 multiplies them signed.
             const fn zero_point(kind: u8) -> f32 {
                 match kind {
-                    Q8 | Q8S if $vnni => 128.0,
-                    Q4 | Q4S => 8.0,
+                    Q8 | Q8S | Q8M if $vnni => 128.0,
+                    Q4 | Q4S | Q4M => 8.0,
                     Q3 => 4.0,
                     _ => 0.0,
                 }
@@ -276,6 +291,83 @@ macro_rules! avx2_family {
                 }
             }
 
+            /// Pieces 0..4 of rows `4h..4h + 4` of a masked tile block (masks at `masks`,
+            /// codes at `*cursor`, which moves past the block), as [`pieces`] gives them:
+            /// each row's kept codes go through the shuffle its mask byte selects, so pruned
+            /// columns read 0 (q8) or the zero point (q4). A q8 row pair is one 16-byte load;
+            /// q4 rows are unpacked one at a time (a row may start mid-byte).
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn masked_pieces<const K: u8>(
+                masks: *const u8,
+                cursor: &mut *const u8,
+                h: usize,
+            ) -> [__m256i; 4] {
+                let mut out = [_mm256_setzero_si256(); 4];
+                // SAFETY: the caller guarantees 32 mask bytes at `masks` and, at `*cursor`,
+                // the block's codes (as many as its masks keep) followed by at least 64
+                // readable bytes (`QuantMatrix::masked_tile` checked the tile): every load
+                // starts at or before a piece's last code and reads at most 16 bytes.
+                unsafe {
+                    for (k, v) in out.iter_mut().enumerate() {
+                        let m = (masks.add(8 * k) as *const u64).read_unaligned();
+                        let p = *cursor;
+                        let rows = (m >> (32 * h)) as u32;
+                        let byte = |i: u32| (rows >> (8 * i) & 0xFF) as usize;
+                        let count = |i: u32| (rows >> (8 * i) & 0xFF).count_ones() as usize;
+                        // The codes of the rows before this half come first.
+                        let skip = if h == 1 { (m as u32).count_ones() as usize } else { 0 };
+                        *v = if K == Q8M {
+                            let pair = |first: usize, i: u32| {
+                                let control = _mm_set_epi64x(
+                                    (SPARSE48_SHUFFLE[byte(i + 1)] + count(i) as u64 * SHIFT_BYTES)
+                                        as i64,
+                                    SPARSE48_SHUFFLE[byte(i)] as i64,
+                                );
+                                let src = _mm_loadu_si128(p.add(first) as *const __m128i);
+                                _mm_shuffle_epi8(src, control)
+                            };
+                            let lo = pair(skip, 0);
+                            let hi = pair(skip + count(0) + count(1), 2);
+                            let levels = _mm256_set_m128i(hi, lo);
+                            if $vnni {
+                                _mm256_xor_si256(levels, _mm256_set1_epi8(i8::MIN))
+                            } else {
+                                levels
+                            }
+                        } else {
+                            let row = |first: usize, i: u32| {
+                                let v = _mm_loadl_epi64(p.add(first / 2) as *const __m128i);
+                                let nib = _mm_set1_epi8(0x0F);
+                                let lo = _mm_and_si128(v, nib);
+                                let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), nib);
+                                // Sixteen codes in order from the byte of the row's first.
+                                let ordered = _mm_unpacklo_epi8(lo, hi);
+                                let control = _mm_set_epi64x(
+                                    -1,
+                                    (SPARSE48_SHUFFLE[byte(i)] + (first % 2) as u64 * SHIFT_BYTES)
+                                        as i64,
+                                );
+                                // Pruned columns (control ≥ 0x80) read the zero point.
+                                _mm_blendv_epi8(
+                                    _mm_shuffle_epi8(ordered, control),
+                                    _mm_set1_epi8(8),
+                                    control,
+                                )
+                            };
+                            let s1 = skip + count(0);
+                            let s2 = s1 + count(1);
+                            let s3 = s2 + count(2);
+                            let lo = _mm_unpacklo_epi64(row(skip, 0), row(s1, 1));
+                            let hi = _mm_unpacklo_epi64(row(s2, 2), row(s3, 3));
+                            _mm256_set_m128i(hi, lo)
+                        };
+                        *cursor = p.add(piece_bytes::<K>(m));
+                    }
+                }
+                out
+            }
+
             /// `acc` plus the sums of four products per 32-bit lane.
             #[inline]
             #[target_feature(enable = $features)]
@@ -290,7 +382,7 @@ macro_rules! avx2_family {
                 } else {
                     // Unsigned codes are at most 15: two products fit an i16 unsaturated.
                     // Signed q8 codes use the sign trick so `maddubs` (u8 × i8) applies.
-                    let pairs = if K == Q8 || K == Q8S {
+                    let pairs = if K == Q8 || K == Q8S || K == Q8M {
                         _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w))
                     } else {
                         _mm256_maddubs_epi16(w, x)
@@ -326,6 +418,14 @@ macro_rules! avx2_family {
                 let mins = w.tile_mins(tile).map_or(scales, |m| m.as_ptr());
                 let bpg = w.group / QUANT_BLOCK;
                 let half_zero_point = 0.5 * zero_point(K);
+                let mut cursor = std::ptr::null();
+                if is_masked(K) {
+                    match w.masked_tile(tile) {
+                        Some((_, stream)) => cursor = stream.as_ptr(),
+                        // A corrupt tile reads as zero.
+                        None => return [_mm_setzero_ps(); T],
+                    }
+                }
                 let xq: [*const i8; T] = std::array::from_fn(|t| x[t].qs.as_ptr());
                 let xd: [*const f32; T] = std::array::from_fn(|t| x[t].d.as_ptr());
                 let xs: [*const f32; T] = std::array::from_fn(|t| x[t].dsums.as_ptr());
@@ -353,8 +453,17 @@ macro_rules! avx2_family {
                                         ahead.wrapping_add(line) as *const i8
                                     );
                                 }
+                                if is_masked(K) {
+                                    let ahead = cursor.wrapping_add(PREFETCH_AHEAD);
+                                    _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64) as *const i8);
+                                }
                             }
-                            let p = pieces::<K>(q.add(b * block_bytes(K)), h);
+                            let p = if is_masked(K) {
+                                masked_pieces::<K>(q.add(32 * b), &mut cursor, h)
+                            } else {
+                                pieces::<K>(q.add(b * block_bytes(K)), h)
+                            };
                             let slot = if T == 1 { b & 1 } else { 0 };
                             for t in 0..T {
                                 let xp = xq[t].add(b * QUANT_BLOCK);
@@ -417,14 +526,26 @@ macro_rules! avx2_family {
             unsafe fn expand_tile<const K: u8>(w: &QuantMatrix<'_>, tile: usize, codes: &mut [u8]) {
                 let q = w.tile_quants(tile).as_ptr();
                 assert_eq!(codes.len(), w.blocks_per_row() * 256);
+                let mut cursors = [std::ptr::null(); 2];
+                if is_masked(K) {
+                    match w.masked_tile(tile) {
+                        Some((_, stream)) => cursors = [stream.as_ptr(); 2],
+                        None => return codes.fill(0),
+                    }
+                }
                 for b in 0..w.blocks_per_row() {
-                    for h in 0..2 {
-                        // SAFETY: block b lies inside the tile's codes; each store writes 32
-                        // bytes at 256b + 64k + 32h < codes.len().
+                    for (h, cursor) in cursors.iter_mut().enumerate() {
+                        // SAFETY: block b lies inside the tile's codes (masked: its masks, and
+                        // the cursor walks the stream `masked_tile` checked); each store
+                        // writes 32 bytes at 256b + 64k + 32h < codes.len().
                         unsafe {
-                            let p = pieces::<K>(q.add(b * block_bytes(K)), h);
+                            let p = if is_masked(K) {
+                                masked_pieces::<K>(q.add(32 * b), cursor, h)
+                            } else {
+                                pieces::<K>(q.add(b * block_bytes(K)), h)
+                            };
                             for (k, v) in p.into_iter().enumerate() {
-                                let level = if K == Q4S {
+                                let level = if K == Q4S || K == Q4M {
                                     _mm256_sub_epi8(v, _mm256_set1_epi8(8))
                                 } else if $vnni {
                                     _mm256_xor_si256(v, _mm256_set1_epi8(i8::MIN))
@@ -453,8 +574,8 @@ pub(super) mod avx512 {
 
     const fn zero_point(kind: u8) -> f32 {
         match kind {
-            Q8 | Q8S => 128.0,
-            Q4 | Q4S => 8.0,
+            Q8 | Q8S | Q8M => 128.0,
+            Q4 | Q4S | Q4M => 8.0,
             Q3 => 4.0,
             _ => 0.0,
         }
@@ -565,6 +686,43 @@ pub(super) mod avx512 {
         }
     }
 
+    /// Pieces 0..4 of all eight rows of a masked tile block (masks at `masks`, codes at
+    /// `*cursor`, which moves past the block), as unsigned codes like [`pieces`]: each piece's
+    /// kept codes (q4: unpacked from nibbles in order) go to the positions its 64-bit mask
+    /// sets with one `vpexpandb`; pruned columns read the zero point.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi2,avx2,fma,f16c")]
+    unsafe fn masked_pieces<const K: u8>(masks: *const u8, cursor: &mut *const u8) -> [__m512i; 4] {
+        let mut out = [_mm512_setzero_si512(); 4];
+        // SAFETY: the caller guarantees 32 mask bytes at `masks` and, at `*cursor`, the
+        // block's codes (as many as its masks keep) followed by at least 64 readable bytes
+        // (`QuantMatrix::masked_tile` checked the tile), so a 64-byte (q8) or 32-byte (q4)
+        // load at a piece's first code stays inside the stream.
+        unsafe {
+            for (k, v) in out.iter_mut().enumerate() {
+                let m = (masks.add(8 * k) as *const u64).read_unaligned();
+                let p = *cursor;
+                *v = if K == Q8M {
+                    let dense = _mm512_maskz_expand_epi8(m, load(p));
+                    _mm512_xor_si512(dense, _mm512_set1_epi8(i8::MIN))
+                } else {
+                    let nib = _mm256_set1_epi8(0x0F);
+                    let c = _mm256_loadu_si256(p as *const __m256i);
+                    let lo = _mm256_and_si256(c, nib);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(c), nib);
+                    // Per 128-bit lane, unpacking gives 16 codes in order: lane 0's low and
+                    // high halves are codes 0..16 and 16..32, lane 1's 32..48 and 48..64.
+                    let (a, b) = (_mm256_unpacklo_epi8(lo, hi), _mm256_unpackhi_epi8(lo, hi));
+                    let z = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), b);
+                    let ordered = _mm512_shuffle_i64x2::<0b11_01_10_00>(z, z);
+                    _mm512_mask_expand_epi8(_mm512_set1_epi8(8), m, ordered)
+                };
+                *cursor = p.add(piece_bytes::<K>(m));
+            }
+        }
+        out
+    }
+
     /// Eight f16 values at `p` as f32, each twice: the lane pairs of eight rows.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi2,avx2,fma,f16c")]
@@ -594,6 +752,14 @@ pub(super) mod avx512 {
         let xd: [*const f32; T] = std::array::from_fn(|t| x[t].d.as_ptr());
         let xs: [*const f32; T] = std::array::from_fn(|t| x[t].dsums.as_ptr());
         let mut acc = [[_mm512_setzero_ps(); 2]; T];
+        let mut cursor = std::ptr::null();
+        if is_masked(K) {
+            match w.masked_tile(tile) {
+                Some((_, stream)) => cursor = stream.as_ptr(),
+                // A corrupt tile reads as zero.
+                None => return out,
+            }
+        }
         for g in 0..w.groups_per_row() {
             // SAFETY: as in the AVX2 kernel: scales and minimums hold 8 per group of the
             // tile; blocks lie inside the tile's codes and every activation row.
@@ -611,8 +777,17 @@ pub(super) mod avx512 {
                         for line in (0..block_bytes(K)).step_by(64) {
                             _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line) as *const i8);
                         }
+                        if is_masked(K) {
+                            let ahead = cursor.wrapping_add(PREFETCH_AHEAD);
+                            _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64) as *const i8);
+                        }
                     }
-                    let p = pieces::<K>(q.add(b * block_bytes(K)));
+                    let p = if is_masked(K) {
+                        masked_pieces::<K>(q.add(32 * b), &mut cursor)
+                    } else {
+                        pieces::<K>(q.add(b * block_bytes(K)))
+                    };
                     let slot = if T == 1 { b & 1 } else { 0 };
                     for t in 0..T {
                         let xp = xq[t].add(b * QUANT_BLOCK);
@@ -656,13 +831,25 @@ pub(super) mod avx512 {
     unsafe fn expand_tile<const K: u8>(w: &QuantMatrix<'_>, tile: usize, codes: &mut [u8]) {
         let q = w.tile_quants(tile).as_ptr();
         assert_eq!(codes.len(), w.blocks_per_row() * 256);
+        let mut cursor = std::ptr::null();
+        if is_masked(K) {
+            match w.masked_tile(tile) {
+                Some((_, stream)) => cursor = stream.as_ptr(),
+                None => return codes.fill(0),
+            }
+        }
         for b in 0..w.blocks_per_row() {
-            // SAFETY: block b lies inside the tile's codes; each store writes 64 bytes at
+            // SAFETY: block b lies inside the tile's codes (masked: its masks, and the cursor
+            // walks the stream `masked_tile` checked); each store writes 64 bytes at
             // 256b + 64k < codes.len().
             unsafe {
-                let p = pieces::<K>(q.add(b * block_bytes(K)));
+                let p = if is_masked(K) {
+                    masked_pieces::<K>(q.add(32 * b), &mut cursor)
+                } else {
+                    pieces::<K>(q.add(b * block_bytes(K)))
+                };
                 for (k, v) in p.into_iter().enumerate() {
-                    let level = if K == Q4S {
+                    let level = if K == Q4S || K == Q4M {
                         _mm512_sub_epi8(v, _mm512_set1_epi8(8))
                     } else {
                         _mm512_xor_si512(v, _mm512_set1_epi8(i8::MIN))
