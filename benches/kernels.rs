@@ -54,6 +54,18 @@ fn bench_matmul(c: &mut Criterion) {
         ] {
             quantized.push((e, quant::quantize_rtn(&pruned, rows, cols, e).unwrap()));
         }
+        // The masked (unstructured) encodings hold the same 50% of the weights, pruned as 2:4
+        // (any pattern costs the kernels the same: they walk every mask).
+        for base in [
+            Encoding::Q4 {
+                group: 32,
+                asymmetric: false,
+            },
+            Encoding::Q8 { group: 32 },
+        ] {
+            let e = base.masked_storage(&pruned, rows, cols).unwrap();
+            quantized.push((e, quant::quantize_rtn(&pruned, rows, cols, e).unwrap()));
+        }
         for tokens in [1usize, 128] {
             if rows > 2000 && tokens > 1 {
                 continue; // the output layer is only ever applied to one token per step

@@ -262,9 +262,17 @@ unsafe fn tile_neon<const K: u8>(w: &QuantMatrix<'_>, tile: usize, x: &ActRow<'_
     let t = TileRefs::new(w, tile);
     let (xq, xd, xs) = (x.qs.as_ptr(), x.d.as_ptr(), x.dsums.as_ptr());
     let mut acc = [vdupq_n_f32(0.0); 2];
+    let mut cursor = std::ptr::null();
+    if is_masked(K) {
+        match masked_cursor(w, tile) {
+            Some(c) => cursor = c,
+            None => return finish(acc),
+        }
+    }
     for g in 0..t.groups {
         // SAFETY: g < groups and b < blocks_per_row: scales, minimums, codes and the
-        // activation row hold these (checked by gemm_tiles).
+        // activation row hold these (checked by gemm_tiles); a masked tile's cursor walks the
+        // stream `masked_tile` checked, one piece after another.
         unsafe {
             let scale = f16x8(t.scales.add(g * TILE_ROWS));
             let min = f16x8(t.mins.add(g * TILE_ROWS));
@@ -272,7 +280,11 @@ unsafe fn tile_neon<const K: u8>(w: &QuantMatrix<'_>, tile: usize, x: &ActRow<'_
                 let blk = t.quants.add(b * block_bytes(K));
                 let mut rows = [vdupq_n_s32(0); TILE_ROWS];
                 for c in 0..2 {
-                    let p = pieces::<K>(blk, c);
+                    let p = if is_masked(K) {
+                        masked_pieces::<K>(blk, c, &mut cursor)
+                    } else {
+                        pieces::<K>(blk, c)
+                    };
                     for (k, piece) in p.iter().enumerate() {
                         let xv = broadcast(xq.add(b * QUANT_BLOCK + 8 * (2 * c + k)));
                         for (r, &wv) in piece.iter().enumerate() {
@@ -304,6 +316,13 @@ unsafe fn tile_dotprod<const K: u8, const T: usize>(
     assert_eq!(x.len(), T);
     let t = TileRefs::new(w, tile);
     let mut acc = [[vdupq_n_f32(0.0); 2]; T];
+    let mut cursor = std::ptr::null();
+    if is_masked(K) {
+        match masked_cursor(w, tile) {
+            Some(c) => cursor = c,
+            None => return acc.map(|a| finish(a)),
+        }
+    }
     for g in 0..t.groups {
         // SAFETY: as in `tile_neon`.
         unsafe {
@@ -313,7 +332,11 @@ unsafe fn tile_dotprod<const K: u8, const T: usize>(
                 let blk = t.quants.add(b * block_bytes(K));
                 let mut pairs = [[vdupq_n_s32(0); 4]; T];
                 for c in 0..2 {
-                    let p = pieces::<K>(blk, c);
+                    let p = if is_masked(K) {
+                        masked_pieces::<K>(blk, c, &mut cursor)
+                    } else {
+                        pieces::<K>(blk, c)
+                    };
                     for (k, piece) in p.iter().enumerate() {
                         for (tok, xr) in x.iter().enumerate() {
                             let xv =
@@ -347,6 +370,13 @@ unsafe fn tile_i8mm<const K: u8, const T: usize>(
     assert!(x.len() == T && T % 2 == 0);
     let t = TileRefs::new(w, tile);
     let mut acc = [[vdupq_n_f32(0.0); 2]; T];
+    let mut cursor = std::ptr::null();
+    if is_masked(K) {
+        match masked_cursor(w, tile) {
+            Some(c) => cursor = c,
+            None => return acc.map(|a| finish(a)),
+        }
+    }
     for g in 0..t.groups {
         // SAFETY: as in `tile_neon`.
         unsafe {
@@ -357,7 +387,11 @@ unsafe fn tile_i8mm<const K: u8, const T: usize>(
                 // One accumulator per (token pair, row pair).
                 let mut mm = [[vdupq_n_s32(0); 4]; 4];
                 for c in 0..2 {
-                    let p = pieces::<K>(blk, c);
+                    let p = if is_masked(K) {
+                        masked_pieces::<K>(blk, c, &mut cursor)
+                    } else {
+                        pieces::<K>(blk, c)
+                    };
                     for (k, piece) in p.iter().enumerate() {
                         let off = b * QUANT_BLOCK + 8 * (2 * c + k);
                         for pair in 0..T / 2 {
@@ -418,77 +452,121 @@ unsafe fn expand_tile<const K: u8>(w: &QuantMatrix<'_>, tile: usize, codes: &mut
     }
 }
 
-/// The masked tile `tile` of `w` expanded into `codes` as a q8 tile (signed levels): per
-/// row pair, one 16-byte load at the first row's codes and a table lookup whose indices (the
-/// rows' mask bytes through the table, the second row's shifted by the first's count) put
-/// each kept code in its column and zeros elsewhere. q4 rows are unpacked one at a time (a
-/// row may start in the middle of a byte).
+/// Whether `kind` is a masked (unstructured sparse) kind.
+const fn is_masked(kind: u8) -> bool {
+    kind == Q8M || kind == Q4M
+}
+
+/// One masked piece (row masks: the 8 bytes at `masks`; kept codes at `p`) as four row pairs
+/// of signed levels: per row pair, one 16-byte load at the first row's codes and a table
+/// lookup whose indices (the rows' mask bytes through the table, the second row's shifted by
+/// the first's count) put each kept code in its column and zeros elsewhere. q4 rows are
+/// unpacked one at a time (a row may start in the middle of a byte).
+///
+/// # Safety
+/// 8 readable bytes at `masks`; at `p`, the piece's codes followed by at least 64 readable
+/// bytes (every load starts at or before the piece's last code and reads at most 16 bytes).
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn masked_piece<const K: u8>(masks: *const u8, p: *const u8) -> [int8x16_t; 4] {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    let mut out = [vdupq_n_s8(0); 4];
+    let mut start = 0usize;
+    // SAFETY: as the contract above.
+    unsafe {
+        for (r, pair) in out.iter_mut().enumerate() {
+            let (m0, m1) = (*masks.add(2 * r), *masks.add(2 * r + 1));
+            let n0 = m0.count_ones() as usize;
+            *pair = if K == Q8M {
+                let control = vcombine_u8(
+                    vcreate_u8(SPARSE48_SHUFFLE[m0 as usize]),
+                    vcreate_u8(SPARSE48_SHUFFLE[m1 as usize] + n0 as u64 * ONES),
+                );
+                vreinterpretq_s8_u8(vqtbl1q_u8(vld1q_u8(p.add(start)), control))
+            } else {
+                let row = |first: usize, mask: u8| {
+                    let v = vld1_u8(p.add(first / 2));
+                    // Sixteen codes in order from the byte holding the row's first.
+                    let lo = vand_u8(v, vdup_n_u8(0x0F));
+                    let hi = vshr_n_u8::<4>(v);
+                    let ordered = vcombine_u8(vzip1_u8(lo, hi), vzip2_u8(lo, hi));
+                    let control =
+                        vcreate_u8(SPARSE48_SHUFFLE[mask as usize] + (first % 2) as u64 * ONES);
+                    let level = vsub_u8(vqtbl1_u8(ordered, control), vdup_n_u8(8));
+                    // Pruned columns (index ≥ 0x80) are level 0.
+                    vand_u8(level, vclt_u8(control, vdup_n_u8(16)))
+                };
+                vreinterpretq_s8_u8(vcombine_u8(row(start, m0), row(start + n0, m1)))
+            };
+            start += n0 + m1.count_ones() as usize;
+        }
+    }
+    out
+}
+
+/// Pieces `2c` and `2c + 1` of a masked tile block (masks at `masks`, codes at `*cursor`,
+/// which moves past them), as [`pieces`] gives them.
+///
+/// # Safety
+/// 32 readable bytes at `masks`; at `*cursor`, the block's codes from piece `2c` on, followed
+/// by at least 64 readable bytes (`QuantMatrix::masked_tile` checked the tile).
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn masked_pieces<const K: u8>(
+    masks: *const u8,
+    c: usize,
+    cursor: &mut *const u8,
+) -> [[int8x16_t; 4]; 2] {
+    // SAFETY: as the contract above; each piece's codes start where the previous one's end.
+    unsafe {
+        [2 * c, 2 * c + 1].map(|k| {
+            let m = masks.add(8 * k);
+            let piece = masked_piece::<K>(m, *cursor);
+            let kept = (m as *const u64).read_unaligned().count_ones() as usize;
+            *cursor = cursor.add(if K == Q4M { kept.div_ceil(2) } else { kept });
+            piece
+        })
+    }
+}
+
+/// Where a masked tile's codes start, or `None` for a corrupt tile (which reads as zero).
+fn masked_cursor(w: &QuantMatrix<'_>, tile: usize) -> Option<*const u8> {
+    w.masked_tile(tile).map(|(_, stream)| stream.as_ptr())
+}
+
+/// The masked tile `tile` of `w` expanded into `codes` as a q8 tile (signed levels).
 #[target_feature(enable = "neon")]
 unsafe fn expand_masked<const K: u8>(w: &QuantMatrix<'_>, tile: usize, codes: &mut [u8]) {
     assert_eq!(codes.len(), w.blocks_per_row() * 256);
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    let Some((tile_masks, src)) = w.masked_tile(tile) else {
-        // A corrupt tile reads as zero.
+    let Some(mut cursor) = masked_cursor(w, tile) else {
         return codes.fill(0);
     };
-    let mut at = 0;
+    let masks = w.tile_quants(tile).as_ptr();
     for b in 0..w.blocks_per_row() {
-        let dense = codes[256 * b..256 * (b + 1)].as_mut_ptr();
-        let masks = &tile_masks[32 * b..32 * (b + 1)];
-        for k in 0..4 {
-            let m = &masks[8 * k..8 * k + 8];
-            // SAFETY: `masked_tile` checked that the tile's codes lie in `src` followed by 64
-            // bytes of padding: every load starts at or before a piece's last code and reads
-            // at most 16 bytes. Stores write 16 bytes inside block b of `codes`.
+        for c in 0..2 {
+            // SAFETY: block b's masks lie in the tile's; the cursor walks the stream
+            // `masked_tile` checked; each store writes 16 bytes inside block b of `codes`.
             unsafe {
-                let p = src.as_ptr().add(at);
-                let mut start = 0usize;
-                for i in (0..8).step_by(2) {
-                    let (m0, m1) = (m[i] as usize, m[i + 1] as usize);
-                    let n0 = m[i].count_ones() as usize;
-                    let dst = dense.add(64 * k + 8 * i);
-                    if K == Q8M {
-                        let control = vcombine_u8(
-                            vcreate_u8(SPARSE48_SHUFFLE[m0]),
-                            vcreate_u8(SPARSE48_SHUFFLE[m1] + n0 as u64 * ONES),
-                        );
-                        let v = vld1q_u8(p.add(start));
-                        vst1q_u8(dst, vqtbl1q_u8(v, control));
-                    } else {
-                        let row = |first: usize, mask: usize| {
-                            let v = vld1_u8(p.add(first / 2));
-                            // Sixteen codes in order from the byte holding the row's first.
-                            let ordered = vcombine_u8(
-                                vzip1_u8(vand_u8(v, vdup_n_u8(0x0F)), vshr_n_u8::<4>(v)),
-                                vzip2_u8(vand_u8(v, vdup_n_u8(0x0F)), vshr_n_u8::<4>(v)),
-                            );
-                            let control =
-                                vcreate_u8(SPARSE48_SHUFFLE[mask] + (first % 2) as u64 * ONES);
-                            let level = vsub_u8(vqtbl1_u8(ordered, control), vdup_n_u8(8));
-                            // Pruned columns (index ≥ 0x80) are level 0.
-                            vand_u8(level, vclt_u8(control, vdup_n_u8(16)))
-                        };
-                        vst1q_u8(dst, vcombine_u8(row(start, m0), row(start + n0, m1)));
+                let p = masked_pieces::<K>(masks.add(32 * b), c, &mut cursor);
+                for (i, piece) in p.iter().enumerate() {
+                    for (r, &v) in piece.iter().enumerate() {
+                        let at = 256 * b + 64 * (2 * c + i) + 16 * r;
+                        vst1q_s8(codes.as_mut_ptr().add(at) as *mut i8, v);
                     }
-                    start += n0 + m[i + 1].count_ones() as usize;
                 }
             }
-            at += w
-                .kind
-                .piece_code_bytes(u64::from_le_bytes(m.try_into().unwrap()));
         }
     }
 }
 
-/// A buffer for one expanded q8 tile when `w` is sparse (4 of 8) and meets more than `width`
-/// tokens (so the expansion is paid once per tile, not once per run of tokens), and always
-/// when `w` is masked (its codes are found by walking the masks).
+/// A buffer for one expanded q8 tile when `w` is sparse (4 of 8 or masked) and meets more
+/// than `width` tokens (so the expansion is paid once per tile, not once per run of tokens).
 fn expansion_buffer<const K: u8>(
     w: &QuantMatrix<'_>,
     tokens: usize,
     width: usize,
 ) -> Option<Vec<u8>> {
-    let expand = K == Q8M || K == Q4M || ((K == Q8S || K == Q4S) && tokens > width);
+    let expand = (K == Q8S || K == Q4S || is_masked(K)) && tokens > width;
     expand.then(|| vec![0u8; w.blocks_per_row() * 256])
 }
 

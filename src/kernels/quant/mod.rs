@@ -1581,4 +1581,56 @@ mod tests {
             }
         }
     }
+
+    /// Rows that keep every weight of a piece and start in the middle of a byte (q4) take
+    /// the kernels' slow path for a row pair; it must agree with the reference too.
+    #[test]
+    fn masked_full_row_pairs_starting_mid_byte_match_scalar() {
+        // Rows keep 3, 4, 8, 8, 8, 8, 5, 1 weights of each piece of 8 (so rows 2–3 start at
+        // code 7 and rows 4–5 at code 23, both odd), in two tiles and two blocks.
+        let keep = [3usize, 4, 8, 8, 8, 8, 5, 1];
+        let (rows, cols) = (16, 64);
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| {
+                let (r, c) = (i / cols, i % cols);
+                if c % 8 < keep[r % 8] {
+                    ((r * 7 + c * 3) % 13) as f32 * 0.25 - 1.6
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let acts = QuantizedActivations::quantize(&random_vec(3 * cols, 2), 3, cols);
+        for base in [
+            Encoding::Q8Masked {
+                group: 32,
+                code_bytes: 0,
+            },
+            Encoding::Q4Masked {
+                group: 32,
+                code_bytes: 0,
+            },
+        ] {
+            let (enc, bytes) = rtn(base, &w, rows, cols);
+            let m = matrix(enc, rows, cols, &bytes);
+            for tokens in [1, 3] {
+                let a = QuantizedActivations::quantize(&acts_cols(&acts, tokens), tokens, cols);
+                let want = products(KernelPath::Scalar, &m, &a, 0..m.tiles());
+                for path in paths() {
+                    let got = products(path, &m, &a, 0..m.tiles());
+                    for (g, e) in got.iter().flatten().zip(want.iter().flatten()) {
+                        assert!(
+                            (g - e).abs() <= 1e-4 * e.abs().max(1.0),
+                            "{path:?} {enc} tokens {tokens}: {g} vs {e}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The first `tokens` tokens of `acts`, dequantized (activations to quantize again).
+    fn acts_cols(acts: &QuantizedActivations, tokens: usize) -> Vec<f32> {
+        dequantized(acts)[..tokens * acts.cols].to_vec()
+    }
 }

@@ -336,30 +336,51 @@ macro_rules! avx2_family {
                                 levels
                             }
                         } else {
-                            let row = |first: usize, i: u32| {
+                            // A row pair's codes (at most 16) from the byte holding the
+                            // first: one 8-byte load unpacks to 16 codes in order, enough
+                            // unless the pair keeps all 16 and starts mid-byte (then the rows
+                            // go one at a time).
+                            let nibbles = |first: usize| {
                                 let v = _mm_loadl_epi64(p.add(first / 2) as *const __m128i);
                                 let nib = _mm_set1_epi8(0x0F);
                                 let lo = _mm_and_si128(v, nib);
                                 let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), nib);
-                                // Sixteen codes in order from the byte of the row's first.
-                                let ordered = _mm_unpacklo_epi8(lo, hi);
-                                let control = _mm_set_epi64x(
-                                    -1,
-                                    (SPARSE48_SHUFFLE[byte(i)] + (first % 2) as u64 * SHIFT_BYTES)
-                                        as i64,
-                                );
-                                // Pruned columns (control ≥ 0x80) read the zero point.
+                                _mm_unpacklo_epi8(lo, hi)
+                            };
+                            let shifted = |i: u32, by: usize| {
+                                (SPARSE48_SHUFFLE[byte(i)] + by as u64 * SHIFT_BYTES) as i64
+                            };
+                            // Pruned columns (control ≥ 0x80) read the zero point.
+                            let select = |codes: __m128i, control: __m128i| {
                                 _mm_blendv_epi8(
-                                    _mm_shuffle_epi8(ordered, control),
+                                    _mm_shuffle_epi8(codes, control),
                                     _mm_set1_epi8(8),
                                     control,
                                 )
                             };
-                            let s1 = skip + count(0);
-                            let s2 = s1 + count(1);
-                            let s3 = s2 + count(2);
-                            let lo = _mm_unpacklo_epi64(row(skip, 0), row(s1, 1));
-                            let hi = _mm_unpacklo_epi64(row(s2, 2), row(s3, 3));
+                            let pair = |first: usize, i: u32| {
+                                let odd = first % 2;
+                                if odd + count(i) + count(i + 1) <= 16 {
+                                    let control = _mm_set_epi64x(
+                                        shifted(i + 1, odd + count(i)),
+                                        shifted(i, odd),
+                                    );
+                                    select(nibbles(first), control)
+                                } else {
+                                    let second = first + count(i);
+                                    let r0 = select(
+                                        nibbles(first),
+                                        _mm_set_epi64x(-1, shifted(i, odd)),
+                                    );
+                                    let r1 = select(
+                                        nibbles(second),
+                                        _mm_set_epi64x(-1, shifted(i + 1, second % 2)),
+                                    );
+                                    _mm_unpacklo_epi64(r0, r1)
+                                }
+                            };
+                            let lo = pair(skip, 0);
+                            let hi = pair(skip + count(0) + count(1), 2);
                             _mm256_set_m128i(hi, lo)
                         };
                         *cursor = p.add(piece_bytes::<K>(m));
