@@ -197,6 +197,11 @@ struct ConvertArgs {
     /// every kernel runs a smaller dense shape. The width is rounded to whole groups.
     #[arg(long, value_parser = parse_fraction)]
     prune_channels: Option<f32>,
+    /// Structured pruning: remove this fraction (0.34 or 34%) of every block's key/value
+    /// heads, each with the query heads that read it (rows of q, k, v; columns of the output
+    /// projection, compensated on --calib activations). Every block keeps at least one.
+    #[arg(long, value_parser = parse_fraction)]
+    prune_heads: Option<f32>,
     /// Store pruned matrices dense even where a sparse encoding applies (for comparisons).
     #[arg(long)]
     dense_storage: bool,
@@ -792,6 +797,7 @@ fn cmd_convert(a: ConvertArgs) -> CliResult {
         pruning,
         sparsity_schedule: a.sparsity_schedule,
         mlp_channel_pruning: a.prune_channels,
+        attention_head_pruning: a.prune_heads,
         residual: a.residual,
         lowrank,
         sparse_storage: !a.dense_storage,

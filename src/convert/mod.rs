@@ -190,6 +190,10 @@ pub struct ConvertOptions {
     /// up, columns of down, with down compensated on calibration), so every kernel runs a
     /// smaller dense shape. The width is rounded to whole quantization groups.
     pub mlp_channel_pruning: Option<f32>,
+    /// Structured pruning of attention: this fraction of every block's key/value heads goes,
+    /// each with the query heads that read it (rows of q, k, v; columns of the output
+    /// projection, compensated on calibration). Every block keeps at least one.
+    pub attention_head_pruning: Option<f32>,
     /// Low-rank factorization of the block matrices (factors then stored in `weights`).
     pub lowrank: Option<LowRank>,
     /// Store pruned matrices in a sparse encoding where one applies (default); `false` keeps
@@ -233,6 +237,7 @@ impl ConvertOptions {
             pruning: None,
             sparsity_schedule: SparsitySchedule::Uniform,
             mlp_channel_pruning: None,
+            attention_head_pruning: None,
             lowrank: None,
             sparse_storage: true,
             blocks: Vec::new(),
@@ -309,6 +314,7 @@ impl ConvertOptions {
             || self.pruning.is_some_and(|p| p.method.needs_calibration())
             || self.sparsity_schedule != SparsitySchedule::Uniform
             || self.mlp_channel_pruning.is_some()
+            || self.attention_head_pruning.is_some()
             || self.lowrank.is_some_and(|l| l.method.needs_calibration())
             || self.recover.is_some()
     }
@@ -379,8 +385,13 @@ impl ConvertOptions {
             if l.allocation == RankAllocation::Global {
                 let refusal = if !self.blocks.is_empty() {
                     Some("per-block recipes (the planner allocates per block)")
-                } else if self.mlp_channel_pruning.is_some() {
-                    Some("--prune-channels (the spectra are measured at the original widths)")
+                } else if self.mlp_channel_pruning.is_some()
+                    || self.attention_head_pruning.is_some()
+                {
+                    Some(
+                        "--prune-channels or --prune-heads (the spectra are measured at the \
+                         original widths)",
+                    )
                 } else {
                     None
                 };
@@ -394,6 +405,27 @@ impl ConvertOptions {
                 return Err(ConvertError::Options(
                     "--lowrank with AWQ is not supported: use rtn or gptq for the factors".into(),
                 ));
+            }
+        }
+        if let Some(fraction) = self.attention_head_pruning {
+            if !(fraction > 0.0 && fraction < 1.0) {
+                return Err(ConvertError::Options(format!(
+                    "--prune-heads {fraction} must be a fraction in (0, 1)"
+                )));
+            }
+            let refusal = if !self.blocks.is_empty() {
+                Some("per-block recipes (the planner)")
+            } else if self.calibration.is_none() {
+                Some(
+                    "no calibration text (--calib FILE; scripts/fetch-calib.sh downloads a default set): heads are chosen and the output projection is compensated on calibration activations",
+                )
+            } else {
+                None
+            };
+            if let Some(what) = refusal {
+                return Err(ConvertError::Options(format!(
+                    "--prune-heads does not work with {what}"
+                )));
             }
         }
         if let Some(fraction) = self.mlp_channel_pruning {
@@ -430,7 +462,10 @@ impl ConvertOptions {
                 ))
             } else if self.lowrank.is_some() {
                 Some("--lowrank (low-rank files are elastic through their rank)".into())
-            } else if self.pruning.is_some() || self.mlp_channel_pruning.is_some() {
+            } else if self.pruning.is_some()
+                || self.mlp_channel_pruning.is_some()
+                || self.attention_head_pruning.is_some()
+            {
                 Some("pruning (the residual would fill in what pruning removed)".into())
             } else if !self.blocks.is_empty() {
                 Some("per-block recipes (the planner)".into())
@@ -608,6 +643,18 @@ pub fn convert(
         .collect();
     // The model as written: with structured pruning, a narrower MLP.
     let mut pruned_config = config.clone();
+    if let Some(fraction) = options.attention_head_pruning {
+        let kv_heads = pruned_kv_heads(config.num_kv_heads, fraction);
+        pruned_config.num_heads = config.num_heads / config.num_kv_heads * kv_heads;
+        pruned_config.num_kv_heads = kv_heads;
+        log::info!(
+            "attention heads: {} of {} key/value heads ({} of {} query heads) kept in every block",
+            kv_heads,
+            config.num_kv_heads,
+            pruned_config.num_heads,
+            config.num_heads
+        );
+    }
     if let Some(fraction) = options.mlp_channel_pruning {
         pruned_config.intermediate_size =
             pruned_mlp_width(config.intermediate_size, fraction, options.weights);
@@ -672,16 +719,29 @@ pub fn convert(
             None => None,
         };
         if let (Some(c), Some(observed)) = (&mut calibrator, &stats)
-            && pruned_config.intermediate_size != config.intermediate_size
+            && (pruned_config.intermediate_size != config.intermediate_size
+                || pruned_config.num_kv_heads != config.num_kv_heads)
         {
-            (out.progress)(out.done, out.total, &format!("blk.{l}: pruning channels"));
-            let loss = layer.prune_mlp_channels(
-                config,
-                &observed.mlp_down,
-                pruned_config.intermediate_size,
-                options.gptq.damp,
-            )?;
-            out.channel_pruning_loss += loss;
+            if pruned_config.num_kv_heads != config.num_kv_heads {
+                (out.progress)(out.done, out.total, &format!("blk.{l}: pruning heads"));
+                let loss = layer.prune_attention_heads(
+                    config,
+                    &observed.attention_output,
+                    pruned_config.num_kv_heads,
+                    options.gptq.damp,
+                )?;
+                out.head_pruning_loss += loss;
+            }
+            if pruned_config.intermediate_size != config.intermediate_size {
+                (out.progress)(out.done, out.total, &format!("blk.{l}: pruning channels"));
+                let loss = layer.prune_mlp_channels(
+                    config,
+                    &observed.mlp_down,
+                    pruned_config.intermediate_size,
+                    options.gptq.damp,
+                )?;
+                out.channel_pruning_loss += loss;
+            }
             // What the narrower block's matrices see; the calibrator keeps the narrower
             // shapes through `advance` and takes the original ones back for the next block.
             c.set_config(&pruned_config);
@@ -820,6 +880,14 @@ pub fn convert(
             "residual": options.residual.map(|e| serde_json::json!({
                 "encoding": e.to_string(),
                 "tensors": out.residuals,
+            })),
+            "prune_heads": options.attention_head_pruning.map(|f| serde_json::json!({
+                "fraction": f,
+                "kv_heads_before": config.num_kv_heads,
+                "kv_heads_after": pruned_config.num_kv_heads,
+                "heads_before": config.num_heads,
+                "heads_after": pruned_config.num_heads,
+                "loss": out.head_pruning_loss,
             })),
             "prune_channels": options.mlp_channel_pruning.map(|f| serde_json::json!({
                 "fraction": f,
@@ -1321,6 +1389,8 @@ struct Output<'a, 'p> {
     gptq_loss: f64,
     /// Predicted output error of structured MLP pruning, summed over blocks.
     channel_pruning_loss: f64,
+    /// Predicted output error of the removed attention heads, summed over blocks.
+    head_pruning_loss: f64,
     /// Zeros and total weights of the matrices pruning applied to.
     pruned: u64,
     prunable: u64,
@@ -1362,6 +1432,7 @@ impl<'a, 'p> Output<'a, 'p> {
             progress,
             gptq_loss: 0.0,
             channel_pruning_loss: 0.0,
+            head_pruning_loss: 0.0,
             pruned: 0,
             prunable: 0,
             prune_skipped: Vec::new(),
@@ -1803,6 +1874,11 @@ fn pruned_mlp_width(width: usize, fraction: f32, weights: Encoding) -> usize {
     kept.clamp(unit.min(width), width)
 }
 
+/// Key/value heads left after removing `fraction` of `heads`: at least one.
+fn pruned_kv_heads(heads: usize, fraction: f32) -> usize {
+    ((heads as f64 * (1.0 - fraction as f64)).round() as usize).clamp(1, heads)
+}
+
 /// Hidden size, q width, kv width and MLP width: the shapes of a block's matrices.
 fn block_dims(config: &ModelConfig) -> (usize, usize, usize, usize) {
     (
@@ -1914,6 +1990,68 @@ impl LayerTensors {
                     .flat_map(|&c| values[c * d..(c + 1) * d].iter().copied())
                     .collect();
                 shape[0] = width;
+            }
+        }
+        Ok(loss)
+    }
+
+    /// Structured pruning of attention: keeps `kv_heads` of the block's key/value heads, each
+    /// with the query heads that read it (chosen and compensated on the output projection's
+    /// inputs, see [`prune::prune_input_groups`]); q, k and v (and their biases) lose the rows
+    /// of the removed heads. Returns the predicted output error.
+    fn prune_attention_heads(
+        &mut self,
+        config: &ModelConfig,
+        o_input: &calib::InputStats,
+        kv_heads: usize,
+        damp: f64,
+    ) -> Result<f64, ConvertError> {
+        let (d, hd) = (config.hidden_size, config.head_dim);
+        let group = config.num_heads / config.num_kv_heads * hd;
+        let l = self.layer;
+        let o_name = names::attn_output(l);
+        let pruned = prune::prune_input_groups(
+            self.get(&o_name),
+            d,
+            config.q_dim(),
+            &o_input.hessian,
+            group,
+            kv_heads,
+            damp,
+        )
+        .map_err(|message| ConvertError::Method {
+            tensor: o_name.clone(),
+            message,
+        })?;
+        let prune::ChannelPruning {
+            kept,
+            mut weights,
+            loss,
+        } = pruned;
+        // Kept key/value heads: each kept group of query columns is one of them.
+        let kept_kv: Vec<usize> = kept.iter().step_by(group).map(|&c| c / group).collect();
+        let kv_rows: Vec<usize> = kept_kv.iter().flat_map(|&h| h * hd..(h + 1) * hd).collect();
+        let keep_rows = |values: &[f32], rows: &[usize], width: usize| -> Vec<f32> {
+            rows.iter()
+                .flat_map(|&r| values[r * width..(r + 1) * width].iter().copied())
+                .collect()
+        };
+        for (name, shape, values) in &mut self.tensors {
+            if *name == o_name {
+                *values = std::mem::take(&mut weights);
+                shape[1] = kept.len();
+            } else if *name == names::attn_q(l) {
+                *values = keep_rows(values, &kept, d);
+                shape[0] = kept.len();
+            } else if *name == names::attn_k(l) || *name == names::attn_v(l) {
+                *values = keep_rows(values, &kv_rows, d);
+                shape[0] = kv_rows.len();
+            } else if *name == names::attn_q_bias(l) {
+                *values = keep_rows(values, &kept, 1);
+                shape[0] = kept.len();
+            } else if *name == names::attn_k_bias(l) || *name == names::attn_v_bias(l) {
+                *values = keep_rows(values, &kv_rows, 1);
+                shape[0] = kv_rows.len();
             }
         }
         Ok(loss)

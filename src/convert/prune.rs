@@ -365,6 +365,82 @@ pub fn prune_input_channels(
     })
 }
 
+/// Removes whole groups of `group` consecutive input channels (columns) of `w` until `keep`
+/// groups remain, greedily by the optimal-brain-surgeon cost of a whole group,
+/// `Σ_rows w_G · ([H⁻¹]_GG)⁻¹ · w_Gᵀ`, with the kept columns updated after each removal (the
+/// block form of [`prune_input_channels`]; for attention, a group is one key/value head's
+/// query heads in the columns of the output projection). The returned `kept` lists the kept
+/// columns.
+pub fn prune_input_groups(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    hessian: &[f64],
+    group: usize,
+    keep: usize,
+    damp: f64,
+) -> Result<ChannelPruning, String> {
+    use faer::linalg::solvers::DenseSolveCore;
+    use faer::{Mat, Side};
+    assert_eq!(w.len(), rows * cols, "matrix shape");
+    assert_eq!(hessian.len(), cols * cols, "Hessian shape");
+    assert!(group > 0 && cols.is_multiple_of(group), "whole groups");
+    let groups = cols / group;
+    let keep = keep.min(groups);
+    let h = Mat::<f64>::from_fn(cols, cols, |i, j| hessian[i * cols + j]);
+    let mut hinv = super::gptq::damped_inverse(h, damp, Some)?;
+    let mut weights = Mat::<f64>::from_fn(rows, cols, |r, c| w[r * cols + c] as f64);
+    let mut alive = vec![true; groups];
+    let mut loss = 0.0;
+    let span = |g: usize| g * group..(g + 1) * group;
+    for _ in keep..groups {
+        // ([H⁻¹]_GG)⁻¹ of each remaining group, and the cost of removing it.
+        let candidates: Vec<(usize, f64, Mat<f64>)> = (0..groups)
+            .filter(|&g| alive[g])
+            .filter_map(|g| {
+                let block = hinv
+                    .as_ref()
+                    .subrows(g * group, group)
+                    .subcols(g * group, group);
+                let inverse = block.to_owned().llt(Side::Lower).ok()?.inverse();
+                let wg = weights.as_ref().subcols(g * group, group);
+                let cost = (wg * &inverse * wg.transpose())
+                    .diagonal()
+                    .column_vector()
+                    .iter()
+                    .sum::<f64>();
+                Some((g, cost, inverse))
+            })
+            .collect();
+        let (g, cost, inverse) = candidates
+            .into_iter()
+            .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)))
+            .ok_or("the inverse Hessian of a head group is not positive definite")?;
+        loss += cost;
+        alive[g] = false;
+        let columns = span(g);
+        // W −= W_G · ([H⁻¹]_GG)⁻¹ · [H⁻¹]_G,:   and   H⁻¹ −= [H⁻¹]_:,G · ([H⁻¹]_GG)⁻¹ · [H⁻¹]_G,:
+        let hinv_rows = hinv.as_ref().subrows(columns.start, group).to_owned();
+        let step = &inverse * &hinv_rows;
+        let wg = weights.as_ref().subcols(columns.start, group).to_owned();
+        weights -= &wg * &step;
+        let hinv_cols = hinv.as_ref().subcols(columns.start, group).to_owned();
+        hinv -= &hinv_cols * &step;
+    }
+    let kept: Vec<usize> = (0..groups).filter(|&g| alive[g]).flat_map(span).collect();
+    let mut out = vec![0.0f32; rows * kept.len()];
+    for r in 0..rows {
+        for (c, &j) in kept.iter().enumerate() {
+            out[r * kept.len() + c] = weights[(r, j)] as f32;
+        }
+    }
+    Ok(ChannelPruning {
+        kept,
+        weights: out,
+        loss,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -542,5 +618,81 @@ mod tests {
         assert_eq!(all.kept, (0..cols).collect::<Vec<_>>());
         assert_eq!(all.weights, w);
         assert_eq!(all.loss, 0.0);
+    }
+
+    /// With groups of one column, group pruning is channel pruning; with wider groups it
+    /// removes the group whose loss (with compensation) is smallest, and that loss is what
+    /// the output error grows by on the calibration inputs.
+    #[test]
+    fn group_pruning_removes_the_cheapest_head_and_compensates() {
+        use crate::kernels::test_util::random_vec;
+        let (rows, cols, tokens) = (5, 12, 64);
+        let w = random_vec(rows * cols, 3);
+        // Correlated inputs, the last group nearly silent.
+        let base = random_vec(tokens * cols, 4);
+        let shared = random_vec(tokens, 5);
+        let x: Vec<f64> = (0..tokens * cols)
+            .map(|i| {
+                let (t, c) = (i / cols, i % cols);
+                let v = base[i] as f64 + 0.7 * shared[t] as f64;
+                if c >= 8 { 0.05 * v } else { v }
+            })
+            .collect();
+        let mut h = vec![0.0f64; cols * cols];
+        for t in 0..tokens {
+            for i in 0..cols {
+                for j in 0..cols {
+                    h[i * cols + j] += x[t * cols + i] * x[t * cols + j];
+                }
+            }
+        }
+        let single = prune_input_groups(&w, rows, cols, &h, 1, 9, 0.01).unwrap();
+        let channels = prune_input_channels(&w, rows, cols, &h, 9, 0.01).unwrap();
+        assert_eq!(single.kept, channels.kept);
+        for (a, b) in single.weights.iter().zip(&channels.weights) {
+            assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+        }
+        // (Barely damped, so the predicted loss is the exact one.)
+        let heads = prune_input_groups(&w, rows, cols, &h, 4, 2, 1e-9).unwrap();
+        assert_eq!(
+            heads.kept,
+            (0..8).collect::<Vec<_>>(),
+            "the quiet group goes"
+        );
+        // The compensated output error on the calibration inputs is the predicted loss, and
+        // less than dropping the group without compensation.
+        let error = |kept: &[usize], weights: &[f32]| -> f64 {
+            (0..tokens)
+                .map(|t| {
+                    (0..rows)
+                        .map(|r| {
+                            let full: f64 = (0..cols)
+                                .map(|c| w[r * cols + c] as f64 * x[t * cols + c])
+                                .sum();
+                            let part: f64 = kept
+                                .iter()
+                                .enumerate()
+                                .map(|(k, &c)| weights[r * kept.len() + k] as f64 * x[t * cols + c])
+                                .sum();
+                            (full - part).powi(2)
+                        })
+                        .sum::<f64>()
+                })
+                .sum()
+        };
+        let compensated = error(&heads.kept, &heads.weights);
+        let plain: Vec<f32> = (0..rows)
+            .flat_map(|r| (0..8).map(move |c| (r, c)))
+            .map(|(r, c)| w[r * cols + c])
+            .collect();
+        assert!(
+            compensated < error(&heads.kept, &plain),
+            "compensation helps"
+        );
+        assert!(
+            (compensated - heads.loss).abs() < 0.05 * heads.loss.max(1e-9) + 1e-6,
+            "{compensated} vs predicted {}",
+            heads.loss
+        );
     }
 }
