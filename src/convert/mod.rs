@@ -1391,6 +1391,8 @@ struct Output<'a, 'p> {
     channel_pruning_loss: f64,
     /// Predicted output error of the removed attention heads, summed over blocks.
     head_pruning_loss: f64,
+    /// Whether the speed caveat of the masked encodings has been logged.
+    masked_noted: bool,
     /// Zeros and total weights of the matrices pruning applied to.
     pruned: u64,
     prunable: u64,
@@ -1433,6 +1435,7 @@ impl<'a, 'p> Output<'a, 'p> {
             gptq_loss: 0.0,
             channel_pruning_loss: 0.0,
             head_pruning_loss: 0.0,
+            masked_noted: false,
             pruned: 0,
             prunable: 0,
             prune_skipped: Vec::new(),
@@ -1590,6 +1593,18 @@ impl<'a, 'p> Output<'a, 'p> {
                     100.0 * share,
                     100.0 * MASKED_MAX_SHARE
                 ));
+            }
+            if !self.masked_noted {
+                // Once per conversion: the speed depends on the CPU that will run the file.
+                log::warn!(
+                    "storing unstructured-pruned matrices as {} ({:.0}% of the dense bytes): \
+                     decode is faster than dense on AVX-512 VBMI2 CPUs but slower on AVX2-only \
+                     x86 and on ARM NEON; pass --dense-storage when such a target needs speed \
+                     more than size",
+                    masked.name(),
+                    100.0 * share
+                );
+                self.masked_noted = true;
             }
             self.sparse_tensors += 1;
             return Some(masked);
