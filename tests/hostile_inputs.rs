@@ -521,6 +521,64 @@ fn checksum_verification_eager_lazy_and_off() {
     model.forward(&[4], &mut cache, Logits::Last).unwrap();
 }
 
+/// A masked (unstructured sparse) matrix whose offsets and masks were corrupted after writing
+/// (the table checksum does not cover data; verification is off by default) loads and runs:
+/// the corrupt tiles read as zero, nothing reads outside the code stream, logits stay finite.
+#[test]
+fn corrupt_masked_matrices_run_without_reading_outside_their_codes() {
+    use pocketlm::convert::{PruneMethod, Pruning, Sparsity};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("masked.plm");
+    let options = ConvertOptions {
+        pruning: Some(Pruning {
+            method: PruneMethod::Magnitude,
+            sparsity: Sparsity::Unstructured(0.6),
+        }),
+        ..ConvertOptions::with_weights(Encoding::Q8 { group: 32 })
+    };
+    convert_path(
+        &fixture("stories260k/hf"),
+        &path,
+        &options,
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    let file = PlmFile::open(&path).unwrap();
+    let mut regions = Vec::new();
+    for name in ["blk.0.attn_q.weight", "blk.2.ffn_up.weight"] {
+        let entry = file.entry(name).unwrap();
+        assert!(entry.encoding.is_masked(), "{name}: {}", entry.encoding);
+        let layout = entry.encoding.quant_layout(&entry.shape).unwrap();
+        let at = entry.offset as usize;
+        regions.push((at + layout.quants.start, at + layout.quants.end, 0xFF));
+        regions.push((
+            at + layout.offsets.as_ref().unwrap().start,
+            at + layout.offsets.unwrap().end,
+            0x7F,
+        ));
+    }
+    drop(file);
+    let mut bytes = std::fs::read(&path).unwrap();
+    for (i, (start, end, fill)) in regions.into_iter().enumerate() {
+        // Every other region: all of it; else every third byte.
+        for (k, b) in bytes[start..end].iter_mut().enumerate() {
+            if i % 2 == 0 || k % 3 == 0 {
+                *b = fill;
+            }
+        }
+    }
+    std::fs::write(&path, bytes).unwrap();
+    let model = Model::open_with(&path, ModelOptions::default()).unwrap();
+    let logits = model
+        .forward(
+            &[1, 3, 5, 7, 9],
+            &mut model.new_cache(8).unwrap(),
+            Logits::All,
+        )
+        .unwrap();
+    assert!(logits.iter().all(|v| v.is_finite()));
+}
+
 // ---- GGUF ----------------------------------------------------------------------------------
 
 fn gguf_string(out: &mut Vec<u8>, s: &str) {
