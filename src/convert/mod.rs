@@ -319,6 +319,40 @@ impl ConvertOptions {
             || self.recover.is_some()
     }
 
+    /// Checks a structured pruning option (`flag` with its `fraction`): a fraction in (0, 1),
+    /// no planner, and calibration text, on which `chosen_on` happens.
+    fn validate_structured(
+        &self,
+        flag: &str,
+        fraction: Option<f32>,
+        chosen_on: &str,
+    ) -> Result<(), ConvertError> {
+        let Some(fraction) = fraction else {
+            return Ok(());
+        };
+        if !(fraction > 0.0 && fraction < 1.0) {
+            return Err(ConvertError::Options(format!(
+                "{flag} {fraction} must be a fraction in (0, 1)"
+            )));
+        }
+        let refusal = if !self.blocks.is_empty() {
+            Some("per-block recipes (the planner)".to_string())
+        } else if self.calibration.is_none() {
+            Some(format!(
+                "no calibration text (--calib FILE; scripts/fetch-calib.sh downloads a default \
+                 set): {chosen_on} on calibration activations"
+            ))
+        } else {
+            None
+        };
+        match refusal {
+            Some(what) => Err(ConvertError::Options(format!(
+                "{flag} does not work with {what}"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     fn validate(&self) -> Result<(), ConvertError> {
         for recipe in &self.blocks {
             let mut block = self.with_recipe(recipe);
@@ -407,48 +441,16 @@ impl ConvertOptions {
                 ));
             }
         }
-        if let Some(fraction) = self.attention_head_pruning {
-            if !(fraction > 0.0 && fraction < 1.0) {
-                return Err(ConvertError::Options(format!(
-                    "--prune-heads {fraction} must be a fraction in (0, 1)"
-                )));
-            }
-            let refusal = if !self.blocks.is_empty() {
-                Some("per-block recipes (the planner)")
-            } else if self.calibration.is_none() {
-                Some(
-                    "no calibration text (--calib FILE; scripts/fetch-calib.sh downloads a default set): heads are chosen and the output projection is compensated on calibration activations",
-                )
-            } else {
-                None
-            };
-            if let Some(what) = refusal {
-                return Err(ConvertError::Options(format!(
-                    "--prune-heads does not work with {what}"
-                )));
-            }
-        }
-        if let Some(fraction) = self.mlp_channel_pruning {
-            if !(fraction > 0.0 && fraction < 1.0) {
-                return Err(ConvertError::Options(format!(
-                    "--prune-channels {fraction} must be a fraction in (0, 1)"
-                )));
-            }
-            let refusal = if !self.blocks.is_empty() {
-                Some("per-block recipes (the planner)")
-            } else if self.calibration.is_none() {
-                Some(
-                    "no calibration text (--calib FILE; scripts/fetch-calib.sh downloads a default set): channels are chosen and down is compensated on calibration activations",
-                )
-            } else {
-                None
-            };
-            if let Some(what) = refusal {
-                return Err(ConvertError::Options(format!(
-                    "--prune-channels does not work with {what}"
-                )));
-            }
-        }
+        self.validate_structured(
+            "--prune-heads",
+            self.attention_head_pruning,
+            "heads are chosen and the output projection is compensated",
+        )?;
+        self.validate_structured(
+            "--prune-channels",
+            self.mlp_channel_pruning,
+            "channels are chosen and down is compensated",
+        )?;
         if let Some(residual) = self.residual {
             let refusal = if !residual.is_quantized() || residual.quant_base() != residual {
                 Some(format!(
