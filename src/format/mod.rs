@@ -104,8 +104,8 @@ pub enum Encoding {
     /// 3 bits per weight plus the scales. Code 258, param0 = group. See [`QuantLayout`].
     Q4Sparse48 { group: u32 },
     /// Unstructured sparse q8 (any pattern): per tile block a one-bit-per-weight mask of the
-    /// kept weights, and the kept i8 codes in one stream located by a per-block offset table,
-    /// so each block stores exactly the codes it keeps. Code 259, param0 = group, param1 =
+    /// kept weights, and the kept i8 codes in one stream located by a per-tile offset table,
+    /// so each tile stores exactly the codes it keeps. Code 259, param0 = group, param1 =
     /// bytes of the code stream. See [`QuantLayout`].
     Q8Masked { group: u32, code_bytes: u32 },
     /// Unstructured sparse symmetric q4, stored like [`Encoding::Q8Masked`] with the kept

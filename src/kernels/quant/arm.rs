@@ -13,7 +13,9 @@ use std::arch::aarch64::*;
 use std::arch::asm;
 use std::ops::Range;
 
-use super::kinds::{Q3, Q4, Q4A, Q4M, Q4S, Q8, Q8M, Q8S, block_bytes};
+use super::kinds::{
+    Q3, Q4, Q4A, Q4M, Q4S, Q8, Q8M, Q8S, block_bytes, is_masked, masked_piece_bytes,
+};
 use super::{ActRow, QuantMatrix, QuantizedActivations, SPARSE48_SHUFFLE, store_tile};
 use crate::format::{QUANT_BLOCK, TILE_ROWS};
 use crate::kernels::KernelPath;
@@ -264,7 +266,7 @@ unsafe fn tile_neon<const K: u8>(w: &QuantMatrix<'_>, tile: usize, x: &ActRow<'_
     let mut acc = [vdupq_n_f32(0.0); 2];
     let mut cursor = std::ptr::null();
     if is_masked(K) {
-        match masked_cursor(w, tile) {
+        match w.masked_cursor(tile) {
             Some(c) => cursor = c,
             None => return finish(acc),
         }
@@ -318,7 +320,7 @@ unsafe fn tile_dotprod<const K: u8, const T: usize>(
     let mut acc = [[vdupq_n_f32(0.0); 2]; T];
     let mut cursor = std::ptr::null();
     if is_masked(K) {
-        match masked_cursor(w, tile) {
+        match w.masked_cursor(tile) {
             Some(c) => cursor = c,
             None => return acc.map(|a| finish(a)),
         }
@@ -372,7 +374,7 @@ unsafe fn tile_i8mm<const K: u8, const T: usize>(
     let mut acc = [[vdupq_n_f32(0.0); 2]; T];
     let mut cursor = std::ptr::null();
     if is_masked(K) {
-        match masked_cursor(w, tile) {
+        match w.masked_cursor(tile) {
             Some(c) => cursor = c,
             None => return acc.map(|a| finish(a)),
         }
@@ -452,11 +454,6 @@ unsafe fn expand_tile<const K: u8>(w: &QuantMatrix<'_>, tile: usize, codes: &mut
     }
 }
 
-/// Whether `kind` is a masked (unstructured sparse) kind.
-const fn is_masked(kind: u8) -> bool {
-    kind == Q8M || kind == Q4M
-}
-
 /// One masked piece (row masks: the 8 bytes at `masks`; kept codes at `p`) as four row pairs
 /// of signed levels: per row pair, one 16-byte load at the first row's codes and a table
 /// lookup whose indices (the rows' mask bytes through the table, the second row's shifted by
@@ -522,23 +519,17 @@ unsafe fn masked_pieces<const K: u8>(
         [2 * c, 2 * c + 1].map(|k| {
             let m = masks.add(8 * k);
             let piece = masked_piece::<K>(m, *cursor);
-            let kept = (m as *const u64).read_unaligned().count_ones() as usize;
-            *cursor = cursor.add(if K == Q4M { kept.div_ceil(2) } else { kept });
+            *cursor = cursor.add(masked_piece_bytes(K, (m as *const u64).read_unaligned()));
             piece
         })
     }
-}
-
-/// Where a masked tile's codes start, or `None` for a corrupt tile (which reads as zero).
-fn masked_cursor(w: &QuantMatrix<'_>, tile: usize) -> Option<*const u8> {
-    w.masked_tile(tile).map(|(_, stream)| stream.as_ptr())
 }
 
 /// The masked tile `tile` of `w` expanded into `codes` as a q8 tile (signed levels).
 #[target_feature(enable = "neon")]
 unsafe fn expand_masked<const K: u8>(w: &QuantMatrix<'_>, tile: usize, codes: &mut [u8]) {
     assert_eq!(codes.len(), w.blocks_per_row() * 256);
-    let Some(mut cursor) = masked_cursor(w, tile) else {
+    let Some(mut cursor) = w.masked_cursor(tile) else {
         return codes.fill(0);
     };
     let masks = w.tile_quants(tile).as_ptr();

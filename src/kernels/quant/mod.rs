@@ -23,6 +23,19 @@ pub(crate) mod kinds {
     pub const Q8M: u8 = 6;
     pub const Q4M: u8 = 7;
 
+    /// Whether `kind` is a masked (unstructured sparse) kind.
+    pub const fn is_masked(kind: u8) -> bool {
+        kind == Q8M || kind == Q4M
+    }
+
+    /// Bytes of the codes of one piece of masked kind `kind` whose eight row masks are the
+    /// bytes of `masks` (q8 one per kept weight; q4 two to a byte, rounded up).
+    #[inline]
+    pub const fn masked_piece_bytes(kind: u8, masks: u64) -> usize {
+        let kept = masks.count_ones() as usize;
+        if kind == Q4M { kept.div_ceil(2) } else { kept }
+    }
+
     /// Bytes of one tile block of kind `kind` ([`super::QuantKind::tile_block_bytes`]).
     pub const fn block_bytes(kind: u8) -> usize {
         match kind {
@@ -79,7 +92,7 @@ pub enum QuantKind {
     /// Symmetric q4 keeping at most 4 of every 8 weights.
     Q4Sparse48,
     /// q8 keeping any weights (unstructured): a bitmask per tile block and the kept codes in
-    /// a stream located by per-block offsets.
+    /// a stream located by per-tile offsets.
     Q8Masked,
     /// Symmetric q4 keeping any weights, its kept codes two to a byte.
     Q4Masked,
@@ -111,30 +124,23 @@ impl QuantKind {
     }
 
     /// Masked kinds: bytes of the codes of the pieces whose masks are `masks` (8 bytes a
-    /// piece).
+    /// piece; q8 one per kept weight, q4 two to a byte with each piece rounded up).
     #[inline]
     pub fn masked_code_bytes(self, masks: &[u8]) -> usize {
+        let kind = if self == QuantKind::Q4Masked {
+            kinds::Q4M
+        } else {
+            kinds::Q8M
+        };
         masks
             .chunks_exact(8)
-            .map(|m| self.piece_code_bytes(u64::from_le_bytes(m.try_into().unwrap())))
+            .map(|m| kinds::masked_piece_bytes(kind, u64::from_le_bytes(m.try_into().unwrap())))
             .sum()
     }
 
     /// Whether the kind keeps any weights (a bitmask and a code stream).
     pub fn is_masked(self) -> bool {
         matches!(self, QuantKind::Q8Masked | QuantKind::Q4Masked)
-    }
-
-    /// Masked kinds: bytes of the codes of one piece whose eight row masks are the bytes of
-    /// `masks` (q8 one per kept weight; q4 two to a byte, rounded up).
-    #[inline]
-    pub fn piece_code_bytes(self, masks: u64) -> usize {
-        let kept = masks.count_ones() as usize;
-        if self == QuantKind::Q4Masked {
-            kept.div_ceil(2)
-        } else {
-            kept
-        }
     }
 
     /// Whether the kind keeps four weights of every eight (a mask and kept codes).
@@ -164,8 +170,8 @@ pub struct QuantMatrix<'a> {
     /// Per tile, per group, the scales of the tile's rows.
     pub scales: &'a [f16],
     pub mins: Option<&'a [f16]>,
-    /// Masked kinds: per tile block of the stored matrix, the start of its codes (u32 LE),
-    /// one more than blocks; empty otherwise.
+    /// Masked kinds: per tile of the stored matrix, the start of its codes (u32 LE), then
+    /// the end; empty otherwise.
     pub offsets: &'a [u8],
     /// Masked kinds: the kept codes and their padding; empty otherwise.
     pub codes: &'a [u8],
@@ -288,6 +294,13 @@ impl<'a> QuantMatrix<'a> {
         })
     }
 
+    /// Where the SIMD kernels start walking tile `tile`'s codes: [`QuantMatrix::masked_tile`]'s
+    /// stream, `None` for a corrupt tile (which reads as zero).
+    #[inline]
+    pub(crate) fn masked_cursor(&self, tile: usize) -> Option<*const u8> {
+        self.masked_tile(tile).map(|(_, stream)| stream.as_ptr())
+    }
+
     /// The codes of tile `t`: the view's blocks, [`QuantKind::tile_block_bytes`] each.
     pub fn tile_quants(&self, t: usize) -> &'a [u8] {
         let block = self.kind.tile_block_bytes();
@@ -371,37 +384,20 @@ impl<'a> QuantMatrix<'a> {
                 let Some((masks, codes)) = self.masked_tile(r / TILE_ROWS) else {
                     return 0;
                 };
-                let masks = &masks[32 * (c / QUANT_BLOCK)..];
-                let codes = &codes[self.kind.masked_code_bytes(
-                    &self.tile_quants(r / TILE_ROWS)[..32 * (c / QUANT_BLOCK)],
-                )..];
-                let mask = masks[8 * k + i];
+                // The piece's codes follow the tile's earlier pieces'; this one's index is the
+                // number of kept weights before it in the piece, row by row.
+                let piece = 32 * (c / QUANT_BLOCK) + 8 * k;
+                let mask = masks[piece + i];
                 if mask >> j & 1 == 0 {
                     return 0;
                 }
-                // The piece's codes follow the earlier pieces'; this one's index is the
-                // number of kept weights before it in the piece, row by row.
-                let piece_at: usize = masks[..8 * k]
-                    .chunks_exact(8)
-                    .map(|m| {
-                        self.kind
-                            .piece_code_bytes(u64::from_le_bytes(m.try_into().unwrap()))
-                    })
-                    .sum();
-                let n = masks[8 * k..8 * k + i]
+                let n = masks[piece..piece + i]
                     .iter()
                     .map(|m| m.count_ones() as usize)
                     .sum::<usize>()
                     + (mask & ((1u16 << j) - 1) as u8).count_ones() as usize;
-                if self.kind == QuantKind::Q8Masked {
-                    return codes[piece_at + n] as i8 as i32;
-                }
-                let byte = codes[piece_at + n / 2];
-                if n.is_multiple_of(2) {
-                    byte & 0x0F
-                } else {
-                    byte >> 4
-                }
+                let at = self.kind.masked_code_bytes(&masks[..piece]);
+                return masked_level(self.kind, &codes[at..], n);
             }
         };
         code as i32 - self.kind.zero_point()
@@ -778,6 +774,21 @@ fn put_sparse48_row(
     Some(())
 }
 
+/// Masked kinds: the level of the `n`th kept weight of the piece whose codes start at
+/// `codes[0]` (q8: one i8 a code; q4: two codes a byte, low nibble first, zero point 8).
+fn masked_level(kind: QuantKind, codes: &[u8], n: usize) -> i32 {
+    if kind == QuantKind::Q8Masked {
+        return codes[n] as i8 as i32;
+    }
+    let byte = codes[n / 2];
+    let code = if n.is_multiple_of(2) {
+        byte & 0x0F
+    } else {
+        byte >> 4
+    };
+    code as i32 - kind.zero_point()
+}
+
 /// Masked kinds: tile `tile` of `w` expanded into `out` as a q8 tile of signed levels (256
 /// bytes a block, the layout [`QuantMatrix::expanded_tile`] reads). The reference for the
 /// SIMD expansions, and the one the scalar paths use.
@@ -794,24 +805,11 @@ pub(crate) fn expand_masked_tile_scalar(w: &QuantMatrix<'_>, tile: usize, out: &
             for i in 0..TILE_ROWS {
                 let mask = masks[8 * k + i];
                 for j in (0..TILE_PIECE).filter(|j| mask >> j & 1 == 1) {
-                    let level = if w.kind == QuantKind::Q8Masked {
-                        codes[at + n] as i8
-                    } else {
-                        let byte = codes[at + n / 2];
-                        (if n.is_multiple_of(2) {
-                            byte & 0x0F
-                        } else {
-                            byte >> 4
-                        }) as i8
-                            - 8
-                    };
-                    dense[64 * k + 8 * i + j] = level as u8;
+                    dense[64 * k + 8 * i + j] = masked_level(w.kind, &codes[at..], n) as i8 as u8;
                     n += 1;
                 }
             }
-            at += w.kind.piece_code_bytes(u64::from_le_bytes(
-                masks[8 * k..8 * k + 8].try_into().unwrap(),
-            ));
+            at += w.kind.masked_code_bytes(&masks[8 * k..8 * k + 8]);
         }
     }
 }
@@ -985,16 +983,37 @@ mod tests {
             v.push(Encoding::Q3 { group });
             v.push(Encoding::Q8Sparse48 { group });
             v.push(Encoding::Q4Sparse48 { group });
-            v.push(Encoding::Q8Masked {
-                group,
-                code_bytes: 0,
-            });
-            v.push(Encoding::Q4Masked {
-                group,
-                code_bytes: 0,
-            });
+            v.extend(masked(group));
         }
         v
+    }
+
+    /// The masked encodings at `group`, their code streams unsized (see [`sized`]).
+    fn masked(group: u32) -> [Encoding; 2] {
+        [
+            Encoding::Q8Masked {
+                group,
+                code_bytes: 0,
+            },
+            Encoding::Q4Masked {
+                group,
+                code_bytes: 0,
+            },
+        ]
+    }
+
+    /// Every supported path's products of `m` with `acts` agree with the scalar reference.
+    fn assert_paths_match_scalar(m: &QuantMatrix<'_>, acts: &QuantizedActivations, what: &str) {
+        let want = products(KernelPath::Scalar, m, acts, 0..m.tiles());
+        for path in paths() {
+            let got = products(path, m, acts, 0..m.tiles());
+            for (g, e) in got.iter().flatten().zip(want.iter().flatten()) {
+                assert!(
+                    (g - e).abs() <= 1e-4 * e.abs().max(1.0),
+                    "{path:?} {what}: {g} vs {e}"
+                );
+            }
+        }
     }
 
     /// `enc` with a masked encoding's code stream sized for `w`.
@@ -1488,16 +1507,7 @@ mod tests {
     /// as zero on every path, with no read outside the code stream and no panic.
     #[test]
     fn corrupt_masked_blocks_read_as_zero_on_every_path() {
-        for base in [
-            Encoding::Q8Masked {
-                group: 32,
-                code_bytes: 0,
-            },
-            Encoding::Q4Masked {
-                group: 32,
-                code_bytes: 0,
-            },
-        ] {
+        for base in masked(32) {
             let (rows, cols) = (24, 96);
             let w = weights(base, rows * cols, 9);
             let (enc, clean) = rtn(base, &w, rows, cols);
@@ -1532,16 +1542,7 @@ mod tests {
                     matrix(enc, rows, cols, &clean).dequantize(),
                     "{enc} corruption {c}"
                 );
-                let want = products(KernelPath::Scalar, &m, &acts, 0..m.tiles());
-                for path in paths() {
-                    let got = products(path, &m, &acts, 0..m.tiles());
-                    for (g, e) in got.iter().flatten().zip(want.iter().flatten()) {
-                        assert!(
-                            (g - e).abs() <= 1e-4 * e.abs().max(1.0),
-                            "{path:?} {enc} corruption {c}: {g} vs {e}"
-                        );
-                    }
-                }
+                assert_paths_match_scalar(&m, &acts, &format!("{enc} corruption {c}"));
             }
         }
     }
@@ -1551,16 +1552,7 @@ mod tests {
     /// weight as `level` does.
     #[test]
     fn masked_expansion_matches_the_reference() {
-        for base in [
-            Encoding::Q8Masked {
-                group: 64,
-                code_bytes: 0,
-            },
-            Encoding::Q4Masked {
-                group: 64,
-                code_bytes: 0,
-            },
-        ] {
+        for base in masked(64) {
             let (rows, cols) = (19, 192);
             let w = weights(base, rows * cols, 17);
             let (enc, bytes) = rtn(base, &w, rows, cols);
@@ -1600,37 +1592,14 @@ mod tests {
                 }
             })
             .collect();
-        let acts = QuantizedActivations::quantize(&random_vec(3 * cols, 2), 3, cols);
-        for base in [
-            Encoding::Q8Masked {
-                group: 32,
-                code_bytes: 0,
-            },
-            Encoding::Q4Masked {
-                group: 32,
-                code_bytes: 0,
-            },
-        ] {
+        for base in masked(32) {
             let (enc, bytes) = rtn(base, &w, rows, cols);
             let m = matrix(enc, rows, cols, &bytes);
             for tokens in [1, 3] {
-                let a = QuantizedActivations::quantize(&acts_cols(&acts, tokens), tokens, cols);
-                let want = products(KernelPath::Scalar, &m, &a, 0..m.tiles());
-                for path in paths() {
-                    let got = products(path, &m, &a, 0..m.tiles());
-                    for (g, e) in got.iter().flatten().zip(want.iter().flatten()) {
-                        assert!(
-                            (g - e).abs() <= 1e-4 * e.abs().max(1.0),
-                            "{path:?} {enc} tokens {tokens}: {g} vs {e}"
-                        );
-                    }
-                }
+                let x = random_vec(tokens * cols, 2);
+                let acts = QuantizedActivations::quantize(&x, tokens, cols);
+                assert_paths_match_scalar(&m, &acts, &format!("{enc} tokens {tokens}"));
             }
         }
-    }
-
-    /// The first `tokens` tokens of `acts`, dequantized (activations to quantize again).
-    fn acts_cols(acts: &QuantizedActivations, tokens: usize) -> Vec<f32> {
-        dequantized(acts)[..tokens * acts.cols].to_vec()
     }
 }

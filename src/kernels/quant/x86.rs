@@ -12,7 +12,9 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::kinds::{Q3, Q4, Q4A, Q4M, Q4S, Q8, Q8M, Q8S, block_bytes};
+use super::kinds::{
+    Q3, Q4, Q4A, Q4M, Q4S, Q8, Q8M, Q8S, block_bytes, is_masked, masked_piece_bytes,
+};
 use super::{ActRow, QuantMatrix, QuantizedActivations, SPARSE48_SHUFFLE, store_tile};
 use crate::format::{QUANT_BLOCK, TILE_ROWS};
 use crate::kernels::KernelPath;
@@ -22,17 +24,6 @@ const PREFETCH_AHEAD: usize = 2048;
 
 /// Adds `n` to every byte of a shuffle-table entry (a row's codes start `n` bytes later).
 const SHIFT_BYTES: u64 = 0x0101_0101_0101_0101;
-
-const fn is_masked(kind: u8) -> bool {
-    kind == Q8M || kind == Q4M
-}
-
-/// Bytes of the codes of one masked piece with row masks `masks` (q4: two to a byte).
-#[inline]
-fn piece_bytes<const K: u8>(masks: u64) -> usize {
-    let kept = masks.count_ones() as usize;
-    if K == Q4M { kept.div_ceil(2) } else { kept }
-}
 
 /// Products of tiles `tiles` of `w` with every token of `acts`, into `out` as
 /// [`super::gemm_tiles`] describes.
@@ -383,7 +374,7 @@ macro_rules! avx2_family {
                             let hi = pair(skip + count(0) + count(1), 2);
                             _mm256_set_m128i(hi, lo)
                         };
-                        *cursor = p.add(piece_bytes::<K>(m));
+                        *cursor = p.add(masked_piece_bytes(K, m));
                     }
                 }
                 out
@@ -441,8 +432,8 @@ macro_rules! avx2_family {
                 let half_zero_point = 0.5 * zero_point(K);
                 let mut cursor = std::ptr::null();
                 if is_masked(K) {
-                    match w.masked_tile(tile) {
-                        Some((_, stream)) => cursor = stream.as_ptr(),
+                    match w.masked_cursor(tile) {
+                        Some(start) => cursor = start,
                         // A corrupt tile reads as zero.
                         None => return [_mm_setzero_ps(); T],
                     }
@@ -549,8 +540,8 @@ macro_rules! avx2_family {
                 assert_eq!(codes.len(), w.blocks_per_row() * 256);
                 let mut cursors = [std::ptr::null(); 2];
                 if is_masked(K) {
-                    match w.masked_tile(tile) {
-                        Some((_, stream)) => cursors = [stream.as_ptr(); 2],
+                    match w.masked_cursor(tile) {
+                        Some(start) => cursors = [start; 2],
                         None => return codes.fill(0),
                     }
                 }
@@ -738,7 +729,7 @@ pub(super) mod avx512 {
                     let ordered = _mm512_shuffle_i64x2::<0b11_01_10_00>(z, z);
                     _mm512_mask_expand_epi8(_mm512_set1_epi8(8), m, ordered)
                 };
-                *cursor = p.add(piece_bytes::<K>(m));
+                *cursor = p.add(masked_piece_bytes(K, m));
             }
         }
         out
@@ -775,8 +766,8 @@ pub(super) mod avx512 {
         let mut acc = [[_mm512_setzero_ps(); 2]; T];
         let mut cursor = std::ptr::null();
         if is_masked(K) {
-            match w.masked_tile(tile) {
-                Some((_, stream)) => cursor = stream.as_ptr(),
+            match w.masked_cursor(tile) {
+                Some(start) => cursor = start,
                 // A corrupt tile reads as zero.
                 None => return out,
             }
@@ -854,8 +845,8 @@ pub(super) mod avx512 {
         assert_eq!(codes.len(), w.blocks_per_row() * 256);
         let mut cursor = std::ptr::null();
         if is_masked(K) {
-            match w.masked_tile(tile) {
-                Some((_, stream)) => cursor = stream.as_ptr(),
+            match w.masked_cursor(tile) {
+                Some(start) => cursor = start,
                 None => return codes.fill(0),
             }
         }
