@@ -295,8 +295,10 @@ impl<'a> QuantMatrix<'a> {
     }
 
     /// Where the SIMD kernels start walking tile `tile`'s codes: [`QuantMatrix::masked_tile`]'s
-    /// stream, `None` for a corrupt tile (which reads as zero).
-    #[inline]
+    /// stream, `None` for a corrupt tile (which reads as zero). Always inlined: the check
+    /// then compiles inside each kernel's target features (without it, decode measured 6–8%
+    /// slower).
+    #[inline(always)]
     pub(crate) fn masked_cursor(&self, tile: usize) -> Option<*const u8> {
         self.masked_tile(tile).map(|(_, stream)| stream.as_ptr())
     }
