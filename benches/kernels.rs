@@ -1,6 +1,7 @@
-//! Kernel throughput: one weight matrix of SmolLM2-135M's shapes (576 → 1536, and the
-//! 49152-row output layer) times one token (decode) and 128 tokens (prefill), per encoding
-//! and kernel path. `cargo bench --bench kernels`; compare paths with POCKETLM_KERNELS.
+//! Kernel throughput: one weight matrix of SmolLM2-135M's shapes (576 → 1536, a low-rank
+//! `U` factor 320 → 1536, and the 49152-row output layer) times one token (decode) and 128
+//! tokens (prefill), per encoding and kernel path. `cargo bench --bench kernels`; compare
+//! paths with POCKETLM_KERNELS and thread counts with RAYON_NUM_THREADS.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use half::f16;
@@ -14,11 +15,15 @@ fn weights(n: usize) -> Vec<f32> {
 }
 
 fn bench_matmul(c: &mut Criterion) {
+    // Products run on a pool thread, as in the runtime (which runs inside its pool): called
+    // from outside, each product would also pay the pool's cold entry (at 2 threads that made a
+    // 1536×576 q4 product take 24 µs instead of 12).
+    let pool = rayon::ThreadPoolBuilder::new().build().unwrap();
     let paths: Vec<KernelPath> = KernelPath::ALL
         .into_iter()
         .filter(|p| p.is_supported())
         .collect();
-    for &(rows, cols) in &[(1536usize, 576usize), (49152, 576)] {
+    for &(rows, cols) in &[(1536usize, 576usize), (1536, 320), (49152, 576)] {
         let w = weights(rows * cols);
         let w16: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
         let encodings = [
@@ -83,13 +88,17 @@ fn bench_matmul(c: &mut Criterion) {
                 if path.float_path() == path {
                     let f16m = MatRef::new(WeightData::F16(&w16), rows, cols).unwrap();
                     group.bench_function(BenchmarkId::new("f16", path.name()), |b| {
-                        b.iter(|| kernels::matmul_with(path, &x, tokens, f16m, &mut out))
+                        pool.install(|| {
+                            b.iter(|| kernels::matmul_with(path, &x, tokens, f16m, &mut out))
+                        })
                     });
                     let sm =
                         sparse::Sparse24Matrix::from_parts(&sparse_layout, &sparse_bytes).unwrap();
                     let sm = MatRef::new(WeightData::Sparse24(sm), rows, cols).unwrap();
                     group.bench_function(BenchmarkId::new("f16+2:4", path.name()), |b| {
-                        b.iter(|| kernels::matmul_with(path, &x, tokens, sm, &mut out))
+                        pool.install(|| {
+                            b.iter(|| kernels::matmul_with(path, &x, tokens, sm, &mut out))
+                        })
                     });
                 }
                 for (e, bytes) in &quantized {
@@ -97,7 +106,9 @@ fn bench_matmul(c: &mut Criterion) {
                     let m = quant::QuantMatrix::from_parts(*e, &layout, bytes).unwrap();
                     let mat = MatRef::new(WeightData::Quant(m), rows, cols).unwrap();
                     group.bench_function(BenchmarkId::new(e.describe(), path.name()), |b| {
-                        b.iter(|| kernels::matmul_with(path, &x, tokens, mat, &mut out))
+                        pool.install(|| {
+                            b.iter(|| kernels::matmul_with(path, &x, tokens, mat, &mut out))
+                        })
                     });
                 }
             }
