@@ -3,7 +3,7 @@
 //! tokens (prefill), per encoding and kernel path. `cargo bench --bench kernels`; compare
 //! paths with POCKETLM_KERNELS and thread counts with RAYON_NUM_THREADS.
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Bencher, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use half::f16;
 use pocketlm::format::Encoding;
 use pocketlm::kernels::{self, KernelPath, MatRef, WeightData, quant, sparse};
@@ -14,10 +14,22 @@ fn weights(n: usize) -> Vec<f32> {
         .collect()
 }
 
+/// Times `out = x · wᵀ` on a thread of `pool`, as the runtime runs inside its pool: called
+/// from outside, each product would also pay the pool's cold entry (at 2 threads that made a
+/// 1536×576 q4 product take 24 µs instead of 12).
+fn iter_on_pool(
+    pool: &rayon::ThreadPool,
+    b: &mut Bencher<'_>,
+    path: KernelPath,
+    x: &[f32],
+    tokens: usize,
+    w: MatRef<'_>,
+    out: &mut [f32],
+) {
+    pool.install(|| b.iter(|| kernels::matmul_with(path, x, tokens, w, out)))
+}
+
 fn bench_matmul(c: &mut Criterion) {
-    // Products run on a pool thread, as in the runtime (which runs inside its pool): called
-    // from outside, each product would also pay the pool's cold entry (at 2 threads that made a
-    // 1536×576 q4 product take 24 µs instead of 12).
     let pool = rayon::ThreadPoolBuilder::new().build().unwrap();
     let paths: Vec<KernelPath> = KernelPath::ALL
         .into_iter()
@@ -88,17 +100,13 @@ fn bench_matmul(c: &mut Criterion) {
                 if path.float_path() == path {
                     let f16m = MatRef::new(WeightData::F16(&w16), rows, cols).unwrap();
                     group.bench_function(BenchmarkId::new("f16", path.name()), |b| {
-                        pool.install(|| {
-                            b.iter(|| kernels::matmul_with(path, &x, tokens, f16m, &mut out))
-                        })
+                        iter_on_pool(&pool, b, path, &x, tokens, f16m, &mut out)
                     });
                     let sm =
                         sparse::Sparse24Matrix::from_parts(&sparse_layout, &sparse_bytes).unwrap();
                     let sm = MatRef::new(WeightData::Sparse24(sm), rows, cols).unwrap();
                     group.bench_function(BenchmarkId::new("f16+2:4", path.name()), |b| {
-                        pool.install(|| {
-                            b.iter(|| kernels::matmul_with(path, &x, tokens, sm, &mut out))
-                        })
+                        iter_on_pool(&pool, b, path, &x, tokens, sm, &mut out)
                     });
                 }
                 for (e, bytes) in &quantized {
@@ -106,9 +114,7 @@ fn bench_matmul(c: &mut Criterion) {
                     let m = quant::QuantMatrix::from_parts(*e, &layout, bytes).unwrap();
                     let mat = MatRef::new(WeightData::Quant(m), rows, cols).unwrap();
                     group.bench_function(BenchmarkId::new(e.describe(), path.name()), |b| {
-                        pool.install(|| {
-                            b.iter(|| kernels::matmul_with(path, &x, tokens, mat, &mut out))
-                        })
+                        iter_on_pool(&pool, b, path, &x, tokens, mat, &mut out)
                     });
                 }
             }
