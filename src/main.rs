@@ -258,7 +258,8 @@ struct ConvertArgs {
     /// scales, the latent weights codes are rounded from, surviving weights, low-rank factors,
     /// norms) so its output matches the original block's on the calibration text. kd:
     /// distil the original model's next-token distribution into the whole compressed model,
-    /// tuning grid scales, norms and low-rank factors (codes unchanged). blockwise+kd: both.
+    /// tuning grid scales, norms and low-rank factors (codes unchanged unless
+    /// --recover-codes); the best of its held-out checks is kept. blockwise+kd: both.
     /// Needs --calib and a build with `--features recover`.
     #[arg(long)]
     recover: Option<RecoverMode>,
@@ -271,6 +272,10 @@ struct ConvertArgs {
     /// Multiplier of --recover's learning rates.
     #[arg(long, default_value_t = Recovery::default().learning_rate)]
     recover_lr: f32,
+    /// With kd: train the latent weights the codes are rounded from as well as the grids
+    /// (quantization-aware fine-tuning with straight-through rounding), so codes may change.
+    #[arg(long)]
+    recover_codes: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -807,6 +812,7 @@ fn cmd_convert(a: ConvertArgs) -> CliResult {
             steps: a.recover_steps,
             batch: a.recover_batch,
             learning_rate: a.recover_lr,
+            codes: a.recover_codes,
         }),
     };
     options.calibration = if plan.is_some() || options.needs_calibration() {
@@ -897,9 +903,9 @@ fn print_written(output: &Path, report: &convert::ConvertReport, started: std::t
             kd.train_kl_before,
             kd.train_kl_after,
             if kd.kept {
-                "kept"
+                format!("kept the values of step {}", kd.best_step)
             } else {
-                "not better, left as compressed"
+                "not better, left as compressed".to_string()
             }
         );
     }

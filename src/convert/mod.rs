@@ -911,6 +911,7 @@ pub fn convert(
                 "steps": r.steps,
                 "batch": r.batch,
                 "learning_rate": r.learning_rate,
+                "codes": r.codes,
                 "loss_before": recovered.iter().map(|b| b.loss_before).collect::<Vec<_>>(),
                 "loss_after": recovered.iter().map(|b| b.loss_after).collect::<Vec<_>>(),
                 "kept": recovered.iter().map(|b| b.kept).collect::<Vec<_>>(),
@@ -921,6 +922,7 @@ pub fn convert(
                     "train_kl_after": k.train_kl_after,
                     "held_out_sequences": k.held_out,
                     "kept": k.kept,
+                    "best_step": k.best_step,
                     "parameters": k.parameters,
                 })),
             })),
@@ -1259,9 +1261,10 @@ fn distill_model(
     )
     .map_err(ConvertError::Calibration)?;
     log::info!(
-        "kd: held-out KL {:.4} -> {:.4}, training KL {:.4} -> {:.4} ({}; {} parameters)",
+        "kd: held-out KL {:.4} -> {:.4} (step {}), training KL {:.4} -> {:.4} ({}; {} parameters)",
         report.kl_before,
         report.kl_after,
+        report.best_step,
         report.train_kl_before,
         report.train_kl_after,
         recovery_outcome(report.kept),

@@ -32,6 +32,9 @@ pub struct Recovery {
     pub batch: usize,
     /// Multiplier of the base learning rates (see [`BASE_RATES`]).
     pub learning_rate: f32,
+    /// Distillation also moves the codes: it trains the latent weights they are rounded
+    /// from (straight-through rounding), as block-wise does, not only the grids.
+    pub codes: bool,
 }
 
 impl Default for Recovery {
@@ -41,6 +44,7 @@ impl Default for Recovery {
             steps: 64,
             batch: 4,
             learning_rate: 1.0,
+            codes: false,
         }
     }
 }
@@ -63,6 +67,13 @@ impl Recovery {
                 "--recover-lr must be a positive number, got {}",
                 self.learning_rate
             ));
+        }
+        if self.codes && !self.mode.distills() {
+            return Err(
+                "--recover-codes applies to distillation (--recover kd or blockwise+kd); \
+                        block-wise recovery always moves the codes"
+                    .into(),
+            );
         }
         Ok(())
     }
@@ -200,7 +211,9 @@ pub struct BlockRecovery {
 
 /// What distillation did: the KL divergence (to the teacher's top-k summary, mean per
 /// position) on the held-out sequences before and after, on the training sequences before
-/// and after, and whether the tuned values were kept.
+/// and after, and whether the tuned values were kept. The held-out KL is checked as training
+/// goes; the values kept are those of the check where it was least (`best_step`), so
+/// "after" is that check's.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Distillation {
     pub kl_before: f64,
@@ -209,6 +222,8 @@ pub struct Distillation {
     pub train_kl_after: f64,
     pub held_out: usize,
     pub kept: bool,
+    /// The optimizer step whose values were kept (0 when none were).
+    pub best_step: usize,
     pub parameters: usize,
 }
 
@@ -229,7 +244,7 @@ mod train {
     }
 
     /// How one tensor's runtime values come from its trainable parameters.
-    enum Param {
+    pub(super) enum Param {
         /// `w = s0 · (r · clamp(round((z − dm) / r), lo, hi) + dm) + m0`, per group: `z` the
         /// latent weights in grid steps, `r` the scale factor, `dm` the minimum shift.
         Quantized {
@@ -270,7 +285,7 @@ mod train {
     }
 
     impl Param {
-        fn new(t: &BlockTensor, dev: &Device) -> candle_core::Result<Param> {
+        pub(super) fn new(t: &BlockTensor, dev: &Device) -> candle_core::Result<Param> {
             let mask_values: Option<Vec<f32>> = t
                 .masked
                 .then(|| t.values.iter().map(|&v| (v != 0.0) as u8 as f32).collect());
@@ -342,7 +357,7 @@ mod train {
         }
 
         /// The values the runtime would read, as a differentiable function of the parameters.
-        fn weights(&self) -> candle_core::Result<Tensor> {
+        pub(super) fn weights(&self) -> candle_core::Result<Tensor> {
             match self {
                 Param::Quantized {
                     z,
@@ -381,7 +396,7 @@ mod train {
         }
 
         /// The variables with their Adam step sizes.
-        fn variables(&self, rates: &Rates, vector: bool) -> Vec<(Var, f64)> {
+        pub(super) fn variables(&self, rates: &Rates, vector: bool) -> Vec<(Var, f64)> {
             match self {
                 Param::Quantized { z, r, dm, .. } => {
                     let mut v = vec![(z.clone(), rates.latent), (r.clone(), rates.grid)];
@@ -397,7 +412,7 @@ mod train {
         }
 
         /// Writes the tuned parameters back into `t` (values and grids as stored).
-        fn store(&self, t: &mut BlockTensor) -> candle_core::Result<()> {
+        pub(super) fn store(&self, t: &mut BlockTensor) -> candle_core::Result<()> {
             match self {
                 Param::Quantized {
                     z,
@@ -990,6 +1005,33 @@ mod tests {
     }
 
     #[test]
+    fn options_that_cannot_apply_are_refused() {
+        let ok = |r: Recovery| r.validate().is_ok();
+        assert!(ok(Recovery::default()));
+        let codes = |mode| Recovery {
+            mode,
+            codes: true,
+            ..Recovery::default()
+        };
+        assert!(ok(codes(RecoverMode::Distill)));
+        assert!(ok(codes(RecoverMode::BlockwiseDistill)));
+        let refused = codes(RecoverMode::Blockwise).validate().unwrap_err();
+        assert!(refused.contains("--recover-codes"), "{refused}");
+        for bad in [
+            Recovery {
+                steps: 0,
+                ..Recovery::default()
+            },
+            Recovery {
+                learning_rate: f32::NAN,
+                ..Recovery::default()
+            },
+        ] {
+            assert!(!ok(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn recovery_lowers_the_block_error_and_keeps_the_encoding() {
         let seq_len = 16;
         for (encoding, masked) in [
@@ -1007,6 +1049,7 @@ mod tests {
                 steps: 60,
                 batch: 4,
                 learning_rate: 1.0,
+                codes: false,
             };
             let zeros_before: Vec<bool> = student
                 .iter()

@@ -3,17 +3,20 @@
 //! by KL divergence over the whole model at once, where block-wise reconstruction sees one
 //! block at a time.
 //!
-//! Only a small parameter set is trained, so the file keeps every code it had (parameter-
-//! efficient quantization-aware tuning, as PEQA): the scale of every quantization group and
-//! the minimum of asymmetric ones, the norms and biases, and float low-rank factors. Float
-//! and pruned matrices stay as they are.
+//! By default only a small parameter set is trained, so the file keeps every code it had
+//! (parameter-efficient quantization-aware tuning, as PEQA): the scale of every quantization
+//! group and the minimum of asymmetric ones, the norms and biases, and float low-rank
+//! factors. Float and pruned matrices stay as they are. With [`Recovery::codes`] the latent
+//! weights the codes are rounded from are trained too (quantization-aware fine-tuning with
+//! straight-through rounding), so codes may change.
 //!
 //! The teacher is summarised by its top-k probabilities per position plus the mass of the
 //! rest, computed once from the original model's final activations, so neither the teacher
 //! model nor full-vocabulary logits are kept while training. The KL divergence between
 //! those coarse distributions (the top k tokens and one bucket for the rest) is the loss;
 //! it is exact for the mass the top k cover and never more than the full KL divergence.
-//! A held-out part of the calibration sequences decides whether the tuned values are kept.
+//! A held-out part of the calibration sequences is scored every [`CHECK_EVERY`] steps; the
+//! values of the best check are kept (early stopping), none if no check beat the start.
 
 use std::collections::HashMap;
 
@@ -23,26 +26,24 @@ use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef, Par};
 use rayon::prelude::*;
 
-use super::train::{Adam, Forward, Layout, build_forward, err, rms};
-use super::{BlockTensor, Distillation, Grid, Recovery};
+use super::train::{Adam, Forward, Layout, Param, build_forward, err, rms};
+use super::{BlockTensor, Distillation, Grid, Rates, Recovery};
 use crate::config::ModelConfig;
 
 type Result<T> = std::result::Result<T, String>;
 
-/// Adam step sizes for distillation: grid scales and minimum shifts relative to the initial
-/// scale, float low-rank factors and vectors relative to their tensor's RMS.
-pub const DISTILL_RATES: DistillRates = DistillRates {
+/// Adam step sizes for distillation: latent weights (with [`Recovery::codes`]) in steps of
+/// their group's grid, grid scales and minimum shifts relative to the initial scale, float
+/// low-rank factors and vectors relative to their tensor's RMS.
+pub const DISTILL_RATES: Rates = Rates {
+    latent: 5e-3,
     grid: 3e-3,
     float: 6e-3,
     vector: 3e-3,
 };
 
-#[derive(Clone, Copy, Debug)]
-pub struct DistillRates {
-    pub grid: f64,
-    pub float: f64,
-    pub vector: f64,
-}
+/// Optimizer steps between two scores of the held-out sequences.
+pub const CHECK_EVERY: usize = 8;
 
 /// Teacher tokens kept per position.
 pub const TOP_K: usize = 64;
@@ -150,15 +151,18 @@ enum Tuned {
     },
     /// `w = z · rho`.
     Float { z: Var, rho: f32, vector: bool },
+    /// Latent weights and grids trained, codes rounded from the latent weights.
+    Latent(Param),
     /// Not trained.
     Frozen(Tensor),
 }
 
 impl Tuned {
-    fn new(t: &BlockTensor, dev: &Device) -> candle_core::Result<Tuned> {
+    fn new(t: &BlockTensor, codes: bool, dev: &Device) -> candle_core::Result<Tuned> {
         let is_factor = t.name.ends_with("#u") || t.name.ends_with("#v");
         let vector = t.shape.len() == 1;
         match &t.grids {
+            Some(_) if codes => Ok(Tuned::Latent(Param::new(t, dev)?)),
             Some(grids) => {
                 let (rows, cols) = (t.shape[0], t.shape[1]);
                 let groups = grids.len() / rows;
@@ -241,11 +245,12 @@ impl Tuned {
                     .reshape(*shape)
             }
             Tuned::Float { z, rho, .. } => z.as_tensor() * *rho as f64,
+            Tuned::Latent(p) => p.weights(),
             Tuned::Frozen(w) => Ok(w.clone()),
         }
     }
 
-    fn variables(&self, rates: &DistillRates) -> Vec<(Var, f64)> {
+    fn variables(&self, rates: &Rates) -> Vec<(Var, f64)> {
         match self {
             Tuned::Grid { r, dm, .. } => {
                 let mut v = vec![(r.clone(), rates.grid)];
@@ -257,6 +262,7 @@ impl Tuned {
             Tuned::Float { z, vector, .. } => {
                 vec![(z.clone(), if *vector { rates.vector } else { rates.float })]
             }
+            Tuned::Latent(p) => p.variables(rates, false),
             Tuned::Frozen(_) => Vec::new(),
         }
     }
@@ -289,6 +295,7 @@ impl Tuned {
             Tuned::Float { .. } => {
                 t.values = self.weights()?.flatten_all()?.to_vec1::<f32>()?;
             }
+            Tuned::Latent(p) => p.store(t)?,
             Tuned::Frozen(_) => {}
         }
         Ok(())
@@ -362,15 +369,16 @@ pub fn distill(
         .map(|tensors| {
             tensors
                 .iter()
-                .map(|t| Tuned::new(t, &dev))
+                .map(|t| Tuned::new(t, options.codes, &dev))
                 .collect::<candle_core::Result<Vec<_>>>()
         })
         .collect::<candle_core::Result<Vec<_>>>()
         .map_err(err)?;
-    let norm = Tuned::new(student.output_norm, &dev).map_err(err)?;
+    let norm = Tuned::new(student.output_norm, false, &dev).map_err(err)?;
     let head = Tensor::from_slice(student.head, (vocab, d), &dev).map_err(err)?;
     let scale = options.learning_rate as f64;
-    let rates = DistillRates {
+    let rates = Rates {
+        latent: DISTILL_RATES.latent * scale,
         grid: DISTILL_RATES.grid * scale,
         float: DISTILL_RATES.float * scale,
         vector: DISTILL_RATES.vector * scale,
@@ -498,23 +506,44 @@ pub fn distill(
 
     let kl_before = held().map_err(err)?;
     let train_kl_before = mean_loss(0, train).map_err(err)?;
+    let variables: Vec<Var> = vars.iter().map(|(v, _)| v.clone()).collect();
     let mut adam = Adam::new(vars).map_err(err)?;
     let batches = train.div_ceil(batch);
+    // Early stopping: the held-out KL of the best check so far, its step and its values.
+    let (mut kl_after, mut best_step) = (kl_before, 0);
+    let mut best: Option<Vec<Tensor>> = None;
     for step in 0..options.steps {
         let first = (step % batches) * batch;
         let n = batch.min(train - first);
         let (value, grads) = gradients(first, n).map_err(err)?;
         if !value.is_finite() {
-            log::warn!("distillation diverged at step {step}; keeping the model as compressed");
+            log::warn!("distillation diverged at step {step}; keeping the best check so far");
             break;
         }
         adam.step_with(|var| grads.get(&var.id()).cloned())
             .map_err(err)?;
         progress(step + 1, value);
+        let done = step + 1;
+        if done % CHECK_EVERY == 0 || done == options.steps {
+            let kl = held().map_err(err)?;
+            log::info!("kd: step {done} held-out KL {kl:.4} (best {kl_after:.4})");
+            if kl.is_finite() && kl < kl_after {
+                kl_after = kl;
+                best_step = done;
+                let copies = variables.iter().map(|v| v.as_tensor().copy());
+                best = Some(copies.collect::<candle_core::Result<_>>().map_err(err)?);
+            }
+        }
     }
-    let kl_after = held().map_err(err)?;
+    let kept = best.is_some();
+    // The values of the best check (or, when none beat the start, the last step's: they are
+    // not stored) are the ones the training KL is measured on.
+    if let Some(best) = &best {
+        for (v, b) in variables.iter().zip(best) {
+            v.set(b).map_err(err)?;
+        }
+    }
     let train_kl_after = mean_loss(0, train).map_err(err)?;
-    let kept = kl_after.is_finite() && kl_after < kl_before;
     if kept {
         for (ts, tensors) in tuned.iter().zip(student.blocks.iter_mut()) {
             for (t, tensor) in ts.iter().zip(tensors.iter_mut()) {
@@ -530,6 +559,7 @@ pub fn distill(
         train_kl_after,
         held_out,
         kept,
+        best_step,
         parameters,
     })
 }
@@ -553,7 +583,7 @@ mod tests {
     }
 
     #[test]
-    fn distillation_lowers_the_kl_divergence_and_keeps_every_code() {
+    fn distillation_lowers_the_kl_divergence_and_moves_codes_only_when_asked() {
         let c = config(false);
         let (seq_len, sequences) = (12, 16);
         let d = c.hidden_size;
@@ -572,7 +602,12 @@ mod tests {
         let teacher = TeacherLogits::from_hidden(&c, &hidden, &norm, &embedding, 4);
         assert_eq!(teacher.positions(), sequences * seq_len);
 
-        for encoding in [Encoding::Q3 { group: 32 }, Q4A] {
+        for (encoding, codes_trained) in [
+            (Encoding::Q3 { group: 32 }, false),
+            (Q4A, false),
+            (Encoding::Q3 { group: 32 }, true),
+            (Q4A, true),
+        ] {
             let mut blocks = vec![block(&c, encoding, encoding == Q4A)];
             let codes_before: Vec<Vec<f32>> = blocks[0]
                 .iter()
@@ -592,6 +627,7 @@ mod tests {
                 steps: 80,
                 batch: 4,
                 learning_rate: 3.0,
+                codes: codes_trained,
             };
             let report = distill(
                 &c,
@@ -612,13 +648,23 @@ mod tests {
                 report.kept && report.kl_after < 0.8 * report.kl_before,
                 "{encoding}: {report:?}"
             );
+            // The values kept are those of a held-out check.
+            assert!(
+                report.best_step > 0
+                    && (report.best_step % CHECK_EVERY == 0 || report.best_step == options.steps),
+                "{report:?}"
+            );
             assert!(report.train_kl_after < report.train_kl_before);
             let codes_after: Vec<Vec<f32>> = blocks[0]
                 .iter()
                 .filter(|t| t.grids.is_some())
                 .map(codes)
                 .collect();
-            assert_eq!(codes_before, codes_after, "{encoding}: codes changed");
+            if codes_trained {
+                assert_ne!(codes_before, codes_after, "{encoding}: no code moved");
+            } else {
+                assert_eq!(codes_before, codes_after, "{encoding}: codes changed");
+            }
             assert_ne!(output_norm.values, norm, "the final norm is tuned");
         }
     }
