@@ -3,7 +3,7 @@
 #![cfg(feature = "recover")]
 
 use pocketlm::convert::{
-    ConvertError, ConvertOptions, LowRank, LowRankMethod, Method, PruneMethod, Pruning,
+    Clipping, ConvertError, ConvertOptions, LowRank, LowRankMethod, Method, PruneMethod, Pruning,
     RankAllocation, RankTarget, RecoverMode, Recovery, Sparsity, convert_path,
 };
 use pocketlm::format::{Encoding, PlmFile};
@@ -127,6 +127,46 @@ fn distillation_after_blockwise_recovery_lowers_the_perplexity_further() {
     assert!(kd["kept"].as_bool().unwrap() && after < before, "{kd}");
     assert_eq!(kd["held_out_sequences"], 6);
     assert!(a.metadata()["recipe"]["recover"]["kd"].is_null());
+}
+
+/// Quantization-aware distillation (`--recover kd --recover-codes`) of a round-to-nearest
+/// 3-bit model closes more than half of the gap to the base: the 3-bit path to issue #11's
+/// target (from GPTQ's codes it closes less; that codes move is checked in the unit tests).
+/// Measured: f32 3.147, q3/g32 RTN 4.277, recovered 3.526 (66%; GPTQ unrecovered 3.920).
+#[test]
+fn distillation_that_moves_codes_closes_half_the_3_bit_gap() {
+    let rtn = ConvertOptions {
+        calibration: Some(calibration()),
+        embedding: Some(Encoding::F32),
+        clipping: Some(Clipping::Search),
+        ..ConvertOptions::with_weights(Q3)
+    };
+    let qat = ConvertOptions {
+        recover: Some(Recovery {
+            mode: RecoverMode::Distill,
+            codes: true,
+            ..Recovery::default()
+        }),
+        ..rtn.clone()
+    };
+    let (_d, base) = convert(&ConvertOptions::with_weights(Encoding::F32));
+    let (_d0, plain) = convert(&rtn);
+    let (_d1, tuned) = convert(&qat);
+    let (base, p_plain, p_tuned) = (ppl(&base), ppl(&plain), ppl(&tuned));
+    eprintln!("f32 {base:.4}, q3 rtn {p_plain:.4}, kd with codes {p_tuned:.4}");
+    assert!(
+        p_tuned - base < 0.5 * (p_plain - base),
+        "recovered {p_tuned} vs {p_plain} (base {base})"
+    );
+    let (a, b) = (
+        PlmFile::open(&plain).unwrap(),
+        PlmFile::open(&tuned).unwrap(),
+    );
+    assert_eq!(tensor_layout(&a), tensor_layout(&b));
+    b.verify().unwrap();
+    let r = &b.metadata()["recipe"]["recover"];
+    assert_eq!(r["codes"], true);
+    assert!(r["kd"]["best_step"].as_u64().unwrap() > 0, "{r}");
 }
 
 /// 2:4 pruning keeps its sparse storage and mask through recovery, and tuning the surviving
