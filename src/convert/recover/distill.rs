@@ -524,7 +524,7 @@ pub fn distill(
             .map_err(err)?;
         progress(step + 1, value);
         let done = step + 1;
-        if done % CHECK_EVERY == 0 || done == options.steps {
+        if done.is_multiple_of(CHECK_EVERY) || done == options.steps {
             let kl = held().map_err(err)?;
             log::info!("kd: step {done} held-out KL {kl:.4} (best {kl_after:.4})");
             if kl.is_finite() && kl < kl_after {
@@ -651,7 +651,8 @@ mod tests {
             // The values kept are those of a held-out check.
             assert!(
                 report.best_step > 0
-                    && (report.best_step % CHECK_EVERY == 0 || report.best_step == options.steps),
+                    && (report.best_step.is_multiple_of(CHECK_EVERY)
+                        || report.best_step == options.steps),
                 "{report:?}"
             );
             assert!(report.train_kl_after < report.train_kl_before);
