@@ -141,6 +141,19 @@ pub struct Rates {
     pub vector: f64,
 }
 
+impl Rates {
+    /// Every step size times `factor` (`--recover-lr`).
+    pub fn scaled(self, factor: f32) -> Rates {
+        let f = factor as f64;
+        Rates {
+            latent: self.latent * f,
+            grid: self.grid * f,
+            float: self.float * f,
+            vector: self.vector * f,
+        }
+    }
+}
+
 /// One tensor of a block as compressed: what is written to the file (values encoded in
 /// `encoding` on `grids`), held back while the block is recovered.
 #[derive(Clone, Debug)]
@@ -704,13 +717,7 @@ mod train {
             .map(|t| Param::new(t, &dev))
             .collect::<candle_core::Result<Vec<_>>>()
             .map_err(err)?;
-        let scale = options.learning_rate as f64;
-        let rates = Rates {
-            latent: BASE_RATES.latent * scale,
-            grid: BASE_RATES.grid * scale,
-            float: BASE_RATES.float * scale,
-            vector: BASE_RATES.vector * scale,
-        };
+        let rates = BASE_RATES.scaled(options.learning_rate);
         let vars: Vec<(Var, f64)> = params
             .iter()
             .zip(tensors.iter())

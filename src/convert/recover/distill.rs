@@ -376,13 +376,7 @@ pub fn distill(
         .map_err(err)?;
     let norm = Tuned::new(student.output_norm, false, &dev).map_err(err)?;
     let head = Tensor::from_slice(student.head, (vocab, d), &dev).map_err(err)?;
-    let scale = options.learning_rate as f64;
-    let rates = Rates {
-        latent: DISTILL_RATES.latent * scale,
-        grid: DISTILL_RATES.grid * scale,
-        float: DISTILL_RATES.float * scale,
-        vector: DISTILL_RATES.vector * scale,
-    };
+    let rates = DISTILL_RATES.scaled(options.learning_rate);
     let vars: Vec<(Var, f64)> = tuned
         .iter()
         .flatten()
