@@ -27,23 +27,27 @@ fn q3_gptq() -> ConvertOptions {
     }
 }
 
-/// Converts `options` plainly and recovered, and checks that recovery closes more than
-/// `share` of the perplexity gap to the f32 base; returns the recovered file.
+/// Converts `options` plainly and with `recovery`, and checks that recovery closes more
+/// than `share` of the perplexity gap to the f32 base; returns the plain and recovered files.
 fn closes_the_gap(
     what: &str,
     options: ConvertOptions,
+    recovery: Recovery,
     share: f64,
-) -> (tempfile::TempDir, std::path::PathBuf) {
+) -> [(tempfile::TempDir, std::path::PathBuf); 2] {
     let (_d, base) = convert(&ConvertOptions::with_weights(Encoding::F32));
-    let (_d0, plain) = convert(&options);
-    let (dir, tuned) = convert(&recovered(options));
+    let (d0, plain) = convert(&options);
+    let (dir, tuned) = convert(&ConvertOptions {
+        recover: Some(recovery),
+        ..options
+    });
     let (base, p_plain, p_tuned) = (ppl(&base), ppl(&plain), ppl(&tuned));
     eprintln!("f32 {base:.4}, {what} {p_plain:.4}, recovered {p_tuned:.4}");
     assert!(
         p_tuned - base < (1.0 - share) * (p_plain - base),
         "{what}: recovered {p_tuned} vs {p_plain} (base {base})"
     );
-    (dir, tuned)
+    [(d0, plain), (dir, tuned)]
 }
 
 /// Each tensor's name, encoding and byte length: what recovery must leave unchanged.
@@ -141,23 +145,12 @@ fn distillation_that_moves_codes_closes_half_the_3_bit_gap() {
         clipping: Some(Clipping::Search),
         ..ConvertOptions::with_weights(Q3)
     };
-    let qat = ConvertOptions {
-        recover: Some(Recovery {
-            mode: RecoverMode::Distill,
-            codes: true,
-            ..Recovery::default()
-        }),
-        ..rtn.clone()
+    let qat = Recovery {
+        mode: RecoverMode::Distill,
+        codes: true,
+        ..Recovery::default()
     };
-    let (_d, base) = convert(&ConvertOptions::with_weights(Encoding::F32));
-    let (_d0, plain) = convert(&rtn);
-    let (_d1, tuned) = convert(&qat);
-    let (base, p_plain, p_tuned) = (ppl(&base), ppl(&plain), ppl(&tuned));
-    eprintln!("f32 {base:.4}, q3 rtn {p_plain:.4}, kd with codes {p_tuned:.4}");
-    assert!(
-        p_tuned - base < 0.5 * (p_plain - base),
-        "recovered {p_tuned} vs {p_plain} (base {base})"
-    );
+    let [(_d0, plain), (_d1, tuned)] = closes_the_gap("q3 rtn, kd with codes", rtn, qat, 0.5);
     let (a, b) = (
         PlmFile::open(&plain).unwrap(),
         PlmFile::open(&tuned).unwrap(),
@@ -183,7 +176,7 @@ fn recovery_tunes_the_survivors_of_a_pruned_model() {
         }),
         ..ConvertOptions::with_weights(Encoding::F16)
     };
-    let (_d, tuned) = closes_the_gap("wanda 2:4", pruned, 0.5);
+    let [_, (_d, tuned)] = closes_the_gap("wanda 2:4", pruned, Recovery::default(), 0.5);
     let file = PlmFile::open(&tuned).unwrap();
     assert_eq!(
         file.entry("blk.2.ffn_gate.weight").unwrap().encoding,
@@ -205,7 +198,7 @@ fn recovery_tunes_low_rank_factors() {
         }),
         ..ConvertOptions::with_weights(Encoding::F16)
     };
-    let (_d, tuned) = closes_the_gap("svdllm 20%", factored, 0.5);
+    let [_, (_d, tuned)] = closes_the_gap("svdllm 20%", factored, Recovery::default(), 0.5);
     let file = PlmFile::open(&tuned).unwrap();
     assert!(file.entry("blk.1.ffn_up.weight#u").is_some());
     assert!(file.entry("blk.1.ffn_up.weight").is_none());
@@ -221,7 +214,7 @@ fn recovery_tunes_a_narrower_mlp() {
         mlp_channel_pruning: Some(0.25),
         ..ConvertOptions::with_weights(Encoding::F32)
     };
-    let (_d, tuned) = closes_the_gap("25% MLP channels", narrow, 0.25);
+    let [_, (_d, tuned)] = closes_the_gap("25% MLP channels", narrow, Recovery::default(), 0.25);
     let file = PlmFile::open(&tuned).unwrap();
     assert_eq!(
         file.entry("blk.4.ffn_down.weight").unwrap().shape,
