@@ -276,6 +276,11 @@ struct ConvertArgs {
     /// (quantization-aware fine-tuning with straight-through rounding), so codes may change.
     #[arg(long)]
     recover_codes: bool,
+    /// With kd: distil on this many calibration sequences (default: --calib-samples). The
+    /// quantizer needs few; distillation overfits few that it sees many times, so give it
+    /// about --recover-steps × --recover-batch for one pass over unseen text.
+    #[arg(long, value_name = "N")]
+    recover_samples: Option<usize>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -813,6 +818,7 @@ fn cmd_convert(a: ConvertArgs) -> CliResult {
             batch: a.recover_batch,
             learning_rate: a.recover_lr,
             codes: a.recover_codes,
+            samples: a.recover_samples,
         }),
     };
     options.calibration = if plan.is_some() || options.needs_calibration() {

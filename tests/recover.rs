@@ -3,8 +3,9 @@
 #![cfg(feature = "recover")]
 
 use pocketlm::convert::{
-    Clipping, ConvertError, ConvertOptions, LowRank, LowRankMethod, Method, PruneMethod, Pruning,
-    RankAllocation, RankTarget, RecoverMode, Recovery, Sparsity, convert_path,
+    Calibration, Clipping, ConvertError, ConvertOptions, LowRank, LowRankMethod, Method,
+    PruneMethod, Pruning, RankAllocation, RankTarget, RecoverMode, Recovery, Sparsity,
+    convert_path,
 };
 use pocketlm::format::{Encoding, PlmFile};
 
@@ -160,6 +161,47 @@ fn distillation_that_moves_codes_closes_half_the_3_bit_gap() {
     let r = &b.metadata()["recipe"]["recover"];
     assert_eq!(r["codes"], true);
     assert!(r["kd"]["best_step"].as_u64().unwrap() > 0, "{r}");
+}
+
+/// `--recover-samples`: distillation trains on more sequences than the quantizer calibrated
+/// on (16 here, 48 for distillation), with or without block-wise recovery on the 16 first.
+/// Its teacher runs on the distillation sequences, so the KL falls and the file improves.
+#[test]
+fn distillation_trains_on_its_own_sequences() {
+    let few = ConvertOptions {
+        calibration: Some(Calibration {
+            samples: 16,
+            ..calibration()
+        }),
+        ..q3_gptq()
+    };
+    let (_d0, plain) = convert(&few);
+    let p_plain = ppl(&plain);
+    for mode in [RecoverMode::Distill, RecoverMode::BlockwiseDistill] {
+        let (_d1, tuned) = convert(&ConvertOptions {
+            recover: Some(Recovery {
+                mode,
+                samples: Some(48),
+                ..Recovery::default()
+            }),
+            ..few.clone()
+        });
+        let p_tuned = ppl(&tuned);
+        eprintln!("{mode:?}: q3 gptq on 16 sequences {p_plain:.4}, kd on 48 {p_tuned:.4}");
+        assert!(p_tuned < p_plain - 0.05, "{mode:?}: {p_tuned} vs {p_plain}");
+        let r = PlmFile::open(&tuned).unwrap().metadata()["recipe"]["recover"].clone();
+        assert_eq!(r["samples"], 48);
+        let kd = &r["kd"];
+        assert_eq!(kd["held_out_sequences"], 6, "{kd}");
+        let (before, after) = (
+            kd["kl_before"].as_f64().unwrap(),
+            kd["kl_after"].as_f64().unwrap(),
+        );
+        assert!(
+            kd["kept"].as_bool().unwrap() && after < 0.9 * before,
+            "{kd}"
+        );
+    }
 }
 
 /// 2:4 pruning keeps its sparse storage and mask through recovery, and tuning the surviving

@@ -611,6 +611,20 @@ pub fn convert(
         Some(c) if options.needs_calibration() => Some(calibration_windows(model, c)?),
         _ => None,
     };
+    // Distillation may train on other (more) sequences than the quantizer calibrates on.
+    let distill_windows = match (&options.recover, &options.calibration) {
+        (Some(r), Some(c)) if r.mode.distills() => match r.samples {
+            Some(samples) if samples != c.samples => Some(calibration_windows(
+                model,
+                &Calibration {
+                    samples,
+                    ..c.clone()
+                },
+            )?),
+            _ => None,
+        },
+        _ => None,
+    };
     let schedule = match (options.sparsity_schedule, options.pruning, &calibration) {
         (
             SparsitySchedule::Owl { spread, threshold },
@@ -687,10 +701,20 @@ pub fn convert(
     let embedding = model.source.load_f32(names::TOKEN_EMBD)?;
     let embd_shape = [config.vocab_size, config.hidden_size];
     // Recovery's teacher: the original model's activations, from the original embedding.
-    let mut teacher = match (&options.recover, &calibration) {
+    // Block-wise recovery needs them on the calibration sequences; distillation on its own.
+    let blockwise = options.recover.is_some_and(|r| r.mode.blockwise());
+    let teacher_windows = match &distill_windows {
+        Some(windows) if !blockwise => Some(windows),
+        _ => calibration.as_ref(),
+    };
+    let mut teacher = match (&options.recover, teacher_windows) {
         (Some(_), Some(windows)) => Some(calib::Calibrator::new(config, windows, &embedding)),
         _ => None,
     };
+    let mut distill_teacher = distill_windows
+        .as_ref()
+        .filter(|_| blockwise)
+        .map(|windows| calib::Calibrator::new(config, windows, &embedding));
     let runtime_embedding =
         out.write_matrix(names::TOKEN_EMBD, &embd_shape, embedding, None, false)?;
     let mut calibrator = calibration
@@ -699,8 +723,11 @@ pub fn convert(
     // Distillation tunes the whole model at once: it starts from the embedded calibration
     // text, and every block's tensors are held back until it is done.
     let distilling = options.recover.is_some_and(|r| r.mode.distills());
-    let student_inputs = match &calibrator {
-        Some(c) if distilling => c.hidden().to_vec(),
+    let student_inputs = match (&distill_windows, &calibrator) {
+        (Some(windows), _) => calib::Calibrator::new(config, windows, &runtime_embedding)
+            .hidden()
+            .to_vec(),
+        (None, Some(c)) if distilling => c.hidden().to_vec(),
         _ => Vec::new(),
     };
     let mut held_blocks: Vec<Vec<recover::BlockTensor>> = Vec::new();
@@ -710,7 +737,7 @@ pub fn convert(
     let mut recovered = Vec::new();
     for (l, block_options) in block_options.iter().enumerate() {
         let mut layer = LayerTensors::load(model.source.as_ref(), config, l)?;
-        if let Some(teacher) = &mut teacher {
+        for teacher in teacher.iter_mut().chain(&mut distill_teacher) {
             teacher.advance(&layer.block_weights(config));
         }
         let mut stats = match &calibrator {
@@ -816,7 +843,7 @@ pub fn convert(
                     student_head: &student_head,
                     student_inputs: &student_inputs,
                     seq_len: calibrator.seq_len(),
-                    teacher_hidden: teacher.hidden(),
+                    teacher_hidden: distill_teacher.as_ref().unwrap_or(&teacher).hidden(),
                     teacher_norm: &norm,
                     teacher_head: &original_head,
                 },
@@ -912,6 +939,7 @@ pub fn convert(
                 "batch": r.batch,
                 "learning_rate": r.learning_rate,
                 "codes": r.codes,
+                "samples": r.samples,
                 "loss_before": recovered.iter().map(|b| b.loss_before).collect::<Vec<_>>(),
                 "loss_after": recovered.iter().map(|b| b.loss_after).collect::<Vec<_>>(),
                 "kept": recovered.iter().map(|b| b.kept).collect::<Vec<_>>(),

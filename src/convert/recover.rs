@@ -35,6 +35,10 @@ pub struct Recovery {
     /// Distillation also moves the codes: it trains the latent weights they are rounded
     /// from (straight-through rounding), as block-wise does, not only the grids.
     pub codes: bool,
+    /// Calibration sequences distillation trains on; `None`: the calibration's own. More
+    /// than the quantizer needs, because whole-model distillation overfits a few sequences
+    /// it sees many times.
+    pub samples: Option<usize>,
 }
 
 impl Default for Recovery {
@@ -45,6 +49,7 @@ impl Default for Recovery {
             batch: 4,
             learning_rate: 1.0,
             codes: false,
+            samples: None,
         }
     }
 }
@@ -67,6 +72,20 @@ impl Recovery {
                 "--recover-lr must be a positive number, got {}",
                 self.learning_rate
             ));
+        }
+        if let Some(samples) = self.samples {
+            if !self.mode.distills() {
+                return Err(
+                    "--recover-samples applies to distillation (--recover kd or \
+                            blockwise+kd); block-wise recovery uses --calib-samples"
+                        .into(),
+                );
+            }
+            if samples < 2 {
+                return Err(format!(
+                    "--recover-samples must be at least 2 (one is held out), got {samples}"
+                ));
+            }
         }
         if self.codes && !self.mode.distills() {
             return Err(
@@ -1024,6 +1043,15 @@ mod tests {
         assert!(ok(codes(RecoverMode::BlockwiseDistill)));
         let refused = codes(RecoverMode::Blockwise).validate().unwrap_err();
         assert!(refused.contains("--recover-codes"), "{refused}");
+        let samples = |mode, n| Recovery {
+            mode,
+            samples: Some(n),
+            ..Recovery::default()
+        };
+        assert!(ok(samples(RecoverMode::Distill, 256)));
+        let refused = samples(RecoverMode::Blockwise, 256).validate().unwrap_err();
+        assert!(refused.contains("--recover-samples"), "{refused}");
+        assert!(!ok(samples(RecoverMode::Distill, 1)));
         for bad in [
             Recovery {
                 steps: 0,
@@ -1057,6 +1085,7 @@ mod tests {
                 batch: 4,
                 learning_rate: 1.0,
                 codes: false,
+                samples: None,
             };
             let zeros_before: Vec<bool> = student
                 .iter()

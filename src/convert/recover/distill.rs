@@ -622,6 +622,7 @@ mod tests {
                 batch: 4,
                 learning_rate: 3.0,
                 codes: codes_trained,
+                samples: None,
             };
             let report = distill(
                 &c,
