@@ -223,6 +223,11 @@ impl Calibrator {
         &self.hidden
     }
 
+    /// The current activations, taken out (no copy).
+    pub fn into_hidden(self) -> Vec<f32> {
+        self.hidden
+    }
+
     /// Tokens per calibration sequence.
     pub fn seq_len(&self) -> usize {
         self.seq_len

@@ -724,9 +724,9 @@ pub fn convert(
     // text, and every block's tensors are held back until it is done.
     let distilling = options.recover.is_some_and(|r| r.mode.distills());
     let student_inputs = match (&distill_windows, &calibrator) {
-        (Some(windows), _) => calib::Calibrator::new(config, windows, &runtime_embedding)
-            .hidden()
-            .to_vec(),
+        (Some(windows), _) => {
+            calib::Calibrator::new(config, windows, &runtime_embedding).into_hidden()
+        }
         (None, Some(c)) if distilling => c.hidden().to_vec(),
         _ => Vec::new(),
     };

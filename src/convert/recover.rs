@@ -991,7 +991,7 @@ mod tests {
         };
         let mut cal = Calibrator::from_hidden(c, seq_len, x.to_vec());
         cal.advance(&w);
-        cal.hidden().to_vec()
+        cal.into_hidden()
     }
 
     const Q4: Encoding = Encoding::Q4 {
