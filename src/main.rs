@@ -901,13 +901,14 @@ fn print_written(output: &Path, report: &convert::ConvertReport, started: std::t
     }
     if let Some(kd) = &report.distillation {
         eprintln!(
-            "distillation: KL {:.4} -> {:.4} on {} held-out sequences ({:.4} -> {:.4} on the \
+            "distillation: KL {:.4} -> {:.4} on {} held-out sequences ({:.4} -> {:.4} on {} \
              training ones); {}",
             kd.kl_before,
             kd.kl_after,
             kd.held_out,
             kd.train_kl_before,
             kd.train_kl_after,
+            kd.train_scored,
             if kd.kept {
                 format!("kept the values of step {}", kd.best_step)
             } else {

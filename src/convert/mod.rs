@@ -949,6 +949,7 @@ pub fn convert(
                     "train_kl_before": k.train_kl_before,
                     "train_kl_after": k.train_kl_after,
                     "held_out_sequences": k.held_out,
+                    "train_scored_sequences": k.train_scored,
                     "kept": k.kept,
                     "best_step": k.best_step,
                     "parameters": k.parameters,

@@ -242,9 +242,9 @@ pub struct BlockRecovery {
 }
 
 /// What distillation did: the KL divergence (to the teacher's top-k summary, mean per
-/// position) on the held-out sequences before and after, on the training sequences before
-/// and after, and whether the tuned values were kept. The held-out KL is checked as training
-/// goes; the values kept are those of the check where it was least (`best_step`), so
+/// position) on the held-out sequences before and after, on the first `train_scored`
+/// training sequences before and after, and whether the tuned values were kept. The
+/// held-out KL is checked as training goes; the values kept are those of the check where it was least (`best_step`), so
 /// "after" is that check's.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Distillation {
@@ -253,6 +253,7 @@ pub struct Distillation {
     pub train_kl_before: f64,
     pub train_kl_after: f64,
     pub held_out: usize,
+    pub train_scored: usize,
     pub kept: bool,
     /// The optimizer step whose values were kept (0 when none were).
     pub best_step: usize,
