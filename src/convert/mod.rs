@@ -607,20 +607,19 @@ pub fn convert(
             config.num_layers
         )));
     }
-    let calibration = match &options.calibration {
-        Some(c) if options.needs_calibration() => Some(calibration_windows(model, c)?),
+    // The calibration text is tokenized once: distillation may cut other (more) sequences
+    // from it than the quantizer calibrates on.
+    let calibration_text = match &options.calibration {
+        Some(c) if options.needs_calibration() => Some((c, calibration_tokens(model, c)?)),
         _ => None,
     };
-    // Distillation may train on other (more) sequences than the quantizer calibrates on.
-    let distill_windows = match (&options.recover, &options.calibration) {
-        (Some(r), Some(c)) if r.mode.distills() => match r.samples {
-            Some(samples) if samples != c.samples => Some(calibration_windows(
-                model,
-                &Calibration {
-                    samples,
-                    ..c.clone()
-                },
-            )?),
+    let calibration = match &calibration_text {
+        Some((c, tokens)) => Some(windows_of(model, c, tokens, c.samples)?),
+        None => None,
+    };
+    let distill_windows = match (&options.recover, &calibration_text) {
+        (Some(r), Some((c, tokens))) if r.mode.distills() => match r.samples {
+            Some(samples) if samples != c.samples => Some(windows_of(model, c, tokens, samples)?),
             _ => None,
         },
         _ => None,
@@ -1319,16 +1318,30 @@ fn calibration_windows(
     model: &ImportedModel,
     c: &Calibration,
 ) -> Result<Vec<Vec<u32>>, ConvertError> {
+    windows_of(model, c, &calibration_tokens(model, c)?, c.samples)
+}
+
+/// The calibration text as the model's tokens.
+fn calibration_tokens(model: &ImportedModel, c: &Calibration) -> Result<Vec<u32>, ConvertError> {
     let tokenizer = Tokenizer::from_spec(&model.tokenizer)
         .map_err(|e| ConvertError::Calibration(format!("tokenizer: {e}")))?;
-    let tokens = tokenizer
+    tokenizer
         .encode(&c.text, false)
-        .map_err(|e| ConvertError::Calibration(format!("{}: {e}", c.source)))?;
+        .map_err(|e| ConvertError::Calibration(format!("{}: {e}", c.source)))
+}
+
+/// `samples` sequences of `c.seq_len` cut from `tokens` (the tokens of `c`'s text).
+fn windows_of(
+    model: &ImportedModel,
+    c: &Calibration,
+    tokens: &[u32],
+    samples: usize,
+) -> Result<Vec<Vec<u32>>, ConvertError> {
     let bos = model
         .tokenizer
         .bos_token_id
         .filter(|_| model.tokenizer.add_bos);
-    let windows = calib::windows(&tokens, c.samples, c.seq_len, bos);
+    let windows = calib::windows(tokens, samples, c.seq_len, bos);
     if windows.is_empty() {
         return Err(ConvertError::Calibration(format!(
             "{}: {} tokens, not enough for one sequence of {}",
@@ -1337,13 +1350,13 @@ fn calibration_windows(
             c.seq_len
         )));
     }
-    if windows.len() < c.samples {
+    if windows.len() < samples {
         log::warn!(
             "calibration: {} has {} tokens, enough for {} of the {} sequences asked for",
             c.source,
             tokens.len(),
             windows.len(),
-            c.samples
+            samples
         );
     }
     Ok(windows)

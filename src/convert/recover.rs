@@ -244,8 +244,8 @@ pub struct BlockRecovery {
 /// What distillation did: the KL divergence (to the teacher's top-k summary, mean per
 /// position) on the held-out sequences before and after, on the first `train_scored`
 /// training sequences before and after, and whether the tuned values were kept. The
-/// held-out KL is checked as training goes; the values kept are those of the check where it was least (`best_step`), so
-/// "after" is that check's.
+/// held-out KL is checked as training goes; the values kept are those of the check where it
+/// was least (`best_step`), so "after" is that check's.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Distillation {
     pub kl_before: f64,
