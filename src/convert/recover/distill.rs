@@ -15,7 +15,8 @@
 //! model nor full-vocabulary logits are kept while training. The KL divergence between
 //! those coarse distributions (the top k tokens and one bucket for the rest) is the loss;
 //! it is exact for the mass the top k cover and never more than the full KL divergence.
-//! A held-out part of the calibration sequences is scored every [`CHECK_EVERY`] steps; the
+//! Training visits the calibration sequences in a shuffled order, a fresh one each pass. A
+//! held-out part of them, spread over the text, is scored every [`CHECK_EVERY`] steps; the
 //! values of the best check are kept (early stopping), none if no check beat the start.
 
 use std::collections::HashMap;
@@ -29,6 +30,7 @@ use rayon::prelude::*;
 use super::train::{Adam, Forward, Layout, Param, build_forward, err, rms};
 use super::{BlockTensor, Distillation, Grid, Rates, Recovery};
 use crate::config::ModelConfig;
+use crate::sampler::SplitMix64;
 
 type Result<T> = std::result::Result<T, String>;
 
@@ -51,14 +53,46 @@ pub const CHECK_EVERY: usize = 8;
 /// 128 as on training, and half an hour on its two training scores.
 pub const SCORED_SEQUENCES: usize = 32;
 
-/// How many of `sequences` (the last ones) are held out: an eighth, at least one when there
-/// are two, at most [`SCORED_SEQUENCES`].
+/// How many of `sequences` are held out: an eighth, at least one when there are two, at most
+/// [`SCORED_SEQUENCES`].
 pub fn held_out_count(sequences: usize) -> usize {
     if sequences >= 2 {
         (sequences / 8).clamp(1, SCORED_SEQUENCES)
     } else {
         0
     }
+}
+
+/// `count` of `ids`, evenly spread over them (the middle of each of `count` equal spans).
+fn spread(ids: &[usize], count: usize) -> Vec<usize> {
+    let count = count.min(ids.len());
+    (0..count)
+        .map(|i| ids[(2 * i + 1) * ids.len() / (2 * count)])
+        .collect()
+}
+
+/// The held-out sequences and the training ones. The held-out ones are spread evenly over
+/// the calibration text: it is a concatenation of parts (web text, Wikipedia, code, other
+/// languages, stories), and held-out sequences from its end alone would score one part.
+fn split(sequences: usize) -> (Vec<usize>, Vec<usize>) {
+    let all: Vec<usize> = (0..sequences).collect();
+    let held = spread(&all, held_out_count(sequences));
+    let train = all.into_iter().filter(|i| !held.contains(i)).collect();
+    (held, train)
+}
+
+/// Seed of the order training visits its sequences in.
+const ORDER_SEED: u64 = 0x706c_6d6b_6400;
+
+/// `ids` in a pseudo-random order (Fisher–Yates), so that consecutive batches mix the
+/// calibration text's parts and the last steps before a check do not all tune toward one.
+fn shuffled(ids: &[usize], rng: &mut SplitMix64) -> Vec<usize> {
+    let mut out = ids.to_vec();
+    for i in (1..out.len()).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        out.swap(i, j);
+    }
+    out
 }
 
 /// Teacher tokens kept per position.
@@ -360,9 +394,10 @@ pub fn distill(
         ));
     }
     let vocab = student.head.len() / d;
-    let held_out = held_out_count(sequences);
-    let train = sequences - held_out;
-    let train_scored = train.min(SCORED_SEQUENCES);
+    let (held_ids, train_ids) = split(sequences);
+    let (held_out, train) = (held_ids.len(), train_ids.len());
+    let scored_ids = spread(&train_ids, SCORED_SEQUENCES);
+    let train_scored = scored_ids.len();
 
     let layouts = student
         .blocks
@@ -398,12 +433,27 @@ pub fn distill(
     let parameters = vars.iter().map(|(v, _)| v.elem_count()).sum();
 
     let k = teacher.k;
-    let teacher_of = |first: usize, n: usize| -> candle_core::Result<[Tensor; 3]> {
-        let (a, b) = (first * seq_len, (first + n) * seq_len);
+    // Rows `width` wide of `values`, `seq_len` of them per sequence, for sequences `ids`.
+    fn gather<T: Copy>(values: &[T], ids: &[usize], rows: usize, width: usize) -> Vec<T> {
+        ids.iter()
+            .flat_map(|&i| &values[i * rows * width..(i + 1) * rows * width])
+            .copied()
+            .collect()
+    }
+    let teacher_of = |ids: &[usize]| -> candle_core::Result<[Tensor; 3]> {
+        let positions = ids.len() * seq_len;
         Ok([
-            Tensor::from_slice(&teacher.indices[a * k..b * k], (b - a, k), &dev)?,
-            Tensor::from_slice(&teacher.log_probs[a * k..b * k], (b - a, k), &dev)?,
-            Tensor::from_slice(&teacher.rest[a..b], (b - a, 1), &dev)?,
+            Tensor::from_vec(
+                gather(&teacher.indices, ids, seq_len, k),
+                (positions, k),
+                &dev,
+            )?,
+            Tensor::from_vec(
+                gather(&teacher.log_probs, ids, seq_len, k),
+                (positions, k),
+                &dev,
+            )?,
+            Tensor::from_vec(gather(&teacher.rest, ids, seq_len, 1), (positions, 1), &dev)?,
         ])
     };
     let block_weights = |l: usize, detached: bool| -> candle_core::Result<Vec<Tensor>> {
@@ -415,23 +465,20 @@ pub fn distill(
             })
             .collect()
     };
-    let input = |first: usize, n: usize| -> candle_core::Result<Tensor> {
-        Tensor::from_slice(
-            &student.inputs[first * span..(first + n) * span],
-            (n, seq_len, d),
-            &dev,
-        )
+    let input = |ids: &[usize]| -> candle_core::Result<Tensor> {
+        let values = gather(student.inputs, ids, seq_len, d);
+        Tensor::from_vec(values, (ids.len(), seq_len, d), &dev)
     };
-    // Mean KL divergence per position of sequences `first..first + n`, from the final
-    // residual stream `x` (`n × seq_len × hidden`).
-    let head_loss = |x: &Tensor, first: usize, n: usize| -> candle_core::Result<Tensor> {
-        let h = forwards[0].rms_norm(&x.reshape((n * seq_len, d))?, &norm.weights()?)?;
+    // Mean KL divergence per position of sequences `ids`, from the final residual stream
+    // `x` (`ids.len() × seq_len × hidden`).
+    let head_loss = |x: &Tensor, ids: &[usize]| -> candle_core::Result<Tensor> {
+        let h = forwards[0].rms_norm(&x.reshape((ids.len() * seq_len, d))?, &norm.weights()?)?;
         let logits = h.matmul(&head.t()?)?;
         let max = logits.max_keepdim(D::Minus1)?.detach();
         let shifted = logits.broadcast_sub(&max)?;
         let log_z = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-        let [ids, log_p, log_p_rest] = teacher_of(first, n)?;
-        let log_q = shifted.gather(&ids, D::Minus1)?.broadcast_sub(&log_z)?;
+        let [top_ids, log_p, log_p_rest] = teacher_of(ids)?;
+        let log_q = shifted.gather(&top_ids, D::Minus1)?.broadcast_sub(&log_z)?;
         let q_rest = (1.0 - log_q.exp()?.sum_keepdim(D::Minus1)?)?;
         let log_q_rest = q_rest.clamp(LOG_FLOOR.exp(), 1.0)?.log()?;
         let top = (log_p.exp()? * (&log_p - log_q)?)?.sum_keepdim(D::Minus1)?;
@@ -439,8 +486,8 @@ pub fn distill(
         (top + rest)?.mean_all()
     };
     // The residual stream entering each block and leaving the last, without gradients.
-    let residuals = |first: usize, n: usize| -> candle_core::Result<Vec<Tensor>> {
-        let mut xs = vec![input(first, n)?];
+    let residuals = |ids: &[usize]| -> candle_core::Result<Vec<Tensor>> {
+        let mut xs = vec![input(ids)?];
         for (l, forward) in forwards.iter().enumerate() {
             let x = forward.run(&xs[l], &block_weights(l, true)?)?;
             xs.push(x);
@@ -448,36 +495,31 @@ pub fn distill(
         Ok(xs)
     };
     let batch = options.batch.min(train.max(1));
-    let mean_loss = |first: usize, count: usize| -> candle_core::Result<f64> {
+    let mean_loss = |ids: &[usize]| -> candle_core::Result<f64> {
         let mut total = 0.0;
-        let mut at = first;
-        while at < first + count {
-            let n = batch.min(first + count - at);
-            let x = residuals(at, n)?.pop().expect("final residual stream");
-            let loss = head_loss(&x, at, n)?.detach();
-            total += loss.to_scalar::<f32>()? as f64 * n as f64;
-            at += n;
+        for chunk in ids.chunks(batch) {
+            let x = residuals(chunk)?.pop().expect("final residual stream");
+            let loss = head_loss(&x, chunk)?.detach();
+            total += loss.to_scalar::<f32>()? as f64 * chunk.len() as f64;
         }
-        Ok(total / count.max(1) as f64)
+        Ok(total / ids.len().max(1) as f64)
     };
     let held = || -> candle_core::Result<f64> {
         if held_out == 0 {
-            mean_loss(0, train)
+            mean_loss(&train_ids)
         } else {
-            mean_loss(train, held_out)
+            mean_loss(&held_ids)
         }
     };
-    // The loss and every trained variable's gradient on sequences `first..first + n`. The
+    // The loss and every trained variable's gradient on sequences `ids`. The
     // graph is kept for one block at a time (gradient checkpointing): the forward pass keeps
     // only each block's input, then each block is run again, last first, and back-propagated
     // from the gradient of its output (`sum(out · grad)` has that gradient), so memory stays
     // bounded by one block's graph and the output layer's logits.
-    let gradients = |first: usize,
-                     n: usize|
-     -> candle_core::Result<(f64, HashMap<TensorId, Tensor>)> {
-        let mut xs = residuals(first, n)?;
+    let gradients = |ids: &[usize]| -> candle_core::Result<(f64, HashMap<TensorId, Tensor>)> {
+        let mut xs = residuals(ids)?;
         let last = Var::from_tensor(&xs.pop().expect("final residual stream"))?;
-        let loss = head_loss(last.as_tensor(), first, n)?;
+        let loss = head_loss(last.as_tensor(), ids)?;
         let value = loss.to_scalar::<f32>()? as f64;
         let mut found = HashMap::new();
         let mut keep = |store: &mut GradStore, vars: &[(Var, f64)]| {
@@ -511,17 +553,23 @@ pub fn distill(
     };
 
     let kl_before = held().map_err(err)?;
-    let train_kl_before = mean_loss(0, train_scored).map_err(err)?;
+    let train_kl_before = mean_loss(&scored_ids).map_err(err)?;
     let variables: Vec<Var> = vars.iter().map(|(v, _)| v.clone()).collect();
     let mut adam = Adam::new(vars).map_err(err)?;
     let batches = train.div_ceil(batch);
+    let mut rng = SplitMix64(ORDER_SEED);
+    let mut order = Vec::new();
     // Early stopping: the held-out KL of the best check so far, its step and its values.
     let (mut kl_after, mut best_step) = (kl_before, 0);
     let mut best: Option<Vec<Tensor>> = None;
     for step in 0..options.steps {
+        // Each pass over the training sequences visits them in a fresh order.
+        if step % batches == 0 {
+            order = shuffled(&train_ids, &mut rng);
+        }
         let first = (step % batches) * batch;
-        let n = batch.min(train - first);
-        let (value, grads) = gradients(first, n).map_err(err)?;
+        let ids = &order[first..(first + batch).min(train)];
+        let (value, grads) = gradients(ids).map_err(err)?;
         if !value.is_finite() {
             log::warn!("distillation diverged at step {step}; keeping the best check so far");
             break;
@@ -549,7 +597,7 @@ pub fn distill(
             v.set(b).map_err(err)?;
         }
     }
-    let train_kl_after = mean_loss(0, train_scored).map_err(err)?;
+    let train_kl_after = mean_loss(&scored_ids).map_err(err)?;
     if kept {
         for (ts, tensors) in tuned.iter().zip(student.blocks.iter_mut()) {
             for (t, tensor) in ts.iter().zip(tensors.iter_mut()) {
@@ -685,6 +733,33 @@ mod tests {
             .map(held_out_count)
             .collect();
         assert_eq!(counts, [0, 1, 1, 2, 6, 32, 32, 32]);
+    }
+
+    #[test]
+    fn held_out_sequences_are_spread_over_the_text_and_training_is_shuffled() {
+        for sequences in [1, 2, 7, 48, 257, 1024] {
+            let (held, train) = split(sequences);
+            assert_eq!(held.len(), held_out_count(sequences));
+            let mut all: Vec<usize> = held.iter().chain(&train).copied().collect();
+            all.sort_unstable();
+            assert_eq!(all, (0..sequences).collect::<Vec<_>>(), "{sequences}");
+        }
+        // 32 of 1024: one in the middle of every span of 32.
+        let (held, _) = split(1024);
+        assert_eq!(held[..3], [16, 48, 80]);
+        assert_eq!(held[31], 1008);
+        assert_eq!(split(48).0, [4, 12, 20, 28, 36, 44]);
+
+        let ids: Vec<usize> = (0..100).collect();
+        let mut rng = SplitMix64(ORDER_SEED);
+        let (first, second) = (shuffled(&ids, &mut rng), shuffled(&ids, &mut rng));
+        assert_ne!(first, ids);
+        assert_ne!(first, second, "each pass has its own order");
+        let mut sorted = first.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, ids);
+        // A fixed seed: the same conversion visits the same order.
+        assert_eq!(first, shuffled(&ids, &mut SplitMix64(ORDER_SEED)));
     }
 
     #[test]
