@@ -242,7 +242,7 @@ pub struct BlockRecovery {
 }
 
 /// What distillation did: the KL divergence (to the teacher's top-k summary, mean per
-/// position) on the held-out sequences before and after, on the first `train_scored`
+/// position) on the held-out sequences before and after, on `train_scored` of the
 /// training sequences before and after, and whether the tuned values were kept. The
 /// held-out KL is checked as training goes; the values kept are those of the check where it
 /// was least (`best_step`), so "after" is that check's.
