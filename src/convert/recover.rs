@@ -675,12 +675,14 @@ mod train {
         }
 
         pub(super) fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
-            self.step_with(|var| grads.get(var).cloned())
+            self.step_scaled(1.0, |var| grads.get(var).cloned())
         }
 
-        /// A step with the gradient of each variable from `grad_of` (`None`: not updated).
-        pub(super) fn step_with(
+        /// A step with the gradient of each variable from `grad_of` (`None`: not updated) and
+        /// every step size times `factor` (a learning-rate schedule).
+        pub(super) fn step_scaled(
             &mut self,
+            factor: f64,
             grad_of: impl Fn(&Tensor) -> Option<Tensor>,
         ) -> candle_core::Result<()> {
             self.t += 1;
@@ -698,7 +700,7 @@ mod train {
                 *v = ((&*v * Self::BETA2)? + (g.sqr()? * (1.0 - Self::BETA2))?)?.detach();
                 let denom = ((&*v / c2)?.sqrt()? + Self::EPS)?;
                 let update = ((&*m / c1)? / denom)?;
-                var.set(&(var.as_tensor() - (update * *lr)?)?)?;
+                var.set(&(var.as_tensor() - (update * (*lr * factor))?)?)?;
             }
             Ok(())
         }
