@@ -15,7 +15,7 @@ export IPHONEOS_DEPLOYMENT_TARGET=15.0
 # No debug info in the shipped archive (the release profile keeps line tables for profiling).
 export CARGO_PROFILE_RELEASE_DEBUG=0
 for t in aarch64-apple-ios aarch64-apple-ios-sim x86_64-apple-ios; do
-  cargo build --release --locked --lib --no-default-features --target "$t"
+  cargo build --release --locked -p pocketlm-ffi --target "$t"
 done
 
 rm -rf "$build" "$out"

@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 threads=("$@"); [ ${#threads[@]} -gt 0 ] || threads=(1 2)
 bash scripts/fetch-models.sh
-cargo build --release --locked --quiet
+cargo build --release --locked --quiet -p pocketlm
 bin="${CARGO_TARGET_DIR:-target}/release/pocketlm"
 gguf=models/SmolLM2-135M-Instruct.Q4_1.gguf
 for w in f16 q8 q4 q4a; do

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/fetch-models.sh
 gguf=models/SmolLM2-135M-Instruct.Q4_1.gguf
 [ -s "$gguf" ] || { echo "demo: $gguf is missing (see the message above)" >&2; exit 1; }
-cargo build --release --locked
+cargo build --release --locked -p pocketlm
 bin="${CARGO_TARGET_DIR:-target}/release/pocketlm"
 plm=models/smollm2-135m-f16.plm
 "$bin" inspect "$plm" >/dev/null 2>&1 || "$bin" convert "$gguf" -o "$plm" --dtype f16

@@ -33,7 +33,7 @@ echo "== seeds"
 CORPUS=$ROOT/fuzz/corpus
 SEEDS=$ROOT/fuzz/seeds
 mkdir -p "$CORPUS" "$SEEDS"
-cargo run --quiet --profile test --example fuzz_seeds --target-dir "${MAIN_TARGET_DIR:-$ROOT/target}" -- "$SEEDS"
+cargo run --quiet --profile test -p pocketlm-convert --example fuzz_seeds --target-dir "${MAIN_TARGET_DIR:-$ROOT/target}" -- "$SEEDS"
 FIX=$ROOT/tests/fixtures/stories260k
 { cat "$FIX/hf/config.json"; printf '\0'; } > "$SEEDS/hf_import/stories260k-config"
 # Regression inputs found earlier are seeds too, so fixed crashes stay fixed.

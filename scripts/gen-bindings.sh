@@ -23,7 +23,7 @@ case "$(uname -s)" in
   *) lib="$target_dir/debug/libpocketlm.so" ;;
 esac
 
-cargo build --quiet --locked --lib
+cargo build --quiet --locked -p pocketlm-ffi
 cargo build --quiet --locked -p uniffi-bindgen
 
 tmp="$(mktemp -d)"

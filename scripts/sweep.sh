@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 chunks="${1:-20}"
 bash scripts/fetch-models.sh
 bash scripts/fetch-calib.sh
-cargo build --release --locked --quiet
+cargo build --release --locked --quiet -p pocketlm
 bin="${CARGO_TARGET_DIR:-target}/release/pocketlm"
 src=models/SmolLM2-135M-Instruct.Q4_1.gguf
 text=../shared/data/wikitext-2-raw/wiki.test.raw

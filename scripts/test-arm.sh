@@ -21,11 +21,14 @@ fi
 rustup toolchain list | grep -q '^debian' || rustup toolchain link debian /usr
 
 target=aarch64-unknown-linux-gnu
-cargo +debian build --locked --no-default-features --target "$target" --lib --tests --test stories260k
+# Every library's unit tests (the converter's without candle) and the end-to-end model test.
+libs=(-p pocketlm-format -p pocketlm-kernels -p pocketlm-runtime -p pocketlm-eval -p pocketlm-convert)
+arm_cargo() { cargo +debian "$1" --locked --no-default-features --target "$target" "${@:2}"; }
 for cpu in cortex-a72 cortex-a76 max; do
   echo "== aarch64 tests under qemu -cpu $cpu"
-  QEMU_CPU=$cpu cargo +debian test --locked --no-default-features --target "$target" --lib --test stories260k
+  QEMU_CPU=$cpu arm_cargo test "${libs[@]}" --lib
+  QEMU_CPU=$cpu arm_cargo test -p pocketlm-convert --test stories260k
   # Shows which dispatch paths this CPU model exercised.
-  QEMU_CPU=$cpu cargo +debian test --locked --no-default-features --target "$target" --lib \
+  QEMU_CPU=$cpu arm_cargo test -p pocketlm-kernels --lib \
     every_supported_path_matches_scalar -- --nocapture 2>&1 | grep "testing kernel paths"
 done

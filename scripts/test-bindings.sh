@@ -38,7 +38,7 @@ fi
 
 # --- 2. library and model -------------------------------------------------------------------
 echo "== building the cdylib and the CLI (debug)"
-cargo build --quiet --locked --lib --bin pocketlm
+cargo build --quiet --locked -p pocketlm-ffi -p pocketlm
 lib="$target_dir/debug/libpocketlm.so"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT

@@ -5,8 +5,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use pocketlm::import::TokenizerSpec;
-use pocketlm::tokenizer::{ChatMessage, Tokenizer};
+use pocketlm_format::TokenizerSpec;
+use pocketlm_runtime::tokenizer::{ChatMessage, Tokenizer};
 
 mod common;
 

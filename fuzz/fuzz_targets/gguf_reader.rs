@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use pocketlm::import::gguf::{self, GgufFile};
+use pocketlm_convert::import::gguf::{self, GgufFile};
 
 /// Dequantized output may be larger than the input (quantized blocks expand), but only by a
 /// constant factor: an f32 per element and at most a few elements per stored bit.
@@ -39,7 +39,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let _ = imported.config.parameter_count();
-    let _ = pocketlm::tokenizer::Tokenizer::from_spec(&imported.tokenizer);
+    let _ = pocketlm_runtime::tokenizer::Tokenizer::from_spec(&imported.tokenizer);
     for t in imported.source.tensors().to_vec() {
         if let Ok(values) = imported.source.load_f32(&t.name) {
             assert_eq!(

@@ -4,9 +4,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use pocketlm::convert::{self, ConvertOptions};
-use pocketlm::format::Encoding;
-use pocketlm::import::hf;
+use pocketlm_convert::{self as convert, ConvertOptions};
+use pocketlm_format::Encoding;
+use pocketlm_convert::import::hf;
 
 mod common;
 
@@ -40,7 +40,7 @@ fuzz_target!(|data: &[u8]| {
         asymmetric: true,
     });
     if convert::convert(&imported, &out, &options, &mut |_, _, _| {}).is_ok() {
-        let model = pocketlm::Model::open(&out).expect("a freshly converted model must load");
+        let model = pocketlm_runtime::Model::open(&out).expect("a freshly converted model must load");
         drop(model);
         let _ = std::fs::remove_file(&out);
     }

@@ -2,12 +2,13 @@
 //! every tensor, verify checksums, load it as a Model and run one tiny forward pass.
 #![no_main]
 
+use pocketlm_kernels::DecodeTensor;
 use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
-use pocketlm::Model;
-use pocketlm::format::PlmFile;
-use pocketlm::model::Logits;
+use pocketlm_runtime::Model;
+use pocketlm_format::PlmFile;
+use pocketlm_runtime::model::Logits;
 
 mod common;
 

@@ -5,8 +5,8 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use pocketlm::import::TokenizerSpec;
-use pocketlm::tokenizer::{StreamDecoder, Tokenizer};
+use pocketlm_format::TokenizerSpec;
+use pocketlm_runtime::tokenizer::{StreamDecoder, Tokenizer};
 
 mod common;
 

@@ -1,0 +1,159 @@
+//! The command line end to end: what scripts rely on (one JSON object on stdout for every
+//! `--json` command; global flags reaching the runtime) on the stories260K fixture.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use pocketlm_convert::{
+    ConvertOptions, LowRank, LowRankMethod, RankAllocation, RankTarget, convert_path,
+};
+use pocketlm_format::Encoding;
+use pocketlm_runtime::Model;
+use serde_json::Value;
+
+const STORY: &str = "Once upon a time, there was a little girl named Lily. She loved to play \
+outside in the sun. One day, she saw a big red ball in the park. She ran to the ball and \
+kicked it very high. The ball flew over the tree and landed in the pond. Lily was sad. She \
+wanted her ball back. Her friend Ben came to help. Ben was a kind boy. He found a long \
+stick and pulled the ball out of the water. Lily smiled and said, \"Thank you, Ben!\" They \
+played with the ball all day. When the sun went down, Lily and Ben went home. Lily told her \
+mom about the ball and the pond. Her mom hugged her and said, \"You have a good friend.\" \
+Lily was happy. The next day, Lily and Ben went to the park again. They saw a little dog. \
+The dog was lost and scared. Lily gave the dog some of her bread. The dog wagged its tail. \
+Ben said, \"Let's find his home.\" They walked down the street and asked a man. The man \
+said, \"That is my dog! Thank you for finding him.\" The man gave them a big cookie. Lily \
+and Ben shared the cookie. It was the best day ever.";
+
+const ZEROSHOT_ARC: &str = r#"{"id": "a1", "question": "What does a cat say?", "choices": {"text": ["Meow", "The sun is hot", "Seven"], "label": ["A", "B", "C"]}, "answerKey": "A"}
+{"id": "a2", "question": "Where did Lily play with the ball?", "choices": {"text": ["in the park", "on the moon", "under a rock", "in a box"], "label": ["1", "2", "3", "4"]}, "answerKey": "1"}
+
+{"id": "a3", "question": "Who helped Lily?", "choices": {"text": ["Ben", "a big red truck"], "label": ["A", "B"]}, "answerKey": "B"}
+"#;
+
+fn fixture(rel: &str) -> PathBuf {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+        .join("tests/fixtures/stories260k")
+        .join(rel)
+}
+
+fn convert(dir: &Path, weights: Encoding) -> PathBuf {
+    let out = dir.join(format!("stories-{}.plm", weights.name()));
+    convert_path(
+        &fixture("hf"),
+        &out,
+        &ConvertOptions::with_weights(weights),
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    out
+}
+
+/// Runs the CLI and parses its stdout, which must be exactly one JSON object.
+fn cli_json(args: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_pocketlm"))
+        .args(["-t", "1"])
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("{args:?}: stdout is not one JSON value ({e}): {stdout}"));
+    assert!(v.is_object(), "{v}");
+    v
+}
+
+#[test]
+fn every_eval_subcommand_prints_one_json_object() {
+    let dir = tempfile::tempdir().unwrap();
+    let f32_path = convert(dir.path(), Encoding::F32);
+    let q4_path = convert(
+        dir.path(),
+        Encoding::Q4 {
+            group: 32,
+            asymmetric: true,
+        },
+    );
+    let text = dir.path().join("story.txt");
+    std::fs::write(&text, STORY).unwrap();
+    let arc = dir.path().join("arc.jsonl");
+    std::fs::write(&arc, ZEROSHOT_ARC).unwrap();
+    let (m, b, t) = (
+        q4_path.to_str().unwrap(),
+        f32_path.to_str().unwrap(),
+        text.to_str().unwrap(),
+    );
+
+    let ppl = cli_json(&["eval", "ppl", m, "--text", t, "--ctx", "64", "--json"]);
+    assert!(ppl["ppl"].as_f64().unwrap() > 1.0);
+    let kld = cli_json(&[
+        "eval", "kld", m, "--base", b, "--text", t, "--ctx", "64", "--json",
+    ]);
+    assert!(kld["kld"].as_f64().unwrap() > 0.0);
+    assert!(kld["top1_agreement"].as_f64().unwrap() <= 1.0);
+    let (x, y) = (kld["ppl"].as_f64().unwrap(), ppl["ppl"].as_f64().unwrap());
+    assert!((x - y).abs() < 1e-9 * y, "kld ppl {x} vs ppl {y}");
+    let zs = cli_json(&[
+        "eval",
+        "zeroshot",
+        m,
+        "--task",
+        "arc-easy",
+        arc.to_str().unwrap(),
+        "--limit",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(zs["examples"], 2);
+    assert!(zs["accuracy"].is_number() && zs["accuracy_norm"].is_number());
+    let report = cli_json(&[
+        "eval", "report", m, "--base", b, "--text", t, "--ctx", "64", "--chunks", "2", "--json",
+    ]);
+    assert!(report["kld"].as_f64().unwrap() > 0.0);
+    assert_eq!(
+        report["parameters"].as_u64().unwrap(),
+        Model::open(&q4_path).unwrap().config().parameter_count()
+    );
+}
+
+#[test]
+fn the_cli_serves_a_lower_rank_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("svd.plm");
+    let options = ConvertOptions {
+        lowrank: Some(LowRank {
+            method: LowRankMethod::Svd,
+            target: RankTarget::Rank(32),
+            allocation: RankAllocation::Uniform,
+        }),
+        ..ConvertOptions::with_weights(Encoding::F32)
+    };
+    convert_path(&fixture("hf"), &path, &options, &mut |_, _, _| {}).unwrap();
+    let flops = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pocketlm"))
+            .args(extra)
+            .args(["inspect", "--json"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["flops_per_token"].as_u64().unwrap()
+    };
+    let (full, half) = (flops(&[]), flops(&["--low-rank-percent", "50"]));
+    assert!(half < full, "{half} vs {full}");
+    let rejected = std::process::Command::new(env!("CARGO_BIN_EXE_pocketlm"))
+        .args(["--low-rank-percent", "0", "inspect"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!rejected.status.success());
+}

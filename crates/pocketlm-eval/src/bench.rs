@@ -1,0 +1,206 @@
+//! Speed benchmark in the shape of llama.cpp's `llama-bench`: prefill of a `pp`-token prompt
+//! and decode of `tg` tokens, repeated; plus time to first token, resident memory and the
+//! memory-bandwidth bound of decode.
+
+use std::time::Instant;
+
+use pocketlm_runtime::model::{Logits, Model, ModelError};
+use pocketlm_runtime::sampler::argmax;
+
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub repetitions: usize,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            prompt_tokens: 128,
+            generated_tokens: 64,
+            repetitions: 3,
+        }
+    }
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BenchResult {
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub repetitions: usize,
+    /// Best of the repetitions (as llama-bench's mean is dominated by the same steady state;
+    /// the spread is reported beside it).
+    pub prefill_tokens_per_s: f64,
+    pub prefill_tokens_per_s_min: f64,
+    pub decode_tokens_per_s: f64,
+    pub decode_tokens_per_s_min: f64,
+    /// Prefill of the prompt plus choosing the first token, from a cold KV cache.
+    pub ttft_ms: f64,
+    /// Bytes of weights one decode step reads (every matrix once, one embedding row).
+    pub bytes_per_token: u64,
+    /// Single-pass read bandwidth measured on this machine with the same threads (GB/s).
+    pub read_bandwidth_gb_s: f64,
+    /// Decode speed if every step were limited only by reading the weights once.
+    pub bandwidth_bound_tokens_per_s: f64,
+    /// `decode_tokens_per_s / bandwidth_bound_tokens_per_s`.
+    pub bandwidth_efficiency: f64,
+    pub peak_rss_mb: Option<f64>,
+    /// Resident pages backed by the model file (shared, reclaimable) vs anonymous memory.
+    pub rss_file_mb: Option<f64>,
+    pub rss_anon_mb: Option<f64>,
+    pub threads: usize,
+    pub kernel_path: &'static str,
+}
+
+/// Runs the benchmark. Prompt tokens are a fixed pseudo-random sequence over the vocabulary
+/// (as llama-bench does), so results do not depend on a text file.
+pub fn bench(model: &Model, options: &BenchOptions) -> Result<BenchResult, ModelError> {
+    let config = model.config();
+    let prompt: Vec<u32> = (0..options.prompt_tokens as u64)
+        .map(|i| ((i * 2_654_435_761 + 12_345) % config.vocab_size as u64) as u32)
+        .collect();
+    let capacity = options.prompt_tokens + options.generated_tokens + 1;
+    let mut cache = model.new_cache(capacity)?;
+    if cache.capacity() < capacity {
+        return Err(ModelError::ContextFull {
+            needed: capacity,
+            capacity: cache.capacity(),
+        });
+    }
+    // Warm-up: touches every weight page once, so runs measure steady state like llama-bench.
+    model.forward(&prompt[..prompt.len().min(8)], &mut cache, Logits::Last)?;
+
+    let mut prefill = Vec::new();
+    let mut decode = Vec::new();
+    let mut ttft_ms = f64::INFINITY;
+    for _ in 0..options.repetitions.max(1) {
+        cache.clear();
+        let started = Instant::now();
+        let mut logits = if prompt.is_empty() {
+            Vec::new()
+        } else {
+            model.forward(&prompt, &mut cache, Logits::Last)?
+        };
+        let prefill_s = started.elapsed().as_secs_f64();
+        let mut token = if logits.is_empty() {
+            0
+        } else {
+            argmax(&logits) as u32
+        };
+        ttft_ms = ttft_ms.min(started.elapsed().as_secs_f64() * 1e3);
+        if !prompt.is_empty() {
+            prefill.push(prompt.len() as f64 / prefill_s);
+        }
+        if options.generated_tokens > 0 {
+            let started = Instant::now();
+            for _ in 0..options.generated_tokens {
+                logits = model.forward(&[token], &mut cache, Logits::Last)?;
+                token = argmax(&logits) as u32;
+            }
+            decode.push(options.generated_tokens as f64 / started.elapsed().as_secs_f64());
+        }
+    }
+    let best = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+    let worst = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min).min(best(v));
+    // Before the bandwidth test, whose buffer would otherwise count as peak memory.
+    let memory = ResidentMemory::read();
+    let bytes_per_token = decode_bytes_per_token(model);
+    let read_bandwidth_gb_s = measure_read_bandwidth();
+    let bound = read_bandwidth_gb_s * 1e9 / bytes_per_token.max(1) as f64;
+    let decode_best = best(&decode);
+    Ok(BenchResult {
+        prompt_tokens: options.prompt_tokens,
+        generated_tokens: options.generated_tokens,
+        repetitions: options.repetitions.max(1),
+        prefill_tokens_per_s: best(&prefill),
+        prefill_tokens_per_s_min: worst(&prefill),
+        decode_tokens_per_s: decode_best,
+        decode_tokens_per_s_min: worst(&decode),
+        ttft_ms,
+        bytes_per_token,
+        read_bandwidth_gb_s,
+        bandwidth_bound_tokens_per_s: bound,
+        bandwidth_efficiency: if bound > 0.0 {
+            decode_best / bound
+        } else {
+            0.0
+        },
+        peak_rss_mb: memory.peak_mb,
+        rss_file_mb: memory.file_mb,
+        rss_anon_mb: memory.anon_mb,
+        threads: rayon::current_num_threads(),
+        kernel_path: pocketlm_kernels::active_path().name(),
+    })
+}
+
+/// Weight bytes a decode step reads: the block matrices as served (a low-rank layer served at
+/// a lower rank reads only its first components), the norms, the output layer, and one row
+/// of the embedding table (plus the whole table again when it doubles as the output layer).
+pub fn decode_bytes_per_token(model: &Model) -> u64 {
+    let config = model.config();
+    let mut bytes: u64 = model.block_linears().iter().map(|l| l.bytes_read()).sum();
+    for t in model.used_tensors() {
+        let block_matrix = t.name.starts_with("blk.") && t.shape.len() == 2;
+        if t.name == pocketlm_format::config::names::TOKEN_EMBD {
+            bytes += t.length / config.vocab_size.max(1) as u64;
+            if config.tie_word_embeddings {
+                bytes += t.length;
+            }
+        } else if !block_matrix {
+            bytes += t.length;
+        }
+    }
+    bytes
+}
+
+/// Read bandwidth of a 256 MiB buffer summed by every pool thread (best of three passes).
+pub fn measure_read_bandwidth() -> f64 {
+    use rayon::prelude::*;
+    const BYTES: usize = 256 << 20;
+    let buffer: Vec<u64> = (0..BYTES / 8).map(|i| i as u64).collect();
+    let mut best = 0.0f64;
+    let mut checksum = 0u64;
+    for _ in 0..3 {
+        let started = Instant::now();
+        let sum: u64 = buffer
+            .par_chunks(1 << 16)
+            .map(|c| c.iter().fold(0u64, |a, &v| a.wrapping_add(v)))
+            .reduce(|| 0, u64::wrapping_add);
+        let seconds = started.elapsed().as_secs_f64();
+        checksum = checksum.wrapping_add(sum);
+        best = best.max(BYTES as f64 / seconds / 1e9);
+    }
+    // Keeps the sums observable so the reads cannot be optimised away.
+    std::hint::black_box(checksum);
+    best
+}
+
+/// Resident memory of this process from /proc (Linux/Android); `None` elsewhere.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ResidentMemory {
+    pub peak_mb: Option<f64>,
+    pub file_mb: Option<f64>,
+    pub anon_mb: Option<f64>,
+}
+
+impl ResidentMemory {
+    pub fn read() -> ResidentMemory {
+        let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+            return ResidentMemory::default();
+        };
+        let field = |key: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+                .map(|kb| kb / 1024.0)
+        };
+        ResidentMemory {
+            peak_mb: field("VmHWM:"),
+            file_mb: field("RssFile:"),
+            anon_mb: field("RssAnon:"),
+        }
+    }
+}

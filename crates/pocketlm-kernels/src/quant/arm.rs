@@ -1,0 +1,735 @@
+//! AArch64 tile kernels for the quantized encodings: NEON (widening multiplies), dotprod
+//! (`sdot`) and i8mm (`smmla`), the latter two emitted with inline assembly because their
+//! intrinsics are not stable yet.
+//!
+//! A 16-byte register holds eight codes of two rows of a tile (one row pair), made signed
+//! (the zero point subtracted) so `sdot`/`smmla` (signed × signed) apply directly. With
+//! `sdot` against eight activation bytes broadcast to both halves, lane pairs hold each row's
+//! partial sums; with `smmla` against the same eight bytes of two tokens, one instruction
+//! yields the 2 × 2 products of two rows and two tokens. Row sums are gathered per block
+//! (`addp`/`uzp`), converted and scaled by the rows' scales.
+
+use std::arch::aarch64::*;
+use std::arch::asm;
+use std::ops::Range;
+
+use super::kinds::{
+    Q3, Q4, Q4A, Q4M, Q4S, Q8, Q8M, Q8S, block_bytes, is_masked, masked_piece_bytes,
+};
+use super::{ActRow, QuantMatrix, QuantizedActivations, SPARSE48_SHUFFLE, store_tile};
+use crate::KernelPath;
+use pocketlm_format::{QUANT_BLOCK, TILE_ROWS};
+
+/// Products of tiles `tiles` of `w` with every token of `acts`, into `out` as
+/// [`super::gemm_tiles`] describes.
+///
+/// # Safety
+/// `path` must be an AArch64 path the CPU supports (dotprod and i8mm detected at run time);
+/// shapes as [`super::gemm_tiles`] checks.
+pub unsafe fn gemm_tiles(
+    path: KernelPath,
+    w: &QuantMatrix<'_>,
+    acts: &QuantizedActivations,
+    tiles: Range<usize>,
+    out: &mut [&mut [f32]],
+) {
+    let rows: Vec<ActRow<'_>> = (0..acts.tokens).map(|t| acts.row(t)).collect();
+    // SAFETY: forwarded contract.
+    unsafe {
+        match path {
+            KernelPath::I8mm => by_kind!(w.kind, run_i8mm, w, &rows, tiles, out),
+            KernelPath::Dotprod => by_kind!(w.kind, run_dotprod, w, &rows, tiles, out),
+            _ => by_kind!(w.kind, run_neon, w, &rows, tiles, out),
+        }
+    }
+}
+
+/// Eight f16 values at `p` as two f32 vectors (`fcvtl`; the conversion intrinsics need the
+/// unstable f16 vector types).
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn f16x8(p: *const half::f16) -> (float32x4_t, float32x4_t) {
+    // SAFETY: the caller guarantees 8 readable f16 at `p`.
+    let raw = unsafe { vld1q_u16(p as *const u16) };
+    let (lo, hi): (float32x4_t, float32x4_t);
+    // SAFETY: fcvtl/fcvtl2 only read and write the named vector registers.
+    unsafe {
+        asm!(
+            "fcvtl {lo:v}.4s, {raw:v}.4h",
+            "fcvtl2 {hi:v}.4s, {raw:v}.8h",
+            raw = in(vreg) raw,
+            lo = out(vreg) lo,
+            hi = out(vreg) hi,
+            options(pure, nomem, nostack, preserves_flags)
+        );
+    }
+    (lo, hi)
+}
+
+/// The eight activation bytes at `p` in both halves of a register.
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn broadcast(p: *const i8) -> int8x16_t {
+    // SAFETY: the caller guarantees 8 readable bytes at `p`.
+    unsafe { vreinterpretq_s8_u64(vld1q_dup_u64(p as *const u64)) }
+}
+
+/// q3's high bits of a row pair (the u16 at `p`: bit `8i + j` for row `i` of the pair, code
+/// `j`) as bytes of 4 where set.
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn high_bits(p: *const u8) -> uint8x16_t {
+    // SAFETY: the caller guarantees 2 readable bytes at `p`.
+    let bits = unsafe { (p as *const u16).read_unaligned() };
+    let plane = vreinterpretq_u8_u16(vdupq_n_u16(bits));
+    // Byte i takes plane byte i / 8 and tests bit i % 8.
+    let spread = vqtbl1q_u8(plane, vcombine_u8(vdup_n_u8(0), vdup_n_u8(1)));
+    let bit = vreinterpretq_u8_u64(vdupq_n_u64(0x8040_2010_0804_0201));
+    vandq_u8(vtstq_u8(spread, bit), vdupq_n_u8(4))
+}
+
+/// Pieces `2c` and `2c + 1` of the tile block at `blk`, each as four row pairs of signed
+/// levels (codes minus the zero point).
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn pieces<const K: u8>(blk: *const u8, c: usize) -> [[int8x16_t; 4]; 2] {
+    // SAFETY: the caller guarantees a whole tile block at `blk` and c < 2; every offset below
+    // stays inside it (256, 128 or 96 bytes).
+    unsafe {
+        match K {
+            Q8S | Q4S => [expand48::<K>(blk, 2 * c), expand48::<K>(blk, 2 * c + 1)],
+            Q8 => {
+                let p = blk as *const i8;
+                [
+                    [0, 1, 2, 3].map(|r| vld1q_s8(p.add(128 * c + 16 * r))),
+                    [0, 1, 2, 3].map(|r| vld1q_s8(p.add(128 * c + 64 + 16 * r))),
+                ]
+            }
+            Q3 => {
+                let three = vdupq_n_u8(3);
+                let four = vdupq_n_s8(4);
+                let low = [0, 1, 2, 3].map(|r| vld1q_u8(blk.add(16 * r)));
+                let (k0, k1) = (2 * c, 2 * c + 1);
+                let level = |low: uint8x16_t, k: usize, r: usize| {
+                    let l = vandq_u8(vshlq_u8(low, vdupq_n_s8(-2 * k as i8)), three);
+                    let v = vorrq_u8(l, high_bits(blk.add(64 + 8 * k + 2 * r)));
+                    vsubq_s8(vreinterpretq_s8_u8(v), four)
+                };
+                [
+                    [0, 1, 2, 3].map(|r| level(low[r], k0, r)),
+                    [0, 1, 2, 3].map(|r| level(low[r], k1, r)),
+                ]
+            }
+            _ => {
+                let packed = [0, 1, 2, 3].map(|r| vld1q_u8(blk.add(64 * c + 16 * r)));
+                let zero = vdupq_n_s8(if K == Q4 { 8 } else { 0 });
+                [
+                    packed.map(|v| {
+                        vsubq_s8(vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0F))), zero)
+                    }),
+                    packed.map(|v| vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8::<4>(v)), zero)),
+                ]
+            }
+        }
+    }
+}
+
+/// Piece `k` of the sparse (4 of 8) tile block at `blk` as four row pairs of signed levels: each row's
+/// kept levels go through the table lookup its mask byte selects (pruned columns read 0).
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn expand48<const K: u8>(blk: *const u8, k: usize) -> [int8x16_t; 4] {
+    // SAFETY: the caller guarantees a whole tile block at `blk`: 32 mask bytes, then the
+    // kept codes (160 or 96 bytes in all); every read below lies inside it.
+    unsafe {
+        [0, 1, 2, 3].map(|r| {
+            let (m0, m1) = (*blk.add(8 * k + 2 * r), *blk.add(8 * k + 2 * r + 1));
+            // The second row's kept levels start at byte 4 of the table.
+            let control = vcombine_u8(
+                vcreate_u8(SPARSE48_SHUFFLE[m0 as usize]),
+                vadd_u8(vcreate_u8(SPARSE48_SHUFFLE[m1 as usize]), vdup_n_u8(4)),
+            );
+            let levels = if K == Q8S {
+                vld1_s8(blk.add(32 + 32 * k + 8 * r) as *const i8)
+            } else {
+                let v = vld1_u8(blk.add(32 + 32 * (k / 2) + 8 * r));
+                let v = if k % 2 == 0 {
+                    vand_u8(v, vdup_n_u8(0x0F))
+                } else {
+                    vshr_n_u8::<4>(v)
+                };
+                vsub_s8(vreinterpret_s8_u8(v), vdup_n_s8(8))
+            };
+            vqtbl1q_s8(vcombine_s8(levels, vdup_n_s8(0)), control)
+        })
+    }
+}
+
+/// `acc + Σ a·b` per group of four bytes (`sdot`).
+#[inline]
+#[target_feature(enable = "neon,dotprod")]
+fn sdot(mut acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+    // SAFETY: sdot only reads and writes the named vector registers.
+    unsafe {
+        asm!(
+            "sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b",
+            acc = inout(vreg) acc,
+            a = in(vreg) a,
+            b = in(vreg) b,
+            options(pure, nomem, nostack, preserves_flags)
+        );
+    }
+    acc
+}
+
+/// `acc + A·Bᵀ` for the 2 × 8 byte matrices `a` (two rows) and `b` (two tokens): lanes
+/// (row 0 · token 0, row 0 · token 1, row 1 · token 0, row 1 · token 1) (`smmla`).
+#[inline]
+#[target_feature(enable = "neon,i8mm")]
+fn smmla(mut acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+    // SAFETY: smmla only reads and writes the named vector registers.
+    unsafe {
+        asm!(
+            "smmla {acc:v}.4s, {a:v}.16b, {b:v}.16b",
+            acc = inout(vreg) acc,
+            a = in(vreg) a,
+            b = in(vreg) b,
+            options(pure, nomem, nostack, preserves_flags)
+        );
+    }
+    acc
+}
+
+/// The tile's per-group scales and minimums, and the strides the kernels walk.
+struct TileRefs {
+    quants: *const u8,
+    scales: *const half::f16,
+    mins: *const half::f16,
+    blocks_per_group: usize,
+    groups: usize,
+}
+
+impl TileRefs {
+    fn new(w: &QuantMatrix<'_>, tile: usize) -> TileRefs {
+        let scales = w.tile_scales(tile).as_ptr();
+        TileRefs {
+            quants: w.tile_quants(tile).as_ptr(),
+            scales,
+            mins: w.tile_mins(tile).map_or(scales, |m| m.as_ptr()),
+            blocks_per_group: w.group / QUANT_BLOCK,
+            groups: w.groups_per_row(),
+        }
+    }
+}
+
+/// Adds one block's row sums (rows 0..4 in `lo`, 4..8 in `hi`) of one token to `acc`:
+/// `scale · d_x · sum (+ min · d_x · Σ q_x)`.
+#[inline]
+#[target_feature(enable = "neon")]
+#[allow(clippy::too_many_arguments)]
+fn accumulate<const K: u8>(
+    acc: &mut [float32x4_t; 2],
+    lo: int32x4_t,
+    hi: int32x4_t,
+    scale: (float32x4_t, float32x4_t),
+    min: (float32x4_t, float32x4_t),
+    dx: f32,
+    dsum: f32,
+) {
+    acc[0] = vfmaq_f32(acc[0], scale.0, vmulq_n_f32(vcvtq_f32_s32(lo), dx));
+    acc[1] = vfmaq_f32(acc[1], scale.1, vmulq_n_f32(vcvtq_f32_s32(hi), dx));
+    if K == Q4A {
+        acc[0] = vfmaq_n_f32(acc[0], min.0, dsum);
+        acc[1] = vfmaq_n_f32(acc[1], min.1, dsum);
+    }
+}
+
+/// Rows of `acc` (rows 0..4, 4..8) as the tile result of one token.
+#[inline]
+#[target_feature(enable = "neon")]
+fn finish(acc: [float32x4_t; 2]) -> [f32; TILE_ROWS] {
+    let mut out = [0.0f32; TILE_ROWS];
+    // SAFETY: `out` holds 8 floats: two 4-lane stores.
+    unsafe {
+        vst1q_f32(out.as_mut_ptr(), acc[0]);
+        vst1q_f32(out.as_mut_ptr().add(4), acc[1]);
+    }
+    out
+}
+
+/// Plain NEON, one token: widening multiplies (`smull`) summed pairwise into four lanes per
+/// row, reduced with `addp` after each block.
+#[target_feature(enable = "neon")]
+unsafe fn tile_neon<const K: u8>(w: &QuantMatrix<'_>, tile: usize, x: &ActRow<'_>) -> [f32; 8] {
+    let t = TileRefs::new(w, tile);
+    let (xq, xd, xs) = (x.qs.as_ptr(), x.d.as_ptr(), x.dsums.as_ptr());
+    let mut acc = [vdupq_n_f32(0.0); 2];
+    let mut cursor = std::ptr::null();
+    if is_masked(K) {
+        match w.masked_cursor(tile) {
+            Some(c) => cursor = c,
+            None => return finish(acc),
+        }
+    }
+    for g in 0..t.groups {
+        // SAFETY: g < groups and b < blocks_per_row: scales, minimums, codes and the
+        // activation row hold these (checked by gemm_tiles); a masked tile's cursor walks the
+        // stream `masked_tile` checked, one piece after another.
+        unsafe {
+            let scale = f16x8(t.scales.add(g * TILE_ROWS));
+            let min = f16x8(t.mins.add(g * TILE_ROWS));
+            for b in g * t.blocks_per_group..(g + 1) * t.blocks_per_group {
+                let blk = t.quants.add(b * block_bytes(K));
+                let mut rows = [vdupq_n_s32(0); TILE_ROWS];
+                for c in 0..2 {
+                    let p = if is_masked(K) {
+                        masked_pieces::<K>(blk, c, &mut cursor)
+                    } else {
+                        pieces::<K>(blk, c)
+                    };
+                    for (k, piece) in p.iter().enumerate() {
+                        let xv = broadcast(xq.add(b * QUANT_BLOCK + 8 * (2 * c + k)));
+                        for (r, &wv) in piece.iter().enumerate() {
+                            rows[2 * r] = vpadalq_s16(
+                                rows[2 * r],
+                                vmull_s8(vget_low_s8(wv), vget_low_s8(xv)),
+                            );
+                            rows[2 * r + 1] = vpadalq_s16(rows[2 * r + 1], vmull_high_s8(wv, xv));
+                        }
+                    }
+                }
+                let lo = vpaddq_s32(vpaddq_s32(rows[0], rows[1]), vpaddq_s32(rows[2], rows[3]));
+                let hi = vpaddq_s32(vpaddq_s32(rows[4], rows[5]), vpaddq_s32(rows[6], rows[7]));
+                accumulate::<K>(&mut acc, lo, hi, scale, min, *xd.add(b), *xs.add(b));
+            }
+        }
+    }
+    finish(acc)
+}
+
+/// dotprod, `T` tokens: `sdot` of each row pair with the broadcast activations leaves each
+/// row's two partial sums in adjacent lanes; one `addp` per four rows gathers them.
+#[target_feature(enable = "neon,dotprod")]
+unsafe fn tile_dotprod<const K: u8, const T: usize>(
+    w: &QuantMatrix<'_>,
+    tile: usize,
+    x: &[ActRow<'_>],
+) -> [[f32; TILE_ROWS]; T] {
+    assert_eq!(x.len(), T);
+    let t = TileRefs::new(w, tile);
+    let mut acc = [[vdupq_n_f32(0.0); 2]; T];
+    let mut cursor = std::ptr::null();
+    if is_masked(K) {
+        match w.masked_cursor(tile) {
+            Some(c) => cursor = c,
+            None => return acc.map(|a| finish(a)),
+        }
+    }
+    for g in 0..t.groups {
+        // SAFETY: as in `tile_neon`.
+        unsafe {
+            let scale = f16x8(t.scales.add(g * TILE_ROWS));
+            let min = f16x8(t.mins.add(g * TILE_ROWS));
+            for b in g * t.blocks_per_group..(g + 1) * t.blocks_per_group {
+                let blk = t.quants.add(b * block_bytes(K));
+                let mut pairs = [[vdupq_n_s32(0); 4]; T];
+                for c in 0..2 {
+                    let p = if is_masked(K) {
+                        masked_pieces::<K>(blk, c, &mut cursor)
+                    } else {
+                        pieces::<K>(blk, c)
+                    };
+                    for (k, piece) in p.iter().enumerate() {
+                        for (tok, xr) in x.iter().enumerate() {
+                            let xv =
+                                broadcast(xr.qs.as_ptr().add(b * QUANT_BLOCK + 8 * (2 * c + k)));
+                            for r in 0..4 {
+                                pairs[tok][r] = sdot(pairs[tok][r], piece[r], xv);
+                            }
+                        }
+                    }
+                }
+                for (tok, xr) in x.iter().enumerate() {
+                    let lo = vpaddq_s32(pairs[tok][0], pairs[tok][1]);
+                    let hi = vpaddq_s32(pairs[tok][2], pairs[tok][3]);
+                    let (dx, dsum) = (*xr.d.get_unchecked(b), *xr.dsums.get_unchecked(b));
+                    accumulate::<K>(&mut acc[tok], lo, hi, scale, min, dx, dsum);
+                }
+            }
+        }
+    }
+    acc.map(|a| finish(a))
+}
+
+/// i8mm, `T` tokens (even): `smmla` of each row pair with the same eight bytes of two
+/// tokens gives both tokens' products of both rows; `uzp` sorts the lanes by token.
+#[target_feature(enable = "neon,dotprod,i8mm")]
+unsafe fn tile_i8mm<const K: u8, const T: usize>(
+    w: &QuantMatrix<'_>,
+    tile: usize,
+    x: &[ActRow<'_>],
+) -> [[f32; TILE_ROWS]; T] {
+    assert!(x.len() == T && T % 2 == 0);
+    let t = TileRefs::new(w, tile);
+    let mut acc = [[vdupq_n_f32(0.0); 2]; T];
+    let mut cursor = std::ptr::null();
+    if is_masked(K) {
+        match w.masked_cursor(tile) {
+            Some(c) => cursor = c,
+            None => return acc.map(|a| finish(a)),
+        }
+    }
+    for g in 0..t.groups {
+        // SAFETY: as in `tile_neon`.
+        unsafe {
+            let scale = f16x8(t.scales.add(g * TILE_ROWS));
+            let min = f16x8(t.mins.add(g * TILE_ROWS));
+            for b in g * t.blocks_per_group..(g + 1) * t.blocks_per_group {
+                let blk = t.quants.add(b * block_bytes(K));
+                // One accumulator per (token pair, row pair).
+                let mut mm = [[vdupq_n_s32(0); 4]; 4];
+                for c in 0..2 {
+                    let p = if is_masked(K) {
+                        masked_pieces::<K>(blk, c, &mut cursor)
+                    } else {
+                        pieces::<K>(blk, c)
+                    };
+                    for (k, piece) in p.iter().enumerate() {
+                        let off = b * QUANT_BLOCK + 8 * (2 * c + k);
+                        for pair in 0..T / 2 {
+                            let (x0, x1) = (&x[2 * pair], &x[2 * pair + 1]);
+                            let xv = vcombine_s8(
+                                vld1_s8(x0.qs.as_ptr().add(off)),
+                                vld1_s8(x1.qs.as_ptr().add(off)),
+                            );
+                            for r in 0..4 {
+                                mm[pair][r] = smmla(mm[pair][r], piece[r], xv);
+                            }
+                        }
+                    }
+                }
+                for pair in 0..T / 2 {
+                    let [m0, m1, m2, m3] = mm[pair];
+                    let rows = [
+                        (vuzp1q_s32(m0, m1), vuzp1q_s32(m2, m3)),
+                        (vuzp2q_s32(m0, m1), vuzp2q_s32(m2, m3)),
+                    ];
+                    for (i, (lo, hi)) in rows.into_iter().enumerate() {
+                        let tok = 2 * pair + i;
+                        let xr = &x[tok];
+                        let (dx, dsum) = (*xr.d.get_unchecked(b), *xr.dsums.get_unchecked(b));
+                        accumulate::<K>(&mut acc[tok], lo, hi, scale, min, dx, dsum);
+                    }
+                }
+            }
+        }
+    }
+    acc.map(|a| finish(a))
+}
+
+/// The sparse (4 of 8) tile `tile` of `w` expanded into `codes` as a q8 tile (signed levels, 256
+/// bytes a block), so a tile meeting many tokens pays the expansion once.
+#[target_feature(enable = "neon")]
+unsafe fn expand_tile<const K: u8>(w: &QuantMatrix<'_>, tile: usize, codes: &mut [u8]) {
+    if K == Q8M || K == Q4M {
+        // SAFETY: forwarded contract.
+        return unsafe { expand_masked::<K>(w, tile, codes) };
+    }
+    let q = w.tile_quants(tile).as_ptr();
+    assert_eq!(codes.len(), w.blocks_per_row() * 256);
+    for b in 0..w.blocks_per_row() {
+        for c in 0..2 {
+            // SAFETY: block b lies inside the tile's codes; each store writes 16 bytes at
+            // 256b + 64k + 16r < codes.len().
+            unsafe {
+                let p = pieces::<K>(q.add(b * block_bytes(K)), c);
+                for (i, piece) in p.iter().enumerate() {
+                    for (r, &v) in piece.iter().enumerate() {
+                        let at = 256 * b + 64 * (2 * c + i) + 16 * r;
+                        vst1q_s8(codes.as_mut_ptr().add(at) as *mut i8, v);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One masked piece (row masks: the 8 bytes at `masks`; kept codes at `p`) as four row pairs
+/// of signed levels: per row pair, one 16-byte load at the first row's codes and a table
+/// lookup whose indices (the rows' mask bytes through the table, the second row's shifted by
+/// the first's count) put each kept code in its column and zeros elsewhere. q4 rows are
+/// unpacked one at a time (a row may start in the middle of a byte).
+///
+/// # Safety
+/// 8 readable bytes at `masks`; at `p`, the piece's codes followed by at least 64 readable
+/// bytes (every load starts at or before the piece's last code and reads at most 16 bytes).
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn masked_piece<const K: u8>(masks: *const u8, p: *const u8) -> [int8x16_t; 4] {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    let mut out = [vdupq_n_s8(0); 4];
+    let mut start = 0usize;
+    // SAFETY: as the contract above.
+    unsafe {
+        for (r, pair) in out.iter_mut().enumerate() {
+            let (m0, m1) = (*masks.add(2 * r), *masks.add(2 * r + 1));
+            let n0 = m0.count_ones() as usize;
+            *pair = if K == Q8M {
+                let control = vcombine_u8(
+                    vcreate_u8(SPARSE48_SHUFFLE[m0 as usize]),
+                    vcreate_u8(SPARSE48_SHUFFLE[m1 as usize] + n0 as u64 * ONES),
+                );
+                vreinterpretq_s8_u8(vqtbl1q_u8(vld1q_u8(p.add(start)), control))
+            } else {
+                let row = |first: usize, mask: u8| {
+                    let v = vld1_u8(p.add(first / 2));
+                    // Sixteen codes in order from the byte holding the row's first.
+                    let lo = vand_u8(v, vdup_n_u8(0x0F));
+                    let hi = vshr_n_u8::<4>(v);
+                    let ordered = vcombine_u8(vzip1_u8(lo, hi), vzip2_u8(lo, hi));
+                    let control =
+                        vcreate_u8(SPARSE48_SHUFFLE[mask as usize] + (first % 2) as u64 * ONES);
+                    let level = vsub_u8(vqtbl1_u8(ordered, control), vdup_n_u8(8));
+                    // Pruned columns (index ≥ 0x80) are level 0.
+                    vand_u8(level, vclt_u8(control, vdup_n_u8(16)))
+                };
+                vreinterpretq_s8_u8(vcombine_u8(row(start, m0), row(start + n0, m1)))
+            };
+            start += n0 + m1.count_ones() as usize;
+        }
+    }
+    out
+}
+
+/// Pieces `2c` and `2c + 1` of a masked tile block (masks at `masks`, codes at `*cursor`,
+/// which moves past them), as [`pieces`] gives them.
+///
+/// # Safety
+/// 32 readable bytes at `masks`; at `*cursor`, the block's codes from piece `2c` on, followed
+/// by at least 64 readable bytes (`QuantMatrix::masked_tile` checked the tile).
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn masked_pieces<const K: u8>(
+    masks: *const u8,
+    c: usize,
+    cursor: &mut *const u8,
+) -> [[int8x16_t; 4]; 2] {
+    // SAFETY: as the contract above; each piece's codes start where the previous one's end.
+    unsafe {
+        [2 * c, 2 * c + 1].map(|k| {
+            let m = masks.add(8 * k);
+            let piece = masked_piece::<K>(m, *cursor);
+            *cursor = cursor.add(masked_piece_bytes(K, (m as *const u64).read_unaligned()));
+            piece
+        })
+    }
+}
+
+/// The masked tile `tile` of `w` expanded into `codes` as a q8 tile (signed levels).
+#[target_feature(enable = "neon")]
+unsafe fn expand_masked<const K: u8>(w: &QuantMatrix<'_>, tile: usize, codes: &mut [u8]) {
+    assert_eq!(codes.len(), w.blocks_per_row() * 256);
+    let Some(mut cursor) = w.masked_cursor(tile) else {
+        return codes.fill(0);
+    };
+    let masks = w.tile_quants(tile).as_ptr();
+    for b in 0..w.blocks_per_row() {
+        for c in 0..2 {
+            // SAFETY: block b's masks lie in the tile's; the cursor walks the stream
+            // `masked_tile` checked; each store writes 16 bytes inside block b of `codes`.
+            unsafe {
+                let p = masked_pieces::<K>(masks.add(32 * b), c, &mut cursor);
+                for (i, piece) in p.iter().enumerate() {
+                    for (r, &v) in piece.iter().enumerate() {
+                        let at = 256 * b + 64 * (2 * c + i) + 16 * r;
+                        vst1q_s8(codes.as_mut_ptr().add(at) as *mut i8, v);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A buffer for one expanded q8 tile when `w` is sparse (4 of 8 or masked) and meets more
+/// than `width` tokens (so the expansion is paid once per tile, not once per run of tokens).
+fn expansion_buffer<const K: u8>(
+    w: &QuantMatrix<'_>,
+    tokens: usize,
+    width: usize,
+) -> Option<Vec<u8>> {
+    let expand = (K == Q8S || K == Q4S || is_masked(K)) && tokens > width;
+    expand.then(|| vec![0u8; w.blocks_per_row() * 256])
+}
+
+/// Runs `$tokens::<K>` (or `::<Q8>` over the expanded tile) on every tile.
+macro_rules! each_tile {
+    ($tokens:ident, $width:literal, $w:expr, $x:expr, $tiles:expr, $out:expr) => {{
+        let (w, x, out) = ($w, $x, $out);
+        let first = $tiles.start;
+        let mut codes = expansion_buffer::<K>(w, x.len(), $width);
+        for tile in $tiles {
+            let at = (tile - first) * TILE_ROWS;
+            // SAFETY: forwarded contract; `codes` holds a q8 tile of the view's blocks.
+            unsafe {
+                match codes.as_mut() {
+                    Some(codes) => {
+                        expand_tile::<K>(w, tile, codes);
+                        $tokens::<Q8>(&w.expanded_tile(tile, codes), 0, x, out, at);
+                    }
+                    None => $tokens::<K>(w, tile, x, out, at),
+                }
+            }
+        }
+    }};
+}
+
+/// Tile `tile` of `m` × every token of `x` on plain NEON, one token at a time.
+#[target_feature(enable = "neon")]
+unsafe fn tokens_neon<const K: u8>(
+    m: &QuantMatrix<'_>,
+    tile: usize,
+    x: &[ActRow<'_>],
+    out: &mut [&mut [f32]],
+    at: usize,
+) {
+    for (t, xr) in x.iter().enumerate() {
+        // SAFETY: forwarded contract.
+        let res = unsafe { tile_neon::<K>(m, tile, xr) };
+        store_tile(&[res], &mut out[t..t + 1], at);
+    }
+}
+
+/// Tiles of `w` × tokens of `x` on plain NEON.
+#[target_feature(enable = "neon")]
+unsafe fn run_neon<const K: u8>(
+    w: &QuantMatrix<'_>,
+    x: &[ActRow<'_>],
+    tiles: Range<usize>,
+    out: &mut [&mut [f32]],
+) {
+    each_tile!(tokens_neon, 1, w, x, tiles, out)
+}
+
+/// Tile `tile` of `m` × every token of `x` with `sdot`, two tokens at a time.
+#[target_feature(enable = "neon,dotprod")]
+unsafe fn tokens_dotprod<const K: u8>(
+    m: &QuantMatrix<'_>,
+    tile: usize,
+    x: &[ActRow<'_>],
+    out: &mut [&mut [f32]],
+    at: usize,
+) {
+    let mut t0 = 0;
+    while t0 < x.len() {
+        let n = (x.len() - t0).min(2);
+        let (xs, os) = (&x[t0..t0 + n], &mut out[t0..t0 + n]);
+        // SAFETY: forwarded contract; `xs` holds exactly `n` rows.
+        unsafe {
+            if n == 2 {
+                store_tile(&tile_dotprod::<K, 2>(m, tile, xs), os, at);
+            } else {
+                store_tile(&tile_dotprod::<K, 1>(m, tile, xs), os, at);
+            }
+        }
+        t0 += n;
+    }
+}
+
+/// Tiles of `w` × tokens of `x` with `sdot`.
+#[target_feature(enable = "neon,dotprod")]
+unsafe fn run_dotprod<const K: u8>(
+    w: &QuantMatrix<'_>,
+    x: &[ActRow<'_>],
+    tiles: Range<usize>,
+    out: &mut [&mut [f32]],
+) {
+    each_tile!(tokens_dotprod, 2, w, x, tiles, out)
+}
+
+/// Tile `tile` of `m` × every token of `x` with `smmla`, four (or two) tokens at a time; a
+/// last odd token goes to `sdot`.
+#[target_feature(enable = "neon,dotprod,i8mm")]
+unsafe fn tokens_i8mm<const K: u8>(
+    m: &QuantMatrix<'_>,
+    tile: usize,
+    x: &[ActRow<'_>],
+    out: &mut [&mut [f32]],
+    at: usize,
+) {
+    let mut t0 = 0;
+    while t0 < x.len() {
+        let n = match x.len() - t0 {
+            left if left >= 4 => 4,
+            left if left >= 2 => 2,
+            _ => 1,
+        };
+        let (xs, os) = (&x[t0..t0 + n], &mut out[t0..t0 + n]);
+        // SAFETY: forwarded contract; `xs` holds exactly `n` rows.
+        unsafe {
+            match n {
+                4 => store_tile(&tile_i8mm::<K, 4>(m, tile, xs), os, at),
+                2 => store_tile(&tile_i8mm::<K, 2>(m, tile, xs), os, at),
+                _ => store_tile(&tile_dotprod::<K, 1>(m, tile, xs), os, at),
+            }
+        }
+        t0 += n;
+    }
+}
+
+/// Tiles of `w` × tokens of `x` with `smmla`.
+#[target_feature(enable = "neon,dotprod,i8mm")]
+unsafe fn run_i8mm<const K: u8>(
+    w: &QuantMatrix<'_>,
+    x: &[ActRow<'_>],
+    tiles: Range<usize>,
+    out: &mut [&mut [f32]],
+) {
+    each_tile!(tokens_i8mm, 4, w, x, tiles, out)
+}
+
+/// Quantizes whole blocks of 32 activations (NEON): the same operations as the scalar
+/// reference, so the bytes are identical.
+///
+/// # Safety
+/// `qs` has `x.len()` bytes and `d`, `dsums` one entry per 32 values.
+#[target_feature(enable = "neon")]
+pub unsafe fn quantize_blocks(x: &[f32], qs: &mut [i8], d: &mut [f32], dsums: &mut [f32]) {
+    assert!(qs.len() == x.len() && d.len() * QUANT_BLOCK == x.len() && dsums.len() == d.len());
+    let sign = vdupq_n_u32(0x8000_0000);
+    let half = vdupq_n_f32(0.5);
+    for (b, (xb, qb)) in x
+        .chunks_exact(QUANT_BLOCK)
+        .zip(qs.chunks_exact_mut(QUANT_BLOCK))
+        .enumerate()
+    {
+        // SAFETY: each chunk holds 32 f32 (eight 4-lane loads) and 32 output bytes.
+        unsafe {
+            let p = xb.as_ptr();
+            let v: [float32x4_t; 8] = std::array::from_fn(|i| vld1q_f32(p.add(4 * i)));
+            let m = v
+                .iter()
+                .fold(vdupq_n_f32(0.0), |m, &v| vmaxq_f32(m, vabsq_f32(v)));
+            let scale = vmaxvq_f32(m) / 127.0;
+            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            let ints = v.map(|v| {
+                let s = vmulq_n_f32(v, inv);
+                // s + copysign(0.5, s), truncated: rounds half away from zero.
+                vcvtq_s32_f32(vaddq_f32(s, vbslq_f32(sign, s, half)))
+            });
+            let narrow = |a: int32x4_t, b: int32x4_t| vcombine_s16(vqmovn_s32(a), vqmovn_s32(b));
+            let lo = vcombine_s8(
+                vqmovn_s16(narrow(ints[0], ints[1])),
+                vqmovn_s16(narrow(ints[2], ints[3])),
+            );
+            let hi = vcombine_s8(
+                vqmovn_s16(narrow(ints[4], ints[5])),
+                vqmovn_s16(narrow(ints[6], ints[7])),
+            );
+            vst1q_s8(qb.as_mut_ptr(), lo);
+            vst1q_s8(qb.as_mut_ptr().add(16), hi);
+            let sum = vaddlvq_s8(lo) as i32 + vaddlvq_s8(hi) as i32;
+            d[b] = scale;
+            dsums[b] = scale * sum as f32;
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! The pocketlm runtime: runs a memory-mapped `.plm` model.
+//!
+//! `.plm` file ([`pocketlm_format`]) → [`model`] (the decoder over the mapped weights, with
+//! [`pocketlm_kernels`]) → [`session`] (KV cache, generation, chat) → tokens ([`tokenizer`],
+//! [`sampler`]).
+
+pub mod model;
+pub mod sampler;
+pub mod session;
+pub mod tokenizer;
+
+pub use model::{Model, ModelError};
+pub use session::{GenerateOptions, Generation, GenerationStats, Session, StopReason};

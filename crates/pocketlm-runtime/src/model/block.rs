@@ -1,0 +1,161 @@
+//! One transformer block, shared by the runtime's forward pass and the converter's
+//! calibration (which runs blocks on in-memory f32 weights and observes the inputs of every
+//! linear layer).
+
+use rayon::prelude::*;
+
+use super::attention::{self, KvCache};
+use pocketlm_format::config::ModelConfig;
+use pocketlm_kernels::{self as kernels, Linear};
+
+/// The weights of one block, in any encoding the kernels read.
+#[derive(Clone, Copy)]
+pub struct BlockWeights<'a> {
+    pub attn_norm: &'a [f32],
+    pub q: Linear<'a>,
+    pub k: Linear<'a>,
+    pub v: Linear<'a>,
+    pub biases: Option<[&'a [f32]; 3]>,
+    pub o: Linear<'a>,
+    pub ffn_norm: &'a [f32],
+    pub gate: Linear<'a>,
+    pub up: Linear<'a>,
+    pub down: Linear<'a>,
+}
+
+/// The four distinct inputs the linear layers of a block read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LinearInput {
+    /// Normed residual stream, read by q, k and v.
+    Attention,
+    /// Attention heads' output, read by the output projection o.
+    AttentionOutput,
+    /// Normed residual stream, read by gate and up.
+    Mlp,
+    /// `silu(gate) * up`, read by down.
+    MlpDown,
+}
+
+impl LinearInput {
+    pub const ALL: [LinearInput; 4] = [
+        LinearInput::Attention,
+        LinearInput::AttentionOutput,
+        LinearInput::Mlp,
+        LinearInput::MlpDown,
+    ];
+}
+
+/// Sees `(which input, tokens × width activations)` before the linear layers consume them.
+pub type Observer<'o> = &'o mut dyn FnMut(LinearInput, &[f32]);
+
+/// Activation buffers for a batch of `tokens`, reused across blocks.
+pub struct BlockScratch {
+    h: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    proj: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    /// `tokens × rank` products of low-rank layers (grown on first use).
+    between: Vec<f32>,
+}
+
+impl BlockScratch {
+    pub fn new(config: &ModelConfig, tokens: usize) -> BlockScratch {
+        let n = tokens;
+        let (d, qd, kvd, f) = (
+            config.hidden_size,
+            config.q_dim(),
+            config.kv_dim(),
+            config.intermediate_size,
+        );
+        BlockScratch {
+            h: vec![0.0; n * d],
+            q: vec![0.0; n * qd],
+            k: vec![0.0; n * kvd],
+            v: vec![0.0; n * kvd],
+            attn: vec![0.0; n * qd],
+            proj: vec![0.0; n * d],
+            gate: vec![0.0; n * f],
+            up: vec![0.0; n * f],
+            between: Vec::new(),
+        }
+    }
+}
+
+/// Runs block `w` on the residual stream `x` (`tokens × hidden`, updated in place) for tokens
+/// at positions `start..`, writing their keys/values into layer `layer` of `cache` (the caller
+/// advances the cache after the last block).
+#[allow(clippy::too_many_arguments)]
+pub fn block_forward(
+    config: &ModelConfig,
+    inv_freq: &[f32],
+    w: &BlockWeights<'_>,
+    x: &mut [f32],
+    cache: &mut KvCache,
+    layer: usize,
+    start: usize,
+    s: &mut BlockScratch,
+    mut observe: Option<Observer<'_>>,
+) {
+    let c = config;
+    let n = x.len() / c.hidden_size;
+    let (qd, kvd) = (c.q_dim(), c.kv_dim());
+    let mut see = |input: LinearInput, a: &[f32]| {
+        if let Some(o) = observe.as_mut() {
+            o(input, a)
+        }
+    };
+    kernels::rms_norm(x, w.attn_norm, c.rms_norm_eps, &mut s.h);
+    see(LinearInput::Attention, &s.h);
+    kernels::linear_many(
+        &s.h,
+        n,
+        &mut [(&w.q, &mut s.q), (&w.k, &mut s.k), (&w.v, &mut s.v)],
+        &mut s.between,
+    );
+    if let Some([bq, bk, bv]) = w.biases {
+        add_row_bias(&mut s.q, bq);
+        add_row_bias(&mut s.k, bk);
+        add_row_bias(&mut s.v, bv);
+    }
+    s.q.par_chunks_mut(qd)
+        .zip(s.k.par_chunks_mut(kvd))
+        .enumerate()
+        .for_each(|(t, (qt, kt))| {
+            kernels::rope_rotate_half(qt, start + t, inv_freq);
+            kernels::rope_rotate_half(kt, start + t, inv_freq);
+        });
+    cache.write(layer, start, &s.k, &s.v);
+    attention::attend(c, cache, layer, start, &s.q, &mut s.attn);
+    see(LinearInput::AttentionOutput, &s.attn);
+    kernels::linear(&s.attn, n, &w.o, &mut s.proj, &mut s.between);
+    add_in_place(x, &s.proj);
+
+    kernels::rms_norm(x, w.ffn_norm, c.rms_norm_eps, &mut s.h);
+    see(LinearInput::Mlp, &s.h);
+    kernels::linear_many(
+        &s.h,
+        n,
+        &mut [(&w.gate, &mut s.gate), (&w.up, &mut s.up)],
+        &mut s.between,
+    );
+    kernels::silu_mul(&mut s.gate, &s.up);
+    see(LinearInput::MlpDown, &s.gate);
+    kernels::linear(&s.gate, n, &w.down, &mut s.proj, &mut s.between);
+    add_in_place(x, &s.proj);
+}
+
+fn add_in_place(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+fn add_row_bias(x: &mut [f32], bias: &[f32]) {
+    for row in x.chunks_exact_mut(bias.len()) {
+        add_in_place(row, bias);
+    }
+}

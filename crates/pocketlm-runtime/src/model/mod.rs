@@ -1,0 +1,970 @@
+//! The Llama-family decoder, reading its weights in place from a memory-mapped .plm file.
+//!
+//! One forward pass serves prefill (many tokens, batched products) and decode (one token):
+//! RMSNorm → q/k/v (+bias) → RoPE → grouped-query attention over the KV cache → output
+//! projection → RMSNorm → SwiGLU MLP, then the final norm and the (tied or untied) output.
+
+mod attention;
+pub mod block;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::tokenizer::{Tokenizer, TokenizerError};
+use pocketlm_format::TokenizerSpec;
+use pocketlm_format::config::{ModelConfig, names};
+use pocketlm_format::{Encoding, PlmError, PlmFile, TensorEntry};
+use pocketlm_kernels::{self as kernels, Linear, MatRef};
+
+pub use attention::{KvCache, KvType};
+pub use block::{BlockScratch, BlockWeights, LinearInput, block_forward};
+pub use pocketlm_format::config::expected_tensors;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Format(#[from] PlmError),
+    #[error("{path}: metadata: {message}")]
+    Metadata { path: String, message: String },
+    #[error("{path}: tensor '{name}': {message}")]
+    Tensor {
+        path: String,
+        name: String,
+        message: String,
+    },
+    #[error("tokenizer: {0}")]
+    Tokenizer(#[from] TokenizerError),
+    #[error("context full: {needed} positions needed, the KV cache holds {capacity}")]
+    ContextFull { needed: usize, capacity: usize },
+    #[error("token id {id} is outside the vocabulary (size {vocab_size})")]
+    InvalidToken { id: u32, vocab_size: usize },
+    #[error(
+        "{what} for {capacity} positions needs {} MiB, more than the {} MiB limit \
+         (use a shorter context)",
+        bytes.div_ceil(1 << 20),
+        limit.div_ceil(1 << 20)
+    )]
+    MemoryLimit {
+        what: &'static str,
+        capacity: usize,
+        bytes: u64,
+        limit: u64,
+    },
+    #[error(
+        "weights: the smallest operating point ({profile}) reads {}, more than the {} limit",
+        human_bytes(*bytes),
+        human_bytes(*limit)
+    )]
+    WeightsOverLimit {
+        profile: &'static str,
+        bytes: u64,
+        limit: u64,
+    },
+    #[error("{what}: cannot allocate {bytes} bytes ({source})")]
+    OutOfMemory {
+        what: &'static str,
+        bytes: u64,
+        #[source]
+        source: std::collections::TryReserveError,
+    },
+}
+
+/// `12.3 MB` or `456.7 kB` (decimal units, as sizes are given on the command line).
+fn human_bytes(bytes: u64) -> String {
+    if bytes >= 1_000_000 {
+        format!("{:.1} MB", bytes as f64 / 1e6)
+    } else {
+        format!("{:.1} kB", bytes as f64 / 1e3)
+    }
+}
+
+/// Default upper bound on one KV cache, in bytes. A context far beyond what the device can
+/// hold fails with [`ModelError::MemoryLimit`] up front instead of aborting on OOM; raise it
+/// with [`ModelOptions::max_kv_cache_bytes`].
+pub const DEFAULT_MAX_KV_CACHE_BYTES: u64 = 8 << 30;
+
+/// Default upper bound on the activations of one forward pass (hidden states, projections
+/// and logits of the batch), in bytes.
+pub const DEFAULT_MAX_ACTIVATION_BYTES: u64 = 4 << 30;
+
+/// When tensor checksums are checked at run time (`pocketlm verify` checks them all offline).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum VerifyMode {
+    /// Never: loading stays O(table), and the data is trusted once the table validates.
+    #[default]
+    Off,
+    /// Every tensor when the model is opened (reads the whole file once).
+    Eager,
+    /// Each tensor just before the forward pass first reads it, once per model.
+    Lazy,
+}
+
+impl VerifyMode {
+    /// The mode named by `POCKETLM_VERIFY`: `1`/`eager`/`all`, `lazy`, or `0`/`off`/unset.
+    /// An unrecognised value is treated as `eager` (fail safe) with a warning.
+    pub fn from_env() -> VerifyMode {
+        match std::env::var("POCKETLM_VERIFY") {
+            Err(_) => VerifyMode::Off,
+            Ok(v) => match v.trim().to_ascii_lowercase().as_str() {
+                "" | "0" | "off" | "no" | "false" => VerifyMode::Off,
+                "1" | "eager" | "all" | "yes" | "true" | "on" => VerifyMode::Eager,
+                "lazy" => VerifyMode::Lazy,
+                other => {
+                    log::warn!("POCKETLM_VERIFY={other:?} not understood; verifying eagerly");
+                    VerifyMode::Eager
+                }
+            },
+        }
+    }
+}
+
+/// `POCKETLM_LOW_RANK_PERCENT` (1..=100, a trailing `%` allowed); 100 when unset or invalid.
+fn low_rank_percent_from_env() -> u8 {
+    let Ok(v) = std::env::var("POCKETLM_LOW_RANK_PERCENT") else {
+        return 100;
+    };
+    match v.trim().trim_end_matches('%').parse::<u8>() {
+        Ok(p) if (1..=100).contains(&p) => p,
+        _ => {
+            log::warn!("POCKETLM_LOW_RANK_PERCENT={v:?} is not 1..=100; serving full rank");
+            100
+        }
+    }
+}
+
+/// `POCKETLM_KV_CACHE` (`f32`, `q8`); f32 when unset or invalid.
+fn kv_cache_from_env() -> KvType {
+    let Ok(v) = std::env::var("POCKETLM_KV_CACHE") else {
+        return KvType::F32;
+    };
+    KvType::parse(&v).unwrap_or_else(|| {
+        log::warn!("POCKETLM_KV_CACHE={v:?} is not f32 or q8; using f32");
+        KvType::F32
+    })
+}
+
+/// Operating points of an elastic file: which stored parts the runtime reads. A file without
+/// residuals or low-rank factors serves the same weights at every point.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Profile {
+    /// Base weights only; low-rank layers at half their stored rank.
+    Small,
+    /// Residuals of `attn_v` and `ffn_down` (where quantization costs most, which is why
+    /// llama.cpp's Q4_K_M keeps them at higher precision); low-rank layers at 75% rank.
+    Balanced,
+    /// Everything the file stores.
+    #[default]
+    Best,
+}
+
+impl Profile {
+    /// From the most to the least the file stores.
+    pub const DESCENDING: [Profile; 3] = [Profile::Best, Profile::Balanced, Profile::Small];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Profile::Small => "small",
+            Profile::Balanced => "balanced",
+            Profile::Best => "best",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Profile> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "small" => Some(Profile::Small),
+            "balanced" => Some(Profile::Balanced),
+            "best" => Some(Profile::Best),
+            _ => None,
+        }
+    }
+
+    /// Whether a block matrix's residual is read (`sensitive`: it is `attn_v` or `ffn_down`).
+    fn reads_residual(self, sensitive: bool) -> bool {
+        match self {
+            Profile::Small => false,
+            Profile::Balanced => sensitive,
+            Profile::Best => true,
+        }
+    }
+
+    /// The largest share of a low-rank layer's stored rank this point serves.
+    fn low_rank_percent(self) -> u8 {
+        match self {
+            Profile::Small => 50,
+            Profile::Balanced => 75,
+            Profile::Best => 100,
+        }
+    }
+}
+
+impl std::str::FromStr for Profile {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Profile::parse(s).ok_or_else(|| format!("unknown profile '{s}' (small, balanced, best)"))
+    }
+}
+
+/// `POCKETLM_PROFILE` (`small`, `balanced`, `best`); best when unset or invalid.
+fn profile_from_env() -> Profile {
+    let Ok(v) = std::env::var("POCKETLM_PROFILE") else {
+        return Profile::Best;
+    };
+    Profile::parse(&v).unwrap_or_else(|| {
+        log::warn!("POCKETLM_PROFILE={v:?} is not small, balanced or best; serving best");
+        Profile::Best
+    })
+}
+
+/// Load-time options of a [`Model`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelOptions {
+    pub verify: VerifyMode,
+    /// Largest KV cache [`Model::new_cache`] will allocate.
+    pub max_kv_cache_bytes: u64,
+    /// Largest activation footprint one [`Model::forward`] call may allocate.
+    pub max_activation_bytes: u64,
+    /// Serve low-rank layers with this percentage of their stored rank (1..=100): the first
+    /// components of the rank-ordered factors, read in place, so only their pages are
+    /// touched. Rounded down to whole quantization groups; dense layers are unaffected.
+    pub low_rank_percent: u8,
+    /// How [`Model::new_cache`] stores keys and values.
+    pub kv_cache: KvType,
+    /// The operating point of an elastic file (residuals read, low-rank share served).
+    pub profile: Profile,
+    /// Largest weight footprint (bytes of the tensors the forward pass reads): at load, the
+    /// model steps down from `profile` to the best point that fits, and fails if none does.
+    pub max_weight_bytes: u64,
+}
+
+impl Default for ModelOptions {
+    fn default() -> Self {
+        ModelOptions {
+            verify: VerifyMode::Off,
+            max_kv_cache_bytes: DEFAULT_MAX_KV_CACHE_BYTES,
+            max_activation_bytes: DEFAULT_MAX_ACTIVATION_BYTES,
+            low_rank_percent: 100,
+            kv_cache: KvType::F32,
+            profile: Profile::Best,
+            max_weight_bytes: u64::MAX,
+        }
+    }
+}
+
+impl ModelOptions {
+    /// Defaults, with the verification mode taken from `POCKETLM_VERIFY`, the low-rank
+    /// percentage from `POCKETLM_LOW_RANK_PERCENT`, the KV cache type from
+    /// `POCKETLM_KV_CACHE` (`f32` or `q8`) and the profile from `POCKETLM_PROFILE`.
+    pub fn from_env() -> ModelOptions {
+        ModelOptions {
+            verify: VerifyMode::from_env(),
+            low_rank_percent: low_rank_percent_from_env(),
+            kv_cache: kv_cache_from_env(),
+            profile: profile_from_env(),
+            ..ModelOptions::default()
+        }
+    }
+}
+
+/// Index of a tensor in the file's table (resolved and validated once at load).
+type TensorIndex = usize;
+
+/// Where a linear layer's weights are: one matrix, or the two factors of a low-rank one.
+#[derive(Clone, Copy, Debug)]
+enum LinearIndex {
+    Dense(TensorIndex),
+    LowRank {
+        v: TensorIndex,
+        u: TensorIndex,
+    },
+    /// A quantized matrix and its stored residual (`sensitive`: `attn_v` or `ffn_down`, whose
+    /// residual the balanced profile reads).
+    Residual {
+        base: TensorIndex,
+        residual: TensorIndex,
+        sensitive: bool,
+    },
+}
+
+impl LinearIndex {
+    /// The tensors `profile` reads.
+    fn tensors(self, profile: Profile) -> Vec<TensorIndex> {
+        match self {
+            LinearIndex::Dense(i) => vec![i],
+            LinearIndex::LowRank { v, u } => vec![v, u],
+            LinearIndex::Residual {
+                base,
+                residual,
+                sensitive,
+            } => {
+                if profile.reads_residual(sensitive) {
+                    vec![base, residual]
+                } else {
+                    vec![base]
+                }
+            }
+        }
+    }
+}
+
+struct Layer {
+    attn_norm: TensorIndex,
+    q: LinearIndex,
+    k: LinearIndex,
+    v: LinearIndex,
+    biases: Option<[TensorIndex; 3]>,
+    o: LinearIndex,
+    ffn_norm: TensorIndex,
+    gate: LinearIndex,
+    up: LinearIndex,
+    down: LinearIndex,
+}
+
+impl Layer {
+    fn linears(&self) -> [LinearIndex; 7] {
+        [
+            self.q, self.k, self.v, self.o, self.gate, self.up, self.down,
+        ]
+    }
+
+    fn indices(&self, profile: Profile) -> Vec<TensorIndex> {
+        let mut v = vec![self.attn_norm, self.ffn_norm];
+        v.extend(self.linears().into_iter().flat_map(|l| l.tensors(profile)));
+        v.extend(self.biases.into_iter().flatten());
+        v
+    }
+}
+
+/// Which logits a forward pass returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Only for the last token (generation).
+    Last,
+    /// For every token of the batch (scoring).
+    All,
+    /// For the last `n` tokens of the batch (perplexity scores only the second half).
+    LastN(usize),
+}
+
+/// A loaded model: the mapped file plus resolved tensor indices. Cheap to share across
+/// sessions (`Arc<Model>`); all weights stay in the page cache, shared between processes.
+pub struct Model {
+    file: Arc<PlmFile>,
+    config: ModelConfig,
+    tokenizer_spec: TokenizerSpec,
+    tokenizer: Tokenizer,
+    token_embd: TensorIndex,
+    output_norm: TensorIndex,
+    output: TensorIndex,
+    layers: Vec<Layer>,
+    inv_freq: Vec<f32>,
+    options: ModelOptions,
+    /// With [`VerifyMode::Lazy`]: per table entry, whether its checksum has been checked.
+    verified: Option<Vec<AtomicBool>>,
+}
+
+impl Model {
+    /// Opens `path` with [`ModelOptions::from_env`] (checksums per `POCKETLM_VERIFY`).
+    pub fn open(path: &Path) -> Result<Model, ModelError> {
+        Model::open_with(path, ModelOptions::from_env())
+    }
+
+    pub fn open_with(path: &Path, options: ModelOptions) -> Result<Model, ModelError> {
+        let file = PlmFile::open(path)?;
+        Model::from_file_with(Arc::new(file), options)
+    }
+
+    /// [`Model::from_file_with`] with default options (no checksum verification).
+    pub fn from_file(file: Arc<PlmFile>) -> Result<Model, ModelError> {
+        Model::from_file_with(file, ModelOptions::default())
+    }
+
+    /// Validates the metadata (config, tokenizer) and every tensor the config needs (present,
+    /// shape, encoding) against `file`, then verifies checksums as `options.verify` says.
+    pub fn from_file_with(file: Arc<PlmFile>, options: ModelOptions) -> Result<Model, ModelError> {
+        let path = file.path().display().to_string();
+        let meta_err = |message: String| ModelError::Metadata {
+            path: path.clone(),
+            message,
+        };
+        let meta = file.metadata();
+        let config: ModelConfig = serde_json::from_value(
+            meta.get("config")
+                .cloned()
+                .ok_or_else(|| meta_err("no 'config' object".into()))?,
+        )
+        .map_err(|e| meta_err(format!("config: {e}")))?;
+        config
+            .validate()
+            .map_err(|e| meta_err(format!("config: {e}")))?;
+        let tokenizer_spec: TokenizerSpec = serde_json::from_value(
+            meta.get("tokenizer")
+                .cloned()
+                .ok_or_else(|| meta_err("no 'tokenizer' object".into()))?,
+        )
+        .map_err(|e| meta_err(format!("tokenizer: {e}")))?;
+        let tokenizer = Tokenizer::from_spec(&tokenizer_spec)?;
+
+        let index = |name: &str| -> Option<TensorIndex> {
+            file.tensors().iter().position(|t| t.name == name)
+        };
+        let mut linears = std::collections::HashMap::new();
+        for (name, shape) in expected_tensors(&config) {
+            if let Some(entry) = file.entry(&name) {
+                check_entry(&file, &path, entry, &shape)?;
+                if shape.len() == 2 {
+                    let base = index(&name).unwrap_or(0);
+                    let residual_name = names::residual(&name);
+                    let linear = match file.entry(&residual_name) {
+                        Some(r) if name.starts_with("blk.") => {
+                            check_entry(&file, &path, r, &shape)?;
+                            LinearIndex::Residual {
+                                base,
+                                residual: index(&residual_name).unwrap_or(0),
+                                sensitive: name.contains(".attn_v.") || name.contains(".ffn_down."),
+                            }
+                        }
+                        _ => LinearIndex::Dense(base),
+                    };
+                    linears.insert(name.clone(), linear);
+                }
+                continue;
+            }
+            let (v_name, u_name) = (names::lowrank_v(&name), names::lowrank_u(&name));
+            match (file.entry(&v_name), file.entry(&u_name)) {
+                (Some(v), Some(u)) if shape.len() == 2 && name.starts_with("blk.") => {
+                    let rank = v.shape.first().copied().unwrap_or(0);
+                    if rank == 0 {
+                        return Err(ModelError::Tensor {
+                            path: path.clone(),
+                            name: v_name,
+                            message: "a low-rank factor needs rank ≥ 1".into(),
+                        });
+                    }
+                    check_entry(&file, &path, v, &[rank, shape[1]])?;
+                    check_entry(&file, &path, u, &[shape[0], rank])?;
+                    let (v, u) = (index(&v_name).unwrap_or(0), index(&u_name).unwrap_or(0));
+                    linears.insert(name, LinearIndex::LowRank { v, u });
+                }
+                _ => {
+                    return Err(ModelError::Tensor {
+                        path: path.clone(),
+                        name,
+                        message: "missing (required by the model config)".into(),
+                    });
+                }
+            }
+        }
+        // Presence was checked above for every expected tensor.
+        let linear = |name: &str| linears[name];
+        let index = |name: &str| index(name).unwrap_or(usize::MAX);
+        let layers = (0..config.num_layers)
+            .map(|l| Layer {
+                attn_norm: index(&names::attn_norm(l)),
+                q: linear(&names::attn_q(l)),
+                k: linear(&names::attn_k(l)),
+                v: linear(&names::attn_v(l)),
+                biases: config.attention_bias.then(|| {
+                    [
+                        index(&names::attn_q_bias(l)),
+                        index(&names::attn_k_bias(l)),
+                        index(&names::attn_v_bias(l)),
+                    ]
+                }),
+                o: linear(&names::attn_output(l)),
+                ffn_norm: index(&names::ffn_norm(l)),
+                gate: linear(&names::ffn_gate(l)),
+                up: linear(&names::ffn_up(l)),
+                down: linear(&names::ffn_down(l)),
+            })
+            .collect();
+        let token_embd = index(names::TOKEN_EMBD);
+        let output = if config.tie_word_embeddings {
+            token_embd
+        } else {
+            index(names::OUTPUT)
+        };
+        let verified = match options.verify {
+            VerifyMode::Off => None,
+            VerifyMode::Eager => {
+                file.verify()?;
+                None
+            }
+            VerifyMode::Lazy => Some(
+                (0..file.tensors().len())
+                    .map(|_| AtomicBool::new(false))
+                    .collect(),
+            ),
+        };
+        let mut model = Model {
+            options,
+            verified,
+            inv_freq: rope_inv_freq(&config),
+            token_embd,
+            output_norm: index(names::OUTPUT_NORM),
+            output,
+            layers,
+            config,
+            tokenizer_spec,
+            tokenizer,
+            file,
+        };
+        model.fit_weight_limit()?;
+        Ok(model)
+    }
+
+    /// Steps the profile down until the weights the forward pass reads fit
+    /// `max_weight_bytes`.
+    fn fit_weight_limit(&mut self) -> Result<(), ModelError> {
+        let limit = self.options.max_weight_bytes;
+        if limit == u64::MAX {
+            // No limit: nothing to size at load.
+            return Ok(());
+        }
+        let wanted = self.options.profile;
+        for profile in Profile::DESCENDING.into_iter().filter(|p| *p <= wanted) {
+            self.options.profile = profile;
+            let bytes = self.weight_bytes();
+            if bytes <= limit {
+                if profile != wanted {
+                    log::info!(
+                        "profile {} instead of {}: its weights ({}) fit the {} limit",
+                        profile.name(),
+                        wanted.name(),
+                        human_bytes(bytes),
+                        human_bytes(limit)
+                    );
+                }
+                return Ok(());
+            }
+            if profile == Profile::Small {
+                return Err(ModelError::WeightsOverLimit {
+                    profile: profile.name(),
+                    bytes,
+                    limit,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of the tensors the forward pass reads at the current operating point (low-rank
+    /// layers as served, residuals as the profile says).
+    pub fn weight_bytes(&self) -> u64 {
+        let vectors: u64 = self
+            .used_tensors()
+            .iter()
+            .filter(|t| t.shape.len() == 1)
+            .map(|t| t.length)
+            .sum();
+        let embedding = [self.token_embd, self.output]
+            .into_iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .map(|i| self.entry(i).length)
+            .sum::<u64>();
+        let blocks: u64 = self.block_linears().iter().map(|l| l.bytes_read()).sum();
+        vectors + embedding + blocks
+    }
+
+    /// The operating point served (after any step-down for `max_weight_bytes`).
+    pub fn profile(&self) -> Profile {
+        self.options.profile
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn tokenizer_spec(&self) -> &TokenizerSpec {
+        &self.tokenizer_spec
+    }
+
+    pub fn file(&self) -> &PlmFile {
+        &self.file
+    }
+
+    pub fn options(&self) -> &ModelOptions {
+        &self.options
+    }
+
+    /// A KV cache for up to `capacity` positions (clamped to the model's trained context).
+    /// Fails with [`ModelError::MemoryLimit`] when it would exceed
+    /// [`ModelOptions::max_kv_cache_bytes`], and with [`ModelError::OutOfMemory`] when the
+    /// allocation itself fails, instead of aborting the process.
+    pub fn new_cache(&self, capacity: usize) -> Result<KvCache, ModelError> {
+        let capacity = capacity.clamp(1, self.config.max_position_embeddings);
+        let (layers, kv_dim, head_dim) = (
+            self.config.num_layers,
+            self.config.kv_dim(),
+            self.config.head_dim,
+        );
+        let kind = self.options.kv_cache;
+        let limit = self.options.max_kv_cache_bytes;
+        let bytes = KvCache::required_bytes(kind, layers, kv_dim, head_dim, capacity)
+            .map_or(u64::MAX, |b| b as u64);
+        if bytes > limit {
+            return Err(ModelError::MemoryLimit {
+                what: "KV cache",
+                capacity,
+                bytes,
+                limit,
+            });
+        }
+        KvCache::try_new(kind, layers, kv_dim, head_dim, capacity).map_err(|source| {
+            ModelError::OutOfMemory {
+                what: "KV cache",
+                bytes,
+                source,
+            }
+        })
+    }
+
+    /// Bytes [`Model::forward`] allocates for a batch of `n` tokens returning `keep` logit rows.
+    pub fn activation_bytes(&self, n: usize, keep: usize) -> u64 {
+        let c = &self.config;
+        let per_token = 3 * c.hidden_size as u64
+            + 2 * c.q_dim() as u64
+            + 2 * c.kv_dim() as u64
+            + 2 * c.intermediate_size as u64;
+        let floats = (n as u64).saturating_mul(per_token).saturating_add(
+            (keep as u64).saturating_mul(c.vocab_size as u64 + c.hidden_size as u64),
+        );
+        floats.saturating_mul(4)
+    }
+
+    /// With lazy verification, checks the checksum of each of `indices` not yet checked.
+    fn ensure_verified(&self, indices: &[TensorIndex]) -> Result<(), ModelError> {
+        let Some(flags) = &self.verified else {
+            return Ok(());
+        };
+        for &i in indices {
+            if flags[i].load(Ordering::Acquire) {
+                continue;
+            }
+            let entry = self.entry(i);
+            let actual = crc32fast::hash(self.file.view(entry).bytes);
+            if actual != entry.checksum {
+                return Err(PlmError::Checksum {
+                    name: entry.name.clone(),
+                    expected: entry.checksum,
+                    actual,
+                }
+                .into());
+            }
+            flags[i].store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    fn entry(&self, index: TensorIndex) -> &TensorEntry {
+        &self.file.tensors()[index]
+    }
+
+    fn matrix(&self, index: TensorIndex) -> MatRef<'_> {
+        MatRef::from_view(&self.file.view(self.entry(index))).expect("matrices checked at load")
+    }
+
+    fn vector(&self, index: TensorIndex) -> &[f32] {
+        self.file
+            .view(self.entry(index))
+            .as_f32()
+            .expect("1-D tensors are f32, checked at load")
+    }
+
+    fn linear(&self, index: LinearIndex) -> Linear<'_> {
+        match index {
+            LinearIndex::Dense(i) => Linear::Dense(self.matrix(i)),
+            LinearIndex::LowRank { v, u } => {
+                let full = Linear::low_rank(self.matrix(v), self.matrix(u))
+                    .expect("factor shapes checked at load");
+                match self
+                    .options
+                    .low_rank_percent
+                    .min(self.options.profile.low_rank_percent())
+                {
+                    100.. => full,
+                    percent => full.at_percent(percent as usize),
+                }
+            }
+            LinearIndex::Residual {
+                base,
+                residual,
+                sensitive,
+            } => {
+                if self.options.profile.reads_residual(sensitive) {
+                    Linear::with_residual(self.matrix(base), self.matrix(residual))
+                        .expect("residual shapes checked at load")
+                } else {
+                    Linear::Dense(self.matrix(base))
+                }
+            }
+        }
+    }
+
+    fn block_weights(&self, layer: &Layer) -> BlockWeights<'_> {
+        BlockWeights {
+            attn_norm: self.vector(layer.attn_norm),
+            q: self.linear(layer.q),
+            k: self.linear(layer.k),
+            v: self.linear(layer.v),
+            biases: layer
+                .biases
+                .map(|[q, k, v]| [self.vector(q), self.vector(k), self.vector(v)]),
+            o: self.linear(layer.o),
+            ffn_norm: self.vector(layer.ffn_norm),
+            gate: self.linear(layer.gate),
+            up: self.linear(layer.up),
+            down: self.linear(layer.down),
+        }
+    }
+
+    /// Every tensor the forward pass reads, low-rank factors included (each once).
+    pub fn used_tensors(&self) -> Vec<&TensorEntry> {
+        let mut indices = vec![self.token_embd, self.output_norm, self.output];
+        for layer in &self.layers {
+            indices.extend(layer.indices(self.options.profile));
+        }
+        indices.sort_unstable();
+        indices.dedup();
+        indices.into_iter().map(|i| self.entry(i)).collect()
+    }
+
+    /// FLOPs to process one token at context position `context_len`, counting each
+    /// multiply-add as 2:
+    ///
+    /// ```text
+    /// 2 · [ Σ stored block matrix weights + V·d ]   weight matrices, output layer included
+    /// + L · 4 · context_len · q                     attention (q·kᵀ scores and the weighted
+    ///                                               sum of v)
+    /// ```
+    ///
+    /// A dense block has `d·q + 2·d·kv + q·d + 3·d·f` matrix weights (`L` layers, hidden size
+    /// `d`, query width `q`, key/value width `kv`, MLP width `f`, vocabulary `V`); a low-rank
+    /// layer stores `rank · (rows + cols)`. Norms, RoPE, softmax and activations are not counted.
+    pub fn flops_per_token(&self, context_len: usize) -> u64 {
+        let c = &self.config;
+        let dense_blocks = c.num_layers as u64 * c.block_matrix_weights();
+        let stored: u64 = self
+            .block_linears()
+            .iter()
+            .map(|l| l.multiply_adds() as u64)
+            .sum();
+        c.flops_per_token(context_len) - 2 * dense_blocks + 2 * stored
+    }
+
+    /// The linear layers of every block, in file order (q, k, v, o, gate, up, down).
+    pub fn block_linears(&self) -> Vec<Linear<'_>> {
+        self.layers
+            .iter()
+            .flat_map(|l| l.linears().map(|i| self.linear(i)))
+            .collect()
+    }
+
+    /// Runs `tokens` at positions `cache.len()..`, appending their keys/values to `cache`.
+    /// Returns `vocab_size` logits for the last token, or for every token with [`Logits::All`].
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        logits: Logits,
+    ) -> Result<Vec<f32>, ModelError> {
+        let c = &self.config;
+        let n = tokens.len();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let start = cache.len();
+        if start + n > cache.capacity() {
+            return Err(ModelError::ContextFull {
+                needed: start + n,
+                capacity: cache.capacity(),
+            });
+        }
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(ModelError::InvalidToken {
+                id,
+                vocab_size: c.vocab_size,
+            });
+        }
+        let keep = match logits {
+            Logits::Last => 1,
+            Logits::All => n,
+            Logits::LastN(k) => k.clamp(1, n),
+        };
+        let bytes = self.activation_bytes(n, keep);
+        if bytes > self.options.max_activation_bytes {
+            return Err(ModelError::MemoryLimit {
+                what: "forward-pass activations",
+                capacity: n,
+                bytes,
+                limit: self.options.max_activation_bytes,
+            });
+        }
+        let d = c.hidden_size;
+
+        self.ensure_verified(&[self.token_embd, self.output_norm, self.output])?;
+        let mut x = vec![0.0f32; n * d];
+        let embd = self.matrix(self.token_embd);
+        for (t, &tok) in tokens.iter().enumerate() {
+            embd.row_to_f32(tok as usize, &mut x[t * d..(t + 1) * d]);
+        }
+
+        let mut scratch = BlockScratch::new(c, n);
+        for (l, layer) in self.layers.iter().enumerate() {
+            if self.verified.is_some() {
+                self.ensure_verified(&layer.indices(self.options.profile))?;
+            }
+            let weights = self.block_weights(layer);
+            block_forward(
+                c,
+                &self.inv_freq,
+                &weights,
+                &mut x,
+                cache,
+                l,
+                start,
+                &mut scratch,
+                None,
+            );
+        }
+        cache.advance(n);
+
+        let rows = &x[(n - keep) * d..];
+        let count = rows.len() / d;
+        let mut normed = vec![0.0f32; rows.len()];
+        kernels::rms_norm(
+            rows,
+            self.vector(self.output_norm),
+            c.rms_norm_eps,
+            &mut normed,
+        );
+        let mut out = vec![0.0f32; count * c.vocab_size];
+        kernels::matmul(&normed, count, self.matrix(self.output), &mut out);
+        Ok(out)
+    }
+}
+
+fn check_entry(
+    file: &PlmFile,
+    path: &str,
+    entry: &TensorEntry,
+    shape: &[usize],
+) -> Result<(), ModelError> {
+    let err = |message: String| ModelError::Tensor {
+        path: path.to_string(),
+        name: entry.name.clone(),
+        message,
+    };
+    if entry.shape != shape {
+        return Err(err(format!(
+            "shape {:?}, the model config expects {:?}",
+            entry.shape, shape
+        )));
+    }
+    if shape.len() == 2 && MatRef::from_view(&file.view(entry)).is_none() {
+        return Err(err(format!(
+            "{} data cannot be used as a {}×{} matrix",
+            entry.encoding, shape[0], shape[1]
+        )));
+    }
+    if shape.len() == 1 && entry.encoding != Encoding::F32 {
+        return Err(err(format!(
+            "vectors (norms, biases) must be f32, found {}",
+            entry.encoding.name()
+        )));
+    }
+    Ok(())
+}
+
+/// Rotary inverse frequencies `theta^(-2i/d)`, with Llama 3 frequency scaling when configured.
+pub fn rope_inv_freq(config: &ModelConfig) -> Vec<f32> {
+    let hd = config.head_dim;
+    let base: Vec<f64> = (0..hd / 2)
+        .map(|i| (config.rope_theta as f64).powf(-((2 * i) as f64) / hd as f64))
+        .collect();
+    let Some(s) = config.rope_scaling else {
+        return base.into_iter().map(|f| f as f32).collect();
+    };
+    let old_ctx = s.original_max_position_embeddings as f64;
+    let low_wavelen = old_ctx / s.low_freq_factor as f64;
+    let high_wavelen = old_ctx / s.high_freq_factor as f64;
+    let factor = s.factor as f64;
+    base.into_iter()
+        .map(|freq| {
+            let wavelen = 2.0 * std::f64::consts::PI / freq;
+            let scaled = if wavelen < high_wavelen {
+                freq
+            } else if wavelen > low_wavelen {
+                freq / factor
+            } else {
+                let smooth = (old_ctx / wavelen - s.low_freq_factor as f64)
+                    / (s.high_freq_factor as f64 - s.low_freq_factor as f64);
+                (1.0 - smooth) * freq / factor + smooth * freq
+            };
+            scaled as f32
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pocketlm_format::config::{Architecture, Llama3RopeScaling};
+
+    fn config() -> ModelConfig {
+        ModelConfig {
+            architecture: Architecture::Llama,
+            vocab_size: 32,
+            hidden_size: 16,
+            intermediate_size: 24,
+            num_layers: 2,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 4,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            rope_scaling: None,
+            max_position_embeddings: 64,
+            tie_word_embeddings: true,
+            attention_bias: false,
+        }
+    }
+
+    #[test]
+    fn expected_tensors_cover_parameter_count() {
+        for (tied, bias) in [(true, false), (false, true)] {
+            let mut c = config();
+            c.tie_word_embeddings = tied;
+            c.attention_bias = bias;
+            let total: usize = expected_tensors(&c)
+                .iter()
+                .map(|(_, s)| s.iter().product::<usize>())
+                .sum();
+            assert_eq!(total as u64, c.parameter_count());
+        }
+    }
+
+    #[test]
+    fn llama3_rope_scaling_keeps_high_and_scales_low_frequencies() {
+        let mut c = config();
+        c.head_dim = 128;
+        c.rope_theta = 500000.0;
+        let plain = rope_inv_freq(&c);
+        c.rope_scaling = Some(Llama3RopeScaling {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        });
+        let scaled = rope_inv_freq(&c);
+        assert_eq!(scaled[0], plain[0]); // shortest wavelength untouched
+        let last = plain.len() - 1;
+        assert!((scaled[last] - plain[last] / 8.0).abs() < 1e-12); // longest divided by factor
+        assert!(scaled.iter().zip(&plain).all(|(s, p)| s <= p));
+    }
+}
