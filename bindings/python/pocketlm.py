@@ -524,35 +524,35 @@ def _uniffi_check_contract_api_version(lib):
         raise InternalError("UniFFI contract version mismatch: try cleaning and rebuilding your project")
 
 def _uniffi_check_api_checksums(lib):
-    if lib.uniffi_pocketlm_checksum_func_default_generation_config() != 23993:
+    if lib.uniffi_pocketlm_checksum_func_default_generation_config() != 28698:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_pocketlm_checksum_method_engine_count_tokens() != 225:
+    if lib.uniffi_pocketlm_checksum_method_engine_count_tokens() != 8459:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_pocketlm_checksum_method_engine_info() != 8500:
+    if lib.uniffi_pocketlm_checksum_method_engine_info() != 29818:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_pocketlm_checksum_method_engine_new_session() != 30773:
+    if lib.uniffi_pocketlm_checksum_method_engine_new_session() != 8069:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_pocketlm_checksum_constructor_engine_open() != 59622:
+    if lib.uniffi_pocketlm_checksum_constructor_engine_open() != 33623:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_pocketlm_checksum_method_session_cancel() != 3708:
+    if lib.uniffi_pocketlm_checksum_method_session_cancel() != 61845:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_pocketlm_checksum_method_session_chat() != 13746:
+    if lib.uniffi_pocketlm_checksum_method_session_chat() != 56323:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_pocketlm_checksum_method_session_complete() != 26142:
+    if lib.uniffi_pocketlm_checksum_method_session_complete() != 24740:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_pocketlm_checksum_method_session_context_length() != 33476:
+    if lib.uniffi_pocketlm_checksum_method_session_context_length() != 32664:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_pocketlm_checksum_method_session_context_used() != 56437:
+    if lib.uniffi_pocketlm_checksum_method_session_context_used() != 10456:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_pocketlm_checksum_method_session_count_tokens() != 18021:
+    if lib.uniffi_pocketlm_checksum_method_session_count_tokens() != 26748:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_pocketlm_checksum_method_session_generate() != 36858:
+    if lib.uniffi_pocketlm_checksum_method_session_generate() != 36442:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_pocketlm_checksum_method_session_reset() != 6241:
+    if lib.uniffi_pocketlm_checksum_method_session_reset() != 36096:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_pocketlm_checksum_method_session_stats() != 45359:
+    if lib.uniffi_pocketlm_checksum_method_session_stats() != 4269:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_pocketlm_checksum_method_tokencallback_on_token() != 41013:
+    if lib.uniffi_pocketlm_checksum_method_tokencallback_on_token() != 28893:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
 
 # A ctypes library to expose the extern-C FFI definitions.

@@ -1366,29 +1366,27 @@ public struct EngineOptions: Equatable, Hashable {
     /**
      * Kernel path (`"scalar"`, `"generic"`, `"avx2"`, `"avxvnni"`, `"avx512"`, `"neon"`,
      * `"dotprod"`, `"i8mm"`); None = detect.
-     * The choice is process-wide: it takes effect if no model has run yet in this process
-     * (and `POCKETLM_KERNELS` is unset); asking for a different path afterwards is an
+     * The choice is process-wide: it takes effect if no model has run yet in this process;
+     * asking for a different path afterwards is an
      * `InvalidConfig` error. `ModelInfo::kernel_path` reports the path in use.
      */
     public var kernelPath: String?
     /**
      * Serve low-rank layers with this percentage (1..=100) of their stored rank. Their
      * factors are stored rank-ordered, so a lower percentage reads (and pages in) fewer bytes
-     * and runs faster, at some quality cost, from the same file. 0 = the
-     * `POCKETLM_LOW_RANK_PERCENT` environment variable, else 100. Dense layers are unaffected.
+     * and runs faster, at some quality cost, from the same file. 0 = 100 (the full stored
+     * rank). Dense layers are unaffected.
      */
     public var lowRankPercent: UInt8
     /**
      * KV cache storage: `"f32"`, or `"q8"` (int8 with a scale per head vector, 3.8× less
-     * memory for 64-wide heads, so longer contexts fit). None = the `POCKETLM_KV_CACHE`
-     * environment variable, else f32.
+     * memory for 64-wide heads, so longer contexts fit). None = f32.
      */
     public var kvCache: String?
     /**
      * Operating point of an elastic file: `"small"` (base weights only, low-rank layers at
      * half rank), `"balanced"` (residuals of attn_v and ffn_down, 75% rank) or `"best"`
-     * (everything stored). Only the chosen point's pages are read. None = the
-     * `POCKETLM_PROFILE` environment variable, else best.
+     * (everything stored). Only the chosen point's pages are read. None = best.
      */
     public var profile: String?
     /**
@@ -1411,26 +1409,24 @@ public struct EngineOptions: Equatable, Hashable {
         /**
          * Kernel path (`"scalar"`, `"generic"`, `"avx2"`, `"avxvnni"`, `"avx512"`, `"neon"`,
          * `"dotprod"`, `"i8mm"`); None = detect.
-         * The choice is process-wide: it takes effect if no model has run yet in this process
-         * (and `POCKETLM_KERNELS` is unset); asking for a different path afterwards is an
+         * The choice is process-wide: it takes effect if no model has run yet in this process;
+         * asking for a different path afterwards is an
          * `InvalidConfig` error. `ModelInfo::kernel_path` reports the path in use.
          */kernelPath: String? = nil, 
         /**
          * Serve low-rank layers with this percentage (1..=100) of their stored rank. Their
          * factors are stored rank-ordered, so a lower percentage reads (and pages in) fewer bytes
-         * and runs faster, at some quality cost, from the same file. 0 = the
-         * `POCKETLM_LOW_RANK_PERCENT` environment variable, else 100. Dense layers are unaffected.
+         * and runs faster, at some quality cost, from the same file. 0 = 100 (the full stored
+         * rank). Dense layers are unaffected.
          */lowRankPercent: UInt8 = UInt8(0), 
         /**
          * KV cache storage: `"f32"`, or `"q8"` (int8 with a scale per head vector, 3.8× less
-         * memory for 64-wide heads, so longer contexts fit). None = the `POCKETLM_KV_CACHE`
-         * environment variable, else f32.
+         * memory for 64-wide heads, so longer contexts fit). None = f32.
          */kvCache: String? = nil, 
         /**
          * Operating point of an elastic file: `"small"` (base weights only, low-rank layers at
          * half rank), `"balanced"` (residuals of attn_v and ffn_down, 75% rank) or `"best"`
-         * (everything stored). Only the chosen point's pages are read. None = the
-         * `POCKETLM_PROFILE` environment variable, else best.
+         * (everything stored). Only the chosen point's pages are read. None = best.
          */profile: String? = nil, 
         /**
          * Largest weight footprint in bytes: the engine steps down from `profile` to the best
@@ -2394,49 +2390,49 @@ private let initializationResult: InitializationResult = {
     if bindings_contract_version != scaffolding_contract_version {
         return InitializationResult.contractVersionMismatch
     }
-    if (uniffi_pocketlm_checksum_func_default_generation_config() != 23993) {
+    if (uniffi_pocketlm_checksum_func_default_generation_config() != 28698) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_pocketlm_checksum_method_engine_count_tokens() != 225) {
+    if (uniffi_pocketlm_checksum_method_engine_count_tokens() != 8459) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_pocketlm_checksum_method_engine_info() != 8500) {
+    if (uniffi_pocketlm_checksum_method_engine_info() != 29818) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_pocketlm_checksum_method_engine_new_session() != 30773) {
+    if (uniffi_pocketlm_checksum_method_engine_new_session() != 8069) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_pocketlm_checksum_method_session_cancel() != 3708) {
+    if (uniffi_pocketlm_checksum_method_session_cancel() != 61845) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_pocketlm_checksum_method_session_chat() != 13746) {
+    if (uniffi_pocketlm_checksum_method_session_chat() != 56323) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_pocketlm_checksum_method_session_complete() != 26142) {
+    if (uniffi_pocketlm_checksum_method_session_complete() != 24740) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_pocketlm_checksum_method_session_context_length() != 33476) {
+    if (uniffi_pocketlm_checksum_method_session_context_length() != 32664) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_pocketlm_checksum_method_session_context_used() != 56437) {
+    if (uniffi_pocketlm_checksum_method_session_context_used() != 10456) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_pocketlm_checksum_method_session_count_tokens() != 18021) {
+    if (uniffi_pocketlm_checksum_method_session_count_tokens() != 26748) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_pocketlm_checksum_method_session_generate() != 36858) {
+    if (uniffi_pocketlm_checksum_method_session_generate() != 36442) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_pocketlm_checksum_method_session_reset() != 6241) {
+    if (uniffi_pocketlm_checksum_method_session_reset() != 36096) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_pocketlm_checksum_method_session_stats() != 45359) {
+    if (uniffi_pocketlm_checksum_method_session_stats() != 4269) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_pocketlm_checksum_method_tokencallback_on_token() != 41013) {
+    if (uniffi_pocketlm_checksum_method_tokencallback_on_token() != 28893) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_pocketlm_checksum_constructor_engine_open() != 59622) {
+    if (uniffi_pocketlm_checksum_constructor_engine_open() != 33623) {
         return InitializationResult.apiChecksumMismatch
     }
 

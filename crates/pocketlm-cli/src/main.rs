@@ -19,6 +19,8 @@ use pocketlm_eval::report::{ReportOptions, build_report};
 use pocketlm_eval::zeroshot::{self, Task};
 use pocketlm_eval::{self as eval, PerplexityOptions};
 use pocketlm_format::{Encoding, PlmFile};
+use pocketlm_kernels::KernelPath;
+use pocketlm_runtime::model::{KvType, ModelOptions, Profile, VerifyMode};
 use pocketlm_runtime::sampler::SamplerConfig;
 use pocketlm_runtime::tokenizer::ChatMessage;
 use pocketlm_runtime::{GenerateOptions, Model, Session};
@@ -33,60 +35,81 @@ struct Cli {
     /// Worker threads (default: all cores).
     #[arg(short = 't', long, global = true)]
     threads: Option<usize>,
-    /// Serve low-rank layers with this percentage of their stored rank (1-100; default
-    /// POCKETLM_LOW_RANK_PERCENT, else 100): one file, several operating points.
-    #[arg(long, global = true, value_name = "P", value_parser = clap::value_parser!(u8).range(1..=100))]
+    /// Serve low-rank layers with this percentage of their stored rank (1-100; default 100):
+    /// one file, several operating points.
+    #[arg(long, global = true, value_name = "P", env = "POCKETLM_LOW_RANK_PERCENT",
+          value_parser = parse_percent)]
     low_rank_percent: Option<u8>,
-    /// KV cache storage: f32, or q8 (int8 with a scale per head vector: 3.8x less memory for
-    /// 64-wide heads). Default POCKETLM_KV_CACHE, else f32.
-    #[arg(long, global = true, value_name = "TYPE", value_parser = parse_kv_type)]
-    kv_cache: Option<pocketlm_runtime::model::KvType>,
+    /// KV cache storage: f32 (default), or q8 (int8 with a scale per head vector: 3.8x less
+    /// memory for 64-wide heads).
+    #[arg(long, global = true, value_name = "TYPE", env = "POCKETLM_KV_CACHE",
+          value_parser = parse_kv_type)]
+    kv_cache: Option<KvType>,
     /// Operating point of an elastic file: small (base weights only, low-rank layers at half
     /// rank), balanced (residuals of attn_v and ffn_down, 75% rank) or best (everything
-    /// stored). Default POCKETLM_PROFILE, else best.
-    #[arg(long, global = true, value_name = "PROFILE")]
-    profile: Option<pocketlm_runtime::model::Profile>,
+    /// stored; the default).
+    #[arg(long, global = true, value_name = "PROFILE", env = "POCKETLM_PROFILE")]
+    profile: Option<Profile>,
     /// Largest weight footprint (e.g. 100MB): serve the best profile whose weights fit.
     #[arg(long, global = true, value_name = "SIZE", value_parser = pocketlm_format::parse_size)]
     memory_limit: Option<u64>,
+    /// Check tensor checksums when a model is opened: off (default), eager (every tensor at
+    /// open) or lazy (each tensor before its first use). `pocketlm verify` checks a file
+    /// offline.
+    #[arg(long, global = true, value_name = "MODE", env = "POCKETLM_VERIFY",
+          value_parser = parse_verify_mode)]
+    verify: Option<VerifyMode>,
+    /// Kernel path instead of the detected one: scalar, generic, avx2, avxvnni, avx512 (x86),
+    /// neon, dotprod, i8mm (ARM). A path this CPU lacks falls back to detection, with a
+    /// warning.
+    #[arg(long, global = true, value_name = "PATH", env = "POCKETLM_KERNELS",
+          value_parser = parse_kernel_path)]
+    kernels: Option<KernelPath>,
     #[command(subcommand)]
     command: Command,
 }
 
-fn parse_kv_type(s: &str) -> Result<pocketlm_runtime::model::KvType, String> {
-    pocketlm_runtime::model::KvType::parse(s)
-        .ok_or_else(|| format!("unknown KV cache type {s:?} (f32, q8)"))
-}
-
-/// The command line's overrides of the model options, set once at start.
-#[derive(Default)]
-struct ModelOverrides {
-    low_rank_percent: Option<u8>,
-    kv_cache: Option<pocketlm_runtime::model::KvType>,
-    profile: Option<pocketlm_runtime::model::Profile>,
-    max_weight_bytes: Option<u64>,
-}
-
-static MODEL_OVERRIDES: std::sync::OnceLock<ModelOverrides> = std::sync::OnceLock::new();
-
-/// Opens a model with the environment's options and the command line's overrides.
-fn open_model(path: &std::path::Path) -> Result<Model, pocketlm_runtime::model::ModelError> {
-    let mut options = pocketlm_runtime::model::ModelOptions::from_env();
-    if let Some(o) = MODEL_OVERRIDES.get() {
-        if let Some(percent) = o.low_rank_percent {
-            options.low_rank_percent = percent;
-        }
-        if let Some(kind) = o.kv_cache {
-            options.kv_cache = kind;
-        }
-        if let Some(profile) = o.profile {
-            options.profile = profile;
-        }
-        if let Some(limit) = o.max_weight_bytes {
-            options.max_weight_bytes = limit;
-        }
+fn parse_percent(s: &str) -> Result<u8, String> {
+    match s.trim().trim_end_matches('%').parse::<u8>() {
+        Ok(p) if (1..=100).contains(&p) => Ok(p),
+        _ => Err(format!("{s:?} is not a percentage from 1 to 100")),
     }
-    Model::open_with(path, options)
+}
+
+fn parse_kv_type(s: &str) -> Result<KvType, String> {
+    KvType::parse(s).ok_or_else(|| format!("unknown KV cache type {s:?} (f32, q8)"))
+}
+
+fn parse_verify_mode(s: &str) -> Result<VerifyMode, String> {
+    VerifyMode::parse(s)
+        .ok_or_else(|| format!("unknown verification mode {s:?} (off, eager, lazy)"))
+}
+
+fn parse_kernel_path(s: &str) -> Result<KernelPath, String> {
+    KernelPath::parse(s).ok_or_else(|| {
+        format!("unknown kernel path {s:?} (scalar, generic, avx2, avxvnni, avx512, neon, dotprod, i8mm)")
+    })
+}
+
+/// The model options every command opens models with, set once at start from the flags
+/// (and their environment variables).
+static MODEL_OPTIONS: std::sync::OnceLock<ModelOptions> = std::sync::OnceLock::new();
+
+fn model_options(cli: &Cli) -> ModelOptions {
+    let defaults = ModelOptions::default();
+    ModelOptions {
+        verify: cli.verify.unwrap_or(defaults.verify),
+        low_rank_percent: cli.low_rank_percent.unwrap_or(defaults.low_rank_percent),
+        kv_cache: cli.kv_cache.unwrap_or(defaults.kv_cache),
+        profile: cli.profile.unwrap_or(defaults.profile),
+        max_weight_bytes: cli.memory_limit.unwrap_or(defaults.max_weight_bytes),
+        ..defaults
+    }
+}
+
+/// Opens a model with the command line's options.
+fn open_model(path: &std::path::Path) -> Result<Model, pocketlm_runtime::model::ModelError> {
+    Model::open_with(path, MODEL_OPTIONS.get().cloned().unwrap_or_default())
 }
 
 #[derive(Subcommand)]
@@ -468,12 +491,21 @@ struct RunArgs {
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
-    let _ = MODEL_OVERRIDES.set(ModelOverrides {
-        low_rank_percent: cli.low_rank_percent,
-        kv_cache: cli.kv_cache,
-        profile: cli.profile,
-        max_weight_bytes: cli.memory_limit,
-    });
+    let _ = MODEL_OPTIONS.set(model_options(&cli));
+    if let Some(path) = cli.kernels {
+        let chosen = if path.is_supported() {
+            path
+        } else {
+            let detected = KernelPath::detect();
+            log::warn!(
+                "kernel path {} is not supported on this CPU; using {}",
+                path.name(),
+                detected.name()
+            );
+            detected
+        };
+        pocketlm_kernels::select_path(chosen);
+    }
     let mut pool = rayon::ThreadPoolBuilder::new();
     if let Some(n) = cli.threads {
         pool = pool.num_threads(n);

@@ -150,6 +150,25 @@ fn the_cli_serves_a_lower_rank_on_request() {
     };
     let (full, half) = (flops(&[]), flops(&["--low-rank-percent", "50"]));
     assert!(half < full, "{half} vs {full}");
+    // The environment variable is the flag's default; the flag wins over it.
+    let from_env = |value: &str, extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_pocketlm"))
+            .env("POCKETLM_LOW_RANK_PERCENT", value)
+            .args(extra)
+            .args(["inspect", "--json"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["flops_per_token"].as_u64().unwrap()
+    };
+    assert_eq!(from_env("50", &[]), half);
+    assert_eq!(from_env("50", &["--low-rank-percent", "100"]), full);
     let rejected = std::process::Command::new(env!("CARGO_BIN_EXE_pocketlm"))
         .args(["--low-rank-percent", "0", "inspect"])
         .arg(&path)

@@ -127,26 +127,24 @@ pub struct EngineOptions {
     pub context_length: u32,
     /// Kernel path (`"scalar"`, `"generic"`, `"avx2"`, `"avxvnni"`, `"avx512"`, `"neon"`,
     /// `"dotprod"`, `"i8mm"`); None = detect.
-    /// The choice is process-wide: it takes effect if no model has run yet in this process
-    /// (and `POCKETLM_KERNELS` is unset); asking for a different path afterwards is an
+    /// The choice is process-wide: it takes effect if no model has run yet in this process;
+    /// asking for a different path afterwards is an
     /// `InvalidConfig` error. `ModelInfo::kernel_path` reports the path in use.
     #[uniffi(default = None)]
     pub kernel_path: Option<String>,
     /// Serve low-rank layers with this percentage (1..=100) of their stored rank. Their
     /// factors are stored rank-ordered, so a lower percentage reads (and pages in) fewer bytes
-    /// and runs faster, at some quality cost, from the same file. 0 = the
-    /// `POCKETLM_LOW_RANK_PERCENT` environment variable, else 100. Dense layers are unaffected.
+    /// and runs faster, at some quality cost, from the same file. 0 = 100 (the full stored
+    /// rank). Dense layers are unaffected.
     #[uniffi(default = 0)]
     pub low_rank_percent: u8,
     /// KV cache storage: `"f32"`, or `"q8"` (int8 with a scale per head vector, 3.8× less
-    /// memory for 64-wide heads, so longer contexts fit). None = the `POCKETLM_KV_CACHE`
-    /// environment variable, else f32.
+    /// memory for 64-wide heads, so longer contexts fit). None = f32.
     #[uniffi(default = None)]
     pub kv_cache: Option<String>,
     /// Operating point of an elastic file: `"small"` (base weights only, low-rank layers at
     /// half rank), `"balanced"` (residuals of attn_v and ffn_down, 75% rank) or `"best"`
-    /// (everything stored). Only the chosen point's pages are read. None = the
-    /// `POCKETLM_PROFILE` environment variable, else best.
+    /// (everything stored). Only the chosen point's pages are read. None = best.
     #[uniffi(default = None)]
     pub profile: Option<String>,
     /// Largest weight footprint in bytes: the engine steps down from `profile` to the best
@@ -245,7 +243,7 @@ impl Engine {
                 .map_err(|e| PocketLmError::InvalidConfig {
                     reason: format!("cannot start {} threads: {e}", options.threads),
                 })?;
-            let mut model_options = ModelOptions::from_env();
+            let mut model_options = ModelOptions::default();
             match options.low_rank_percent {
                 0 => {}
                 p @ 1..=100 => model_options.low_rank_percent = p,

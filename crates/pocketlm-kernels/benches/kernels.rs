@@ -1,7 +1,7 @@
 //! Kernel throughput: one weight matrix of SmolLM2-135M's shapes (576 → 1536, a low-rank
 //! `U` factor 320 → 1536, and the 49152-row output layer) times one token (decode) and 128
-//! tokens (prefill), per encoding and kernel path. `cargo bench --bench kernels`; compare
-//! paths with POCKETLM_KERNELS and thread counts with RAYON_NUM_THREADS.
+//! tokens (prefill), per encoding and every kernel path this CPU supports.
+//! `cargo bench -p pocketlm-kernels --bench kernels`; thread counts with RAYON_NUM_THREADS.
 
 use criterion::{Bencher, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use half::f16;

@@ -2,8 +2,8 @@
 //! element-wise operations of the decoder (RMSNorm, RoPE, softmax, SwiGLU).
 //!
 //! The SIMD path is chosen once per process by run-time CPU feature detection, so one binary
-//! runs on any CPU of its architecture; `POCKETLM_KERNELS=scalar|generic|avx2|avxvnni|avx512|
-//! neon|dotprod|i8mm` forces a path for tests and comparisons.
+//! runs on any CPU of its architecture; [`select_path`] forces one (`scalar`, `generic`,
+//! `avx2`, `avxvnni`, `avx512`, `neon`, `dotprod`, `i8mm`) for tests and comparisons.
 
 pub mod dense;
 pub mod lowrank;
@@ -215,32 +215,14 @@ fn avx512_vnni_available() -> bool {
 
 static ACTIVE_PATH: OnceLock<KernelPath> = OnceLock::new();
 
-/// The process-wide kernel path: `POCKETLM_KERNELS` if set and supported, else detected.
+/// The process-wide kernel path: the one [`select_path`] chose, else detected on first use.
 pub fn active_path() -> KernelPath {
-    *ACTIVE_PATH.get_or_init(|| match std::env::var("POCKETLM_KERNELS") {
-        Ok(name) => match KernelPath::parse(&name) {
-            Some(path) if path.is_supported() => path,
-            Some(path) => {
-                log::warn!(
-                    "POCKETLM_KERNELS={name}: {} is not supported on this CPU; using {}",
-                    path.name(),
-                    KernelPath::detect().name()
-                );
-                KernelPath::detect()
-            }
-            None => {
-                log::warn!("POCKETLM_KERNELS={name} is not a known kernel path; detecting");
-                KernelPath::detect()
-            }
-        },
-        Err(_) => KernelPath::detect(),
-    })
+    *ACTIVE_PATH.get_or_init(KernelPath::detect)
 }
 
-/// Makes `path` the process-wide kernel path if none has been chosen yet (no kernel has run
-/// and `POCKETLM_KERNELS` has not been read). Returns the path in effect afterwards, which
-/// differs from `path` when the choice was already made. For embedders (the FFI layer) that
-/// cannot set environment variables before start-up.
+/// Makes `path` the process-wide kernel path if none has been chosen yet (no kernel has run).
+/// Returns the path in effect afterwards, which differs from `path` when the choice was
+/// already made. The CLI calls it for `--kernels`; the FFI for `EngineOptions.kernel_path`.
 pub fn select_path(path: KernelPath) -> KernelPath {
     *ACTIVE_PATH.get_or_init(|| path)
 }

@@ -911,49 +911,49 @@ private fun uniffiCheckContractApiVersion(lib: IntegrityCheckingUniffiLib) {
 }
 @Suppress("UNUSED_PARAMETER")
 private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
-    if ((lib.uniffi_pocketlm_checksum_func_default_generation_config() and 0xFFFF) != 23993) {
+    if ((lib.uniffi_pocketlm_checksum_func_default_generation_config() and 0xFFFF) != 28698) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_pocketlm_checksum_method_engine_count_tokens() and 0xFFFF) != 225) {
+    if ((lib.uniffi_pocketlm_checksum_method_engine_count_tokens() and 0xFFFF) != 8459) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_pocketlm_checksum_method_engine_info() and 0xFFFF) != 8500) {
+    if ((lib.uniffi_pocketlm_checksum_method_engine_info() and 0xFFFF) != 29818) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_pocketlm_checksum_method_engine_new_session() and 0xFFFF) != 30773) {
+    if ((lib.uniffi_pocketlm_checksum_method_engine_new_session() and 0xFFFF) != 8069) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_pocketlm_checksum_method_session_cancel() and 0xFFFF) != 3708) {
+    if ((lib.uniffi_pocketlm_checksum_method_session_cancel() and 0xFFFF) != 61845) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_pocketlm_checksum_method_session_chat() and 0xFFFF) != 13746) {
+    if ((lib.uniffi_pocketlm_checksum_method_session_chat() and 0xFFFF) != 56323) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_pocketlm_checksum_method_session_complete() and 0xFFFF) != 26142) {
+    if ((lib.uniffi_pocketlm_checksum_method_session_complete() and 0xFFFF) != 24740) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_pocketlm_checksum_method_session_context_length() and 0xFFFF) != 33476) {
+    if ((lib.uniffi_pocketlm_checksum_method_session_context_length() and 0xFFFF) != 32664) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_pocketlm_checksum_method_session_context_used() and 0xFFFF) != 56437) {
+    if ((lib.uniffi_pocketlm_checksum_method_session_context_used() and 0xFFFF) != 10456) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_pocketlm_checksum_method_session_count_tokens() and 0xFFFF) != 18021) {
+    if ((lib.uniffi_pocketlm_checksum_method_session_count_tokens() and 0xFFFF) != 26748) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_pocketlm_checksum_method_session_generate() and 0xFFFF) != 36858) {
+    if ((lib.uniffi_pocketlm_checksum_method_session_generate() and 0xFFFF) != 36442) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_pocketlm_checksum_method_session_reset() and 0xFFFF) != 6241) {
+    if ((lib.uniffi_pocketlm_checksum_method_session_reset() and 0xFFFF) != 36096) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_pocketlm_checksum_method_session_stats() and 0xFFFF) != 45359) {
+    if ((lib.uniffi_pocketlm_checksum_method_session_stats() and 0xFFFF) != 4269) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_pocketlm_checksum_method_tokencallback_on_token() and 0xFFFF) != 41013) {
+    if ((lib.uniffi_pocketlm_checksum_method_tokencallback_on_token() and 0xFFFF) != 28893) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_pocketlm_checksum_constructor_engine_open() and 0xFFFF) != 59622) {
+    if ((lib.uniffi_pocketlm_checksum_constructor_engine_open() and 0xFFFF) != 33623) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
 }
@@ -2517,8 +2517,8 @@ data class EngineOptions (
     /**
      * Kernel path (`"scalar"`, `"generic"`, `"avx2"`, `"avxvnni"`, `"avx512"`, `"neon"`,
      * `"dotprod"`, `"i8mm"`); None = detect.
-     * The choice is process-wide: it takes effect if no model has run yet in this process
-     * (and `POCKETLM_KERNELS` is unset); asking for a different path afterwards is an
+     * The choice is process-wide: it takes effect if no model has run yet in this process;
+     * asking for a different path afterwards is an
      * `InvalidConfig` error. `ModelInfo::kernel_path` reports the path in use.
      */
     var `kernelPath`: kotlin.String? = null 
@@ -2526,23 +2526,21 @@ data class EngineOptions (
     /**
      * Serve low-rank layers with this percentage (1..=100) of their stored rank. Their
      * factors are stored rank-ordered, so a lower percentage reads (and pages in) fewer bytes
-     * and runs faster, at some quality cost, from the same file. 0 = the
-     * `POCKETLM_LOW_RANK_PERCENT` environment variable, else 100. Dense layers are unaffected.
+     * and runs faster, at some quality cost, from the same file. 0 = 100 (the full stored
+     * rank). Dense layers are unaffected.
      */
     var `lowRankPercent`: kotlin.UByte = 0u 
     , 
     /**
      * KV cache storage: `"f32"`, or `"q8"` (int8 with a scale per head vector, 3.8× less
-     * memory for 64-wide heads, so longer contexts fit). None = the `POCKETLM_KV_CACHE`
-     * environment variable, else f32.
+     * memory for 64-wide heads, so longer contexts fit). None = f32.
      */
     var `kvCache`: kotlin.String? = null 
     , 
     /**
      * Operating point of an elastic file: `"small"` (base weights only, low-rank layers at
      * half rank), `"balanced"` (residuals of attn_v and ffn_down, 75% rank) or `"best"`
-     * (everything stored). Only the chosen point's pages are read. None = the
-     * `POCKETLM_PROFILE` environment variable, else best.
+     * (everything stored). Only the chosen point's pages are read. None = best.
      */
     var `profile`: kotlin.String? = null 
     , 

@@ -101,47 +101,15 @@ pub enum VerifyMode {
 }
 
 impl VerifyMode {
-    /// The mode named by `POCKETLM_VERIFY`: `1`/`eager`/`all`, `lazy`, or `0`/`off`/unset.
-    /// An unrecognised value is treated as `eager` (fail safe) with a warning.
-    pub fn from_env() -> VerifyMode {
-        match std::env::var("POCKETLM_VERIFY") {
-            Err(_) => VerifyMode::Off,
-            Ok(v) => match v.trim().to_ascii_lowercase().as_str() {
-                "" | "0" | "off" | "no" | "false" => VerifyMode::Off,
-                "1" | "eager" | "all" | "yes" | "true" | "on" => VerifyMode::Eager,
-                "lazy" => VerifyMode::Lazy,
-                other => {
-                    log::warn!("POCKETLM_VERIFY={other:?} not understood; verifying eagerly");
-                    VerifyMode::Eager
-                }
-            },
+    /// `0`/`off`/`no`/`false`/empty, `1`/`eager`/`all`/`yes`/`true`/`on`, or `lazy`.
+    pub fn parse(s: &str) -> Option<VerifyMode> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "" | "0" | "off" | "no" | "false" => Some(VerifyMode::Off),
+            "1" | "eager" | "all" | "yes" | "true" | "on" => Some(VerifyMode::Eager),
+            "lazy" => Some(VerifyMode::Lazy),
+            _ => None,
         }
     }
-}
-
-/// `POCKETLM_LOW_RANK_PERCENT` (1..=100, a trailing `%` allowed); 100 when unset or invalid.
-fn low_rank_percent_from_env() -> u8 {
-    let Ok(v) = std::env::var("POCKETLM_LOW_RANK_PERCENT") else {
-        return 100;
-    };
-    match v.trim().trim_end_matches('%').parse::<u8>() {
-        Ok(p) if (1..=100).contains(&p) => p,
-        _ => {
-            log::warn!("POCKETLM_LOW_RANK_PERCENT={v:?} is not 1..=100; serving full rank");
-            100
-        }
-    }
-}
-
-/// `POCKETLM_KV_CACHE` (`f32`, `q8`); f32 when unset or invalid.
-fn kv_cache_from_env() -> KvType {
-    let Ok(v) = std::env::var("POCKETLM_KV_CACHE") else {
-        return KvType::F32;
-    };
-    KvType::parse(&v).unwrap_or_else(|| {
-        log::warn!("POCKETLM_KV_CACHE={v:?} is not f32 or q8; using f32");
-        KvType::F32
-    })
 }
 
 /// Operating points of an elastic file: which stored parts the runtime reads. A file without
@@ -205,17 +173,6 @@ impl std::str::FromStr for Profile {
     }
 }
 
-/// `POCKETLM_PROFILE` (`small`, `balanced`, `best`); best when unset or invalid.
-fn profile_from_env() -> Profile {
-    let Ok(v) = std::env::var("POCKETLM_PROFILE") else {
-        return Profile::Best;
-    };
-    Profile::parse(&v).unwrap_or_else(|| {
-        log::warn!("POCKETLM_PROFILE={v:?} is not small, balanced or best; serving best");
-        Profile::Best
-    })
-}
-
 /// Load-time options of a [`Model`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ModelOptions {
@@ -247,21 +204,6 @@ impl Default for ModelOptions {
             kv_cache: KvType::F32,
             profile: Profile::Best,
             max_weight_bytes: u64::MAX,
-        }
-    }
-}
-
-impl ModelOptions {
-    /// Defaults, with the verification mode taken from `POCKETLM_VERIFY`, the low-rank
-    /// percentage from `POCKETLM_LOW_RANK_PERCENT`, the KV cache type from
-    /// `POCKETLM_KV_CACHE` (`f32` or `q8`) and the profile from `POCKETLM_PROFILE`.
-    pub fn from_env() -> ModelOptions {
-        ModelOptions {
-            verify: VerifyMode::from_env(),
-            low_rank_percent: low_rank_percent_from_env(),
-            kv_cache: kv_cache_from_env(),
-            profile: profile_from_env(),
-            ..ModelOptions::default()
         }
     }
 }
@@ -364,9 +306,9 @@ pub struct Model {
 }
 
 impl Model {
-    /// Opens `path` with [`ModelOptions::from_env`] (checksums per `POCKETLM_VERIFY`).
+    /// Opens `path` with the default [`ModelOptions`] (no checksum verification).
     pub fn open(path: &Path) -> Result<Model, ModelError> {
-        Model::open_with(path, ModelOptions::from_env())
+        Model::open_with(path, ModelOptions::default())
     }
 
     pub fn open_with(path: &Path, options: ModelOptions) -> Result<Model, ModelError> {
