@@ -6,5 +6,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo ndk -t arm64-v8a -t x86_64 --platform 24 -o android/pocketlm/src/main/jniLibs \
-  build --release --locked -p pocketlm-ffi
+  build --profile mobile --locked -p pocketlm-ffi
 ls -l android/pocketlm/src/main/jniLibs/*/libpocketlm.so

@@ -12,18 +12,18 @@ out="$root/ios/pocketlmFFI.xcframework"
 
 rustup target add aarch64-apple-ios aarch64-apple-ios-sim x86_64-apple-ios
 export IPHONEOS_DEPLOYMENT_TARGET=15.0
-# No debug info in the shipped archive (the release profile keeps line tables for profiling).
-export CARGO_PROFILE_RELEASE_DEBUG=0
+# The `mobile` profile (Cargo.toml): no debug info, size-optimized outside the kernels and the
+# decoder, unwinding kept so the FFI's guards turn panics into errors.
 for t in aarch64-apple-ios aarch64-apple-ios-sim x86_64-apple-ios; do
-  cargo build --release --locked -p pocketlm-ffi --target "$t"
+  cargo build --profile mobile --locked -p pocketlm-ffi --target "$t"
 done
 
 rm -rf "$build" "$out"
 mkdir -p "$build/device" "$build/simulator"
-cp "$target_dir/aarch64-apple-ios/release/libpocketlm.a" "$build/device/"
+cp "$target_dir/aarch64-apple-ios/mobile/libpocketlm.a" "$build/device/"
 lipo -create \
-  "$target_dir/aarch64-apple-ios-sim/release/libpocketlm.a" \
-  "$target_dir/x86_64-apple-ios/release/libpocketlm.a" \
+  "$target_dir/aarch64-apple-ios-sim/mobile/libpocketlm.a" \
+  "$target_dir/x86_64-apple-ios/mobile/libpocketlm.a" \
   -output "$build/simulator/libpocketlm.a"
 
 # Swift bindings, header and module map: regenerate bindings/swift from the current source
