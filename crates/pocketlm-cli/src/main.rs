@@ -717,7 +717,7 @@ fn cmd_sensitivity(
 
 /// `0.25` or `25%`.
 fn parse_fraction(s: &str) -> Result<f32, String> {
-    match s.parse::<Sparsity>()? {
+    match s.parse::<Sparsity>().map_err(|e| e.to_string())? {
         Sparsity::Unstructured(f) => Ok(f),
         Sparsity::NM { .. } => Err(format!(
             "'{s}': expected a fraction (0.25) or a percentage (25%)"

@@ -11,7 +11,7 @@ use faer::linalg::solvers::DenseSolveCore;
 use faer::{Accum, Mat, MatMut, MatRef, Par, Side};
 use rayon::prelude::*;
 
-use super::prune::Sparsity;
+use super::prune::{PruneOptionError, Sparsity};
 use super::quant::{self, Clipping, Grid};
 use pocketlm_format::Encoding;
 
@@ -42,6 +42,38 @@ impl Default for GptqOptions {
 /// Rows processed together; each tile runs the whole column sweep independently.
 const ROW_TILE: usize = 32;
 
+/// `H + λI` stayed indefinite however much damping was added.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the Hessian is not positive definite even with heavy damping")]
+pub struct IndefiniteHessian;
+
+/// Why the GPTQ/SparseGPT column sweep could not run on a matrix.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum GptqError {
+    #[error("gptq: weight {weights} values / Hessian {hessian} values do not fit {rows}×{cols}")]
+    Shape {
+        weights: usize,
+        hessian: usize,
+        rows: usize,
+        cols: usize,
+    },
+    #[error("gptq: {encoding} is not a quantized encoding")]
+    NotQuantized { encoding: Encoding },
+    #[error("gptq: {cols} columns do not split into groups of {group}")]
+    Groups { cols: usize, group: usize },
+    #[error("prune mask of {mask} entries for {rows}×{cols}")]
+    MaskShape {
+        mask: usize,
+        rows: usize,
+        cols: usize,
+    },
+    /// The sparsity SparseGPT was asked for is not valid, or does not fit the rows.
+    #[error(transparent)]
+    Sparsity(#[from] PruneOptionError),
+    #[error(transparent)]
+    Hessian(#[from] IndefiniteHessian),
+}
+
 /// The result of [`gptq`]: quantized values (on the grids) and the grids themselves.
 pub struct GptqOutput {
     /// `[rows, cols]`, every value exactly on its group's grid.
@@ -60,7 +92,7 @@ pub fn gptq(
     h: &[f64],
     encoding: Encoding,
     options: &GptqOptions,
-) -> Result<GptqOutput, String> {
+) -> Result<GptqOutput, GptqError> {
     sweep_target(w, rows, cols, h, Some(encoding), None, options)
 }
 
@@ -87,39 +119,37 @@ pub fn sweep_target(
     encoding: Option<Encoding>,
     prune: Option<Prune<'_>>,
     options: &GptqOptions,
-) -> Result<GptqOutput, String> {
+) -> Result<GptqOutput, GptqError> {
     if w.len() != rows * cols || h.len() != cols * cols {
-        return Err(format!(
-            "gptq: weight {} values / Hessian {} values do not fit {rows}×{cols}",
-            w.len(),
-            h.len()
-        ));
+        return Err(GptqError::Shape {
+            weights: w.len(),
+            hessian: h.len(),
+            rows,
+            cols,
+        });
     }
     let group = match encoding {
         Some(e) => e
             .group()
             .map(|g| g as usize)
-            .ok_or_else(|| format!("gptq: {e} is not a quantized encoding"))?,
+            .ok_or(GptqError::NotQuantized { encoding: e })?,
         None => cols,
     };
     if !cols.is_multiple_of(group) {
-        return Err(format!(
-            "gptq: {cols} columns do not split into groups of {group}"
-        ));
+        return Err(GptqError::Groups { cols, group });
     }
     if let Some(Prune::Fixed(mask)) = prune
         && mask.len() != w.len()
     {
-        return Err(format!(
-            "prune mask of {} entries for {rows}×{cols}",
-            mask.len()
-        ));
+        return Err(GptqError::MaskShape {
+            mask: mask.len(),
+            rows,
+            cols,
+        });
     }
     if let Some(Prune::Select(sparsity)) = prune {
         sparsity.validate()?;
-        if let Some(reason) = sparsity.unsupported_reason(cols) {
-            return Err(reason);
-        }
+        sparsity.check_row_length(cols)?;
     }
     let mut options = options.clone();
     if matches!(prune, Some(Prune::Select(_))) {
@@ -355,7 +385,7 @@ fn sweep(
 }
 
 /// The upper Cholesky factor `U` of `(H + λI)⁻¹ = UᵀU`, with `λ = damp · mean(diag H)`.
-fn inverse_cholesky_upper(h: Mat<f64>, damp: f64) -> Result<Mat<f64>, String> {
+fn inverse_cholesky_upper(h: Mat<f64>, damp: f64) -> Result<Mat<f64>, IndefiniteHessian> {
     damped_inverse(h, damp, |inverse| {
         let llt = inverse.llt(Side::Lower).ok()?;
         Some(llt.L().transpose().to_owned())
@@ -369,7 +399,7 @@ pub(super) fn damped_inverse<T>(
     mut h: Mat<f64>,
     damp: f64,
     accept: impl Fn(Mat<f64>) -> Option<T>,
-) -> Result<T, String> {
+) -> Result<T, IndefiniteHessian> {
     let n = h.nrows();
     let mean_diag = (0..n).map(|i| h[(i, i)]).sum::<f64>() / n as f64;
     let mut lambda = damp * mean_diag;
@@ -390,7 +420,7 @@ pub(super) fn damped_inverse<T>(
         }
         lambda = lambda.max(1e-8) * 10.0;
     }
-    Err("the Hessian is not positive definite even with heavy damping".into())
+    Err(IndefiniteHessian)
 }
 
 #[cfg(test)]

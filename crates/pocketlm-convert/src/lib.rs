@@ -45,8 +45,38 @@ pub enum ConvertError {
     Calibration(String),
     #[error("{tensor}: {message}")]
     Method { tensor: String, message: String },
+    /// A compression pass (GPTQ/SparseGPT, structured pruning, low rank) failed on a tensor.
+    #[error("{tensor}: {source}")]
+    Pass {
+        tensor: String,
+        #[source]
+        source: PassError,
+    },
+    /// Block-wise recovery or distillation failed.
+    #[error("calibration: {0}")]
+    Recover(#[from] recover::RecoverError),
     #[error(transparent)]
     Model(#[from] pocketlm_runtime::model::ModelError),
+}
+
+/// Why a compression pass failed on a tensor (named by [`ConvertError::Pass`]).
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    #[error(transparent)]
+    Gptq(#[from] gptq::GptqError),
+    #[error(transparent)]
+    ChannelPruning(#[from] prune::ChannelPruningError),
+    #[error(transparent)]
+    LowRank(#[from] lowrank::LowRankError),
+}
+
+impl ConvertError {
+    fn pass(tensor: &str, source: impl Into<PassError>) -> Self {
+        ConvertError::Pass {
+            tensor: tensor.to_string(),
+            source: source.into(),
+        }
+    }
 }
 
 /// How the quantized matrices' values are chosen.
@@ -86,17 +116,24 @@ impl Method {
     }
 }
 
+/// A quantization method name that is not one of [`Method`]'s.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown method '{name}' (expected rtn, gptq, awq or awq+gptq)")]
+pub struct UnknownMethod {
+    pub name: String,
+}
+
 impl FromStr for Method {
-    type Err = String;
+    type Err = UnknownMethod;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.trim().to_ascii_lowercase().as_str() {
             "rtn" => Ok(Method::Rtn),
             "gptq" => Ok(Method::Gptq),
             "awq" => Ok(Method::Awq),
             "awq+gptq" | "awq-gptq" => Ok(Method::AwqGptq),
-            other => Err(format!(
-                "unknown method '{other}' (expected rtn, gptq, awq or awq+gptq)"
-            )),
+            other => Err(UnknownMethod {
+                name: other.to_string(),
+            }),
         }
     }
 }
@@ -129,18 +166,37 @@ impl KeepRule {
     }
 }
 
+/// Why a `PATTERN=ENCODING` rule did not parse; `rule` is the rule as given.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum KeepRuleError {
+    #[error("'{rule}': expected PATTERN=ENCODING, e.g. 0=q8 or *ffn_down*=q8")]
+    Syntax { rule: String },
+    #[error("'{rule}': empty pattern")]
+    EmptyPattern { rule: String },
+    /// The encoding does not parse (`message` is the encoding parser's).
+    #[error("'{rule}': {message}")]
+    Encoding { rule: String, message: String },
+}
+
 impl FromStr for KeepRule {
-    type Err = String;
+    type Err = KeepRuleError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (pattern, encoding) = s.rsplit_once('=').ok_or_else(|| {
-            format!("'{s}': expected PATTERN=ENCODING, e.g. 0=q8 or *ffn_down*=q8")
+        let (pattern, encoding) = s.rsplit_once('=').ok_or_else(|| KeepRuleError::Syntax {
+            rule: s.to_string(),
         })?;
         if pattern.trim().is_empty() {
-            return Err(format!("'{s}': empty pattern"));
+            return Err(KeepRuleError::EmptyPattern {
+                rule: s.to_string(),
+            });
         }
         Ok(KeepRule {
             pattern: pattern.trim().to_string(),
-            encoding: encoding.parse()?,
+            encoding: encoding
+                .parse()
+                .map_err(|message| KeepRuleError::Encoding {
+                    rule: s.to_string(),
+                    message,
+                })?,
         })
     }
 }
@@ -367,7 +423,8 @@ impl ConvertOptions {
                 .map_err(|e| ConvertError::Options(format!("block recipe {recipe}: {e}")))?;
         }
         if let Some(r) = &self.recover {
-            r.validate().map_err(ConvertError::Options)?;
+            r.validate()
+                .map_err(|e| ConvertError::Options(e.to_string()))?;
             if self.calibration.is_none() {
                 return Err(ConvertError::Options(
                     "--recover needs calibration text (--calib FILE; scripts/fetch-calib.sh \
@@ -404,7 +461,9 @@ impl ConvertOptions {
             }
         }
         if let Some(l) = &self.lowrank {
-            l.target.validate().map_err(ConvertError::Options)?;
+            l.target
+                .validate()
+                .map_err(|e| ConvertError::Options(e.to_string()))?;
             if l.method.needs_calibration() && self.calibration.is_none() {
                 return Err(ConvertError::Options(format!(
                     "--lowrank {} needs calibration text (--calib FILE; scripts/fetch-calib.sh \
@@ -488,7 +547,7 @@ impl ConvertOptions {
             let schedule = self.sparsity_schedule.describe();
             self.sparsity_schedule
                 .validate()
-                .map_err(ConvertError::Options)?;
+                .map_err(|e| ConvertError::Options(e.to_string()))?;
             match self.pruning {
                 Some(Pruning {
                     sparsity: Sparsity::Unstructured(_),
@@ -521,7 +580,9 @@ impl ConvertOptions {
             }
         }
         if let Some(p) = &self.pruning {
-            p.sparsity.validate().map_err(ConvertError::Options)?;
+            p.sparsity
+                .validate()
+                .map_err(|e| ConvertError::Options(e.to_string()))?;
             if p.method.needs_calibration() && self.calibration.is_none() {
                 return Err(ConvertError::Options(format!(
                     "--prune {} needs calibration text (--calib FILE; scripts/fetch-calib.sh \
@@ -1197,8 +1258,7 @@ fn recover_block(
                 ),
             )
         },
-    )
-    .map_err(ConvertError::Calibration)?;
+    )?;
     log::info!(
         "blk.{layer}: recovery {:.4e} -> {:.4e} ({}; {} parameters)",
         report.loss_before,
@@ -1220,7 +1280,11 @@ fn recover_block(
     recovery: &Recovery,
 ) -> Result<BlockRecovery, ConvertError> {
     Err(ConvertError::Options(
-        recovery.validate().err().unwrap_or_default(),
+        recovery
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default(),
     ))
 }
 
@@ -1288,8 +1352,7 @@ fn distill_model(
                 &format!("kd: step {step}/{} KL {loss:.4}", recovery.steps),
             )
         },
-    )
-    .map_err(ConvertError::Calibration)?;
+    )?;
     log::info!(
         "kd: held-out KL {:.4} -> {:.4} (step {}), training KL {:.4} -> {:.4} ({}; {} parameters)",
         report.kl_before,
@@ -1311,7 +1374,11 @@ fn distill_model(
     recovery: &Recovery,
 ) -> Result<Distillation, ConvertError> {
     Err(ConvertError::Options(
-        recovery.validate().err().unwrap_or_default(),
+        recovery
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default(),
     ))
 }
 
@@ -1787,7 +1854,7 @@ impl<'a, 'p> Output<'a, 'p> {
             let target = quantized.then_some(encoding);
             let out =
                 gptq::sweep_target(&values, rows, cols, &hessian, target, prune, &gptq_options)
-                    .map_err(method_err)?;
+                    .map_err(|e| ConvertError::pass(name, e))?;
             log::debug!("{name}: sweep loss {:.4e}", out.loss);
             self.gptq_loss += out.loss;
             values = out.values;
@@ -1883,12 +1950,8 @@ impl<'a, 'p> Output<'a, 'p> {
         let (u, u_stats) = match evidence {
             Some(e) => {
                 let (u, gram) = if method == Some(LowRankMethod::SvdLlm) {
-                    lowrank::refit_u(&w, rows, cols, &v, rank, &e.stats.hessian).map_err(
-                        |message| ConvertError::Method {
-                            tensor: name.to_string(),
-                            message,
-                        },
-                    )?
+                    lowrank::refit_u(&w, rows, cols, &v, rank, &e.stats.hessian)
+                        .map_err(|source| ConvertError::pass(name, source))?
                 } else {
                     (u, lowrank::factor_hessian(&v, rank, cols, &e.stats.hessian))
                 };
@@ -2035,10 +2098,7 @@ impl LayerTensors {
             width,
             damp,
         )
-        .map_err(|message| ConvertError::Method {
-            tensor: down_name.clone(),
-            message,
-        })?;
+        .map_err(|e| ConvertError::pass(&down_name, e))?;
         let prune::ChannelPruning {
             kept,
             mut weights,
@@ -2083,10 +2143,7 @@ impl LayerTensors {
             kv_heads,
             damp,
         )
-        .map_err(|message| ConvertError::Method {
-            tensor: o_name.clone(),
-            message,
-        })?;
+        .map_err(|e| ConvertError::pass(&o_name, e))?;
         let prune::ChannelPruning {
             kept,
             mut weights,
@@ -2185,12 +2242,8 @@ impl LayerTensors {
             };
             let (rows, cols) = (shape[0], shape[1]);
             let input_stats = stats.map(|s| s.input(input));
-            let d = lowrank::decompose(values, rows, cols, lr.method, input_stats).map_err(
-                |message| ConvertError::Method {
-                    tensor: name.clone(),
-                    message,
-                },
-            )?;
+            let d = lowrank::decompose(values, rows, cols, lr.method, input_stats)
+                .map_err(|e| ConvertError::pass(name, e))?;
             let u_encoding = options.encoding_for(&names::lowrank_u(name), shape);
             if let Some(group) = u_encoding.group() {
                 step = step.max(group as usize);

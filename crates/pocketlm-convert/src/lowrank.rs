@@ -22,6 +22,30 @@ use faer::{Accum, Mat, Par, Side};
 
 use super::calib::InputStats;
 
+/// Why a low-rank option (method, target, allocation) is not valid.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum LowRankOptionError {
+    #[error("unknown low-rank method '{name}' (expected svd, asvd or svdllm)")]
+    UnknownMethod { name: String },
+    #[error("unknown rank allocation '{name}' (expected uniform, energy or global)")]
+    UnknownAllocation { name: String },
+    #[error("low-rank ratio {ratio}: the fraction of parameters to remove must be in (0, 1)")]
+    Ratio { ratio: f64 },
+    #[error("rank 0: a factorization needs rank ≥ 1")]
+    ZeroRank,
+}
+
+/// Why a matrix could not be factorized.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LowRankError {
+    #[error("{} needs calibration statistics", .method.name())]
+    NeedsCalibration { method: LowRankMethod },
+    #[error("SVD did not converge: {0:?}")]
+    Svd(faer::linalg::svd::SvdError),
+    #[error("input second moments are not positive definite even with heavy damping")]
+    IndefiniteMoments,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LowRankMethod {
     Svd,
@@ -44,15 +68,15 @@ impl LowRankMethod {
 }
 
 impl FromStr for LowRankMethod {
-    type Err = String;
+    type Err = LowRankOptionError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.trim().to_ascii_lowercase().as_str() {
             "svd" => Ok(LowRankMethod::Svd),
             "asvd" => Ok(LowRankMethod::Asvd),
             "svdllm" | "svd-llm" => Ok(LowRankMethod::SvdLlm),
-            other => Err(format!(
-                "unknown low-rank method '{other}' (expected svd, asvd or svdllm)"
-            )),
+            other => Err(LowRankOptionError::UnknownMethod {
+                name: other.to_string(),
+            }),
         }
     }
 }
@@ -74,12 +98,12 @@ impl RankTarget {
         }
     }
 
-    pub fn validate(self) -> Result<(), String> {
+    pub fn validate(self) -> Result<(), LowRankOptionError> {
         match self {
-            RankTarget::Ratio(r) if !(r > 0.0 && r < 1.0) => Err(format!(
-                "--ratio {r}: the fraction of parameters to remove must be in (0, 1)"
-            )),
-            RankTarget::Rank(0) => Err("--rank 0: a factorization needs rank ≥ 1".into()),
+            RankTarget::Ratio(r) if !(r > 0.0 && r < 1.0) => {
+                Err(LowRankOptionError::Ratio { ratio: r })
+            }
+            RankTarget::Rank(0) => Err(LowRankOptionError::ZeroRank),
             _ => Ok(()),
         }
     }
@@ -113,15 +137,15 @@ impl RankAllocation {
 }
 
 impl FromStr for RankAllocation {
-    type Err = String;
+    type Err = LowRankOptionError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.trim().to_ascii_lowercase().as_str() {
             "uniform" => Ok(RankAllocation::Uniform),
             "energy" => Ok(RankAllocation::Energy),
             "global" => Ok(RankAllocation::Global),
-            other => Err(format!(
-                "unknown rank allocation '{other}' (expected uniform, energy or global)"
-            )),
+            other => Err(LowRankOptionError::UnknownAllocation {
+                name: other.to_string(),
+            }),
         }
     }
 }
@@ -157,10 +181,9 @@ pub fn decompose(
     cols: usize,
     method: LowRankMethod,
     stats: Option<&InputStats>,
-) -> Result<Decomposition, String> {
+) -> Result<Decomposition, LowRankError> {
     let a = Mat::<f64>::from_fn(rows, cols, |i, j| w[i * cols + j] as f64);
-    let need_stats =
-        || stats.ok_or_else(|| format!("{} needs calibration statistics", method.name()));
+    let need_stats = || stats.ok_or(LowRankError::NeedsCalibration { method });
     match method {
         LowRankMethod::Svd => svd_back(&a, |_| {}),
         LowRankMethod::Asvd => {
@@ -198,10 +221,8 @@ pub fn decompose(
 }
 
 /// Thin SVD of `a`; `back` maps the `k × cols` right factor out of the transformed space.
-fn svd_back(a: &Mat<f64>, back: impl FnOnce(&mut Mat<f64>)) -> Result<Decomposition, String> {
-    let svd = a
-        .thin_svd()
-        .map_err(|e| format!("SVD did not converge: {e:?}"))?;
+fn svd_back(a: &Mat<f64>, back: impl FnOnce(&mut Mat<f64>)) -> Result<Decomposition, LowRankError> {
+    let svd = a.thin_svd().map_err(LowRankError::Svd)?;
     let sigma: Vec<f64> = (0..svd.S().dim()).map(|i| svd.S()[i]).collect();
     let mut right = svd.V().transpose().to_owned();
     back(&mut right);
@@ -230,7 +251,7 @@ fn asvd_scales(mean_abs: &[f32]) -> Vec<f64> {
 
 /// Lower Cholesky factor of `h + λI` (`n × n`, row-major), starting from a tiny `λ` relative
 /// to the mean diagonal and growing it tenfold until the factorization succeeds.
-fn damped_cholesky(h: &[f64], n: usize) -> Result<Mat<f64>, String> {
+fn damped_cholesky(h: &[f64], n: usize) -> Result<Mat<f64>, LowRankError> {
     let mean_diag = (0..n).map(|i| h[i * n + i]).sum::<f64>() / n.max(1) as f64;
     let mut lambda = 1e-6 * mean_diag.max(1e-30);
     for _ in 0..8 {
@@ -242,7 +263,7 @@ fn damped_cholesky(h: &[f64], n: usize) -> Result<Mat<f64>, String> {
         }
         lambda *= 10.0;
     }
-    Err("input second moments are not positive definite even with heavy damping".into())
+    Err(LowRankError::IndefiniteMoments)
 }
 
 impl Decomposition {
@@ -294,7 +315,7 @@ pub fn refit_u(
     v: &[f32],
     rank: usize,
     h: &[f64],
-) -> Result<(Vec<f32>, Vec<f64>), String> {
+) -> Result<(Vec<f32>, Vec<f64>), LowRankError> {
     let (wm, vm, hm) = (
         as_mat(w, rows, cols),
         as_mat(v, rank, cols),

@@ -15,6 +15,8 @@ use std::str::FromStr;
 use rayon::prelude::*;
 
 use super::calib::{Calibration, Calibrator};
+use super::lowrank::LowRankOptionError;
+use super::prune::PruneOptionError;
 use super::{
     ConvertError, ConvertOptions, ConvertReport, LayerTensors, LowRank, LowRankMethod, Output,
     Progress, PruneMethod, Pruning, RankAllocation, RankTarget, Sink, Sparsity,
@@ -39,6 +41,44 @@ pub struct BlockRecipe {
     pub matrices: [Option<Encoding>; 7],
     pub pruning: Option<Pruning>,
     pub lowrank: Option<LowRank>,
+}
+
+/// Why a block recipe (or a list of them) did not parse; `recipe` is the recipe as given.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum RecipeError {
+    /// An encoding that does not parse (`message` is the encoding parser's).
+    #[error("'{recipe}': {message}")]
+    Encoding { recipe: String, message: String },
+    /// An encoding the converter picks itself (f16 2:4).
+    #[error("'{recipe}': {encoding} is chosen by the converter, not requested (use f16+2:4)")]
+    NotRequestable { recipe: String, encoding: Encoding },
+    #[error("'{recipe}': expected ~MATRIX=ENCODING, got '~{part}'")]
+    MatrixSyntax { recipe: String, part: String },
+    #[error("'{recipe}': unknown matrix '{matrix}' (q, k, v, o, gate, up, down)")]
+    UnknownMatrix { recipe: String, matrix: String },
+    /// A matrix, the low rank or the pruning given twice.
+    #[error("'{recipe}': {what} given twice")]
+    Repeated { recipe: String, what: &'static str },
+    #[error("'{recipe}': low rank is written lrP% (e.g. lr20%), got '{part}'")]
+    LowRankSyntax { recipe: String, part: String },
+    #[error("'{recipe}': {source}")]
+    LowRank {
+        recipe: String,
+        #[source]
+        source: LowRankOptionError,
+    },
+    #[error("'{recipe}': a candidate is one block's recipe; use uniform or energy allocation")]
+    GlobalAllocation { recipe: String },
+    #[error("'{recipe}': {source}")]
+    Pruning {
+        recipe: String,
+        #[source]
+        source: PruneOptionError,
+    },
+    #[error("'{recipe}': unexpected '/{field}'")]
+    UnexpectedField { recipe: String, field: String },
+    #[error("no candidate recipes given")]
+    NoCandidates,
 }
 
 /// Short names of a block's matrices in recipes, and their tensor names.
@@ -107,65 +147,88 @@ impl fmt::Display for BlockRecipe {
 }
 
 impl FromStr for BlockRecipe {
-    type Err = String;
+    type Err = RecipeError;
 
     /// Pruning defaults to SparseGPT and low rank to SVD-LLM with energy allocation (the
     /// best of each measured on SmolLM2; see BENCHMARKS.md).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let requestable = |e: Encoding| -> Result<Encoding, String> {
+        let recipe_text = || s.to_string();
+        let requestable = |encoding: &str| -> Result<Encoding, RecipeError> {
+            let e: Encoding = encoding.parse().map_err(|message| RecipeError::Encoding {
+                recipe: recipe_text(),
+                message,
+            })?;
             if e.is_dense() || e.is_quantized() {
                 Ok(e)
             } else {
-                Err(format!(
-                    "'{s}': {e} is chosen by the converter, not requested (use f16+2:4)"
-                ))
+                Err(RecipeError::NotRequestable {
+                    recipe: recipe_text(),
+                    encoding: e,
+                })
             }
         };
         let mut parts = s.trim().split('+');
         let mut encodings = parts.next().unwrap_or_default().split('~');
-        let weights = requestable(encodings.next().unwrap_or_default().parse()?)?;
+        let weights = requestable(encodings.next().unwrap_or_default())?;
         let mut recipe = BlockRecipe::uniform(weights);
         for part in encodings {
-            let (short, encoding) = part
-                .split_once('=')
-                .ok_or_else(|| format!("'{s}': expected ~MATRIX=ENCODING, got '~{part}'"))?;
+            let (short, encoding) =
+                part.split_once('=')
+                    .ok_or_else(|| RecipeError::MatrixSyntax {
+                        recipe: recipe_text(),
+                        part: part.to_string(),
+                    })?;
             let i = MATRICES
                 .iter()
                 .position(|(name, _)| *name == short.trim())
-                .ok_or_else(|| {
-                    format!("'{s}': unknown matrix '{short}' (q, k, v, o, gate, up, down)")
+                .ok_or_else(|| RecipeError::UnknownMatrix {
+                    recipe: recipe_text(),
+                    matrix: short.to_string(),
                 })?;
             if recipe.matrices[i].is_some() {
-                return Err(format!("'{s}': {short} given twice"));
+                return Err(RecipeError::Repeated {
+                    recipe: recipe_text(),
+                    what: MATRICES[i].0,
+                });
             }
-            recipe.matrices[i] = Some(requestable(encoding.parse()?)?);
+            recipe.matrices[i] = Some(requestable(encoding)?);
         }
         for part in parts {
             let mut fields = part.trim().split('/');
             let head = fields.next().unwrap_or_default().trim();
             if let Some(percent) = head.strip_prefix("lr") {
+                let low_rank = |source| RecipeError::LowRank {
+                    recipe: recipe_text(),
+                    source,
+                };
                 let ratio = percent
                     .strip_suffix('%')
                     .and_then(|p| p.trim().parse::<f64>().ok())
-                    .ok_or_else(|| {
-                        format!("'{s}': low rank is written lrP% (e.g. lr20%), got '{head}'")
+                    .ok_or_else(|| RecipeError::LowRankSyntax {
+                        recipe: recipe_text(),
+                        part: head.to_string(),
                     })?
                     / 100.0;
                 let target = RankTarget::Ratio(ratio);
-                target.validate().map_err(|e| format!("'{s}': {e}"))?;
+                target.validate().map_err(low_rank)?;
                 let method = fields
                     .next()
-                    .map_or(Ok(LowRankMethod::SvdLlm), str::parse)?;
+                    .map_or(Ok(LowRankMethod::SvdLlm), str::parse)
+                    .map_err(low_rank)?;
                 let allocation = fields
                     .next()
-                    .map_or(Ok(RankAllocation::Energy), str::parse)?;
+                    .map_or(Ok(RankAllocation::Energy), str::parse)
+                    .map_err(low_rank)?;
                 if allocation == RankAllocation::Global {
-                    return Err(format!(
-                        "'{s}': a candidate is one block's recipe; use uniform or energy allocation"
-                    ));
+                    return Err(RecipeError::GlobalAllocation {
+                        recipe: recipe_text(),
+                    });
                 }
                 if recipe.lowrank.is_some() {
-                    return Err(format!("'{s}': low rank given twice"));
+                    return Err(RecipeError::Repeated {
+                        recipe: recipe_text(),
+                        what: "low rank",
+                    });
                 }
                 recipe.lowrank = Some(LowRank {
                     method,
@@ -173,17 +236,28 @@ impl FromStr for BlockRecipe {
                     allocation,
                 });
             } else {
-                let sparsity: Sparsity = head.parse().map_err(|e| format!("'{s}': {e}"))?;
+                let pruning = |source| RecipeError::Pruning {
+                    recipe: recipe_text(),
+                    source,
+                };
+                let sparsity: Sparsity = head.parse().map_err(pruning)?;
                 let method = fields
                     .next()
-                    .map_or(Ok(PruneMethod::SparseGpt), str::parse)?;
+                    .map_or(Ok(PruneMethod::SparseGpt), str::parse)
+                    .map_err(pruning)?;
                 if recipe.pruning.is_some() {
-                    return Err(format!("'{s}': pruning given twice"));
+                    return Err(RecipeError::Repeated {
+                        recipe: recipe_text(),
+                        what: "pruning",
+                    });
                 }
                 recipe.pruning = Some(Pruning { method, sparsity });
             }
             if let Some(extra) = fields.next() {
-                return Err(format!("'{s}': unexpected '/{extra}'"));
+                return Err(RecipeError::UnexpectedField {
+                    recipe: recipe_text(),
+                    field: extra.to_string(),
+                });
             }
         }
         Ok(recipe)
@@ -198,14 +272,14 @@ pub const DEFAULT_CANDIDATES: &str =
     "q8/g32,q4/g32~v=q8/g32~down=q8/g32,q4/g32,q4/g64,q3/g64~v=q4/g32~down=q4/g32,q3/g64";
 
 /// Parses a comma-separated list of recipes.
-pub fn parse_candidates(list: &str) -> Result<Vec<BlockRecipe>, String> {
+pub fn parse_candidates(list: &str) -> Result<Vec<BlockRecipe>, RecipeError> {
     let candidates = list
         .split(',')
         .filter(|s| !s.trim().is_empty())
         .map(str::parse)
-        .collect::<Result<Vec<BlockRecipe>, String>>()?;
+        .collect::<Result<Vec<BlockRecipe>, RecipeError>>()?;
     if candidates.is_empty() {
-        return Err("no candidate recipes given".into());
+        return Err(RecipeError::NoCandidates);
     }
     Ok(candidates)
 }
@@ -916,6 +990,26 @@ mod tests {
         ] {
             assert!(bad.parse::<BlockRecipe>().is_err(), "{bad}");
         }
+        // Errors name the recipe, including those of the parts' own parsers.
+        let err = "q4+2:4/fast".parse::<BlockRecipe>().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "'q4+2:4/fast': unknown pruning method 'fast' (expected magnitude, wanda or sparsegpt)"
+        );
+        let err = "q4+lr120%".parse::<BlockRecipe>().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                RecipeError::LowRank {
+                    source: LowRankOptionError::Ratio { .. },
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().starts_with("'q4+lr120%': "), "{err}");
+        let err = "q4~v=q8~v=q8".parse::<BlockRecipe>().unwrap_err();
+        assert_eq!(err.to_string(), "'q4~v=q8~v=q8': v given twice");
         assert_eq!(parse_candidates(DEFAULT_CANDIDATES).unwrap().len(), 6);
         assert!(parse_candidates(" , ").is_err());
     }

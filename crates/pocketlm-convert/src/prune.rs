@@ -11,6 +11,56 @@ use std::str::FromStr;
 
 use rayon::prelude::*;
 
+use super::gptq::IndefiniteHessian;
+
+/// Why a pruning option (method, sparsity, sparsity schedule) is not valid, or does not fit a
+/// matrix.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum PruneOptionError {
+    #[error("unknown pruning method '{name}' (expected magnitude, wanda or sparsegpt)")]
+    UnknownMethod { name: String },
+    #[error("bad N in '{sparsity}'")]
+    BadN { sparsity: String },
+    #[error("bad M in '{sparsity}'")]
+    BadM { sparsity: String },
+    #[error("bad sparsity '{sparsity}'")]
+    BadSparsity { sparsity: String },
+    #[error("sparsity {fraction} must be in [0, 1)")]
+    FractionOutOfRange { fraction: f32 },
+    #[error("N:M pattern {n}:{m} must have 0 < N < M ≤ 64")]
+    BadPattern { n: usize, m: usize },
+    /// An N:M pattern on rows whose length is not a multiple of M.
+    #[error("row length {cols} is not a multiple of {m} (N:M pattern)")]
+    RowLength { cols: usize, m: usize },
+    #[error("bad OWL {what} '{value}' in '{schedule}'")]
+    BadOwlNumber {
+        what: &'static str,
+        value: String,
+        schedule: String,
+    },
+    #[error("'{schedule}': expected owl[:SPREAD[:THRESHOLD]]")]
+    OwlSyntax { schedule: String },
+    #[error(
+        "unknown sparsity schedule '{schedule}' (expected uniform or owl[:SPREAD[:THRESHOLD]])"
+    )]
+    UnknownSchedule { schedule: String },
+    #[error("OWL spread {spread} must be in (0, 0.5] (the paper uses 0.08)")]
+    OwlSpread { spread: f32 },
+    #[error(
+        "OWL outlier threshold {threshold} must be above 1 (× the mean score; the paper uses 5)"
+    )]
+    OwlThreshold { threshold: f32 },
+}
+
+/// Why structured pruning could not remove a matrix's input channels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ChannelPruningError {
+    #[error(transparent)]
+    Hessian(#[from] IndefiniteHessian),
+    #[error("the inverse Hessian of a head group is not positive definite")]
+    HeadGroup,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PruneMethod {
     Magnitude,
@@ -33,15 +83,15 @@ impl PruneMethod {
 }
 
 impl FromStr for PruneMethod {
-    type Err = String;
+    type Err = PruneOptionError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.trim().to_ascii_lowercase().as_str() {
             "magnitude" => Ok(PruneMethod::Magnitude),
             "wanda" => Ok(PruneMethod::Wanda),
             "sparsegpt" => Ok(PruneMethod::SparseGpt),
-            other => Err(format!(
-                "unknown pruning method '{other}' (expected magnitude, wanda or sparsegpt)"
-            )),
+            other => Err(PruneOptionError::UnknownMethod {
+                name: other.to_string(),
+            }),
         }
     }
 }
@@ -63,13 +113,23 @@ impl Sparsity {
         }
     }
 
-    pub fn validate(self) -> Result<(), String> {
+    pub fn validate(self) -> Result<(), PruneOptionError> {
         match self {
             Sparsity::Unstructured(f) if !(0.0..1.0).contains(&f) => {
-                Err(format!("sparsity {f} must be in [0, 1)"))
+                Err(PruneOptionError::FractionOutOfRange { fraction: f })
             }
             Sparsity::NM { n, m } if m == 0 || n == 0 || n >= m || m > 64 => {
-                Err(format!("N:M pattern {n}:{m} must have 0 < N < M ≤ 64"))
+                Err(PruneOptionError::BadPattern { n, m })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether a row of `cols` weights can take this pattern.
+    pub fn check_row_length(self, cols: usize) -> Result<(), PruneOptionError> {
+        match self {
+            Sparsity::NM { m, .. } if !cols.is_multiple_of(m) => {
+                Err(PruneOptionError::RowLength { cols, m })
             }
             _ => Ok(()),
         }
@@ -77,12 +137,7 @@ impl Sparsity {
 
     /// Why a row of `cols` weights cannot take this pattern.
     pub fn unsupported_reason(self, cols: usize) -> Option<String> {
-        match self {
-            Sparsity::NM { m, .. } if !cols.is_multiple_of(m) => Some(format!(
-                "row length {cols} is not a multiple of {m} (N:M pattern)"
-            )),
-            _ => None,
-        }
+        self.check_row_length(cols).err().map(|e| e.to_string())
     }
 
     /// Number of weights pruned among `len` consecutive candidates.
@@ -95,23 +150,26 @@ impl Sparsity {
 }
 
 impl FromStr for Sparsity {
-    type Err = String;
+    type Err = PruneOptionError;
     /// `0.5` or `50%` (unstructured), `2:4` (N:M).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
+        let sparsity = || s.to_string();
+        let bad = |_| PruneOptionError::BadSparsity {
+            sparsity: sparsity(),
+        };
         let parsed = if let Some((n, m)) = s.split_once(':') {
-            let n = n.trim().parse().map_err(|_| format!("bad N in '{s}'"))?;
-            let m = m.trim().parse().map_err(|_| format!("bad M in '{s}'"))?;
+            let n = n.trim().parse().map_err(|_| PruneOptionError::BadN {
+                sparsity: sparsity(),
+            })?;
+            let m = m.trim().parse().map_err(|_| PruneOptionError::BadM {
+                sparsity: sparsity(),
+            })?;
             Sparsity::NM { n, m }
         } else if let Some(p) = s.strip_suffix('%') {
-            Sparsity::Unstructured(
-                p.trim()
-                    .parse::<f32>()
-                    .map_err(|_| format!("bad sparsity '{s}'"))?
-                    / 100.0,
-            )
+            Sparsity::Unstructured(p.trim().parse::<f32>().map_err(bad)? / 100.0)
         } else {
-            Sparsity::Unstructured(s.parse().map_err(|_| format!("bad sparsity '{s}'"))?)
+            Sparsity::Unstructured(s.parse().map_err(bad)?)
         };
         parsed.validate()?;
         Ok(parsed)
@@ -189,15 +247,13 @@ impl SparsitySchedule {
         }
     }
 
-    pub fn validate(self) -> Result<(), String> {
+    pub fn validate(self) -> Result<(), PruneOptionError> {
         match self {
-            SparsitySchedule::Owl { spread, .. } if !(spread > 0.0 && spread <= 0.5) => Err(
-                format!("OWL spread {spread} must be in (0, 0.5] (the paper uses 0.08)"),
-            ),
+            SparsitySchedule::Owl { spread, .. } if !(spread > 0.0 && spread <= 0.5) => {
+                Err(PruneOptionError::OwlSpread { spread })
+            }
             SparsitySchedule::Owl { threshold, .. } if threshold.is_nan() || threshold <= 1.0 => {
-                Err(format!(
-                    "OWL outlier threshold {threshold} must be above 1 (× the mean score; the paper uses 5)"
-                ))
+                Err(PruneOptionError::OwlThreshold { threshold })
             }
             _ => Ok(()),
         }
@@ -205,7 +261,7 @@ impl SparsitySchedule {
 }
 
 impl FromStr for SparsitySchedule {
-    type Err = String;
+    type Err = PruneOptionError;
     /// `uniform`, `owl`, `owl:SPREAD` or `owl:SPREAD:THRESHOLD`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim().to_ascii_lowercase();
@@ -216,23 +272,25 @@ impl FromStr for SparsitySchedule {
                 let SparsitySchedule::Owl { spread, threshold } = SparsitySchedule::OWL else {
                     unreachable!("OWL is an Owl schedule")
                 };
-                let number = |what: &str, part: Option<&str>, default: f32| match part {
+                let number = |what: &'static str, part: Option<&str>, default: f32| match part {
                     Some(p) => p
                         .parse::<f32>()
-                        .map_err(|_| format!("bad OWL {what} '{p}' in '{s}'")),
+                        .map_err(|_| PruneOptionError::BadOwlNumber {
+                            what,
+                            value: p.to_string(),
+                            schedule: s.clone(),
+                        }),
                     None => Ok(default),
                 };
                 let spread = number("spread", parts.next(), spread)?;
                 let threshold = number("threshold", parts.next(), threshold)?;
                 if parts.next().is_some() {
-                    return Err(format!("'{s}': expected owl[:SPREAD[:THRESHOLD]]"));
+                    return Err(PruneOptionError::OwlSyntax { schedule: s });
                 }
                 SparsitySchedule::Owl { spread, threshold }
             }
             _ => {
-                return Err(format!(
-                    "unknown sparsity schedule '{s}' (expected uniform or owl[:SPREAD[:THRESHOLD]])"
-                ));
+                return Err(PruneOptionError::UnknownSchedule { schedule: s });
             }
         };
         schedule.validate()?;
@@ -298,7 +356,7 @@ pub fn prune_input_channels(
     hessian: &[f64],
     keep: usize,
     damp: f64,
-) -> Result<ChannelPruning, String> {
+) -> Result<ChannelPruning, ChannelPruningError> {
     assert_eq!(w.len(), rows * cols, "matrix shape");
     assert_eq!(hessian.len(), cols * cols, "Hessian shape");
     let keep = keep.min(cols);
@@ -379,7 +437,7 @@ pub fn prune_input_groups(
     group: usize,
     keep: usize,
     damp: f64,
-) -> Result<ChannelPruning, String> {
+) -> Result<ChannelPruning, ChannelPruningError> {
     use faer::linalg::solvers::DenseSolveCore;
     use faer::{Mat, Side};
     assert_eq!(w.len(), rows * cols, "matrix shape");
@@ -415,7 +473,7 @@ pub fn prune_input_groups(
         let (g, cost, inverse) = candidates
             .into_iter()
             .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)))
-            .ok_or("the inverse Hessian of a head group is not positive definite")?;
+            .ok_or(ChannelPruningError::HeadGroup)?;
         loss += cost;
         alive[g] = false;
         let columns = span(g);

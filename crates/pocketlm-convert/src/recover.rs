@@ -22,6 +22,71 @@ use pocketlm_format::Encoding;
 #[cfg(feature = "recover")]
 pub mod distill;
 
+/// Why the recovery options are not valid (see [`Recovery::validate`]).
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum RecoveryOptionError {
+    #[error(
+        "this pocketlm was built without recovery; rebuild it with the `recover` cargo feature"
+    )]
+    Unavailable,
+    #[error(
+        "recovery steps and batch size must be at least 1, got {steps} steps of {batch} sequences"
+    )]
+    ZeroSteps { steps: usize, batch: usize },
+    #[error("the recovery learning rate factor must be a positive number, got {learning_rate}")]
+    LearningRate { learning_rate: f32 },
+    #[error(
+        "--recover-samples applies to distillation (--recover kd or blockwise+kd); block-wise \
+         recovery uses --calib-samples"
+    )]
+    SamplesWithoutDistillation,
+    #[error("distillation needs at least 2 recovery samples (one is held out), got {samples}")]
+    TooFewSamples { samples: usize },
+    #[error(
+        "--recover-codes applies to distillation (--recover kd or blockwise+kd); block-wise \
+         recovery always moves the codes"
+    )]
+    CodesWithoutDistillation,
+    #[error("unknown recovery '{name}' (expected blockwise, kd or blockwise+kd)")]
+    UnknownMode { name: String },
+}
+
+/// The autodiff backend's error: candle's, or uninhabited in a build without the `recover`
+/// feature (which cannot recover).
+#[cfg(feature = "recover")]
+pub type BackendError = candle_core::Error;
+/// The autodiff backend's error: candle's, or uninhabited in a build without the `recover`
+/// feature (which cannot recover).
+#[cfg(not(feature = "recover"))]
+pub type BackendError = std::convert::Infallible;
+
+/// Why block-wise recovery or distillation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RecoverError {
+    #[error("recovery: block {layer} has no tensor {name}")]
+    MissingTensor { layer: usize, name: String },
+    /// Block-wise activations that do not make whole sequences of `seq_len × hidden`.
+    #[error(
+        "recovery: {inputs} inputs and {targets} targets for sequences of {seq_len} × {hidden}"
+    )]
+    Activations {
+        inputs: usize,
+        targets: usize,
+        seq_len: usize,
+        hidden: usize,
+    },
+    #[error("distillation: {positions} teacher positions for {sequences} sequences of {seq_len}")]
+    TeacherPositions {
+        positions: usize,
+        sequences: usize,
+        seq_len: usize,
+    },
+    #[error("distillation: {blocks} blocks for a model of {layers}")]
+    BlockCount { blocks: usize, layers: usize },
+    #[error("recovery: {0}")]
+    Backend(#[from] BackendError),
+}
+
 /// `--recover MODE` and its settings.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Recovery {
@@ -58,41 +123,31 @@ impl Recovery {
     /// Whether this build can recover (the `recover` feature).
     pub const AVAILABLE: bool = cfg!(feature = "recover");
 
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), RecoveryOptionError> {
         if !Self::AVAILABLE {
-            return Err("this pocketlm was built without recovery; rebuild with \
-                        `cargo build --release --features recover`"
-                .into());
+            return Err(RecoveryOptionError::Unavailable);
         }
         if self.steps == 0 || self.batch == 0 {
-            return Err("--recover-steps and --recover-batch must be at least 1".into());
+            return Err(RecoveryOptionError::ZeroSteps {
+                steps: self.steps,
+                batch: self.batch,
+            });
         }
         if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
-            return Err(format!(
-                "--recover-lr must be a positive number, got {}",
-                self.learning_rate
-            ));
+            return Err(RecoveryOptionError::LearningRate {
+                learning_rate: self.learning_rate,
+            });
         }
         if let Some(samples) = self.samples {
             if !self.mode.distills() {
-                return Err(
-                    "--recover-samples applies to distillation (--recover kd or \
-                            blockwise+kd); block-wise recovery uses --calib-samples"
-                        .into(),
-                );
+                return Err(RecoveryOptionError::SamplesWithoutDistillation);
             }
             if samples < 2 {
-                return Err(format!(
-                    "--recover-samples must be at least 2 (one is held out), got {samples}"
-                ));
+                return Err(RecoveryOptionError::TooFewSamples { samples });
             }
         }
         if self.codes && !self.mode.distills() {
-            return Err(
-                "--recover-codes applies to distillation (--recover kd or blockwise+kd); \
-                        block-wise recovery always moves the codes"
-                    .into(),
-            );
+            return Err(RecoveryOptionError::CodesWithoutDistillation);
         }
         Ok(())
     }
@@ -129,15 +184,15 @@ impl RecoverMode {
 }
 
 impl FromStr for RecoverMode {
-    type Err = String;
+    type Err = RecoveryOptionError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.trim().to_ascii_lowercase().as_str() {
             "blockwise" | "block" => Ok(RecoverMode::Blockwise),
             "kd" | "distill" => Ok(RecoverMode::Distill),
             "blockwise+kd" | "kd+blockwise" => Ok(RecoverMode::BlockwiseDistill),
-            other => Err(format!(
-                "unknown recovery '{other}' (expected blockwise, kd or blockwise+kd)"
-            )),
+            other => Err(RecoveryOptionError::UnknownMode {
+                name: other.to_string(),
+            }),
         }
     }
 }
@@ -267,14 +322,12 @@ pub use train::recover_block;
 mod train {
     use candle_core::{D, DType, Device, Tensor, Var, backprop::GradStore};
 
-    use super::{Activations, BASE_RATES, BlockRecovery, BlockTensor, Grid, Rates, Recovery};
+    use super::{
+        Activations, BASE_RATES, BlockRecovery, BlockTensor, Grid, Rates, RecoverError, Recovery,
+    };
     use pocketlm_format::config::{ModelConfig, names};
 
-    type Result<T> = std::result::Result<T, String>;
-
-    pub(super) fn err(e: candle_core::Error) -> String {
-        format!("recovery: {e}")
-    }
+    type Result<T> = std::result::Result<T, RecoverError>;
 
     /// How one tensor's runtime values come from its trainable parameters.
     pub(super) enum Param {
@@ -530,7 +583,7 @@ mod train {
                 tensors
                     .iter()
                     .position(|t| t.name == name)
-                    .ok_or_else(|| format!("recovery: block {layer} has no tensor {name}"))
+                    .ok_or(RecoverError::MissingTensor { layer, name })
             };
             let linear = |name: String| -> Result<Linear> {
                 if let Ok(i) = find(name.clone()) {
@@ -726,19 +779,19 @@ mod train {
         let d = config.hidden_size;
         let sequences = inputs.len() / (seq_len * d).max(1);
         if sequences == 0 || targets.len() != inputs.len() {
-            return Err(format!(
-                "recovery: {} inputs and {} targets for sequences of {seq_len} × {d}",
-                inputs.len(),
-                targets.len()
-            ));
+            return Err(RecoverError::Activations {
+                inputs: inputs.len(),
+                targets: targets.len(),
+                seq_len,
+                hidden: d,
+            });
         }
         let layout = Layout::new(config, layer, tensors)?;
         let is_vector = |t: &BlockTensor| t.shape.len() == 1;
         let params = tensors
             .iter()
             .map(|t| Param::new(t, &dev))
-            .collect::<candle_core::Result<Vec<_>>>()
-            .map_err(err)?;
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let rates = BASE_RATES.scaled(options.learning_rate);
         let vars: Vec<(Var, f64)> = params
             .iter()
@@ -747,7 +800,7 @@ mod train {
             .collect();
         let parameters = vars.iter().map(|(v, _)| v.elem_count()).sum();
 
-        let forward = build_forward(config, &layout, seq_len, &dev).map_err(err)?;
+        let forward = build_forward(config, &layout, seq_len, &dev)?;
         let span = seq_len * d;
         let batch = options.batch.min(sequences);
         let target_energy = targets
@@ -788,8 +841,8 @@ mod train {
             Ok(total / sequences as f64)
         };
 
-        let loss_before = full_loss(&params).map_err(err)?;
-        let mut adam = Adam::new(vars).map_err(err)?;
+        let loss_before = full_loss(&params)?;
+        let mut adam = Adam::new(vars)?;
         let batches = sequences.div_ceil(batch);
         for step in 0..options.steps {
             let first = (step % batches) * batch;
@@ -797,25 +850,24 @@ mod train {
             let w = params
                 .iter()
                 .map(Param::weights)
-                .collect::<candle_core::Result<Vec<_>>>()
-                .map_err(err)?;
-            let loss = loss_of(first, n, &w).map_err(err)?;
-            let value = loss.to_scalar::<f32>().map_err(err)? as f64;
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let loss = loss_of(first, n, &w)?;
+            let value = loss.to_scalar::<f32>()? as f64;
             if !value.is_finite() {
                 log::warn!(
                     "blk.{layer}: recovery diverged at step {step}; keeping the block as compressed"
                 );
                 break;
             }
-            let grads = loss.backward().map_err(err)?;
-            adam.step(&grads).map_err(err)?;
+            let grads = loss.backward()?;
+            adam.step(&grads)?;
             progress(step + 1, value);
         }
-        let loss_after = full_loss(&params).map_err(err)?;
+        let loss_after = full_loss(&params)?;
         let kept = loss_after.is_finite() && loss_after < loss_before;
         if kept {
             for (p, t) in params.iter().zip(tensors.iter_mut()) {
-                p.store(t).map_err(err)?;
+                p.store(t)?;
             }
         }
         Ok(BlockRecovery {
@@ -1044,7 +1096,10 @@ mod tests {
         };
         assert!(ok(codes(RecoverMode::Distill)));
         assert!(ok(codes(RecoverMode::BlockwiseDistill)));
-        let refused = codes(RecoverMode::Blockwise).validate().unwrap_err();
+        let refused = codes(RecoverMode::Blockwise)
+            .validate()
+            .unwrap_err()
+            .to_string();
         assert!(refused.contains("--recover-codes"), "{refused}");
         let samples = |mode, n| Recovery {
             mode,
@@ -1052,7 +1107,10 @@ mod tests {
             ..Recovery::default()
         };
         assert!(ok(samples(RecoverMode::Distill, 256)));
-        let refused = samples(RecoverMode::Blockwise, 256).validate().unwrap_err();
+        let refused = samples(RecoverMode::Blockwise, 256)
+            .validate()
+            .unwrap_err()
+            .to_string();
         assert!(refused.contains("--recover-samples"), "{refused}");
         assert!(!ok(samples(RecoverMode::Distill, 1)));
         for bad in [

@@ -26,15 +26,16 @@ pub enum EvalError {
     /// The text gives no complete chunk.
     #[error(
         "the text has {tokens} tokens, fewer than one chunk of {context} \
-         (use a longer text or a smaller --ctx)"
+         (use a longer text or a smaller context)"
     )]
     TextTooShort { tokens: usize, context: usize },
     /// A malformed record in a data file; `line` counts from 1.
-    #[error("{source_name}:{line}: {message}")]
+    #[error("{source_name}:{line}: {source}")]
     Data {
         source_name: String,
         line: usize,
-        message: String,
+        #[source]
+        source: zeroshot::DataError,
     },
     #[error("{path}: {source}")]
     Io {

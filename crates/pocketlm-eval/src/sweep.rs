@@ -10,6 +10,7 @@ use plotters::prelude::*;
 use super::bench::{BenchOptions, bench};
 use super::report::summarize;
 use super::{EvalError, PerplexityOptions, perplexity};
+use pocketlm_format::SizeError;
 use pocketlm_runtime::model::Model;
 
 /// One point of the sweep.
@@ -28,30 +29,60 @@ pub struct SweepPoint {
     pub pareto: bool,
 }
 
+/// Why a reference point (`NAME=SIZE:PPL[:DECODE_TOK_S]`) did not parse; `point` is the
+/// text given.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum SweepPointError {
+    #[error("'{point}': expected NAME=SIZE:PPL[:DECODE_TOK_S]")]
+    Syntax { point: String },
+    /// A perplexity or speed that is not a positive number.
+    #[error("'{point}': bad {what} '{value}'")]
+    BadNumber {
+        point: String,
+        what: &'static str,
+        value: String,
+    },
+    #[error("'{point}': {source}")]
+    Size {
+        point: String,
+        #[source]
+        source: SizeError,
+    },
+}
+
 impl FromStr for SweepPoint {
-    type Err = String;
+    type Err = SweepPointError;
 
     /// `NAME=SIZE:PPL[:DECODE_TOK_S]`, e.g. `Q4_K_M=105.5MB:28.336:80.1`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (name, values) = s
-            .rsplit_once('=')
-            .ok_or_else(|| format!("'{s}': expected NAME=SIZE:PPL[:DECODE_TOK_S]"))?;
+        let syntax = || SweepPointError::Syntax {
+            point: s.to_string(),
+        };
+        let (name, values) = s.rsplit_once('=').ok_or_else(syntax)?;
         let fields: Vec<&str> = values.split(':').collect();
         if !(2..=3).contains(&fields.len()) || name.trim().is_empty() {
-            return Err(format!("'{s}': expected NAME=SIZE:PPL[:DECODE_TOK_S]"));
+            return Err(syntax());
         }
-        let number = |f: &str, what: &str| -> Result<f64, String> {
+        let number = |f: &str, what: &'static str| -> Result<f64, SweepPointError> {
             f.trim()
                 .parse::<f64>()
                 .ok()
                 .filter(|v| v.is_finite() && *v > 0.0)
-                .ok_or_else(|| format!("'{s}': bad {what} '{f}'"))
+                .ok_or_else(|| SweepPointError::BadNumber {
+                    point: s.to_string(),
+                    what,
+                    value: f.to_string(),
+                })
         };
         Ok(SweepPoint {
             name: name.trim().to_string(),
             reference: true,
-            file_bytes: pocketlm_format::parse_size(fields[0])
-                .map_err(|e| format!("'{s}': {e}"))?,
+            file_bytes: pocketlm_format::parse_size(fields[0]).map_err(|source| {
+                SweepPointError::Size {
+                    point: s.to_string(),
+                    source,
+                }
+            })?,
             bits_per_weight: None,
             ppl: number(fields[1], "perplexity")?,
             decode_tokens_per_s: fields.get(2).map(|f| number(f, "speed")).transpose()?,
@@ -313,6 +344,10 @@ mod tests {
         ] {
             assert!(bad.parse::<SweepPoint>().is_err(), "{bad}");
         }
+        let err = "Q4=1MB:x".parse::<SweepPoint>().unwrap_err();
+        assert_eq!(err.to_string(), "'Q4=1MB:x': bad perplexity 'x'");
+        let err = "Q4=zz:2".parse::<SweepPoint>().unwrap_err();
+        assert!(matches!(err, SweepPointError::Size { .. }), "{err}");
     }
 
     #[test]

@@ -29,6 +29,58 @@ use pocketlm_runtime::model::{KvCache, Logits, Model};
 /// lm-eval's `target_delimiter`: put between the context and each choice.
 pub const TARGET_DELIMITER: &str = " ";
 
+/// What is wrong with one JSON record of a task's data file ([`Task::parse_record`]).
+/// `path` is the field's dotted path in the record (`choices.text`).
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum RecordError {
+    #[error("missing field '{path}'")]
+    MissingField { path: String },
+    #[error("field '{path}' is not a string")]
+    NotAString { path: String },
+    #[error("field '{path}' is not a list")]
+    NotAList { path: String },
+    #[error("field '{path}' has a non-string entry {entry}")]
+    NonStringEntry { path: String, entry: Value },
+    #[error("field '{path}' is not an answer index: {value}")]
+    NotAnIndex { path: String, value: Value },
+    #[error("'choices.text' has {texts} entries but 'choices.label' has {labels}")]
+    ChoiceLabelCount { texts: usize, labels: usize },
+    #[error("answerKey {key:?} is not one of the labels {labels:?}")]
+    UnknownAnswerKey { key: String, labels: Vec<String> },
+    #[error("no choices")]
+    NoChoices,
+    #[error("gold answer index {gold} is out of range for {choices} choices")]
+    GoldOutOfRange { gold: usize, choices: usize },
+}
+
+/// Why a line of a task's data file was rejected (the file and line are named by
+/// [`EvalError::Data`]).
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("not a JSON object: {0}")]
+    Json(#[source] serde_json::Error),
+    #[error("not a JSON object")]
+    NotAnObject,
+    #[error("{task} record: {source}")]
+    Record {
+        task: Task,
+        #[source]
+        source: RecordError,
+    },
+}
+
+/// A task name that is not one of [`Task::ALL`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown task {name:?} (expected one of {})", task_names())]
+pub struct UnknownTask {
+    pub name: String,
+}
+
+fn task_names() -> String {
+    let names: Vec<_> = Task::ALL.iter().map(|t| t.name()).collect();
+    names.join(", ")
+}
+
 /// A zero-shot task and the JSON Lines layout it reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Task {
@@ -60,22 +112,24 @@ impl Task {
     }
 
     /// Turns one JSON record into an [`Example`] (with `line` 0; see [`parse_examples`]).
-    pub fn parse_record(self, record: &Value) -> Result<Example, String> {
+    pub fn parse_record(self, record: &Value) -> Result<Example, RecordError> {
         match self {
             Task::ArcEasy | Task::ArcChallenge => {
                 let question = string_field(record, "question")?;
                 let texts = string_list(record, "choices.text")?;
                 let labels = string_list(record, "choices.label")?;
                 if texts.len() != labels.len() {
-                    return Err(format!(
-                        "'choices.text' has {} entries but 'choices.label' has {}",
-                        texts.len(),
-                        labels.len()
-                    ));
+                    return Err(RecordError::ChoiceLabelCount {
+                        texts: texts.len(),
+                        labels: labels.len(),
+                    });
                 }
                 let key = string_field(record, "answerKey")?;
                 let gold = labels.iter().position(|l| l == key).ok_or_else(|| {
-                    format!("answerKey {key:?} is not one of the labels {labels:?}")
+                    RecordError::UnknownAnswerKey {
+                        key: key.to_string(),
+                        labels: labels.clone(),
+                    }
                 })?;
                 Example::new(format!("Question: {question}\nAnswer:"), texts, gold)
             }
@@ -114,16 +168,15 @@ impl std::fmt::Display for Task {
 }
 
 impl FromStr for Task {
-    type Err = String;
+    type Err = UnknownTask;
 
-    fn from_str(s: &str) -> Result<Task, String> {
+    fn from_str(s: &str) -> Result<Task, UnknownTask> {
         let key = s.trim().to_ascii_lowercase().replace('_', "-");
         Task::ALL
             .into_iter()
             .find(|t| t.name() == key)
-            .ok_or_else(|| {
-                let names: Vec<_> = Task::ALL.iter().map(|t| t.name()).collect();
-                format!("unknown task {s:?} (expected one of {})", names.join(", "))
+            .ok_or_else(|| UnknownTask {
+                name: s.to_string(),
             })
     }
 }
@@ -141,15 +194,15 @@ pub struct Example {
 }
 
 impl Example {
-    fn new(context: String, choices: Vec<String>, gold: usize) -> Result<Example, String> {
+    fn new(context: String, choices: Vec<String>, gold: usize) -> Result<Example, RecordError> {
         if choices.is_empty() {
-            return Err("no choices".into());
+            return Err(RecordError::NoChoices);
         }
         if gold >= choices.len() {
-            return Err(format!(
-                "gold answer index {gold} is out of range for {} choices",
-                choices.len()
-            ));
+            return Err(RecordError::GoldOutOfRange {
+                gold,
+                choices: choices.len(),
+            });
         }
         Ok(Example {
             line: 0,
@@ -184,19 +237,18 @@ pub fn parse_examples(
         if line.trim().is_empty() {
             continue;
         }
-        let error = |message: String| EvalError::Data {
+        let error = |source: DataError| EvalError::Data {
             source_name: source_name.to_string(),
             line: i + 1,
-            message,
+            source,
         };
-        let record: Value =
-            serde_json::from_str(line).map_err(|e| error(format!("not a JSON object: {e}")))?;
+        let record: Value = serde_json::from_str(line).map_err(|e| error(DataError::Json(e)))?;
         if !record.is_object() {
-            return Err(error("not a JSON object".into()));
+            return Err(error(DataError::NotAnObject));
         }
         let mut example = task
             .parse_record(&record)
-            .map_err(|m| error(format!("{task} record: {m}")))?;
+            .map_err(|source| error(DataError::Record { task, source }))?;
         example.line = i + 1;
         examples.push(example);
     }
@@ -216,38 +268,45 @@ pub fn load_examples(
     parse_examples(task, &text, &path.display().to_string(), limit)
 }
 
-fn field<'a>(record: &'a Value, path: &str) -> Result<&'a Value, String> {
+fn field<'a>(record: &'a Value, path: &str) -> Result<&'a Value, RecordError> {
     let mut v = record;
     for key in path.split('.') {
-        v = v
-            .get(key)
-            .ok_or_else(|| format!("missing field '{path}'"))?;
+        v = v.get(key).ok_or_else(|| RecordError::MissingField {
+            path: path.to_string(),
+        })?;
     }
     Ok(v)
 }
 
-fn string_field<'a>(record: &'a Value, path: &str) -> Result<&'a str, String> {
+fn string_field<'a>(record: &'a Value, path: &str) -> Result<&'a str, RecordError> {
     field(record, path)?
         .as_str()
-        .ok_or_else(|| format!("field '{path}' is not a string"))
+        .ok_or_else(|| RecordError::NotAString {
+            path: path.to_string(),
+        })
 }
 
-fn string_list(record: &Value, path: &str) -> Result<Vec<String>, String> {
+fn string_list(record: &Value, path: &str) -> Result<Vec<String>, RecordError> {
     let items = field(record, path)?
         .as_array()
-        .ok_or_else(|| format!("field '{path}' is not a list"))?;
+        .ok_or_else(|| RecordError::NotAList {
+            path: path.to_string(),
+        })?;
     items
         .iter()
         .map(|v| {
             v.as_str()
                 .map(str::to_string)
-                .ok_or_else(|| format!("field '{path}' has a non-string entry {v}"))
+                .ok_or_else(|| RecordError::NonStringEntry {
+                    path: path.to_string(),
+                    entry: v.clone(),
+                })
         })
         .collect()
 }
 
 /// An answer index given as a JSON integer or a string of digits (HellaSwag's `"2"`).
-fn index_field(record: &Value, path: &str) -> Result<usize, String> {
+fn index_field(record: &Value, path: &str) -> Result<usize, RecordError> {
     let v = field(record, path)?;
     let index = match v {
         Value::Number(n) => n.as_u64(),
@@ -256,7 +315,10 @@ fn index_field(record: &Value, path: &str) -> Result<usize, String> {
     };
     index
         .and_then(|i| usize::try_from(i).ok())
-        .ok_or_else(|| format!("field '{path}' is not an answer index: {v}"))
+        .ok_or_else(|| RecordError::NotAnIndex {
+            path: path.to_string(),
+            value: v.clone(),
+        })
 }
 
 /// Python's `str.capitalize()`: the first character upper-cased, the rest lower-cased.
@@ -612,7 +674,10 @@ mod tests {
         assert_eq!(ex.gold, 1);
         let bad = serde_json::json!({"question": "Q?", "choices": {"text": ["a"],
             "label": ["A"]}, "answerKey": "B"});
-        let err = Task::ArcChallenge.parse_record(&bad).unwrap_err();
+        let err = Task::ArcChallenge
+            .parse_record(&bad)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("answerKey \"B\""), "{err}");
         let piqa = serde_json::json!({"goal": "g", "sol1": "x", "sol2": "y", "label": 1});
         let ex = Task::Piqa.parse_record(&piqa).unwrap();
@@ -622,6 +687,7 @@ mod tests {
             Task::Piqa
                 .parse_record(&piqa)
                 .unwrap_err()
+                .to_string()
                 .contains("out of range")
         );
     }
@@ -652,7 +718,10 @@ mod tests {
             assert_eq!(t.name().parse::<Task>().unwrap(), t);
         }
         assert_eq!("ARC_Easy".parse::<Task>().unwrap(), Task::ArcEasy);
-        assert!("mmlu".parse::<Task>().is_err());
+        assert_eq!(
+            "mmlu".parse::<Task>().unwrap_err().to_string(),
+            "unknown task \"mmlu\" (expected one of arc-easy, arc-challenge, piqa, hellaswag)"
+        );
     }
 
     #[test]

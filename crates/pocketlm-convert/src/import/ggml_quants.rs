@@ -140,20 +140,49 @@ impl GgmlType {
 
     /// Bytes taken by a row of `n` elements; errors if the layout is unknown, `n` is not a
     /// whole number of blocks, or the size overflows.
-    pub fn row_bytes(self, n: usize) -> Result<usize, String> {
+    pub fn row_bytes(self, n: usize) -> Result<usize, GgmlError> {
         let (block, bytes) = self
             .geometry()
-            .ok_or_else(|| format!("unknown block layout for ggml type {}", self.name()))?;
+            .ok_or(GgmlError::UnknownLayout { ty: self })?;
         if !n.is_multiple_of(block) {
-            return Err(format!(
-                "{n} elements is not a multiple of the {} block size {block}",
-                self.name()
-            ));
+            return Err(GgmlError::PartialBlock {
+                ty: self,
+                elements: n,
+                block,
+            });
         }
         (n / block)
             .checked_mul(bytes)
-            .ok_or_else(|| format!("{n} elements of {} overflow the byte size", self.name()))
+            .ok_or(GgmlError::SizeOverflow {
+                ty: self,
+                elements: n,
+            })
     }
+}
+
+/// Why ggml data of a type could not be sized or dequantized.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum GgmlError {
+    #[error("unknown block layout for ggml type {}", .ty.name())]
+    UnknownLayout { ty: GgmlType },
+    #[error("{elements} elements is not a multiple of the {} block size {block}", .ty.name())]
+    PartialBlock {
+        ty: GgmlType,
+        elements: usize,
+        block: usize,
+    },
+    #[error("{elements} elements of {} overflow the byte size", .ty.name())]
+    SizeOverflow { ty: GgmlType, elements: usize },
+    /// The data is not exactly the size of `elements` values of the type.
+    #[error("{elements} {} elements need {expected} bytes, got {actual}", .ty.name())]
+    ByteCount {
+        ty: GgmlType,
+        elements: usize,
+        expected: usize,
+        actual: usize,
+    },
+    #[error("dequantizing {} is not supported", .ty.name())]
+    Unsupported { ty: GgmlType },
 }
 
 /// Types this crate only sizes: (name, elements per block, bytes per block).
@@ -187,14 +216,15 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
 
 /// Converts `n_elements` values stored as `ty` in `bytes` to f32. `bytes` must be exactly
 /// the tensor's size; mismatches and unsupported types are errors, never panics.
-pub fn dequantize(ty: GgmlType, bytes: &[u8], n_elements: usize) -> Result<Vec<f32>, String> {
+pub fn dequantize(ty: GgmlType, bytes: &[u8], n_elements: usize) -> Result<Vec<f32>, GgmlError> {
     let expected = ty.row_bytes(n_elements)?;
     if bytes.len() != expected {
-        return Err(format!(
-            "{n_elements} {} elements need {expected} bytes, got {}",
-            ty.name(),
-            bytes.len()
-        ));
+        return Err(GgmlError::ByteCount {
+            ty,
+            elements: n_elements,
+            expected,
+            actual: bytes.len(),
+        });
     }
     let mut out = vec![0.0f32; n_elements];
     dequantize_into(ty, bytes, &mut out)?;
@@ -202,15 +232,15 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n_elements: usize) -> Result<Vec<f
 }
 
 /// Like [`dequantize`], writing into `out` (whose length is the element count).
-pub fn dequantize_into(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(), String> {
+pub fn dequantize_into(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(), GgmlError> {
     let expected = ty.row_bytes(out.len())?;
     if bytes.len() != expected {
-        return Err(format!(
-            "{} {} elements need {expected} bytes, got {}",
-            out.len(),
-            ty.name(),
-            bytes.len()
-        ));
+        return Err(GgmlError::ByteCount {
+            ty,
+            elements: out.len(),
+            expected,
+            actual: bytes.len(),
+        });
     }
     // From here on every block slice below is in bounds: bytes.len() == blocks * block_bytes
     // and out.len() == blocks * block_size.
@@ -246,7 +276,7 @@ pub fn dequantize_into(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<()
         GgmlType::Q6K => blocks.for_each(|(b, y)| dequant_q6_k(b, y)),
         GgmlType::Q8K => blocks.for_each(|(b, y)| dequant_q8_k(b, y)),
         GgmlType::Q3K | GgmlType::Unsupported(_) => {
-            return Err(format!("dequantizing {} is not supported", ty.name()));
+            return Err(GgmlError::Unsupported { ty });
         }
     }
     Ok(())

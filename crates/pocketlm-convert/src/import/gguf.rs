@@ -15,7 +15,7 @@ use std::sync::Arc;
 use memmap2::Mmap;
 use serde_json::json;
 
-use super::ggml_quants::{self, GgmlType};
+use super::ggml_quants::{self, GgmlError, GgmlType};
 use super::{
     ImportError, ImportedModel, SourceTensor, TensorSource, TokenizerSpec,
     unpermute_interleaved_rope_rows,
@@ -38,6 +38,94 @@ const MAX_TENSOR_NAME_LEN: u64 = 1024;
 /// length (8) + n_dims (4) + type (4) + offset (8).
 const MIN_KV_BYTES: usize = 13;
 const MIN_TENSOR_INFO_BYTES: usize = 24;
+
+/// Why a value could not be read from a GGUF file's header, metadata or tensor descriptors
+/// (where in the file is named by [`ImportError::Gguf`]'s [`GgufSection`]). `at` is a byte
+/// offset in the file.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum GgufError {
+    #[error("need {needed} bytes at byte {at} but the file ends at {file_len}")]
+    Truncated {
+        needed: usize,
+        at: usize,
+        file_len: usize,
+    },
+    /// A count of items that cannot fit in the bytes left.
+    #[error("{what} count {count} at byte {at} exceeds the {left} bytes left in the file")]
+    CountTooLarge {
+        what: &'static str,
+        count: u64,
+        at: usize,
+        left: usize,
+    },
+    #[error("string length {len} at byte {at} exceeds the limit {limit}")]
+    StringOverLimit { len: u64, at: usize, limit: u64 },
+    #[error("string length {len} at byte {at} exceeds the {left} bytes left in the file")]
+    StringPastEnd { len: u64, at: usize, left: usize },
+    #[error("unknown value type {type_id} at byte {at}")]
+    UnknownValueType { type_id: u32, at: usize },
+    #[error("invalid bool byte {byte} at byte {at}")]
+    InvalidBool { byte: u8, at: usize },
+    #[error("arrays nested deeper than {max} at byte {at}", max = MAX_ARRAY_DEPTH)]
+    ArrayTooDeep { at: usize },
+    #[error("unknown array element type {type_id} at byte {at}")]
+    UnknownArrayType { type_id: u32, at: usize },
+    #[error("{n_dims} dimensions (must be 1..={max})", max = MAX_DIMS)]
+    Rank { n_dims: u32 },
+    #[error("dimension {dim} is too large")]
+    DimensionTooLarge { dim: u64 },
+    #[error("element count overflows")]
+    ElementCountOverflow,
+    #[error("unknown ggml type id {type_id}")]
+    UnknownGgmlType { type_id: u32 },
+    /// The tensor's rows do not fit its type's blocks.
+    #[error(transparent)]
+    Layout(#[from] GgmlError),
+    #[error("byte size overflows")]
+    ByteSizeOverflow,
+}
+
+/// The part of a GGUF file a [`GgufError`] was met in; `entry` counts from 0 and `at` is the
+/// byte offset where the part starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GgufSection {
+    Header,
+    MetadataKey {
+        entry: u64,
+        at: usize,
+    },
+    MetadataValue {
+        key: String,
+        entry: u64,
+    },
+    /// `name` once the tensor's name was read.
+    TensorInfo {
+        entry: u64,
+        at: usize,
+        name: Option<String>,
+    },
+}
+
+impl std::fmt::Display for GgufSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GgufSection::Header => f.write_str("header"),
+            GgufSection::MetadataKey { entry, at } => {
+                write!(f, "metadata entry #{entry} key (at byte {at})")
+            }
+            GgufSection::MetadataValue { key, entry } => {
+                write!(f, "metadata '{key}' (entry #{entry})")
+            }
+            GgufSection::TensorInfo { entry, at, name } => {
+                write!(f, "tensor info #{entry} (at byte {at})")?;
+                match name {
+                    Some(name) => write!(f, ": '{name}'"),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+}
 
 /// A metadata value.
 #[derive(Clone, Debug, PartialEq)]
@@ -299,14 +387,20 @@ impl GgufFile {
         let file_len = bytes.len() as u64;
         let mut r = Reader { buf: bytes, pos: 0 };
         let err = |msg: String| ImportError::invalid(path, msg);
+        let read = |section: GgufSection, source: GgufError| ImportError::Gguf {
+            path: path.to_path_buf(),
+            section,
+            source,
+        };
+        let header = |source| read(GgufSection::Header, source);
 
-        let magic = r.take(4).map_err(|e| err(format!("header: {e}")))?;
+        let magic = r.take(4).map_err(header)?;
         if magic != GGUF_MAGIC {
             return Err(err(format!(
                 "not a GGUF file (magic {magic:02x?}, expected \"GGUF\")"
             )));
         }
-        let version = r.u32().map_err(|e| err(format!("header: {e}")))?;
+        let version = r.u32().map_err(header)?;
         match version {
             2 | 3 => {}
             1 => return Err(err("GGUF version 1 is not supported (only 2 and 3)".into())),
@@ -315,8 +409,8 @@ impl GgufFile {
             }
             v => return Err(err(format!("unsupported GGUF version {v} (only 2 and 3)"))),
         }
-        let tensor_count = r.u64().map_err(|e| err(format!("header: {e}")))?;
-        let kv_count = r.u64().map_err(|e| err(format!("header: {e}")))?;
+        let tensor_count = r.u64().map_err(header)?;
+        let kv_count = r.u64().map_err(header)?;
         // Counts are bounded by the bytes left so a hostile header cannot make us allocate.
         let remaining = r.remaining() as u64;
         if kv_count > remaining / MIN_KV_BYTES as u64 {
@@ -334,12 +428,24 @@ impl GgufFile {
         let mut index = HashMap::with_capacity(kv_count as usize);
         for i in 0..kv_count {
             let start = r.pos;
-            let key = r
-                .string(MAX_KEY_LEN)
-                .map_err(|e| err(format!("metadata entry #{i} key (at byte {start}): {e}")))?;
-            let value = r
-                .typed_value()
-                .map_err(|e| err(format!("metadata '{key}' (entry #{i}): {e}")))?;
+            let key = r.string(MAX_KEY_LEN).map_err(|e| {
+                read(
+                    GgufSection::MetadataKey {
+                        entry: i,
+                        at: start,
+                    },
+                    e,
+                )
+            })?;
+            let value = r.typed_value().map_err(|e| {
+                read(
+                    GgufSection::MetadataValue {
+                        key: key.clone(),
+                        entry: i,
+                    },
+                    e,
+                )
+            })?;
             if index.insert(key.clone(), metadata.len()).is_some() {
                 return Err(err(format!("duplicate metadata key '{key}'")));
             }
@@ -362,9 +468,17 @@ impl GgufFile {
         let mut tensor_index = HashMap::with_capacity(tensor_count as usize);
         for i in 0..tensor_count {
             let start = r.pos;
+            let section = |name: Option<&str>| GgufSection::TensorInfo {
+                entry: i,
+                at: start,
+                name: name.map(str::to_string),
+            };
+            let name = r
+                .string(MAX_TENSOR_NAME_LEN)
+                .map_err(|e| read(section(None), e))?;
             let info = r
-                .tensor_info()
-                .map_err(|e| err(format!("tensor info #{i} (at byte {start}): {e}")))?;
+                .tensor_info(&name)
+                .map_err(|e| read(section(Some(&name)), e))?;
             if tensor_index
                 .insert(info.name.clone(), tensors.len())
                 .is_some()
@@ -482,8 +596,13 @@ impl GgufFile {
     /// Dequantizes a tensor as stored (ggml layout, no reordering).
     pub fn dequantize(&self, info: &GgufTensorInfo) -> Result<Vec<f32>, ImportError> {
         let bytes = self.tensor_bytes(info)?;
-        ggml_quants::dequantize(info.ggml_type, bytes, info.n_elements)
-            .map_err(|e| ImportError::tensor(&self.path, &info.name, e))
+        ggml_quants::dequantize(info.ggml_type, bytes, info.n_elements).map_err(|source| {
+            ImportError::Dequantize {
+                path: self.path.clone(),
+                name: info.name.clone(),
+                source,
+            }
+        })
     }
 
     /// A string value, erroring if the key exists with another type.
@@ -544,73 +663,78 @@ impl<'a> Reader<'a> {
         self.buf.len() - self.pos
     }
 
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], GgufError> {
         if n > self.remaining() {
-            return Err(format!(
-                "need {n} bytes at byte {} but the file ends at {}",
-                self.pos,
-                self.buf.len()
-            ));
+            return Err(GgufError::Truncated {
+                needed: n,
+                at: self.pos,
+                file_len: self.buf.len(),
+            });
         }
         let s = &self.buf[self.pos..self.pos + n];
         self.pos += n;
         Ok(s)
     }
 
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], GgufError> {
         let s = self.take(N)?;
         let mut a = [0u8; N];
         a.copy_from_slice(s);
         Ok(a)
     }
 
-    fn u32(&mut self) -> Result<u32, String> {
+    fn u32(&mut self) -> Result<u32, GgufError> {
         self.array().map(u32::from_le_bytes)
     }
 
-    fn u64(&mut self) -> Result<u64, String> {
+    fn u64(&mut self) -> Result<u64, GgufError> {
         self.array().map(u64::from_le_bytes)
     }
 
     /// A u64 count of items each at least `min_size` bytes, checked against what is left.
-    fn count(&mut self, min_size: usize, what: &str) -> Result<usize, String> {
+    fn count(&mut self, min_size: usize, what: &'static str) -> Result<usize, GgufError> {
         let at = self.pos;
         let n = self.u64()?;
         let room = (self.remaining() / min_size.max(1)) as u64;
         if n > room {
-            return Err(format!(
-                "{what} count {n} at byte {at} exceeds the {} bytes left in the file",
-                self.remaining()
-            ));
+            return Err(GgufError::CountTooLarge {
+                what,
+                count: n,
+                at,
+                left: self.remaining(),
+            });
         }
         Ok(n as usize)
     }
 
-    fn string(&mut self, max_len: u64) -> Result<String, String> {
+    fn string(&mut self, max_len: u64) -> Result<String, GgufError> {
         let at = self.pos;
         let len = self.u64()?;
         if len > max_len {
-            return Err(format!(
-                "string length {len} at byte {at} exceeds the limit {max_len}"
-            ));
+            return Err(GgufError::StringOverLimit {
+                len,
+                at,
+                limit: max_len,
+            });
         }
         if len > self.remaining() as u64 {
-            return Err(format!(
-                "string length {len} at byte {at} exceeds the {} bytes left in the file",
-                self.remaining()
-            ));
+            return Err(GgufError::StringPastEnd {
+                len,
+                at,
+                left: self.remaining(),
+            });
         }
         let bytes = self.take(len as usize)?;
         // Invalid UTF-8 is not a safety problem; keep going with replacement characters.
         Ok(String::from_utf8_lossy(bytes).into_owned())
     }
 
-    fn typed_value(&mut self) -> Result<GgufValue, String> {
+    fn typed_value(&mut self) -> Result<GgufValue, GgufError> {
         let ty = self.u32()?;
         self.value(ty)
     }
 
-    fn value(&mut self, ty: u32) -> Result<GgufValue, String> {
+    fn value(&mut self, ty: u32) -> Result<GgufValue, GgufError> {
         Ok(match ty {
             0 => GgufValue::U8(self.array::<1>()?[0]),
             1 => GgufValue::I8(self.array::<1>()?[0] as i8),
@@ -626,29 +750,26 @@ impl<'a> Reader<'a> {
             11 => GgufValue::I64(i64::from_le_bytes(self.array()?)),
             12 => GgufValue::F64(f64::from_le_bytes(self.array()?)),
             other => {
-                return Err(format!(
-                    "unknown value type {other} at byte {}",
-                    self.pos - 4
-                ));
+                return Err(GgufError::UnknownValueType {
+                    type_id: other,
+                    at: self.pos - 4,
+                });
             }
         })
     }
 
-    fn bool(&mut self) -> Result<bool, String> {
+    fn bool(&mut self) -> Result<bool, GgufError> {
         let at = self.pos;
         match self.array::<1>()?[0] {
             0 => Ok(false),
             1 => Ok(true),
-            b => Err(format!("invalid bool byte {b} at byte {at}")),
+            byte => Err(GgufError::InvalidBool { byte, at }),
         }
     }
 
-    fn array_value(&mut self, depth: usize) -> Result<GgufArray, String> {
+    fn array_value(&mut self, depth: usize) -> Result<GgufArray, GgufError> {
         if depth > MAX_ARRAY_DEPTH {
-            return Err(format!(
-                "arrays nested deeper than {MAX_ARRAY_DEPTH} at byte {}",
-                self.pos
-            ));
+            return Err(GgufError::ArrayTooDeep { at: self.pos });
         }
         let ty = self.u32()?;
         macro_rules! items {
@@ -676,52 +797,49 @@ impl<'a> Reader<'a> {
             11 => items!(I64, 8, |r: &mut Self| r.array().map(i64::from_le_bytes)),
             12 => items!(F64, 8, |r: &mut Self| r.array().map(f64::from_le_bytes)),
             other => {
-                return Err(format!(
-                    "unknown array element type {other} at byte {}",
-                    self.pos - 4
-                ));
+                return Err(GgufError::UnknownArrayType {
+                    type_id: other,
+                    at: self.pos - 4,
+                });
             }
         })
     }
 
-    fn tensor_info(&mut self) -> Result<GgufTensorInfo, String> {
-        let name = self.string(MAX_TENSOR_NAME_LEN)?;
-        let ctx = |e: String| format!("'{name}': {e}");
-        let n_dims = self.u32().map_err(ctx)?;
+    /// The rest of a tensor descriptor, after its `name`.
+    fn tensor_info(&mut self, name: &str) -> Result<GgufTensorInfo, GgufError> {
+        let n_dims = self.u32()?;
         if n_dims == 0 || n_dims as usize > MAX_DIMS {
-            return Err(ctx(format!("{n_dims} dimensions (must be 1..={MAX_DIMS})")));
+            return Err(GgufError::Rank { n_dims });
         }
         let mut dims = Vec::with_capacity(n_dims as usize);
         let mut n_elements: usize = 1;
         for _ in 0..n_dims {
-            let d = self.u64().map_err(ctx)?;
+            let d = self.u64()?;
             // ggml stores dims as int64; anything that does not fit usize cannot be mapped.
             let du = usize::try_from(d)
                 .ok()
                 .filter(|_| d <= i64::MAX as u64)
-                .ok_or_else(|| ctx(format!("dimension {d} is too large")))?;
+                .ok_or(GgufError::DimensionTooLarge { dim: d })?;
             n_elements = n_elements
                 .checked_mul(du)
-                .ok_or_else(|| ctx("element count overflows".into()))?;
+                .ok_or(GgufError::ElementCountOverflow)?;
             dims.push(d);
         }
-        let type_id = self.u32().map_err(ctx)?;
+        let type_id = self.u32()?;
         let ggml_type = GgmlType::from_id(type_id);
-        let offset = self.u64().map_err(ctx)?;
+        let offset = self.u64()?;
         if ggml_type.geometry().is_none() {
-            return Err(ctx(format!("unknown ggml type id {type_id}")));
+            return Err(GgufError::UnknownGgmlType { type_id });
         }
-        let row = ggml_type.row_bytes(dims[0] as usize).map_err(ctx)?;
+        let row = ggml_type.row_bytes(dims[0] as usize)?;
         let rows = if dims[0] == 0 {
             0
         } else {
             n_elements / dims[0] as usize
         };
-        let n_bytes = row
-            .checked_mul(rows)
-            .ok_or_else(|| ctx("byte size overflows".into()))?;
+        let n_bytes = row.checked_mul(rows).ok_or(GgufError::ByteSizeOverflow)?;
         Ok(GgufTensorInfo {
-            name,
+            name: name.to_string(),
             dims,
             ggml_type,
             offset,
@@ -1283,8 +1401,8 @@ mod tests {
         }
     }
 
-    fn parse(bytes: Vec<u8>) -> Result<GgufFile, String> {
-        GgufFile::from_bytes(Path::new("mem.gguf"), bytes).map_err(|e| e.to_string())
+    fn parse(bytes: Vec<u8>) -> Result<GgufFile, ImportError> {
+        GgufFile::from_bytes(Path::new("mem.gguf"), bytes)
     }
 
     #[test]
@@ -1362,6 +1480,7 @@ mod tests {
         assert!(
             parse(bad.build())
                 .unwrap_err()
+                .to_string()
                 .contains("general.alignment")
         );
 
@@ -1370,7 +1489,9 @@ mod tests {
             .tensor("a", &[4])
             .tensor("blk.3.ffn_up.weight", &[16])
             .build();
-        let e = parse(bytes[..bytes.len() - 8].to_vec()).unwrap_err();
+        let e = parse(bytes[..bytes.len() - 8].to_vec())
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("tensor 'blk.3.ffn_up.weight': data range"),
             "{e}"
@@ -1388,7 +1509,7 @@ mod tests {
     #[test]
     fn hostile_headers_are_errors() {
         let expect = |bytes: Vec<u8>, what: &str| {
-            let e = parse(bytes).unwrap_err();
+            let e = parse(bytes).unwrap_err().to_string();
             assert!(e.contains(what), "expected {what:?} in {e:?}");
             assert!(e.starts_with("mem.gguf: "), "{e}");
         };
@@ -1439,6 +1560,22 @@ mod tests {
         );
         // tensor infos
         expect(tensor_image(&[1, 1, 1, 1, 1], 0), "dimensions");
+        let e = parse(tensor_image(&[1, 1, 1, 1, 1], 0)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "mem.gguf: tensor info #0 (at byte 24): 'w': 5 dimensions (must be 1..=4)"
+        );
+        assert!(
+            matches!(
+                &e,
+                ImportError::Gguf {
+                    section: GgufSection::TensorInfo { name: Some(name), .. },
+                    source: GgufError::Rank { n_dims: 5 },
+                    ..
+                } if name == "w"
+            ),
+            "{e:?}"
+        );
         expect(tensor_image(&[], 0), "dimensions");
         expect(tensor_image(&[1 << 40, 1 << 40], 0), "overflows");
         expect(tensor_image(&[u64::MAX], 0), "too large");

@@ -37,6 +37,22 @@ pub enum ImportError {
     },
     #[error("{path}: tokenizer: {message}")]
     Tokenizer { path: PathBuf, message: String },
+    /// A GGUF file's header, metadata or tensor descriptors could not be read.
+    #[error("{path}: {section}: {source}")]
+    Gguf {
+        path: PathBuf,
+        section: gguf::GgufSection,
+        #[source]
+        source: gguf::GgufError,
+    },
+    /// A tensor's stored data could not be dequantized.
+    #[error("{path}: tensor '{name}': {source}")]
+    Dequantize {
+        path: PathBuf,
+        name: String,
+        #[source]
+        source: ggml_quants::GgmlError,
+    },
 }
 
 impl ImportError {

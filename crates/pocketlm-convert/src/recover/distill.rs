@@ -28,12 +28,12 @@ use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef, Par};
 use rayon::prelude::*;
 
-use super::train::{Adam, Forward, Layout, Param, build_forward, err, rms};
-use super::{BlockTensor, Distillation, Grid, Rates, Recovery};
+use super::train::{Adam, Forward, Layout, Param, build_forward, rms};
+use super::{BlockTensor, Distillation, Grid, Rates, RecoverError, Recovery};
 use pocketlm_format::config::ModelConfig;
 use pocketlm_runtime::sampler::SplitMix64;
 
-type Result<T> = std::result::Result<T, String>;
+type Result<T> = std::result::Result<T, RecoverError>;
 
 /// Adam step sizes for distillation: latent weights (with [`Recovery::codes`]) in steps of
 /// their group's grid, grid scales and minimum shifts relative to the initial scale, float
@@ -400,17 +400,17 @@ pub fn distill(
     let span = seq_len * d;
     let sequences = student.inputs.len() / span.max(1);
     if sequences == 0 || teacher.positions() != sequences * seq_len {
-        return Err(format!(
-            "distillation: {} teacher positions for {sequences} sequences of {seq_len}",
-            teacher.positions()
-        ));
+        return Err(RecoverError::TeacherPositions {
+            positions: teacher.positions(),
+            sequences,
+            seq_len,
+        });
     }
     if student.blocks.len() != config.num_layers {
-        return Err(format!(
-            "distillation: {} blocks for a model of {}",
-            student.blocks.len(),
-            config.num_layers
-        ));
+        return Err(RecoverError::BlockCount {
+            blocks: student.blocks.len(),
+            layers: config.num_layers,
+        });
     }
     let vocab = student.head.len() / d;
     let (held_ids, train_ids) = split(sequences);
@@ -427,8 +427,7 @@ pub fn distill(
     let forwards = layouts
         .iter()
         .map(|layout| build_forward(config, layout, seq_len, &dev))
-        .collect::<candle_core::Result<Vec<Forward<'_>>>>()
-        .map_err(err)?;
+        .collect::<candle_core::Result<Vec<Forward<'_>>>>()?;
     let tuned = student
         .blocks
         .iter()
@@ -438,10 +437,9 @@ pub fn distill(
                 .map(|t| Tuned::new(t, options.codes, &dev))
                 .collect::<candle_core::Result<Vec<_>>>()
         })
-        .collect::<candle_core::Result<Vec<_>>>()
-        .map_err(err)?;
-    let norm = Tuned::new(student.output_norm, false, &dev).map_err(err)?;
-    let head = Tensor::from_slice(student.head, (vocab, d), &dev).map_err(err)?;
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let norm = Tuned::new(student.output_norm, false, &dev)?;
+    let head = Tensor::from_slice(student.head, (vocab, d), &dev)?;
     let rates = DISTILL_RATES.scaled(options.learning_rate);
     let vars: Vec<(Var, f64)> = tuned
         .iter()
@@ -571,10 +569,10 @@ pub fn distill(
         Ok((value, found))
     };
 
-    let kl_before = held().map_err(err)?;
-    let train_kl_before = mean_loss(&scored_ids).map_err(err)?;
+    let kl_before = held()?;
+    let train_kl_before = mean_loss(&scored_ids)?;
     let variables: Vec<Var> = vars.iter().map(|(v, _)| v.clone()).collect();
-    let mut adam = Adam::new(vars).map_err(err)?;
+    let mut adam = Adam::new(vars)?;
     let batches = train.div_ceil(batch);
     let mut rng = SplitMix64(ORDER_SEED);
     let mut order = Vec::new();
@@ -588,25 +586,24 @@ pub fn distill(
         }
         let first = (step % batches) * batch;
         let ids = &order[first..(first + batch).min(train)];
-        let (value, grads) = gradients(ids).map_err(err)?;
+        let (value, grads) = gradients(ids)?;
         if !value.is_finite() {
             log::warn!("distillation diverged at step {step}; keeping the best check so far");
             break;
         }
         adam.step_scaled(step_size(step, options.steps), |var| {
             grads.get(&var.id()).cloned()
-        })
-        .map_err(err)?;
+        })?;
         progress(step + 1, value);
         let done = step + 1;
         if done.is_multiple_of(CHECK_EVERY) || done == options.steps {
-            let kl = held().map_err(err)?;
+            let kl = held()?;
             log::info!("kd: step {done} held-out KL {kl:.4} (best {kl_after:.4})");
             if kl.is_finite() && kl < kl_after {
                 kl_after = kl;
                 best_step = done;
                 let copies = variables.iter().map(|v| v.as_tensor().copy());
-                best = Some(copies.collect::<candle_core::Result<_>>().map_err(err)?);
+                best = Some(copies.collect::<candle_core::Result<_>>()?);
             }
         }
     }
@@ -615,17 +612,17 @@ pub fn distill(
     // not stored) are the ones the training KL is measured on.
     if let Some(best) = &best {
         for (v, b) in variables.iter().zip(best) {
-            v.set(b).map_err(err)?;
+            v.set(b)?;
         }
     }
-    let train_kl_after = mean_loss(&scored_ids).map_err(err)?;
+    let train_kl_after = mean_loss(&scored_ids)?;
     if kept {
         for (ts, tensors) in tuned.iter().zip(student.blocks.iter_mut()) {
             for (t, tensor) in ts.iter().zip(tensors.iter_mut()) {
-                t.store(tensor).map_err(err)?;
+                t.store(tensor)?;
             }
         }
-        norm.store(student.output_norm).map_err(err)?;
+        norm.store(student.output_norm)?;
     }
     Ok(Distillation {
         kl_before,
