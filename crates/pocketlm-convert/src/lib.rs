@@ -173,9 +173,11 @@ pub enum KeepRuleError {
     Syntax { rule: String },
     #[error("'{rule}': empty pattern")]
     EmptyPattern { rule: String },
-    /// The encoding does not parse (`message` is the encoding parser's).
-    #[error("'{rule}': {message}")]
-    Encoding { rule: String, message: String },
+    #[error("'{rule}': {source}")]
+    Encoding {
+        rule: String,
+        source: pocketlm_format::EncodingError,
+    },
 }
 
 impl FromStr for KeepRule {
@@ -191,12 +193,10 @@ impl FromStr for KeepRule {
         }
         Ok(KeepRule {
             pattern: pattern.trim().to_string(),
-            encoding: encoding
-                .parse()
-                .map_err(|message| KeepRuleError::Encoding {
-                    rule: s.to_string(),
-                    message,
-                })?,
+            encoding: encoding.parse().map_err(|source| KeepRuleError::Encoding {
+                rule: s.to_string(),
+                source,
+            })?,
         })
     }
 }

@@ -46,9 +46,12 @@ pub struct BlockRecipe {
 /// Why a block recipe (or a list of them) did not parse; `recipe` is the recipe as given.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum RecipeError {
-    /// An encoding that does not parse (`message` is the encoding parser's).
-    #[error("'{recipe}': {message}")]
-    Encoding { recipe: String, message: String },
+    /// An encoding that does not parse.
+    #[error("'{recipe}': {source}")]
+    Encoding {
+        recipe: String,
+        source: pocketlm_format::EncodingError,
+    },
     /// An encoding the converter picks itself (f16 2:4).
     #[error("'{recipe}': {encoding} is chosen by the converter, not requested (use f16+2:4)")]
     NotRequestable { recipe: String, encoding: Encoding },
@@ -154,9 +157,9 @@ impl FromStr for BlockRecipe {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let recipe_text = || s.to_string();
         let requestable = |encoding: &str| -> Result<Encoding, RecipeError> {
-            let e: Encoding = encoding.parse().map_err(|message| RecipeError::Encoding {
+            let e: Encoding = encoding.parse().map_err(|source| RecipeError::Encoding {
                 recipe: recipe_text(),
-                message,
+                source,
             })?;
             if e.is_dense() || e.is_quantized() {
                 Ok(e)

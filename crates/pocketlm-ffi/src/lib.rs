@@ -390,7 +390,9 @@ impl GenerationConfig {
         };
         sampler
             .validate()
-            .map_err(|reason| PocketLmError::InvalidConfig { reason })?;
+            .map_err(|e| PocketLmError::InvalidConfig {
+                reason: e.to_string(),
+            })?;
         Ok(pocketlm_runtime::GenerateOptions {
             max_tokens: self.max_tokens as usize,
             sampler,

@@ -65,8 +65,8 @@ impl ModelConfig {
         self.num_kv_heads * self.head_dim
     }
 
-    /// Checks the invariants the forward pass relies on; `what` names the source in errors.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks the invariants the forward pass relies on.
+    pub fn validate(&self) -> Result<(), ConfigError> {
         let nonzero = [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
@@ -79,7 +79,7 @@ impl ModelConfig {
         ];
         for (name, value) in nonzero {
             if value == 0 {
-                return Err(format!("{name} must be positive"));
+                return Err(ConfigError::Zero(name));
             }
         }
         // Caps far above any model this runtime targets; they keep shape products from
@@ -99,47 +99,48 @@ impl ModelConfig {
         ];
         for (name, value, cap) in caps {
             if value > cap {
-                return Err(format!(
-                    "{name} = {value} exceeds the supported maximum {cap}"
-                ));
+                return Err(ConfigError::TooLarge { name, value, cap });
             }
         }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
-            return Err(format!(
-                "num_heads ({}) is not a multiple of num_kv_heads ({})",
-                self.num_heads, self.num_kv_heads
-            ));
+            return Err(ConfigError::HeadGroups {
+                heads: self.num_heads,
+                kv_heads: self.num_kv_heads,
+            });
         }
         if !self.head_dim.is_multiple_of(2) {
-            return Err(format!(
-                "head_dim ({}) must be even for rotary embeddings",
-                self.head_dim
-            ));
+            return Err(ConfigError::OddHeadDim(self.head_dim));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
-            return Err("rms_norm_eps must be a finite non-negative number".into());
+            return Err(ConfigError::Number {
+                name: "rms_norm_eps",
+                requirement: "a finite non-negative number",
+            });
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
-            return Err("rope_theta must be a finite positive number".into());
+            return Err(ConfigError::Number {
+                name: "rope_theta",
+                requirement: "a finite positive number",
+            });
         }
         if let Some(r) = &self.rope_scaling {
             let positive = |x: f32| x.is_finite() && x > 0.0;
             if !(positive(r.factor) && positive(r.low_freq_factor) && positive(r.high_freq_factor))
             {
-                return Err(format!(
-                    "rope_scaling factors must be finite and positive, got {r:?}"
-                ));
+                return Err(ConfigError::RopeScaling(format!(
+                    "factors must be finite and positive, got {r:?}"
+                )));
             }
             if r.high_freq_factor <= r.low_freq_factor {
-                return Err(format!(
-                    "rope_scaling high_freq_factor ({}) must exceed low_freq_factor ({})",
+                return Err(ConfigError::RopeScaling(format!(
+                    "high_freq_factor ({}) must exceed low_freq_factor ({})",
                     r.high_freq_factor, r.low_freq_factor
-                ));
+                )));
             }
             if r.original_max_position_embeddings == 0 {
-                return Err(
-                    "rope_scaling original_max_position_embeddings must be positive".into(),
-                );
+                return Err(ConfigError::RopeScaling(
+                    "original_max_position_embeddings must be positive".into(),
+                ));
             }
         }
         Ok(())
@@ -239,6 +240,30 @@ pub mod names {
     }
 }
 
+/// A model configuration the runtime cannot run, and which field says so.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0} must be positive")]
+    Zero(&'static str),
+    #[error("{name} = {value} exceeds the supported maximum {cap}")]
+    TooLarge {
+        name: &'static str,
+        value: usize,
+        cap: usize,
+    },
+    #[error("num_heads ({heads}) is not a multiple of num_kv_heads ({kv_heads})")]
+    HeadGroups { heads: usize, kv_heads: usize },
+    #[error("head_dim ({0}) must be even for rotary embeddings")]
+    OddHeadDim(usize),
+    #[error("{name} must be {requirement}")]
+    Number {
+        name: &'static str,
+        requirement: &'static str,
+    },
+    #[error("rope_scaling {0}")]
+    RopeScaling(String),
+}
+
 /// Every tensor the forward pass reads for `config`, with its row-major shape.
 pub fn expected_tensors(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     let d = config.hidden_size;
@@ -303,9 +328,19 @@ mod tests {
         let mut c = stories260k();
         assert!(c.validate().is_ok());
         c.num_kv_heads = 3;
-        assert!(c.validate().unwrap_err().contains("num_kv_heads"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("num_kv_heads")
+        );
         c.num_kv_heads = 4;
         c.hidden_size = 0;
-        assert!(c.validate().unwrap_err().contains("hidden_size"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("hidden_size")
+        );
     }
 }

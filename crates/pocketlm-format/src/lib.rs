@@ -26,7 +26,7 @@ mod size;
 mod tokenizer_spec;
 pub mod writer;
 
-pub use config::{Architecture, ModelConfig};
+pub use config::{Architecture, ConfigError, ModelConfig};
 pub use reader::{PlmFile, TensorEntry, TensorView};
 pub use size::{SizeError, parse_size};
 pub use tokenizer_spec::TokenizerSpec;
@@ -349,7 +349,11 @@ impl Encoding {
 
     /// Decodes a table entry's code and parameters: `Ok(None)` for an unknown code (a newer
     /// file), `Err` with the reason for parameters that make no sense for the code.
-    pub fn from_table(code: u16, param0: u32, param1: u32) -> Result<Option<Encoding>, String> {
+    pub fn from_table(
+        code: u16,
+        param0: u32,
+        param1: u32,
+    ) -> Result<Option<Encoding>, EncodingError> {
         let encoding = match code {
             16 => Encoding::Q8 { group: param0 },
             256 => Encoding::F16Sparse24,
@@ -374,16 +378,10 @@ impl Encoding {
             },
         };
         if encoding.params() != (param0, param1) {
-            return Err(if encoding.is_quantized() {
-                format!(
-                    "encoding {} has invalid parameters ({param0}, {param1})",
-                    encoding.name()
-                )
-            } else {
-                format!(
-                    "encoding {} takes no parameters, but the table has ({param0}, {param1})",
-                    encoding.name()
-                )
+            return Err(EncodingError::Parameters {
+                encoding: encoding.name(),
+                quantized: encoding.is_quantized(),
+                params: (param0, param1),
             });
         }
         if let Some(group) = encoding.group() {
@@ -485,13 +483,41 @@ impl Encoding {
     }
 }
 
-fn encoding_group_ok(group: u32) -> Result<(), String> {
+fn encoding_group_ok(group: u32) -> Result<(), EncodingError> {
     if group == 0 || !group.is_multiple_of(QUANT_BLOCK as u32) || group > MAX_QUANT_GROUP {
-        return Err(format!(
-            "group size {group} must be a positive multiple of {QUANT_BLOCK} up to {MAX_QUANT_GROUP}"
-        ));
+        return Err(EncodingError::Group(group));
     }
     Ok(())
+}
+
+/// Why an encoding name or a tensor table's encoding entry was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EncodingError {
+    #[error(
+        "unknown encoding '{0}' (expected one of: f32, f16, bf16, q8, q4, q4a, q3, \
+         optionally with /g32, /g64, /g128)"
+    )]
+    Unknown(String),
+    #[error("bad group size in '{0}'")]
+    GroupSyntax(String),
+    #[error("encoding {0} takes no group size")]
+    NoGroup(String),
+    #[error("group size {0} must be a positive multiple of {QUANT_BLOCK} up to {MAX_QUANT_GROUP}")]
+    Group(u32),
+    #[error("{}", parameters_message(encoding, *quantized, *params))]
+    Parameters {
+        encoding: &'static str,
+        quantized: bool,
+        params: (u32, u32),
+    },
+}
+
+fn parameters_message(encoding: &str, quantized: bool, (p0, p1): (u32, u32)) -> String {
+    if quantized {
+        format!("encoding {encoding} has invalid parameters ({p0}, {p1})")
+    } else {
+        format!("encoding {encoding} takes no parameters, but the table has ({p0}, {p1})")
+    }
 }
 
 /// Byte layout of a quantized `[rows, cols]` matrix inside its tensor data, chosen so the
@@ -589,7 +615,7 @@ impl fmt::Display for Encoding {
 }
 
 impl FromStr for Encoding {
-    type Err = String;
+    type Err = EncodingError;
 
     /// Parses `f32`, `f16`, `bf16`, `q8`, `q4`, `q4a`, `q3`, optionally with `/gN` (default group 32).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -599,7 +625,7 @@ impl FromStr for Encoding {
                 b.to_string(),
                 Some(
                     g.parse::<u32>()
-                        .map_err(|_| format!("bad group size in '{s}'"))?,
+                        .map_err(|_| EncodingError::GroupSyntax(s.clone()))?,
                 ),
             ),
             None => (s.clone(), None),
@@ -631,14 +657,9 @@ impl FromStr for Encoding {
                 let dense = Encoding::ALL
                     .into_iter()
                     .find(|e| e.name() == base)
-                    .ok_or_else(|| {
-                        format!(
-                            "unknown encoding '{s}' (expected one of: f32, f16, bf16, q8, q4, q4a, q3, \
-                             optionally with /g32, /g64, /g128)"
-                        )
-                    })?;
+                    .ok_or_else(|| EncodingError::Unknown(s.clone()))?;
                 if group.is_some() {
-                    return Err(format!("encoding {base} takes no group size"));
+                    return Err(EncodingError::NoGroup(base));
                 }
                 dense
             }
@@ -773,7 +794,7 @@ mod tests {
         );
         assert_eq!(Encoding::from_code(3), None);
         assert_eq!("BF16".parse::<Encoding>().unwrap(), Encoding::BF16);
-        let err = "q5".parse::<Encoding>().unwrap_err();
+        let err = "q5".parse::<Encoding>().unwrap_err().to_string();
         assert!(err.contains("'q5'"), "{err}");
         assert_eq!(Encoding::F32.bits_per_weight(), 32.0);
         assert_eq!(Encoding::F16.bits_per_weight(), 16.0);

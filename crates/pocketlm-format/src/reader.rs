@@ -583,7 +583,7 @@ fn parse_table(bytes: &[u8], hdr: &Header) -> Result<Vec<TensorEntry>, PlmError>
         let checksum = cur.u32("checksum")?;
 
         let encoding = Encoding::from_table(code, param0, param1)
-            .map_err(|message| PlmError::tensor(name, message))?
+            .map_err(|e| PlmError::tensor(name, e.to_string()))?
             .ok_or_else(|| PlmError::UnsupportedEncoding {
                 name: name.to_string(),
                 code,

@@ -46,27 +46,34 @@ impl SamplerConfig {
         }
     }
 
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), SamplerError> {
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return Err(format!(
-                "temperature must be finite and >= 0 (0 = greedy), got {}",
-                self.temperature
-            ));
+            return Err(SamplerError::Temperature(self.temperature));
         }
         if !(0.0..=1.0).contains(&self.top_p) {
-            return Err(format!("top_p must be in [0, 1], got {}", self.top_p));
+            return Err(SamplerError::TopP(self.top_p));
         }
         if !(0.0..=1.0).contains(&self.min_p) {
-            return Err(format!("min_p must be in [0, 1], got {}", self.min_p));
+            return Err(SamplerError::MinP(self.min_p));
         }
         if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
-            return Err(format!(
-                "repetition_penalty must be finite and > 0 (1 = off), got {}",
-                self.repetition_penalty
-            ));
+            return Err(SamplerError::RepetitionPenalty(self.repetition_penalty));
         }
         Ok(())
     }
+}
+
+/// A sampler setting out of its range.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SamplerError {
+    #[error("temperature must be finite and >= 0 (0 = greedy), got {0}")]
+    Temperature(f32),
+    #[error("top_p must be in [0, 1], got {0}")]
+    TopP(f32),
+    #[error("min_p must be in [0, 1], got {0}")]
+    MinP(f32),
+    #[error("repetition_penalty must be finite and > 0 (1 = off), got {0}")]
+    RepetitionPenalty(f32),
 }
 
 /// SplitMix64 (Steele, Lea, Flood 2014): tiny, fast, and good enough for sampling.

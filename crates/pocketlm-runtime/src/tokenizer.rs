@@ -10,7 +10,7 @@ use minijinja::{Environment, Error as JinjaError, ErrorKind as JinjaErrorKind};
 
 use pocketlm_format::TokenizerSpec;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum TokenizerError {
     #[error("cannot load tokenizer.json: {0}")]
     Load(String),
@@ -65,7 +65,7 @@ pub struct Tokenizer {
     /// `None`: the model ships no template (the built-in fallback is used).
     /// `Some(Err)`: it ships one that minijinja cannot compile; reported on use, so that a
     /// model with an exotic template still loads for plain completion.
-    template: Option<Result<Environment<'static>, String>>,
+    template: Option<Result<Environment<'static>, TokenizerError>>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -89,7 +89,7 @@ impl Tokenizer {
                 MAX_TOKENIZER_JSON_LEN >> 20
             )));
         }
-        let inner = parse_tokenizer_json(&spec.tokenizer_json).map_err(TokenizerError::Load)?;
+        let inner = parse_tokenizer_json(&spec.tokenizer_json)?;
         let template = spec.chat_template.as_ref().map(|source| {
             build_template_env(source).inspect_err(|e| {
                 log::warn!("chat template does not compile, chat formatting disabled: {e}")
@@ -193,7 +193,7 @@ impl Tokenizer {
                     .render(ctx)
                     .map_err(|e| TokenizerError::Template(describe_jinja_error(&e)))
             }
-            Some(Err(message)) => Err(TokenizerError::Template(message.clone())),
+            Some(Err(error)) => Err(error.clone()),
             None => Ok(self.fallback_chat(messages, add_generation_prompt)),
         }
     }
@@ -250,12 +250,14 @@ fn describe_jinja_error(err: &JinjaError) -> String {
 /// input: it `expect`s inside some component deserializers (found by fuzzing: a syntax error
 /// inside `"decoder"` panics in `DecoderHelper`), so the syntax is checked first, and any
 /// other panic is caught (with `panic = "unwind"`) and reported as a load error.
-pub fn parse_tokenizer_json(json: &str) -> Result<tokenizers::Tokenizer, String> {
+pub fn parse_tokenizer_json(json: &str) -> Result<tokenizers::Tokenizer, TokenizerError> {
     serde_json::from_str::<serde::de::IgnoredAny>(json)
-        .map_err(|e| format!("tokenizer JSON is not valid JSON: {e}"))?;
+        .map_err(|e| TokenizerError::Load(format!("tokenizer JSON is not valid JSON: {e}")))?;
     std::panic::catch_unwind(|| tokenizers::Tokenizer::from_str(json))
-        .map_err(|_| "the tokenizers library panicked on this tokenizer JSON".to_string())?
-        .map_err(|e| e.to_string())
+        .map_err(|_| {
+            TokenizerError::Load("the tokenizers library panicked on this tokenizer JSON".into())
+        })?
+        .map_err(|e| TokenizerError::Load(e.to_string()))
 }
 
 /// Deepest nesting a chat template may use. minijinja's parser and renderer recurse once per
@@ -313,20 +315,20 @@ fn template_nesting(source: &str) -> usize {
     deepest
 }
 
-fn build_template_env(source: &str) -> Result<Environment<'static>, String> {
+fn build_template_env(source: &str) -> Result<Environment<'static>, TokenizerError> {
     if source.len() > MAX_CHAT_TEMPLATE_LEN {
-        return Err(format!(
+        return Err(TokenizerError::Template(format!(
             "chat template is {} bytes, more than the {} KiB limit",
             source.len(),
             MAX_CHAT_TEMPLATE_LEN >> 10
-        ));
+        )));
     }
     let nesting = template_nesting(source);
     if nesting > MAX_TEMPLATE_NESTING {
-        return Err(format!(
+        return Err(TokenizerError::Template(format!(
             "chat template nests {nesting} levels deep (brackets, unary operators or block \
              tags), more than the {MAX_TEMPLATE_NESTING} allowed"
-        ));
+        )));
     }
     let mut env = Environment::new();
     // transformers renders with trim_blocks and lstrip_blocks; templates are written for that.
@@ -334,7 +336,7 @@ fn build_template_env(source: &str) -> Result<Environment<'static>, String> {
         .trim_blocks(true)
         .lstrip_blocks(true)
         .build()
-        .map_err(|e| describe_jinja_error(&e))?;
+        .map_err(|e| TokenizerError::Template(describe_jinja_error(&e)))?;
     env.set_syntax(syntax);
     env.set_fuel(Some(TEMPLATE_FUEL));
     env.add_function(
@@ -345,7 +347,7 @@ fn build_template_env(source: &str) -> Result<Environment<'static>, String> {
     );
     env.set_unknown_method_callback(python_method);
     env.add_template_owned(TEMPLATE_NAME, source.to_string())
-        .map_err(|e| describe_jinja_error(&e))?;
+        .map_err(|e| TokenizerError::Template(describe_jinja_error(&e)))?;
     Ok(env)
 }
 

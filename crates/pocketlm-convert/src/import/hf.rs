@@ -32,7 +32,7 @@ pub fn open(dir: &Path) -> Result<ImportedModel, ImportError> {
     }
     config
         .validate()
-        .map_err(|e| ImportError::invalid(&config_path, e))?;
+        .map_err(|e| ImportError::invalid(&config_path, e.to_string()))?;
     let tokenizer = read_tokenizer(dir, &raw_config)?;
     super::check_required_tensors(dir, &config, &source)?;
 
@@ -212,10 +212,10 @@ fn read_tokenizer(dir: &Path, config: &Value) -> Result<TokenizerSpec, ImportErr
     let tok_path = dir.join("tokenizer.json");
     let tokenizer_json = read_json_text(&tok_path)?;
     let tokenizer =
-        pocketlm_runtime::tokenizer::parse_tokenizer_json(&tokenizer_json).map_err(|message| {
+        pocketlm_runtime::tokenizer::parse_tokenizer_json(&tokenizer_json).map_err(|e| {
             ImportError::Tokenizer {
                 path: tok_path.clone(),
-                message,
+                message: e.to_string(),
             }
         })?;
     let tc_path = dir.join("tokenizer_config.json");

@@ -166,10 +166,15 @@ impl Profile {
     }
 }
 
+/// A profile name other than `small`, `balanced` or `best`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown profile '{0}' (small, balanced, best)")]
+pub struct UnknownProfile(pub String);
+
 impl std::str::FromStr for Profile {
-    type Err = String;
+    type Err = UnknownProfile;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Profile::parse(s).ok_or_else(|| format!("unknown profile '{s}' (small, balanced, best)"))
+        Profile::parse(s).ok_or_else(|| UnknownProfile(s.to_string()))
     }
 }
 
