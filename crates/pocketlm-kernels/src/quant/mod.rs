@@ -12,20 +12,23 @@
 //! ([`dot_scalar`]) reads one weight at a time through [`QuantMatrix::level`]; every SIMD
 //! path ([`x86`], [`arm`]) is tested against it.
 
-/// The kinds as codes, the const parameter the SIMD kernels are specialised on.
+/// The kinds as codes, the const parameter the SIMD kernels are specialised on; their facts
+/// come from the format's table ([`pocketlm_format::QUANT_KINDS`]).
 pub(crate) mod kinds {
-    pub const Q8: u8 = 0;
-    pub const Q4: u8 = 1;
-    pub const Q4A: u8 = 2;
-    pub const Q3: u8 = 3;
-    pub const Q8S: u8 = 4;
-    pub const Q4S: u8 = 5;
-    pub const Q8M: u8 = 6;
-    pub const Q4M: u8 = 7;
+    use pocketlm_format::{QUANT_KINDS, QuantKind, QuantStorage};
+
+    pub const Q8: u8 = QuantKind::Q8 as u8;
+    pub const Q4: u8 = QuantKind::Q4 as u8;
+    pub const Q4A: u8 = QuantKind::Q4Asym as u8;
+    pub const Q3: u8 = QuantKind::Q3 as u8;
+    pub const Q8S: u8 = QuantKind::Q8Sparse48 as u8;
+    pub const Q4S: u8 = QuantKind::Q4Sparse48 as u8;
+    pub const Q8M: u8 = QuantKind::Q8Masked as u8;
+    pub const Q4M: u8 = QuantKind::Q4Masked as u8;
 
     /// Whether `kind` is a masked (unstructured sparse) kind.
     pub const fn is_masked(kind: u8) -> bool {
-        kind == Q8M || kind == Q4M
+        matches!(QUANT_KINDS[kind as usize].storage, QuantStorage::Masked)
     }
 
     /// Bytes of the codes of one piece of masked kind `kind` whose eight row masks are the
@@ -33,18 +36,28 @@ pub(crate) mod kinds {
     #[inline]
     pub const fn masked_piece_bytes(kind: u8, masks: u64) -> usize {
         let kept = masks.count_ones() as usize;
-        if kind == Q4M { kept.div_ceil(2) } else { kept }
+        if QUANT_KINDS[kind as usize].code_bits == 4 {
+            kept.div_ceil(2)
+        } else {
+            kept
+        }
     }
 
-    /// Bytes of one tile block of kind `kind` ([`super::QuantKind::tile_block_bytes`]).
+    /// Bytes of one tile block of kind `kind`.
     pub const fn block_bytes(kind: u8) -> usize {
-        match kind {
-            Q8 => 256,
-            Q8S => 160,
-            Q3 | Q4S => 96,
-            Q8M | Q4M => 32,
-            _ => 128,
-        }
+        QUANT_KINDS[kind as usize].tile_block_bytes()
+    }
+
+    /// The stored code that means level 0, as the kernels subtract it.
+    pub const fn zero_point(kind: u8) -> i32 {
+        QUANT_KINDS[kind as usize].zero_point
+    }
+
+    /// Whether `kind`'s codes are signed bytes (q8): the x86 kernels offset them for
+    /// `vpdpbusd`.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub const fn signed(kind: u8) -> bool {
+        QUANT_KINDS[kind as usize].signed
     }
 }
 
@@ -79,83 +92,16 @@ use pocketlm_format::{
     Encoding, MASKED_CODE_PADDING, QUANT_BLOCK, QuantLayout, TILE_PIECE, TILE_ROWS, TensorView,
 };
 
-/// Which quantized format a matrix uses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum QuantKind {
-    Q8,
-    Q4,
-    Q4Asym,
-    Q3,
-    /// q8 keeping at most 4 of every 8 weights (pruned 2:4 or 4:8): kept codes and a
-    /// position bitmask.
-    Q8Sparse48,
-    /// Symmetric q4 keeping at most 4 of every 8 weights.
-    Q4Sparse48,
-    /// q8 keeping any weights (unstructured): a bitmask per tile block and the kept codes in
-    /// a stream located by per-tile offsets.
-    Q8Masked,
-    /// Symmetric q4 keeping any weights, its kept codes two to a byte.
-    Q4Masked,
-}
+pub use pocketlm_format::QuantKind;
 
-impl QuantKind {
-    /// Bytes of one tile block: [`TILE_ROWS`] rows × [`QUANT_BLOCK`] columns.
-    pub fn tile_block_bytes(self) -> usize {
-        match self {
-            QuantKind::Q8 => TILE_ROWS * QUANT_BLOCK,
-            QuantKind::Q4 | QuantKind::Q4Asym => TILE_ROWS * QUANT_BLOCK / 2,
-            QuantKind::Q3 => TILE_ROWS * QUANT_BLOCK * 3 / 8,
-            QuantKind::Q8Sparse48 => TILE_ROWS * QUANT_BLOCK * 5 / 8,
-            QuantKind::Q4Sparse48 => TILE_ROWS * QUANT_BLOCK * 3 / 8,
-            QuantKind::Q8Masked | QuantKind::Q4Masked => TILE_ROWS * QUANT_BLOCK / 8,
-        }
-    }
-
-    /// Bits stored per weight in the tile blocks, scales aside (sparse kinds: kept codes and
-    /// mask; masked kinds: the mask only, their codes are a separate stream).
-    pub fn code_bits(self) -> usize {
-        match self {
-            QuantKind::Q8 => 8,
-            QuantKind::Q4 | QuantKind::Q4Asym => 4,
-            QuantKind::Q3 | QuantKind::Q4Sparse48 => 3,
-            QuantKind::Q8Sparse48 => 5,
-            QuantKind::Q8Masked | QuantKind::Q4Masked => 1,
-        }
-    }
-
-    /// Masked kinds: bytes of the codes of the pieces whose masks are `masks` (8 bytes a
-    /// piece; q8 one per kept weight, q4 two to a byte with each piece rounded up).
-    #[inline]
-    pub fn masked_code_bytes(self, masks: &[u8]) -> usize {
-        let kind = if self == QuantKind::Q4Masked {
-            kinds::Q4M
-        } else {
-            kinds::Q8M
-        };
-        masks
-            .chunks_exact(8)
-            .map(|m| kinds::masked_piece_bytes(kind, u64::from_le_bytes(m.try_into().unwrap())))
-            .sum()
-    }
-
-    /// Whether the kind keeps any weights (a bitmask and a code stream).
-    pub fn is_masked(self) -> bool {
-        matches!(self, QuantKind::Q8Masked | QuantKind::Q4Masked)
-    }
-
-    /// Whether the kind keeps four weights of every eight (a mask and kept codes).
-    pub fn is_sparse48(self) -> bool {
-        matches!(self, QuantKind::Q8Sparse48 | QuantKind::Q4Sparse48)
-    }
-
-    /// The stored code that means level 0: `level = code − zero_point` (q8 codes are signed).
-    pub fn zero_point(self) -> i32 {
-        match self {
-            QuantKind::Q8 | QuantKind::Q4Asym | QuantKind::Q8Sparse48 | QuantKind::Q8Masked => 0,
-            QuantKind::Q4 | QuantKind::Q4Sparse48 | QuantKind::Q4Masked => 8,
-            QuantKind::Q3 => 4,
-        }
-    }
+/// Masked kinds: bytes of the codes of the pieces whose masks are `masks` (8 bytes a piece;
+/// q8 one per kept weight, q4 two to a byte with each piece rounded up).
+#[inline]
+pub fn masked_code_bytes(kind: QuantKind, masks: &[u8]) -> usize {
+    masks
+        .chunks_exact(8)
+        .map(|m| kinds::masked_piece_bytes(kind as u8, u64::from_le_bytes(m.try_into().unwrap())))
+        .sum()
 }
 
 /// A quantized matrix borrowed from its tensor bytes (zero-copy from the map).
@@ -183,21 +129,7 @@ impl<'a> QuantMatrix<'a> {
     /// Splits a tensor's bytes by `layout`; `None` when the bytes do not match it or the scale
     /// regions are misaligned (impossible for views of a validated file).
     pub fn from_parts(encoding: Encoding, layout: &QuantLayout, bytes: &'a [u8]) -> Option<Self> {
-        let kind = match encoding {
-            Encoding::Q8 { .. } => QuantKind::Q8,
-            Encoding::Q4 {
-                asymmetric: false, ..
-            } => QuantKind::Q4,
-            Encoding::Q4 {
-                asymmetric: true, ..
-            } => QuantKind::Q4Asym,
-            Encoding::Q3 { .. } => QuantKind::Q3,
-            Encoding::Q8Sparse48 { .. } => QuantKind::Q8Sparse48,
-            Encoding::Q4Sparse48 { .. } => QuantKind::Q4Sparse48,
-            Encoding::Q8Masked { .. } => QuantKind::Q8Masked,
-            Encoding::Q4Masked { .. } => QuantKind::Q4Masked,
-            _ => return None,
-        };
+        let kind = encoding.quant_kind()?;
         if bytes.len() != layout.total {
             return None;
         }
@@ -259,7 +191,7 @@ impl<'a> QuantMatrix<'a> {
     /// Bytes of one row: its codes, scales and minimums (masked kinds: the mask and the
     /// stored rows' mean share of the code stream).
     pub fn row_bytes(&self) -> usize {
-        let mut codes = self.cols * self.kind.code_bits() / 8;
+        let mut codes = self.cols * self.kind.block_bits() / 8;
         if self.kind.is_masked() {
             let stored_rows = (self.offsets.len() / 4).saturating_sub(1) * TILE_ROWS;
             let stream = self.codes.len().saturating_sub(MASKED_CODE_PADDING);
@@ -284,7 +216,7 @@ impl<'a> QuantMatrix<'a> {
         };
         let (start, end) = (offset(tile)?, offset(tile + 1)?);
         let fits = start <= end
-            && end - start == self.kind.masked_code_bytes(all_masks)
+            && end - start == masked_code_bytes(self.kind, all_masks)
             && end.checked_add(MASKED_CODE_PADDING)? <= self.codes.len();
         fits.then(|| {
             (
@@ -398,7 +330,7 @@ impl<'a> QuantMatrix<'a> {
                     .map(|m| m.count_ones() as usize)
                     .sum::<usize>()
                     + (mask & ((1u16 << j) - 1) as u8).count_ones() as usize;
-                let at = self.kind.masked_code_bytes(&masks[..piece]);
+                let at = masked_code_bytes(self.kind, &masks[..piece]);
                 return masked_level(self.kind, &codes[at..], n);
             }
         };
@@ -811,7 +743,7 @@ pub(crate) fn expand_masked_tile_scalar(w: &QuantMatrix<'_>, tile: usize, out: &
                     n += 1;
                 }
             }
-            at += w.kind.masked_code_bytes(&masks[8 * k..8 * k + 8]);
+            at += masked_code_bytes(w.kind, &masks[8 * k..8 * k + 8]);
         }
     }
 }

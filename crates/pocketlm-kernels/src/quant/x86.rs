@@ -13,7 +13,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::kinds::{
-    Q3, Q4, Q4A, Q4M, Q4S, Q8, Q8M, Q8S, block_bytes, is_masked, masked_piece_bytes,
+    self, Q3, Q4A, Q4M, Q4S, Q8, Q8M, Q8S, block_bytes, is_masked, masked_piece_bytes,
 };
 use super::{ActRow, QuantMatrix, QuantizedActivations, SPARSE48_SHUFFLE, store_tile};
 use crate::KernelPath;
@@ -124,12 +124,7 @@ macro_rules! avx2_family {
 
             /// Codes of q8 are offset by 128 for `vpdpbusd`; AVX2 multiplies them signed.
             const fn zero_point(kind: u8) -> f32 {
-                match kind {
-                    Q8 | Q8S | Q8M if $vnni => 128.0,
-                    Q4 | Q4S | Q4M => 8.0,
-                    Q3 => 4.0,
-                    _ => 0.0,
-                }
+                kinds::zero_point(kind) as f32 + if $vnni && kinds::signed(kind) { 128.0 } else { 0.0 }
             }
 
             #[inline]
@@ -584,13 +579,9 @@ avx2_family!(avx_vnni, "avx2,fma,f16c,avxvnni", true);
 pub(super) mod avx512 {
     use super::*;
 
+    /// Codes of q8 are offset by 128 for `vpdpbusd`.
     const fn zero_point(kind: u8) -> f32 {
-        match kind {
-            Q8 | Q8S | Q8M => 128.0,
-            Q4 | Q4S | Q4M => 8.0,
-            Q3 => 4.0,
-            _ => 0.0,
-        }
+        kinds::zero_point(kind) as f32 + if kinds::signed(kind) { 128.0 } else { 0.0 }
     }
 
     #[inline]
