@@ -20,6 +20,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::import::{ImportError, ImportedModel, TensorSource};
 use pocketlm_format::config::{ModelConfig, names};
+use pocketlm_format::recipe::{
+    CalibrationRecipe, ChannelPruningRecipe, DistillationRecipe, GptqRecipe, HeadPruningRecipe,
+    LowRankRecipe, PruneRecipe, Recipe, RecoverRecipe, ResidualRecipe, TensorNote,
+};
 use pocketlm_format::{Encoding, PlmError, PlmWriter};
 use pocketlm_kernels::{Linear, MatRef, WeightData};
 use pocketlm_runtime::model::{BlockWeights, LinearInput, expected_tensors};
@@ -929,99 +933,128 @@ pub fn convert(
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let calibration_recipe = options
-        .calibration
-        .as_ref()
-        .filter(|_| options.needs_calibration())
-        .map(|c| {
-            serde_json::json!({
-                "source": c.source,
-                "sequences": calibration.as_ref().map_or(0, Vec::len),
-                "seq_len": c.seq_len,
+    let notes = |pairs: &[(String, String)]| -> Vec<TensorNote> {
+        pairs
+            .iter()
+            .map(|(tensor, reason)| TensorNote {
+                tensor: tensor.clone(),
+                reason: reason.clone(),
             })
-        });
+            .collect()
+    };
+    let recipe = Recipe {
+        weights: options.weights.describe(),
+        embedding: options.encoding_for(names::TOKEN_EMBD, &[1, 1]).describe(),
+        vectors: "f32".into(),
+        method: if options.weights.is_quantized() {
+            options.method.name()
+        } else {
+            "none"
+        }
+        .into(),
+        clipping: match options.clipping() {
+            Clipping::MinMax => "minmax",
+            Clipping::Search => "search",
+        }
+        .into(),
+        gptq: options.method.uses_gptq().then(|| GptqRecipe {
+            damp: options.gptq.damp,
+            block: options.gptq.block,
+            act_order: options.gptq.act_order,
+            loss: out.gptq_loss,
+        }),
+        calibration: options
+            .calibration
+            .as_ref()
+            .filter(|_| options.needs_calibration())
+            .map(|c| CalibrationRecipe {
+                source: c.source.clone(),
+                sequences: calibration.as_ref().map_or(0, Vec::len),
+                seq_len: c.seq_len,
+            }),
+        prune: options.pruning.map(|p| PruneRecipe {
+            method: p.method.name().into(),
+            sparsity: p.sparsity.describe(),
+            schedule: options.sparsity_schedule.describe(),
+            block_sparsity: schedule.as_ref().map(|(_, s)| s.clone()),
+            block_outlier_ratio: schedule.as_ref().map(|(r, _)| r.clone()),
+            achieved: if out.prunable > 0 {
+                out.pruned as f64 / out.prunable as f64
+            } else {
+                0.0
+            },
+            skipped: notes(&out.prune_skipped),
+            sparse_tensors: out.sparse_tensors,
+            dense_storage: notes(&out.dense_storage),
+        }),
+        residual: options.residual.map(|e| ResidualRecipe {
+            encoding: e.to_string(),
+            tensors: out.residuals,
+        }),
+        prune_heads: options
+            .attention_head_pruning
+            .map(|fraction| HeadPruningRecipe {
+                fraction,
+                kv_heads_before: config.num_kv_heads,
+                kv_heads_after: pruned_config.num_kv_heads,
+                heads_before: config.num_heads,
+                heads_after: pruned_config.num_heads,
+                loss: out.head_pruning_loss,
+            }),
+        prune_channels: options
+            .mlp_channel_pruning
+            .map(|fraction| ChannelPruningRecipe {
+                fraction,
+                intermediate_size_before: config.intermediate_size,
+                intermediate_size_after: pruned_config.intermediate_size,
+                loss: out.channel_pruning_loss,
+            }),
+        lowrank: options.lowrank.map(|lr| LowRankRecipe {
+            method: lr.method.name().into(),
+            target: lr.target.describe(),
+            allocation: lr.allocation.name().into(),
+            ranks: out.lowrank_ranks.iter().cloned().collect(),
+            dense: out.lowrank_dense.clone(),
+            weights_before: out.lowrank_before,
+            weights_after: out.lowrank_after,
+        }),
+        recover: options.recover.map(|r| RecoverRecipe {
+            mode: r.mode.name().into(),
+            steps: r.steps,
+            batch: r.batch,
+            learning_rate: r.learning_rate,
+            codes: r.codes,
+            samples: r.samples,
+            loss_before: recovered.iter().map(|b| b.loss_before).collect(),
+            loss_after: recovered.iter().map(|b| b.loss_after).collect(),
+            kept: recovered.iter().map(|b| b.kept).collect(),
+            kd: distillation.map(|k| DistillationRecipe {
+                kl_before: k.kl_before,
+                kl_after: k.kl_after,
+                train_kl_before: k.train_kl_before,
+                train_kl_after: k.train_kl_after,
+                held_out_sequences: k.held_out,
+                train_scored_sequences: k.train_scored,
+                kept: k.kept,
+                best_step: k.best_step,
+                parameters: k.parameters,
+            }),
+        }),
+        blocks: (!options.blocks.is_empty())
+            .then(|| options.blocks.iter().map(ToString::to_string).collect()),
+        keep: options
+            .keep
+            .iter()
+            .map(|k| format!("{}={}", k.pattern, k.encoding.describe()))
+            .collect(),
+        tensor_encodings: out.encodings.clone(),
+        fallbacks: notes(&out.fallbacks),
+    };
     let metadata = serde_json::json!({
         "format": "pocketlm",
         "config": pruned_config,
         "tokenizer": model.tokenizer,
-        "recipe": {
-            "weights": options.weights.describe(),
-            "embedding": options.encoding_for(names::TOKEN_EMBD, &[1, 1]).describe(),
-            "vectors": "f32",
-            "method": if options.weights.is_quantized() { options.method.name() } else { "none" },
-            "clipping": match options.clipping() { Clipping::MinMax => "minmax", Clipping::Search => "search" },
-            "gptq": options.method.uses_gptq().then(|| serde_json::json!({
-                "damp": options.gptq.damp,
-                "block": options.gptq.block,
-                "act_order": options.gptq.act_order,
-                "loss": out.gptq_loss,
-            })),
-            "calibration": calibration_recipe,
-            "prune": options.pruning.map(|p| serde_json::json!({
-                "method": p.method.name(),
-                "sparsity": p.sparsity.describe(),
-                "schedule": options.sparsity_schedule.describe(),
-                "block_sparsity": schedule.as_ref().map(|(_, s)| s.clone()),
-                "block_outlier_ratio": schedule.as_ref().map(|(r, _)| r.clone()),
-                "achieved": if out.prunable > 0 { out.pruned as f64 / out.prunable as f64 } else { 0.0 },
-                "skipped": out.prune_skipped.iter().map(|(n, r)| serde_json::json!({"tensor": n, "reason": r})).collect::<Vec<_>>(),
-                "sparse_tensors": out.sparse_tensors,
-                "dense_storage": out.dense_storage.iter().map(|(n, r)| serde_json::json!({"tensor": n, "reason": r})).collect::<Vec<_>>(),
-            })),
-            "residual": options.residual.map(|e| serde_json::json!({
-                "encoding": e.to_string(),
-                "tensors": out.residuals,
-            })),
-            "prune_heads": options.attention_head_pruning.map(|f| serde_json::json!({
-                "fraction": f,
-                "kv_heads_before": config.num_kv_heads,
-                "kv_heads_after": pruned_config.num_kv_heads,
-                "heads_before": config.num_heads,
-                "heads_after": pruned_config.num_heads,
-                "loss": out.head_pruning_loss,
-            })),
-            "prune_channels": options.mlp_channel_pruning.map(|f| serde_json::json!({
-                "fraction": f,
-                "intermediate_size_before": config.intermediate_size,
-                "intermediate_size_after": pruned_config.intermediate_size,
-                "loss": out.channel_pruning_loss,
-            })),
-            "lowrank": options.lowrank.map(|lr| serde_json::json!({
-                "method": lr.method.name(),
-                "target": lr.target.describe(),
-                "allocation": lr.allocation.name(),
-                "ranks": out.lowrank_ranks.iter().map(|(n, r)| (n.clone(), serde_json::json!(r))).collect::<serde_json::Map<_, _>>(),
-                "dense": out.lowrank_dense,
-                "weights_before": out.lowrank_before,
-                "weights_after": out.lowrank_after,
-            })),
-            "recover": options.recover.map(|r| serde_json::json!({
-                "mode": r.mode.name(),
-                "steps": r.steps,
-                "batch": r.batch,
-                "learning_rate": r.learning_rate,
-                "codes": r.codes,
-                "samples": r.samples,
-                "loss_before": recovered.iter().map(|b| b.loss_before).collect::<Vec<_>>(),
-                "loss_after": recovered.iter().map(|b| b.loss_after).collect::<Vec<_>>(),
-                "kept": recovered.iter().map(|b| b.kept).collect::<Vec<_>>(),
-                "kd": distillation.map(|k| serde_json::json!({
-                    "kl_before": k.kl_before,
-                    "kl_after": k.kl_after,
-                    "train_kl_before": k.train_kl_before,
-                    "train_kl_after": k.train_kl_after,
-                    "held_out_sequences": k.held_out,
-                    "train_scored_sequences": k.train_scored,
-                    "kept": k.kept,
-                    "best_step": k.best_step,
-                    "parameters": k.parameters,
-                })),
-            })),
-            "blocks": (!options.blocks.is_empty()).then(|| options.blocks.iter().map(ToString::to_string).collect::<Vec<_>>()),
-            "keep": options.keep.iter().map(|k| format!("{}={}", k.pattern, k.encoding.describe())).collect::<Vec<_>>(),
-            "tensor_encodings": out.encodings,
-            "fallbacks": out.fallbacks.iter().map(|(n, r)| serde_json::json!({"tensor": n, "reason": r})).collect::<Vec<_>>(),
-        },
+        "recipe": recipe,
         "provenance": {
             "source": model.provenance,
             "converter": format!("pocketlm {}", env!("CARGO_PKG_VERSION")),

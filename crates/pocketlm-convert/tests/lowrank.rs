@@ -45,6 +45,25 @@ fn recipe(path: &Path) -> serde_json::Value {
 }
 
 #[test]
+fn the_recipe_reads_back_typed_as_written() {
+    let (_d, path) = convert(&svd_rank_32_f32());
+    let typed = PlmFile::open(&path)
+        .unwrap()
+        .recipe()
+        .expect("a typed recipe");
+    assert_eq!(serde_json::to_value(&typed).unwrap(), recipe(&path));
+    let lowrank = typed.lowrank.expect("a low-rank entry");
+    assert_eq!(lowrank.method, LowRankMethod::Svd.name());
+    assert!(!lowrank.ranks.is_empty());
+    assert!(
+        lowrank.ranks.values().all(|&r| (1..=32).contains(&r)),
+        "{:?}",
+        lowrank.ranks
+    );
+    assert!(typed.prune.is_none() && typed.recover.is_none());
+}
+
+#[test]
 fn activation_aware_factorization_loses_far_less_than_plain_svd() {
     let (_d0, base) = convert(&ConvertOptions::with_weights(Encoding::F32));
     let base = ppl(&base);

@@ -21,6 +21,7 @@ use std::path::PathBuf;
 pub mod config;
 mod encoding;
 pub mod reader;
+pub mod recipe;
 mod size;
 mod tokenizer_spec;
 pub mod writer;
@@ -31,6 +32,7 @@ pub use encoding::{
     QuantKind, QuantKindInfo, QuantLayout, QuantStorage, Sparse24Layout, TILE_PIECE, TILE_ROWS,
 };
 pub use reader::{PlmFile, TensorEntry, TensorView};
+pub use recipe::Recipe;
 pub use size::{SizeError, parse_size};
 pub use tokenizer_spec::TokenizerSpec;
 pub use writer::PlmWriter;

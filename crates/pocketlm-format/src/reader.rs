@@ -212,6 +212,12 @@ impl PlmFile {
         self.mmap.len() as u64
     }
 
+    /// How the file was converted (`metadata.recipe`), typed; `None` when the file records
+    /// no recipe or one this build cannot read.
+    pub fn recipe(&self) -> Option<crate::Recipe> {
+        serde_json::from_value(self.metadata.get("recipe")?.clone()).ok()
+    }
+
     /// The metadata block: a JSON object (`format`, `config`, `tokenizer`, `recipe`,
     /// `provenance`; see `docs/format.md`).
     pub fn metadata(&self) -> &serde_json::Value {
