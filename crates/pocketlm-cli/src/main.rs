@@ -1,12 +1,13 @@
 //! `pocketlm` command line: convert, run, inspect, verify, eval.
 
+mod progress;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use indicatif::{ProgressBar, ProgressStyle};
 
 use pocketlm_convert::plan::{Budget, PlanOptions};
 use pocketlm_convert::recover::RecoverMode;
@@ -24,6 +25,8 @@ use pocketlm_runtime::model::{KvType, ModelOptions, Profile, VerifyMode};
 use pocketlm_runtime::sampler::SamplerConfig;
 use pocketlm_runtime::tokenizer::ChatMessage;
 use pocketlm_runtime::{GenerateOptions, Model, Session};
+
+use crate::progress::Progress;
 
 #[derive(Parser)]
 #[command(
@@ -649,7 +652,7 @@ fn cmd_sweep(
 ) -> CliResult {
     use pocketlm_eval::sweep::{self, Axis};
     let speed = bench.then(pocketlm_eval::bench::BenchOptions::default);
-    let progress = bar(
+    let progress = Progress::with_length(
         models.len() as u64,
         "{elapsed_precise} {bar:40} {pos}/{len} files {msg}",
     );
@@ -663,9 +666,9 @@ fn cmd_sweep(
             options,
             speed.as_ref(),
         )?);
-        progress.inc(1);
+        progress.inc();
     }
-    progress.finish_and_clear();
+    progress.finish();
     if points.is_empty() {
         return Err("nothing to sweep: give .plm files (and/or --reference points)".into());
     }
@@ -694,12 +697,11 @@ fn cmd_sensitivity(
     json: bool,
 ) -> CliResult {
     let model = pocketlm_convert::import::open(&src)?;
-    let progress = bar(0, "{elapsed_precise} {bar:40} {pos}/{len} conversions");
+    let progress = Progress::new("{elapsed_precise} {bar:40} {pos}/{len} conversions");
     let report = convert::sensitivity::scan(&model, &options, &mut |done, total| {
-        progress.set_length(total as u64);
-        progress.set_position(done as u64);
+        progress.update(done, total)
     })?;
-    progress.finish_and_clear();
+    progress.finish();
     if json {
         println!("{}", serde_json::to_string(&report)?);
         return Ok(());
@@ -727,16 +729,6 @@ fn parse_fraction(s: &str) -> Result<f32, String> {
 
 fn read_text(path: &std::path::Path) -> Result<String, String> {
     std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))
-}
-
-fn bar(len: u64, template: &str) -> ProgressBar {
-    let bar = ProgressBar::new(len);
-    bar.set_style(
-        ProgressStyle::with_template(template)
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    bar
 }
 
 /// Where calibrated methods look for calibration text when `--calib` is not given.
@@ -904,13 +896,11 @@ fn cmd_convert(a: ConvertArgs) -> CliResult {
             a.plan_json.as_deref(),
         );
     }
-    let progress = bar(0, "{elapsed_precise} {bar:40} {pos}/{len} tensors {msg}");
+    let progress = Progress::new("{elapsed_precise} {bar:40} {pos}/{len} tensors {msg}");
     let report = convert::convert_path(&src, &output, &options, &mut |done, total, name| {
-        progress.set_length(total as u64);
-        progress.set_position(done as u64);
-        progress.set_message(name.to_string());
+        progress.update_with(done, total, name.to_string());
     })?;
-    progress.finish_and_clear();
+    progress.finish();
     print_written(&output, &report, started);
     Ok(())
 }
@@ -970,7 +960,7 @@ fn convert_planned(
 ) -> CliResult {
     let started = std::time::Instant::now();
     let model = pocketlm_convert::import::open(src)?;
-    let progress = bar(0, "{elapsed_precise} {bar:40} {pos}/{len} {msg}");
+    let progress = Progress::new("{elapsed_precise} {bar:40} {pos}/{len} {msg}");
     let (report, convert_report) = convert::plan::convert_with_plan(
         &model,
         output,
@@ -978,12 +968,10 @@ fn convert_planned(
         plan,
         known,
         &mut |done, total, what| {
-            progress.set_length(total as u64);
-            progress.set_position(done as u64);
-            progress.set_message(what.to_string());
+            progress.update_with(done, total, what.to_string());
         },
     )?;
-    progress.finish_and_clear();
+    progress.finish();
     let s = &report.sensitivities;
     println!(
         "plan for {} over {} candidates, costs measured on {} tokens (KL, nats/token):",
@@ -1251,7 +1239,7 @@ fn cmd_ppl(
 ) -> CliResult {
     let model = open_model(&path)?;
     let text = read_text(&text)?;
-    let progress = bar(0, "{bar:40} {pos}/{len} chunks, ppl {msg}");
+    let progress = Progress::new("{bar:40} {pos}/{len} chunks, ppl {msg}");
     let result = eval::perplexity(
         &model,
         &text,
@@ -1260,12 +1248,10 @@ fn cmd_ppl(
             max_chunks: chunks,
         },
         |done, total, ppl| {
-            progress.set_length(total as u64);
-            progress.set_position(done as u64);
-            progress.set_message(format!("{ppl:.4}"));
+            progress.update_with(done, total, format!("{ppl:.4}"));
         },
     )?;
-    progress.finish_and_clear();
+    progress.finish();
     if json {
         println!("{}", serde_json::to_string(&result)?);
     } else {
@@ -1293,7 +1279,7 @@ fn cmd_kld(
     let model = open_model(&path)?;
     let base = open_model(&base)?;
     let text = read_text(&text)?;
-    let progress = bar(0, "{bar:40} {pos}/{len} chunks, KLD {msg}");
+    let progress = Progress::new("{bar:40} {pos}/{len} chunks, KLD {msg}");
     let r = eval::kl_divergence(
         &model,
         &base,
@@ -1303,12 +1289,10 @@ fn cmd_kld(
             max_chunks: chunks,
         },
         |done, total, kld| {
-            progress.set_length(total as u64);
-            progress.set_position(done as u64);
-            progress.set_message(format!("{kld:.6}"));
+            progress.update_with(done, total, format!("{kld:.6}"));
         },
     )?;
-    progress.finish_and_clear();
+    progress.finish();
     if json {
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
@@ -1345,13 +1329,11 @@ fn cmd_zeroshot(
     if examples.is_empty() {
         return Err(format!("{}: no examples", file.display()).into());
     }
-    let progress = bar(0, "{bar:40} {pos}/{len} examples, acc {msg}");
+    let progress = Progress::new("{bar:40} {pos}/{len} examples, acc {msg}");
     let r = zeroshot::evaluate(&model, task, &examples, |done, total, acc| {
-        progress.set_length(total as u64);
-        progress.set_position(done as u64);
-        progress.set_message(format!("{acc:.4}"));
+        progress.update_with(done, total, format!("{acc:.4}"));
     })?;
-    progress.finish_and_clear();
+    progress.finish();
     if json {
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
@@ -1396,19 +1378,17 @@ fn cmd_report(
         },
         bench: run_bench.then(pocketlm_eval::bench::BenchOptions::default),
     };
-    let progress = bar(0, "{bar:40} {pos}/{len} chunks ({msg})");
+    let progress = Progress::new("{bar:40} {pos}/{len} chunks ({msg})");
     let report = build_report(
         &model,
         base.as_ref(),
         text.as_deref(),
         &options,
         |stage, done, total| {
-            progress.set_length(total as u64);
-            progress.set_position(done as u64);
-            progress.set_message(stage);
+            progress.update_with(done, total, stage);
         },
     )?;
-    progress.finish_and_clear();
+    progress.finish();
     if json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
