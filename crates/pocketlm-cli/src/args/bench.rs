@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use super::shared::JsonOutput;
+
 #[derive(Args)]
 pub struct BenchArgs {
     pub model: PathBuf,
@@ -15,6 +17,6 @@ pub struct BenchArgs {
     pub gen_tokens: usize,
     #[arg(short = 'r', long, default_value_t = 3)]
     pub repetitions: usize,
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub output: JsonOutput,
 }

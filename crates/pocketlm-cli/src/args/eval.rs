@@ -7,6 +7,8 @@ use pocketlm_eval::sweep::SweepPoint;
 use pocketlm_eval::zeroshot::Task;
 use pocketlm_format::Encoding;
 
+use super::shared::{ChunkArgs, JsonOutput};
+
 #[derive(Subcommand)]
 pub enum EvalCommand {
     /// Perplexity over a text file, chunked as llama.cpp's llama-perplexity.
@@ -34,13 +36,10 @@ pub struct PplArgs {
     pub model: PathBuf,
     #[arg(long)]
     pub text: PathBuf,
-    #[arg(long, default_value_t = 512)]
-    pub ctx: usize,
-    /// Evaluate only the first N chunks.
-    #[arg(long)]
-    pub chunks: Option<usize>,
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub chunking: ChunkArgs,
+    #[command(flatten)]
+    pub output: JsonOutput,
 }
 
 #[derive(Args)]
@@ -51,13 +50,10 @@ pub struct KldArgs {
     pub base: PathBuf,
     #[arg(long)]
     pub text: PathBuf,
-    #[arg(long, default_value_t = 512)]
-    pub ctx: usize,
-    /// Evaluate only the first N chunks.
-    #[arg(long)]
-    pub chunks: Option<usize>,
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub chunking: ChunkArgs,
+    #[command(flatten)]
+    pub output: JsonOutput,
 }
 
 #[derive(Args)]
@@ -66,11 +62,8 @@ pub struct SweepArgs {
     /// The perplexity text (needed when files are given).
     #[arg(long)]
     pub text: Option<PathBuf>,
-    #[arg(long, default_value_t = 512)]
-    pub ctx: usize,
-    /// Evaluate only the first N chunks.
-    #[arg(long)]
-    pub chunks: Option<usize>,
+    #[command(flatten)]
+    pub chunking: ChunkArgs,
     /// Points measured elsewhere, e.g. `llama.cpp Q4_K_M=105.5MB:28.336[:DECODE_TOK_S]`.
     #[arg(long = "reference", value_name = "NAME=SIZE:PPL[:TOK_S]")]
     pub references: Vec<SweepPoint>,
@@ -97,8 +90,8 @@ pub struct ZeroshotArgs {
     /// Evaluate only the first N examples.
     #[arg(long)]
     pub limit: Option<usize>,
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub output: JsonOutput,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -136,8 +129,8 @@ pub struct ReportArgs {
     /// Also measure prefill/decode speed (as `pocketlm bench` with its defaults).
     #[arg(long)]
     pub bench: bool,
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub output: JsonOutput,
 }
 
 #[derive(Args)]
@@ -156,6 +149,6 @@ pub struct SensitivityArgs {
     pub ctx: usize,
     #[arg(long, default_value_t = 4)]
     pub chunks: usize,
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub output: JsonOutput,
 }

@@ -4,14 +4,16 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use super::shared::JsonOutput;
+
 #[derive(Args)]
 pub struct InspectArgs {
     pub model: PathBuf,
     /// List every tensor.
     #[arg(long)]
     pub tensors: bool,
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub output: JsonOutput,
 }
 
 #[derive(Args)]

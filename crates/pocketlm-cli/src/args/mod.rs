@@ -1,5 +1,6 @@
-//! The command line's flags as clap derives them, one file per command group. The argument
-//! structs carry no doc comments: clap would take them for the command's about text.
+//! The command line's flags as clap derives them, one file per command group; flags that
+//! several commands take are in `shared`. The argument structs carry no doc comments: clap
+//! would take them for the command's about text.
 
 mod bench;
 mod convert;
@@ -7,6 +8,7 @@ mod eval;
 mod global;
 mod inspect;
 mod run;
+mod shared;
 
 use clap::{Parser, Subcommand};
 
@@ -18,6 +20,7 @@ pub use eval::{
 pub use global::GlobalArgs;
 pub use inspect::{InspectArgs, VerifyArgs};
 pub use run::RunArgs;
+pub use shared::JsonOutput;
 
 #[derive(Parser)]
 #[command(

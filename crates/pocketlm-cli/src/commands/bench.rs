@@ -1,6 +1,6 @@
 //! `pocketlm bench`: prefill and decode speed, time to first token, memory.
 
-use crate::args::BenchArgs;
+use crate::args::{BenchArgs, JsonOutput};
 use crate::commands::CliResult;
 use crate::model_options::open_model;
 
@@ -10,7 +10,7 @@ pub fn execute(args: BenchArgs) -> CliResult {
         prompt_tokens,
         gen_tokens: generated_tokens,
         repetitions,
-        json,
+        output: JsonOutput { json },
     } = args;
     let model = open_model(&path)?;
     let options = pocketlm_eval::bench::BenchOptions {

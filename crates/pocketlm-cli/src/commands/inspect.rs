@@ -1,6 +1,6 @@
 //! `pocketlm inspect`: what a .plm file holds.
 
-use crate::args::InspectArgs;
+use crate::args::{InspectArgs, JsonOutput};
 use crate::commands::CliResult;
 use crate::model_options::open_model;
 
@@ -8,7 +8,7 @@ pub fn execute(args: InspectArgs) -> CliResult {
     let InspectArgs {
         model: path,
         tensors: list_tensors,
-        json,
+        output: JsonOutput { json },
     } = args;
     let model = open_model(&path)?;
     let file = model.file();

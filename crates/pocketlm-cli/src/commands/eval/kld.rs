@@ -1,6 +1,6 @@
 //! `pocketlm eval kld`.
 
-use pocketlm_eval::{self as eval, PerplexityOptions};
+use pocketlm_eval as eval;
 
 use crate::args::KldArgs;
 use crate::commands::{CliResult, read_text};
@@ -8,32 +8,21 @@ use crate::model_options::open_model;
 use crate::progress::Progress;
 
 pub fn execute(args: KldArgs) -> CliResult {
-    let KldArgs {
-        model: path,
-        base,
-        text,
-        ctx,
-        chunks,
-        json,
-    } = args;
-    let model = open_model(&path)?;
-    let base = open_model(&base)?;
-    let text = read_text(&text)?;
+    let model = open_model(&args.model)?;
+    let base = open_model(&args.base)?;
+    let text = read_text(&args.text)?;
     let progress = Progress::new("{bar:40} {pos}/{len} chunks, KLD {msg}");
     let r = eval::kl_divergence(
         &model,
         &base,
         &text,
-        &PerplexityOptions {
-            context: ctx,
-            max_chunks: chunks,
-        },
+        &args.chunking.perplexity_options(),
         |done, total, kld| {
             progress.update_with(done, total, format!("{kld:.6}"));
         },
     )?;
     progress.finish();
-    if json {
+    if args.output.json {
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
     }

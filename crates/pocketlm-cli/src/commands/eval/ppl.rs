@@ -1,6 +1,6 @@
 //! `pocketlm eval ppl`.
 
-use pocketlm_eval::{self as eval, PerplexityOptions};
+use pocketlm_eval as eval;
 
 use crate::args::PplArgs;
 use crate::commands::{CliResult, read_text};
@@ -8,29 +8,19 @@ use crate::model_options::open_model;
 use crate::progress::Progress;
 
 pub fn execute(args: PplArgs) -> CliResult {
-    let PplArgs {
-        model: path,
-        text,
-        ctx,
-        chunks,
-        json,
-    } = args;
-    let model = open_model(&path)?;
-    let text = read_text(&text)?;
+    let model = open_model(&args.model)?;
+    let text = read_text(&args.text)?;
     let progress = Progress::new("{bar:40} {pos}/{len} chunks, ppl {msg}");
     let result = eval::perplexity(
         &model,
         &text,
-        &PerplexityOptions {
-            context: ctx,
-            max_chunks: chunks,
-        },
+        &args.chunking.perplexity_options(),
         |done, total, ppl| {
             progress.update_with(done, total, format!("{ppl:.4}"));
         },
     )?;
     progress.finish();
-    if json {
+    if args.output.json {
         println!("{}", serde_json::to_string(&result)?);
     } else {
         println!(

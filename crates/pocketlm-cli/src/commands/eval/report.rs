@@ -3,7 +3,7 @@
 use pocketlm_eval::PerplexityOptions;
 use pocketlm_eval::report::{ReportOptions, build_report};
 
-use crate::args::ReportArgs;
+use crate::args::{JsonOutput, ReportArgs};
 use crate::commands::{CliResult, read_text};
 use crate::model_options::open_model;
 use crate::progress::Progress;
@@ -16,7 +16,7 @@ pub fn execute(args: ReportArgs) -> CliResult {
         ctx,
         chunks,
         bench: run_bench,
-        json,
+        output: JsonOutput { json },
     } = args;
     let model = open_model(&path)?;
     let base = base.map(|b| open_model(&b)).transpose()?;

@@ -4,7 +4,7 @@
 use pocketlm_convert::sensitivity::{self, SensitivityOptions};
 use pocketlm_eval::PerplexityOptions;
 
-use crate::args::SensitivityArgs;
+use crate::args::{JsonOutput, SensitivityArgs};
 use crate::commands::{CliResult, read_text};
 use crate::progress::Progress;
 
@@ -16,7 +16,7 @@ pub fn execute(args: SensitivityArgs) -> CliResult {
         text,
         ctx,
         chunks,
-        json,
+        output: JsonOutput { json },
     } = args;
     let options = SensitivityOptions {
         encoding: weights,

@@ -15,18 +15,14 @@ pub fn execute(args: SweepArgs) -> CliResult {
     let SweepArgs {
         models,
         text,
-        ctx,
-        chunks,
+        chunking,
         mut references,
         load,
         bench,
         svg,
         json,
     } = args;
-    let options = PerplexityOptions {
-        context: ctx,
-        max_chunks: chunks,
-    };
+    let options = chunking.perplexity_options();
     for path in &load {
         let points: Vec<SweepPoint> = serde_json::from_str(&read_text(path)?)
             .map_err(|e| format!("{}: not a sweep --json file: {e}", path.display()))?;

@@ -2,7 +2,7 @@
 
 use pocketlm_eval::zeroshot::{self, Task};
 
-use crate::args::ZeroshotArgs;
+use crate::args::{JsonOutput, ZeroshotArgs};
 use crate::commands::CliResult;
 use crate::model_options::open_model;
 use crate::progress::Progress;
@@ -13,7 +13,7 @@ pub fn execute(args: ZeroshotArgs) -> CliResult {
         task,
         file,
         limit,
-        json,
+        output: JsonOutput { json },
     } = args;
     let task: Task = task.into();
     let model = open_model(&path)?;
