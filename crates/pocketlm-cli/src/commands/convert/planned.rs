@@ -7,8 +7,16 @@ use pocketlm_convert::plan::PlanOptions;
 use pocketlm_convert::{self as convert, ConvertOptions};
 
 use super::print_written;
-use crate::commands::CliResult;
+use crate::commands::{CliResult, read_text};
 use crate::progress::Progress;
+
+/// `--plan-from`: the costs an earlier `--plan-json` run measured.
+pub fn read_costs(path: &Path) -> Result<convert::plan::Sensitivities, String> {
+    let json: serde_json::Value =
+        serde_json::from_str(&read_text(path)?).map_err(|e| format!("{}: {e}", path.display()))?;
+    serde_json::from_value(json["sensitivities"].clone())
+        .map_err(|e| format!("{}: not a --plan-json file: {e}", path.display()))
+}
 
 /// `convert --budget`: measure, plan, convert, verify, and print the plan.
 pub fn convert_planned(
