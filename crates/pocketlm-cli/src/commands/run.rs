@@ -1,0 +1,74 @@
+//! `pocketlm run`: generation streamed to stdout, speed on stderr.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use pocketlm_runtime::sampler::SamplerConfig;
+use pocketlm_runtime::tokenizer::ChatMessage;
+use pocketlm_runtime::{GenerateOptions, Session};
+
+use crate::args::RunArgs;
+use crate::commands::CliResult;
+use crate::model_options::open_model;
+
+pub fn execute(a: RunArgs) -> CliResult {
+    let load_started = std::time::Instant::now();
+    let model = Arc::new(open_model(&a.model)?);
+    let load_ms = load_started.elapsed().as_secs_f64() * 1e3;
+    let options = GenerateOptions {
+        max_tokens: a.max_tokens,
+        sampler: SamplerConfig {
+            temperature: a.temp,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            min_p: a.min_p,
+            repetition_penalty: a.repeat_penalty,
+            repeat_last_n: a.repeat_last_n,
+            seed: a.seed,
+        },
+        stop: a.stop,
+        ignore_eos: a.ignore_eos,
+    };
+    options.sampler.validate()?;
+    let mut session = Session::new(Arc::clone(&model), a.ctx)?;
+    let mut stdout = std::io::stdout().lock();
+    let mut emit = |piece: &str| {
+        // A closed pipe (e.g. `| head`) ends generation instead of failing.
+        stdout.write_all(piece.as_bytes()).is_ok() && stdout.flush().is_ok()
+    };
+    let generation = if a.chat {
+        let mut messages = Vec::new();
+        if let Some(system) = a.system {
+            messages.push(ChatMessage {
+                role: "system".into(),
+                content: system,
+            });
+        }
+        messages.push(ChatMessage {
+            role: "user".into(),
+            content: a.prompt,
+        });
+        session.chat(&messages, &options, &mut emit)?
+    } else {
+        if !a.prompt.is_empty() {
+            emit(&a.prompt);
+        }
+        session.generate(&a.prompt, &options, &mut emit)?
+    };
+    emit("\n");
+    let s = &generation.stats;
+    eprintln!(
+        "load {:.0} ms | prompt {} tokens, prefill {:.1} tok/s | time to first token {:.0} ms | \
+         generated {} tokens, decode {:.1} tok/s | stop: {:?} | threads {} | kernels {}",
+        load_ms,
+        s.prompt_tokens,
+        s.prefill_tokens_per_second(),
+        s.time_to_first_token_ms,
+        s.generated_tokens,
+        s.decode_tokens_per_second(),
+        generation.stop_reason,
+        rayon::current_num_threads(),
+        pocketlm_kernels::active_path().name(),
+    );
+    Ok(())
+}

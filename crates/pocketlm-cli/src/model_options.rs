@@ -1,0 +1,31 @@
+//! The global flags as the runtime's `ModelOptions`, and the one way commands open a model,
+//! so that every command honours them.
+
+use std::path::Path;
+use std::sync::OnceLock;
+
+use pocketlm_runtime::Model;
+use pocketlm_runtime::model::{ModelError, ModelOptions};
+
+use crate::args::GlobalArgs;
+
+/// The model options every command opens models with, set once at start from the flags
+/// (and their environment variables).
+pub static MODEL_OPTIONS: OnceLock<ModelOptions> = OnceLock::new();
+
+pub fn model_options(global: &GlobalArgs) -> ModelOptions {
+    let defaults = ModelOptions::default();
+    ModelOptions {
+        verify: global.verify.unwrap_or(defaults.verify),
+        low_rank_percent: global.low_rank_percent.unwrap_or(defaults.low_rank_percent),
+        kv_cache: global.kv_cache.unwrap_or(defaults.kv_cache),
+        profile: global.profile.unwrap_or(defaults.profile),
+        max_weight_bytes: global.memory_limit.unwrap_or(defaults.max_weight_bytes),
+        ..defaults
+    }
+}
+
+/// Opens a model with the command line's options.
+pub fn open_model(path: &Path) -> Result<Model, ModelError> {
+    Model::open_with(path, MODEL_OPTIONS.get().cloned().unwrap_or_default())
+}
