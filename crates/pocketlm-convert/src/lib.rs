@@ -957,7 +957,7 @@ pub fn convert(
             Clipping::Search => "search",
         }
         .into(),
-        gptq: options.method.uses_gptq().then(|| GptqRecipe {
+        gptq: options.method.uses_gptq().then_some(GptqRecipe {
             damp: options.gptq.damp,
             block: options.gptq.block,
             act_order: options.gptq.act_order,
