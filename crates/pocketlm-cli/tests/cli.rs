@@ -1,12 +1,9 @@
 //! The command line end to end: what scripts rely on (one JSON object on stdout for every
 //! `--json` command; global flags reaching the runtime) on the stories260K fixture.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use pocketlm_convert::{
-    ConvertOptions, LowRank, LowRankMethod, RankAllocation, RankTarget, convert_path,
-};
+use pocketlm_convert::{ConvertOptions, LowRank, LowRankMethod, RankAllocation, RankTarget};
 use pocketlm_format::Encoding;
 use pocketlm_runtime::Model;
 use serde_json::Value;
@@ -30,23 +27,10 @@ const ZEROSHOT_ARC: &str = r#"{"id": "a1", "question": "What does a cat say?", "
 {"id": "a3", "question": "Who helped Lily?", "choices": {"text": ["Ben", "a big red truck"], "label": ["A", "B"]}, "answerKey": "B"}
 "#;
 
-fn fixture(rel: &str) -> PathBuf {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-        .join("tests/fixtures/stories260k")
-        .join(rel)
-}
-
-fn convert(dir: &Path, weights: Encoding) -> PathBuf {
-    let out = dir.join(format!("stories-{}.plm", weights.name()));
-    convert_path(
-        &fixture("hf"),
-        &out,
-        &ConvertOptions::with_weights(weights),
-        &mut |_, _, _| {},
-    )
-    .unwrap();
-    out
-}
+// The converter's fixture helpers (stories260K paths), shared rather than copied.
+#[path = "../../pocketlm-convert/tests/common/mod.rs"]
+mod common;
+use common::convert;
 
 /// Runs the CLI and parses its stdout, which must be exactly one JSON object.
 fn cli_json(args: &[&str]) -> Value {
@@ -69,15 +53,11 @@ fn cli_json(args: &[&str]) -> Value {
 
 #[test]
 fn every_eval_subcommand_prints_one_json_object() {
-    let dir = tempfile::tempdir().unwrap();
-    let f32_path = convert(dir.path(), Encoding::F32);
-    let q4_path = convert(
-        dir.path(),
-        Encoding::Q4 {
-            group: 32,
-            asymmetric: true,
-        },
-    );
+    let (dir, f32_path) = convert(&ConvertOptions::with_weights(Encoding::F32));
+    let (_q4_dir, q4_path) = convert(&ConvertOptions::with_weights(Encoding::Q4 {
+        group: 32,
+        asymmetric: true,
+    }));
     let text = dir.path().join("story.txt");
     std::fs::write(&text, STORY).unwrap();
     let arc = dir.path().join("arc.jsonl");
@@ -122,19 +102,18 @@ fn every_eval_subcommand_prints_one_json_object() {
 
 #[test]
 fn the_cli_serves_a_lower_rank_on_request() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("svd.plm");
-    let options = ConvertOptions {
+    let (_dir, path) = convert(&ConvertOptions {
         lowrank: Some(LowRank {
             method: LowRankMethod::Svd,
             target: RankTarget::Rank(32),
             allocation: RankAllocation::Uniform,
         }),
         ..ConvertOptions::with_weights(Encoding::F32)
-    };
-    convert_path(&fixture("hf"), &path, &options, &mut |_, _, _| {}).unwrap();
-    let flops = |extra: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pocketlm"))
+    });
+    // FLOPs per token `inspect` reports, with `env` set and `extra` global flags.
+    let flops = |env: &[(&str, &str)], extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_pocketlm"))
+            .envs(env.iter().copied())
             .args(extra)
             .args(["inspect", "--json"])
             .arg(&path)
@@ -148,27 +127,12 @@ fn the_cli_serves_a_lower_rank_on_request() {
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         v["flops_per_token"].as_u64().unwrap()
     };
-    let (full, half) = (flops(&[]), flops(&["--low-rank-percent", "50"]));
+    let (full, half) = (flops(&[], &[]), flops(&[], &["--low-rank-percent", "50"]));
     assert!(half < full, "{half} vs {full}");
     // The environment variable is the flag's default; the flag wins over it.
-    let from_env = |value: &str, extra: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_pocketlm"))
-            .env("POCKETLM_LOW_RANK_PERCENT", value)
-            .args(extra)
-            .args(["inspect", "--json"])
-            .arg(&path)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        v["flops_per_token"].as_u64().unwrap()
-    };
-    assert_eq!(from_env("50", &[]), half);
-    assert_eq!(from_env("50", &["--low-rank-percent", "100"]), full);
+    let env = [("POCKETLM_LOW_RANK_PERCENT", "50")];
+    assert_eq!(flops(&env, &[]), half);
+    assert_eq!(flops(&env, &["--low-rank-percent", "100"]), full);
     let rejected = std::process::Command::new(env!("CARGO_BIN_EXE_pocketlm"))
         .args(["--low-rank-percent", "0", "inspect"])
         .arg(&path)
