@@ -1,7 +1,8 @@
 //! Kernel throughput: one weight matrix of SmolLM2-135M's shapes (576 → 1536, a low-rank
 //! `U` factor 320 → 1536, and the 49152-row output layer) times one token (decode) and 128
 //! tokens (prefill), per encoding and every kernel path this CPU supports.
-//! `cargo bench -p pocketlm-kernels --bench kernels`; thread counts with RAYON_NUM_THREADS.
+//! `cargo bench -p pocketlm-kernels --bench kernels [--features faer]`; thread counts with
+//! RAYON_NUM_THREADS.
 
 use criterion::{Bencher, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use half::f16;
@@ -98,6 +99,12 @@ fn bench_matmul(c: &mut Criterion) {
                 }
                 // The float kernels are the same on the integer extensions of a path.
                 if path.float_path() == path {
+                    // f32 products of 8+ tokens go to faer's GEMM with the `faer` feature
+                    // (the converter's build) and to the row kernels without it (the app's).
+                    let f32m = MatRef::new(WeightData::F32(&w), rows, cols).unwrap();
+                    group.bench_function(BenchmarkId::new("f32", path.name()), |b| {
+                        iter_on_pool(&pool, b, path, &x, tokens, f32m, &mut out)
+                    });
                     let f16m = MatRef::new(WeightData::F16(&w16), rows, cols).unwrap();
                     group.bench_function(BenchmarkId::new("f16", path.name()), |b| {
                         iter_on_pool(&pool, b, path, &x, tokens, f16m, &mut out)
