@@ -1,0 +1,49 @@
+//! What can go wrong converting a model.
+
+use super::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    #[error(transparent)]
+    Import(#[from] ImportError),
+    #[error(transparent)]
+    Format(#[from] PlmError),
+    #[error("invalid option: {0}")]
+    Options(String),
+    #[error("calibration: {0}")]
+    Calibration(String),
+    #[error("{tensor}: {message}")]
+    Method { tensor: String, message: String },
+    /// A compression pass (GPTQ/SparseGPT, structured pruning, low rank) failed on a tensor.
+    #[error("{tensor}: {source}")]
+    Pass {
+        tensor: String,
+        #[source]
+        source: PassError,
+    },
+    /// Block-wise recovery or distillation failed.
+    #[error("calibration: {0}")]
+    Recover(#[from] recover::RecoverError),
+    #[error(transparent)]
+    Model(#[from] pocketlm_runtime::model::ModelError),
+}
+
+/// Why a compression pass failed on a tensor (named by [`ConvertError::Pass`]).
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    #[error(transparent)]
+    Gptq(#[from] gptq::GptqError),
+    #[error(transparent)]
+    ChannelPruning(#[from] prune::ChannelPruningError),
+    #[error(transparent)]
+    LowRank(#[from] lowrank::LowRankError),
+}
+
+impl ConvertError {
+    pub(crate) fn pass(tensor: &str, source: impl Into<PassError>) -> Self {
+        ConvertError::Pass {
+            tensor: tensor.to_string(),
+            source: source.into(),
+        }
+    }
+}
