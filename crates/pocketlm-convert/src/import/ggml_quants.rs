@@ -74,7 +74,7 @@ impl GgmlType {
         }
     }
 
-    /// ggml's name for the type ("Q4_K", "BF16", "IQ2_XS", or "type<N>" for unknown ids).
+    /// ggml's name for the type ("Q4_K", "BF16", "IQ2_XS", or `"type<N>"` for unknown ids).
     pub fn name(self) -> String {
         let known = match self {
             GgmlType::F32 => "F32",

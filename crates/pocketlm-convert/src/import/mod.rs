@@ -99,7 +99,7 @@ pub struct ImportedModel {
     pub config: ModelConfig,
     pub tokenizer: TokenizerSpec,
     pub source: Box<dyn TensorSource>,
-    /// Where the weights came from ("hf:<dir>", "gguf:<file>") and the source's own type mix.
+    /// Where the weights came from (`hf:<dir>`, `gguf:<file>`) and the source's own type mix.
     pub provenance: serde_json::Value,
 }
 

@@ -10,7 +10,7 @@
 //! activation bytes against it yields eight rows' partial sums in eight (pairs of) lanes, and
 //! the kernels never reduce across lanes until a tile's rows are done. The reference
 //! ([`dot_scalar`]) reads one weight at a time through [`QuantMatrix::level`]; every SIMD
-//! path ([`x86`], [`arm`]) is tested against it.
+//! path (`x86`, `arm`) is tested against it.
 
 /// The kinds as codes, the const parameter the SIMD kernels are specialised on; their facts
 /// come from the format's table ([`pocketlm_format::QUANT_KINDS`]).
