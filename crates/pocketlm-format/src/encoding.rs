@@ -452,10 +452,17 @@ impl Encoding {
             },
         };
         if encoding.params() != (param0, param1) {
-            return Err(EncodingError::Parameters {
-                encoding: encoding.name(),
-                quantized: encoding.is_quantized(),
-                params: (param0, param1),
+            let params = (param0, param1);
+            return Err(if encoding.is_quantized() {
+                EncodingError::Parameters {
+                    encoding: encoding.name(),
+                    params,
+                }
+            } else {
+                EncodingError::UnexpectedParameters {
+                    encoding: encoding.name(),
+                    params,
+                }
             });
         }
         if let Some(group) = encoding.group() {
@@ -472,8 +479,9 @@ impl Encoding {
         if encoding_group_ok(group as u32).is_err() || cols % group != 0 {
             return None;
         }
+        let kind = self.quant_kind()?.info();
         let tiles = rows.div_ceil(TILE_ROWS);
-        let tile_bytes = (cols / QUANT_BLOCK).checked_mul(self.tile_block_bytes()?)?;
+        let tile_bytes = (cols / QUANT_BLOCK).checked_mul(kind.tile_block_bytes())?;
         let quant_bytes = tiles.checked_mul(tile_bytes)?;
         // Masked encodings: the per-tile offsets (u32, one more than tiles) and the code
         // stream (with its padding) follow the masks.
@@ -497,14 +505,13 @@ impl Encoding {
             .checked_mul(cols / group)?
             .checked_mul(2)?;
         let scales_end = scales_start.checked_add(scale_bytes)?;
-        let (mins, total) = match self {
-            Encoding::Q4 {
-                asymmetric: true, ..
-            } => (
+        let (mins, total) = if kind.has_min {
+            (
                 Some(scales_end..scales_end + scale_bytes),
                 scales_end.checked_add(scale_bytes)?,
-            ),
-            _ => (None, scales_end),
+            )
+        } else {
+            (None, scales_end)
         };
         Some(QuantLayout {
             rows,
@@ -566,20 +573,20 @@ pub enum EncodingError {
     NoGroup(String),
     #[error("group size {0} must be a positive multiple of {QUANT_BLOCK} up to {MAX_QUANT_GROUP}")]
     Group(u32),
-    #[error("{}", parameters_message(encoding, *quantized, *params))]
+    #[error("encoding {encoding} has invalid parameters ({}, {})", .params.0, .params.1)]
     Parameters {
         encoding: &'static str,
-        quantized: bool,
         params: (u32, u32),
     },
-}
-
-fn parameters_message(encoding: &str, quantized: bool, (p0, p1): (u32, u32)) -> String {
-    if quantized {
-        format!("encoding {encoding} has invalid parameters ({p0}, {p1})")
-    } else {
-        format!("encoding {encoding} takes no parameters, but the table has ({p0}, {p1})")
-    }
+    #[error(
+        "encoding {encoding} takes no parameters, but the table has ({}, {})",
+        .params.0,
+        .params.1
+    )]
+    UnexpectedParameters {
+        encoding: &'static str,
+        params: (u32, u32),
+    },
 }
 
 /// Byte layout of a quantized `[rows, cols]` matrix inside its tensor data, chosen so the

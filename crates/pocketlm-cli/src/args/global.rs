@@ -60,6 +60,7 @@ fn parse_verify_mode(s: &str) -> Result<VerifyMode, String> {
 
 fn parse_kernel_path(s: &str) -> Result<KernelPath, String> {
     KernelPath::parse(s).ok_or_else(|| {
-        format!("unknown kernel path {s:?} (scalar, generic, avx2, avxvnni, avx512, neon, dotprod, i8mm)")
+        let known: Vec<&str> = KernelPath::ALL.iter().map(|p| p.name()).collect();
+        format!("unknown kernel path {s:?} ({})", known.join(", "))
     })
 }

@@ -122,12 +122,8 @@ unsafe fn pieces<const K: u8>(blk: *const u8, c: usize) -> [[int8x16_t; 4]; 2] {
             }
             _ => {
                 let packed = [0, 1, 2, 3].map(|r| vld1q_u8(blk.add(64 * c + 16 * r)));
-                // Masked kinds never decode through here (their blocks hold only masks).
-                let zero = vdupq_n_s8(if is_masked(K) {
-                    0
-                } else {
-                    kinds::zero_point(K) as i8
-                });
+                // q4 and q4a; masked kinds decode through `masked_pieces` at every call site.
+                let zero = vdupq_n_s8(kinds::zero_point(K) as i8);
                 [
                     packed.map(|v| {
                         vsubq_s8(vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0F))), zero)
