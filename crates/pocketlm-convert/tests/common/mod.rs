@@ -8,6 +8,27 @@ use pocketlm_convert::{Calibration, ConvertOptions, convert_path};
 use pocketlm_eval::{PerplexityOptions, perplexity};
 use pocketlm_runtime::model::{Model, ModelOptions};
 
+/// Hand-written story text in the style stories260K was trained on (~400 tokens).
+pub const STORY: &str = "Once upon a time, there was a little girl named Lily. She loved to play \
+outside in the sun. One day, she saw a big red ball in the park. She ran to the ball and \
+kicked it very high. The ball flew over the tree and landed in the pond. Lily was sad. She \
+wanted her ball back. Her friend Ben came to help. Ben was a kind boy. He found a long \
+stick and pulled the ball out of the water. Lily smiled and said, \"Thank you, Ben!\" They \
+played with the ball all day. When the sun went down, Lily and Ben went home. Lily told her \
+mom about the ball and the pond. Her mom hugged her and said, \"You have a good friend.\" \
+Lily was happy. The next day, Lily and Ben went to the park again. They saw a little dog. \
+The dog was lost and scared. Lily gave the dog some of her bread. The dog wagged its tail. \
+Ben said, \"Let's find his home.\" They walked down the street and asked a man. The man \
+said, \"That is my dog! Thank you for finding him.\" The man gave them a big cookie. Lily \
+and Ben shared the cookie. It was the best day ever.";
+
+/// Three ARC-Easy-style records (one with numeric labels, a blank line between records).
+pub const ZEROSHOT_ARC: &str = r#"{"id": "a1", "question": "What does a cat say?", "choices": {"text": ["Meow", "The sun is hot", "Seven"], "label": ["A", "B", "C"]}, "answerKey": "A"}
+{"id": "a2", "question": "Where did Lily play with the ball?", "choices": {"text": ["in the park", "on the moon", "under a rock", "in a box"], "label": ["1", "2", "3", "4"]}, "answerKey": "1"}
+
+{"id": "a3", "question": "Who helped Lily?", "choices": {"text": ["Ben", "a big red truck"], "label": ["A", "B"]}, "answerKey": "B"}
+"#;
+
 pub fn fixture(rel: &str) -> PathBuf {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
         .join("tests/fixtures/stories260k")
