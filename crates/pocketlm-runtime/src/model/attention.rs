@@ -197,6 +197,13 @@ impl KvCache {
         .unwrap_or(usize::MAX)
     }
 
+    /// Whether [`KvCache::truncate`] to `new_len` keeps every position `0..new_len` usable.
+    /// Prefix reuse asks this first: a cache that overwrites old positions (a sliding-window
+    /// ring buffer) can only go back as far as the positions it still holds.
+    pub fn can_truncate_to(&self, new_len: usize) -> bool {
+        new_len <= self.len
+    }
+
     /// Forgets positions `new_len..` (e.g. to reuse a shared prompt prefix).
     pub fn truncate(&mut self, new_len: usize) {
         self.len = self.len.min(new_len);
