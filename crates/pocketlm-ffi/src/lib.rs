@@ -80,7 +80,10 @@ impl From<ModelError> for PocketLmError {
                 PocketLmError::InvalidModel { reason }
             }
             ModelError::Tokenizer(_) => PocketLmError::InvalidInput { reason },
-            ModelError::ContextFull { .. } => PocketLmError::ContextFull { reason },
+            ModelError::ContextFull { .. } | ModelError::LatestTurnTooLong { .. } => {
+                PocketLmError::ContextFull { reason }
+            }
+            ModelError::EmptyPrompt => PocketLmError::InvalidInput { reason },
             ModelError::InvalidToken { .. } => PocketLmError::Internal { reason },
             // Both come from a context length too large for the memory limits or the device.
             ModelError::MemoryLimit { .. } | ModelError::OutOfMemory { .. } => {

@@ -18,6 +18,9 @@ pub enum Encoding {
     F16,
     /// bfloat16 (upper half of an f32), little-endian. Code 2.
     BF16,
+    /// Plain signed bytes. Code 3. Not a weight encoding (the model loader refuses it): saved
+    /// sessions store the codes of an int8 KV cache this way.
+    I8,
     /// Symmetric int8 matrix with one f16 scale per `group` consecutive weights of a row:
     /// `w = q · d`. Code 16, param0 = group. See [`QuantLayout`].
     Q8 { group: u32 },
@@ -222,17 +225,18 @@ impl Encoding {
     pub fn name(self) -> &'static str {
         match self.quant_kind() {
             Some(kind) => kind.info().name,
-            None => self.unquantized("f32", "f16", "bf16", "f16+2:4"),
+            None => self.unquantized("f32", "f16", "bf16", "i8", "f16+2:4"),
         }
     }
 
-    /// The value for this encoding among the four that are not in [`QUANT_KINDS`] (f32, f16,
-    /// bf16, f16+2:4); the caller has checked [`Encoding::quant_kind`] first.
-    fn unquantized<T>(self, f32: T, f16: T, bf16: T, f16_sparse24: T) -> T {
+    /// The value for this encoding among the five that are not in [`QUANT_KINDS`] (f32, f16,
+    /// bf16, i8, f16+2:4); the caller has checked [`Encoding::quant_kind`] first.
+    fn unquantized<T>(self, f32: T, f16: T, bf16: T, i8: T, f16_sparse24: T) -> T {
         match self {
             Encoding::F32 => f32,
             Encoding::F16 => f16,
             Encoding::BF16 => bf16,
+            Encoding::I8 => i8,
             _ => f16_sparse24,
         }
     }
@@ -252,7 +256,11 @@ impl Encoding {
             Encoding::Q4Sparse48 { .. } => QuantKind::Q4Sparse48,
             Encoding::Q8Masked { .. } => QuantKind::Q8Masked,
             Encoding::Q4Masked { .. } => QuantKind::Q4Masked,
-            Encoding::F32 | Encoding::F16 | Encoding::BF16 | Encoding::F16Sparse24 => return None,
+            Encoding::F32
+            | Encoding::F16
+            | Encoding::BF16
+            | Encoding::I8
+            | Encoding::F16Sparse24 => return None,
         })
     }
 
@@ -373,7 +381,7 @@ impl Encoding {
             return info.block_bits as f64 + per_group / group as f64;
         }
         // f16+2:4: two f16 values and a 4-bit position nibble per four weights.
-        self.unquantized(32.0, 16.0, 16.0, 9.0)
+        self.unquantized(32.0, 16.0, 16.0, 8.0, 9.0)
     }
 
     /// Exact number of data bytes a tensor of `shape` occupies; `None` on overflow, or when
@@ -396,14 +404,18 @@ impl Encoding {
     pub fn code(self) -> u16 {
         match self.quant_kind() {
             Some(kind) => kind.info().code,
-            None => self.unquantized(0, 1, 2, 256),
+            None => self.unquantized(0, 1, 2, 3, 256),
         }
     }
 
     /// The two u32 parameters stored beside the code.
     pub fn params(self) -> (u32, u32) {
         match self {
-            Encoding::F32 | Encoding::F16 | Encoding::BF16 | Encoding::F16Sparse24 => (0, 0),
+            Encoding::F32
+            | Encoding::F16
+            | Encoding::BF16
+            | Encoding::I8
+            | Encoding::F16Sparse24 => (0, 0),
             Encoding::Q8 { group } => (group, 0),
             Encoding::Q4 { group, asymmetric } => (group, asymmetric as u32),
             Encoding::Q3 { group }
@@ -418,7 +430,10 @@ impl Encoding {
     /// Inverse of [`Encoding::code`] for parameterless encodings; `None` for codes this build
     /// does not know or that need parameters.
     pub fn from_code(code: u16) -> Option<Encoding> {
-        Encoding::ALL.into_iter().find(|e| e.code() == code)
+        Encoding::ALL
+            .into_iter()
+            .chain([Encoding::I8])
+            .find(|e| e.code() == code)
     }
 
     /// Decodes a table entry's code and parameters: `Ok(None)` for an unknown code (a newer
@@ -538,6 +553,7 @@ impl Encoding {
         match self {
             Encoding::F32 => 4,
             Encoding::F16 | Encoding::BF16 => 2,
+            Encoding::I8 => 1,
             // Not used for quantized or sparse encodings (see `quant_layout`,
             // `Sparse24Layout`); one byte is the q8 value.
             Encoding::Q8 { .. }

@@ -201,7 +201,12 @@ mod tests {
             ),
             (0, 1, 2)
         );
-        assert_eq!(Encoding::from_code(3), None);
+        // i8 (saved KV caches) has a code but is not a weight encoding the CLI accepts.
+        assert_eq!(Encoding::from_code(3), Some(Encoding::I8));
+        assert_eq!(Encoding::I8.byte_len(&[3, 5]), Some(15));
+        assert!(!Encoding::I8.is_dense() && !Encoding::I8.is_quantized());
+        assert!("i8".parse::<Encoding>().is_err());
+        assert_eq!(Encoding::from_code(4), None);
         assert_eq!("BF16".parse::<Encoding>().unwrap(), Encoding::BF16);
         let err = "q5".parse::<Encoding>().unwrap_err().to_string();
         assert!(err.contains("'q5'"), "{err}");

@@ -10,4 +10,6 @@ pub mod session;
 pub mod tokenizer;
 
 pub use model::{Model, ModelError};
-pub use session::{GenerateOptions, Generation, GenerationStats, Session, StopReason};
+pub use session::{
+    ContextPolicy, GenerateOptions, Generation, GenerationStats, Session, StopReason,
+};

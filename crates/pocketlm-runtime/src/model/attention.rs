@@ -100,6 +100,16 @@ impl Store {
     }
 }
 
+/// One layer's stored keys or values for the cached positions (see [`KvCache::stored_rows`]).
+pub(crate) enum StoredRows<'a> {
+    F32(&'a [f32]),
+    /// Codes `len × kv_dim` and one scale per head vector (`len × kv_heads`).
+    Q8 {
+        codes: &'a [i8],
+        scales: &'a [f32],
+    },
+}
+
 /// Keys and values of every layer for positions `0..len`, preallocated for `capacity`.
 #[derive(Clone)]
 pub struct KvCache {
@@ -211,6 +221,68 @@ impl KvCache {
 
     pub fn clear(&mut self) {
         self.len = 0;
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn kv_dim(&self) -> usize {
+        self.kv_dim
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+
+    /// What one layer's keys (`values == false`) or values hold for positions `0..len`, as
+    /// stored: saved sessions write exactly these rows.
+    pub(crate) fn stored_rows(&self, layer: usize, values: bool) -> StoredRows<'_> {
+        let store = if values {
+            &self.values[layer]
+        } else {
+            &self.keys[layer]
+        };
+        let n = self.len * self.kv_dim;
+        let heads = self.len * (self.kv_dim / self.head_dim);
+        match store {
+            Store::F32(v) => StoredRows::F32(&v[..n]),
+            Store::Q8 { codes, scales } => StoredRows::Q8 {
+                codes: &codes[..n],
+                scales: &scales[..heads],
+            },
+        }
+    }
+
+    /// Writes rows saved by [`KvCache::stored_rows`] back into positions `0..` of one layer.
+    /// The caller has checked kind and lengths against this cache; [`KvCache::set_len`]
+    /// declares them once every layer is written.
+    pub(crate) fn restore_rows(&mut self, layer: usize, values: bool, rows: StoredRows<'_>) {
+        let store = if values {
+            &mut self.values[layer]
+        } else {
+            &mut self.keys[layer]
+        };
+        match (store, rows) {
+            (Store::F32(v), StoredRows::F32(saved)) => v[..saved.len()].copy_from_slice(saved),
+            (
+                Store::Q8 { codes, scales },
+                StoredRows::Q8 {
+                    codes: saved_codes,
+                    scales: saved_scales,
+                },
+            ) => {
+                codes[..saved_codes.len()].copy_from_slice(saved_codes);
+                scales[..saved_scales.len()].copy_from_slice(saved_scales);
+            }
+            _ => unreachable!("restore_rows: the caller checked the cache kind"),
+        }
+    }
+
+    /// Declares positions `0..len` valid after [`KvCache::restore_rows`].
+    pub(crate) fn set_len(&mut self, len: usize) {
+        assert!(len <= self.capacity, "set_len {len} beyond capacity");
+        self.len = len;
     }
 
     pub(crate) fn write(&mut self, layer: usize, start: usize, k: &[f32], v: &[f32]) {

@@ -17,6 +17,7 @@ use pocketlm_format::config::{ModelConfig, names};
 use pocketlm_format::{Encoding, PlmError, PlmFile, TensorEntry};
 use pocketlm_kernels::{self as kernels, Linear, MatRef};
 
+pub(crate) use attention::StoredRows;
 pub use attention::{KvCache, KvType};
 pub use block::{BlockScratch, BlockWeights, LinearInput, block_forward};
 pub use pocketlm_format::config::expected_tensors;
@@ -37,6 +38,18 @@ pub enum ModelError {
     Tokenizer(#[from] TokenizerError),
     #[error("context full: {needed} positions needed, the KV cache holds {capacity}")]
     ContextFull { needed: usize, capacity: usize },
+    #[error(
+        "context full: the latest turn alone needs {needed} positions with its system \
+         messages, and {budget} of the {capacity} positions are left for the prompt once room \
+         for the reply is kept (shorten the message, or lower max_tokens)"
+    )]
+    LatestTurnTooLong {
+        needed: usize,
+        budget: usize,
+        capacity: usize,
+    },
+    #[error("nothing to generate from: the prompt is empty and the session holds no tokens")]
+    EmptyPrompt,
     #[error("token id {id} is outside the vocabulary (size {vocab_size})")]
     InvalidToken { id: u32, vocab_size: usize },
     #[error(

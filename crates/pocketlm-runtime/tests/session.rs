@@ -1,0 +1,315 @@
+//! Sessions across turns on a real (tiny) model: prefix reuse gives the same tokens as
+//! computing everything again, context policies keep long conversations running, and saved
+//! sessions restore exactly and refuse files that are not theirs.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use pocketlm_convert::{ConvertOptions, convert_path};
+use pocketlm_format::Encoding;
+use pocketlm_runtime::model::{KvType, ModelOptions};
+use pocketlm_runtime::sampler::SamplerConfig;
+use pocketlm_runtime::session::SessionFileError;
+use pocketlm_runtime::tokenizer::ChatMessage;
+use pocketlm_runtime::{ContextPolicy, GenerateOptions, Model, ModelError, Session};
+
+fn fixture(rel: &str) -> PathBuf {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+        .join("tests/fixtures")
+        .join(rel)
+}
+
+/// stories260K converted once per test binary, at f32 and at f16 (two different models).
+fn model_file(encoding: Encoding) -> &'static Path {
+    static FILES: OnceLock<(tempfile::TempDir, PathBuf, PathBuf)> = OnceLock::new();
+    let (_, f32_path, f16_path) = FILES.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut paths = Vec::new();
+        for (name, encoding) in [("f32.plm", Encoding::F32), ("f16.plm", Encoding::F16)] {
+            let out = dir.path().join(name);
+            convert_path(
+                &fixture("stories260k/hf"),
+                &out,
+                &ConvertOptions::with_weights(encoding),
+                &mut |_, _, _| {},
+            )
+            .unwrap();
+            paths.push(out);
+        }
+        let f16 = paths.pop().unwrap();
+        let f32 = paths.pop().unwrap();
+        (dir, f32, f16)
+    });
+    if encoding == Encoding::F32 {
+        f32_path
+    } else {
+        f16_path
+    }
+}
+
+fn model(kv: KvType) -> Arc<Model> {
+    let options = ModelOptions {
+        kv_cache: kv,
+        ..ModelOptions::default()
+    };
+    Arc::new(Model::open_with(model_file(Encoding::F32), options).unwrap())
+}
+
+fn greedy(max_tokens: usize) -> GenerateOptions {
+    GenerateOptions {
+        max_tokens,
+        sampler: SamplerConfig::greedy(),
+        ..GenerateOptions::default()
+    }
+}
+
+fn user(text: &str) -> ChatMessage {
+    ChatMessage::new("user", text)
+}
+
+const TURNS: [&str; 4] = [
+    "Tell me about a cat.",
+    "What did the cat eat?",
+    "Where did the dog go?",
+    "Why was Lily sad?",
+];
+
+/// A conversation of `turns` user messages, each answered by `session`, checking every
+/// turn against a fresh session that computes the whole conversation from scratch.
+#[test]
+fn chat_reuses_the_previous_turns_and_matches_a_fresh_session() {
+    let model = model(KvType::F32);
+    let mut session = Session::new(Arc::clone(&model), 512).unwrap();
+    let mut messages = vec![ChatMessage::new("system", "You tell short stories.")];
+    for (turn, text) in TURNS.iter().enumerate() {
+        messages.push(user(text));
+        let reply = session.chat(&messages, &greedy(24), |_| true).unwrap();
+        let mut fresh = Session::new(Arc::clone(&model), 512).unwrap();
+        let expected = fresh.chat(&messages, &greedy(24), |_| true).unwrap();
+        assert_eq!(reply.tokens, expected.tokens, "turn {turn}");
+        assert_eq!(reply.stats.prompt_tokens, expected.stats.prompt_tokens);
+        assert_eq!(expected.stats.reused_tokens, 0);
+        if turn == 0 {
+            assert_eq!(reply.stats.reused_tokens, 0);
+        } else {
+            // Everything before this turn's user message was cached (the reply may re-tokenize
+            // differently at its end, so allow a few tokens there).
+            let new_turn = model
+                .tokenizer()
+                .encode(&format!("user: {text}\nassistant: "), false)
+                .unwrap()
+                .len();
+            let reused = reply.stats.reused_tokens;
+            assert!(
+                reused + new_turn + 4 >= reply.stats.prompt_tokens && reused > 0,
+                "turn {turn}: reused {reused} of {} (new turn {new_turn} tokens)",
+                reply.stats.prompt_tokens
+            );
+        }
+        // The cache holds the prompt and every reply token that was run (all of them when
+        // the reply ended at end-of-sequence or max_tokens).
+        assert_eq!(
+            session.history().len(),
+            reply.stats.prompt_tokens + reply.tokens.len()
+        );
+        messages.push(ChatMessage::new("assistant", reply.text.trim()));
+    }
+}
+
+#[test]
+fn complete_reuses_a_shared_prefix() {
+    let model = model(KvType::F32);
+    let mut session = Session::new(Arc::clone(&model), 256).unwrap();
+    let first = session
+        .complete("Once upon a time there was a", &greedy(8), |_| true)
+        .unwrap();
+    assert_eq!(first.stats.reused_tokens, 0);
+    // The same text again: everything but the last prompt token is reused (its logits are
+    // needed), and greedy gives the same continuation.
+    let again = session
+        .complete("Once upon a time there was a", &greedy(8), |_| true)
+        .unwrap();
+    assert_eq!(again.stats.reused_tokens, again.stats.prompt_tokens - 1);
+    assert_eq!(again.tokens, first.tokens);
+    // A different ending shares the beginning.
+    let other = session
+        .complete("Once upon a time there lived", &greedy(8), |_| true)
+        .unwrap();
+    let mut fresh = Session::new(Arc::clone(&model), 256).unwrap();
+    let expected = fresh
+        .complete("Once upon a time there lived", &greedy(8), |_| true)
+        .unwrap();
+    assert!(other.stats.reused_tokens >= 4, "{:?}", other.stats);
+    assert_eq!(other.tokens, expected.tokens);
+}
+
+#[test]
+fn long_conversations_drop_their_oldest_turns() {
+    let model = model(KvType::F32);
+    let mut messages = vec![ChatMessage::new("system", "Stories.")];
+    for i in 0..12 {
+        messages.push(user(&format!(
+            "Tell me story number {i} about a cat and a dog."
+        )));
+        messages.push(ChatMessage::new(
+            "assistant",
+            "Once upon a time there was a cat. The cat had a dog friend. They played.",
+        ));
+    }
+    messages.push(user("And the last one?"));
+
+    // The default chat policy keeps the system message and the latest turns.
+    let mut session = Session::new(Arc::clone(&model), 192).unwrap();
+    let options = greedy(16);
+    let reply = session.chat(&messages, &options, |_| true).unwrap();
+    let s = &reply.stats;
+    assert!(s.dropped > 0 && s.dropped % 2 == 0, "{s:?}");
+    assert!(s.prompt_tokens + 16 <= 192, "{s:?}");
+    assert!(
+        s.dropped < 24 && s.prompt_tokens > 120,
+        "keeps the latest turns that fit: {s:?}"
+    );
+    let kept: Vec<ChatMessage> = [messages[0].clone()]
+        .into_iter()
+        .chain(messages[1 + s.dropped..].iter().cloned())
+        .collect();
+    let mut fresh = Session::new(Arc::clone(&model), 192).unwrap();
+    fresh.set_context_policy(Some(ContextPolicy::Error));
+    assert_eq!(
+        fresh.chat(&kept, &options, |_| true).unwrap().tokens,
+        reply.tokens,
+        "the reply is the one to the kept conversation"
+    );
+
+    // `error` refuses a conversation that does not fit at all.
+    let mut strict = Session::new(Arc::clone(&model), 192).unwrap();
+    strict.set_context_policy(Some(ContextPolicy::Error));
+    let err = strict.chat(&messages, &options, |_| true).unwrap_err();
+    assert!(matches!(err, ModelError::ContextFull { .. }), "{err}");
+
+    // A last message that cannot fit by itself is refused with a message that says so.
+    let huge = vec![user(&"cat ".repeat(400))];
+    let err = session.chat(&huge, &options, |_| true).unwrap_err();
+    assert!(matches!(err, ModelError::LatestTurnTooLong { .. }), "{err}");
+    assert!(err.to_string().contains("latest turn"), "{err}");
+}
+
+#[test]
+fn raw_text_is_an_error_by_default_and_truncates_on_request() {
+    let model = model(KvType::F32);
+    let long = "Once upon a time there was a cat. ".repeat(20);
+    let mut session = Session::new(Arc::clone(&model), 64).unwrap();
+    let err = session.complete(&long, &greedy(8), |_| true).unwrap_err();
+    assert!(matches!(err, ModelError::ContextFull { .. }), "{err}");
+
+    session.set_context_policy(Some(ContextPolicy::TruncateStart));
+    let g = session.complete(&long, &greedy(8), |_| true).unwrap();
+    assert_eq!(g.stats.prompt_tokens, 64 - 8);
+    assert!(g.stats.dropped > 0);
+    assert_eq!(
+        session.history()[0],
+        model.tokenizer().bos_token_id().unwrap(),
+        "BOS stays first"
+    );
+    // Continuing past the end with `generate` cuts the start again instead of failing.
+    for _ in 0..3 {
+        let g = session
+            .generate(" The dog ran.", &greedy(8), |_| true)
+            .unwrap();
+        assert!(session.history().len() <= 64, "{:?}", g.stats);
+    }
+}
+
+fn saved_roundtrip(kv: KvType) {
+    let model = model(kv);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("chat.session");
+    let mut session = Session::new(Arc::clone(&model), 256).unwrap();
+    session.set_context_policy(Some(ContextPolicy::TruncateStart));
+    session
+        .complete("Once upon a time there was a little", &greedy(12), |_| true)
+        .unwrap();
+    let bytes = session.save(&path).unwrap();
+    assert!(bytes > 0);
+
+    let mut restored = Session::new(Arc::clone(&model), 256).unwrap();
+    restored.restore(&path).unwrap();
+    assert_eq!(restored.history(), session.history());
+    assert_eq!(
+        restored.context_policy(),
+        Some(ContextPolicy::TruncateStart)
+    );
+    // Continuing either gives the same tokens: the cache came back exactly.
+    let a = session.generate(" Then", &greedy(16), |_| true).unwrap();
+    let b = restored.generate(" Then", &greedy(16), |_| true).unwrap();
+    assert_eq!(a.tokens, b.tokens);
+    assert_eq!(b.stats.prompt_tokens, a.stats.prompt_tokens);
+
+    // An empty session saves and restores too.
+    let empty = Session::new(Arc::clone(&model), 256).unwrap();
+    empty.save(&path).unwrap();
+    restored.restore(&path).unwrap();
+    assert!(restored.history().is_empty());
+}
+
+#[test]
+fn saved_sessions_restore_exactly_f32() {
+    saved_roundtrip(KvType::F32);
+}
+
+#[test]
+fn saved_sessions_restore_exactly_int8() {
+    saved_roundtrip(KvType::Q8);
+}
+
+#[test]
+fn saved_sessions_refuse_what_is_not_theirs() {
+    let model = model(KvType::F32);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.session");
+    let mut session = Session::new(Arc::clone(&model), 128).unwrap();
+    session
+        .complete("Once upon a time", &greedy(4), |_| true)
+        .unwrap();
+    session.save(&path).unwrap();
+    let before = session.history().to_vec();
+
+    // Another model (same architecture, f16 weights).
+    let other = Arc::new(Model::open(model_file(Encoding::F16)).unwrap());
+    let mut foreign = Session::new(other, 128).unwrap();
+    let err = foreign.restore(&path).unwrap_err();
+    assert!(matches!(err, SessionFileError::OtherModel { .. }), "{err}");
+    assert!(err.to_string().contains("another model"), "{err}");
+
+    // The same model with an int8 cache.
+    let mut q8 = Session::new(model_q8(), 128).unwrap();
+    let err = q8.restore(&path).unwrap_err();
+    assert!(err.to_string().contains("saved as f32"), "{err}");
+
+    // A context too small for the saved tokens.
+    let mut small = Session::new(Arc::clone(&model), 4).unwrap();
+    let err = small.restore(&path).unwrap_err();
+    assert!(matches!(err, SessionFileError::TooLong { .. }), "{err}");
+
+    // Truncated and corrupted files; the session is left as it was.
+    let data = std::fs::read(&path).unwrap();
+    let cut = dir.path().join("cut.session");
+    std::fs::write(&cut, &data[..data.len() - 10]).unwrap();
+    let err = session.restore(&cut).unwrap_err();
+    assert!(err.to_string().contains("truncated"), "{err}");
+    let mut flipped = data.clone();
+    flipped[300] ^= 0x40; // inside the first layer's keys
+    let bad = dir.path().join("bad.session");
+    std::fs::write(&bad, &flipped).unwrap();
+    let err = session.restore(&bad).unwrap_err();
+    assert!(err.to_string().contains("checksum"), "{err}");
+    assert_eq!(session.history(), before);
+
+    // A model file is not a session.
+    let err = session.restore(model_file(Encoding::F32)).unwrap_err();
+    assert!(matches!(err, SessionFileError::NotASession { .. }), "{err}");
+}
+
+fn model_q8() -> Arc<Model> {
+    model(KvType::Q8)
+}
