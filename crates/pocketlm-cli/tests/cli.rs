@@ -121,3 +121,109 @@ fn the_cli_serves_a_lower_rank_on_request() {
         .unwrap();
     assert!(!rejected.status.success());
 }
+
+/// Runs `pocketlm chat` with `input` on stdin; returns stdout and the JSON lines on stderr.
+fn chat(args: &[&str], input: &str) -> (String, Vec<Value>) {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pocketlm"))
+        .args(["-t", "1", "chat"])
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(out.status.success(), "{args:?} failed: {stderr}");
+    let lines = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    (String::from_utf8(out.stdout).unwrap(), lines)
+}
+
+#[test]
+fn chat_from_a_pipe_reuses_turns_reports_them_and_saves_the_session() {
+    let (dir, plm) = convert(&ConvertOptions::with_weights(Encoding::F32));
+    let m = plm.to_str().unwrap();
+    let saved = dir.path().join("chat.session");
+    let s = saved.to_str().unwrap();
+    let input = "Tell me about a cat.\nWhat did the cat eat?\nWhere did it go?\n";
+    let args = [
+        "--temp",
+        "0",
+        "-n",
+        "12",
+        "--stats-json",
+        "--system",
+        "Stories.",
+    ];
+    let (stdout, turns) = chat(&[&[m][..], &args, &["--save-session", s]].concat(), input);
+    assert_eq!(
+        stdout.lines().count(),
+        3,
+        "one reply line per input line: {stdout}"
+    );
+    assert_eq!(turns.len(), 3);
+    for (i, t) in turns.iter().enumerate() {
+        assert_eq!(t["turn"], i + 1);
+        for key in [
+            "prompt_tokens",
+            "ttft_ms",
+            "decode_tokens_per_s",
+            "stop_reason",
+        ] {
+            assert!(!t[key].is_null(), "{key} missing: {t}");
+        }
+    }
+    assert_eq!(turns[0]["reused_tokens"], 0);
+    for t in &turns[1..] {
+        let (reused, prompt) = (t["reused_tokens"].as_u64(), t["prompt_tokens"].as_u64());
+        assert!(
+            reused.unwrap() * 2 > prompt.unwrap(),
+            "most of the prompt is reused: {t}"
+        );
+    }
+
+    // Without reuse every turn computes the whole conversation, and says so.
+    let (_, fresh) = chat(&[&[m][..], &args, &["--no-prefix-reuse"]].concat(), input);
+    assert!(fresh.iter().all(|t| t["reused_tokens"] == 0), "{fresh:?}");
+    assert_eq!(fresh[2]["prompt_tokens"], turns[2]["prompt_tokens"]);
+
+    // A restored session goes on from the saved conversation: its first turn reuses it all.
+    let (_, resumed) = chat(
+        &[
+            m,
+            "--temp",
+            "0",
+            "-n",
+            "4",
+            "--stats-json",
+            "--load-session",
+            s,
+        ],
+        "And then?\n",
+    );
+    assert_eq!(resumed[0]["event"], "restore");
+    assert_eq!(resumed[0]["messages"], 7, "system + 3 user + 3 assistant");
+    let restored_tokens = resumed[0]["tokens"].as_u64().unwrap();
+    assert!(resumed[1]["reused_tokens"].as_u64().unwrap() + 8 >= restored_tokens);
+
+    // A session file from another model is refused by name.
+    let (_q_dir, other) = convert(&ConvertOptions::with_weights(Encoding::F16));
+    let out = Command::new(env!("CARGO_BIN_EXE_pocketlm"))
+        .args(["chat", other.to_str().unwrap(), "--load-session", s])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another model"), "{err}");
+}

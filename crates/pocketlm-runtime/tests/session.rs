@@ -163,7 +163,7 @@ fn long_conversations_drop_their_oldest_turns() {
     let options = greedy(16);
     let reply = session.chat(&messages, &options, |_| true).unwrap();
     let s = &reply.stats;
-    assert!(s.dropped > 0 && s.dropped % 2 == 0, "{s:?}");
+    assert!(s.dropped > 0 && s.dropped.is_multiple_of(2), "{s:?}");
     assert!(s.prompt_tokens + 16 <= 192, "{s:?}");
     assert!(
         s.dropped < 24 && s.prompt_tokens > 120,
@@ -229,11 +229,12 @@ fn saved_roundtrip(kv: KvType) {
     session
         .complete("Once upon a time there was a little", &greedy(12), |_| true)
         .unwrap();
-    let bytes = session.save(&path).unwrap();
+    let said = [user("Tell me a story.")];
+    let bytes = session.save(&path, &said).unwrap();
     assert!(bytes > 0);
 
     let mut restored = Session::new(Arc::clone(&model), 256).unwrap();
-    restored.restore(&path).unwrap();
+    assert_eq!(restored.restore(&path).unwrap(), said);
     assert_eq!(restored.history(), session.history());
     assert_eq!(
         restored.context_policy(),
@@ -247,8 +248,8 @@ fn saved_roundtrip(kv: KvType) {
 
     // An empty session saves and restores too.
     let empty = Session::new(Arc::clone(&model), 256).unwrap();
-    empty.save(&path).unwrap();
-    restored.restore(&path).unwrap();
+    empty.save(&path, &[]).unwrap();
+    assert!(restored.restore(&path).unwrap().is_empty());
     assert!(restored.history().is_empty());
 }
 
@@ -271,7 +272,7 @@ fn saved_sessions_refuse_what_is_not_theirs() {
     session
         .complete("Once upon a time", &greedy(4), |_| true)
         .unwrap();
-    session.save(&path).unwrap();
+    session.save(&path, &[]).unwrap();
     let before = session.history().to_vec();
 
     // Another model (same architecture, f16 weights).

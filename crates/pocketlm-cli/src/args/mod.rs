@@ -19,7 +19,7 @@ pub use eval::{
 };
 pub use global::GlobalArgs;
 pub use inspect::{InspectArgs, VerifyArgs};
-pub use run::RunArgs;
+pub use run::{ChatArgs, RunArgs};
 pub use shared::JsonOutput;
 
 #[derive(Parser)]
@@ -41,6 +41,9 @@ pub enum Command {
     Convert(Box<ConvertArgs>),
     /// Generate text, streaming it to stdout; speed on stderr.
     Run(RunArgs),
+    /// Chat with a model: interactive on a terminal; otherwise each input line is a user
+    /// turn and each reply is printed in turn. Turns reuse the cached conversation.
+    Chat(ChatArgs),
     /// Describe a .plm file: architecture, size, bits per weight, tensors, FLOPs per token.
     Inspect(InspectArgs),
     /// Measure prefill and decode speed (llama-bench style), time to first token, memory.

@@ -1,45 +1,46 @@
-//! `pocketlm run`: prompt, length, sampling and chat flags.
+//! `pocketlm run` and `pocketlm chat`: prompt, conversation and session flags.
 
 use std::path::PathBuf;
 
 use clap::Args;
+
+use super::shared::GenerationArgs;
 
 #[derive(Args)]
 pub struct RunArgs {
     pub model: PathBuf,
     #[arg(short, long, default_value = "")]
     pub prompt: String,
-    /// Tokens to generate.
-    #[arg(short = 'n', long, default_value_t = 256)]
-    pub max_tokens: usize,
-    /// Context length (KV cache positions).
-    #[arg(short = 'c', long, default_value_t = 2048)]
-    pub ctx: usize,
-    /// 0 = greedy.
-    #[arg(long, default_value_t = 0.8)]
-    pub temp: f32,
-    #[arg(long, default_value_t = 40)]
-    pub top_k: usize,
-    #[arg(long, default_value_t = 0.95)]
-    pub top_p: f32,
-    #[arg(long, default_value_t = 0.05)]
-    pub min_p: f32,
-    #[arg(long, default_value_t = 1.0)]
-    pub repeat_penalty: f32,
-    #[arg(long, default_value_t = 64)]
-    pub repeat_last_n: usize,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Stop before this string (repeatable).
-    #[arg(long)]
-    pub stop: Vec<String>,
+    #[command(flatten)]
+    pub generation: GenerationArgs,
     /// Treat the prompt as a user message and apply the model's chat template.
     #[arg(long)]
     pub chat: bool,
     /// System message for --chat.
     #[arg(long)]
     pub system: Option<String>,
-    /// Keep generating past end-of-sequence tokens.
+}
+
+#[derive(Args)]
+pub struct ChatArgs {
+    pub model: PathBuf,
+    /// System message at the start of the conversation.
     #[arg(long)]
-    pub ignore_eos: bool,
+    pub system: Option<String>,
+    #[command(flatten)]
+    pub generation: GenerationArgs,
+    /// After each turn, one JSON line on stderr: turn, prompt_tokens, reused_tokens,
+    /// dropped_messages, ttft_ms, prefill and decode tokens/s, generated_tokens, stop_reason.
+    #[arg(long)]
+    pub stats_json: bool,
+    /// Save the session (KV cache, tokens, conversation) to this file when the chat ends.
+    #[arg(long, value_name = "FILE")]
+    pub save_session: Option<PathBuf>,
+    /// Start from a session saved with --save-session (same model file and KV cache type).
+    #[arg(long, value_name = "FILE")]
+    pub load_session: Option<PathBuf>,
+    /// Compute every turn from the whole conversation again (for measuring what prefix reuse
+    /// saves).
+    #[arg(long)]
+    pub no_prefix_reuse: bool,
 }

@@ -4,6 +4,8 @@
 
 use clap::Args;
 use pocketlm_eval::PerplexityOptions;
+use pocketlm_runtime::sampler::{SamplerConfig, SamplerError};
+use pocketlm_runtime::{ContextPolicy, GenerateOptions};
 
 // `--json`: the result as one JSON object on stdout instead of text; scripts rely on it
 // (tests/cli.rs checks every command).
@@ -29,5 +31,63 @@ impl ChunkArgs {
             context: self.ctx,
             max_chunks: self.chunks,
         }
+    }
+}
+
+// Length, context and sampling of a generation (run, chat).
+#[derive(Args)]
+pub struct GenerationArgs {
+    /// Tokens to generate (per reply in chat).
+    #[arg(short = 'n', long, default_value_t = 256)]
+    pub max_tokens: usize,
+    /// Context length (KV cache positions).
+    #[arg(short = 'c', long, default_value_t = 2048)]
+    pub ctx: usize,
+    /// What to do when a prompt does not fit the context: error, drop-oldest-turns (chat:
+    /// keep the system prompt and the latest turns) or truncate-start (raw text: keep the
+    /// end). Default: drop-oldest-turns for chat, error for raw text.
+    #[arg(long, value_name = "POLICY")]
+    pub context_policy: Option<ContextPolicy>,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.8)]
+    pub temp: f32,
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0.05)]
+    pub min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    #[arg(long, default_value_t = 64)]
+    pub repeat_last_n: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop before this string (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+}
+
+impl GenerationArgs {
+    pub fn options(&self) -> Result<GenerateOptions, SamplerError> {
+        let options = GenerateOptions {
+            max_tokens: self.max_tokens,
+            sampler: SamplerConfig {
+                temperature: self.temp,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                min_p: self.min_p,
+                repetition_penalty: self.repeat_penalty,
+                repeat_last_n: self.repeat_last_n,
+                seed: self.seed,
+            },
+            stop: self.stop.clone(),
+            ignore_eos: self.ignore_eos,
+        };
+        options.sampler.validate()?;
+        Ok(options)
     }
 }

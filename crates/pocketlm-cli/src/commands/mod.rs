@@ -1,6 +1,7 @@
 //! What each command does, one module per command.
 
 mod bench;
+mod chat;
 mod convert;
 mod eval;
 mod inspect;
@@ -18,6 +19,7 @@ pub fn execute(command: Command) -> CliResult {
     match command {
         Command::Convert(args) => convert::execute(*args),
         Command::Run(args) => run::execute(args),
+        Command::Chat(args) => chat::execute(args),
         Command::Inspect(args) => inspect::execute(args),
         Command::Bench(args) => bench::execute(args),
         Command::Verify(args) => verify::execute(args),

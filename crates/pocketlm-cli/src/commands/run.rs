@@ -3,9 +3,8 @@
 use std::io::Write;
 use std::sync::Arc;
 
-use pocketlm_runtime::sampler::SamplerConfig;
+use pocketlm_runtime::Session;
 use pocketlm_runtime::tokenizer::ChatMessage;
-use pocketlm_runtime::{GenerateOptions, Session};
 
 use crate::args::RunArgs;
 use crate::commands::CliResult;
@@ -15,22 +14,9 @@ pub fn execute(a: RunArgs) -> CliResult {
     let load_started = std::time::Instant::now();
     let model = Arc::new(open_model(&a.model)?);
     let load_ms = load_started.elapsed().as_secs_f64() * 1e3;
-    let options = GenerateOptions {
-        max_tokens: a.max_tokens,
-        sampler: SamplerConfig {
-            temperature: a.temp,
-            top_k: a.top_k,
-            top_p: a.top_p,
-            min_p: a.min_p,
-            repetition_penalty: a.repeat_penalty,
-            repeat_last_n: a.repeat_last_n,
-            seed: a.seed,
-        },
-        stop: a.stop,
-        ignore_eos: a.ignore_eos,
-    };
-    options.sampler.validate()?;
-    let mut session = Session::new(Arc::clone(&model), a.ctx)?;
+    let options = a.generation.options()?;
+    let mut session = Session::new(Arc::clone(&model), a.generation.ctx)?;
+    session.set_context_policy(a.generation.context_policy);
     let mut stdout = std::io::stdout().lock();
     let mut emit = |piece: &str| {
         // A closed pipe (e.g. `| head`) ends generation instead of failing.

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{ContextPolicy, Session};
 use crate::model::{KvType, Model, StoredRows};
+use crate::tokenizer::ChatMessage;
 
 /// Version of the `session` metadata written by this build.
 pub const SESSION_FILE_VERSION: u32 = 1;
@@ -72,6 +73,10 @@ struct SessionHeader {
     #[serde(default)]
     context_policy: Option<ContextPolicy>,
     tokens: Vec<u32>,
+    /// The conversation the tokens render (empty for raw text), so an app or the CLI can
+    /// go on chatting with prefix reuse after a restore.
+    #[serde(default)]
+    messages: Vec<ChatMessage>,
 }
 
 /// A stable 64-bit FNV-1a hash of the model's metadata and tensor table (names, shapes,
@@ -119,10 +124,10 @@ fn tensor_name(layer: usize, values: bool, part: &str) -> String {
 }
 
 impl Session {
-    /// Writes the KV cache (as stored: f32 or int8), the token history and the context
-    /// policy to `path` (atomically: a temporary file renamed into place). Returns the file
-    /// size in bytes.
-    pub fn save(&self, path: &Path) -> Result<u64, SessionFileError> {
+    /// Writes the KV cache (as stored: f32 or int8), the token history, the context policy
+    /// and `messages` (the conversation so far; empty for raw text) to `path` (atomically: a
+    /// temporary file renamed into place). Returns the file size in bytes.
+    pub fn save(&self, path: &Path, messages: &[ChatMessage]) -> Result<u64, SessionFileError> {
         let format = |source| SessionFileError::Format {
             path: path.to_path_buf(),
             source,
@@ -175,15 +180,17 @@ impl Session {
             head_dim: cache.head_dim(),
             context_policy: self.context_policy(),
             tokens: self.history().to_vec(),
+            messages: messages.to_vec(),
         };
         let metadata = serde_json::json!({ "session": header });
         writer.finish(&metadata).map_err(format)
     }
 
     /// Replaces this session's cache and history with a saved session's (and its context
-    /// policy). Checks the file completely first (structure, every CRC, the model identity,
-    /// geometry, kind and length), so a refused file leaves the session as it was.
-    pub fn restore(&mut self, path: &Path) -> Result<(), SessionFileError> {
+    /// policy), and returns the conversation saved with it. Checks the file completely first
+    /// (structure, every CRC, the model identity, geometry, kind and length), so a refused
+    /// file leaves the session as it was.
+    pub fn restore(&mut self, path: &Path) -> Result<Vec<ChatMessage>, SessionFileError> {
         let format = |source| SessionFileError::Format {
             path: path.to_path_buf(),
             source,
@@ -307,7 +314,7 @@ impl Session {
         cache.set_len(len);
         self.replace_state(cache, header.tokens);
         self.set_context_policy(header.context_policy);
-        Ok(())
+        Ok(header.messages)
     }
 }
 
