@@ -524,35 +524,59 @@ def _uniffi_check_contract_api_version(lib):
         raise InternalError("UniFFI contract version mismatch: try cleaning and rebuilding your project")
 
 def _uniffi_check_api_checksums(lib):
-    if lib.uniffi_pocketlm_checksum_func_default_generation_config() != 28698:
+    if lib.uniffi_pocketlm_checksum_func_default_generation_config() != 13291:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_pocketlm_checksum_method_engine_count_tokens() != 8459:
+    if lib.uniffi_pocketlm_checksum_method_conversation_cancel() != 35377:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_pocketlm_checksum_method_engine_info() != 29818:
+    if lib.uniffi_pocketlm_checksum_method_conversation_context_length() != 43805:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_pocketlm_checksum_method_engine_new_session() != 8069:
+    if lib.uniffi_pocketlm_checksum_method_conversation_context_used() != 12835:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_pocketlm_checksum_constructor_engine_open() != 33623:
+    if lib.uniffi_pocketlm_checksum_method_conversation_messages() != 22819:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_pocketlm_checksum_method_session_cancel() != 61845:
+    if lib.uniffi_pocketlm_checksum_method_conversation_reset() != 19840:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_pocketlm_checksum_method_session_chat() != 56323:
+    if lib.uniffi_pocketlm_checksum_method_conversation_save() != 48891:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_pocketlm_checksum_method_session_complete() != 24740:
+    if lib.uniffi_pocketlm_checksum_method_conversation_send() != 25785:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_pocketlm_checksum_method_session_context_length() != 32664:
+    if lib.uniffi_pocketlm_checksum_method_engine_count_tokens() != 40011:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_pocketlm_checksum_method_session_context_used() != 10456:
+    if lib.uniffi_pocketlm_checksum_method_engine_info() != 19374:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_pocketlm_checksum_method_session_count_tokens() != 26748:
+    if lib.uniffi_pocketlm_checksum_method_engine_new_conversation() != 36803:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_pocketlm_checksum_method_session_generate() != 36442:
+    if lib.uniffi_pocketlm_checksum_method_engine_new_session() != 15854:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_pocketlm_checksum_method_session_reset() != 36096:
+    if lib.uniffi_pocketlm_checksum_method_engine_restore_conversation() != 51188:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_pocketlm_checksum_method_session_stats() != 4269:
+    if lib.uniffi_pocketlm_checksum_constructor_engine_open() != 37839:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_pocketlm_checksum_method_tokencallback_on_token() != 28893:
+    if lib.uniffi_pocketlm_checksum_method_session_cancel() != 8329:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_pocketlm_checksum_method_session_chat() != 27759:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_pocketlm_checksum_method_session_complete() != 8822:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_pocketlm_checksum_method_session_context_length() != 24312:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_pocketlm_checksum_method_session_context_used() != 17698:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_pocketlm_checksum_method_session_count_tokens() != 59424:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_pocketlm_checksum_method_session_generate() != 22050:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_pocketlm_checksum_method_session_reset() != 7405:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_pocketlm_checksum_method_session_restore() != 18429:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_pocketlm_checksum_method_session_save() != 32649:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_pocketlm_checksum_method_session_set_context_policy() != 62183:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_pocketlm_checksum_method_session_stats() != 39671:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_pocketlm_checksum_method_tokencallback_on_token() != 30227:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
 
 # A ctypes library to expose the extern-C FFI definitions.
@@ -586,15 +610,42 @@ _UniffiLib.ffi_pocketlm_uniffi_contract_version.restype = ctypes.c_uint32
 _UniffiLib.uniffi_pocketlm_checksum_func_default_generation_config.argtypes = (
 )
 _UniffiLib.uniffi_pocketlm_checksum_func_default_generation_config.restype = ctypes.c_uint16
+_UniffiLib.uniffi_pocketlm_checksum_method_conversation_cancel.argtypes = (
+)
+_UniffiLib.uniffi_pocketlm_checksum_method_conversation_cancel.restype = ctypes.c_uint16
+_UniffiLib.uniffi_pocketlm_checksum_method_conversation_context_length.argtypes = (
+)
+_UniffiLib.uniffi_pocketlm_checksum_method_conversation_context_length.restype = ctypes.c_uint16
+_UniffiLib.uniffi_pocketlm_checksum_method_conversation_context_used.argtypes = (
+)
+_UniffiLib.uniffi_pocketlm_checksum_method_conversation_context_used.restype = ctypes.c_uint16
+_UniffiLib.uniffi_pocketlm_checksum_method_conversation_messages.argtypes = (
+)
+_UniffiLib.uniffi_pocketlm_checksum_method_conversation_messages.restype = ctypes.c_uint16
+_UniffiLib.uniffi_pocketlm_checksum_method_conversation_reset.argtypes = (
+)
+_UniffiLib.uniffi_pocketlm_checksum_method_conversation_reset.restype = ctypes.c_uint16
+_UniffiLib.uniffi_pocketlm_checksum_method_conversation_save.argtypes = (
+)
+_UniffiLib.uniffi_pocketlm_checksum_method_conversation_save.restype = ctypes.c_uint16
+_UniffiLib.uniffi_pocketlm_checksum_method_conversation_send.argtypes = (
+)
+_UniffiLib.uniffi_pocketlm_checksum_method_conversation_send.restype = ctypes.c_uint16
 _UniffiLib.uniffi_pocketlm_checksum_method_engine_count_tokens.argtypes = (
 )
 _UniffiLib.uniffi_pocketlm_checksum_method_engine_count_tokens.restype = ctypes.c_uint16
 _UniffiLib.uniffi_pocketlm_checksum_method_engine_info.argtypes = (
 )
 _UniffiLib.uniffi_pocketlm_checksum_method_engine_info.restype = ctypes.c_uint16
+_UniffiLib.uniffi_pocketlm_checksum_method_engine_new_conversation.argtypes = (
+)
+_UniffiLib.uniffi_pocketlm_checksum_method_engine_new_conversation.restype = ctypes.c_uint16
 _UniffiLib.uniffi_pocketlm_checksum_method_engine_new_session.argtypes = (
 )
 _UniffiLib.uniffi_pocketlm_checksum_method_engine_new_session.restype = ctypes.c_uint16
+_UniffiLib.uniffi_pocketlm_checksum_method_engine_restore_conversation.argtypes = (
+)
+_UniffiLib.uniffi_pocketlm_checksum_method_engine_restore_conversation.restype = ctypes.c_uint16
 _UniffiLib.uniffi_pocketlm_checksum_constructor_engine_open.argtypes = (
 )
 _UniffiLib.uniffi_pocketlm_checksum_constructor_engine_open.restype = ctypes.c_uint16
@@ -622,6 +673,15 @@ _UniffiLib.uniffi_pocketlm_checksum_method_session_generate.restype = ctypes.c_u
 _UniffiLib.uniffi_pocketlm_checksum_method_session_reset.argtypes = (
 )
 _UniffiLib.uniffi_pocketlm_checksum_method_session_reset.restype = ctypes.c_uint16
+_UniffiLib.uniffi_pocketlm_checksum_method_session_restore.argtypes = (
+)
+_UniffiLib.uniffi_pocketlm_checksum_method_session_restore.restype = ctypes.c_uint16
+_UniffiLib.uniffi_pocketlm_checksum_method_session_save.argtypes = (
+)
+_UniffiLib.uniffi_pocketlm_checksum_method_session_save.restype = ctypes.c_uint16
+_UniffiLib.uniffi_pocketlm_checksum_method_session_set_context_policy.argtypes = (
+)
+_UniffiLib.uniffi_pocketlm_checksum_method_session_set_context_policy.restype = ctypes.c_uint16
 _UniffiLib.uniffi_pocketlm_checksum_method_session_stats.argtypes = (
 )
 _UniffiLib.uniffi_pocketlm_checksum_method_session_stats.restype = ctypes.c_uint16
@@ -632,6 +692,45 @@ _UniffiLib.uniffi_pocketlm_fn_func_default_generation_config.argtypes = (
     ctypes.POINTER(_UniffiRustCallStatus),
 )
 _UniffiLib.uniffi_pocketlm_fn_func_default_generation_config.restype = _UniffiRustBuffer
+_UniffiLib.uniffi_pocketlm_fn_method_conversation_cancel.argtypes = (
+    ctypes.c_uint64,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UniffiLib.uniffi_pocketlm_fn_method_conversation_cancel.restype = None
+_UniffiLib.uniffi_pocketlm_fn_method_conversation_context_length.argtypes = (
+    ctypes.c_uint64,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UniffiLib.uniffi_pocketlm_fn_method_conversation_context_length.restype = ctypes.c_uint32
+_UniffiLib.uniffi_pocketlm_fn_method_conversation_context_used.argtypes = (
+    ctypes.c_uint64,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UniffiLib.uniffi_pocketlm_fn_method_conversation_context_used.restype = ctypes.c_uint32
+_UniffiLib.uniffi_pocketlm_fn_method_conversation_messages.argtypes = (
+    ctypes.c_uint64,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UniffiLib.uniffi_pocketlm_fn_method_conversation_messages.restype = _UniffiRustBuffer
+_UniffiLib.uniffi_pocketlm_fn_method_conversation_reset.argtypes = (
+    ctypes.c_uint64,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UniffiLib.uniffi_pocketlm_fn_method_conversation_reset.restype = None
+_UniffiLib.uniffi_pocketlm_fn_method_conversation_save.argtypes = (
+    ctypes.c_uint64,
+    _UniffiRustBuffer,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UniffiLib.uniffi_pocketlm_fn_method_conversation_save.restype = ctypes.c_uint64
+_UniffiLib.uniffi_pocketlm_fn_method_conversation_send.argtypes = (
+    ctypes.c_uint64,
+    _UniffiRustBuffer,
+    _UniffiRustBuffer,
+    _UniffiRustBuffer,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UniffiLib.uniffi_pocketlm_fn_method_conversation_send.restype = _UniffiRustBuffer
 _UniffiLib.uniffi_pocketlm_fn_method_engine_count_tokens.argtypes = (
     ctypes.c_uint64,
     _UniffiRustBuffer,
@@ -643,11 +742,23 @@ _UniffiLib.uniffi_pocketlm_fn_method_engine_info.argtypes = (
     ctypes.POINTER(_UniffiRustCallStatus),
 )
 _UniffiLib.uniffi_pocketlm_fn_method_engine_info.restype = _UniffiRustBuffer
+_UniffiLib.uniffi_pocketlm_fn_method_engine_new_conversation.argtypes = (
+    ctypes.c_uint64,
+    _UniffiRustBuffer,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UniffiLib.uniffi_pocketlm_fn_method_engine_new_conversation.restype = ctypes.c_uint64
 _UniffiLib.uniffi_pocketlm_fn_method_engine_new_session.argtypes = (
     ctypes.c_uint64,
     ctypes.POINTER(_UniffiRustCallStatus),
 )
 _UniffiLib.uniffi_pocketlm_fn_method_engine_new_session.restype = ctypes.c_uint64
+_UniffiLib.uniffi_pocketlm_fn_method_engine_restore_conversation.argtypes = (
+    ctypes.c_uint64,
+    _UniffiRustBuffer,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UniffiLib.uniffi_pocketlm_fn_method_engine_restore_conversation.restype = ctypes.c_uint64
 _UniffiLib.uniffi_pocketlm_fn_constructor_engine_open.argtypes = (
     _UniffiRustBuffer,
     _UniffiRustBuffer,
@@ -703,6 +814,25 @@ _UniffiLib.uniffi_pocketlm_fn_method_session_reset.argtypes = (
     ctypes.POINTER(_UniffiRustCallStatus),
 )
 _UniffiLib.uniffi_pocketlm_fn_method_session_reset.restype = None
+_UniffiLib.uniffi_pocketlm_fn_method_session_restore.argtypes = (
+    ctypes.c_uint64,
+    _UniffiRustBuffer,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UniffiLib.uniffi_pocketlm_fn_method_session_restore.restype = _UniffiRustBuffer
+_UniffiLib.uniffi_pocketlm_fn_method_session_save.argtypes = (
+    ctypes.c_uint64,
+    _UniffiRustBuffer,
+    _UniffiRustBuffer,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UniffiLib.uniffi_pocketlm_fn_method_session_save.restype = ctypes.c_uint64
+_UniffiLib.uniffi_pocketlm_fn_method_session_set_context_policy.argtypes = (
+    ctypes.c_uint64,
+    _UniffiRustBuffer,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UniffiLib.uniffi_pocketlm_fn_method_session_set_context_policy.restype = None
 _UniffiLib.uniffi_pocketlm_fn_method_session_stats.argtypes = (
     ctypes.c_uint64,
     ctypes.POINTER(_UniffiRustCallStatus),
@@ -714,6 +844,16 @@ _UniffiLib.uniffi_pocketlm_fn_method_tokencallback_on_token.argtypes = (
     ctypes.POINTER(_UniffiRustCallStatus),
 )
 _UniffiLib.uniffi_pocketlm_fn_method_tokencallback_on_token.restype = ctypes.c_int8
+_UniffiLib.uniffi_pocketlm_fn_clone_conversation.argtypes = (
+    ctypes.c_uint64,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UniffiLib.uniffi_pocketlm_fn_clone_conversation.restype = ctypes.c_uint64
+_UniffiLib.uniffi_pocketlm_fn_free_conversation.argtypes = (
+    ctypes.c_uint64,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UniffiLib.uniffi_pocketlm_fn_free_conversation.restype = None
 _UniffiLib.uniffi_pocketlm_fn_clone_engine.argtypes = (
     ctypes.c_uint64,
     ctypes.POINTER(_UniffiRustCallStatus),
@@ -905,12 +1045,97 @@ class _UniffiFfiConverterUInt64(_UniffiConverterPrimitiveInt):
     def write(value, buf):
         buf.write_u64(value)
 
+
+
+
+
+
+class ContextPolicy(enum.Enum):
+    """
+    What a session does when a prompt does not fit its context.
+"""
+    
+    ERROR = 0
+    """
+    Fail with `ContextFull` (the default for raw text).
+"""
+    
+    DROP_OLDEST_TURNS = 1
+    """
+    Chat: keep the system messages and the latest turns that fit (the default for chat).
+"""
+    
+    TRUNCATE_START = 2
+    """
+    Raw text: keep the start token and the end of the text that fits.
+"""
+    
+
+
+class _UniffiFfiConverterTypeContextPolicy(_UniffiConverterRustBuffer):
+    @staticmethod
+    def read(buf):
+        variant = buf.read_i32()
+        if variant == 1:
+            return ContextPolicy.ERROR
+        if variant == 2:
+            return ContextPolicy.DROP_OLDEST_TURNS
+        if variant == 3:
+            return ContextPolicy.TRUNCATE_START
+        raise InternalError("Raw enum value doesn't match any cases")
+
+    @staticmethod
+    def check_lower(value):
+        if value == ContextPolicy.ERROR:
+            return
+        if value == ContextPolicy.DROP_OLDEST_TURNS:
+            return
+        if value == ContextPolicy.TRUNCATE_START:
+            return
+        raise ValueError(value)
+
+    @staticmethod
+    def write(value, buf):
+        if value == ContextPolicy.ERROR:
+            buf.write_i32(1)
+        if value == ContextPolicy.DROP_OLDEST_TURNS:
+            buf.write_i32(2)
+        if value == ContextPolicy.TRUNCATE_START:
+            buf.write_i32(3)
+
+
+
+class _UniffiFfiConverterOptionalTypeContextPolicy(_UniffiConverterRustBuffer):
+    @classmethod
+    def check_lower(cls, value):
+        if value is not None:
+            _UniffiFfiConverterTypeContextPolicy.check_lower(value)
+
+    @classmethod
+    def write(cls, value, buf):
+        if value is None:
+            buf.write_u8(0)
+            return
+
+        buf.write_u8(1)
+        _UniffiFfiConverterTypeContextPolicy.write(value, buf)
+
+    @classmethod
+    def read(cls, buf):
+        flag = buf.read_u8()
+        if flag == 0:
+            return None
+        elif flag == 1:
+            return _UniffiFfiConverterTypeContextPolicy.read(buf)
+        else:
+            raise InternalError("Unexpected flag byte for optional type")
+
 @dataclass
 class EngineOptions:
     """
     How an [`Engine`] runs. All fields have defaults.
 """
-    def __init__(self, *, threads:int = 0, context_length:int = 0, kernel_path:typing.Optional[str] = _DEFAULT, low_rank_percent:int = 0, kv_cache:typing.Optional[str] = _DEFAULT, profile:typing.Optional[str] = _DEFAULT, max_weight_bytes:int = 0):
+    def __init__(self, *, threads:int = 0, context_length:int = 0, kernel_path:typing.Optional[str] = _DEFAULT, low_rank_percent:int = 0, kv_cache:typing.Optional[str] = _DEFAULT, profile:typing.Optional[str] = _DEFAULT, max_weight_bytes:int = 0, context_policy:typing.Optional[ContextPolicy] = _DEFAULT):
         self.threads = threads
         self.context_length = context_length
         if kernel_path is _DEFAULT:
@@ -927,12 +1152,16 @@ class EngineOptions:
         else:
             self.profile = profile
         self.max_weight_bytes = max_weight_bytes
+        if context_policy is _DEFAULT:
+            self.context_policy = None
+        else:
+            self.context_policy = context_policy
         
         
 
     
     def __str__(self):
-        return "EngineOptions(threads={}, context_length={}, kernel_path={}, low_rank_percent={}, kv_cache={}, profile={}, max_weight_bytes={})".format(self.threads, self.context_length, self.kernel_path, self.low_rank_percent, self.kv_cache, self.profile, self.max_weight_bytes)
+        return "EngineOptions(threads={}, context_length={}, kernel_path={}, low_rank_percent={}, kv_cache={}, profile={}, max_weight_bytes={}, context_policy={})".format(self.threads, self.context_length, self.kernel_path, self.low_rank_percent, self.kv_cache, self.profile, self.max_weight_bytes, self.context_policy)
     def __eq__(self, other):
         if self.threads != other.threads:
             return False
@@ -948,6 +1177,8 @@ class EngineOptions:
             return False
         if self.max_weight_bytes != other.max_weight_bytes:
             return False
+        if self.context_policy != other.context_policy:
+            return False
         return True
 
 class _UniffiFfiConverterTypeEngineOptions(_UniffiConverterRustBuffer):
@@ -961,6 +1192,7 @@ class _UniffiFfiConverterTypeEngineOptions(_UniffiConverterRustBuffer):
             kv_cache=_UniffiFfiConverterOptionalString.read(buf),
             profile=_UniffiFfiConverterOptionalString.read(buf),
             max_weight_bytes=_UniffiFfiConverterUInt64.read(buf),
+            context_policy=_UniffiFfiConverterOptionalTypeContextPolicy.read(buf),
         )
 
     @staticmethod
@@ -972,6 +1204,7 @@ class _UniffiFfiConverterTypeEngineOptions(_UniffiConverterRustBuffer):
         _UniffiFfiConverterOptionalString.check_lower(value.kv_cache)
         _UniffiFfiConverterOptionalString.check_lower(value.profile)
         _UniffiFfiConverterUInt64.check_lower(value.max_weight_bytes)
+        _UniffiFfiConverterOptionalTypeContextPolicy.check_lower(value.context_policy)
 
     @staticmethod
     def write(value, buf):
@@ -982,6 +1215,7 @@ class _UniffiFfiConverterTypeEngineOptions(_UniffiConverterRustBuffer):
         _UniffiFfiConverterOptionalString.write(value.kv_cache, buf)
         _UniffiFfiConverterOptionalString.write(value.profile, buf)
         _UniffiFfiConverterUInt64.write(value.max_weight_bytes, buf)
+        _UniffiFfiConverterOptionalTypeContextPolicy.write(value.context_policy, buf)
 
 class _UniffiFfiConverterFloat32(_UniffiConverterPrimitiveFloat):
     @staticmethod
@@ -1209,8 +1443,10 @@ class GenerationStats:
     """
     Timing of one generation.
 """
-    def __init__(self, *, prompt_tokens:int, generated_tokens:int, prefill_tokens_per_second:float, decode_tokens_per_second:float, time_to_first_token_ms:float):
+    def __init__(self, *, prompt_tokens:int, reused_tokens:int, dropped:int, generated_tokens:int, prefill_tokens_per_second:float, decode_tokens_per_second:float, time_to_first_token_ms:float):
         self.prompt_tokens = prompt_tokens
+        self.reused_tokens = reused_tokens
+        self.dropped = dropped
         self.generated_tokens = generated_tokens
         self.prefill_tokens_per_second = prefill_tokens_per_second
         self.decode_tokens_per_second = decode_tokens_per_second
@@ -1220,9 +1456,13 @@ class GenerationStats:
 
     
     def __str__(self):
-        return "GenerationStats(prompt_tokens={}, generated_tokens={}, prefill_tokens_per_second={}, decode_tokens_per_second={}, time_to_first_token_ms={})".format(self.prompt_tokens, self.generated_tokens, self.prefill_tokens_per_second, self.decode_tokens_per_second, self.time_to_first_token_ms)
+        return "GenerationStats(prompt_tokens={}, reused_tokens={}, dropped={}, generated_tokens={}, prefill_tokens_per_second={}, decode_tokens_per_second={}, time_to_first_token_ms={})".format(self.prompt_tokens, self.reused_tokens, self.dropped, self.generated_tokens, self.prefill_tokens_per_second, self.decode_tokens_per_second, self.time_to_first_token_ms)
     def __eq__(self, other):
         if self.prompt_tokens != other.prompt_tokens:
+            return False
+        if self.reused_tokens != other.reused_tokens:
+            return False
+        if self.dropped != other.dropped:
             return False
         if self.generated_tokens != other.generated_tokens:
             return False
@@ -1239,6 +1479,8 @@ class _UniffiFfiConverterTypeGenerationStats(_UniffiConverterRustBuffer):
     def read(buf):
         return GenerationStats(
             prompt_tokens=_UniffiFfiConverterUInt32.read(buf),
+            reused_tokens=_UniffiFfiConverterUInt32.read(buf),
+            dropped=_UniffiFfiConverterUInt32.read(buf),
             generated_tokens=_UniffiFfiConverterUInt32.read(buf),
             prefill_tokens_per_second=_UniffiFfiConverterFloat64.read(buf),
             decode_tokens_per_second=_UniffiFfiConverterFloat64.read(buf),
@@ -1248,6 +1490,8 @@ class _UniffiFfiConverterTypeGenerationStats(_UniffiConverterRustBuffer):
     @staticmethod
     def check_lower(value):
         _UniffiFfiConverterUInt32.check_lower(value.prompt_tokens)
+        _UniffiFfiConverterUInt32.check_lower(value.reused_tokens)
+        _UniffiFfiConverterUInt32.check_lower(value.dropped)
         _UniffiFfiConverterUInt32.check_lower(value.generated_tokens)
         _UniffiFfiConverterFloat64.check_lower(value.prefill_tokens_per_second)
         _UniffiFfiConverterFloat64.check_lower(value.decode_tokens_per_second)
@@ -1256,6 +1500,8 @@ class _UniffiFfiConverterTypeGenerationStats(_UniffiConverterRustBuffer):
     @staticmethod
     def write(value, buf):
         _UniffiFfiConverterUInt32.write(value.prompt_tokens, buf)
+        _UniffiFfiConverterUInt32.write(value.reused_tokens, buf)
+        _UniffiFfiConverterUInt32.write(value.dropped, buf)
         _UniffiFfiConverterUInt32.write(value.generated_tokens, buf)
         _UniffiFfiConverterFloat64.write(value.prefill_tokens_per_second, buf)
         _UniffiFfiConverterFloat64.write(value.decode_tokens_per_second, buf)
@@ -1548,6 +1794,21 @@ class PocketLmError:  # type: ignore
         def __repr__(self):
             return "PocketLmError.ContextFull({})".format(str(self))
     _UniffiTempPocketLmError.ContextFull = ContextFull # type: ignore
+    class InvalidSession(_UniffiTempPocketLmError):
+        """
+        A saved session that cannot be restored: another model's, another KV cache type's,
+        truncated, corrupt, or too long for the context.
+"""
+        
+        def __init__(self, reason):
+            super().__init__(", ".join([
+                "reason={!r}".format(reason),
+            ]))
+            self.reason = reason
+
+        def __repr__(self):
+            return "PocketLmError.InvalidSession({})".format(str(self))
+    _UniffiTempPocketLmError.InvalidSession = InvalidSession # type: ignore
     class CallbackFailed(_UniffiTempPocketLmError):
         """
         The [`TokenCallback`] threw an exception (or panicked); generation stopped.
@@ -1611,10 +1872,14 @@ class _UniffiFfiConverterTypePocketLmError(_UniffiConverterRustBuffer):
                 _UniffiFfiConverterString.read(buf),
             )
         if variant == 7:
-            return PocketLmError.CallbackFailed(
+            return PocketLmError.InvalidSession(
                 _UniffiFfiConverterString.read(buf),
             )
         if variant == 8:
+            return PocketLmError.CallbackFailed(
+                _UniffiFfiConverterString.read(buf),
+            )
+        if variant == 9:
             return PocketLmError.Internal(
                 _UniffiFfiConverterString.read(buf),
             )
@@ -1638,6 +1903,9 @@ class _UniffiFfiConverterTypePocketLmError(_UniffiConverterRustBuffer):
             _UniffiFfiConverterString.check_lower(value.reason)
             return
         if isinstance(value, PocketLmError.ContextFull):
+            _UniffiFfiConverterString.check_lower(value.reason)
+            return
+        if isinstance(value, PocketLmError.InvalidSession):
             _UniffiFfiConverterString.check_lower(value.reason)
             return
         if isinstance(value, PocketLmError.CallbackFailed):
@@ -1667,11 +1935,14 @@ class _UniffiFfiConverterTypePocketLmError(_UniffiConverterRustBuffer):
         if isinstance(value, PocketLmError.ContextFull):
             buf.write_i32(6)
             _UniffiFfiConverterString.write(value.reason, buf)
-        if isinstance(value, PocketLmError.CallbackFailed):
+        if isinstance(value, PocketLmError.InvalidSession):
             buf.write_i32(7)
             _UniffiFfiConverterString.write(value.reason, buf)
-        if isinstance(value, PocketLmError.Internal):
+        if isinstance(value, PocketLmError.CallbackFailed):
             buf.write_i32(8)
+            _UniffiFfiConverterString.write(value.reason, buf)
+        if isinstance(value, PocketLmError.Internal):
+            buf.write_i32(9)
             _UniffiFfiConverterString.write(value.reason, buf)
 
 class _UniffiFfiConverterSequenceTypeChatMessage(_UniffiConverterRustBuffer):
@@ -1863,6 +2134,226 @@ class _UniffiFfiConverterOptionalTypeTokenCallback(_UniffiConverterRustBuffer):
         else:
             raise InternalError("Unexpected flag byte for optional type")
 
+
+class ConversationProtocol(typing.Protocol):
+    """
+    A chat with its transcript: `send` adds the user's message, generates the reply (reusing
+    every earlier turn from the cache) and adds the reply. When the context fills up, the
+    oldest turns leave the prompt and the transcript alike (unless the engine's context
+    policy is `Error`). Thread-safe; calls wait for each other.
+"""
+    
+    def cancel(self, ) -> None:
+        """
+        Asks a running `send` to stop (its reply ends with `Cancelled`).
+"""
+        raise NotImplementedError
+    def context_length(self, ) -> int:
+        raise NotImplementedError
+    def context_used(self, ) -> int:
+        """
+        Tokens the conversation holds in the context, and the context's size.
+"""
+        raise NotImplementedError
+    def messages(self, ) -> typing.List[ChatMessage]:
+        """
+        The transcript: system message, user messages and replies, oldest first.
+"""
+        raise NotImplementedError
+    def reset(self, ) -> None:
+        """
+        Forgets everything but the system message.
+"""
+        raise NotImplementedError
+    def save(self, path: str) -> int:
+        """
+        Saves the transcript and the KV cache to `path` (restore with
+        `Engine::restore_conversation`). Returns the file size in bytes.
+"""
+        raise NotImplementedError
+    def send(self, text: str,config: GenerationConfig,callback: typing.Optional[TokenCallback]) -> GenerationResult:
+        """
+        Sends the user's `text` and generates the reply, streaming it to `callback` when one
+        is given. On an error the transcript is left as it was.
+"""
+        raise NotImplementedError
+
+class Conversation(ConversationProtocol):
+    """
+    A chat with its transcript: `send` adds the user's message, generates the reply (reusing
+    every earlier turn from the cache) and adds the reply. When the context fills up, the
+    oldest turns leave the prompt and the transcript alike (unless the engine's context
+    policy is `Error`). Thread-safe; calls wait for each other.
+"""
+    
+    _handle: ctypes.c_uint64
+    
+    def __init__(self, *args, **kwargs):
+        raise ValueError("This class has no default constructor")
+
+    def __del__(self):
+        # In case of partial initialization of instances.
+        handle = getattr(self, "_handle", None)
+        if handle is not None:
+            _uniffi_rust_call(_UniffiLib.uniffi_pocketlm_fn_free_conversation, handle)
+
+    def _uniffi_clone_handle(self):
+        return _uniffi_rust_call(_UniffiLib.uniffi_pocketlm_fn_clone_conversation, self._handle)
+
+    # Used by alternative constructors or any methods which return this type.
+    @classmethod
+    def _uniffi_make_instance(cls, handle):
+        # Lightly yucky way to bypass the usual __init__ logic
+        # and just create a new instance with the required handle.
+        inst = cls.__new__(cls)
+        inst._handle = handle
+        return inst
+    def cancel(self, ) -> None:
+        """
+        Asks a running `send` to stop (its reply ends with `Cancelled`).
+"""
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+        )
+        _uniffi_lift_return = lambda val: None
+        _uniffi_error_converter = None
+        _uniffi_ffi_result = _uniffi_rust_call_with_error(
+            _uniffi_error_converter,
+            _UniffiLib.uniffi_pocketlm_fn_method_conversation_cancel,
+            *_uniffi_lowered_args,
+        )
+        return _uniffi_lift_return(_uniffi_ffi_result)
+    def context_length(self, ) -> int:
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+        )
+        _uniffi_lift_return = _UniffiFfiConverterUInt32.lift
+        _uniffi_error_converter = None
+        _uniffi_ffi_result = _uniffi_rust_call_with_error(
+            _uniffi_error_converter,
+            _UniffiLib.uniffi_pocketlm_fn_method_conversation_context_length,
+            *_uniffi_lowered_args,
+        )
+        return _uniffi_lift_return(_uniffi_ffi_result)
+    def context_used(self, ) -> int:
+        """
+        Tokens the conversation holds in the context, and the context's size.
+"""
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+        )
+        _uniffi_lift_return = _UniffiFfiConverterUInt32.lift
+        _uniffi_error_converter = _UniffiFfiConverterTypePocketLmError
+        _uniffi_ffi_result = _uniffi_rust_call_with_error(
+            _uniffi_error_converter,
+            _UniffiLib.uniffi_pocketlm_fn_method_conversation_context_used,
+            *_uniffi_lowered_args,
+        )
+        return _uniffi_lift_return(_uniffi_ffi_result)
+    def messages(self, ) -> typing.List[ChatMessage]:
+        """
+        The transcript: system message, user messages and replies, oldest first.
+"""
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+        )
+        _uniffi_lift_return = _UniffiFfiConverterSequenceTypeChatMessage.lift
+        _uniffi_error_converter = None
+        _uniffi_ffi_result = _uniffi_rust_call_with_error(
+            _uniffi_error_converter,
+            _UniffiLib.uniffi_pocketlm_fn_method_conversation_messages,
+            *_uniffi_lowered_args,
+        )
+        return _uniffi_lift_return(_uniffi_ffi_result)
+    def reset(self, ) -> None:
+        """
+        Forgets everything but the system message.
+"""
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+        )
+        _uniffi_lift_return = lambda val: None
+        _uniffi_error_converter = _UniffiFfiConverterTypePocketLmError
+        _uniffi_ffi_result = _uniffi_rust_call_with_error(
+            _uniffi_error_converter,
+            _UniffiLib.uniffi_pocketlm_fn_method_conversation_reset,
+            *_uniffi_lowered_args,
+        )
+        return _uniffi_lift_return(_uniffi_ffi_result)
+    def save(self, path: str) -> int:
+        """
+        Saves the transcript and the KV cache to `path` (restore with
+        `Engine::restore_conversation`). Returns the file size in bytes.
+"""
+        
+        _UniffiFfiConverterString.check_lower(path)
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+            _UniffiFfiConverterString.lower(path),
+        )
+        _uniffi_lift_return = _UniffiFfiConverterUInt64.lift
+        _uniffi_error_converter = _UniffiFfiConverterTypePocketLmError
+        _uniffi_ffi_result = _uniffi_rust_call_with_error(
+            _uniffi_error_converter,
+            _UniffiLib.uniffi_pocketlm_fn_method_conversation_save,
+            *_uniffi_lowered_args,
+        )
+        return _uniffi_lift_return(_uniffi_ffi_result)
+    def send(self, text: str,config: GenerationConfig,callback: typing.Optional[TokenCallback]) -> GenerationResult:
+        """
+        Sends the user's `text` and generates the reply, streaming it to `callback` when one
+        is given. On an error the transcript is left as it was.
+"""
+        
+        _UniffiFfiConverterString.check_lower(text)
+
+        _UniffiFfiConverterTypeGenerationConfig.check_lower(config)
+
+        _UniffiFfiConverterOptionalTypeTokenCallback.check_lower(callback)
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+            _UniffiFfiConverterString.lower(text),
+            _UniffiFfiConverterTypeGenerationConfig.lower(config),
+            _UniffiFfiConverterOptionalTypeTokenCallback.lower(callback),
+        )
+        _uniffi_lift_return = _UniffiFfiConverterTypeGenerationResult.lift
+        _uniffi_error_converter = _UniffiFfiConverterTypePocketLmError
+        _uniffi_ffi_result = _uniffi_rust_call_with_error(
+            _uniffi_error_converter,
+            _UniffiLib.uniffi_pocketlm_fn_method_conversation_send,
+            *_uniffi_lowered_args,
+        )
+        return _uniffi_lift_return(_uniffi_ffi_result)
+
+
+
+
+
+class _UniffiFfiConverterTypeConversation:
+    @staticmethod
+    def lift(value: int) -> Conversation:
+        return Conversation._uniffi_make_instance(value)
+
+    @staticmethod
+    def check_lower(value: Conversation):
+        if not isinstance(value, Conversation):
+            raise TypeError("Expected Conversation instance, {} found".format(type(value).__name__))
+
+    @staticmethod
+    def lower(value: Conversation) -> ctypes.c_uint64:
+        return value._uniffi_clone_handle()
+
+    @classmethod
+    def read(cls, buf: _UniffiRustBuffer) -> Conversation:
+        ptr = buf.read_u64()
+        if ptr == 0:
+            raise InternalError("Raw handle value was null")
+        return cls.lift(ptr)
+
+    @classmethod
+    def write(cls, value: Conversation, buf: _UniffiRustBuffer):
+        buf.write_u64(cls.lower(value))
+
 class _UniffiFfiConverterOptionalTypeGenerationStats(_UniffiConverterRustBuffer):
     @classmethod
     def check_lower(cls, value):
@@ -1892,7 +2383,8 @@ class _UniffiFfiConverterOptionalTypeGenerationStats(_UniffiConverterRustBuffer)
 class SessionProtocol(typing.Protocol):
     """
     One conversation: a KV cache over an [`Engine`]'s weights. Each `generate` continues from
-    what the session already holds (call `reset` to start over); `chat` starts over each call.
+    what the session already holds (call `reset` to start over); `chat` reuses the cached
+    prefix of the conversation it is given.
     Safe to use from any thread; concurrent calls on one session wait for each other.
 """
     
@@ -1905,7 +2397,10 @@ class SessionProtocol(typing.Protocol):
     def chat(self, messages: typing.List[ChatMessage],config: GenerationConfig,callback: typing.Optional[TokenCallback]) -> GenerationResult:
         """
         Renders `messages` with the model's chat template and generates the assistant's
-        reply. Starts the session over from the whole conversation each call.
+        reply. What the rendered conversation shares with the session's cache (usually every
+        earlier turn) is reused, so a turn computes only its new tokens
+        (`GenerationStats::reused_tokens`). A conversation too long for the context loses its
+        oldest turns unless the context policy says otherwise (`GenerationStats::dropped`).
 """
         raise NotImplementedError
     def complete(self, prompt: str,config: GenerationConfig) -> GenerationResult:
@@ -1940,6 +2435,25 @@ class SessionProtocol(typing.Protocol):
         Forgets the conversation (empties the KV cache).
 """
         raise NotImplementedError
+    def restore(self, path: str) -> typing.List[ChatMessage]:
+        """
+        Replaces this session's state with one saved by [`Session::save`] with the same model
+        file and KV cache type; returns the saved messages. A file from another model, a
+        truncated or corrupt one is refused with `InvalidSession` and changes nothing.
+"""
+        raise NotImplementedError
+    def save(self, path: str,messages: typing.List[ChatMessage]) -> int:
+        """
+        Saves the KV cache, the tokens and `messages` (the conversation they render; may be
+        empty) to `path`. Returns the file size in bytes.
+"""
+        raise NotImplementedError
+    def set_context_policy(self, policy: typing.Optional[ContextPolicy]) -> None:
+        """
+        What this session does when a prompt does not fit; None = drop the oldest turns for
+        chat, fail for raw text.
+"""
+        raise NotImplementedError
     def stats(self, ) -> typing.Optional[GenerationStats]:
         """
         Statistics of the last successful generation, if any.
@@ -1949,7 +2463,8 @@ class SessionProtocol(typing.Protocol):
 class Session(SessionProtocol):
     """
     One conversation: a KV cache over an [`Engine`]'s weights. Each `generate` continues from
-    what the session already holds (call `reset` to start over); `chat` starts over each call.
+    what the session already holds (call `reset` to start over); `chat` reuses the cached
+    prefix of the conversation it is given.
     Safe to use from any thread; concurrent calls on one session wait for each other.
 """
     
@@ -1994,7 +2509,10 @@ class Session(SessionProtocol):
     def chat(self, messages: typing.List[ChatMessage],config: GenerationConfig,callback: typing.Optional[TokenCallback]) -> GenerationResult:
         """
         Renders `messages` with the model's chat template and generates the assistant's
-        reply. Starts the session over from the whole conversation each call.
+        reply. What the rendered conversation shares with the session's cache (usually every
+        earlier turn) is reused, so a turn computes only its new tokens
+        (`GenerationStats::reused_tokens`). A conversation too long for the context loses its
+        oldest turns unless the context policy says otherwise (`GenerationStats::dropped`).
 """
         
         _UniffiFfiConverterSequenceTypeChatMessage.check_lower(messages)
@@ -2126,6 +2644,67 @@ class Session(SessionProtocol):
             *_uniffi_lowered_args,
         )
         return _uniffi_lift_return(_uniffi_ffi_result)
+    def restore(self, path: str) -> typing.List[ChatMessage]:
+        """
+        Replaces this session's state with one saved by [`Session::save`] with the same model
+        file and KV cache type; returns the saved messages. A file from another model, a
+        truncated or corrupt one is refused with `InvalidSession` and changes nothing.
+"""
+        
+        _UniffiFfiConverterString.check_lower(path)
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+            _UniffiFfiConverterString.lower(path),
+        )
+        _uniffi_lift_return = _UniffiFfiConverterSequenceTypeChatMessage.lift
+        _uniffi_error_converter = _UniffiFfiConverterTypePocketLmError
+        _uniffi_ffi_result = _uniffi_rust_call_with_error(
+            _uniffi_error_converter,
+            _UniffiLib.uniffi_pocketlm_fn_method_session_restore,
+            *_uniffi_lowered_args,
+        )
+        return _uniffi_lift_return(_uniffi_ffi_result)
+    def save(self, path: str,messages: typing.List[ChatMessage]) -> int:
+        """
+        Saves the KV cache, the tokens and `messages` (the conversation they render; may be
+        empty) to `path`. Returns the file size in bytes.
+"""
+        
+        _UniffiFfiConverterString.check_lower(path)
+
+        _UniffiFfiConverterSequenceTypeChatMessage.check_lower(messages)
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+            _UniffiFfiConverterString.lower(path),
+            _UniffiFfiConverterSequenceTypeChatMessage.lower(messages),
+        )
+        _uniffi_lift_return = _UniffiFfiConverterUInt64.lift
+        _uniffi_error_converter = _UniffiFfiConverterTypePocketLmError
+        _uniffi_ffi_result = _uniffi_rust_call_with_error(
+            _uniffi_error_converter,
+            _UniffiLib.uniffi_pocketlm_fn_method_session_save,
+            *_uniffi_lowered_args,
+        )
+        return _uniffi_lift_return(_uniffi_ffi_result)
+    def set_context_policy(self, policy: typing.Optional[ContextPolicy]) -> None:
+        """
+        What this session does when a prompt does not fit; None = drop the oldest turns for
+        chat, fail for raw text.
+"""
+        
+        _UniffiFfiConverterOptionalTypeContextPolicy.check_lower(policy)
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+            _UniffiFfiConverterOptionalTypeContextPolicy.lower(policy),
+        )
+        _uniffi_lift_return = lambda val: None
+        _uniffi_error_converter = _UniffiFfiConverterTypePocketLmError
+        _uniffi_ffi_result = _uniffi_rust_call_with_error(
+            _uniffi_error_converter,
+            _UniffiLib.uniffi_pocketlm_fn_method_session_set_context_policy,
+            *_uniffi_lowered_args,
+        )
+        return _uniffi_lift_return(_uniffi_ffi_result)
     def stats(self, ) -> typing.Optional[GenerationStats]:
         """
         Statistics of the last successful generation, if any.
@@ -2185,11 +2764,22 @@ class EngineProtocol(typing.Protocol):
         raise NotImplementedError
     def info(self, ) -> ModelInfo:
         raise NotImplementedError
+    def new_conversation(self, system: typing.Optional[str]) -> Conversation:
+        """
+        A new conversation, starting with `system` as its system message when given.
+"""
+        raise NotImplementedError
     def new_session(self, ) -> Session:
         """
         A new conversation with an empty KV cache. Sessions share this engine's weights and
         thread pool. Fails with `InvalidConfig` when the KV cache for the engine's context
         length does not fit the memory limit.
+"""
+        raise NotImplementedError
+    def restore_conversation(self, path: str) -> Conversation:
+        """
+        A conversation saved with [`Conversation::save`] (by this same model file and KV
+        cache type): its messages and KV cache, so the next turn computes only itself.
 """
         raise NotImplementedError
 
@@ -2273,6 +2863,24 @@ class Engine(EngineProtocol):
             *_uniffi_lowered_args,
         )
         return _uniffi_lift_return(_uniffi_ffi_result)
+    def new_conversation(self, system: typing.Optional[str]) -> Conversation:
+        """
+        A new conversation, starting with `system` as its system message when given.
+"""
+        
+        _UniffiFfiConverterOptionalString.check_lower(system)
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+            _UniffiFfiConverterOptionalString.lower(system),
+        )
+        _uniffi_lift_return = _UniffiFfiConverterTypeConversation.lift
+        _uniffi_error_converter = _UniffiFfiConverterTypePocketLmError
+        _uniffi_ffi_result = _uniffi_rust_call_with_error(
+            _uniffi_error_converter,
+            _UniffiLib.uniffi_pocketlm_fn_method_engine_new_conversation,
+            *_uniffi_lowered_args,
+        )
+        return _uniffi_lift_return(_uniffi_ffi_result)
     def new_session(self, ) -> Session:
         """
         A new conversation with an empty KV cache. Sessions share this engine's weights and
@@ -2287,6 +2895,25 @@ class Engine(EngineProtocol):
         _uniffi_ffi_result = _uniffi_rust_call_with_error(
             _uniffi_error_converter,
             _UniffiLib.uniffi_pocketlm_fn_method_engine_new_session,
+            *_uniffi_lowered_args,
+        )
+        return _uniffi_lift_return(_uniffi_ffi_result)
+    def restore_conversation(self, path: str) -> Conversation:
+        """
+        A conversation saved with [`Conversation::save`] (by this same model file and KV
+        cache type): its messages and KV cache, so the next turn computes only itself.
+"""
+        
+        _UniffiFfiConverterString.check_lower(path)
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+            _UniffiFfiConverterString.lower(path),
+        )
+        _uniffi_lift_return = _UniffiFfiConverterTypeConversation.lift
+        _uniffi_error_converter = _UniffiFfiConverterTypePocketLmError
+        _uniffi_ffi_result = _uniffi_rust_call_with_error(
+            _uniffi_error_converter,
+            _UniffiLib.uniffi_pocketlm_fn_method_engine_restore_conversation,
             *_uniffi_lowered_args,
         )
         return _uniffi_lift_return(_uniffi_ffi_result)
@@ -2336,6 +2963,7 @@ def default_generation_config() -> GenerationConfig:
 
 __all__ = [
     "InternalError",
+    "ContextPolicy",
     "StopReason",
     "PocketLmError",
     "ChatMessage",
@@ -2347,6 +2975,8 @@ __all__ = [
     "default_generation_config",
     "TokenCallbackImpl",
     "TokenCallback",
+    "Conversation",
+    "ConversationProtocol",
     "Session",
     "SessionProtocol",
     "Engine",

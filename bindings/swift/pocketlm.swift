@@ -622,6 +622,243 @@ fileprivate struct FfiConverterString: FfiConverter {
 
 
 /**
+ * A chat with its transcript: `send` adds the user's message, generates the reply (reusing
+ * every earlier turn from the cache) and adds the reply. When the context fills up, the
+ * oldest turns leave the prompt and the transcript alike (unless the engine's context
+ * policy is `Error`). Thread-safe; calls wait for each other.
+ */
+public protocol ConversationProtocol: AnyObject, Sendable {
+    
+    /**
+     * Asks a running `send` to stop (its reply ends with `Cancelled`).
+     */
+    func cancel() 
+    
+    func contextLength()  -> UInt32
+    
+    /**
+     * Tokens the conversation holds in the context, and the context's size.
+     */
+    func contextUsed() throws  -> UInt32
+    
+    /**
+     * The transcript: system message, user messages and replies, oldest first.
+     */
+    func messages()  -> [ChatMessage]
+    
+    /**
+     * Forgets everything but the system message.
+     */
+    func reset() throws 
+    
+    /**
+     * Saves the transcript and the KV cache to `path` (restore with
+     * `Engine::restore_conversation`). Returns the file size in bytes.
+     */
+    func save(path: String) throws  -> UInt64
+    
+    /**
+     * Sends the user's `text` and generates the reply, streaming it to `callback` when one
+     * is given. On an error the transcript is left as it was.
+     */
+    func send(text: String, config: GenerationConfig, callback: TokenCallback?) throws  -> GenerationResult
+    
+}
+/**
+ * A chat with its transcript: `send` adds the user's message, generates the reply (reusing
+ * every earlier turn from the cache) and adds the reply. When the context fills up, the
+ * oldest turns leave the prompt and the transcript alike (unless the engine's context
+ * policy is `Error`). Thread-safe; calls wait for each other.
+ */
+open class Conversation: ConversationProtocol, @unchecked Sendable {
+    fileprivate let handle: UInt64
+
+    /// Used to instantiate a [FFIObject] without an actual handle, for fakes in tests, mostly.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public struct NoHandle {
+        public init() {}
+    }
+
+    // TODO: We'd like this to be `private` but for Swifty reasons,
+    // we can't implement `FfiConverter` without making this `required` and we can't
+    // make it `required` without making it `public`.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    required public init(unsafeFromHandle handle: UInt64) {
+        self.handle = handle
+    }
+
+    // This constructor can be used to instantiate a fake object.
+    // - Parameter noHandle: Placeholder value so we can have a constructor separate from the default empty one that may be implemented for classes extending [FFIObject].
+    //
+    // - Warning:
+    //     Any object instantiated with this constructor cannot be passed to an actual Rust-backed object. Since there isn't a backing handle the FFI lower functions will crash.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public init(noHandle: NoHandle) {
+        self.handle = 0
+    }
+
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public func uniffiCloneHandle() -> UInt64 {
+        return try! rustCall { uniffi_pocketlm_fn_clone_conversation(self.handle, $0) }
+    }
+    // No primary constructor declared for this class.
+
+    deinit {
+        if handle == 0 {
+            // Mock objects have handle=0 don't try to free them
+            return
+        }
+
+        try! rustCall { uniffi_pocketlm_fn_free_conversation(handle, $0) }
+    }
+
+    
+
+    
+    /**
+     * Asks a running `send` to stop (its reply ends with `Cancelled`).
+     */
+open func cancel()  {try! rustCall() {
+        uniffiCallStatus in
+    uniffi_pocketlm_fn_method_conversation_cancel(
+            self.uniffiCloneHandle(),uniffiCallStatus
+    )
+}
+}
+    
+open func contextLength() -> UInt32  {
+    return try!  FfiConverterUInt32.lift(try! rustCall() {
+        uniffiCallStatus in
+    uniffi_pocketlm_fn_method_conversation_context_length(
+            self.uniffiCloneHandle(),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * Tokens the conversation holds in the context, and the context's size.
+     */
+open func contextUsed()throws  -> UInt32  {
+    return try  FfiConverterUInt32.lift(try rustCallWithError(FfiConverterTypePocketLmError_lift) {
+        uniffiCallStatus in
+    uniffi_pocketlm_fn_method_conversation_context_used(
+            self.uniffiCloneHandle(),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * The transcript: system message, user messages and replies, oldest first.
+     */
+open func messages() -> [ChatMessage]  {
+    return try!  FfiConverterSequenceTypeChatMessage.lift(try! rustCall() {
+        uniffiCallStatus in
+    uniffi_pocketlm_fn_method_conversation_messages(
+            self.uniffiCloneHandle(),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * Forgets everything but the system message.
+     */
+open func reset()throws   {try rustCallWithError(FfiConverterTypePocketLmError_lift) {
+        uniffiCallStatus in
+    uniffi_pocketlm_fn_method_conversation_reset(
+            self.uniffiCloneHandle(),uniffiCallStatus
+    )
+}
+}
+    
+    /**
+     * Saves the transcript and the KV cache to `path` (restore with
+     * `Engine::restore_conversation`). Returns the file size in bytes.
+     */
+open func save(path: String)throws  -> UInt64  {
+    return try  FfiConverterUInt64.lift(try rustCallWithError(FfiConverterTypePocketLmError_lift) {
+        uniffiCallStatus in
+    uniffi_pocketlm_fn_method_conversation_save(
+            self.uniffiCloneHandle(),
+        FfiConverterString.lower(path),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * Sends the user's `text` and generates the reply, streaming it to `callback` when one
+     * is given. On an error the transcript is left as it was.
+     */
+open func send(text: String, config: GenerationConfig, callback: TokenCallback?)throws  -> GenerationResult  {
+    return try  FfiConverterTypeGenerationResult_lift(try rustCallWithError(FfiConverterTypePocketLmError_lift) {
+        uniffiCallStatus in
+    uniffi_pocketlm_fn_method_conversation_send(
+            self.uniffiCloneHandle(),
+        FfiConverterString.lower(text),
+        FfiConverterTypeGenerationConfig_lower(config),
+        FfiConverterOptionTypeTokenCallback.lower(callback),uniffiCallStatus
+    )
+})
+}
+    
+
+    
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeConversation: FfiConverter {
+    typealias FfiType = UInt64
+    typealias SwiftType = Conversation
+
+    public static func lift(_ handle: UInt64) throws -> Conversation {
+        return Conversation(unsafeFromHandle: handle)
+    }
+
+    public static func lower(_ value: Conversation) -> UInt64 {
+        return value.uniffiCloneHandle()
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> Conversation {
+        let handle: UInt64 = try readInt(&buf)
+        return try lift(handle)
+    }
+
+    public static func write(_ value: Conversation, into buf: inout [UInt8]) {
+        writeInt(&buf, lower(value))
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeConversation_lift(_ handle: UInt64) throws -> Conversation {
+    return try FfiConverterTypeConversation.lift(handle)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeConversation_lower(_ value: Conversation) -> UInt64 {
+    return FfiConverterTypeConversation.lower(value)
+}
+
+
+
+
+
+
+/**
  * A loaded model: the memory-mapped `.plm` file and a worker thread pool. Thread-safe;
  * create sessions from it with [`Engine::new_session`].
  */
@@ -635,11 +872,22 @@ public protocol EngineProtocol: AnyObject, Sendable {
     func info()  -> ModelInfo
     
     /**
+     * A new conversation, starting with `system` as its system message when given.
+     */
+    func newConversation(system: String?) throws  -> Conversation
+    
+    /**
      * A new conversation with an empty KV cache. Sessions share this engine's weights and
      * thread pool. Fails with `InvalidConfig` when the KV cache for the engine's context
      * length does not fit the memory limit.
      */
     func newSession() throws  -> Session
+    
+    /**
+     * A conversation saved with [`Conversation::save`] (by this same model file and KV
+     * cache type): its messages and KV cache, so the next turn computes only itself.
+     */
+    func restoreConversation(path: String) throws  -> Conversation
     
 }
 /**
@@ -736,6 +984,19 @@ open func info() -> ModelInfo  {
 }
     
     /**
+     * A new conversation, starting with `system` as its system message when given.
+     */
+open func newConversation(system: String?)throws  -> Conversation  {
+    return try  FfiConverterTypeConversation_lift(try rustCallWithError(FfiConverterTypePocketLmError_lift) {
+        uniffiCallStatus in
+    uniffi_pocketlm_fn_method_engine_new_conversation(
+            self.uniffiCloneHandle(),
+        FfiConverterOptionString.lower(system),uniffiCallStatus
+    )
+})
+}
+    
+    /**
      * A new conversation with an empty KV cache. Sessions share this engine's weights and
      * thread pool. Fails with `InvalidConfig` when the KV cache for the engine's context
      * length does not fit the memory limit.
@@ -745,6 +1006,20 @@ open func newSession()throws  -> Session  {
         uniffiCallStatus in
     uniffi_pocketlm_fn_method_engine_new_session(
             self.uniffiCloneHandle(),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * A conversation saved with [`Conversation::save`] (by this same model file and KV
+     * cache type): its messages and KV cache, so the next turn computes only itself.
+     */
+open func restoreConversation(path: String)throws  -> Conversation  {
+    return try  FfiConverterTypeConversation_lift(try rustCallWithError(FfiConverterTypePocketLmError_lift) {
+        uniffiCallStatus in
+    uniffi_pocketlm_fn_method_engine_restore_conversation(
+            self.uniffiCloneHandle(),
+        FfiConverterString.lower(path),uniffiCallStatus
     )
 })
 }
@@ -801,7 +1076,8 @@ public func FfiConverterTypeEngine_lower(_ value: Engine) -> UInt64 {
 
 /**
  * One conversation: a KV cache over an [`Engine`]'s weights. Each `generate` continues from
- * what the session already holds (call `reset` to start over); `chat` starts over each call.
+ * what the session already holds (call `reset` to start over); `chat` reuses the cached
+ * prefix of the conversation it is given.
  * Safe to use from any thread; concurrent calls on one session wait for each other.
  */
 public protocol SessionProtocol: AnyObject, Sendable {
@@ -814,7 +1090,10 @@ public protocol SessionProtocol: AnyObject, Sendable {
     
     /**
      * Renders `messages` with the model's chat template and generates the assistant's
-     * reply. Starts the session over from the whole conversation each call.
+     * reply. What the rendered conversation shares with the session's cache (usually every
+     * earlier turn) is reused, so a turn computes only its new tokens
+     * (`GenerationStats::reused_tokens`). A conversation too long for the context loses its
+     * oldest turns unless the context policy says otherwise (`GenerationStats::dropped`).
      */
     func chat(messages: [ChatMessage], config: GenerationConfig, callback: TokenCallback?) throws  -> GenerationResult
     
@@ -851,6 +1130,25 @@ public protocol SessionProtocol: AnyObject, Sendable {
     func reset() throws 
     
     /**
+     * Replaces this session's state with one saved by [`Session::save`] with the same model
+     * file and KV cache type; returns the saved messages. A file from another model, a
+     * truncated or corrupt one is refused with `InvalidSession` and changes nothing.
+     */
+    func restore(path: String) throws  -> [ChatMessage]
+    
+    /**
+     * Saves the KV cache, the tokens and `messages` (the conversation they render; may be
+     * empty) to `path`. Returns the file size in bytes.
+     */
+    func save(path: String, messages: [ChatMessage]) throws  -> UInt64
+    
+    /**
+     * What this session does when a prompt does not fit; None = drop the oldest turns for
+     * chat, fail for raw text.
+     */
+    func setContextPolicy(policy: ContextPolicy?) throws 
+    
+    /**
      * Statistics of the last successful generation, if any.
      */
     func stats()  -> GenerationStats?
@@ -858,7 +1156,8 @@ public protocol SessionProtocol: AnyObject, Sendable {
 }
 /**
  * One conversation: a KV cache over an [`Engine`]'s weights. Each `generate` continues from
- * what the session already holds (call `reset` to start over); `chat` starts over each call.
+ * what the session already holds (call `reset` to start over); `chat` reuses the cached
+ * prefix of the conversation it is given.
  * Safe to use from any thread; concurrent calls on one session wait for each other.
  */
 open class Session: SessionProtocol, @unchecked Sendable {
@@ -928,7 +1227,10 @@ open func cancel()  {try! rustCall() {
     
     /**
      * Renders `messages` with the model's chat template and generates the assistant's
-     * reply. Starts the session over from the whole conversation each call.
+     * reply. What the rendered conversation shares with the session's cache (usually every
+     * earlier turn) is reused, so a turn computes only its new tokens
+     * (`GenerationStats::reused_tokens`). A conversation too long for the context loses its
+     * oldest turns unless the context policy says otherwise (`GenerationStats::dropped`).
      */
 open func chat(messages: [ChatMessage], config: GenerationConfig, callback: TokenCallback?)throws  -> GenerationResult  {
     return try  FfiConverterTypeGenerationResult_lift(try rustCallWithError(FfiConverterTypePocketLmError_lift) {
@@ -1017,6 +1319,49 @@ open func reset()throws   {try rustCallWithError(FfiConverterTypePocketLmError_l
         uniffiCallStatus in
     uniffi_pocketlm_fn_method_session_reset(
             self.uniffiCloneHandle(),uniffiCallStatus
+    )
+}
+}
+    
+    /**
+     * Replaces this session's state with one saved by [`Session::save`] with the same model
+     * file and KV cache type; returns the saved messages. A file from another model, a
+     * truncated or corrupt one is refused with `InvalidSession` and changes nothing.
+     */
+open func restore(path: String)throws  -> [ChatMessage]  {
+    return try  FfiConverterSequenceTypeChatMessage.lift(try rustCallWithError(FfiConverterTypePocketLmError_lift) {
+        uniffiCallStatus in
+    uniffi_pocketlm_fn_method_session_restore(
+            self.uniffiCloneHandle(),
+        FfiConverterString.lower(path),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * Saves the KV cache, the tokens and `messages` (the conversation they render; may be
+     * empty) to `path`. Returns the file size in bytes.
+     */
+open func save(path: String, messages: [ChatMessage])throws  -> UInt64  {
+    return try  FfiConverterUInt64.lift(try rustCallWithError(FfiConverterTypePocketLmError_lift) {
+        uniffiCallStatus in
+    uniffi_pocketlm_fn_method_session_save(
+            self.uniffiCloneHandle(),
+        FfiConverterString.lower(path),
+        FfiConverterSequenceTypeChatMessage.lower(messages),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * What this session does when a prompt does not fit; None = drop the oldest turns for
+     * chat, fail for raw text.
+     */
+open func setContextPolicy(policy: ContextPolicy?)throws   {try rustCallWithError(FfiConverterTypePocketLmError_lift) {
+        uniffiCallStatus in
+    uniffi_pocketlm_fn_method_session_set_context_policy(
+            self.uniffiCloneHandle(),
+        FfiConverterOptionTypeContextPolicy.lower(policy),uniffiCallStatus
     )
 }
 }
@@ -1394,6 +1739,11 @@ public struct EngineOptions: Equatable, Hashable {
      * point whose weights fit, and fails with `InvalidConfig` if none does. 0 = no limit.
      */
     public var maxWeightBytes: UInt64
+    /**
+     * What sessions do when a prompt does not fit their context; None = drop the oldest
+     * turns for chat, fail for raw text.
+     */
+    public var contextPolicy: ContextPolicy?
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -1431,7 +1781,11 @@ public struct EngineOptions: Equatable, Hashable {
         /**
          * Largest weight footprint in bytes: the engine steps down from `profile` to the best
          * point whose weights fit, and fails with `InvalidConfig` if none does. 0 = no limit.
-         */maxWeightBytes: UInt64 = UInt64(0)) {
+         */maxWeightBytes: UInt64 = UInt64(0), 
+        /**
+         * What sessions do when a prompt does not fit their context; None = drop the oldest
+         * turns for chat, fail for raw text.
+         */contextPolicy: ContextPolicy? = nil) {
         self.threads = threads
         self.contextLength = contextLength
         self.kernelPath = kernelPath
@@ -1439,6 +1793,7 @@ public struct EngineOptions: Equatable, Hashable {
         self.kvCache = kvCache
         self.profile = profile
         self.maxWeightBytes = maxWeightBytes
+        self.contextPolicy = contextPolicy
     }
 
     
@@ -1463,7 +1818,8 @@ public struct FfiConverterTypeEngineOptions: FfiConverterRustBuffer {
                 lowRankPercent: FfiConverterUInt8.read(from: &buf), 
                 kvCache: FfiConverterOptionString.read(from: &buf), 
                 profile: FfiConverterOptionString.read(from: &buf), 
-                maxWeightBytes: FfiConverterUInt64.read(from: &buf)
+                maxWeightBytes: FfiConverterUInt64.read(from: &buf), 
+                contextPolicy: FfiConverterOptionTypeContextPolicy.read(from: &buf)
         )
     }
 
@@ -1475,6 +1831,7 @@ public struct FfiConverterTypeEngineOptions: FfiConverterRustBuffer {
         FfiConverterOptionString.write(value.kvCache, into: &buf)
         FfiConverterOptionString.write(value.profile, into: &buf)
         FfiConverterUInt64.write(value.maxWeightBytes, into: &buf)
+        FfiConverterOptionTypeContextPolicy.write(value.contextPolicy, into: &buf)
     }
 }
 
@@ -1704,7 +2061,19 @@ public func FfiConverterTypeGenerationResult_lower(_ value: GenerationResult) ->
  * Timing of one generation.
  */
 public struct GenerationStats: Equatable, Hashable {
+    /**
+     * Prompt tokens as the model saw them, reused ones included.
+     */
     public var promptTokens: UInt32
+    /**
+     * Prompt tokens already in the session's cache (the previous turns), not computed again.
+     */
+    public var reusedTokens: UInt32
+    /**
+     * Messages the context policy left out of a chat prompt (oldest turns first), or prompt
+     * tokens cut from the start of raw text.
+     */
+    public var dropped: UInt32
     public var generatedTokens: UInt32
     public var prefillTokensPerSecond: Double
     /**
@@ -1715,11 +2084,23 @@ public struct GenerationStats: Equatable, Hashable {
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
-    public init(promptTokens: UInt32, generatedTokens: UInt32, prefillTokensPerSecond: Double, 
+    public init(
+        /**
+         * Prompt tokens as the model saw them, reused ones included.
+         */promptTokens: UInt32, 
+        /**
+         * Prompt tokens already in the session's cache (the previous turns), not computed again.
+         */reusedTokens: UInt32, 
+        /**
+         * Messages the context policy left out of a chat prompt (oldest turns first), or prompt
+         * tokens cut from the start of raw text.
+         */dropped: UInt32, generatedTokens: UInt32, prefillTokensPerSecond: Double, 
         /**
          * Tokens after the first over the decode time.
          */decodeTokensPerSecond: Double, timeToFirstTokenMs: Double) {
         self.promptTokens = promptTokens
+        self.reusedTokens = reusedTokens
+        self.dropped = dropped
         self.generatedTokens = generatedTokens
         self.prefillTokensPerSecond = prefillTokensPerSecond
         self.decodeTokensPerSecond = decodeTokensPerSecond
@@ -1743,6 +2124,8 @@ public struct FfiConverterTypeGenerationStats: FfiConverterRustBuffer {
         return
             try GenerationStats(
                 promptTokens: FfiConverterUInt32.read(from: &buf), 
+                reusedTokens: FfiConverterUInt32.read(from: &buf), 
+                dropped: FfiConverterUInt32.read(from: &buf), 
                 generatedTokens: FfiConverterUInt32.read(from: &buf), 
                 prefillTokensPerSecond: FfiConverterDouble.read(from: &buf), 
                 decodeTokensPerSecond: FfiConverterDouble.read(from: &buf), 
@@ -1752,6 +2135,8 @@ public struct FfiConverterTypeGenerationStats: FfiConverterRustBuffer {
 
     public static func write(_ value: GenerationStats, into buf: inout [UInt8]) {
         FfiConverterUInt32.write(value.promptTokens, into: &buf)
+        FfiConverterUInt32.write(value.reusedTokens, into: &buf)
+        FfiConverterUInt32.write(value.dropped, into: &buf)
         FfiConverterUInt32.write(value.generatedTokens, into: &buf)
         FfiConverterDouble.write(value.prefillTokensPerSecond, into: &buf)
         FfiConverterDouble.write(value.decodeTokensPerSecond, into: &buf)
@@ -1947,6 +2332,91 @@ public func FfiConverterTypeModelInfo_lower(_ value: ModelInfo) -> RustBuffer {
 
 
 /**
+ * What a session does when a prompt does not fit its context.
+ */
+
+public enum ContextPolicy: Equatable, Hashable {
+    
+    /**
+     * Fail with `ContextFull` (the default for raw text).
+     */
+    case error
+    /**
+     * Chat: keep the system messages and the latest turns that fit (the default for chat).
+     */
+    case dropOldestTurns
+    /**
+     * Raw text: keep the start token and the end of the text that fits.
+     */
+    case truncateStart
+
+
+
+
+
+}
+
+#if compiler(>=6)
+extension ContextPolicy: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeContextPolicy: FfiConverterRustBuffer {
+    typealias SwiftType = ContextPolicy
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> ContextPolicy {
+        let variant: Int32 = try readInt(&buf)
+        switch variant {
+        
+        case 1: return .error
+        
+        case 2: return .dropOldestTurns
+        
+        case 3: return .truncateStart
+        
+        default: throw UniffiInternalError.unexpectedEnumCase
+        }
+    }
+
+    public static func write(_ value: ContextPolicy, into buf: inout [UInt8]) {
+        switch value {
+        
+        
+        case .error:
+            writeInt(&buf, Int32(1))
+        
+        
+        case .dropOldestTurns:
+            writeInt(&buf, Int32(2))
+        
+        
+        case .truncateStart:
+            writeInt(&buf, Int32(3))
+        
+        }
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeContextPolicy_lift(_ buf: RustBuffer) throws -> ContextPolicy {
+    return try FfiConverterTypeContextPolicy.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeContextPolicy_lower(_ value: ContextPolicy) -> RustBuffer {
+    return FfiConverterTypeContextPolicy.lower(value)
+}
+
+
+
+/**
  * Every error the API reports. Match on the variant; `reason` is for people. (The field is
  * not called `message`: in Kotlin that would clash with `Throwable.message`.)
  */
@@ -1981,6 +2451,12 @@ enum PocketLmError: Swift.Error, Equatable, Hashable, Foundation.LocalizedError 
      * The prompt does not fit in the session's remaining context; `reset()` or shorten it.
      */
     case ContextFull(reason: String
+    )
+    /**
+     * A saved session that cannot be restored: another model's, another KV cache type's,
+     * truncated, corrupt, or too long for the context.
+     */
+    case InvalidSession(reason: String
     )
     /**
      * The [`TokenCallback`] threw an exception (or panicked); generation stopped.
@@ -2040,10 +2516,13 @@ public struct FfiConverterTypePocketLmError: FfiConverterRustBuffer {
         case 6: return .ContextFull(
             reason: try FfiConverterString.read(from: &buf)
             )
-        case 7: return .CallbackFailed(
+        case 7: return .InvalidSession(
             reason: try FfiConverterString.read(from: &buf)
             )
-        case 8: return .Internal(
+        case 8: return .CallbackFailed(
+            reason: try FfiConverterString.read(from: &buf)
+            )
+        case 9: return .Internal(
             reason: try FfiConverterString.read(from: &buf)
             )
 
@@ -2088,13 +2567,18 @@ public struct FfiConverterTypePocketLmError: FfiConverterRustBuffer {
             FfiConverterString.write(reason, into: &buf)
             
         
-        case let .CallbackFailed(reason):
+        case let .InvalidSession(reason):
             writeInt(&buf, Int32(7))
             FfiConverterString.write(reason, into: &buf)
             
         
-        case let .Internal(reason):
+        case let .CallbackFailed(reason):
             writeInt(&buf, Int32(8))
+            FfiConverterString.write(reason, into: &buf)
+            
+        
+        case let .Internal(reason):
+            writeInt(&buf, Int32(9))
             FfiConverterString.write(reason, into: &buf)
             
         }
@@ -2293,6 +2777,30 @@ fileprivate struct FfiConverterOptionTypeGenerationStats: FfiConverterRustBuffer
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
+fileprivate struct FfiConverterOptionTypeContextPolicy: FfiConverterRustBuffer {
+    typealias SwiftType = ContextPolicy?
+
+    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
+        guard let value = value else {
+            writeInt(&buf, Int8(0))
+            return
+        }
+        writeInt(&buf, Int8(1))
+        FfiConverterTypeContextPolicy.write(value, into: &buf)
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        switch try readInt(&buf) as Int8 {
+        case 0: return nil
+        case 1: return try FfiConverterTypeContextPolicy.read(from: &buf)
+        default: throw UniffiInternalError.unexpectedOptionalTag
+        }
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
 fileprivate struct FfiConverterSequenceUInt32: FfiConverterRustBuffer {
     typealias SwiftType = [UInt32]
 
@@ -2390,49 +2898,85 @@ private let initializationResult: InitializationResult = {
     if bindings_contract_version != scaffolding_contract_version {
         return InitializationResult.contractVersionMismatch
     }
-    if (uniffi_pocketlm_checksum_func_default_generation_config() != 28698) {
+    if (uniffi_pocketlm_checksum_func_default_generation_config() != 13291) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_pocketlm_checksum_method_engine_count_tokens() != 8459) {
+    if (uniffi_pocketlm_checksum_method_conversation_cancel() != 35377) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_pocketlm_checksum_method_engine_info() != 29818) {
+    if (uniffi_pocketlm_checksum_method_conversation_context_length() != 43805) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_pocketlm_checksum_method_engine_new_session() != 8069) {
+    if (uniffi_pocketlm_checksum_method_conversation_context_used() != 12835) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_pocketlm_checksum_method_session_cancel() != 61845) {
+    if (uniffi_pocketlm_checksum_method_conversation_messages() != 22819) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_pocketlm_checksum_method_session_chat() != 56323) {
+    if (uniffi_pocketlm_checksum_method_conversation_reset() != 19840) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_pocketlm_checksum_method_session_complete() != 24740) {
+    if (uniffi_pocketlm_checksum_method_conversation_save() != 48891) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_pocketlm_checksum_method_session_context_length() != 32664) {
+    if (uniffi_pocketlm_checksum_method_conversation_send() != 25785) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_pocketlm_checksum_method_session_context_used() != 10456) {
+    if (uniffi_pocketlm_checksum_method_engine_count_tokens() != 40011) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_pocketlm_checksum_method_session_count_tokens() != 26748) {
+    if (uniffi_pocketlm_checksum_method_engine_info() != 19374) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_pocketlm_checksum_method_session_generate() != 36442) {
+    if (uniffi_pocketlm_checksum_method_engine_new_conversation() != 36803) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_pocketlm_checksum_method_session_reset() != 36096) {
+    if (uniffi_pocketlm_checksum_method_engine_new_session() != 15854) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_pocketlm_checksum_method_session_stats() != 4269) {
+    if (uniffi_pocketlm_checksum_method_engine_restore_conversation() != 51188) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_pocketlm_checksum_method_tokencallback_on_token() != 28893) {
+    if (uniffi_pocketlm_checksum_method_tokencallback_on_token() != 30227) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_pocketlm_checksum_constructor_engine_open() != 33623) {
+    if (uniffi_pocketlm_checksum_method_session_cancel() != 8329) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_pocketlm_checksum_method_session_chat() != 27759) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_pocketlm_checksum_method_session_complete() != 8822) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_pocketlm_checksum_method_session_context_length() != 24312) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_pocketlm_checksum_method_session_context_used() != 17698) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_pocketlm_checksum_method_session_count_tokens() != 59424) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_pocketlm_checksum_method_session_generate() != 22050) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_pocketlm_checksum_method_session_reset() != 7405) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_pocketlm_checksum_method_session_restore() != 18429) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_pocketlm_checksum_method_session_save() != 32649) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_pocketlm_checksum_method_session_set_context_policy() != 62183) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_pocketlm_checksum_method_session_stats() != 39671) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_pocketlm_checksum_constructor_engine_open() != 37839) {
         return InitializationResult.apiChecksumMismatch
     }
 

@@ -259,6 +259,51 @@ typedef struct UniffiVTableCallbackInterfaceTokenCallback {
 } UniffiVTableCallbackInterfaceTokenCallback;
 
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_CLONE_CONVERSATION
+#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_CLONE_CONVERSATION
+uint64_t uniffi_pocketlm_fn_clone_conversation(uint64_t handle, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_FREE_CONVERSATION
+#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_FREE_CONVERSATION
+void uniffi_pocketlm_fn_free_conversation(uint64_t handle, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_CONVERSATION_CANCEL
+#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_CONVERSATION_CANCEL
+void uniffi_pocketlm_fn_method_conversation_cancel(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_CONVERSATION_CONTEXT_LENGTH
+#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_CONVERSATION_CONTEXT_LENGTH
+uint32_t uniffi_pocketlm_fn_method_conversation_context_length(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_CONVERSATION_CONTEXT_USED
+#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_CONVERSATION_CONTEXT_USED
+uint32_t uniffi_pocketlm_fn_method_conversation_context_used(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_CONVERSATION_MESSAGES
+#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_CONVERSATION_MESSAGES
+RustBuffer uniffi_pocketlm_fn_method_conversation_messages(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_CONVERSATION_RESET
+#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_CONVERSATION_RESET
+void uniffi_pocketlm_fn_method_conversation_reset(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_CONVERSATION_SAVE
+#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_CONVERSATION_SAVE
+uint64_t uniffi_pocketlm_fn_method_conversation_save(uint64_t ptr, RustBuffer path, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_CONVERSATION_SEND
+#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_CONVERSATION_SEND
+RustBuffer uniffi_pocketlm_fn_method_conversation_send(uint64_t ptr, RustBuffer text, RustBuffer config, RustBuffer callback, RustCallStatus *_Nonnull out_status
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_CLONE_ENGINE
 #define UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_CLONE_ENGINE
 uint64_t uniffi_pocketlm_fn_clone_engine(uint64_t handle, RustCallStatus *_Nonnull out_status
@@ -284,9 +329,39 @@ uint32_t uniffi_pocketlm_fn_method_engine_count_tokens(uint64_t ptr, RustBuffer 
 RustBuffer uniffi_pocketlm_fn_method_engine_info(uint64_t ptr, RustCallStatus *_Nonnull out_status
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_ENGINE_NEW_CONVERSATION
+#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_ENGINE_NEW_CONVERSATION
+uint64_t uniffi_pocketlm_fn_method_engine_new_conversation(uint64_t ptr, RustBuffer system, RustCallStatus *_Nonnull out_status
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_ENGINE_NEW_SESSION
 #define UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_ENGINE_NEW_SESSION
 uint64_t uniffi_pocketlm_fn_method_engine_new_session(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_ENGINE_RESTORE_CONVERSATION
+#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_ENGINE_RESTORE_CONVERSATION
+uint64_t uniffi_pocketlm_fn_method_engine_restore_conversation(uint64_t ptr, RustBuffer path, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_CLONE_TOKENCALLBACK
+#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_CLONE_TOKENCALLBACK
+uint64_t uniffi_pocketlm_fn_clone_tokencallback(uint64_t handle, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_FREE_TOKENCALLBACK
+#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_FREE_TOKENCALLBACK
+void uniffi_pocketlm_fn_free_tokencallback(uint64_t handle, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_INIT_CALLBACK_VTABLE_TOKENCALLBACK
+#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_INIT_CALLBACK_VTABLE_TOKENCALLBACK
+void uniffi_pocketlm_fn_init_callback_vtable_tokencallback(const UniffiVTableCallbackInterfaceTokenCallback* _Nonnull vtable
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_TOKENCALLBACK_ON_TOKEN
+#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_TOKENCALLBACK_ON_TOKEN
+int8_t uniffi_pocketlm_fn_method_tokencallback_on_token(uint64_t ptr, RustBuffer text, RustCallStatus *_Nonnull out_status
 );
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_CLONE_SESSION
@@ -339,29 +414,24 @@ RustBuffer uniffi_pocketlm_fn_method_session_generate(uint64_t ptr, RustBuffer p
 void uniffi_pocketlm_fn_method_session_reset(uint64_t ptr, RustCallStatus *_Nonnull out_status
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_SESSION_RESTORE
+#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_SESSION_RESTORE
+RustBuffer uniffi_pocketlm_fn_method_session_restore(uint64_t ptr, RustBuffer path, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_SESSION_SAVE
+#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_SESSION_SAVE
+uint64_t uniffi_pocketlm_fn_method_session_save(uint64_t ptr, RustBuffer path, RustBuffer messages, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_SESSION_SET_CONTEXT_POLICY
+#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_SESSION_SET_CONTEXT_POLICY
+void uniffi_pocketlm_fn_method_session_set_context_policy(uint64_t ptr, RustBuffer policy, RustCallStatus *_Nonnull out_status
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_SESSION_STATS
 #define UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_SESSION_STATS
 RustBuffer uniffi_pocketlm_fn_method_session_stats(uint64_t ptr, RustCallStatus *_Nonnull out_status
-);
-#endif
-#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_CLONE_TOKENCALLBACK
-#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_CLONE_TOKENCALLBACK
-uint64_t uniffi_pocketlm_fn_clone_tokencallback(uint64_t handle, RustCallStatus *_Nonnull out_status
-);
-#endif
-#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_FREE_TOKENCALLBACK
-#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_FREE_TOKENCALLBACK
-void uniffi_pocketlm_fn_free_tokencallback(uint64_t handle, RustCallStatus *_Nonnull out_status
-);
-#endif
-#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_INIT_CALLBACK_VTABLE_TOKENCALLBACK
-#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_INIT_CALLBACK_VTABLE_TOKENCALLBACK
-void uniffi_pocketlm_fn_init_callback_vtable_tokencallback(const UniffiVTableCallbackInterfaceTokenCallback* _Nonnull vtable
-);
-#endif
-#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_TOKENCALLBACK_ON_TOKEN
-#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_TOKENCALLBACK_ON_TOKEN
-int8_t uniffi_pocketlm_fn_method_tokencallback_on_token(uint64_t ptr, RustBuffer text, RustCallStatus *_Nonnull out_status
 );
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_FUNC_DEFAULT_GENERATION_CONFIG
@@ -636,6 +706,48 @@ uint16_t uniffi_pocketlm_checksum_func_default_generation_config(void
     
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_CONVERSATION_CANCEL
+#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_CONVERSATION_CANCEL
+uint16_t uniffi_pocketlm_checksum_method_conversation_cancel(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_CONVERSATION_CONTEXT_LENGTH
+#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_CONVERSATION_CONTEXT_LENGTH
+uint16_t uniffi_pocketlm_checksum_method_conversation_context_length(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_CONVERSATION_CONTEXT_USED
+#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_CONVERSATION_CONTEXT_USED
+uint16_t uniffi_pocketlm_checksum_method_conversation_context_used(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_CONVERSATION_MESSAGES
+#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_CONVERSATION_MESSAGES
+uint16_t uniffi_pocketlm_checksum_method_conversation_messages(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_CONVERSATION_RESET
+#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_CONVERSATION_RESET
+uint16_t uniffi_pocketlm_checksum_method_conversation_reset(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_CONVERSATION_SAVE
+#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_CONVERSATION_SAVE
+uint16_t uniffi_pocketlm_checksum_method_conversation_save(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_CONVERSATION_SEND
+#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_CONVERSATION_SEND
+uint16_t uniffi_pocketlm_checksum_method_conversation_send(void
+    
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_ENGINE_COUNT_TOKENS
 #define UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_ENGINE_COUNT_TOKENS
 uint16_t uniffi_pocketlm_checksum_method_engine_count_tokens(void
@@ -648,9 +760,27 @@ uint16_t uniffi_pocketlm_checksum_method_engine_info(void
     
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_ENGINE_NEW_CONVERSATION
+#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_ENGINE_NEW_CONVERSATION
+uint16_t uniffi_pocketlm_checksum_method_engine_new_conversation(void
+    
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_ENGINE_NEW_SESSION
 #define UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_ENGINE_NEW_SESSION
 uint16_t uniffi_pocketlm_checksum_method_engine_new_session(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_ENGINE_RESTORE_CONVERSATION
+#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_ENGINE_RESTORE_CONVERSATION
+uint16_t uniffi_pocketlm_checksum_method_engine_restore_conversation(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_TOKENCALLBACK_ON_TOKEN
+#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_TOKENCALLBACK_ON_TOKEN
+uint16_t uniffi_pocketlm_checksum_method_tokencallback_on_token(void
     
 );
 #endif
@@ -702,15 +832,27 @@ uint16_t uniffi_pocketlm_checksum_method_session_reset(void
     
 );
 #endif
-#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_SESSION_STATS
-#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_SESSION_STATS
-uint16_t uniffi_pocketlm_checksum_method_session_stats(void
+#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_SESSION_RESTORE
+#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_SESSION_RESTORE
+uint16_t uniffi_pocketlm_checksum_method_session_restore(void
     
 );
 #endif
-#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_TOKENCALLBACK_ON_TOKEN
-#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_TOKENCALLBACK_ON_TOKEN
-uint16_t uniffi_pocketlm_checksum_method_tokencallback_on_token(void
+#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_SESSION_SAVE
+#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_SESSION_SAVE
+uint16_t uniffi_pocketlm_checksum_method_session_save(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_SESSION_SET_CONTEXT_POLICY
+#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_SESSION_SET_CONTEXT_POLICY
+uint16_t uniffi_pocketlm_checksum_method_session_set_context_policy(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_SESSION_STATS
+#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_SESSION_STATS
+uint16_t uniffi_pocketlm_checksum_method_session_stats(void
     
 );
 #endif

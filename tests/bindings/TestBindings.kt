@@ -124,6 +124,48 @@ fun main(args: Array<String>) {
         check(cb.text() == r.text)
         check(engine.newSession().chat(msgs, greedy(20), null).text == r.text)
     }
+    tests["conversation reuses turns, saves and restores"] = {
+        val conv = engine.newConversation("You tell stories.")
+        val first = conv.send("Tell me about a cat.", greedy(12), null)
+        check(first.stats.reusedTokens == 0u)
+        val second = conv.send("What did it eat?", greedy(12), null)
+        check(second.stats.reusedTokens * 2u > second.stats.promptTokens) { "${second.stats}" }
+        check(conv.messages().map { it.role } == listOf("system", "user", "assistant", "user", "assistant"))
+        val dir = kotlin.io.path.createTempDirectory("pocketlm").toFile()
+        try {
+            val path = File(dir, "chat.session").path
+            check(conv.save(path) > 0uL)
+            val restored = engine.restoreConversation(path)
+            check(restored.messages() == conv.messages())
+            val a = conv.send("And then?", greedy(8), null)
+            val b = restored.send("And then?", greedy(8), null)
+            check(a.text == b.text && a.stats.reusedTokens == b.stats.reusedTokens) { "$a vs $b" }
+            val q8 = Engine.open(modelPath, EngineOptions(kvCache = "q8"))
+            val e = expect<PocketLmException.InvalidSession> { q8.restoreConversation(path) }
+            check(e.reason.contains("saved as f32")) { e.reason }
+        } finally {
+            dir.deleteRecursively()
+        }
+    }
+    tests["context policies"] = {
+        val small = Engine.open(modelPath, EngineOptions(contextLength = 96u))
+        val conv = small.newConversation(null)
+        var last: GenerationResult? = null
+        for (i in 0 until 6) {
+            last = conv.send("Tell me story number $i about a cat and a dog.", greedy(16), null)
+            check(last.stats.promptTokens + 16u <= 96u) { "${last.stats}" }
+        }
+        check(last!!.stats.dropped > 0u) { "${last.stats}" }
+        val strict = Engine.open(modelPath, EngineOptions(contextLength = 96u, contextPolicy = ContextPolicy.ERROR))
+        val strictConv = strict.newConversation(null)
+        expect<PocketLmException.ContextFull> {
+            for (i in 0 until 6) strictConv.send("Tell me story number $i about a cat and a dog.", greedy(16), null)
+        }
+        val session = small.newSession()
+        session.setContextPolicy(ContextPolicy.TRUNCATE_START)
+        val r = session.complete("Once upon a time there was a cat. ".repeat(20), greedy(8))
+        check(r.stats.dropped > 0u && r.stats.promptTokens == 88u) { "${r.stats}" }
+    }
     tests["stop string"] = {
         val r = engine.newSession().complete(PROMPT, greedy(40, stop = listOf("Lily")))
         check(r.stopReason == StopReason.STOP_STRING) { "${r.stopReason}" }

@@ -17,6 +17,7 @@ sys.path.insert(0, bindings_dir)
 import pocketlm  # noqa: E402
 from pocketlm import (  # noqa: E402
     ChatMessage,
+    ContextPolicy,
     Engine,
     EngineOptions,
     GenerationConfig,
@@ -134,6 +135,52 @@ def test_chat():
     result = ENGINE.new_session().chat(msgs, greedy(20), cb)
     assert "".join(cb.pieces) == result.text
     assert ENGINE.new_session().chat(msgs, greedy(20), None).text == result.text
+
+
+def test_conversation_reuses_turns_and_saves():
+    conv = ENGINE.new_conversation("You tell stories.")
+    first = conv.send("Tell me about a cat.", greedy(12), None)
+    assert first.stats.reused_tokens == 0
+    second = conv.send("What did it eat?", greedy(12), None)
+    assert second.stats.reused_tokens * 2 > second.stats.prompt_tokens, second.stats
+    roles = [m.role for m in conv.messages()]
+    assert roles == ["system", "user", "assistant", "user", "assistant"], roles
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "chat.session")
+        assert conv.save(path) > 0
+        restored = ENGINE.restore_conversation(path)
+        assert restored.messages() == conv.messages()
+        a = conv.send("And then?", greedy(8), None)
+        b = restored.send("And then?", greedy(8), None)
+        assert a.text == b.text and a.stats.reused_tokens == b.stats.reused_tokens, (a, b)
+        # Another model's engine (int8 KV cache) refuses the file and says why.
+        q8 = Engine.open(model_path, EngineOptions(kv_cache="q8"))
+        e = expect(PocketLmError.InvalidSession, lambda: q8.restore_conversation(path))
+        assert "saved as f32" in e.reason, e.reason
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) - 7)
+        e = expect(PocketLmError.InvalidSession, lambda: ENGINE.restore_conversation(path))
+        assert "truncated" in e.reason, e.reason
+
+
+def test_context_policies():
+    small = Engine.open(model_path, EngineOptions(context_length=96))
+    conv = small.new_conversation(None)
+    for i in range(6):
+        r = conv.send(f"Tell me story number {i} about a cat and a dog.", greedy(16), None)
+        assert r.stats.prompt_tokens + 16 <= 96, r.stats
+    assert r.stats.dropped > 0, r.stats
+    assert conv.messages()[-2].content.startswith("Tell me story number 5")
+    strict = Engine.open(model_path, EngineOptions(context_length=96, context_policy=ContextPolicy.ERROR))
+    conv = strict.new_conversation(None)
+    expect(
+        PocketLmError.ContextFull,
+        lambda: [conv.send(f"Tell me story number {i} about a cat and a dog.", greedy(16), None) for i in range(6)],
+    )
+    session = small.new_session()
+    session.set_context_policy(ContextPolicy.TRUNCATE_START)
+    r = session.complete("Once upon a time there was a cat. " * 20, greedy(8))
+    assert r.stats.dropped > 0 and r.stats.prompt_tokens == 96 - 8, r.stats
 
 
 def test_stop_string():

@@ -14,16 +14,24 @@
 uniffi::setup_scaffolding!();
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::ThreadId;
 
 use pocketlm_format::PlmError;
-use pocketlm_kernels::{self as kernels, KernelPath};
-use pocketlm_runtime::model::{KvType, Model, ModelError, ModelOptions, Profile};
-use pocketlm_runtime::sampler::SamplerConfig;
+use pocketlm_runtime::model::ModelError;
+use pocketlm_runtime::session::SessionFileError;
 use pocketlm_runtime::tokenizer::TokenizerError;
+
+mod conversation;
+mod engine;
+mod generation;
+mod session;
+
+pub use conversation::Conversation;
+pub use engine::{Engine, EngineOptions, ModelInfo};
+pub use generation::{
+    ChatMessage, ContextPolicy, GenerationConfig, GenerationResult, GenerationStats, StopReason,
+    TokenCallback, default_generation_config,
+};
+pub use session::Session;
 
 /// Context length used when [`EngineOptions::context_length`] is 0 (capped by the model's
 /// trained context). Bounds the KV cache so a model with a 128K context does not allocate
@@ -51,6 +59,10 @@ pub enum PocketLmError {
     /// The prompt does not fit in the session's remaining context; `reset()` or shorten it.
     #[error("context full: {reason}")]
     ContextFull { reason: String },
+    /// A saved session that cannot be restored: another model's, another KV cache type's,
+    /// truncated, corrupt, or too long for the context.
+    #[error("invalid saved session: {reason}")]
+    InvalidSession { reason: String },
     /// The [`TokenCallback`] threw an exception (or panicked); generation stopped.
     #[error("token callback failed: {reason}")]
     CallbackFailed { reason: String },
@@ -94,6 +106,25 @@ impl From<ModelError> for PocketLmError {
     }
 }
 
+impl From<SessionFileError> for PocketLmError {
+    fn from(e: SessionFileError) -> Self {
+        let reason = e.to_string();
+        match e {
+            SessionFileError::Format {
+                source: PlmError::Io { source, .. },
+                path,
+            } if source.kind() == std::io::ErrorKind::NotFound => PocketLmError::FileNotFound {
+                path: path.display().to_string(),
+            },
+            SessionFileError::Format {
+                source: PlmError::Io { .. },
+                ..
+            } => PocketLmError::Io { reason },
+            _ => PocketLmError::InvalidSession { reason },
+        }
+    }
+}
+
 impl From<TokenizerError> for PocketLmError {
     fn from(e: TokenizerError) -> Self {
         ModelError::Tokenizer(e).into()
@@ -115,575 +146,4 @@ fn guard<T>(f: impl FnOnce() -> Result<T, PocketLmError>) -> Result<T, PocketLmE
             reason: format!("panic: {}", panic_message(payload.as_ref())),
         })
     })
-}
-
-/// How an [`Engine`] runs. All fields have defaults.
-#[derive(Clone, Debug, Default, PartialEq, uniffi::Record)]
-pub struct EngineOptions {
-    /// Worker threads for this engine's pool; 0 = one per CPU core. On phones with big and
-    /// little cores, the number of big cores (often 2–4) is usually fastest.
-    #[uniffi(default = 0)]
-    pub threads: u32,
-    /// KV-cache positions per session; 0 = min(model's trained context, 2048). Larger values
-    /// are capped at the trained context.
-    #[uniffi(default = 0)]
-    pub context_length: u32,
-    /// Kernel path (`"scalar"`, `"generic"`, `"avx2"`, `"avxvnni"`, `"avx512"`, `"neon"`,
-    /// `"dotprod"`, `"i8mm"`); None = detect.
-    /// The choice is process-wide: it takes effect if no model has run yet in this process;
-    /// asking for a different path afterwards is an
-    /// `InvalidConfig` error. `ModelInfo::kernel_path` reports the path in use.
-    #[uniffi(default = None)]
-    pub kernel_path: Option<String>,
-    /// Serve low-rank layers with this percentage (1..=100) of their stored rank. Their
-    /// factors are stored rank-ordered, so a lower percentage reads (and pages in) fewer bytes
-    /// and runs faster, at some quality cost, from the same file. 0 = 100 (the full stored
-    /// rank). Dense layers are unaffected.
-    #[uniffi(default = 0)]
-    pub low_rank_percent: u8,
-    /// KV cache storage: `"f32"`, or `"q8"` (int8 with a scale per head vector, 3.8× less
-    /// memory for 64-wide heads, so longer contexts fit). None = f32.
-    #[uniffi(default = None)]
-    pub kv_cache: Option<String>,
-    /// Operating point of an elastic file: `"small"` (base weights only, low-rank layers at
-    /// half rank), `"balanced"` (residuals of attn_v and ffn_down, 75% rank) or `"best"`
-    /// (everything stored). Only the chosen point's pages are read. None = best.
-    #[uniffi(default = None)]
-    pub profile: Option<String>,
-    /// Largest weight footprint in bytes: the engine steps down from `profile` to the best
-    /// point whose weights fit, and fails with `InvalidConfig` if none does. 0 = no limit.
-    #[uniffi(default = 0)]
-    pub max_weight_bytes: u64,
-}
-
-/// What an engine has loaded.
-#[derive(Clone, Debug, PartialEq, uniffi::Record)]
-pub struct ModelInfo {
-    /// `llama`, `qwen2`, ...
-    pub architecture: String,
-    pub parameters: u64,
-    /// Tensor bytes × 8 / parameters.
-    pub bits_per_weight: f64,
-    pub file_size_bytes: u64,
-    /// KV-cache positions per session (from [`EngineOptions::context_length`]).
-    pub context_length: u32,
-    /// The model's trained context.
-    pub max_context_length: u32,
-    pub vocab_size: u32,
-    /// Whether the file ships a chat template (otherwise `chat` uses a built-in fallback).
-    pub has_chat_template: bool,
-    /// The kernel path in use (process-wide).
-    pub kernel_path: String,
-    /// Worker threads of this engine's pool.
-    pub threads: u32,
-    /// Percentage of their stored rank low-rank layers are served with.
-    pub low_rank_percent: u8,
-    /// KV cache storage of this engine's sessions (`f32` or `q8`).
-    pub kv_cache: String,
-    /// The operating point served (`small`, `balanced`, `best`).
-    pub profile: String,
-    /// Bytes of the weights the forward pass reads at that point.
-    pub weight_bytes: u64,
-}
-
-/// A loaded model: the memory-mapped `.plm` file and a worker thread pool. Thread-safe;
-/// create sessions from it with [`Engine::new_session`].
-#[derive(uniffi::Object)]
-pub struct Engine {
-    model: Arc<Model>,
-    pool: Arc<rayon::ThreadPool>,
-    context_length: usize,
-}
-
-impl std::fmt::Debug for Engine {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine")
-            .field("path", &self.model.file().path())
-            .field("threads", &self.pool.current_num_threads())
-            .field("context_length", &self.context_length)
-            .finish()
-    }
-}
-
-fn resolve_kernel_path(name: Option<&str>) -> Result<(), PocketLmError> {
-    let Some(name) = name else { return Ok(()) };
-    let invalid = |reason: String| PocketLmError::InvalidConfig { reason };
-    let path = KernelPath::parse(name).ok_or_else(|| {
-        invalid(format!(
-            "unknown kernel path '{name}' (expected scalar, generic, neon, sse2 or avx2)"
-        ))
-    })?;
-    if !path.is_supported() {
-        return Err(invalid(format!(
-            "kernel path '{}' is not supported on this CPU",
-            path.name()
-        )));
-    }
-    let active = kernels::select_path(path);
-    if active != path {
-        return Err(invalid(format!(
-            "kernel path '{}' requested, but this process already uses '{}' (the kernel path \
-             is process-wide and fixed when the first model runs)",
-            path.name(),
-            active.name()
-        )));
-    }
-    Ok(())
-}
-
-#[uniffi::export]
-impl Engine {
-    /// Maps and validates the `.plm` file at `path` (nothing is copied; weights stay in the
-    /// page cache).
-    #[uniffi::constructor]
-    pub fn open(path: String, options: EngineOptions) -> Result<Arc<Engine>, PocketLmError> {
-        guard(|| {
-            resolve_kernel_path(options.kernel_path.as_deref())?;
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(options.threads as usize)
-                .thread_name(|i| format!("pocketlm-{i}"))
-                .build()
-                .map_err(|e| PocketLmError::InvalidConfig {
-                    reason: format!("cannot start {} threads: {e}", options.threads),
-                })?;
-            let mut model_options = ModelOptions::default();
-            match options.low_rank_percent {
-                0 => {}
-                p @ 1..=100 => model_options.low_rank_percent = p,
-                p => {
-                    return Err(PocketLmError::InvalidConfig {
-                        reason: format!("low_rank_percent must be 0 (default) or 1..=100, got {p}"),
-                    });
-                }
-            }
-            if let Some(name) = options.kv_cache.as_deref() {
-                model_options.kv_cache =
-                    KvType::parse(name).ok_or_else(|| PocketLmError::InvalidConfig {
-                        reason: format!("kv_cache must be \"f32\" or \"q8\", got {name:?}"),
-                    })?;
-            }
-            if let Some(name) = options.profile.as_deref() {
-                model_options.profile =
-                    Profile::parse(name).ok_or_else(|| PocketLmError::InvalidConfig {
-                        reason: format!(
-                            "profile must be \"small\", \"balanced\" or \"best\", got {name:?}"
-                        ),
-                    })?;
-            }
-            if options.max_weight_bytes > 0 {
-                model_options.max_weight_bytes = options.max_weight_bytes;
-            }
-            let model = Model::open_with(Path::new(&path), model_options)?;
-            let trained = model.config().max_position_embeddings;
-            let context_length = match options.context_length {
-                0 => trained.min(DEFAULT_CONTEXT_LENGTH as usize),
-                n => (n as usize).min(trained),
-            }
-            .max(1);
-            Ok(Arc::new(Engine {
-                model: Arc::new(model),
-                pool: Arc::new(pool),
-                context_length,
-            }))
-        })
-    }
-
-    pub fn info(&self) -> ModelInfo {
-        let file = self.model.file();
-        let config = self.model.config();
-        let parameters: u64 = file
-            .tensors()
-            .iter()
-            .filter(|t| !pocketlm_format::config::names::is_residual(&t.name))
-            .map(|t| t.shape.iter().product::<usize>() as u64)
-            .sum();
-        ModelInfo {
-            architecture: config.architecture.name().to_string(),
-            parameters,
-            bits_per_weight: file.tensor_bytes_total() as f64 * 8.0 / parameters.max(1) as f64,
-            file_size_bytes: file.file_size(),
-            context_length: self.context_length as u32,
-            max_context_length: config.max_position_embeddings as u32,
-            vocab_size: config.vocab_size as u32,
-            has_chat_template: self.model.tokenizer().has_chat_template(),
-            kernel_path: kernels::active_path().name().to_string(),
-            threads: self.pool.current_num_threads() as u32,
-            low_rank_percent: self.model.options().low_rank_percent,
-            kv_cache: self.model.options().kv_cache.name().to_string(),
-            profile: self.model.profile().name().to_string(),
-            weight_bytes: self.model.weight_bytes(),
-        }
-    }
-
-    /// A new conversation with an empty KV cache. Sessions share this engine's weights and
-    /// thread pool. Fails with `InvalidConfig` when the KV cache for the engine's context
-    /// length does not fit the memory limit.
-    pub fn new_session(self: Arc<Self>) -> Result<Arc<Session>, PocketLmError> {
-        let inner = pocketlm_runtime::Session::new(Arc::clone(&self.model), self.context_length)?;
-        Ok(Arc::new(Session {
-            inner: Mutex::new(inner),
-            engine: self,
-            cancel: AtomicBool::new(false),
-            busy_thread: Mutex::new(None),
-            last_stats: Mutex::new(None),
-        }))
-    }
-
-    /// Number of tokens `text` encodes to (without BOS).
-    pub fn count_tokens(&self, text: String) -> Result<u32, PocketLmError> {
-        guard(|| Ok(self.model.tokenizer().encode(&text, false)?.len() as u32))
-    }
-}
-
-/// Sampling and stopping for one generation. All fields have defaults.
-#[derive(Clone, Debug, PartialEq, uniffi::Record)]
-pub struct GenerationConfig {
-    /// Most tokens to generate.
-    #[uniffi(default = 256)]
-    pub max_tokens: u32,
-    /// 0 = greedy (always the most likely token).
-    #[uniffi(default = 0.8)]
-    pub temperature: f32,
-    /// Keep the k most likely tokens; 0 disables.
-    #[uniffi(default = 40)]
-    pub top_k: u32,
-    /// Nucleus sampling in [0, 1]; 1 disables.
-    #[uniffi(default = 0.95)]
-    pub top_p: f32,
-    /// Drop tokens less likely than min_p × the most likely one, in [0, 1]; 0 disables.
-    #[uniffi(default = 0.05)]
-    pub min_p: f32,
-    /// > 0; 1 disables.
-    #[uniffi(default = 1.0)]
-    pub repetition_penalty: f32,
-    /// Seed of the sampler's random numbers; the same seed reproduces a generation.
-    #[uniffi(default = 0)]
-    pub seed: u64,
-    /// Generation ends before any of these strings; they are not part of the output.
-    #[uniffi(default)]
-    pub stop: Vec<String>,
-}
-
-impl Default for GenerationConfig {
-    fn default() -> Self {
-        let s = SamplerConfig::default();
-        GenerationConfig {
-            max_tokens: 256,
-            temperature: s.temperature,
-            top_k: s.top_k as u32,
-            top_p: s.top_p,
-            min_p: s.min_p,
-            repetition_penalty: s.repetition_penalty,
-            seed: s.seed,
-            stop: Vec::new(),
-        }
-    }
-}
-
-impl GenerationConfig {
-    fn to_options(&self) -> Result<pocketlm_runtime::GenerateOptions, PocketLmError> {
-        let sampler = SamplerConfig {
-            temperature: self.temperature,
-            top_k: self.top_k as usize,
-            top_p: self.top_p,
-            min_p: self.min_p,
-            repetition_penalty: self.repetition_penalty,
-            seed: self.seed,
-            ..SamplerConfig::default()
-        };
-        sampler
-            .validate()
-            .map_err(|e| PocketLmError::InvalidConfig {
-                reason: e.to_string(),
-            })?;
-        Ok(pocketlm_runtime::GenerateOptions {
-            max_tokens: self.max_tokens as usize,
-            sampler,
-            stop: self.stop.clone(),
-            ignore_eos: false,
-        })
-    }
-}
-
-/// The default [`GenerationConfig`] (for languages without default arguments).
-#[uniffi::export]
-pub fn default_generation_config() -> GenerationConfig {
-    GenerationConfig::default()
-}
-
-/// Why a generation ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, uniffi::Enum)]
-pub enum StopReason {
-    /// The model produced an end-of-sequence token.
-    EndOfSequence,
-    /// One of [`GenerationConfig::stop`] appeared.
-    StopString,
-    MaxTokens,
-    /// The session's context is full; `reset()` to continue.
-    ContextFull,
-    /// The callback returned false, or `Session::cancel` was called.
-    Cancelled,
-}
-
-impl From<pocketlm_runtime::StopReason> for StopReason {
-    fn from(r: pocketlm_runtime::StopReason) -> Self {
-        match r {
-            pocketlm_runtime::StopReason::EndOfSequence => StopReason::EndOfSequence,
-            pocketlm_runtime::StopReason::StopString => StopReason::StopString,
-            pocketlm_runtime::StopReason::MaxTokens => StopReason::MaxTokens,
-            pocketlm_runtime::StopReason::ContextFull => StopReason::ContextFull,
-            pocketlm_runtime::StopReason::Cancelled => StopReason::Cancelled,
-        }
-    }
-}
-
-/// Timing of one generation.
-#[derive(Clone, Debug, PartialEq, uniffi::Record)]
-pub struct GenerationStats {
-    pub prompt_tokens: u32,
-    pub generated_tokens: u32,
-    pub prefill_tokens_per_second: f64,
-    /// Tokens after the first over the decode time.
-    pub decode_tokens_per_second: f64,
-    pub time_to_first_token_ms: f64,
-}
-
-impl From<&pocketlm_runtime::GenerationStats> for GenerationStats {
-    fn from(s: &pocketlm_runtime::GenerationStats) -> Self {
-        GenerationStats {
-            prompt_tokens: s.prompt_tokens as u32,
-            generated_tokens: s.generated_tokens as u32,
-            prefill_tokens_per_second: s.prefill_tokens_per_second(),
-            decode_tokens_per_second: s.decode_tokens_per_second(),
-            time_to_first_token_ms: s.time_to_first_token_ms,
-        }
-    }
-}
-
-/// A finished generation.
-#[derive(Clone, Debug, PartialEq, uniffi::Record)]
-pub struct GenerationResult {
-    /// The generated text (the prompt is not included).
-    pub text: String,
-    /// The generated token ids.
-    pub tokens: Vec<u32>,
-    pub stop_reason: StopReason,
-    pub stats: GenerationStats,
-}
-
-/// One turn of a conversation; `role` is usually `system`, `user` or `assistant`.
-#[derive(Clone, Debug, PartialEq, uniffi::Record)]
-pub struct ChatMessage {
-    pub role: String,
-    pub content: String,
-}
-
-/// Receives generated text as it is produced. Called on one of the engine's worker threads
-/// (not the thread that called `generate`): post to your UI thread from here. Return false
-/// to stop the generation (its `stop_reason` is then `Cancelled`). Do not call back into the
-/// same session from here. If it throws, the generation ends with `CallbackFailed`.
-#[uniffi::export(foreign)]
-pub trait TokenCallback: Send + Sync {
-    fn on_token(&self, text: String) -> bool;
-}
-
-/// One conversation: a KV cache over an [`Engine`]'s weights. Each `generate` continues from
-/// what the session already holds (call `reset` to start over); `chat` starts over each call.
-/// Safe to use from any thread; concurrent calls on one session wait for each other.
-#[derive(uniffi::Object)]
-pub struct Session {
-    engine: Arc<Engine>,
-    inner: Mutex<pocketlm_runtime::Session>,
-    cancel: AtomicBool,
-    /// The worker thread running this session's generation, to refuse (instead of
-    /// deadlocking on) calls made from inside its own callback.
-    busy_thread: Mutex<Option<ThreadId>>,
-    last_stats: Mutex<Option<GenerationStats>>,
-}
-
-impl std::fmt::Debug for Session {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Session")
-            .field("engine", &self.engine)
-            .finish_non_exhaustive()
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding a lock is caught by `guard` and reported; the data it protects
-    // (stats, a thread id) stays usable, and the session's KV cache is reset below.
-    m.lock().unwrap_or_else(|poisoned| {
-        m.clear_poison();
-        poisoned.into_inner()
-    })
-}
-
-/// Records the current thread as the one generating for a session, until dropped (also
-/// on unwind).
-struct BusyMark<'a>(&'a Mutex<Option<ThreadId>>);
-
-impl<'a> BusyMark<'a> {
-    fn set(slot: &'a Mutex<Option<ThreadId>>) -> Self {
-        *lock(slot) = Some(std::thread::current().id());
-        BusyMark(slot)
-    }
-}
-
-impl Drop for BusyMark<'_> {
-    fn drop(&mut self) {
-        *lock(self.0) = None;
-    }
-}
-
-enum Input {
-    Text(String),
-    Chat(Vec<pocketlm_runtime::tokenizer::ChatMessage>),
-}
-
-impl Session {
-    fn check_reentry(&self) -> Result<(), PocketLmError> {
-        if *lock(&self.busy_thread) == Some(std::thread::current().id()) {
-            return Err(PocketLmError::Internal {
-                reason: "a session was called from its own token callback".into(),
-            });
-        }
-        Ok(())
-    }
-
-    fn lock_session(&self) -> Result<MutexGuard<'_, pocketlm_runtime::Session>, PocketLmError> {
-        self.check_reentry()?;
-        Ok(match self.inner.lock() {
-            Ok(g) => g,
-            Err(poisoned) => {
-                // A previous call panicked mid-generation: the cache may be half written.
-                self.inner.clear_poison();
-                let mut g = poisoned.into_inner();
-                g.reset();
-                g
-            }
-        })
-    }
-
-    fn run(
-        &self,
-        input: Input,
-        config: &GenerationConfig,
-        callback: Option<Arc<dyn TokenCallback>>,
-    ) -> Result<GenerationResult, PocketLmError> {
-        guard(|| {
-            let options = config.to_options()?;
-            // Lock on the caller's thread, never on a pool worker, so that a pool thread
-            // never blocks waiting for another session.
-            let mut locked = self.lock_session()?;
-            let session: &mut pocketlm_runtime::Session = &mut locked;
-            self.cancel.store(false, Ordering::SeqCst);
-            let mut callback_error: Option<String> = None;
-            let generation = self.engine.pool.install(|| {
-                let _busy = BusyMark::set(&self.busy_thread);
-                let on_text = |piece: &str| -> bool {
-                    if callback_error.is_some() || self.cancel.load(Ordering::SeqCst) {
-                        return false;
-                    }
-                    let Some(cb) = &callback else { return true };
-                    // A foreign exception surfaces as a panic in uniffi's generated code
-                    // (the callback returns a plain bool): catch it here, stop, report.
-                    match catch_unwind(AssertUnwindSafe(|| cb.on_token(piece.to_string()))) {
-                        Ok(keep_going) => keep_going && !self.cancel.load(Ordering::SeqCst),
-                        Err(payload) => {
-                            callback_error = Some(panic_message(payload.as_ref()));
-                            false
-                        }
-                    }
-                };
-                match &input {
-                    Input::Text(prompt) => session.generate(prompt, &options, on_text),
-                    Input::Chat(messages) => session.chat(messages, &options, on_text),
-                }
-            })?;
-            if let Some(message) = callback_error {
-                return Err(PocketLmError::CallbackFailed { reason: message });
-            }
-            let stats = GenerationStats::from(&generation.stats);
-            *lock(&self.last_stats) = Some(stats.clone());
-            Ok(GenerationResult {
-                text: generation.text,
-                tokens: generation.tokens,
-                stop_reason: generation.stop_reason.into(),
-                stats,
-            })
-        })
-    }
-}
-
-#[uniffi::export]
-impl Session {
-    /// Continues the session with `prompt` (BOS is added when the session is empty and the
-    /// model wants one), streaming each new piece of text to `callback`.
-    pub fn generate(
-        &self,
-        prompt: String,
-        config: GenerationConfig,
-        callback: Arc<dyn TokenCallback>,
-    ) -> Result<GenerationResult, PocketLmError> {
-        self.run(Input::Text(prompt), &config, Some(callback))
-    }
-
-    /// Like [`generate`](Self::generate), without streaming: blocks until done.
-    pub fn complete(
-        &self,
-        prompt: String,
-        config: GenerationConfig,
-    ) -> Result<GenerationResult, PocketLmError> {
-        self.run(Input::Text(prompt), &config, None)
-    }
-
-    /// Renders `messages` with the model's chat template and generates the assistant's
-    /// reply. Starts the session over from the whole conversation each call.
-    pub fn chat(
-        &self,
-        messages: Vec<ChatMessage>,
-        config: GenerationConfig,
-        callback: Option<Arc<dyn TokenCallback>>,
-    ) -> Result<GenerationResult, PocketLmError> {
-        let messages = messages
-            .into_iter()
-            .map(|m| pocketlm_runtime::tokenizer::ChatMessage::new(m.role, m.content))
-            .collect();
-        self.run(Input::Chat(messages), &config, callback)
-    }
-
-    /// Asks a running generation on this session to stop (it ends with `Cancelled`). Safe
-    /// from any thread; no effect when nothing is running.
-    pub fn cancel(&self) {
-        self.cancel.store(true, Ordering::SeqCst);
-    }
-
-    /// Number of tokens `text` encodes to (without BOS). Does not wait for a running
-    /// generation.
-    pub fn count_tokens(&self, text: String) -> Result<u32, PocketLmError> {
-        self.engine.count_tokens(text)
-    }
-
-    /// Forgets the conversation (empties the KV cache).
-    pub fn reset(&self) -> Result<(), PocketLmError> {
-        guard(|| {
-            self.lock_session()?.reset();
-            Ok(())
-        })
-    }
-
-    /// Tokens currently held in the session's context.
-    pub fn context_used(&self) -> Result<u32, PocketLmError> {
-        guard(|| Ok(self.lock_session()?.history().len() as u32))
-    }
-
-    /// KV-cache positions of this session.
-    pub fn context_length(&self) -> u32 {
-        self.engine.context_length as u32
-    }
-
-    /// Statistics of the last successful generation, if any.
-    pub fn stats(&self) -> Option<GenerationStats> {
-        lock(&self.last_stats).clone()
-    }
 }

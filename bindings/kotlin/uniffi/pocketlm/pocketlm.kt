@@ -699,11 +699,31 @@ internal object IntegrityCheckingUniffiLib {
     internal fun ensureInitialized() = Unit
     external fun uniffi_pocketlm_checksum_func_default_generation_config(
     ): Int
+    external fun uniffi_pocketlm_checksum_method_conversation_cancel(
+    ): Int
+    external fun uniffi_pocketlm_checksum_method_conversation_context_length(
+    ): Int
+    external fun uniffi_pocketlm_checksum_method_conversation_context_used(
+    ): Int
+    external fun uniffi_pocketlm_checksum_method_conversation_messages(
+    ): Int
+    external fun uniffi_pocketlm_checksum_method_conversation_reset(
+    ): Int
+    external fun uniffi_pocketlm_checksum_method_conversation_save(
+    ): Int
+    external fun uniffi_pocketlm_checksum_method_conversation_send(
+    ): Int
     external fun uniffi_pocketlm_checksum_method_engine_count_tokens(
     ): Int
     external fun uniffi_pocketlm_checksum_method_engine_info(
     ): Int
+    external fun uniffi_pocketlm_checksum_method_engine_new_conversation(
+    ): Int
     external fun uniffi_pocketlm_checksum_method_engine_new_session(
+    ): Int
+    external fun uniffi_pocketlm_checksum_method_engine_restore_conversation(
+    ): Int
+    external fun uniffi_pocketlm_checksum_method_tokencallback_on_token(
     ): Int
     external fun uniffi_pocketlm_checksum_method_session_cancel(
     ): Int
@@ -721,9 +741,13 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_pocketlm_checksum_method_session_reset(
     ): Int
-    external fun uniffi_pocketlm_checksum_method_session_stats(
+    external fun uniffi_pocketlm_checksum_method_session_restore(
     ): Int
-    external fun uniffi_pocketlm_checksum_method_tokencallback_on_token(
+    external fun uniffi_pocketlm_checksum_method_session_save(
+    ): Int
+    external fun uniffi_pocketlm_checksum_method_session_set_context_policy(
+    ): Int
+    external fun uniffi_pocketlm_checksum_method_session_stats(
     ): Int
     external fun uniffi_pocketlm_checksum_constructor_engine_open(
     ): Int
@@ -748,6 +772,24 @@ internal object UniffiLib {
     }
 
     internal fun ensureInitialized() = Unit
+    external fun uniffi_pocketlm_fn_clone_conversation(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_pocketlm_fn_free_conversation(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_pocketlm_fn_method_conversation_cancel(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_pocketlm_fn_method_conversation_context_length(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Int
+    external fun uniffi_pocketlm_fn_method_conversation_context_used(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Int
+    external fun uniffi_pocketlm_fn_method_conversation_messages(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_pocketlm_fn_method_conversation_reset(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_pocketlm_fn_method_conversation_save(`ptr`: Long,`path`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_pocketlm_fn_method_conversation_send(`ptr`: Long,`text`: RustBuffer.ByValue,`config`: RustBuffer.ByValue,`callback`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
     external fun uniffi_pocketlm_fn_clone_engine(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
     external fun uniffi_pocketlm_fn_free_engine(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
@@ -758,8 +800,20 @@ internal object UniffiLib {
     ): Int
     external fun uniffi_pocketlm_fn_method_engine_info(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
+    external fun uniffi_pocketlm_fn_method_engine_new_conversation(`ptr`: Long,`system`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
     external fun uniffi_pocketlm_fn_method_engine_new_session(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
+    external fun uniffi_pocketlm_fn_method_engine_restore_conversation(`ptr`: Long,`path`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_pocketlm_fn_clone_tokencallback(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_pocketlm_fn_free_tokencallback(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_pocketlm_fn_init_callback_vtable_tokencallback(`vtable`: UniffiVTableCallbackInterfaceTokenCallback,
+    ): Unit
+    external fun uniffi_pocketlm_fn_method_tokencallback_on_token(`ptr`: Long,`text`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): Byte
     external fun uniffi_pocketlm_fn_clone_session(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
     external fun uniffi_pocketlm_fn_free_session(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
@@ -780,16 +834,14 @@ internal object UniffiLib {
     ): RustBuffer.ByValue
     external fun uniffi_pocketlm_fn_method_session_reset(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
+    external fun uniffi_pocketlm_fn_method_session_restore(`ptr`: Long,`path`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_pocketlm_fn_method_session_save(`ptr`: Long,`path`: RustBuffer.ByValue,`messages`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_pocketlm_fn_method_session_set_context_policy(`ptr`: Long,`policy`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
     external fun uniffi_pocketlm_fn_method_session_stats(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
-    external fun uniffi_pocketlm_fn_clone_tokencallback(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
-    ): Long
-    external fun uniffi_pocketlm_fn_free_tokencallback(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
-    ): Unit
-    external fun uniffi_pocketlm_fn_init_callback_vtable_tokencallback(`vtable`: UniffiVTableCallbackInterfaceTokenCallback,
-    ): Unit
-    external fun uniffi_pocketlm_fn_method_tokencallback_on_token(`ptr`: Long,`text`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
-    ): Byte
     external fun uniffi_pocketlm_fn_func_default_generation_config(uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
     external fun ffi_pocketlm_rustbuffer_alloc(`size`: Long,uniffi_out_err: UniffiRustCallStatus, 
@@ -911,49 +963,85 @@ private fun uniffiCheckContractApiVersion(lib: IntegrityCheckingUniffiLib) {
 }
 @Suppress("UNUSED_PARAMETER")
 private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
-    if ((lib.uniffi_pocketlm_checksum_func_default_generation_config() and 0xFFFF) != 28698) {
+    if ((lib.uniffi_pocketlm_checksum_func_default_generation_config() and 0xFFFF) != 13291) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_pocketlm_checksum_method_engine_count_tokens() and 0xFFFF) != 8459) {
+    if ((lib.uniffi_pocketlm_checksum_method_conversation_cancel() and 0xFFFF) != 35377) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_pocketlm_checksum_method_engine_info() and 0xFFFF) != 29818) {
+    if ((lib.uniffi_pocketlm_checksum_method_conversation_context_length() and 0xFFFF) != 43805) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_pocketlm_checksum_method_engine_new_session() and 0xFFFF) != 8069) {
+    if ((lib.uniffi_pocketlm_checksum_method_conversation_context_used() and 0xFFFF) != 12835) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_pocketlm_checksum_method_session_cancel() and 0xFFFF) != 61845) {
+    if ((lib.uniffi_pocketlm_checksum_method_conversation_messages() and 0xFFFF) != 22819) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_pocketlm_checksum_method_session_chat() and 0xFFFF) != 56323) {
+    if ((lib.uniffi_pocketlm_checksum_method_conversation_reset() and 0xFFFF) != 19840) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_pocketlm_checksum_method_session_complete() and 0xFFFF) != 24740) {
+    if ((lib.uniffi_pocketlm_checksum_method_conversation_save() and 0xFFFF) != 48891) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_pocketlm_checksum_method_session_context_length() and 0xFFFF) != 32664) {
+    if ((lib.uniffi_pocketlm_checksum_method_conversation_send() and 0xFFFF) != 25785) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_pocketlm_checksum_method_session_context_used() and 0xFFFF) != 10456) {
+    if ((lib.uniffi_pocketlm_checksum_method_engine_count_tokens() and 0xFFFF) != 40011) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_pocketlm_checksum_method_session_count_tokens() and 0xFFFF) != 26748) {
+    if ((lib.uniffi_pocketlm_checksum_method_engine_info() and 0xFFFF) != 19374) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_pocketlm_checksum_method_session_generate() and 0xFFFF) != 36442) {
+    if ((lib.uniffi_pocketlm_checksum_method_engine_new_conversation() and 0xFFFF) != 36803) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_pocketlm_checksum_method_session_reset() and 0xFFFF) != 36096) {
+    if ((lib.uniffi_pocketlm_checksum_method_engine_new_session() and 0xFFFF) != 15854) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_pocketlm_checksum_method_session_stats() and 0xFFFF) != 4269) {
+    if ((lib.uniffi_pocketlm_checksum_method_engine_restore_conversation() and 0xFFFF) != 51188) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_pocketlm_checksum_method_tokencallback_on_token() and 0xFFFF) != 28893) {
+    if ((lib.uniffi_pocketlm_checksum_method_tokencallback_on_token() and 0xFFFF) != 30227) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_pocketlm_checksum_constructor_engine_open() and 0xFFFF) != 33623) {
+    if ((lib.uniffi_pocketlm_checksum_method_session_cancel() and 0xFFFF) != 8329) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_pocketlm_checksum_method_session_chat() and 0xFFFF) != 27759) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_pocketlm_checksum_method_session_complete() and 0xFFFF) != 8822) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_pocketlm_checksum_method_session_context_length() and 0xFFFF) != 24312) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_pocketlm_checksum_method_session_context_used() and 0xFFFF) != 17698) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_pocketlm_checksum_method_session_count_tokens() and 0xFFFF) != 59424) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_pocketlm_checksum_method_session_generate() and 0xFFFF) != 22050) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_pocketlm_checksum_method_session_reset() and 0xFFFF) != 7405) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_pocketlm_checksum_method_session_restore() and 0xFFFF) != 18429) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_pocketlm_checksum_method_session_save() and 0xFFFF) != 32649) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_pocketlm_checksum_method_session_set_context_policy() and 0xFFFF) != 62183) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_pocketlm_checksum_method_session_stats() and 0xFFFF) != 39671) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_pocketlm_checksum_constructor_engine_open() and 0xFFFF) != 37839) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
 }
@@ -1440,6 +1528,409 @@ public object FfiConverterString: FfiConverter<String, RustBuffer.ByValue> {
 
 
 /**
+ * A chat with its transcript: `send` adds the user's message, generates the reply (reusing
+ * every earlier turn from the cache) and adds the reply. When the context fills up, the
+ * oldest turns leave the prompt and the transcript alike (unless the engine's context
+ * policy is `Error`). Thread-safe; calls wait for each other.
+ */
+public interface ConversationInterface {
+    
+    /**
+     * Asks a running `send` to stop (its reply ends with `Cancelled`).
+     */
+    fun `cancel`()
+    
+    fun `contextLength`(): kotlin.UInt
+    
+    /**
+     * Tokens the conversation holds in the context, and the context's size.
+     */
+    fun `contextUsed`(): kotlin.UInt
+    
+    /**
+     * The transcript: system message, user messages and replies, oldest first.
+     */
+    fun `messages`(): List<ChatMessage>
+    
+    /**
+     * Forgets everything but the system message.
+     */
+    fun `reset`()
+    
+    /**
+     * Saves the transcript and the KV cache to `path` (restore with
+     * `Engine::restore_conversation`). Returns the file size in bytes.
+     */
+    fun `save`(`path`: kotlin.String): kotlin.ULong
+    
+    /**
+     * Sends the user's `text` and generates the reply, streaming it to `callback` when one
+     * is given. On an error the transcript is left as it was.
+     */
+    fun `send`(`text`: kotlin.String, `config`: GenerationConfig, `callback`: TokenCallback?): GenerationResult
+    
+    companion object
+}
+
+/**
+ * A chat with its transcript: `send` adds the user's message, generates the reply (reusing
+ * every earlier turn from the cache) and adds the reply. When the context fills up, the
+ * oldest turns leave the prompt and the transcript alike (unless the engine's context
+ * policy is `Error`). Thread-safe; calls wait for each other.
+ */
+open class Conversation: Disposable, AutoCloseable, ConversationInterface
+{
+
+    @Suppress("UNUSED_PARAMETER")
+    /**
+     * @suppress
+     */
+    constructor(withHandle: UniffiWithHandle, handle: Long) {
+        this.handle = handle
+        this.cleanable = UniffiLib.CLEANER.register(this, UniffiCleanAction(handle))
+    }
+
+    /**
+     * @suppress
+     *
+     * This constructor can be used to instantiate a fake object. Only used for tests. Any
+     * attempt to actually use an object constructed this way will fail as there is no
+     * connected Rust object.
+     */
+    @Suppress("UNUSED_PARAMETER")
+    constructor(noHandle: NoHandle) {
+        this.handle = 0
+        this.cleanable = null
+    }
+
+    protected val handle: Long
+    protected val cleanable: UniffiCleaner.Cleanable?
+
+    private val wasDestroyed = AtomicBoolean(false)
+    private val callCounter = AtomicLong(1)
+
+    /**
+     * Whether the current object has been destroyed and its reference is gone in the Rust side.
+     */
+    val uniffiIsDestroyed: Boolean get() = wasDestroyed.get()
+
+    override fun destroy() {
+        // Only allow a single call to this method.
+        // TODO: maybe we should log a warning if called more than once?
+        if (this.wasDestroyed.compareAndSet(false, true)) {
+            // This decrement always matches the initial count of 1 given at creation time.
+            if (this.callCounter.decrementAndGet() == 0L) {
+                cleanable?.clean()
+            }
+        }
+    }
+
+    @Synchronized
+    override fun close() {
+        this.destroy()
+    }
+
+    internal inline fun <R> callWithHandle(block: (handle: Long) -> R): R {
+        // Check and increment the call counter, to keep the object alive.
+        // This needs a compare-and-set retry loop in case of concurrent updates.
+        do {
+            val c = this.callCounter.get()
+            if (c == 0L) {
+                throw IllegalStateException("${this.javaClass.simpleName} object has already been destroyed")
+            }
+            if (c == Long.MAX_VALUE) {
+                throw IllegalStateException("${this.javaClass.simpleName} call counter would overflow")
+            }
+        } while (! this.callCounter.compareAndSet(c, c + 1L))
+        // Now we can safely do the method call without the handle being freed concurrently.
+        try {
+            return block(this.uniffiCloneHandle())
+        } finally {
+            // This decrement always matches the increment we performed above.
+            if (this.callCounter.decrementAndGet() == 0L) {
+                cleanable?.clean()
+            }
+        }
+    }
+
+    // Use a static inner class instead of a closure so as not to accidentally
+    // capture `this` as part of the cleanable's action.
+    private class UniffiCleanAction(private val handle: Long) : Runnable {
+        override fun run() {
+            if (handle == 0.toLong()) {
+                // Fake object created with `NoHandle`, don't try to free.
+                return;
+            }
+            uniffiRustCall { status ->
+                UniffiLib.uniffi_pocketlm_fn_free_conversation(handle, status)
+            }
+        }
+    }
+
+    /**
+     * @suppress
+     */
+    fun uniffiCloneHandle(): Long {
+        if (handle == 0.toLong()) {
+            throw InternalException("uniffiCloneHandle() called on NoHandle object");
+        }
+        return uniffiRustCall() { status ->
+            UniffiLib.uniffi_pocketlm_fn_clone_conversation(handle, status)
+        }
+    }
+
+    
+    /**
+     * Asks a running `send` to stop (its reply ends with `Cancelled`).
+     */override fun `cancel`()
+        = 
+    callWithHandle {
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_pocketlm_fn_method_conversation_cancel(
+        it,
+        _status)
+}
+    }
+    
+    
+
+    override fun `contextLength`(): kotlin.UInt {
+            return FfiConverterUInt.lift(
+    callWithHandle {
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_pocketlm_fn_method_conversation_context_length(
+        it,
+        _status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * Tokens the conversation holds in the context, and the context's size.
+     */
+    @Throws(PocketLmException::class)override fun `contextUsed`(): kotlin.UInt {
+            return FfiConverterUInt.lift(
+    callWithHandle {
+    uniffiRustCallWithError(PocketLmException) { _status ->
+    UniffiLib.uniffi_pocketlm_fn_method_conversation_context_used(
+        it,
+        _status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * The transcript: system message, user messages and replies, oldest first.
+     */override fun `messages`(): List<ChatMessage> {
+            return FfiConverterSequenceTypeChatMessage.lift(
+    callWithHandle {
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_pocketlm_fn_method_conversation_messages(
+        it,
+        _status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * Forgets everything but the system message.
+     */
+    @Throws(PocketLmException::class)override fun `reset`()
+        = 
+    callWithHandle {
+    uniffiRustCallWithError(PocketLmException) { _status ->
+    UniffiLib.uniffi_pocketlm_fn_method_conversation_reset(
+        it,
+        _status)
+}
+    }
+    
+    
+
+    
+    /**
+     * Saves the transcript and the KV cache to `path` (restore with
+     * `Engine::restore_conversation`). Returns the file size in bytes.
+     */
+    @Throws(PocketLmException::class)override fun `save`(`path`: kotlin.String): kotlin.ULong {
+            return FfiConverterULong.lift(
+    callWithHandle {
+    uniffiRustCallWithError(PocketLmException) { _status ->
+    UniffiLib.uniffi_pocketlm_fn_method_conversation_save(
+        it,
+        
+        FfiConverterString.lower(`path`),_status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * Sends the user's `text` and generates the reply, streaming it to `callback` when one
+     * is given. On an error the transcript is left as it was.
+     */
+    @Throws(PocketLmException::class)override fun `send`(`text`: kotlin.String, `config`: GenerationConfig, `callback`: TokenCallback?): GenerationResult {
+            return FfiConverterTypeGenerationResult.lift(
+    callWithHandle {
+    uniffiRustCallWithError(PocketLmException) { _status ->
+    UniffiLib.uniffi_pocketlm_fn_method_conversation_send(
+        it,
+        
+        FfiConverterString.lower(`text`),
+        FfiConverterTypeGenerationConfig.lower(`config`),
+        FfiConverterOptionalTypeTokenCallback.lower(`callback`),_status)
+}
+    }
+    )
+    }
+    
+
+    
+
+    
+
+
+    
+    
+    /**
+     * @suppress
+     */
+    companion object
+    
+}
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeConversation: FfiConverter<Conversation, Long> {
+    override fun lower(value: Conversation): Long {
+        return value.uniffiCloneHandle()
+    }
+
+    override fun lift(value: Long): Conversation {
+        return Conversation(UniffiWithHandle, value)
+    }
+
+    override fun read(buf: ByteBuffer): Conversation {
+        return lift(buf.getLong())
+    }
+
+    override fun allocationSize(value: Conversation) = 8UL
+
+    override fun write(value: Conversation, buf: ByteBuffer) {
+        buf.putLong(lower(value))
+    }
+}
+
+
+// This template implements a class for working with a Rust struct via a handle
+// to the live Rust struct on the other side of the FFI.
+//
+// There's some subtlety here, because we have to be careful not to operate on a Rust
+// struct after it has been dropped, and because we must expose a public API for freeing
+// theq Kotlin wrapper object in lieu of reliable finalizers. The core requirements are:
+//
+//   * Each instance holds an opaque handle to the underlying Rust struct.
+//     Method calls need to read this handle from the object's state and pass it in to
+//     the Rust FFI.
+//
+//   * When an instance is no longer needed, its handle should be passed to a
+//     special destructor function provided by the Rust FFI, which will drop the
+//     underlying Rust struct.
+//
+//   * Given an instance, calling code is expected to call the special
+//     `destroy` method in order to free it after use, either by calling it explicitly
+//     or by using a higher-level helper like the `use` method. Failing to do so risks
+//     leaking the underlying Rust struct.
+//
+//   * We can't assume that calling code will do the right thing, and must be prepared
+//     to handle Kotlin method calls executing concurrently with or even after a call to
+//     `destroy`, and to handle multiple (possibly concurrent!) calls to `destroy`.
+//
+//   * We must never allow Rust code to operate on the underlying Rust struct after
+//     the destructor has been called, and must never call the destructor more than once.
+//     Doing so may trigger memory unsafety.
+//
+//   * To mitigate many of the risks of leaking memory and use-after-free unsafety, a `Cleaner`
+//     is implemented to call the destructor when the Kotlin object becomes unreachable.
+//     This is done in a background thread. This is not a panacea, and client code should be aware that
+//      1. the thread may starve if some there are objects that have poorly performing
+//     `drop` methods or do significant work in their `drop` methods.
+//      2. the thread is shared across the whole library. This can be tuned by using `android_cleaner = true`,
+//         or `android = true` in the [`kotlin` section of the `uniffi.toml` file](https://mozilla.github.io/uniffi-rs/kotlin/configuration.html).
+//
+// If we try to implement this with mutual exclusion on access to the handle, there is the
+// possibility of a race between a method call and a concurrent call to `destroy`:
+//
+//    * Thread A starts a method call, reads the value of the handle, but is interrupted
+//      before it can pass the handle over the FFI to Rust.
+//    * Thread B calls `destroy` and frees the underlying Rust struct.
+//    * Thread A resumes, passing the already-read handle value to Rust and triggering
+//      a use-after-free.
+//
+// One possible solution would be to use a `ReadWriteLock`, with each method call taking
+// a read lock (and thus allowed to run concurrently) and the special `destroy` method
+// taking a write lock (and thus blocking on live method calls). However, we aim not to
+// generate methods with any hidden blocking semantics, and a `destroy` method that might
+// block if called incorrectly seems to meet that bar.
+//
+// So, we achieve our goals by giving each instance an associated `AtomicLong` counter to track
+// the number of in-flight method calls, and an `AtomicBoolean` flag to indicate whether `destroy`
+// has been called. These are updated according to the following rules:
+//
+//    * The initial value of the counter is 1, indicating a live object with no in-flight calls.
+//      The initial value for the flag is false.
+//
+//    * At the start of each method call, we atomically check the counter.
+//      If it is 0 then the underlying Rust struct has already been destroyed and the call is aborted.
+//      If it is nonzero them we atomically increment it by 1 and proceed with the method call.
+//
+//    * At the end of each method call, we atomically decrement and check the counter.
+//      If it has reached zero then we destroy the underlying Rust struct.
+//
+//    * When `destroy` is called, we atomically flip the flag from false to true.
+//      If the flag was already true we silently fail.
+//      Otherwise we atomically decrement and check the counter.
+//      If it has reached zero then we destroy the underlying Rust struct.
+//
+// Astute readers may observe that this all sounds very similar to the way that Rust's `Arc<T>` works,
+// and indeed it is, with the addition of a flag to guard against multiple calls to `destroy`.
+//
+// The overall effect is that the underlying Rust struct is destroyed only when `destroy` has been
+// called *and* all in-flight method calls have completed, avoiding violating any of the expectations
+// of the underlying Rust code.
+//
+// This makes a cleaner a better alternative to _not_ calling `destroy()` as
+// and when the object is finished with, but the abstraction is not perfect: if the Rust object's `drop`
+// method is slow, and/or there are many objects to cleanup, and it's on a low end Android device, then the cleaner
+// thread may be starved, and the app will leak memory.
+//
+// In this case, `destroy`ing manually may be a better solution.
+//
+// The cleaner can live side by side with the manual calling of `destroy`. In the order of responsiveness, uniffi objects
+// with Rust peers are reclaimed:
+//
+// 1. By calling the `destroy` method of the object, which calls `rustObject.free()`. If that doesn't happen:
+// 2. When the object becomes unreachable, AND the Cleaner thread gets to call `rustObject.free()`. If the thread is starved then:
+// 3. The memory is reclaimed when the process terminates.
+//
+// [1] https://stackoverflow.com/questions/24376768/can-java-finalize-an-object-when-it-is-still-in-scope/24380219
+//
+
+
+/**
  * A loaded model: the memory-mapped `.plm` file and a worker thread pool. Thread-safe;
  * create sessions from it with [`Engine::new_session`].
  */
@@ -1453,11 +1944,22 @@ public interface EngineInterface {
     fun `info`(): ModelInfo
     
     /**
+     * A new conversation, starting with `system` as its system message when given.
+     */
+    fun `newConversation`(`system`: kotlin.String?): Conversation
+    
+    /**
      * A new conversation with an empty KV cache. Sessions share this engine's weights and
      * thread pool. Fails with `InvalidConfig` when the KV cache for the engine's context
      * length does not fit the memory limit.
      */
     fun `newSession`(): Session
+    
+    /**
+     * A conversation saved with [`Conversation::save`] (by this same model file and KV
+     * cache type): its messages and KV cache, so the next turn computes only itself.
+     */
+    fun `restoreConversation`(`path`: kotlin.String): Conversation
     
     companion object
 }
@@ -1600,6 +2102,24 @@ open class Engine: Disposable, AutoCloseable, EngineInterface
 
     
     /**
+     * A new conversation, starting with `system` as its system message when given.
+     */
+    @Throws(PocketLmException::class)override fun `newConversation`(`system`: kotlin.String?): Conversation {
+            return FfiConverterTypeConversation.lift(
+    callWithHandle {
+    uniffiRustCallWithError(PocketLmException) { _status ->
+    UniffiLib.uniffi_pocketlm_fn_method_engine_new_conversation(
+        it,
+        
+        FfiConverterOptionalString.lower(`system`),_status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
      * A new conversation with an empty KV cache. Sessions share this engine's weights and
      * thread pool. Fails with `InvalidConfig` when the KV cache for the engine's context
      * length does not fit the memory limit.
@@ -1611,6 +2131,25 @@ open class Engine: Disposable, AutoCloseable, EngineInterface
     UniffiLib.uniffi_pocketlm_fn_method_engine_new_session(
         it,
         _status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * A conversation saved with [`Conversation::save`] (by this same model file and KV
+     * cache type): its messages and KV cache, so the next turn computes only itself.
+     */
+    @Throws(PocketLmException::class)override fun `restoreConversation`(`path`: kotlin.String): Conversation {
+            return FfiConverterTypeConversation.lift(
+    callWithHandle {
+    uniffiRustCallWithError(PocketLmException) { _status ->
+    UniffiLib.uniffi_pocketlm_fn_method_engine_restore_conversation(
+        it,
+        
+        FfiConverterString.lower(`path`),_status)
 }
     }
     )
@@ -1769,7 +2308,8 @@ public object FfiConverterTypeEngine: FfiConverter<Engine, Long> {
 
 /**
  * One conversation: a KV cache over an [`Engine`]'s weights. Each `generate` continues from
- * what the session already holds (call `reset` to start over); `chat` starts over each call.
+ * what the session already holds (call `reset` to start over); `chat` reuses the cached
+ * prefix of the conversation it is given.
  * Safe to use from any thread; concurrent calls on one session wait for each other.
  */
 public interface SessionInterface {
@@ -1782,7 +2322,10 @@ public interface SessionInterface {
     
     /**
      * Renders `messages` with the model's chat template and generates the assistant's
-     * reply. Starts the session over from the whole conversation each call.
+     * reply. What the rendered conversation shares with the session's cache (usually every
+     * earlier turn) is reused, so a turn computes only its new tokens
+     * (`GenerationStats::reused_tokens`). A conversation too long for the context loses its
+     * oldest turns unless the context policy says otherwise (`GenerationStats::dropped`).
      */
     fun `chat`(`messages`: List<ChatMessage>, `config`: GenerationConfig, `callback`: TokenCallback?): GenerationResult
     
@@ -1819,6 +2362,25 @@ public interface SessionInterface {
     fun `reset`()
     
     /**
+     * Replaces this session's state with one saved by [`Session::save`] with the same model
+     * file and KV cache type; returns the saved messages. A file from another model, a
+     * truncated or corrupt one is refused with `InvalidSession` and changes nothing.
+     */
+    fun `restore`(`path`: kotlin.String): List<ChatMessage>
+    
+    /**
+     * Saves the KV cache, the tokens and `messages` (the conversation they render; may be
+     * empty) to `path`. Returns the file size in bytes.
+     */
+    fun `save`(`path`: kotlin.String, `messages`: List<ChatMessage>): kotlin.ULong
+    
+    /**
+     * What this session does when a prompt does not fit; None = drop the oldest turns for
+     * chat, fail for raw text.
+     */
+    fun `setContextPolicy`(`policy`: ContextPolicy?)
+    
+    /**
      * Statistics of the last successful generation, if any.
      */
     fun `stats`(): GenerationStats?
@@ -1828,7 +2390,8 @@ public interface SessionInterface {
 
 /**
  * One conversation: a KV cache over an [`Engine`]'s weights. Each `generate` continues from
- * what the session already holds (call `reset` to start over); `chat` starts over each call.
+ * what the session already holds (call `reset` to start over); `chat` reuses the cached
+ * prefix of the conversation it is given.
  * Safe to use from any thread; concurrent calls on one session wait for each other.
  */
 open class Session: Disposable, AutoCloseable, SessionInterface
@@ -1951,7 +2514,10 @@ open class Session: Disposable, AutoCloseable, SessionInterface
     
     /**
      * Renders `messages` with the model's chat template and generates the assistant's
-     * reply. Starts the session over from the whole conversation each call.
+     * reply. What the rendered conversation shares with the session's cache (usually every
+     * earlier turn) is reused, so a turn computes only its new tokens
+     * (`GenerationStats::reused_tokens`). A conversation too long for the context loses its
+     * oldest turns unless the context policy says otherwise (`GenerationStats::dropped`).
      */
     @Throws(PocketLmException::class)override fun `chat`(`messages`: List<ChatMessage>, `config`: GenerationConfig, `callback`: TokenCallback?): GenerationResult {
             return FfiConverterTypeGenerationResult.lift(
@@ -2072,6 +2638,64 @@ open class Session: Disposable, AutoCloseable, SessionInterface
     UniffiLib.uniffi_pocketlm_fn_method_session_reset(
         it,
         _status)
+}
+    }
+    
+    
+
+    
+    /**
+     * Replaces this session's state with one saved by [`Session::save`] with the same model
+     * file and KV cache type; returns the saved messages. A file from another model, a
+     * truncated or corrupt one is refused with `InvalidSession` and changes nothing.
+     */
+    @Throws(PocketLmException::class)override fun `restore`(`path`: kotlin.String): List<ChatMessage> {
+            return FfiConverterSequenceTypeChatMessage.lift(
+    callWithHandle {
+    uniffiRustCallWithError(PocketLmException) { _status ->
+    UniffiLib.uniffi_pocketlm_fn_method_session_restore(
+        it,
+        
+        FfiConverterString.lower(`path`),_status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * Saves the KV cache, the tokens and `messages` (the conversation they render; may be
+     * empty) to `path`. Returns the file size in bytes.
+     */
+    @Throws(PocketLmException::class)override fun `save`(`path`: kotlin.String, `messages`: List<ChatMessage>): kotlin.ULong {
+            return FfiConverterULong.lift(
+    callWithHandle {
+    uniffiRustCallWithError(PocketLmException) { _status ->
+    UniffiLib.uniffi_pocketlm_fn_method_session_save(
+        it,
+        
+        FfiConverterString.lower(`path`),
+        FfiConverterSequenceTypeChatMessage.lower(`messages`),_status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * What this session does when a prompt does not fit; None = drop the oldest turns for
+     * chat, fail for raw text.
+     */
+    @Throws(PocketLmException::class)override fun `setContextPolicy`(`policy`: ContextPolicy?)
+        = 
+    callWithHandle {
+    uniffiRustCallWithError(PocketLmException) { _status ->
+    UniffiLib.uniffi_pocketlm_fn_method_session_set_context_policy(
+        it,
+        
+        FfiConverterOptionalTypeContextPolicy.lower(`policy`),_status)
 }
     }
     
@@ -2549,6 +3173,12 @@ data class EngineOptions (
      * point whose weights fit, and fails with `InvalidConfig` if none does. 0 = no limit.
      */
     var `maxWeightBytes`: kotlin.ULong = 0uL 
+    , 
+    /**
+     * What sessions do when a prompt does not fit their context; None = drop the oldest
+     * turns for chat, fail for raw text.
+     */
+    var `contextPolicy`: ContextPolicy? = null 
     
 ){
     
@@ -2572,6 +3202,7 @@ public object FfiConverterTypeEngineOptions: FfiConverterRustBuffer<EngineOption
             FfiConverterOptionalString.read(buf),
             FfiConverterOptionalString.read(buf),
             FfiConverterULong.read(buf),
+            FfiConverterOptionalTypeContextPolicy.read(buf),
         )
     }
 
@@ -2582,7 +3213,8 @@ public object FfiConverterTypeEngineOptions: FfiConverterRustBuffer<EngineOption
             FfiConverterUByte.allocationSize(value.`lowRankPercent`) +
             FfiConverterOptionalString.allocationSize(value.`kvCache`) +
             FfiConverterOptionalString.allocationSize(value.`profile`) +
-            FfiConverterULong.allocationSize(value.`maxWeightBytes`)
+            FfiConverterULong.allocationSize(value.`maxWeightBytes`) +
+            FfiConverterOptionalTypeContextPolicy.allocationSize(value.`contextPolicy`)
     )
 
     override fun write(value: EngineOptions, buf: ByteBuffer) {
@@ -2593,6 +3225,7 @@ public object FfiConverterTypeEngineOptions: FfiConverterRustBuffer<EngineOption
             FfiConverterOptionalString.write(value.`kvCache`, buf)
             FfiConverterOptionalString.write(value.`profile`, buf)
             FfiConverterULong.write(value.`maxWeightBytes`, buf)
+            FfiConverterOptionalTypeContextPolicy.write(value.`contextPolicy`, buf)
     }
 }
 
@@ -2754,7 +3387,21 @@ public object FfiConverterTypeGenerationResult: FfiConverterRustBuffer<Generatio
  * Timing of one generation.
  */
 data class GenerationStats (
+    /**
+     * Prompt tokens as the model saw them, reused ones included.
+     */
     var `promptTokens`: kotlin.UInt
+    , 
+    /**
+     * Prompt tokens already in the session's cache (the previous turns), not computed again.
+     */
+    var `reusedTokens`: kotlin.UInt
+    , 
+    /**
+     * Messages the context policy left out of a chat prompt (oldest turns first), or prompt
+     * tokens cut from the start of raw text.
+     */
+    var `dropped`: kotlin.UInt
     , 
     var `generatedTokens`: kotlin.UInt
     , 
@@ -2784,6 +3431,8 @@ public object FfiConverterTypeGenerationStats: FfiConverterRustBuffer<Generation
         return GenerationStats(
             FfiConverterUInt.read(buf),
             FfiConverterUInt.read(buf),
+            FfiConverterUInt.read(buf),
+            FfiConverterUInt.read(buf),
             FfiConverterDouble.read(buf),
             FfiConverterDouble.read(buf),
             FfiConverterDouble.read(buf),
@@ -2792,6 +3441,8 @@ public object FfiConverterTypeGenerationStats: FfiConverterRustBuffer<Generation
 
     override fun allocationSize(value: GenerationStats) = (
             FfiConverterUInt.allocationSize(value.`promptTokens`) +
+            FfiConverterUInt.allocationSize(value.`reusedTokens`) +
+            FfiConverterUInt.allocationSize(value.`dropped`) +
             FfiConverterUInt.allocationSize(value.`generatedTokens`) +
             FfiConverterDouble.allocationSize(value.`prefillTokensPerSecond`) +
             FfiConverterDouble.allocationSize(value.`decodeTokensPerSecond`) +
@@ -2800,6 +3451,8 @@ public object FfiConverterTypeGenerationStats: FfiConverterRustBuffer<Generation
 
     override fun write(value: GenerationStats, buf: ByteBuffer) {
             FfiConverterUInt.write(value.`promptTokens`, buf)
+            FfiConverterUInt.write(value.`reusedTokens`, buf)
+            FfiConverterUInt.write(value.`dropped`, buf)
             FfiConverterUInt.write(value.`generatedTokens`, buf)
             FfiConverterDouble.write(value.`prefillTokensPerSecond`, buf)
             FfiConverterDouble.write(value.`decodeTokensPerSecond`, buf)
@@ -2943,6 +3596,53 @@ public object FfiConverterTypeModelInfo: FfiConverterRustBuffer<ModelInfo> {
 
 
 
+/**
+ * What a session does when a prompt does not fit its context.
+ */
+
+enum class ContextPolicy {
+    
+    /**
+     * Fail with `ContextFull` (the default for raw text).
+     */
+    ERROR,
+    /**
+     * Chat: keep the system messages and the latest turns that fit (the default for chat).
+     */
+    DROP_OLDEST_TURNS,
+    /**
+     * Raw text: keep the start token and the end of the text that fits.
+     */
+    TRUNCATE_START;
+
+    
+
+
+    companion object
+}
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeContextPolicy: FfiConverterRustBuffer<ContextPolicy> {
+    override fun read(buf: ByteBuffer) = try {
+        ContextPolicy.values()[buf.getInt() - 1]
+    } catch (e: IndexOutOfBoundsException) {
+        throw RuntimeException("invalid enum value, something is very wrong!!", e)
+    }
+
+    override fun allocationSize(value: ContextPolicy) = 4UL
+
+    override fun write(value: ContextPolicy, buf: ByteBuffer) {
+        buf.putInt(value.ordinal + 1)
+    }
+}
+
+
+
+
+
 
 
 /**
@@ -3015,6 +3715,18 @@ sealed class PocketLmException: kotlin.Exception() {
     }
     
     /**
+     * A saved session that cannot be restored: another model's, another KV cache type's,
+     * truncated, corrupt, or too long for the context.
+     */
+    class InvalidSession(
+        
+        val `reason`: kotlin.String
+        ) : PocketLmException() {
+        override val message
+            get() = "reason=${ `reason` }"
+    }
+    
+    /**
      * The [`TokenCallback`] threw an exception (or panicked); generation stopped.
      */
     class CallbackFailed(
@@ -3074,10 +3786,13 @@ public object FfiConverterTypePocketLmError : FfiConverterRustBuffer<PocketLmExc
             6 -> PocketLmException.ContextFull(
                 FfiConverterString.read(buf),
                 )
-            7 -> PocketLmException.CallbackFailed(
+            7 -> PocketLmException.InvalidSession(
                 FfiConverterString.read(buf),
                 )
-            8 -> PocketLmException.Internal(
+            8 -> PocketLmException.CallbackFailed(
+                FfiConverterString.read(buf),
+                )
+            9 -> PocketLmException.Internal(
                 FfiConverterString.read(buf),
                 )
             else -> throw RuntimeException("invalid error enum value, something is very wrong!!")
@@ -3112,6 +3827,11 @@ public object FfiConverterTypePocketLmError : FfiConverterRustBuffer<PocketLmExc
                 + FfiConverterString.allocationSize(value.`reason`)
             )
             is PocketLmException.ContextFull -> (
+                // Add the size for the Int that specifies the variant plus the size needed for all fields
+                4UL
+                + FfiConverterString.allocationSize(value.`reason`)
+            )
+            is PocketLmException.InvalidSession -> (
                 // Add the size for the Int that specifies the variant plus the size needed for all fields
                 4UL
                 + FfiConverterString.allocationSize(value.`reason`)
@@ -3161,13 +3881,18 @@ public object FfiConverterTypePocketLmError : FfiConverterRustBuffer<PocketLmExc
                 FfiConverterString.write(value.`reason`, buf)
                 Unit
             }
-            is PocketLmException.CallbackFailed -> {
+            is PocketLmException.InvalidSession -> {
                 buf.putInt(7)
                 FfiConverterString.write(value.`reason`, buf)
                 Unit
             }
-            is PocketLmException.Internal -> {
+            is PocketLmException.CallbackFailed -> {
                 buf.putInt(8)
+                FfiConverterString.write(value.`reason`, buf)
+                Unit
+            }
+            is PocketLmException.Internal -> {
+                buf.putInt(9)
                 FfiConverterString.write(value.`reason`, buf)
                 Unit
             }
@@ -3320,6 +4045,38 @@ public object FfiConverterOptionalTypeGenerationStats: FfiConverterRustBuffer<Ge
         } else {
             buf.put(1)
             FfiConverterTypeGenerationStats.write(value, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterOptionalTypeContextPolicy: FfiConverterRustBuffer<ContextPolicy?> {
+    override fun read(buf: ByteBuffer): ContextPolicy? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterTypeContextPolicy.read(buf)
+    }
+
+    override fun allocationSize(value: ContextPolicy?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterTypeContextPolicy.allocationSize(value)
+        }
+    }
+
+    override fun write(value: ContextPolicy?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterTypeContextPolicy.write(value, buf)
         }
     }
 }
