@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 SECONDS_EACH=${1:-60}
 shift || true
-ALL_TARGETS=(plm_reader gguf_reader hf_import tokenizer chat_template)
+ALL_TARGETS=(plm_reader gguf_reader hf_import tokenizer chat_template session_file)
 TARGETS=("${@:-${ALL_TARGETS[@]}}")
 [ ${#TARGETS[@]} -eq 0 ] && TARGETS=("${ALL_TARGETS[@]}")
 RSS_MB=${FUZZ_RSS_MB:-2048}

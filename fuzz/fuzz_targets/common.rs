@@ -31,3 +31,23 @@ pub fn split_at_byte(data: &[u8], sep: u8) -> (&[u8], &[u8]) {
 /// The stories260K tokenizer (SentencePiece-style BPE with byte fallback).
 pub const STORIES_TOKENIZER_JSON: &str =
     include_str!("../../tests/fixtures/stories260k/hf/tokenizer.json");
+
+/// Recomputes the metadata, table and header CRCs of a .plm image in place (where the header's
+/// ranges are in bounds), so mutations reach the table, metadata and model validation instead
+/// of stopping at a checksum mismatch.
+pub fn reseal(b: &mut [u8]) {
+    if b.len() < 128 {
+        return;
+    }
+    let u64_at = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+    for (off, len, crc) in [(40, 48, 56), (64, 72, 80)] {
+        let (start, n) = (u64_at(b, off), u64_at(b, len));
+        if let Some(end) = start.checked_add(n).filter(|&e| e <= b.len() as u64) {
+            let sum = crc32fast::hash(&b[start as usize..end as usize]);
+            b[crc..crc + 4].copy_from_slice(&sum.to_le_bytes());
+        }
+    }
+    let sum = crc32fast::hash(&b[..124]);
+    b[124..128].copy_from_slice(&sum.to_le_bytes());
+}
+

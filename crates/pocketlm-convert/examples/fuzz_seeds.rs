@@ -259,6 +259,8 @@ fn main() {
     write_plm(&plm.join("tiny-bf16.plm"), Encoding::BF16);
     write_plm(&plm.join("tiny-f16.plm"), Encoding::F16);
 
+    write_sessions(&dir("session_file"));
+
     let gguf = dir("gguf_reader");
     let image = tiny_gguf();
     pocketlm_convert::import::gguf::import_file(
@@ -311,4 +313,45 @@ fn main() {
         std::fs::write(chat.join(name), input).unwrap();
     }
     println!("seeds written under {}", root.display());
+}
+
+/// Saved sessions of stories260K (as the `session_file` target converts it): empty, and a
+/// few tokens with an f32 and with an int8 cache.
+fn write_sessions(dir: &Path) {
+    use pocketlm_runtime::model::{KvType, ModelOptions};
+    use pocketlm_runtime::{GenerateOptions, Model, Session};
+    use std::sync::Arc;
+
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/stories260k/hf");
+    let scratch = tempfile::tempdir().unwrap();
+    let plm = scratch.path().join("stories.plm");
+    pocketlm_convert::convert_path(
+        &src,
+        &plm,
+        &pocketlm_convert::ConvertOptions::with_weights(Encoding::F32),
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    for kv_cache in [KvType::F32, KvType::Q8] {
+        let options = ModelOptions {
+            kv_cache,
+            ..ModelOptions::default()
+        };
+        let model = Arc::new(Model::open_with(&plm, options).unwrap());
+        let mut session = Session::new(model, 64).unwrap();
+        let name = kv_cache.name();
+        session
+            .save(&dir.join(format!("empty-{name}.session")), &[])
+            .unwrap();
+        let greedy = GenerateOptions {
+            max_tokens: 3,
+            sampler: pocketlm_runtime::sampler::SamplerConfig::greedy(),
+            ..GenerateOptions::default()
+        };
+        session.complete("Once upon", &greedy, |_| true).unwrap();
+        let messages = [pocketlm_runtime::tokenizer::ChatMessage::new("user", "Hi")];
+        session
+            .save(&dir.join(format!("short-{name}.session")), &messages)
+            .unwrap();
+    }
 }

@@ -314,3 +314,34 @@ fn saved_sessions_refuse_what_is_not_theirs() {
 fn model_q8() -> Arc<Model> {
     model(KvType::Q8)
 }
+
+#[test]
+fn a_reconverted_model_keeps_its_identity_and_its_sessions() {
+    use pocketlm_runtime::session::model_identity;
+    let dir = tempfile::tempdir().unwrap();
+    let again = dir.path().join("again.plm");
+    // Another time and another source path: only the provenance differs.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let src = dir.path().join("hf");
+    std::fs::create_dir(&src).unwrap();
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(fixture("stories260k/hf").join(f), src.join(f)).unwrap();
+    }
+    convert_path(
+        &src,
+        &again,
+        &ConvertOptions::with_weights(Encoding::F32),
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    let original = model(KvType::F32);
+    let reconverted = Arc::new(Model::open(&again).unwrap());
+    assert_eq!(model_identity(&original), model_identity(&reconverted));
+    let f16 = Model::open(model_file(Encoding::F16)).unwrap();
+    assert_ne!(model_identity(&original), model_identity(&f16));
+}

@@ -81,11 +81,28 @@ struct SessionHeader {
 
 /// A stable 64-bit FNV-1a hash of the model's metadata and tensor table (names, shapes,
 /// encodings, offsets, lengths and data CRCs), as 16 hex digits. Two files share it only if
-/// they hold the same tensors with the same configuration and tokenizer.
+/// they hold the same tensors with the same configuration, tokenizer and recipe. The
+/// metadata's `provenance` (conversion time, source path) is left out: converting the same
+/// checkpoint with the same recipe again gives the same model, and its sessions stay valid.
 pub fn model_identity(model: &Model) -> String {
     let file = model.file();
     let mut hash = Fnv64::new();
-    hash.update(file.metadata().to_string().as_bytes());
+    match file.metadata().as_object() {
+        Some(fields) => {
+            let mut fields: Vec<_> = fields
+                .iter()
+                .filter(|(key, _)| *key != "provenance")
+                .collect();
+            fields.sort_by_key(|(key, _)| *key);
+            for (key, value) in fields {
+                hash.update(key.as_bytes());
+                hash.update(&[0]);
+                hash.update(value.to_string().as_bytes());
+                hash.update(&[0]);
+            }
+        }
+        None => hash.update(file.metadata().to_string().as_bytes()),
+    }
     for t in file.tensors() {
         hash.update(t.name.as_bytes());
         hash.update(&[0]);
