@@ -528,11 +528,11 @@ def _uniffi_check_api_checksums(lib):
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_pocketlm_checksum_method_conversation_cancel() != 35377:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_pocketlm_checksum_method_conversation_context_length() != 43805:
+    if lib.uniffi_pocketlm_checksum_method_conversation_context_length() != 47628:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_pocketlm_checksum_method_conversation_context_used() != 12835:
+    if lib.uniffi_pocketlm_checksum_method_conversation_context_used() != 7818:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_pocketlm_checksum_method_conversation_messages() != 22819:
+    if lib.uniffi_pocketlm_checksum_method_conversation_messages() != 16374:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_pocketlm_checksum_method_conversation_reset() != 19840:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
@@ -2149,10 +2149,13 @@ class ConversationProtocol(typing.Protocol):
 """
         raise NotImplementedError
     def context_length(self, ) -> int:
+        """
+        KV-cache positions of the conversation's session.
+"""
         raise NotImplementedError
     def context_used(self, ) -> int:
         """
-        Tokens the conversation holds in the context, and the context's size.
+        Tokens the conversation holds in the context.
 """
         raise NotImplementedError
     def messages(self, ) -> typing.List[ChatMessage]:
@@ -2224,6 +2227,9 @@ class Conversation(ConversationProtocol):
         )
         return _uniffi_lift_return(_uniffi_ffi_result)
     def context_length(self, ) -> int:
+        """
+        KV-cache positions of the conversation's session.
+"""
         _uniffi_lowered_args = (
             self._uniffi_clone_handle(),
         )
@@ -2237,7 +2243,7 @@ class Conversation(ConversationProtocol):
         return _uniffi_lift_return(_uniffi_ffi_result)
     def context_used(self, ) -> int:
         """
-        Tokens the conversation holds in the context, and the context's size.
+        Tokens the conversation holds in the context.
 """
         _uniffi_lowered_args = (
             self._uniffi_clone_handle(),
@@ -2258,7 +2264,7 @@ class Conversation(ConversationProtocol):
             self._uniffi_clone_handle(),
         )
         _uniffi_lift_return = _UniffiFfiConverterSequenceTypeChatMessage.lift
-        _uniffi_error_converter = None
+        _uniffi_error_converter = _UniffiFfiConverterTypePocketLmError
         _uniffi_ffi_result = _uniffi_rust_call_with_error(
             _uniffi_error_converter,
             _UniffiLib.uniffi_pocketlm_fn_method_conversation_messages,

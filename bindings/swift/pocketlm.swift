@@ -634,17 +634,20 @@ public protocol ConversationProtocol: AnyObject, Sendable {
      */
     func cancel() 
     
+    /**
+     * KV-cache positions of the conversation's session.
+     */
     func contextLength()  -> UInt32
     
     /**
-     * Tokens the conversation holds in the context, and the context's size.
+     * Tokens the conversation holds in the context.
      */
     func contextUsed() throws  -> UInt32
     
     /**
      * The transcript: system message, user messages and replies, oldest first.
      */
-    func messages()  -> [ChatMessage]
+    func messages() throws  -> [ChatMessage]
     
     /**
      * Forgets everything but the system message.
@@ -734,6 +737,9 @@ open func cancel()  {try! rustCall() {
 }
 }
     
+    /**
+     * KV-cache positions of the conversation's session.
+     */
 open func contextLength() -> UInt32  {
     return try!  FfiConverterUInt32.lift(try! rustCall() {
         uniffiCallStatus in
@@ -744,7 +750,7 @@ open func contextLength() -> UInt32  {
 }
     
     /**
-     * Tokens the conversation holds in the context, and the context's size.
+     * Tokens the conversation holds in the context.
      */
 open func contextUsed()throws  -> UInt32  {
     return try  FfiConverterUInt32.lift(try rustCallWithError(FfiConverterTypePocketLmError_lift) {
@@ -758,8 +764,8 @@ open func contextUsed()throws  -> UInt32  {
     /**
      * The transcript: system message, user messages and replies, oldest first.
      */
-open func messages() -> [ChatMessage]  {
-    return try!  FfiConverterSequenceTypeChatMessage.lift(try! rustCall() {
+open func messages()throws  -> [ChatMessage]  {
+    return try  FfiConverterSequenceTypeChatMessage.lift(try rustCallWithError(FfiConverterTypePocketLmError_lift) {
         uniffiCallStatus in
     uniffi_pocketlm_fn_method_conversation_messages(
             self.uniffiCloneHandle(),uniffiCallStatus
@@ -2904,13 +2910,13 @@ private let initializationResult: InitializationResult = {
     if (uniffi_pocketlm_checksum_method_conversation_cancel() != 35377) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_pocketlm_checksum_method_conversation_context_length() != 43805) {
+    if (uniffi_pocketlm_checksum_method_conversation_context_length() != 47628) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_pocketlm_checksum_method_conversation_context_used() != 12835) {
+    if (uniffi_pocketlm_checksum_method_conversation_context_used() != 7818) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_pocketlm_checksum_method_conversation_messages() != 22819) {
+    if (uniffi_pocketlm_checksum_method_conversation_messages() != 16374) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_pocketlm_checksum_method_conversation_reset() != 19840) {

@@ -1,36 +1,38 @@
 //! [`Conversation`]: a session that keeps its own transcript, so an app sends one user
 //! message at a time and can save and restore the whole chat.
 
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::Arc;
 
 use crate::generation::{ChatMessage, GenerationConfig, GenerationResult, TokenCallback};
-use crate::session::{Input, Session, lock};
+use crate::session::{Input, Session};
 use crate::{PocketLmError, guard};
 
 /// A chat with its transcript: `send` adds the user's message, generates the reply (reusing
 /// every earlier turn from the cache) and adds the reply. When the context fills up, the
 /// oldest turns leave the prompt and the transcript alike (unless the engine's context
 /// policy is `Error`). Thread-safe; calls wait for each other.
-#[derive(uniffi::Object)]
+#[derive(Debug, uniffi::Object)]
 pub struct Conversation {
     session: Session,
-    messages: Mutex<Vec<ChatMessage>>,
-}
-
-impl std::fmt::Debug for Conversation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Conversation")
-            .field("messages", &lock(&self.messages).len())
-            .finish_non_exhaustive()
-    }
 }
 
 impl Conversation {
-    pub(crate) fn new(session: Session, messages: Vec<ChatMessage>) -> Conversation {
-        Conversation {
-            session,
-            messages: Mutex::new(messages),
+    /// A conversation over a fresh `session`, starting with `system` when given.
+    pub(crate) fn new(
+        session: Session,
+        system: Option<&str>,
+    ) -> Result<Conversation, PocketLmError> {
+        if let Some(system) = system {
+            session.lock_session()?.set_system(system);
         }
+        Ok(Conversation { session })
+    }
+
+    /// A conversation over a fresh `session`, restored from `path`.
+    pub(crate) fn restored(session: Session, path: &str) -> Result<Conversation, PocketLmError> {
+        session.lock_session()?.restore(Path::new(path))?;
+        Ok(Conversation { session })
     }
 }
 
@@ -44,37 +46,21 @@ impl Conversation {
         config: GenerationConfig,
         callback: Option<Arc<dyn TokenCallback>>,
     ) -> Result<GenerationResult, PocketLmError> {
-        guard(|| {
-            let mut messages = lock(&self.messages).clone();
-            messages.push(ChatMessage {
-                role: "user".into(),
-                content: text,
-            });
-            let input = Input::Chat(messages.iter().cloned().map(Into::into).collect());
-            let result = self.session.run(input, &config, callback)?;
-            let dropped = result.stats.dropped as usize;
-            if dropped > 0 {
-                let system = messages.iter().take_while(|m| m.role == "system").count();
-                messages.drain(system..(system + dropped).min(messages.len()));
-            }
-            messages.push(ChatMessage {
-                role: "assistant".into(),
-                content: result.text.trim().to_string(),
-            });
-            *lock(&self.messages) = messages;
-            Ok(result)
-        })
+        self.session.run(Input::Send(text), &config, callback)
     }
 
     /// The transcript: system message, user messages and replies, oldest first.
-    pub fn messages(&self) -> Vec<ChatMessage> {
-        lock(&self.messages).clone()
+    pub fn messages(&self) -> Result<Vec<ChatMessage>, PocketLmError> {
+        guard(|| {
+            let inner = self.session.lock_session()?;
+            Ok(inner.messages().iter().cloned().map(Into::into).collect())
+        })
     }
 
     /// Saves the transcript and the KV cache to `path` (restore with
     /// `Engine::restore_conversation`). Returns the file size in bytes.
     pub fn save(&self, path: String) -> Result<u64, PocketLmError> {
-        self.session.save(path, self.messages())
+        guard(|| Ok(self.session.lock_session()?.save(Path::new(&path))?))
     }
 
     /// Asks a running `send` to stop (its reply ends with `Cancelled`).
@@ -84,15 +70,18 @@ impl Conversation {
 
     /// Forgets everything but the system message.
     pub fn reset(&self) -> Result<(), PocketLmError> {
-        lock(&self.messages).retain(|m| m.role == "system");
-        self.session.reset()
+        guard(|| {
+            self.session.lock_session()?.reset();
+            Ok(())
+        })
     }
 
-    /// Tokens the conversation holds in the context, and the context's size.
+    /// Tokens the conversation holds in the context.
     pub fn context_used(&self) -> Result<u32, PocketLmError> {
         self.session.context_used()
     }
 
+    /// KV-cache positions of the conversation's session.
     pub fn context_length(&self) -> u32 {
         self.session.context_length()
     }

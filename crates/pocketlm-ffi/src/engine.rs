@@ -7,7 +7,7 @@ use pocketlm_kernels::{self as kernels, KernelPath};
 use pocketlm_runtime::model::{KvType, Model, ModelOptions, Profile};
 
 use crate::conversation::Conversation;
-use crate::generation::{ChatMessage, ContextPolicy};
+use crate::generation::ContextPolicy;
 use crate::session::Session;
 use crate::{DEFAULT_CONTEXT_LENGTH, PocketLmError, guard};
 
@@ -228,14 +228,8 @@ impl Engine {
         system: Option<String>,
     ) -> Result<Arc<Conversation>, PocketLmError> {
         guard(|| {
-            let messages = system
-                .map(|content| ChatMessage {
-                    role: "system".into(),
-                    content,
-                })
-                .into_iter()
-                .collect();
-            Ok(Arc::new(Conversation::new(Session::new(self)?, messages)))
+            let session = Session::new(self)?;
+            Ok(Arc::new(Conversation::new(session, system.as_deref())?))
         })
     }
 
@@ -246,9 +240,10 @@ impl Engine {
         path: String,
     ) -> Result<Arc<Conversation>, PocketLmError> {
         guard(|| {
-            let session = Session::new(self)?;
-            let messages = session.restore(path)?;
-            Ok(Arc::new(Conversation::new(session, messages)))
+            Ok(Arc::new(Conversation::restored(
+                Session::new(self)?,
+                &path,
+            )?))
         })
     }
 

@@ -18,7 +18,9 @@ use crate::{PocketLmError, guard, panic_message};
 #[derive(uniffi::Object)]
 pub struct Session {
     engine: Arc<Engine>,
-    inner: Mutex<pocketlm_runtime::Session>,
+    /// The runtime session inside a conversation: [`Session`]'s calls use the session, a
+    /// [`crate::Conversation`]'s `send` the transcript too.
+    inner: Mutex<pocketlm_runtime::Conversation>,
     cancel: AtomicBool,
     /// The worker thread running this session's generation, to refuse (instead of
     /// deadlocking on) calls made from inside its own callback.
@@ -63,6 +65,8 @@ impl Drop for BusyMark<'_> {
 pub(crate) enum Input {
     Text(String),
     Chat(Vec<pocketlm_runtime::tokenizer::ChatMessage>),
+    /// A user message for the transcript (a [`crate::Conversation`] turn).
+    Send(String),
 }
 
 impl Session {
@@ -72,7 +76,7 @@ impl Session {
             pocketlm_runtime::Session::new(Arc::clone(&engine.model), engine.context_length)?;
         inner.set_context_policy(engine.context_policy.map(Into::into));
         Ok(Session {
-            inner: Mutex::new(inner),
+            inner: Mutex::new(pocketlm_runtime::Conversation::new(inner, Vec::new())),
             engine,
             cancel: AtomicBool::new(false),
             busy_thread: Mutex::new(None),
@@ -89,12 +93,15 @@ impl Session {
         Ok(())
     }
 
-    fn lock_session(&self) -> Result<MutexGuard<'_, pocketlm_runtime::Session>, PocketLmError> {
+    pub(crate) fn lock_session(
+        &self,
+    ) -> Result<MutexGuard<'_, pocketlm_runtime::Conversation>, PocketLmError> {
         self.check_reentry()?;
         Ok(match self.inner.lock() {
             Ok(g) => g,
             Err(poisoned) => {
                 // A previous call panicked mid-generation: the cache may be half written.
+                // (The transcript is whole: a turn is added only once its reply is done.)
                 self.inner.clear_poison();
                 let mut g = poisoned.into_inner();
                 g.reset();
@@ -114,7 +121,7 @@ impl Session {
             // Lock on the caller's thread, never on a pool worker, so that a pool thread
             // never blocks waiting for another session.
             let mut locked = self.lock_session()?;
-            let session: &mut pocketlm_runtime::Session = &mut locked;
+            let conversation: &mut pocketlm_runtime::Conversation = &mut locked;
             self.cancel.store(false, Ordering::SeqCst);
             let mut callback_error: Option<String> = None;
             let generation = self.engine.pool.install(|| {
@@ -135,8 +142,13 @@ impl Session {
                     }
                 };
                 match &input {
-                    Input::Text(prompt) => session.generate(prompt, &options, on_text),
-                    Input::Chat(messages) => session.chat(messages, &options, on_text),
+                    Input::Text(prompt) => conversation
+                        .session_mut()
+                        .generate(prompt, &options, on_text),
+                    Input::Chat(messages) => {
+                        conversation.session_mut().chat(messages, &options, on_text)
+                    }
+                    Input::Send(text) => conversation.send(text, &options, on_text),
                 }
             })?;
             if let Some(message) = callback_error {
@@ -199,6 +211,7 @@ impl Session {
     pub fn set_context_policy(&self, policy: Option<ContextPolicy>) -> Result<(), PocketLmError> {
         guard(|| {
             self.lock_session()?
+                .session_mut()
                 .set_context_policy(policy.map(Into::into));
             Ok(())
         })
@@ -211,6 +224,7 @@ impl Session {
             let messages: Vec<_> = messages.into_iter().map(Into::into).collect();
             Ok(self
                 .lock_session()?
+                .session()
                 .save(std::path::Path::new(&path), &messages)?)
         })
     }
@@ -220,7 +234,10 @@ impl Session {
     /// truncated or corrupt one is refused with `InvalidSession` and changes nothing.
     pub fn restore(&self, path: String) -> Result<Vec<ChatMessage>, PocketLmError> {
         guard(|| {
-            let messages = self.lock_session()?.restore(std::path::Path::new(&path))?;
+            let messages = self
+                .lock_session()?
+                .session_mut()
+                .restore(std::path::Path::new(&path))?;
             Ok(messages.into_iter().map(Into::into).collect())
         })
     }
@@ -240,14 +257,14 @@ impl Session {
     /// Forgets the conversation (empties the KV cache).
     pub fn reset(&self) -> Result<(), PocketLmError> {
         guard(|| {
-            self.lock_session()?.reset();
+            self.lock_session()?.session_mut().reset();
             Ok(())
         })
     }
 
     /// Tokens currently held in the session's context.
     pub fn context_used(&self) -> Result<u32, PocketLmError> {
-        guard(|| Ok(self.lock_session()?.history().len() as u32))
+        guard(|| Ok(self.lock_session()?.session().history().len() as u32))
     }
 
     /// KV-cache positions of this session.

@@ -11,5 +11,5 @@ pub mod tokenizer;
 
 pub use model::{Model, ModelError};
 pub use session::{
-    ContextPolicy, GenerateOptions, Generation, GenerationStats, Session, StopReason,
+    ContextPolicy, Conversation, GenerateOptions, Generation, GenerationStats, Session, StopReason,
 };

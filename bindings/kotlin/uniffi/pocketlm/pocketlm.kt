@@ -969,13 +969,13 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_pocketlm_checksum_method_conversation_cancel() and 0xFFFF) != 35377) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_pocketlm_checksum_method_conversation_context_length() and 0xFFFF) != 43805) {
+    if ((lib.uniffi_pocketlm_checksum_method_conversation_context_length() and 0xFFFF) != 47628) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_pocketlm_checksum_method_conversation_context_used() and 0xFFFF) != 12835) {
+    if ((lib.uniffi_pocketlm_checksum_method_conversation_context_used() and 0xFFFF) != 7818) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_pocketlm_checksum_method_conversation_messages() and 0xFFFF) != 22819) {
+    if ((lib.uniffi_pocketlm_checksum_method_conversation_messages() and 0xFFFF) != 16374) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_pocketlm_checksum_method_conversation_reset() and 0xFFFF) != 19840) {
@@ -1540,10 +1540,13 @@ public interface ConversationInterface {
      */
     fun `cancel`()
     
+    /**
+     * KV-cache positions of the conversation's session.
+     */
     fun `contextLength`(): kotlin.UInt
     
     /**
-     * Tokens the conversation holds in the context, and the context's size.
+     * Tokens the conversation holds in the context.
      */
     fun `contextUsed`(): kotlin.UInt
     
@@ -1694,7 +1697,10 @@ open class Conversation: Disposable, AutoCloseable, ConversationInterface
     
     
 
-    override fun `contextLength`(): kotlin.UInt {
+    
+    /**
+     * KV-cache positions of the conversation's session.
+     */override fun `contextLength`(): kotlin.UInt {
             return FfiConverterUInt.lift(
     callWithHandle {
     uniffiRustCall() { _status ->
@@ -1709,7 +1715,7 @@ open class Conversation: Disposable, AutoCloseable, ConversationInterface
 
     
     /**
-     * Tokens the conversation holds in the context, and the context's size.
+     * Tokens the conversation holds in the context.
      */
     @Throws(PocketLmException::class)override fun `contextUsed`(): kotlin.UInt {
             return FfiConverterUInt.lift(
@@ -1727,10 +1733,11 @@ open class Conversation: Disposable, AutoCloseable, ConversationInterface
     
     /**
      * The transcript: system message, user messages and replies, oldest first.
-     */override fun `messages`(): List<ChatMessage> {
+     */
+    @Throws(PocketLmException::class)override fun `messages`(): List<ChatMessage> {
             return FfiConverterSequenceTypeChatMessage.lift(
     callWithHandle {
-    uniffiRustCall() { _status ->
+    uniffiRustCallWithError(PocketLmException) { _status ->
     UniffiLib.uniffi_pocketlm_fn_method_conversation_messages(
         it,
         _status)

@@ -5,8 +5,7 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::sync::Arc;
 use std::time::Instant;
 
-use pocketlm_runtime::tokenizer::ChatMessage;
-use pocketlm_runtime::{Generation, Session};
+use pocketlm_runtime::{Conversation, Generation, Session};
 
 use crate::args::ChatArgs;
 use crate::commands::CliResult;
@@ -15,31 +14,29 @@ use crate::model_options::open_model;
 pub fn execute(a: ChatArgs) -> CliResult {
     let model = Arc::new(open_model(&a.model)?);
     let options = a.generation.options()?;
-    let mut session = Session::new(Arc::clone(&model), a.generation.ctx)?;
-    let mut messages = Vec::new();
+    let session = Session::new(Arc::clone(&model), a.generation.ctx)?;
+    let mut conversation = Conversation::new(session, Vec::new());
     if let Some(path) = &a.load_session {
         let started = Instant::now();
-        messages = session.restore(path)?;
-        let restore_ms = started.elapsed().as_secs_f64() * 1e3;
+        conversation.restore(path)?;
         if a.stats_json {
             let line = serde_json::json!({
                 "event": "restore",
-                "restore_ms": restore_ms,
-                "tokens": session.history().len(),
-                "messages": messages.len(),
+                "restore_ms": started.elapsed().as_secs_f64() * 1e3,
+                "tokens": conversation.session().history().len(),
+                "messages": conversation.messages().len(),
             });
             eprintln!("{line}");
         }
     }
     // The flag wins over the policy saved with a session.
     if a.generation.context_policy.is_some() {
-        session.set_context_policy(a.generation.context_policy);
+        conversation
+            .session_mut()
+            .set_context_policy(a.generation.context_policy);
     }
     if let Some(system) = &a.system {
-        match messages.first_mut() {
-            Some(first) if first.role == "system" => first.content = system.clone(),
-            _ => messages.insert(0, ChatMessage::new("system", system.clone())),
-        }
+        conversation.set_system(system);
     }
 
     let stdin = std::io::stdin();
@@ -60,37 +57,28 @@ pub fn execute(a: ChatArgs) -> CliResult {
                 "" => continue,
                 "/exit" | "/quit" => break,
                 "/reset" => {
-                    messages.retain(|m| m.role == "system");
-                    session.reset();
+                    conversation.reset();
                     continue;
                 }
                 _ => {}
             }
         }
         turn += 1;
-        messages.push(ChatMessage::new("user", text));
         if a.no_prefix_reuse {
-            session.reset();
+            conversation.session_mut().reset();
         }
         let mut emit = |piece: &str| {
             // A closed pipe (e.g. `| head`) ends the reply instead of failing.
             stdout.write_all(piece.as_bytes()).is_ok() && stdout.flush().is_ok()
         };
-        let reply = session.chat(&messages, &options, &mut emit)?;
+        let reply = conversation.send(text, &options, &mut emit)?;
         writeln!(stdout)?;
-        if reply.stats.dropped > 0 {
-            // The session dropped these from its prompt; the transcript follows suit so the
-            // next turn renders the same conversation and reuses its tokens.
-            let system = messages.iter().take_while(|m| m.role == "system").count();
-            messages.drain(system..system + reply.stats.dropped);
-        }
-        messages.push(ChatMessage::new("assistant", reply.text.trim()));
         if a.stats_json {
             eprintln!("{}", turn_stats(turn, &reply));
         }
     }
     if let Some(path) = &a.save_session {
-        session.save(path, &messages)?;
+        conversation.save(path)?;
     }
     Ok(())
 }

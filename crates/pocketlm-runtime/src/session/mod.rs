@@ -9,10 +9,12 @@ use crate::sampler::{Sampler, SamplerConfig};
 use crate::tokenizer::{ChatMessage, StreamDecoder};
 
 mod context;
+mod conversation;
 mod saved;
 mod stop;
 
 pub use context::{ContextPolicy, UnknownContextPolicy, reply_reserve};
+pub use conversation::Conversation;
 pub use saved::{SESSION_FILE_VERSION, SessionFileError, model_identity};
 use stop::StopMatcher;
 

@@ -1,0 +1,98 @@
+//! [`Conversation`]: a session that keeps its transcript, for apps that send one user
+//! message at a time.
+
+use std::path::Path;
+
+use super::{GenerateOptions, Generation, Session, SessionFileError};
+use crate::model::ModelError;
+use crate::tokenizer::ChatMessage;
+
+/// A chat with its transcript. [`Conversation::send`] adds the user's message, generates the
+/// reply over the whole conversation (reusing every earlier turn from the session's cache)
+/// and adds the reply. Turns the context policy drops leave the transcript too, so the next
+/// turn renders the same conversation the cache holds.
+pub struct Conversation {
+    session: Session,
+    messages: Vec<ChatMessage>,
+}
+
+impl Conversation {
+    /// A conversation over `session` (usually fresh), starting with `messages` (e.g. a
+    /// system message, or a transcript restored with the session).
+    pub fn new(session: Session, messages: Vec<ChatMessage>) -> Conversation {
+        Conversation { session, messages }
+    }
+
+    /// Replaces this conversation with one saved by [`Conversation::save`] (transcript and
+    /// cache). A refused file changes nothing.
+    pub fn restore(&mut self, path: &Path) -> Result<(), SessionFileError> {
+        self.messages = self.session.restore(path)?;
+        Ok(())
+    }
+
+    /// Sends the user's `text` and generates the reply, streaming it to `on_text`. On an
+    /// error the transcript is left as it was.
+    pub fn send(
+        &mut self,
+        text: &str,
+        options: &GenerateOptions,
+        on_text: impl FnMut(&str) -> bool,
+    ) -> Result<Generation, ModelError> {
+        self.messages.push(ChatMessage::new("user", text));
+        let reply = match self.session.chat(&self.messages, options, on_text) {
+            Ok(reply) => reply,
+            Err(e) => {
+                self.messages.pop();
+                return Err(e);
+            }
+        };
+        if reply.stats.dropped > 0 {
+            let system = self.system_len();
+            let end = (system + reply.stats.dropped).min(self.messages.len() - 1);
+            self.messages.drain(system..end);
+        }
+        self.messages
+            .push(ChatMessage::new("assistant", reply.text.trim()));
+        Ok(reply)
+    }
+
+    fn system_len(&self) -> usize {
+        self.messages
+            .iter()
+            .take_while(|m| m.role == "system")
+            .count()
+    }
+
+    /// The transcript, oldest first.
+    pub fn messages(&self) -> &[ChatMessage] {
+        &self.messages
+    }
+
+    /// Sets the leading system message (replacing one that is there).
+    pub fn set_system(&mut self, content: &str) {
+        match self.messages.first_mut() {
+            Some(first) if first.role == "system" => first.content = content.to_string(),
+            _ => self.messages.insert(0, ChatMessage::new("system", content)),
+        }
+    }
+
+    /// Forgets every message but the system messages, and the cache.
+    pub fn reset(&mut self) {
+        let system = self.system_len();
+        self.messages.truncate(system);
+        self.session.reset();
+    }
+
+    /// Saves the transcript with the session's cache. Returns the file size in bytes.
+    pub fn save(&self, path: &Path) -> Result<u64, SessionFileError> {
+        self.session.save(path, &self.messages)
+    }
+
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    pub fn session_mut(&mut self) -> &mut Session {
+        &mut self.session
+    }
+}
