@@ -1135,8 +1135,12 @@ class EngineOptions:
     """
     How an [`Engine`] runs. All fields have defaults.
 """
-    def __init__(self, *, threads:int = 0, context_length:int = 0, kernel_path:typing.Optional[str] = _DEFAULT, low_rank_percent:int = 0, kv_cache:typing.Optional[str] = _DEFAULT, profile:typing.Optional[str] = _DEFAULT, max_weight_bytes:int = 0, context_policy:typing.Optional[ContextPolicy] = _DEFAULT):
+    def __init__(self, *, threads:int = 0, cpu_mask:typing.Optional[str] = _DEFAULT, context_length:int = 0, kernel_path:typing.Optional[str] = _DEFAULT, low_rank_percent:int = 0, kv_cache:typing.Optional[str] = _DEFAULT, profile:typing.Optional[str] = _DEFAULT, max_weight_bytes:int = 0, context_policy:typing.Optional[ContextPolicy] = _DEFAULT):
         self.threads = threads
+        if cpu_mask is _DEFAULT:
+            self.cpu_mask = None
+        else:
+            self.cpu_mask = cpu_mask
         self.context_length = context_length
         if kernel_path is _DEFAULT:
             self.kernel_path = None
@@ -1161,9 +1165,11 @@ class EngineOptions:
 
     
     def __str__(self):
-        return "EngineOptions(threads={}, context_length={}, kernel_path={}, low_rank_percent={}, kv_cache={}, profile={}, max_weight_bytes={}, context_policy={})".format(self.threads, self.context_length, self.kernel_path, self.low_rank_percent, self.kv_cache, self.profile, self.max_weight_bytes, self.context_policy)
+        return "EngineOptions(threads={}, cpu_mask={}, context_length={}, kernel_path={}, low_rank_percent={}, kv_cache={}, profile={}, max_weight_bytes={}, context_policy={})".format(self.threads, self.cpu_mask, self.context_length, self.kernel_path, self.low_rank_percent, self.kv_cache, self.profile, self.max_weight_bytes, self.context_policy)
     def __eq__(self, other):
         if self.threads != other.threads:
+            return False
+        if self.cpu_mask != other.cpu_mask:
             return False
         if self.context_length != other.context_length:
             return False
@@ -1186,6 +1192,7 @@ class _UniffiFfiConverterTypeEngineOptions(_UniffiConverterRustBuffer):
     def read(buf):
         return EngineOptions(
             threads=_UniffiFfiConverterUInt32.read(buf),
+            cpu_mask=_UniffiFfiConverterOptionalString.read(buf),
             context_length=_UniffiFfiConverterUInt32.read(buf),
             kernel_path=_UniffiFfiConverterOptionalString.read(buf),
             low_rank_percent=_UniffiFfiConverterUInt8.read(buf),
@@ -1198,6 +1205,7 @@ class _UniffiFfiConverterTypeEngineOptions(_UniffiConverterRustBuffer):
     @staticmethod
     def check_lower(value):
         _UniffiFfiConverterUInt32.check_lower(value.threads)
+        _UniffiFfiConverterOptionalString.check_lower(value.cpu_mask)
         _UniffiFfiConverterUInt32.check_lower(value.context_length)
         _UniffiFfiConverterOptionalString.check_lower(value.kernel_path)
         _UniffiFfiConverterUInt8.check_lower(value.low_rank_percent)
@@ -1209,6 +1217,7 @@ class _UniffiFfiConverterTypeEngineOptions(_UniffiConverterRustBuffer):
     @staticmethod
     def write(value, buf):
         _UniffiFfiConverterUInt32.write(value.threads, buf)
+        _UniffiFfiConverterOptionalString.write(value.cpu_mask, buf)
         _UniffiFfiConverterUInt32.write(value.context_length, buf)
         _UniffiFfiConverterOptionalString.write(value.kernel_path, buf)
         _UniffiFfiConverterUInt8.write(value.low_rank_percent, buf)
@@ -1584,7 +1593,7 @@ class ModelInfo:
     """
     What an engine has loaded.
 """
-    def __init__(self, *, architecture:str, parameters:int, bits_per_weight:float, file_size_bytes:int, context_length:int, max_context_length:int, vocab_size:int, has_chat_template:bool, kernel_path:str, threads:int, low_rank_percent:int, kv_cache:str, profile:str, weight_bytes:int):
+    def __init__(self, *, architecture:str, parameters:int, bits_per_weight:float, file_size_bytes:int, context_length:int, max_context_length:int, vocab_size:int, has_chat_template:bool, kernel_path:str, threads:int, pinned_cores:typing.List[int], low_rank_percent:int, kv_cache:str, profile:str, weight_bytes:int):
         self.architecture = architecture
         self.parameters = parameters
         self.bits_per_weight = bits_per_weight
@@ -1595,6 +1604,7 @@ class ModelInfo:
         self.has_chat_template = has_chat_template
         self.kernel_path = kernel_path
         self.threads = threads
+        self.pinned_cores = pinned_cores
         self.low_rank_percent = low_rank_percent
         self.kv_cache = kv_cache
         self.profile = profile
@@ -1604,7 +1614,7 @@ class ModelInfo:
 
     
     def __str__(self):
-        return "ModelInfo(architecture={}, parameters={}, bits_per_weight={}, file_size_bytes={}, context_length={}, max_context_length={}, vocab_size={}, has_chat_template={}, kernel_path={}, threads={}, low_rank_percent={}, kv_cache={}, profile={}, weight_bytes={})".format(self.architecture, self.parameters, self.bits_per_weight, self.file_size_bytes, self.context_length, self.max_context_length, self.vocab_size, self.has_chat_template, self.kernel_path, self.threads, self.low_rank_percent, self.kv_cache, self.profile, self.weight_bytes)
+        return "ModelInfo(architecture={}, parameters={}, bits_per_weight={}, file_size_bytes={}, context_length={}, max_context_length={}, vocab_size={}, has_chat_template={}, kernel_path={}, threads={}, pinned_cores={}, low_rank_percent={}, kv_cache={}, profile={}, weight_bytes={})".format(self.architecture, self.parameters, self.bits_per_weight, self.file_size_bytes, self.context_length, self.max_context_length, self.vocab_size, self.has_chat_template, self.kernel_path, self.threads, self.pinned_cores, self.low_rank_percent, self.kv_cache, self.profile, self.weight_bytes)
     def __eq__(self, other):
         if self.architecture != other.architecture:
             return False
@@ -1625,6 +1635,8 @@ class ModelInfo:
         if self.kernel_path != other.kernel_path:
             return False
         if self.threads != other.threads:
+            return False
+        if self.pinned_cores != other.pinned_cores:
             return False
         if self.low_rank_percent != other.low_rank_percent:
             return False
@@ -1650,6 +1662,7 @@ class _UniffiFfiConverterTypeModelInfo(_UniffiConverterRustBuffer):
             has_chat_template=_UniffiFfiConverterBoolean.read(buf),
             kernel_path=_UniffiFfiConverterString.read(buf),
             threads=_UniffiFfiConverterUInt32.read(buf),
+            pinned_cores=_UniffiFfiConverterSequenceUInt32.read(buf),
             low_rank_percent=_UniffiFfiConverterUInt8.read(buf),
             kv_cache=_UniffiFfiConverterString.read(buf),
             profile=_UniffiFfiConverterString.read(buf),
@@ -1668,6 +1681,7 @@ class _UniffiFfiConverterTypeModelInfo(_UniffiConverterRustBuffer):
         _UniffiFfiConverterBoolean.check_lower(value.has_chat_template)
         _UniffiFfiConverterString.check_lower(value.kernel_path)
         _UniffiFfiConverterUInt32.check_lower(value.threads)
+        _UniffiFfiConverterSequenceUInt32.check_lower(value.pinned_cores)
         _UniffiFfiConverterUInt8.check_lower(value.low_rank_percent)
         _UniffiFfiConverterString.check_lower(value.kv_cache)
         _UniffiFfiConverterString.check_lower(value.profile)
@@ -1685,6 +1699,7 @@ class _UniffiFfiConverterTypeModelInfo(_UniffiConverterRustBuffer):
         _UniffiFfiConverterBoolean.write(value.has_chat_template, buf)
         _UniffiFfiConverterString.write(value.kernel_path, buf)
         _UniffiFfiConverterUInt32.write(value.threads, buf)
+        _UniffiFfiConverterSequenceUInt32.write(value.pinned_cores, buf)
         _UniffiFfiConverterUInt8.write(value.low_rank_percent, buf)
         _UniffiFfiConverterString.write(value.kv_cache, buf)
         _UniffiFfiConverterString.write(value.profile, buf)

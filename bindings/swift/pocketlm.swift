@@ -1705,10 +1705,16 @@ public func FfiConverterTypeChatMessage_lower(_ value: ChatMessage) -> RustBuffe
  */
 public struct EngineOptions: Equatable, Hashable {
     /**
-     * Worker threads for this engine's pool; 0 = one per CPU core. On phones with big and
-     * little cores, the number of big cores (often 2–4) is usually fastest.
+     * Worker threads for this engine's pool; 0 = one per performance core (on phones the
+     * prime and big cores, read from sysfs `cpu_capacity` / `cpuinfo_max_freq`), or one per
+     * core where the cores are alike.
      */
     public var threads: UInt32
+    /**
+     * Cores to pin the workers to: a hex mask (`"0xf0"`) or a list (`"0-3,6"`). None = the
+     * performance cores on a big.LITTLE CPU (pinned), else no pinning.
+     */
+    public var cpuMask: String?
     /**
      * KV-cache positions per session; 0 = min(model's trained context, 2048). Larger values
      * are capped at the trained context.
@@ -1755,9 +1761,14 @@ public struct EngineOptions: Equatable, Hashable {
     // declare one manually.
     public init(
         /**
-         * Worker threads for this engine's pool; 0 = one per CPU core. On phones with big and
-         * little cores, the number of big cores (often 2–4) is usually fastest.
+         * Worker threads for this engine's pool; 0 = one per performance core (on phones the
+         * prime and big cores, read from sysfs `cpu_capacity` / `cpuinfo_max_freq`), or one per
+         * core where the cores are alike.
          */threads: UInt32 = UInt32(0), 
+        /**
+         * Cores to pin the workers to: a hex mask (`"0xf0"`) or a list (`"0-3,6"`). None = the
+         * performance cores on a big.LITTLE CPU (pinned), else no pinning.
+         */cpuMask: String? = nil, 
         /**
          * KV-cache positions per session; 0 = min(model's trained context, 2048). Larger values
          * are capped at the trained context.
@@ -1793,6 +1804,7 @@ public struct EngineOptions: Equatable, Hashable {
          * turns for chat, fail for raw text.
          */contextPolicy: ContextPolicy? = nil) {
         self.threads = threads
+        self.cpuMask = cpuMask
         self.contextLength = contextLength
         self.kernelPath = kernelPath
         self.lowRankPercent = lowRankPercent
@@ -1819,6 +1831,7 @@ public struct FfiConverterTypeEngineOptions: FfiConverterRustBuffer {
         return
             try EngineOptions(
                 threads: FfiConverterUInt32.read(from: &buf), 
+                cpuMask: FfiConverterOptionString.read(from: &buf), 
                 contextLength: FfiConverterUInt32.read(from: &buf), 
                 kernelPath: FfiConverterOptionString.read(from: &buf), 
                 lowRankPercent: FfiConverterUInt8.read(from: &buf), 
@@ -1831,6 +1844,7 @@ public struct FfiConverterTypeEngineOptions: FfiConverterRustBuffer {
 
     public static func write(_ value: EngineOptions, into buf: inout [UInt8]) {
         FfiConverterUInt32.write(value.threads, into: &buf)
+        FfiConverterOptionString.write(value.cpuMask, into: &buf)
         FfiConverterUInt32.write(value.contextLength, into: &buf)
         FfiConverterOptionString.write(value.kernelPath, into: &buf)
         FfiConverterUInt8.write(value.lowRankPercent, into: &buf)
@@ -2202,6 +2216,10 @@ public struct ModelInfo: Equatable, Hashable {
      */
     public var threads: UInt32
     /**
+     * Cores the workers are pinned to (empty: the operating system places them).
+     */
+    public var pinnedCores: [UInt32]
+    /**
      * Percentage of their stored rank low-rank layers are served with.
      */
     public var lowRankPercent: UInt8
@@ -2243,6 +2261,9 @@ public struct ModelInfo: Equatable, Hashable {
          * Worker threads of this engine's pool.
          */threads: UInt32, 
         /**
+         * Cores the workers are pinned to (empty: the operating system places them).
+         */pinnedCores: [UInt32], 
+        /**
          * Percentage of their stored rank low-rank layers are served with.
          */lowRankPercent: UInt8, 
         /**
@@ -2264,6 +2285,7 @@ public struct ModelInfo: Equatable, Hashable {
         self.hasChatTemplate = hasChatTemplate
         self.kernelPath = kernelPath
         self.threads = threads
+        self.pinnedCores = pinnedCores
         self.lowRankPercent = lowRankPercent
         self.kvCache = kvCache
         self.profile = profile
@@ -2296,6 +2318,7 @@ public struct FfiConverterTypeModelInfo: FfiConverterRustBuffer {
                 hasChatTemplate: FfiConverterBool.read(from: &buf), 
                 kernelPath: FfiConverterString.read(from: &buf), 
                 threads: FfiConverterUInt32.read(from: &buf), 
+                pinnedCores: FfiConverterSequenceUInt32.read(from: &buf), 
                 lowRankPercent: FfiConverterUInt8.read(from: &buf), 
                 kvCache: FfiConverterString.read(from: &buf), 
                 profile: FfiConverterString.read(from: &buf), 
@@ -2314,6 +2337,7 @@ public struct FfiConverterTypeModelInfo: FfiConverterRustBuffer {
         FfiConverterBool.write(value.hasChatTemplate, into: &buf)
         FfiConverterString.write(value.kernelPath, into: &buf)
         FfiConverterUInt32.write(value.threads, into: &buf)
+        FfiConverterSequenceUInt32.write(value.pinnedCores, into: &buf)
         FfiConverterUInt8.write(value.lowRankPercent, into: &buf)
         FfiConverterString.write(value.kvCache, into: &buf)
         FfiConverterString.write(value.profile, into: &buf)

@@ -166,6 +166,13 @@ fun main(args: Array<String>) {
         val r = session.complete("Once upon a time there was a cat. ".repeat(20), greedy(8))
         check(r.stats.dropped > 0u && r.stats.promptTokens == 88u) { "${r.stats}" }
     }
+    tests["cpu mask"] = {
+        val pinned = Engine.open(modelPath, EngineOptions(cpuMask = "0"))
+        check(pinned.info().pinnedCores == listOf(0u) && pinned.info().threads == 1u) { "${pinned.info()}" }
+        check(pinned.newSession().complete(PROMPT, greedy(40)).text.startsWith(EXPECTED))
+        val e = expect<PocketLmException.InvalidConfig> { Engine.open(modelPath, EngineOptions(cpuMask = "0xZ")) }
+        check(e.reason.contains("0xZ")) { e.reason }
+    }
     tests["stop string"] = {
         val r = engine.newSession().complete(PROMPT, greedy(40, stop = listOf("Lily")))
         check(r.stopReason == StopReason.STOP_STRING) { "${r.stopReason}" }

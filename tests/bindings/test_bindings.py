@@ -75,6 +75,16 @@ def test_info():
     assert info.kernel_path in KERNEL_PATHS, info
     assert info.profile == "best", info
     assert 0 < info.weight_bytes <= info.file_size_bytes, info
+    assert info.pinned_cores == [], info  # alike cores (or none described): no pinning
+
+
+def test_cpu_mask():
+    pinned = Engine.open(model_path, EngineOptions(cpu_mask="0"))
+    info = pinned.info()
+    assert info.pinned_cores == [0] and info.threads == 1, info
+    assert pinned.new_session().complete(PROMPT, greedy(40)).text.startswith(EXPECTED)
+    e = expect(PocketLmError.InvalidConfig, lambda: Engine.open(model_path, EngineOptions(cpu_mask="0xZ")))
+    assert "0xZ" in e.reason, e.reason
 
 
 def test_greedy_completion():

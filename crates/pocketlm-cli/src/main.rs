@@ -12,6 +12,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use pocketlm_kernels::KernelPath;
+use pocketlm_runtime::cpu::{CpuTopology, plan_threads};
 
 use crate::args::Cli;
 use crate::model_options::{MODEL_OPTIONS, model_options};
@@ -23,11 +24,17 @@ fn main() -> ExitCode {
     if let Some(path) = cli.global.kernels {
         select_kernels(path);
     }
-    let mut pool = rayon::ThreadPoolBuilder::new();
-    if let Some(n) = cli.global.threads {
-        pool = pool.num_threads(n);
-    }
-    let pool = match pool.build() {
+    let placement = plan_threads(
+        &CpuTopology::detect(),
+        cli.global.threads.unwrap_or(0),
+        cli.global.cpu_mask.as_ref().map_or(&[], |m| &m.0),
+    );
+    log::info!(
+        "{} worker threads, pinned to cores {:?}",
+        placement.threads,
+        placement.pinned_cores
+    );
+    let pool = match placement.build_pool(|i| format!("pocketlm-{i}")) {
         Ok(pool) => pool,
         Err(e) => {
             eprintln!("error: cannot start the thread pool: {e}");

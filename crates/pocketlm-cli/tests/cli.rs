@@ -227,3 +227,33 @@ fn chat_from_a_pipe_reuses_turns_reports_them_and_saves_the_session() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("another model"), "{err}");
 }
+
+#[test]
+fn cpu_masks_pin_or_are_refused_by_name() {
+    let (_dir, plm) = convert(&ConvertOptions::with_weights(Encoding::F32));
+    let run = |mask: &str| {
+        Command::new(env!("CARGO_BIN_EXE_pocketlm"))
+            .args([
+                "--cpu-mask",
+                mask,
+                "run",
+                plm.to_str().unwrap(),
+                "-p",
+                "Once",
+                "-n",
+                "4",
+            ])
+            .output()
+            .unwrap()
+    };
+    let ok = run("0x1");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stderr).contains("threads 1"));
+    let bad = run("0-");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("'0-'"));
+}

@@ -4,6 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use pocketlm_kernels::{self as kernels, KernelPath};
+use pocketlm_runtime::cpu::{CpuTopology, parse_cpu_mask, plan_threads};
 use pocketlm_runtime::model::{KvType, Model, ModelOptions, Profile};
 
 use crate::conversation::Conversation;
@@ -14,10 +15,15 @@ use crate::{DEFAULT_CONTEXT_LENGTH, PocketLmError, guard};
 /// How an [`Engine`] runs. All fields have defaults.
 #[derive(Clone, Debug, Default, PartialEq, uniffi::Record)]
 pub struct EngineOptions {
-    /// Worker threads for this engine's pool; 0 = one per CPU core. On phones with big and
-    /// little cores, the number of big cores (often 2–4) is usually fastest.
+    /// Worker threads for this engine's pool; 0 = one per performance core (on phones the
+    /// prime and big cores, read from sysfs `cpu_capacity` / `cpuinfo_max_freq`), or one per
+    /// core where the cores are alike.
     #[uniffi(default = 0)]
     pub threads: u32,
+    /// Cores to pin the workers to: a hex mask (`"0xf0"`) or a list (`"0-3,6"`). None = the
+    /// performance cores on a big.LITTLE CPU (pinned), else no pinning.
+    #[uniffi(default = None)]
+    pub cpu_mask: Option<String>,
     /// KV-cache positions per session; 0 = min(model's trained context, 2048). Larger values
     /// are capped at the trained context.
     #[uniffi(default = 0)]
@@ -74,6 +80,8 @@ pub struct ModelInfo {
     pub kernel_path: String,
     /// Worker threads of this engine's pool.
     pub threads: u32,
+    /// Cores the workers are pinned to (empty: the operating system places them).
+    pub pinned_cores: Vec<u32>,
     /// Percentage of their stored rank low-rank layers are served with.
     pub low_rank_percent: u8,
     /// KV cache storage of this engine's sessions (`f32` or `q8`).
@@ -90,6 +98,7 @@ pub struct ModelInfo {
 pub struct Engine {
     pub(crate) model: Arc<Model>,
     pub(crate) pool: Arc<rayon::ThreadPool>,
+    pinned_cores: Vec<usize>,
     pub(crate) context_length: usize,
     pub(crate) context_policy: Option<ContextPolicy>,
 }
@@ -138,12 +147,17 @@ impl Engine {
     pub fn open(path: String, options: EngineOptions) -> Result<Arc<Engine>, PocketLmError> {
         guard(|| {
             resolve_kernel_path(options.kernel_path.as_deref())?;
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(options.threads as usize)
-                .thread_name(|i| format!("pocketlm-{i}"))
-                .build()
+            let mask = match options.cpu_mask.as_deref() {
+                Some(mask) => parse_cpu_mask(mask).map_err(|e| PocketLmError::InvalidConfig {
+                    reason: e.to_string(),
+                })?,
+                None => Vec::new(),
+            };
+            let placement = plan_threads(&CpuTopology::detect(), options.threads as usize, &mask);
+            let pool = placement
+                .build_pool(|i| format!("pocketlm-{i}"))
                 .map_err(|e| PocketLmError::InvalidConfig {
-                    reason: format!("cannot start {} threads: {e}", options.threads),
+                    reason: format!("cannot start {} threads: {e}", placement.threads),
                 })?;
             let mut model_options = ModelOptions::default();
             match options.low_rank_percent {
@@ -182,6 +196,7 @@ impl Engine {
             Ok(Arc::new(Engine {
                 model: Arc::new(model),
                 pool: Arc::new(pool),
+                pinned_cores: placement.pinned_cores,
                 context_length,
                 context_policy: options.context_policy,
             }))
@@ -208,6 +223,7 @@ impl Engine {
             has_chat_template: self.model.tokenizer().has_chat_template(),
             kernel_path: kernels::active_path().name().to_string(),
             threads: self.pool.current_num_threads() as u32,
+            pinned_cores: self.pinned_cores.iter().map(|&c| c as u32).collect(),
             low_rank_percent: self.model.options().low_rank_percent,
             kv_cache: self.model.options().kv_cache.name().to_string(),
             profile: self.model.profile().name().to_string(),

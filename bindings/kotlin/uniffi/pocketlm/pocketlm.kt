@@ -3134,10 +3134,17 @@ public object FfiConverterTypeChatMessage: FfiConverterRustBuffer<ChatMessage> {
  */
 data class EngineOptions (
     /**
-     * Worker threads for this engine's pool; 0 = one per CPU core. On phones with big and
-     * little cores, the number of big cores (often 2–4) is usually fastest.
+     * Worker threads for this engine's pool; 0 = one per performance core (on phones the
+     * prime and big cores, read from sysfs `cpu_capacity` / `cpuinfo_max_freq`), or one per
+     * core where the cores are alike.
      */
     var `threads`: kotlin.UInt = 0u 
+    , 
+    /**
+     * Cores to pin the workers to: a hex mask (`"0xf0"`) or a list (`"0-3,6"`). None = the
+     * performance cores on a big.LITTLE CPU (pinned), else no pinning.
+     */
+    var `cpuMask`: kotlin.String? = null 
     , 
     /**
      * KV-cache positions per session; 0 = min(model's trained context, 2048). Larger values
@@ -3203,6 +3210,7 @@ public object FfiConverterTypeEngineOptions: FfiConverterRustBuffer<EngineOption
     override fun read(buf: ByteBuffer): EngineOptions {
         return EngineOptions(
             FfiConverterUInt.read(buf),
+            FfiConverterOptionalString.read(buf),
             FfiConverterUInt.read(buf),
             FfiConverterOptionalString.read(buf),
             FfiConverterUByte.read(buf),
@@ -3215,6 +3223,7 @@ public object FfiConverterTypeEngineOptions: FfiConverterRustBuffer<EngineOption
 
     override fun allocationSize(value: EngineOptions) = (
             FfiConverterUInt.allocationSize(value.`threads`) +
+            FfiConverterOptionalString.allocationSize(value.`cpuMask`) +
             FfiConverterUInt.allocationSize(value.`contextLength`) +
             FfiConverterOptionalString.allocationSize(value.`kernelPath`) +
             FfiConverterUByte.allocationSize(value.`lowRankPercent`) +
@@ -3226,6 +3235,7 @@ public object FfiConverterTypeEngineOptions: FfiConverterRustBuffer<EngineOption
 
     override fun write(value: EngineOptions, buf: ByteBuffer) {
             FfiConverterUInt.write(value.`threads`, buf)
+            FfiConverterOptionalString.write(value.`cpuMask`, buf)
             FfiConverterUInt.write(value.`contextLength`, buf)
             FfiConverterOptionalString.write(value.`kernelPath`, buf)
             FfiConverterUByte.write(value.`lowRankPercent`, buf)
@@ -3515,6 +3525,11 @@ data class ModelInfo (
     var `threads`: kotlin.UInt
     , 
     /**
+     * Cores the workers are pinned to (empty: the operating system places them).
+     */
+    var `pinnedCores`: List<kotlin.UInt>
+    , 
+    /**
      * Percentage of their stored rank low-rank layers are served with.
      */
     var `lowRankPercent`: kotlin.UByte
@@ -3559,6 +3574,7 @@ public object FfiConverterTypeModelInfo: FfiConverterRustBuffer<ModelInfo> {
             FfiConverterBoolean.read(buf),
             FfiConverterString.read(buf),
             FfiConverterUInt.read(buf),
+            FfiConverterSequenceUInt.read(buf),
             FfiConverterUByte.read(buf),
             FfiConverterString.read(buf),
             FfiConverterString.read(buf),
@@ -3577,6 +3593,7 @@ public object FfiConverterTypeModelInfo: FfiConverterRustBuffer<ModelInfo> {
             FfiConverterBoolean.allocationSize(value.`hasChatTemplate`) +
             FfiConverterString.allocationSize(value.`kernelPath`) +
             FfiConverterUInt.allocationSize(value.`threads`) +
+            FfiConverterSequenceUInt.allocationSize(value.`pinnedCores`) +
             FfiConverterUByte.allocationSize(value.`lowRankPercent`) +
             FfiConverterString.allocationSize(value.`kvCache`) +
             FfiConverterString.allocationSize(value.`profile`) +
@@ -3594,6 +3611,7 @@ public object FfiConverterTypeModelInfo: FfiConverterRustBuffer<ModelInfo> {
             FfiConverterBoolean.write(value.`hasChatTemplate`, buf)
             FfiConverterString.write(value.`kernelPath`, buf)
             FfiConverterUInt.write(value.`threads`, buf)
+            FfiConverterSequenceUInt.write(value.`pinnedCores`, buf)
             FfiConverterUByte.write(value.`lowRankPercent`, buf)
             FfiConverterString.write(value.`kvCache`, buf)
             FfiConverterString.write(value.`profile`, buf)

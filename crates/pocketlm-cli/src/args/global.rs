@@ -7,9 +7,13 @@ use pocketlm_runtime::model::{KvType, Profile, VerifyMode};
 
 #[derive(Args)]
 pub struct GlobalArgs {
-    /// Worker threads (default: all cores).
+    /// Worker threads (default: one per performance core; all cores when they are alike).
     #[arg(short = 't', long, global = true)]
     pub threads: Option<usize>,
+    /// Cores to run on, pinned: a hex mask (0xf0) or a list (0-3,6). Default: the
+    /// performance cores of a big.LITTLE CPU, pinned; elsewhere the OS places the workers.
+    #[arg(long, global = true, value_name = "MASK", value_parser = parse_cpu_mask)]
+    pub cpu_mask: Option<CpuMask>,
     /// Serve low-rank layers with this percentage of their stored rank (1-100; default 100):
     /// one file, several operating points.
     #[arg(long, global = true, value_name = "P", env = "POCKETLM_LOW_RANK_PERCENT",
@@ -40,6 +44,16 @@ pub struct GlobalArgs {
     #[arg(long, global = true, value_name = "PATH", env = "POCKETLM_KERNELS",
           value_parser = parse_kernel_path)]
     pub kernels: Option<KernelPath>,
+}
+
+/// The cores of `--cpu-mask` (a newtype: clap would take a bare `Vec` for a repeated flag).
+#[derive(Clone, Debug)]
+pub struct CpuMask(pub Vec<usize>);
+
+fn parse_cpu_mask(s: &str) -> Result<CpuMask, String> {
+    pocketlm_runtime::cpu::parse_cpu_mask(s)
+        .map(CpuMask)
+        .map_err(|e| e.to_string())
 }
 
 fn parse_percent(s: &str) -> Result<u8, String> {
