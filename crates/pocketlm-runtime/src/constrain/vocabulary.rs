@@ -186,9 +186,11 @@ fn token_bytes(tokenizer: &tokenizers::Tokenizer) -> Vec<Vec<u8>> {
     let spelling = spelling(tokenizer);
     let byte_chars = byte_level_decoder();
     let mut seen = HashSet::new();
-    // In id order, so that of two ids with the same bytes the lower one wins, every time.
+    // Of two ids with the same bytes only one can be in the trie: the ordinary token wins
+    // over a byte-fallback one (`▁` over `<0x20>`: models emit the former), then the lower
+    // id, so the choice is the same every time.
     let mut entries: Vec<(&String, u32)> = vocab.iter().map(|(t, &id)| (t, id)).collect();
-    entries.sort_unstable_by_key(|&(_, id)| id);
+    entries.sort_unstable_by_key(|&(text, id)| (byte_fallback(text).is_some(), id));
     for (text, id) in entries {
         let bytes = if let Some(token) = added.get(&id) {
             let mut bytes = Vec::with_capacity(token.content.len() + 1);
