@@ -4,6 +4,7 @@
 //! [`pocketlm_kernels`]) → [`session`] (KV cache, generation, chat) → tokens ([`tokenizer`],
 //! [`sampler`]).
 
+pub mod constrain;
 pub mod cpu;
 pub mod model;
 pub mod sampler;

@@ -156,6 +156,17 @@ impl Tokenizer {
         self.inner.id_to_token(id)
     }
 
+    /// The id of the vocabulary entry `token` (e.g. `<tool_call>`), if it is one token.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// The wrapped `tokenizers` tokenizer, for code that needs the whole vocabulary (the
+    /// constrained-decoding token trie).
+    pub(crate) fn hf_tokenizer(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
     /// Whether the model ships its own chat template (otherwise [`Self::apply_chat_template`]
     /// uses the built-in fallback).
     pub fn has_chat_template(&self) -> bool {
