@@ -1258,12 +1258,288 @@ class _UniffiFfiConverterSequenceString(_UniffiConverterRustBuffer):
             _UniffiFfiConverterString.read(buf) for i in range(count)
         ]
 
+
+
+
+
+
+class OutputConstraint:
+    """
+    A shape the output must have, enforced token by token (llguidance).
+"""
+    def __init__(self):
+        raise RuntimeError("OutputConstraint cannot be instantiated directly")
+
+    # Each enum variant is a nested class of the enum itself.
+    @dataclass
+    class JSON_SCHEMA:
+        """
+        A JSON Schema, as JSON text (everything OpenAI's strict mode accepts).
+"""
+        
+        def __init__(self, schema:str):
+            self.schema = schema
+            
+            
+            pass
+
+    
+            
+            
+    
+        def __str__(self):
+            return "OutputConstraint.JSON_SCHEMA(schema={})".format(self.schema)
+        def __eq__(self, other):
+            if not isinstance(other, OutputConstraint):
+                return NotImplemented
+            if not other.is_JSON_SCHEMA():
+                return False
+            if self.schema != other.schema:
+                return False
+            return True
+
+    @dataclass
+    class LARK:
+        """
+        A Lark grammar (llguidance's dialect, `start:` rule).
+"""
+        
+        def __init__(self, grammar:str):
+            self.grammar = grammar
+            
+            
+            pass
+
+    
+            
+            
+    
+        def __str__(self):
+            return "OutputConstraint.LARK(grammar={})".format(self.grammar)
+        def __eq__(self, other):
+            if not isinstance(other, OutputConstraint):
+                return NotImplemented
+            if not other.is_LARK():
+                return False
+            if self.grammar != other.grammar:
+                return False
+            return True
+
+    @dataclass
+    class GBNF:
+        """
+        A GBNF grammar (llama.cpp's format, `root ::= ...`).
+"""
+        
+        def __init__(self, grammar:str):
+            self.grammar = grammar
+            
+            
+            pass
+
+    
+            
+            
+    
+        def __str__(self):
+            return "OutputConstraint.GBNF(grammar={})".format(self.grammar)
+        def __eq__(self, other):
+            if not isinstance(other, OutputConstraint):
+                return NotImplemented
+            if not other.is_GBNF():
+                return False
+            if self.grammar != other.grammar:
+                return False
+            return True
+
+    @dataclass
+    class REGEX:
+        """
+        A regular expression the whole output must match.
+"""
+        
+        def __init__(self, pattern:str):
+            self.pattern = pattern
+            
+            
+            pass
+
+    
+            
+            
+    
+        def __str__(self):
+            return "OutputConstraint.REGEX(pattern={})".format(self.pattern)
+        def __eq__(self, other):
+            if not isinstance(other, OutputConstraint):
+                return NotImplemented
+            if not other.is_REGEX():
+                return False
+            if self.pattern != other.pattern:
+                return False
+            return True
+
+    @dataclass
+    class CHOICE:
+        """
+        Exactly one of these strings.
+"""
+        
+        def __init__(self, choices:typing.List[str]):
+            self.choices = choices
+            
+            
+            pass
+
+    
+            
+            
+    
+        def __str__(self):
+            return "OutputConstraint.CHOICE(choices={})".format(self.choices)
+        def __eq__(self, other):
+            if not isinstance(other, OutputConstraint):
+                return NotImplemented
+            if not other.is_CHOICE():
+                return False
+            if self.choices != other.choices:
+                return False
+            return True
+
+    
+
+    # For each variant, we have `is_NAME` and `is_name` methods for easily checking
+    # whether an instance is that variant.
+    def is_JSON_SCHEMA(self) -> bool:
+        return isinstance(self, OutputConstraint.JSON_SCHEMA)
+    def is_json_schema(self) -> bool:
+        return isinstance(self, OutputConstraint.JSON_SCHEMA)
+    def is_LARK(self) -> bool:
+        return isinstance(self, OutputConstraint.LARK)
+    def is_lark(self) -> bool:
+        return isinstance(self, OutputConstraint.LARK)
+    def is_GBNF(self) -> bool:
+        return isinstance(self, OutputConstraint.GBNF)
+    def is_gbnf(self) -> bool:
+        return isinstance(self, OutputConstraint.GBNF)
+    def is_REGEX(self) -> bool:
+        return isinstance(self, OutputConstraint.REGEX)
+    def is_regex(self) -> bool:
+        return isinstance(self, OutputConstraint.REGEX)
+    def is_CHOICE(self) -> bool:
+        return isinstance(self, OutputConstraint.CHOICE)
+    def is_choice(self) -> bool:
+        return isinstance(self, OutputConstraint.CHOICE)
+    
+
+# Now, a little trick - we make each nested variant class be a subclass of the main
+# enum class, so that method calls and instance checks etc will work intuitively.
+# We might be able to do this a little more neatly with a metaclass, but this'll do.
+OutputConstraint.JSON_SCHEMA = type("OutputConstraint.JSON_SCHEMA", (OutputConstraint.JSON_SCHEMA, OutputConstraint,), {})  # type: ignore
+OutputConstraint.LARK = type("OutputConstraint.LARK", (OutputConstraint.LARK, OutputConstraint,), {})  # type: ignore
+OutputConstraint.GBNF = type("OutputConstraint.GBNF", (OutputConstraint.GBNF, OutputConstraint,), {})  # type: ignore
+OutputConstraint.REGEX = type("OutputConstraint.REGEX", (OutputConstraint.REGEX, OutputConstraint,), {})  # type: ignore
+OutputConstraint.CHOICE = type("OutputConstraint.CHOICE", (OutputConstraint.CHOICE, OutputConstraint,), {})  # type: ignore
+
+
+
+
+class _UniffiFfiConverterTypeOutputConstraint(_UniffiConverterRustBuffer):
+    @staticmethod
+    def read(buf):
+        variant = buf.read_i32()
+        if variant == 1:
+            return OutputConstraint.JSON_SCHEMA(
+                _UniffiFfiConverterString.read(buf),
+            )
+        if variant == 2:
+            return OutputConstraint.LARK(
+                _UniffiFfiConverterString.read(buf),
+            )
+        if variant == 3:
+            return OutputConstraint.GBNF(
+                _UniffiFfiConverterString.read(buf),
+            )
+        if variant == 4:
+            return OutputConstraint.REGEX(
+                _UniffiFfiConverterString.read(buf),
+            )
+        if variant == 5:
+            return OutputConstraint.CHOICE(
+                _UniffiFfiConverterSequenceString.read(buf),
+            )
+        raise InternalError("Raw enum value doesn't match any cases")
+
+    @staticmethod
+    def check_lower(value):
+        if value.is_JSON_SCHEMA():
+            _UniffiFfiConverterString.check_lower(value.schema)
+            return
+        if value.is_LARK():
+            _UniffiFfiConverterString.check_lower(value.grammar)
+            return
+        if value.is_GBNF():
+            _UniffiFfiConverterString.check_lower(value.grammar)
+            return
+        if value.is_REGEX():
+            _UniffiFfiConverterString.check_lower(value.pattern)
+            return
+        if value.is_CHOICE():
+            _UniffiFfiConverterSequenceString.check_lower(value.choices)
+            return
+        raise ValueError(value)
+
+    @staticmethod
+    def write(value, buf):
+        if value.is_JSON_SCHEMA():
+            buf.write_i32(1)
+            _UniffiFfiConverterString.write(value.schema, buf)
+        if value.is_LARK():
+            buf.write_i32(2)
+            _UniffiFfiConverterString.write(value.grammar, buf)
+        if value.is_GBNF():
+            buf.write_i32(3)
+            _UniffiFfiConverterString.write(value.grammar, buf)
+        if value.is_REGEX():
+            buf.write_i32(4)
+            _UniffiFfiConverterString.write(value.pattern, buf)
+        if value.is_CHOICE():
+            buf.write_i32(5)
+            _UniffiFfiConverterSequenceString.write(value.choices, buf)
+
+
+
+class _UniffiFfiConverterOptionalTypeOutputConstraint(_UniffiConverterRustBuffer):
+    @classmethod
+    def check_lower(cls, value):
+        if value is not None:
+            _UniffiFfiConverterTypeOutputConstraint.check_lower(value)
+
+    @classmethod
+    def write(cls, value, buf):
+        if value is None:
+            buf.write_u8(0)
+            return
+
+        buf.write_u8(1)
+        _UniffiFfiConverterTypeOutputConstraint.write(value, buf)
+
+    @classmethod
+    def read(cls, buf):
+        flag = buf.read_u8()
+        if flag == 0:
+            return None
+        elif flag == 1:
+            return _UniffiFfiConverterTypeOutputConstraint.read(buf)
+        else:
+            raise InternalError("Unexpected flag byte for optional type")
+
 @dataclass
 class GenerationConfig:
     """
     Sampling and stopping for one generation. All fields have defaults.
 """
-    def __init__(self, *, max_tokens:int = 256, temperature:float = 0.8, top_k:int = 40, top_p:float = 0.95, min_p:float = 0.05, repetition_penalty:float = 1.0, seed:int = 0, stop:typing.List[str] = _DEFAULT):
+    def __init__(self, *, max_tokens:int = 256, temperature:float = 0.8, top_k:int = 40, top_p:float = 0.95, min_p:float = 0.05, repetition_penalty:float = 1.0, seed:int = 0, stop:typing.List[str] = _DEFAULT, constraint:typing.Optional[OutputConstraint] = _DEFAULT):
         self.max_tokens = max_tokens
         self.temperature = temperature
         self.top_k = top_k
@@ -1275,12 +1551,16 @@ class GenerationConfig:
             self.stop = []
         else:
             self.stop = stop
+        if constraint is _DEFAULT:
+            self.constraint = None
+        else:
+            self.constraint = constraint
         
         
 
     
     def __str__(self):
-        return "GenerationConfig(max_tokens={}, temperature={}, top_k={}, top_p={}, min_p={}, repetition_penalty={}, seed={}, stop={})".format(self.max_tokens, self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty, self.seed, self.stop)
+        return "GenerationConfig(max_tokens={}, temperature={}, top_k={}, top_p={}, min_p={}, repetition_penalty={}, seed={}, stop={}, constraint={})".format(self.max_tokens, self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty, self.seed, self.stop, self.constraint)
     def __eq__(self, other):
         if self.max_tokens != other.max_tokens:
             return False
@@ -1298,6 +1578,8 @@ class GenerationConfig:
             return False
         if self.stop != other.stop:
             return False
+        if self.constraint != other.constraint:
+            return False
         return True
 
 class _UniffiFfiConverterTypeGenerationConfig(_UniffiConverterRustBuffer):
@@ -1312,6 +1594,7 @@ class _UniffiFfiConverterTypeGenerationConfig(_UniffiConverterRustBuffer):
             repetition_penalty=_UniffiFfiConverterFloat32.read(buf),
             seed=_UniffiFfiConverterUInt64.read(buf),
             stop=_UniffiFfiConverterSequenceString.read(buf),
+            constraint=_UniffiFfiConverterOptionalTypeOutputConstraint.read(buf),
         )
 
     @staticmethod
@@ -1324,6 +1607,7 @@ class _UniffiFfiConverterTypeGenerationConfig(_UniffiConverterRustBuffer):
         _UniffiFfiConverterFloat32.check_lower(value.repetition_penalty)
         _UniffiFfiConverterUInt64.check_lower(value.seed)
         _UniffiFfiConverterSequenceString.check_lower(value.stop)
+        _UniffiFfiConverterOptionalTypeOutputConstraint.check_lower(value.constraint)
 
     @staticmethod
     def write(value, buf):
@@ -1335,6 +1619,7 @@ class _UniffiFfiConverterTypeGenerationConfig(_UniffiConverterRustBuffer):
         _UniffiFfiConverterFloat32.write(value.repetition_penalty, buf)
         _UniffiFfiConverterUInt64.write(value.seed, buf)
         _UniffiFfiConverterSequenceString.write(value.stop, buf)
+        _UniffiFfiConverterOptionalTypeOutputConstraint.write(value.constraint, buf)
 
 class _UniffiFfiConverterSequenceUInt32(_UniffiConverterRustBuffer):
     @classmethod
@@ -1391,6 +1676,17 @@ class StopReason(enum.Enum):
     The callback returned false, or `Session::cancel` was called.
 """
     
+    CONSTRAINT_COMPLETE = 5
+    """
+    The output constraint is complete; the text matches it.
+"""
+    
+    CONSTRAINT_INCOMPLETE = 6
+    """
+    `max_tokens` (or the context) ran out before the output matched its constraint: the
+    text is not a valid instance (e.g. unfinished JSON).
+"""
+    
 
 
 class _UniffiFfiConverterTypeStopReason(_UniffiConverterRustBuffer):
@@ -1407,6 +1703,10 @@ class _UniffiFfiConverterTypeStopReason(_UniffiConverterRustBuffer):
             return StopReason.CONTEXT_FULL
         if variant == 5:
             return StopReason.CANCELLED
+        if variant == 6:
+            return StopReason.CONSTRAINT_COMPLETE
+        if variant == 7:
+            return StopReason.CONSTRAINT_INCOMPLETE
         raise InternalError("Raw enum value doesn't match any cases")
 
     @staticmethod
@@ -1420,6 +1720,10 @@ class _UniffiFfiConverterTypeStopReason(_UniffiConverterRustBuffer):
         if value == StopReason.CONTEXT_FULL:
             return
         if value == StopReason.CANCELLED:
+            return
+        if value == StopReason.CONSTRAINT_COMPLETE:
+            return
+        if value == StopReason.CONSTRAINT_INCOMPLETE:
             return
         raise ValueError(value)
 
@@ -1435,6 +1739,10 @@ class _UniffiFfiConverterTypeStopReason(_UniffiConverterRustBuffer):
             buf.write_i32(4)
         if value == StopReason.CANCELLED:
             buf.write_i32(5)
+        if value == StopReason.CONSTRAINT_COMPLETE:
+            buf.write_i32(6)
+        if value == StopReason.CONSTRAINT_INCOMPLETE:
+            buf.write_i32(7)
 
 
 
@@ -2985,6 +3293,7 @@ def default_generation_config() -> GenerationConfig:
 __all__ = [
     "InternalError",
     "ContextPolicy",
+    "OutputConstraint",
     "StopReason",
     "PocketLmError",
     "ChatMessage",

@@ -1907,6 +1907,11 @@ public struct GenerationConfig: Equatable, Hashable {
      * Generation ends before any of these strings; they are not part of the output.
      */
     public var stop: [String]
+    /**
+     * What the output must match; None = free text. An invalid schema or grammar fails
+     * with `InvalidConfig` before any token is generated.
+     */
+    public var constraint: OutputConstraint?
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -1934,7 +1939,11 @@ public struct GenerationConfig: Equatable, Hashable {
          */seed: UInt64 = UInt64(0), 
         /**
          * Generation ends before any of these strings; they are not part of the output.
-         */stop: [String] = []) {
+         */stop: [String] = [], 
+        /**
+         * What the output must match; None = free text. An invalid schema or grammar fails
+         * with `InvalidConfig` before any token is generated.
+         */constraint: OutputConstraint? = nil) {
         self.maxTokens = maxTokens
         self.temperature = temperature
         self.topK = topK
@@ -1943,6 +1952,7 @@ public struct GenerationConfig: Equatable, Hashable {
         self.repetitionPenalty = repetitionPenalty
         self.seed = seed
         self.stop = stop
+        self.constraint = constraint
     }
 
     
@@ -1968,7 +1978,8 @@ public struct FfiConverterTypeGenerationConfig: FfiConverterRustBuffer {
                 minP: FfiConverterFloat.read(from: &buf), 
                 repetitionPenalty: FfiConverterFloat.read(from: &buf), 
                 seed: FfiConverterUInt64.read(from: &buf), 
-                stop: FfiConverterSequenceString.read(from: &buf)
+                stop: FfiConverterSequenceString.read(from: &buf), 
+                constraint: FfiConverterOptionTypeOutputConstraint.read(from: &buf)
         )
     }
 
@@ -1981,6 +1992,7 @@ public struct FfiConverterTypeGenerationConfig: FfiConverterRustBuffer {
         FfiConverterFloat.write(value.repetitionPenalty, into: &buf)
         FfiConverterUInt64.write(value.seed, into: &buf)
         FfiConverterSequenceString.write(value.stop, into: &buf)
+        FfiConverterOptionTypeOutputConstraint.write(value.constraint, into: &buf)
     }
 }
 
@@ -2447,6 +2459,126 @@ public func FfiConverterTypeContextPolicy_lower(_ value: ContextPolicy) -> RustB
 
 
 /**
+ * A shape the output must have, enforced token by token (llguidance).
+ */
+
+public enum OutputConstraint: Equatable, Hashable {
+    
+    /**
+     * A JSON Schema, as JSON text (everything OpenAI's strict mode accepts).
+     */
+    case jsonSchema(schema: String
+    )
+    /**
+     * A Lark grammar (llguidance's dialect, `start:` rule).
+     */
+    case lark(grammar: String
+    )
+    /**
+     * A GBNF grammar (llama.cpp's format, `root ::= ...`).
+     */
+    case gbnf(grammar: String
+    )
+    /**
+     * A regular expression the whole output must match.
+     */
+    case regex(pattern: String
+    )
+    /**
+     * Exactly one of these strings.
+     */
+    case choice(choices: [String]
+    )
+
+
+
+
+
+}
+
+#if compiler(>=6)
+extension OutputConstraint: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeOutputConstraint: FfiConverterRustBuffer {
+    typealias SwiftType = OutputConstraint
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> OutputConstraint {
+        let variant: Int32 = try readInt(&buf)
+        switch variant {
+        
+        case 1: return .jsonSchema(schema: try FfiConverterString.read(from: &buf)
+        )
+        
+        case 2: return .lark(grammar: try FfiConverterString.read(from: &buf)
+        )
+        
+        case 3: return .gbnf(grammar: try FfiConverterString.read(from: &buf)
+        )
+        
+        case 4: return .regex(pattern: try FfiConverterString.read(from: &buf)
+        )
+        
+        case 5: return .choice(choices: try FfiConverterSequenceString.read(from: &buf)
+        )
+        
+        default: throw UniffiInternalError.unexpectedEnumCase
+        }
+    }
+
+    public static func write(_ value: OutputConstraint, into buf: inout [UInt8]) {
+        switch value {
+        
+        
+        case let .jsonSchema(schema):
+            writeInt(&buf, Int32(1))
+            FfiConverterString.write(schema, into: &buf)
+            
+        
+        case let .lark(grammar):
+            writeInt(&buf, Int32(2))
+            FfiConverterString.write(grammar, into: &buf)
+            
+        
+        case let .gbnf(grammar):
+            writeInt(&buf, Int32(3))
+            FfiConverterString.write(grammar, into: &buf)
+            
+        
+        case let .regex(pattern):
+            writeInt(&buf, Int32(4))
+            FfiConverterString.write(pattern, into: &buf)
+            
+        
+        case let .choice(choices):
+            writeInt(&buf, Int32(5))
+            FfiConverterSequenceString.write(choices, into: &buf)
+            
+        }
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeOutputConstraint_lift(_ buf: RustBuffer) throws -> OutputConstraint {
+    return try FfiConverterTypeOutputConstraint.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeOutputConstraint_lower(_ value: OutputConstraint) -> RustBuffer {
+    return FfiConverterTypeOutputConstraint.lower(value)
+}
+
+
+
+/**
  * Every error the API reports. Match on the variant; `reason` is for people. (The field is
  * not called `message`: in Kotlin that would clash with `Throwable.message`.)
  */
@@ -2654,6 +2786,15 @@ public enum StopReason: Equatable, Hashable {
      * The callback returned false, or `Session::cancel` was called.
      */
     case cancelled
+    /**
+     * The output constraint is complete; the text matches it.
+     */
+    case constraintComplete
+    /**
+     * `max_tokens` (or the context) ran out before the output matched its constraint: the
+     * text is not a valid instance (e.g. unfinished JSON).
+     */
+    case constraintIncomplete
 
 
 
@@ -2685,6 +2826,10 @@ public struct FfiConverterTypeStopReason: FfiConverterRustBuffer {
         
         case 5: return .cancelled
         
+        case 6: return .constraintComplete
+        
+        case 7: return .constraintIncomplete
+        
         default: throw UniffiInternalError.unexpectedEnumCase
         }
     }
@@ -2711,6 +2856,14 @@ public struct FfiConverterTypeStopReason: FfiConverterRustBuffer {
         
         case .cancelled:
             writeInt(&buf, Int32(5))
+        
+        
+        case .constraintComplete:
+            writeInt(&buf, Int32(6))
+        
+        
+        case .constraintIncomplete:
+            writeInt(&buf, Int32(7))
         
         }
     }
@@ -2823,6 +2976,30 @@ fileprivate struct FfiConverterOptionTypeContextPolicy: FfiConverterRustBuffer {
         switch try readInt(&buf) as Int8 {
         case 0: return nil
         case 1: return try FfiConverterTypeContextPolicy.read(from: &buf)
+        default: throw UniffiInternalError.unexpectedOptionalTag
+        }
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterOptionTypeOutputConstraint: FfiConverterRustBuffer {
+    typealias SwiftType = OutputConstraint?
+
+    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
+        guard let value = value else {
+            writeInt(&buf, Int8(0))
+            return
+        }
+        writeInt(&buf, Int8(1))
+        FfiConverterTypeOutputConstraint.write(value, into: &buf)
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        switch try readInt(&buf) as Int8 {
+        case 0: return nil
+        case 1: return try FfiConverterTypeOutputConstraint.read(from: &buf)
         default: throw UniffiInternalError.unexpectedOptionalTag
         }
     }

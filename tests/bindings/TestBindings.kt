@@ -173,6 +173,22 @@ fun main(args: Array<String>) {
         val e = expect<PocketLmException.InvalidConfig> { Engine.open(modelPath, EngineOptions(cpuMask = "0xZ")) }
         check(e.reason.contains("0xZ")) { e.reason }
     }
+    tests["constrained output"] = {
+        val schema = """{"type":"object","properties":{"name":{"type":"string","maxLength":10},""" +
+            """"age":{"type":"integer","minimum":0,"maximum":120}},"required":["name","age"],"additionalProperties":false}"""
+        val cfg = GenerationConfig(maxTokens = 100u, temperature = 0.0f, constraint = OutputConstraint.JsonSchema(schema))
+        val r = engine.newSession().complete(PROMPT, cfg)
+        check(r.stopReason == StopReason.CONSTRAINT_COMPLETE) { "$r" }
+        check(r.text.startsWith("{\"name\": ") && r.text.endsWith("}")) { r.text }
+        val short = engine.newSession().complete(PROMPT, cfg.copy(maxTokens = 3u))
+        check(short.stopReason == StopReason.CONSTRAINT_INCOMPLETE) { "$short" }
+        val choice = GenerationConfig(maxTokens = 8u, temperature = 0.0f, constraint = OutputConstraint.Choice(listOf("a cat", "a dog")))
+        val c = engine.newSession().complete("Lily saw", choice)
+        check(c.text == "a cat" || c.text == "a dog") { c.text }
+        val bad = GenerationConfig(constraint = OutputConstraint.Gbnf("root ::= ("))
+        val e = expect<PocketLmException.InvalidConfig> { engine.newSession().complete(PROMPT, bad) }
+        check(e.reason.contains("GBNF")) { e.reason }
+    }
     tests["stop string"] = {
         val r = engine.newSession().complete(PROMPT, greedy(40, stop = listOf("Lily")))
         check(r.stopReason == StopReason.STOP_STRING) { "${r.stopReason}" }

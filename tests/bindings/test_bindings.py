@@ -21,6 +21,7 @@ from pocketlm import (  # noqa: E402
     Engine,
     EngineOptions,
     GenerationConfig,
+    OutputConstraint,
     PocketLmError,
     StopReason,
     TokenCallback,
@@ -191,6 +192,31 @@ def test_context_policies():
     session.set_context_policy(ContextPolicy.TRUNCATE_START)
     r = session.complete("Once upon a time there was a cat. " * 20, greedy(8))
     assert r.stats.dropped > 0 and r.stats.prompt_tokens == 96 - 8, r.stats
+
+
+SCHEMA = (
+    '{"type":"object","properties":{"name":{"type":"string","maxLength":10},'
+    '"age":{"type":"integer","minimum":0,"maximum":120}},"required":["name","age"],'
+    '"additionalProperties":false}'
+)
+
+
+def test_constrained_output():
+    import json
+
+    r = ENGINE.new_session().complete(PROMPT, greedy(100, constraint=OutputConstraint.JSON_SCHEMA(schema=SCHEMA)))
+    assert r.stop_reason == StopReason.CONSTRAINT_COMPLETE, r
+    value = json.loads(r.text)
+    assert set(value) == {"name", "age"} and 0 <= value["age"] <= 120, value
+    r = ENGINE.new_session().complete(PROMPT, greedy(3, constraint=OutputConstraint.JSON_SCHEMA(schema=SCHEMA)))
+    assert r.stop_reason == StopReason.CONSTRAINT_INCOMPLETE, r
+    r = ENGINE.new_session().complete("Lily saw", greedy(8, constraint=OutputConstraint.CHOICE(choices=["a cat", "a dog"])))
+    assert r.text in ("a cat", "a dog"), r
+    e = expect(
+        PocketLmError.InvalidConfig,
+        lambda: ENGINE.new_session().complete(PROMPT, greedy(8, constraint=OutputConstraint.GBNF(grammar="root ::= ("))),
+    )
+    assert "GBNF" in e.reason, e.reason
 
 
 def test_stop_string():

@@ -257,3 +257,54 @@ fn cpu_masks_pin_or_are_refused_by_name() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("'0-'"));
 }
+
+#[test]
+fn run_with_a_schema_prints_only_matching_json_or_fails() {
+    let (dir, plm) = convert(&ConvertOptions::with_weights(Encoding::F32));
+    let schema = dir.path().join("schema.json");
+    std::fs::write(
+        &schema,
+        r#"{"type":"object","properties":{"name":{"type":"string","maxLength":10},"age":{"type":"integer","minimum":0,"maximum":120}},"required":["name","age"],"additionalProperties":false}"#,
+    )
+    .unwrap();
+    let run = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_pocketlm"))
+            .args([
+                "-t",
+                "1",
+                "run",
+                plm.to_str().unwrap(),
+                "-p",
+                "Once upon a time",
+            ])
+            .args(["--temp", "0", "--json-schema", schema.to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["-n", "100"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let value: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        value["age"].is_i64() && value["name"].is_string(),
+        "{value}"
+    );
+    // Too few tokens: the output is not valid JSON, and the command says so and fails.
+    let out = run(&["-n", "3"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cut short"));
+    // A grammar that does not compile is refused before generation.
+    let grammar = dir.path().join("bad.gbnf");
+    std::fs::write(&grammar, "root ::= (").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_pocketlm"))
+        .args(["run", plm.to_str().unwrap(), "-p", "Hi", "--grammar"])
+        .arg(&grammar)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid GBNF grammar"));
+}

@@ -32,6 +32,44 @@ pub struct GenerationConfig {
     /// Generation ends before any of these strings; they are not part of the output.
     #[uniffi(default)]
     pub stop: Vec<String>,
+    /// What the output must match; None = free text. An invalid schema or grammar fails
+    /// with `InvalidConfig` before any token is generated.
+    #[uniffi(default = None)]
+    pub constraint: Option<OutputConstraint>,
+}
+
+/// A shape the output must have, enforced token by token (llguidance).
+#[derive(Clone, Debug, PartialEq, uniffi::Enum)]
+pub enum OutputConstraint {
+    /// A JSON Schema, as JSON text (everything OpenAI's strict mode accepts).
+    JsonSchema { schema: String },
+    /// A Lark grammar (llguidance's dialect, `start:` rule).
+    Lark { grammar: String },
+    /// A GBNF grammar (llama.cpp's format, `root ::= ...`).
+    Gbnf { grammar: String },
+    /// A regular expression the whole output must match.
+    Regex { pattern: String },
+    /// Exactly one of these strings.
+    Choice { choices: Vec<String> },
+}
+
+impl OutputConstraint {
+    fn to_runtime(&self) -> Result<pocketlm_runtime::constrain::OutputConstraint, PocketLmError> {
+        use pocketlm_runtime::constrain::OutputConstraint as C;
+        Ok(match self {
+            OutputConstraint::JsonSchema { schema } => {
+                C::JsonSchema(serde_json::from_str(schema).map_err(|e| {
+                    PocketLmError::InvalidConfig {
+                        reason: format!("the JSON schema is not valid JSON: {e}"),
+                    }
+                })?)
+            }
+            OutputConstraint::Lark { grammar } => C::Lark(grammar.clone()),
+            OutputConstraint::Gbnf { grammar } => C::Gbnf(grammar.clone()),
+            OutputConstraint::Regex { pattern } => C::Regex(pattern.clone()),
+            OutputConstraint::Choice { choices } => C::Choice(choices.clone()),
+        })
+    }
 }
 
 impl Default for GenerationConfig {
@@ -46,6 +84,7 @@ impl Default for GenerationConfig {
             repetition_penalty: s.repetition_penalty,
             seed: s.seed,
             stop: Vec::new(),
+            constraint: None,
         }
     }
 }
@@ -71,6 +110,11 @@ impl GenerationConfig {
             sampler,
             stop: self.stop.clone(),
             ignore_eos: false,
+            constraint: self
+                .constraint
+                .as_ref()
+                .map(OutputConstraint::to_runtime)
+                .transpose()?,
         })
     }
 }
@@ -93,6 +137,11 @@ pub enum StopReason {
     ContextFull,
     /// The callback returned false, or `Session::cancel` was called.
     Cancelled,
+    /// The output constraint is complete; the text matches it.
+    ConstraintComplete,
+    /// `max_tokens` (or the context) ran out before the output matched its constraint: the
+    /// text is not a valid instance (e.g. unfinished JSON).
+    ConstraintIncomplete,
 }
 
 impl From<pocketlm_runtime::StopReason> for StopReason {
@@ -103,6 +152,8 @@ impl From<pocketlm_runtime::StopReason> for StopReason {
             pocketlm_runtime::StopReason::MaxTokens => StopReason::MaxTokens,
             pocketlm_runtime::StopReason::ContextFull => StopReason::ContextFull,
             pocketlm_runtime::StopReason::Cancelled => StopReason::Cancelled,
+            pocketlm_runtime::StopReason::ConstraintComplete => StopReason::ConstraintComplete,
+            pocketlm_runtime::StopReason::ConstraintIncomplete => StopReason::ConstraintIncomplete,
         }
     }
 }

@@ -16,6 +16,7 @@ uniffi::setup_scaffolding!();
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use pocketlm_format::PlmError;
+use pocketlm_runtime::constrain::ConstraintError;
 use pocketlm_runtime::model::ModelError;
 use pocketlm_runtime::session::SessionFileError;
 use pocketlm_runtime::tokenizer::TokenizerError;
@@ -96,6 +97,11 @@ impl From<ModelError> for PocketLmError {
                 PocketLmError::ContextFull { reason }
             }
             ModelError::EmptyPrompt => PocketLmError::InvalidInput { reason },
+            ModelError::Constraint(
+                ConstraintError::Invalid { .. } | ConstraintError::InvalidChoice(_),
+            )
+            | ModelError::ConstraintsUnavailable => PocketLmError::InvalidConfig { reason },
+            ModelError::Constraint(_) => PocketLmError::Internal { reason },
             ModelError::InvalidToken { .. } => PocketLmError::Internal { reason },
             // Both come from a context length too large for the memory limits or the device.
             ModelError::MemoryLimit { .. } | ModelError::OutOfMemory { .. } => {

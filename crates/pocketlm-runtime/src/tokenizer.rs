@@ -163,6 +163,7 @@ impl Tokenizer {
 
     /// The wrapped `tokenizers` tokenizer, for code that needs the whole vocabulary (the
     /// constrained-decoding token trie).
+    #[cfg_attr(not(feature = "constrained"), allow(dead_code))]
     pub(crate) fn hf_tokenizer(&self) -> &tokenizers::Tokenizer {
         &self.inner
     }

@@ -345,3 +345,137 @@ fn a_reconverted_model_keeps_its_identity_and_its_sessions() {
     let f16 = Model::open(model_file(Encoding::F16)).unwrap();
     assert_ne!(model_identity(&original), model_identity(&f16));
 }
+
+mod constrained {
+    use super::*;
+    use pocketlm_runtime::StopReason;
+    use pocketlm_runtime::constrain::{ConstraintError, OutputConstraint};
+
+    fn constrained(max_tokens: usize, constraint: OutputConstraint) -> GenerateOptions {
+        GenerateOptions {
+            constraint: Some(constraint),
+            ..greedy(max_tokens)
+        }
+    }
+
+    #[test]
+    fn json_schema_output_parses_and_matches() {
+        let model = model(KvType::F32);
+        let schema = serde_json::json!({
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "maxLength": 12},
+                "age": {"type": "integer"},
+                "happy": {"type": "boolean"}
+            },
+            "required": ["name", "age", "happy"],
+            "additionalProperties": false
+        });
+        let mut session = Session::new(Arc::clone(&model), 256).unwrap();
+        let mut streamed = String::new();
+        let g = session
+            .complete(
+                "Once upon a time",
+                &constrained(120, OutputConstraint::JsonSchema(schema)),
+                |piece| {
+                    streamed.push_str(piece);
+                    true
+                },
+            )
+            .unwrap();
+        assert_eq!(g.stop_reason, StopReason::ConstraintComplete, "{}", g.text);
+        assert_eq!(streamed, g.text);
+        let value: serde_json::Value = serde_json::from_str(&g.text).unwrap();
+        let object = value.as_object().unwrap();
+        assert_eq!(object.len(), 3, "{value}");
+        assert!(object["name"].as_str().unwrap().chars().count() <= 12);
+        assert!(
+            object["age"].is_i64() && object["happy"].is_boolean(),
+            "{value}"
+        );
+    }
+
+    #[test]
+    fn choices_regexes_and_budgets() {
+        let model = model(KvType::F32);
+        let mut session = Session::new(Arc::clone(&model), 256).unwrap();
+        let choices = vec!["the cat".to_string(), "a big dog".to_string()];
+        let g = session
+            .complete(
+                "Lily saw",
+                &constrained(16, OutputConstraint::Choice(choices.clone())),
+                |_| true,
+            )
+            .unwrap();
+        assert!(choices.contains(&g.text), "{:?}", g.text);
+        assert_eq!(g.stop_reason, StopReason::ConstraintComplete);
+
+        let g = session
+            .complete(
+                "Lily was",
+                &constrained(16, OutputConstraint::Regex("[0-9]{3}-[a-z]{2}".into())),
+                |_| true,
+            )
+            .unwrap();
+        let bytes = g.text.as_bytes();
+        assert!(
+            g.text.len() == 6
+                && bytes[..3].iter().all(u8::is_ascii_digit)
+                && bytes[3] == b'-'
+                && bytes[4..].iter().all(u8::is_ascii_lowercase),
+            "{:?}",
+            g.text
+        );
+
+        // A budget too small for the schema ends with a stop reason that says so.
+        let schema = serde_json::json!({
+            "type": "object",
+            "properties": {"story": {"type": "string", "minLength": 40}},
+            "required": ["story"]
+        });
+        let g = session
+            .complete(
+                "Once upon a time",
+                &constrained(6, OutputConstraint::JsonSchema(schema)),
+                |_| true,
+            )
+            .unwrap();
+        assert_eq!(
+            g.stop_reason,
+            StopReason::ConstraintIncomplete,
+            "{}",
+            g.text
+        );
+        assert!(serde_json::from_str::<serde_json::Value>(&g.text).is_err());
+    }
+
+    #[test]
+    fn invalid_constraints_are_refused_before_anything_runs() {
+        let model = model(KvType::F32);
+        let mut session = Session::new(Arc::clone(&model), 256).unwrap();
+        session
+            .complete("Once upon a time", &greedy(4), |_| true)
+            .unwrap();
+        let before = session.history().to_vec();
+        for bad in [
+            OutputConstraint::JsonSchema(serde_json::json!({"type": "no-such-type"})),
+            OutputConstraint::Lark("start: (".into()),
+            OutputConstraint::Regex("(unclosed".into()),
+            OutputConstraint::Choice(Vec::new()),
+        ] {
+            let err = session
+                .complete("Lily", &constrained(8, bad.clone()), |_| true)
+                .unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ModelError::Constraint(
+                        ConstraintError::Invalid { .. } | ConstraintError::InvalidChoice(_)
+                    )
+                ),
+                "{bad:?}: {err}"
+            );
+            assert_eq!(session.history(), before, "nothing ran for {bad:?}");
+        }
+    }
+}

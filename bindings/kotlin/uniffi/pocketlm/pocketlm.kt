@@ -3291,6 +3291,12 @@ data class GenerationConfig (
      * Generation ends before any of these strings; they are not part of the output.
      */
     var `stop`: List<kotlin.String> = listOf() 
+    , 
+    /**
+     * What the output must match; None = free text. An invalid schema or grammar fails
+     * with `InvalidConfig` before any token is generated.
+     */
+    var `constraint`: OutputConstraint? = null 
     
 ){
     
@@ -3315,6 +3321,7 @@ public object FfiConverterTypeGenerationConfig: FfiConverterRustBuffer<Generatio
             FfiConverterFloat.read(buf),
             FfiConverterULong.read(buf),
             FfiConverterSequenceString.read(buf),
+            FfiConverterOptionalTypeOutputConstraint.read(buf),
         )
     }
 
@@ -3326,7 +3333,8 @@ public object FfiConverterTypeGenerationConfig: FfiConverterRustBuffer<Generatio
             FfiConverterFloat.allocationSize(value.`minP`) +
             FfiConverterFloat.allocationSize(value.`repetitionPenalty`) +
             FfiConverterULong.allocationSize(value.`seed`) +
-            FfiConverterSequenceString.allocationSize(value.`stop`)
+            FfiConverterSequenceString.allocationSize(value.`stop`) +
+            FfiConverterOptionalTypeOutputConstraint.allocationSize(value.`constraint`)
     )
 
     override fun write(value: GenerationConfig, buf: ByteBuffer) {
@@ -3338,6 +3346,7 @@ public object FfiConverterTypeGenerationConfig: FfiConverterRustBuffer<Generatio
             FfiConverterFloat.write(value.`repetitionPenalty`, buf)
             FfiConverterULong.write(value.`seed`, buf)
             FfiConverterSequenceString.write(value.`stop`, buf)
+            FfiConverterOptionalTypeOutputConstraint.write(value.`constraint`, buf)
     }
 }
 
@@ -3668,6 +3677,179 @@ public object FfiConverterTypeContextPolicy: FfiConverterRustBuffer<ContextPolic
 
 
 
+/**
+ * A shape the output must have, enforced token by token (llguidance).
+ */
+sealed class OutputConstraint {
+    
+    /**
+     * A JSON Schema, as JSON text (everything OpenAI's strict mode accepts).
+     */
+    data class JsonSchema(
+        val `schema`: kotlin.String) : OutputConstraint()
+        
+    {
+        
+
+        companion object
+    }
+    
+    /**
+     * A Lark grammar (llguidance's dialect, `start:` rule).
+     */
+    data class Lark(
+        val `grammar`: kotlin.String) : OutputConstraint()
+        
+    {
+        
+
+        companion object
+    }
+    
+    /**
+     * A GBNF grammar (llama.cpp's format, `root ::= ...`).
+     */
+    data class Gbnf(
+        val `grammar`: kotlin.String) : OutputConstraint()
+        
+    {
+        
+
+        companion object
+    }
+    
+    /**
+     * A regular expression the whole output must match.
+     */
+    data class Regex(
+        val `pattern`: kotlin.String) : OutputConstraint()
+        
+    {
+        
+
+        companion object
+    }
+    
+    /**
+     * Exactly one of these strings.
+     */
+    data class Choice(
+        val `choices`: List<kotlin.String>) : OutputConstraint()
+        
+    {
+        
+
+        companion object
+    }
+    
+
+    
+
+    
+    
+
+
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeOutputConstraint : FfiConverterRustBuffer<OutputConstraint>{
+    override fun read(buf: ByteBuffer): OutputConstraint {
+        return when(buf.getInt()) {
+            1 -> OutputConstraint.JsonSchema(
+                FfiConverterString.read(buf),
+                )
+            2 -> OutputConstraint.Lark(
+                FfiConverterString.read(buf),
+                )
+            3 -> OutputConstraint.Gbnf(
+                FfiConverterString.read(buf),
+                )
+            4 -> OutputConstraint.Regex(
+                FfiConverterString.read(buf),
+                )
+            5 -> OutputConstraint.Choice(
+                FfiConverterSequenceString.read(buf),
+                )
+            else -> throw RuntimeException("invalid enum value, something is very wrong!!")
+        }
+    }
+
+    override fun allocationSize(value: OutputConstraint): ULong = when(value) {
+        is OutputConstraint.JsonSchema -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterString.allocationSize(value.`schema`)
+            )
+        }
+        is OutputConstraint.Lark -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterString.allocationSize(value.`grammar`)
+            )
+        }
+        is OutputConstraint.Gbnf -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterString.allocationSize(value.`grammar`)
+            )
+        }
+        is OutputConstraint.Regex -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterString.allocationSize(value.`pattern`)
+            )
+        }
+        is OutputConstraint.Choice -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterSequenceString.allocationSize(value.`choices`)
+            )
+        }
+    }
+
+    override fun write(value: OutputConstraint, buf: ByteBuffer) {
+        when(value) {
+            is OutputConstraint.JsonSchema -> {
+                buf.putInt(1)
+                FfiConverterString.write(value.`schema`, buf)
+                Unit
+            }
+            is OutputConstraint.Lark -> {
+                buf.putInt(2)
+                FfiConverterString.write(value.`grammar`, buf)
+                Unit
+            }
+            is OutputConstraint.Gbnf -> {
+                buf.putInt(3)
+                FfiConverterString.write(value.`grammar`, buf)
+                Unit
+            }
+            is OutputConstraint.Regex -> {
+                buf.putInt(4)
+                FfiConverterString.write(value.`pattern`, buf)
+                Unit
+            }
+            is OutputConstraint.Choice -> {
+                buf.putInt(5)
+                FfiConverterSequenceString.write(value.`choices`, buf)
+                Unit
+            }
+        }.let { /* this makes the `when` an expression, which ensures it is exhaustive */ }
+    }
+}
+
+
+
+
+
 
 
 /**
@@ -3950,7 +4132,16 @@ enum class StopReason {
     /**
      * The callback returned false, or `Session::cancel` was called.
      */
-    CANCELLED;
+    CANCELLED,
+    /**
+     * The output constraint is complete; the text matches it.
+     */
+    CONSTRAINT_COMPLETE,
+    /**
+     * `max_tokens` (or the context) ran out before the output matched its constraint: the
+     * text is not a valid instance (e.g. unfinished JSON).
+     */
+    CONSTRAINT_INCOMPLETE;
 
     
 
@@ -4102,6 +4293,38 @@ public object FfiConverterOptionalTypeContextPolicy: FfiConverterRustBuffer<Cont
         } else {
             buf.put(1)
             FfiConverterTypeContextPolicy.write(value, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterOptionalTypeOutputConstraint: FfiConverterRustBuffer<OutputConstraint?> {
+    override fun read(buf: ByteBuffer): OutputConstraint? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterTypeOutputConstraint.read(buf)
+    }
+
+    override fun allocationSize(value: OutputConstraint?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterTypeOutputConstraint.allocationSize(value)
+        }
+    }
+
+    override fun write(value: OutputConstraint?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterTypeOutputConstraint.write(value, buf)
         }
     }
 }

@@ -4,7 +4,12 @@
 
 use clap::Args;
 use pocketlm_eval::PerplexityOptions;
-use pocketlm_runtime::sampler::{SamplerConfig, SamplerError};
+use std::path::{Path, PathBuf};
+
+use pocketlm_runtime::constrain::OutputConstraint;
+use pocketlm_runtime::sampler::SamplerConfig;
+
+use crate::commands::CliError;
 use pocketlm_runtime::{ContextPolicy, GenerateOptions};
 
 // `--json`: the result as one JSON object on stdout instead of text; scripts rely on it
@@ -69,10 +74,23 @@ pub struct GenerationArgs {
     /// Keep generating past end-of-sequence tokens.
     #[arg(long)]
     pub ignore_eos: bool,
+    /// The output must be JSON matching this JSON Schema file.
+    #[arg(long, value_name = "FILE", group = "constraint")]
+    pub json_schema: Option<PathBuf>,
+    /// The output must match this grammar file: GBNF (`root ::= ...`, as llama.cpp) or Lark
+    /// (`start: ...`, llguidance's dialect).
+    #[arg(long, value_name = "FILE", group = "constraint")]
+    pub grammar: Option<PathBuf>,
+    /// The output must match this regular expression.
+    #[arg(long, value_name = "REGEX", group = "constraint")]
+    pub regex: Option<String>,
+    /// The output must be one of these strings (repeat the flag for each).
+    #[arg(long, value_name = "TEXT", group = "constraint")]
+    pub choice: Vec<String>,
 }
 
 impl GenerationArgs {
-    pub fn options(&self) -> Result<GenerateOptions, SamplerError> {
+    pub fn options(&self) -> Result<GenerateOptions, CliError> {
         let options = GenerateOptions {
             max_tokens: self.max_tokens,
             sampler: SamplerConfig {
@@ -86,8 +104,38 @@ impl GenerationArgs {
             },
             stop: self.stop.clone(),
             ignore_eos: self.ignore_eos,
+            constraint: self.constraint()?,
         };
         options.sampler.validate()?;
         Ok(options)
+    }
+}
+
+impl GenerationArgs {
+    /// The output constraint the flags ask for (at most one; clap enforces that).
+    fn constraint(&self) -> Result<Option<OutputConstraint>, CliError> {
+        let read = |path: &Path| {
+            std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))
+        };
+        Ok(if let Some(path) = &self.json_schema {
+            let text = read(path)?;
+            let schema = serde_json::from_str(&text)
+                .map_err(|e| format!("--json-schema {}: not JSON: {e}", path.display()))?;
+            Some(OutputConstraint::JsonSchema(schema))
+        } else if let Some(path) = &self.grammar {
+            let text = read(path)?;
+            // GBNF rules are written `name ::= ...`; Lark's `name: ...`.
+            Some(if text.contains("::=") {
+                OutputConstraint::Gbnf(text)
+            } else {
+                OutputConstraint::Lark(text)
+            })
+        } else if let Some(regex) = &self.regex {
+            Some(OutputConstraint::Regex(regex.clone()))
+        } else if !self.choice.is_empty() {
+            Some(OutputConstraint::Choice(self.choice.clone()))
+        } else {
+            None
+        })
     }
 }

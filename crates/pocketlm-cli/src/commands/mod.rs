@@ -13,7 +13,9 @@ use std::path::Path;
 use crate::args::Command;
 
 /// Errors reach `main`, which prints them after `error: ` and exits with failure.
-pub type CliResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+pub type CliResult = Result<(), CliError>;
+
+pub type CliError = Box<dyn std::error::Error + Send + Sync>;
 
 pub fn execute(command: Command) -> CliResult {
     match command {

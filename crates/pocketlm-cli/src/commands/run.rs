@@ -3,8 +3,8 @@
 use std::io::Write;
 use std::sync::Arc;
 
-use pocketlm_runtime::Session;
 use pocketlm_runtime::tokenizer::ChatMessage;
+use pocketlm_runtime::{Session, StopReason};
 
 use crate::args::RunArgs;
 use crate::commands::CliResult;
@@ -36,7 +36,8 @@ pub fn execute(a: RunArgs) -> CliResult {
         });
         session.chat(&messages, &options, &mut emit)?
     } else {
-        if !a.prompt.is_empty() {
+        // Constrained output is printed alone, so that it can be piped into a parser.
+        if !a.prompt.is_empty() && options.constraint.is_none() {
             emit(&a.prompt);
         }
         session.generate(&a.prompt, &options, &mut emit)?
@@ -56,5 +57,12 @@ pub fn execute(a: RunArgs) -> CliResult {
         rayon::current_num_threads(),
         pocketlm_kernels::active_path().name(),
     );
+    if generation.stop_reason == StopReason::ConstraintIncomplete {
+        return Err(format!(
+            "the output was cut short before it matched its constraint ({} tokens; raise -n)",
+            generation.tokens.len()
+        )
+        .into());
+    }
     Ok(())
 }

@@ -78,6 +78,7 @@ impl OutputConstraint {
 
     /// The constraint as a Lark grammar (choices) or passed through; checks what can be
     /// checked without the engine.
+    #[cfg_attr(not(feature = "constrained"), allow(dead_code))]
     fn choice_lark(choices: &[String]) -> Result<String, ConstraintError> {
         if choices.is_empty() {
             return Err(ConstraintError::InvalidChoice("no choices"));

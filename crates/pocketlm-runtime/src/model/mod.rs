@@ -50,6 +50,12 @@ pub enum ModelError {
     },
     #[error("nothing to generate from: the prompt is empty and the session holds no tokens")]
     EmptyPrompt,
+    #[error("output constraint: {0}")]
+    Constraint(#[from] crate::constrain::ConstraintError),
+    #[error(
+        "output constraints need the runtime's `constrained` feature, which this build leaves out"
+    )]
+    ConstraintsUnavailable,
     #[error("token id {id} is outside the vocabulary (size {vocab_size})")]
     InvalidToken { id: u32, vocab_size: usize },
     #[error(
@@ -321,6 +327,11 @@ pub struct Model {
     options: ModelOptions,
     /// With [`VerifyMode::Lazy`]: per table entry, whether its checksum has been checked.
     verified: Option<Vec<AtomicBool>>,
+    /// The token trie of constrained output, built on first use and shared by sessions.
+    #[cfg(feature = "constrained")]
+    constraint_vocabulary: std::sync::OnceLock<
+        Result<Arc<crate::constrain::ConstraintVocabulary>, crate::constrain::ConstraintError>,
+    >,
 }
 
 impl Model {
@@ -459,6 +470,8 @@ impl Model {
         let mut model = Model {
             options,
             verified,
+            #[cfg(feature = "constrained")]
+            constraint_vocabulary: std::sync::OnceLock::new(),
             inv_freq: rope_inv_freq(&config),
             token_embd,
             output_norm: index(names::OUTPUT_NORM),
@@ -538,6 +551,18 @@ impl Model {
 
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
+    }
+
+    /// The token trie constrained output needs, built once per model (tens of milliseconds
+    /// for a 49k vocabulary) and shared by every session.
+    #[cfg(feature = "constrained")]
+    pub fn constraint_vocabulary(
+        &self,
+    ) -> Result<Arc<crate::constrain::ConstraintVocabulary>, crate::constrain::ConstraintError>
+    {
+        self.constraint_vocabulary
+            .get_or_init(|| crate::constrain::ConstraintVocabulary::new(&self.tokenizer))
+            .clone()
     }
 
     pub fn tokenizer_spec(&self) -> &TokenizerSpec {

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::constrain::OutputConstraint;
 use crate::model::{KvCache, Logits, Model, ModelError};
 use crate::sampler::{Sampler, SamplerConfig};
 use crate::tokenizer::{ChatMessage, StreamDecoder};
@@ -30,6 +31,9 @@ pub struct GenerateOptions {
     pub stop: Vec<String>,
     /// Keep going past end-of-sequence tokens (benchmarks).
     pub ignore_eos: bool,
+    /// What the output must match (JSON schema, grammar, regex, choices); checked before
+    /// the first token, applied as a logit mask at every step.
+    pub constraint: Option<OutputConstraint>,
 }
 
 impl Default for GenerateOptions {
@@ -39,6 +43,7 @@ impl Default for GenerateOptions {
             sampler: SamplerConfig::default(),
             stop: Vec::new(),
             ignore_eos: false,
+            constraint: None,
         }
     }
 }
@@ -48,9 +53,16 @@ impl Default for GenerateOptions {
 pub enum StopReason {
     EndOfSequence,
     StopString,
+    /// The token budget ran out. With an output constraint, the output so far matches it
+    /// (it could have gone on, as a number can); see `ConstraintIncomplete`.
     MaxTokens,
     ContextFull,
     Cancelled,
+    /// The output constraint is complete: nothing more can follow, the output matches.
+    ConstraintComplete,
+    /// The token budget ran out before the output matched its constraint: the text is not
+    /// a valid instance (e.g. unfinished JSON). Never reported as success.
+    ConstraintIncomplete,
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -340,6 +352,8 @@ impl Session {
         options: &GenerateOptions,
         on_text: impl FnMut(&str) -> bool,
     ) -> Result<Generation, ModelError> {
+        // An invalid constraint is refused before anything is computed.
+        let guard = OutputGuard::new(&self.model, options.constraint.as_ref())?;
         let started = Instant::now();
         let (logits, reused) = self.prefill_reusing(&prompt.tokens)?;
         let stats = GenerationStats {
@@ -349,7 +363,7 @@ impl Session {
             prefill_seconds: started.elapsed().as_secs_f64(),
             ..Default::default()
         };
-        self.decode(logits, stats, started, options, on_text)
+        self.decode(logits, guard, stats, started, options, on_text)
     }
 
     /// Appends `prompt` to what the session holds and generates (an empty prompt continues
@@ -360,6 +374,7 @@ impl Session {
         options: &GenerateOptions,
         on_text: impl FnMut(&str) -> bool,
     ) -> Result<Generation, ModelError> {
+        let guard = OutputGuard::new(&self.model, options.constraint.as_ref())?;
         let started = Instant::now();
         let logits = if prompt.is_empty() {
             // Continue from the last cached token, re-scoring it for its logits.
@@ -375,13 +390,14 @@ impl Session {
             prefill_seconds: started.elapsed().as_secs_f64(),
             ..Default::default()
         };
-        self.decode(logits, stats, started, options, on_text)
+        self.decode(logits, guard, stats, started, options, on_text)
     }
 
     /// Samples and runs tokens from `logits` (of the last prompt token) until a stop.
     fn decode(
         &mut self,
         mut logits: Vec<f32>,
+        mut constraint: OutputGuard,
         mut stats: GenerationStats,
         started: Instant,
         options: &GenerateOptions,
@@ -397,10 +413,16 @@ impl Session {
         let decode_started = Instant::now();
         let stop_reason = loop {
             if tokens.len() >= options.max_tokens {
-                break StopReason::MaxTokens;
+                break if constraint.can_stop() {
+                    StopReason::MaxTokens
+                } else {
+                    StopReason::ConstraintIncomplete
+                };
             }
+            constraint.mask(&mut logits)?;
             let recent = &self.history[self.history.len().saturating_sub(512)..];
             let token = sampler.sample(&mut logits, recent);
+            constraint.commit(token)?;
             if tokens.is_empty() {
                 stats.time_to_first_token_ms = started.elapsed().as_secs_f64() * 1e3;
             }
@@ -419,8 +441,15 @@ impl Session {
                     break StopReason::Cancelled;
                 }
             }
+            if constraint.is_finished() {
+                break StopReason::ConstraintComplete;
+            }
             if self.cache.len() >= self.cache.capacity() {
-                break StopReason::ContextFull;
+                break if constraint.can_stop() {
+                    StopReason::ContextFull
+                } else {
+                    StopReason::ConstraintIncomplete
+                };
             }
             logits = model.forward(&[token], &mut self.cache, Logits::Last)?;
             self.history.push(token);
@@ -440,6 +469,69 @@ impl Session {
             stop_reason,
             stats,
         })
+    }
+}
+
+/// The output constraint of one generation, if any (a no-op without one).
+struct OutputGuard {
+    #[cfg(feature = "constrained")]
+    constraint: Option<crate::constrain::Constraint>,
+}
+
+impl OutputGuard {
+    #[cfg(feature = "constrained")]
+    fn new(model: &Model, constraint: Option<&OutputConstraint>) -> Result<Self, ModelError> {
+        let constraint = match constraint {
+            Some(c) => Some(crate::constrain::Constraint::new(
+                &model.constraint_vocabulary()?,
+                c,
+            )?),
+            None => None,
+        };
+        Ok(OutputGuard { constraint })
+    }
+
+    #[cfg(not(feature = "constrained"))]
+    fn new(_model: &Model, constraint: Option<&OutputConstraint>) -> Result<Self, ModelError> {
+        match constraint {
+            Some(_) => Err(ModelError::ConstraintsUnavailable),
+            None => Ok(OutputGuard {}),
+        }
+    }
+
+    fn mask(&mut self, logits: &mut [f32]) -> Result<(), ModelError> {
+        #[cfg(feature = "constrained")]
+        if let Some(c) = &mut self.constraint {
+            c.mask_logits(logits)?;
+        }
+        let _ = logits;
+        Ok(())
+    }
+
+    fn commit(&mut self, token: u32) -> Result<(), ModelError> {
+        #[cfg(feature = "constrained")]
+        if let Some(c) = &mut self.constraint {
+            c.commit(token)?;
+        }
+        let _ = token;
+        Ok(())
+    }
+
+    fn is_finished(&self) -> bool {
+        #[cfg(feature = "constrained")]
+        if let Some(c) = &self.constraint {
+            return c.is_finished();
+        }
+        false
+    }
+
+    /// Whether the output so far matches (always, without a constraint).
+    fn can_stop(&mut self) -> bool {
+        #[cfg(feature = "constrained")]
+        if let Some(c) = &mut self.constraint {
+            return c.can_stop();
+        }
+        true
     }
 }
 
