@@ -94,8 +94,7 @@ fn greedy_chat_reply_is_fluent_and_deterministic() {
     let options = GenerateOptions {
         max_tokens: 48,
         sampler: SamplerConfig::greedy(),
-        stop: Vec::new(),
-        ignore_eos: false,
+        ..GenerateOptions::default()
     };
     let messages = [ChatMessage {
         role: "user".into(),

@@ -33,8 +33,7 @@ fn greedy(max_tokens: usize) -> GenerateOptions {
     GenerateOptions {
         max_tokens,
         sampler: SamplerConfig::greedy(),
-        stop: Vec::new(),
-        ignore_eos: false,
+        ..GenerateOptions::default()
     }
 }
 

@@ -34,8 +34,9 @@ pub enum EvalError {
     Data {
         source_name: String,
         line: usize,
+        /// Boxed: records hold JSON values, which would make every `EvalError` large.
         #[source]
-        source: zeroshot::DataError,
+        source: Box<zeroshot::DataError>,
     },
     #[error("{path}: {source}")]
     Io {

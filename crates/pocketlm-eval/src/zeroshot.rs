@@ -240,7 +240,7 @@ pub fn parse_examples(
         let error = |source: DataError| EvalError::Data {
             source_name: source_name.to_string(),
             line: i + 1,
-            source,
+            source: Box::new(source),
         };
         let record: Value = serde_json::from_str(line).map_err(|e| error(DataError::Json(e)))?;
         if !record.is_object() {

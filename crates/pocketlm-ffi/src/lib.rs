@@ -97,10 +97,15 @@ impl From<ModelError> for PocketLmError {
                 PocketLmError::ContextFull { reason }
             }
             ModelError::EmptyPrompt => PocketLmError::InvalidInput { reason },
-            ModelError::Constraint(
-                ConstraintError::Invalid { .. } | ConstraintError::InvalidChoice(_),
-            )
-            | ModelError::ConstraintsUnavailable => PocketLmError::InvalidConfig { reason },
+            ModelError::Constraint(e)
+                if matches!(
+                    *e,
+                    ConstraintError::Invalid { .. } | ConstraintError::InvalidChoice(_)
+                ) =>
+            {
+                PocketLmError::InvalidConfig { reason }
+            }
+            ModelError::ConstraintsUnavailable => PocketLmError::InvalidConfig { reason },
             ModelError::Constraint(_) => PocketLmError::Internal { reason },
             ModelError::InvalidToken { .. } => PocketLmError::Internal { reason },
             // Both come from a context length too large for the memory limits or the device.

@@ -468,8 +468,9 @@ mod constrained {
                 .unwrap_err();
             assert!(
                 matches!(
-                    err,
-                    ModelError::Constraint(
+                    &err,
+                    ModelError::Constraint(e) if matches!(
+                        **e,
                         ConstraintError::Invalid { .. } | ConstraintError::InvalidChoice(_)
                     )
                 ),

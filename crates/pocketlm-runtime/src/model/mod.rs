@@ -50,8 +50,9 @@ pub enum ModelError {
     },
     #[error("nothing to generate from: the prompt is empty and the session holds no tokens")]
     EmptyPrompt,
+    /// Boxed: the engine's messages would make every `Result<_, ModelError>` large.
     #[error("output constraint: {0}")]
-    Constraint(#[from] crate::constrain::ConstraintError),
+    Constraint(Box<crate::constrain::ConstraintError>),
     #[error(
         "output constraints need the runtime's `constrained` feature, which this build leaves out"
     )]
@@ -106,6 +107,12 @@ pub const DEFAULT_MAX_KV_CACHE_BYTES: u64 = 8 << 30;
 /// Default upper bound on the activations of one forward pass (hidden states, projections
 /// and logits of the batch), in bytes.
 pub const DEFAULT_MAX_ACTIVATION_BYTES: u64 = 4 << 30;
+
+impl From<crate::constrain::ConstraintError> for ModelError {
+    fn from(e: crate::constrain::ConstraintError) -> Self {
+        ModelError::Constraint(Box::new(e))
+    }
+}
 
 /// When tensor checksums are checked at run time (`pocketlm verify` checks them all offline).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
