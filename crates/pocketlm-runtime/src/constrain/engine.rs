@@ -407,7 +407,6 @@ mod tests {
     #[test]
     fn eos_ends_an_extensible_match() {
         let vocabulary = vocabulary();
-        let tokenizer = stories();
         let mut c =
             Constraint::new(&vocabulary, &OutputConstraint::Regex("[0-9]+".into())).unwrap();
         let seven = (0..512)
