@@ -36,7 +36,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "name": {"type": "string"},
             "age": {"type": "integer"},
             "city": {"type": "string"},
-            "hobbies": {"type": "array", "items": {"type": "string"}},
+            "hobbies": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
             "pet": {"$ref": "#/$defs/pet"}
         },
         "required": ["name", "age", "city", "hobbies", "pet"],

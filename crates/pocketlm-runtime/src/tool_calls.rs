@@ -407,7 +407,7 @@ mod constraint {
     use serde_json::Value;
 
     use super::{ToolCallFormat, ToolDefinitionError, tool_call_schema};
-    use crate::constrain::OutputConstraint;
+    use crate::constrain::{OutputConstraint, with_single_line_default};
     use crate::tokenizer::Tokenizer;
 
     /// How a grammar writes `marker`: by token id when the vocabulary has it as one token
@@ -434,7 +434,12 @@ mod constraint {
         tokenizer: &Tokenizer,
     ) -> Result<OutputConstraint, ToolDefinitionError> {
         let call = tool_call_schema(format, tools)?;
-        let list = serde_json::json!({"type": "array", "items": call, "minItems": 1});
+        let list = with_single_line_default(
+            &serde_json::json!({"type": "array", "items": call, "minItems": 1}),
+        );
+        // One line, as with a JSON Schema constraint: a `%json` block inside Lark otherwise
+        // allows any whitespace, and small models pretty-print until they run out of tokens.
+        let call = with_single_line_default(&call);
         let lark = match format {
             ToolCallFormat::Hermes => format!(
                 "start: call (\"\\n\" call)*\ncall: {} \"\\n\" %json {call} \"\\n\" {}\n",

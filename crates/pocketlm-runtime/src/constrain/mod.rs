@@ -20,6 +20,8 @@ mod vocabulary;
 
 #[cfg(feature = "constrained")]
 pub use engine::Constraint;
+#[cfg(feature = "constrained")]
+pub(crate) use engine::with_single_line_default;
 pub use gbnf::gbnf_to_lark;
 #[cfg(feature = "constrained")]
 pub use vocabulary::ConstraintVocabulary;
