@@ -183,7 +183,7 @@ fn hermes_tool_call_is_constrained_and_parses() {
             "city": {"type": "string", "maxLength": 30}, "unit": {"enum": ["celsius", "fahrenheit"]}},
             "required": ["city", "unit"], "additionalProperties": false}}})];
     let constraint =
-        tool_call_constraint(ToolCallFormat::Hermes, &tools, model.tokenizer()).unwrap();
+        tool_call_constraint(ToolCallFormat::Hermes, &tools, model.tokenizer(), false).unwrap();
     let (text, complete) = generate(
         &model,
         &vocabulary,

@@ -428,21 +428,34 @@ mod constraint {
     /// tools with arguments matching their parameter schemas. For output that may also be
     /// plain text, generate unconstrained and parse, or use this only once the model opened
     /// a call.
+    ///
+    /// With `parallel_calls` false the output is exactly one call (the grammar is then
+    /// finished after it and generation stops); with true, one or more (Hermes: further
+    /// tagged calls on new lines; Mistral and Phi-4-mini: a longer list). Greedy small
+    /// models tend to repeat a call when allowed to, so ask for one unless the app needs more.
     pub fn tool_call_constraint(
         format: ToolCallFormat,
         tools: &[Value],
         tokenizer: &Tokenizer,
+        parallel_calls: bool,
     ) -> Result<OutputConstraint, ToolDefinitionError> {
         let call = tool_call_schema(format, tools)?;
-        let list = with_single_line_default(
-            &serde_json::json!({"type": "array", "items": call, "minItems": 1}),
-        );
+        let mut list = serde_json::json!({"type": "array", "items": call, "minItems": 1});
+        if !parallel_calls {
+            list["maxItems"] = 1.into();
+        }
+        let list = with_single_line_default(&list);
+        let more_calls = if parallel_calls {
+            " (\"\\n\" call)*"
+        } else {
+            ""
+        };
         // One line, as with a JSON Schema constraint: a `%json` block inside Lark otherwise
         // allows any whitespace, and small models pretty-print until they run out of tokens.
         let call = with_single_line_default(&call);
         let lark = match format {
             ToolCallFormat::Hermes => format!(
-                "start: call (\"\\n\" call)*\ncall: {} \"\\n\" %json {call} \"\\n\" {}\n",
+                "start: call{more_calls}\ncall: {} \"\\n\" %json {call} \"\\n\" {}\n",
                 marker(tokenizer, "<tool_call>"),
                 marker(tokenizer, "</tool_call>"),
             ),
@@ -738,7 +751,7 @@ mod tests {
             ToolCallFormat::Phi4Mini,
             ToolCallFormat::FencedJson,
         ] {
-            let constraint = tool_call_constraint(format, &tools, &tokenizer).unwrap();
+            let constraint = tool_call_constraint(format, &tools, &tokenizer, true).unwrap();
             let mut c = Constraint::new(&vocabulary, &constraint)
                 .unwrap_or_else(|e| panic!("{format:?}: {e}"));
             let mut seed = 0x1234_5678_u64;

@@ -2,8 +2,8 @@
 //! grammar, a regular expression or a list of choices, computed by llguidance over the
 //! model's own token trie.
 //!
-//! Per model, once: [`ConstraintVocabulary::new`] (the trie; tens of milliseconds for a 49k
-//! vocabulary). Per generation: [`Constraint::new`] (compiles the grammar; refuses an invalid
+//! Per model, once: [`ConstraintVocabulary::new`] (the trie and llguidance's token-set
+//! slices; up to a second for a 49k vocabulary on a small CPU, see BENCHMARKS.md). Per generation: [`Constraint::new`] (compiles the grammar; refuses an invalid
 //! one with llguidance's message). Per token: [`Constraint::mask_logits`] before sampling,
 //! [`Constraint::commit`] after, then [`Constraint::is_finished`] to stop as soon as the
 //! grammar is complete; at `max_tokens`, [`Constraint::can_stop`] says whether the output so
