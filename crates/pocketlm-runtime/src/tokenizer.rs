@@ -171,6 +171,7 @@ impl Tokenizer {
 
     /// The wrapped `tokenizers` tokenizer, for code that needs the whole vocabulary (the
     /// constrained-decoding token trie).
+    #[cfg(feature = "constrained")]
     pub(crate) fn hf_tokenizer(&self) -> &tokenizers::Tokenizer {
         &self.inner
     }

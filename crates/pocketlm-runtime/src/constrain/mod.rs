@@ -78,8 +78,8 @@ impl OutputConstraint {
         }
     }
 
-    /// The constraint as a Lark grammar (choices) or passed through; checks what can be
-    /// checked without the engine.
+    /// A choice list as a Lark grammar, refusing an empty list or an empty choice.
+    #[cfg(feature = "constrained")]
     fn choice_lark(choices: &[String]) -> Result<String, ConstraintError> {
         if choices.is_empty() {
             return Err(ConstraintError::InvalidChoice("no choices"));
