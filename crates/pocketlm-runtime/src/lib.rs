@@ -10,6 +10,7 @@ pub mod model;
 pub mod sampler;
 pub mod session;
 pub mod tokenizer;
+pub mod tool_calls;
 
 pub use model::{Model, ModelError};
 pub use session::{

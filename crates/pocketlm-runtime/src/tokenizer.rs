@@ -138,6 +138,14 @@ impl Tokenizer {
             .map_err(|e| TokenizerError::Decode(e.to_string()))
     }
 
+    /// Decodes ids to text keeping special tokens (`<|python_tag|>`, `[TOOL_CALLS]`): tool-call
+    /// parsing needs the markers that [`Self::decode`] drops.
+    pub fn decode_with_special(&self, ids: &[u32]) -> Result<String, TokenizerError> {
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| TokenizerError::Decode(e.to_string()))
+    }
+
     pub fn is_eos(&self, id: u32) -> bool {
         self.eos_token_ids.contains(&id)
     }
@@ -163,7 +171,7 @@ impl Tokenizer {
 
     /// The wrapped `tokenizers` tokenizer, for code that needs the whole vocabulary (the
     /// constrained-decoding token trie).
-    #[cfg_attr(not(feature = "constrained"), allow(dead_code))]
+    #[cfg(feature = "constrained")]
     pub(crate) fn hf_tokenizer(&self) -> &tokenizers::Tokenizer {
         &self.inner
     }
@@ -189,17 +197,49 @@ impl Tokenizer {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, TokenizerError> {
+        self.render_chat(messages, add_generation_prompt, None)
+    }
+
+    /// [`Self::apply_chat_template`] with tool definitions: the template sees them as
+    /// `tools`, a list of JSON objects, as transformers passes them (usually
+    /// `{"type": "function", "function": {"name", "description", "parameters"}}`). Without a
+    /// model template (the built-in fallback cannot describe tools) this is an error rather
+    /// than a prompt that silently drops the tools.
+    pub fn apply_chat_template_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[serde_json::Value],
+        add_generation_prompt: bool,
+    ) -> Result<String, TokenizerError> {
+        if self.template.is_none() {
+            return Err(TokenizerError::Template(
+                "the model ships no chat template, so tool definitions cannot be rendered".into(),
+            ));
+        }
+        self.render_chat(messages, add_generation_prompt, Some(tools))
+    }
+
+    fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        tools: Option<&[serde_json::Value]>,
+    ) -> Result<String, TokenizerError> {
         match &self.template {
             Some(Ok(env)) => {
                 let template = env
                     .get_template(TEMPLATE_NAME)
                     .map_err(|e| TokenizerError::Template(describe_jinja_error(&e)))?;
                 let token = |id: Option<u32>| id.and_then(|id| self.token_text(id));
+                // `tools` is left undefined when not given: templates test `tools is defined`
+                // or `if tools`, and both must see "no tools".
+                let tools = tools.map(|t| Value::from(minijinja::value::Serde(t)));
                 let ctx = minijinja::context! {
                     messages => Value::from(minijinja::value::Serde(messages)),
                     add_generation_prompt => add_generation_prompt,
                     bos_token => token(self.bos_token_id).unwrap_or_default(),
                     eos_token => token(self.eos_token_ids.first().copied()).unwrap_or_default(),
+                    tools => tools.unwrap_or(Value::UNDEFINED),
                 };
                 template
                     .render(ctx)

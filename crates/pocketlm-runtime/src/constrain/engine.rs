@@ -144,7 +144,7 @@ impl Constraint {
 /// Adds `x-guidance: {whitespace_flexible: false, ", ", ": "}` to a schema that says nothing
 /// about whitespace: otherwise the grammar allows any whitespace between tokens, and small
 /// models loop on newlines.
-fn with_single_line_default(schema: &serde_json::Value) -> serde_json::Value {
+pub(crate) fn with_single_line_default(schema: &serde_json::Value) -> serde_json::Value {
     let mut schema = schema.clone();
     if let Some(object) = schema.as_object_mut()
         && !object.contains_key("x-guidance")
@@ -407,7 +407,6 @@ mod tests {
     #[test]
     fn eos_ends_an_extensible_match() {
         let vocabulary = vocabulary();
-        let tokenizer = stories();
         let mut c =
             Constraint::new(&vocabulary, &OutputConstraint::Regex("[0-9]+".into())).unwrap();
         let seven = (0..512)

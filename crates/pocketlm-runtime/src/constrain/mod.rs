@@ -2,8 +2,8 @@
 //! grammar, a regular expression or a list of choices, computed by llguidance over the
 //! model's own token trie.
 //!
-//! Per model, once: [`ConstraintVocabulary::new`] (the trie; tens of milliseconds for a 49k
-//! vocabulary). Per generation: [`Constraint::new`] (compiles the grammar; refuses an invalid
+//! Per model, once: [`ConstraintVocabulary::new`] (the trie and llguidance's token-set
+//! slices; up to a second for a 49k vocabulary on a small CPU, see BENCHMARKS.md). Per generation: [`Constraint::new`] (compiles the grammar; refuses an invalid
 //! one with llguidance's message). Per token: [`Constraint::mask_logits`] before sampling,
 //! [`Constraint::commit`] after, then [`Constraint::is_finished`] to stop as soon as the
 //! grammar is complete; at `max_tokens`, [`Constraint::can_stop`] says whether the output so
@@ -20,6 +20,8 @@ mod vocabulary;
 
 #[cfg(feature = "constrained")]
 pub use engine::Constraint;
+#[cfg(feature = "constrained")]
+pub(crate) use engine::with_single_line_default;
 pub use gbnf::gbnf_to_lark;
 #[cfg(feature = "constrained")]
 pub use vocabulary::ConstraintVocabulary;
@@ -76,9 +78,8 @@ impl OutputConstraint {
         }
     }
 
-    /// The constraint as a Lark grammar (choices) or passed through; checks what can be
-    /// checked without the engine.
-    #[cfg_attr(not(feature = "constrained"), allow(dead_code))]
+    /// A choice list as a Lark grammar, refusing an empty list or an empty choice.
+    #[cfg(feature = "constrained")]
     fn choice_lark(choices: &[String]) -> Result<String, ConstraintError> {
         if choices.is_empty() {
             return Err(ConstraintError::InvalidChoice("no choices"));

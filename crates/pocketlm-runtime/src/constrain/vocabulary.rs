@@ -1,6 +1,6 @@
 //! The model's vocabulary as llguidance sees it: the raw bytes every token id stands for, in a
-//! token trie, plus the parser factory built over it. Both take tens of milliseconds for a
-//! 49k vocabulary, so they are built once per model ([`ConstraintVocabulary::new`]) and shared
+//! token trie, plus the parser factory built over it. Together they take up to a second for
+//! a 49k vocabulary on a small CPU, so they are built once per model ([`ConstraintVocabulary::new`]) and shared
 //! by every [`Constraint`](super::Constraint) through an `Arc`.
 
 use std::collections::HashSet;

@@ -1,0 +1,824 @@
+//! Tool calls: which format a model's chat template uses, parsing the model's output into
+//! structured calls, and (with the `constrained` feature) a constraint that forces output
+//! into that format with arguments matching the tools' parameter schemas.
+//!
+//! Tool definitions are JSON, as transformers passes them to templates: either
+//! `{"type": "function", "function": {"name", "description", "parameters"}}` or the inner
+//! object alone. Render them with
+//! [`Tokenizer::apply_chat_template_with_tools`](crate::tokenizer::Tokenizer::apply_chat_template_with_tools).
+//! Parse text decoded *with* special tokens
+//! ([`Tokenizer::decode_with_special`](crate::tokenizer::Tokenizer::decode_with_special)):
+//! several formats' markers (`[TOOL_CALLS]`, `<|python_tag|>`, `<|tool_call|>`) are special
+//! tokens that ordinary decoding drops.
+
+use serde_json::Value;
+
+/// How a model family writes tool calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ToolCallFormat {
+    /// Qwen 2.5/3, Hermes, SmolLM3: `<tool_call>\n{"name": .., "arguments": {..}}\n</tool_call>`.
+    Hermes,
+    /// Llama 3.1–3.3: `{"name": .., "parameters": {..}}`, optionally after `<|python_tag|>`.
+    Llama3Json,
+    /// Mistral: `[TOOL_CALLS][{"name": .., "arguments": {..}}]`, or the newer
+    /// `[TOOL_CALLS]name[ARGS]{..}`.
+    Mistral,
+    /// Phi-4-mini: `<|tool_call|>[{"name": .., "arguments": {..}}]<|/tool_call|>`.
+    Phi4Mini,
+    /// Gemma and models without a native format: a fenced JSON block
+    /// (```` ```json {"name": .., "arguments": {..}} ``` ````). Best effort.
+    FencedJson,
+}
+
+impl ToolCallFormat {
+    /// The format a chat template's source implies, from the markers it writes; `None` when
+    /// it mentions no tool calls at all.
+    pub fn detect(template: &str) -> Option<ToolCallFormat> {
+        if template.contains("<|tool_call|>") {
+            Some(ToolCallFormat::Phi4Mini)
+        } else if template.contains("<tool_call>") {
+            Some(ToolCallFormat::Hermes)
+        } else if template.contains("[TOOL_CALLS]") {
+            Some(ToolCallFormat::Mistral)
+        } else if template.contains("<|python_tag|>")
+            || (template.contains("<|start_header_id|>") && template.contains("tools"))
+        {
+            Some(ToolCallFormat::Llama3Json)
+        } else if template.contains("tool") {
+            Some(ToolCallFormat::FencedJson)
+        } else {
+            None
+        }
+    }
+
+    /// The key a call's arguments go under in this format.
+    fn arguments_key(self) -> &'static str {
+        match self {
+            ToolCallFormat::Llama3Json => "parameters",
+            _ => "arguments",
+        }
+    }
+}
+
+/// One call the model asked for.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ToolCall {
+    pub name: String,
+    /// The arguments object (a JSON-encoded string of one is decoded).
+    pub arguments: Value,
+}
+
+/// The model's output split into calls and the text around them.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ParsedOutput {
+    pub tool_calls: Vec<ToolCall>,
+    /// The output without the calls and their markers, trimmed.
+    pub content: String,
+}
+
+/// Output that announces a tool call but does not hold a well-formed one.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum ToolCallParseError {
+    #[error("{format:?} tool call is not valid JSON: {message}")]
+    MalformedJson {
+        format: ToolCallFormat,
+        message: String,
+    },
+    #[error("{format:?} tool call has no closing {marker}")]
+    Unterminated {
+        format: ToolCallFormat,
+        marker: &'static str,
+    },
+    #[error("{format:?} tool call is not an object with a string \"name\": {call}")]
+    NotACall {
+        format: ToolCallFormat,
+        call: String,
+    },
+}
+
+/// A tool definition or tool list the helpers can't use.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum ToolDefinitionError {
+    #[error("no tools given")]
+    NoTools,
+    #[error("tool {index} has no string \"name\" (neither at the top nor under \"function\")")]
+    NoName { index: usize },
+    #[error("tool {name:?}: \"parameters\" is not a JSON object")]
+    BadParameters { name: String },
+}
+
+/// Splits `output` into tool calls and content. Output with no call markers is all content;
+/// output whose markers hold malformed calls is an error (the caller may keep it as text).
+pub fn parse_tool_calls(
+    format: ToolCallFormat,
+    output: &str,
+) -> Result<ParsedOutput, ToolCallParseError> {
+    match format {
+        ToolCallFormat::Hermes => parse_tagged(format, output, "<tool_call>", "</tool_call>"),
+        ToolCallFormat::Phi4Mini => parse_tagged(format, output, "<|tool_call|>", "<|/tool_call|>"),
+        ToolCallFormat::Llama3Json => parse_llama3(output),
+        ToolCallFormat::Mistral => parse_mistral(output),
+        ToolCallFormat::FencedJson => Ok(parse_fenced(output)),
+    }
+}
+
+/// A call object (`{"name", "arguments"|"parameters"}`) or a list of them, to calls.
+fn calls_from_value(
+    format: ToolCallFormat,
+    value: Value,
+) -> Result<Vec<ToolCall>, ToolCallParseError> {
+    let items = match value {
+        Value::Array(items) => items,
+        other => vec![other],
+    };
+    items
+        .into_iter()
+        .map(|item| call_from_value(format, item))
+        .collect()
+}
+
+fn call_from_value(format: ToolCallFormat, item: Value) -> Result<ToolCall, ToolCallParseError> {
+    let not_a_call = |item: &Value| ToolCallParseError::NotACall {
+        format,
+        call: item.to_string(),
+    };
+    let Some(name) = item.get("name").and_then(Value::as_str) else {
+        return Err(not_a_call(&item));
+    };
+    let arguments = item
+        .get("arguments")
+        .or_else(|| item.get("parameters"))
+        .cloned()
+        .unwrap_or_else(|| Value::Object(Default::default()));
+    // Some models (and OpenAI's wire format) encode the arguments as a JSON string.
+    let arguments = match arguments {
+        Value::String(s) => serde_json::from_str(&s).unwrap_or(Value::String(s)),
+        other => other,
+    };
+    Ok(ToolCall {
+        name: name.to_string(),
+        arguments,
+    })
+}
+
+fn malformed(format: ToolCallFormat, e: serde_json::Error) -> ToolCallParseError {
+    ToolCallParseError::MalformedJson {
+        format,
+        message: e.to_string(),
+    }
+}
+
+/// Calls between an opening and a closing marker, any number of them.
+fn parse_tagged(
+    format: ToolCallFormat,
+    output: &str,
+    open: &'static str,
+    close: &'static str,
+) -> Result<ParsedOutput, ToolCallParseError> {
+    let mut parsed = ParsedOutput::default();
+    let mut content = String::new();
+    let mut rest = output;
+    while let Some(start) = rest.find(open) {
+        content.push_str(&rest[..start]);
+        let body = &rest[start + open.len()..];
+        let Some(end) = body.find(close) else {
+            return Err(ToolCallParseError::Unterminated {
+                format,
+                marker: close,
+            });
+        };
+        let value: Value =
+            serde_json::from_str(body[..end].trim()).map_err(|e| malformed(format, e))?;
+        parsed.tool_calls.extend(calls_from_value(format, value)?);
+        rest = &body[end + close.len()..];
+    }
+    content.push_str(rest);
+    parsed.content = content.trim().to_string();
+    Ok(parsed)
+}
+
+/// JSON values one after another (separated by whitespace, `;` or `,`), as far as they go;
+/// returns them and the byte offset where they stop.
+fn leading_json_values(text: &str) -> (Vec<Value>, usize, Option<serde_json::Error>) {
+    let mut values = Vec::new();
+    let mut at = 0;
+    loop {
+        let skipped = text[at..].len()
+            - text[at..]
+                .trim_start_matches(|c: char| c.is_whitespace() || c == ';' || c == ',')
+                .len();
+        let start = at + skipped;
+        if start >= text.len() || !text[start..].starts_with(['{', '[']) {
+            return (values, at, None);
+        }
+        let mut stream = serde_json::Deserializer::from_str(&text[start..]).into_iter::<Value>();
+        match stream.next() {
+            Some(Ok(value)) => {
+                values.push(value);
+                at = start + stream.byte_offset();
+            }
+            Some(Err(e)) => return (values, at, Some(e)),
+            None => return (values, at, None),
+        }
+    }
+}
+
+fn parse_llama3(output: &str) -> Result<ParsedOutput, ToolCallParseError> {
+    let format = ToolCallFormat::Llama3Json;
+    let (before, after, tagged) = match output.find("<|python_tag|>") {
+        Some(at) => (&output[..at], &output[at + "<|python_tag|>".len()..], true),
+        None => ("", output, false),
+    };
+    let (values, end, error) = leading_json_values(after);
+    if let Some(e) = error.filter(|_| tagged) {
+        return Err(malformed(format, e));
+    }
+    let is_call = |v: &Value| {
+        v.get("name").is_some_and(Value::is_string)
+            && (v.get("parameters").is_some() || v.get("arguments").is_some())
+    };
+    let all_calls = !values.is_empty()
+        && values.iter().all(|v| match v {
+            Value::Array(items) => !items.is_empty() && items.iter().all(is_call),
+            v => is_call(v),
+        });
+    if !all_calls {
+        // Untagged JSON that isn't a call is an ordinary answer.
+        if tagged && !values.is_empty() {
+            return Err(ToolCallParseError::NotACall {
+                format,
+                call: values[0].to_string(),
+            });
+        }
+        return Ok(ParsedOutput {
+            tool_calls: Vec::new(),
+            content: output.replace("<|python_tag|>", "").trim().to_string(),
+        });
+    }
+    let mut calls = Vec::new();
+    for value in values {
+        calls.extend(calls_from_value(format, value)?);
+    }
+    Ok(ParsedOutput {
+        tool_calls: calls,
+        content: format!("{before}{}", &after[end..]).trim().to_string(),
+    })
+}
+
+fn parse_mistral(output: &str) -> Result<ParsedOutput, ToolCallParseError> {
+    let format = ToolCallFormat::Mistral;
+    const MARKER: &str = "[TOOL_CALLS]";
+    let Some(first) = output.find(MARKER) else {
+        return Ok(ParsedOutput {
+            tool_calls: Vec::new(),
+            content: output.trim().to_string(),
+        });
+    };
+    let mut calls = Vec::new();
+    let mut rest = &output[first..];
+    let mut content = output[..first].to_string();
+    while let Some(body) = rest.strip_prefix(MARKER) {
+        let body = body.trim_start();
+        if body.starts_with(['[', '{']) {
+            let (values, end, error) = leading_json_values(body);
+            if let Some(e) = error {
+                return Err(malformed(format, e));
+            }
+            for value in values {
+                calls.extend(calls_from_value(format, value)?);
+            }
+            rest = &body[end..];
+        } else {
+            // `name[ARGS]{json}` (Mistral's v11 tokenizer).
+            let Some(args_at) = body.find("[ARGS]") else {
+                return Err(ToolCallParseError::Unterminated {
+                    format,
+                    marker: "[ARGS]",
+                });
+            };
+            let name = body[..args_at].trim().to_string();
+            let json = &body[args_at + "[ARGS]".len()..];
+            let mut stream = serde_json::Deserializer::from_str(json).into_iter::<Value>();
+            let arguments = match stream.next() {
+                Some(Ok(value)) => value,
+                Some(Err(e)) => return Err(malformed(format, e)),
+                None => {
+                    return Err(ToolCallParseError::MalformedJson {
+                        format,
+                        message: "no arguments after [ARGS]".into(),
+                    });
+                }
+            };
+            calls.push(ToolCall { name, arguments });
+            rest = &json[stream.byte_offset()..];
+        }
+        let next = rest.find(MARKER).unwrap_or(rest.len());
+        content.push_str(&rest[..next]);
+        rest = &rest[next..];
+    }
+    Ok(ParsedOutput {
+        tool_calls: calls,
+        content: content.trim().to_string(),
+    })
+}
+
+/// Fenced blocks whose JSON is a call (or a list of calls) become calls; other fences and
+/// all other text stay content. Never an error: a model without a native format may well
+/// answer with code.
+fn parse_fenced(output: &str) -> ParsedOutput {
+    let format = ToolCallFormat::FencedJson;
+    let mut parsed = ParsedOutput::default();
+    let mut content = String::new();
+    let mut rest = output;
+    while let Some(start) = rest.find("```") {
+        let after_open = &rest[start + 3..];
+        let Some(end) = after_open.find("```") else {
+            break;
+        };
+        let block = &after_open[..end];
+        // Skip the info string (`json`, `tool_code`) up to the first newline or brace.
+        let json_start = block.find(['{', '[']).unwrap_or(block.len());
+        let calls = serde_json::from_str::<Value>(block[json_start..].trim())
+            .ok()
+            .and_then(|value| calls_from_value(format, value).ok())
+            .filter(|calls| !calls.is_empty());
+        match calls {
+            Some(calls) => {
+                content.push_str(&rest[..start]);
+                parsed.tool_calls.extend(calls);
+            }
+            None => content.push_str(&rest[..start + 3 + end + 3]),
+        }
+        rest = &after_open[end + 3..];
+    }
+    content.push_str(rest);
+    parsed.content = content.trim().to_string();
+    parsed
+}
+
+/// A tool's name and parameter schema, from either definition shape.
+fn tool_signature(index: usize, tool: &Value) -> Result<(String, Value), ToolDefinitionError> {
+    let function = tool.get("function").unwrap_or(tool);
+    let name = function
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or(ToolDefinitionError::NoName { index })?
+        .to_string();
+    let parameters = match function.get("parameters") {
+        None | Some(Value::Null) => serde_json::json!({"type": "object", "properties": {}}),
+        Some(p @ Value::Object(_)) => p.clone(),
+        Some(_) => return Err(ToolDefinitionError::BadParameters { name }),
+    };
+    Ok((name, parameters))
+}
+
+/// The JSON Schema of one call to any of `tools` in `format` (`{"name": <const>, key: <parameters>}`).
+pub fn tool_call_schema(
+    format: ToolCallFormat,
+    tools: &[Value],
+) -> Result<Value, ToolDefinitionError> {
+    if tools.is_empty() {
+        return Err(ToolDefinitionError::NoTools);
+    }
+    let key = format.arguments_key();
+    let alternatives = tools
+        .iter()
+        .enumerate()
+        .map(|(index, tool)| {
+            let (name, parameters) = tool_signature(index, tool)?;
+            Ok(serde_json::json!({
+                "type": "object",
+                "properties": {"name": {"const": name}, key: parameters},
+                "required": ["name", key],
+                "additionalProperties": false,
+            }))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(if alternatives.len() == 1 {
+        alternatives.into_iter().next().unwrap_or_default()
+    } else {
+        serde_json::json!({"anyOf": alternatives})
+    })
+}
+
+#[cfg(feature = "constrained")]
+mod constraint {
+    use serde_json::Value;
+
+    use super::{ToolCallFormat, ToolDefinitionError, tool_call_schema};
+    use crate::constrain::{OutputConstraint, with_single_line_default};
+    use crate::tokenizer::Tokenizer;
+
+    /// How a grammar writes `marker`: by token id when the vocabulary has it as one token
+    /// (special tokens can only be matched that way), else as a literal.
+    fn marker(tokenizer: &Tokenizer, marker: &str) -> String {
+        match tokenizer.token_id(marker) {
+            Some(id) => format!("<[{id}]>"),
+            None => serde_json::Value::from(marker).to_string(),
+        }
+    }
+
+    #[cfg(test)]
+    pub(super) fn marker_for_test(tokenizer: &Tokenizer, text: &str) -> String {
+        marker(tokenizer, text)
+    }
+
+    /// A constraint that makes the whole output one or more calls, in `format`, to the given
+    /// tools with arguments matching their parameter schemas. For output that may also be
+    /// plain text, generate unconstrained and parse, or use this only once the model opened
+    /// a call.
+    ///
+    /// With `parallel_calls` false the output is exactly one call (the grammar is then
+    /// finished after it and generation stops); with true, one or more (Hermes: further
+    /// tagged calls on new lines; Mistral and Phi-4-mini: a longer list). Greedy small
+    /// models tend to repeat a call when allowed to, so ask for one unless the app needs more.
+    pub fn tool_call_constraint(
+        format: ToolCallFormat,
+        tools: &[Value],
+        tokenizer: &Tokenizer,
+        parallel_calls: bool,
+    ) -> Result<OutputConstraint, ToolDefinitionError> {
+        let call = tool_call_schema(format, tools)?;
+        let mut list = serde_json::json!({"type": "array", "items": call, "minItems": 1});
+        if !parallel_calls {
+            list["maxItems"] = 1.into();
+        }
+        let list = with_single_line_default(&list);
+        let more_calls = if parallel_calls {
+            " (\"\\n\" call)*"
+        } else {
+            ""
+        };
+        // One line, as with a JSON Schema constraint: a `%json` block inside Lark otherwise
+        // allows any whitespace, and small models pretty-print until they run out of tokens.
+        let call = with_single_line_default(&call);
+        let lark = match format {
+            ToolCallFormat::Hermes => format!(
+                "start: call{more_calls}\ncall: {} \"\\n\" %json {call} \"\\n\" {}\n",
+                marker(tokenizer, "<tool_call>"),
+                marker(tokenizer, "</tool_call>"),
+            ),
+            ToolCallFormat::Llama3Json => format!("start: %json {call}\n"),
+            ToolCallFormat::Mistral => {
+                format!(
+                    "start: {} %json {list}\n",
+                    marker(tokenizer, "[TOOL_CALLS]")
+                )
+            }
+            ToolCallFormat::Phi4Mini => format!(
+                "start: {} %json {list} {}\n",
+                marker(tokenizer, "<|tool_call|>"),
+                marker(tokenizer, "<|/tool_call|>"),
+            ),
+            ToolCallFormat::FencedJson => {
+                format!("start: \"```json\\n\" %json {call} \"\\n```\"\n")
+            }
+        };
+        Ok(OutputConstraint::Lark(lark))
+    }
+}
+
+#[cfg(feature = "constrained")]
+pub use constraint::tool_call_constraint;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tokenizer::{ChatMessage, Tokenizer};
+    use pocketlm_format::TokenizerSpec;
+    use serde_json::json;
+
+    fn call(name: &str, arguments: Value) -> ToolCall {
+        ToolCall {
+            name: name.into(),
+            arguments,
+        }
+    }
+
+    #[test]
+    fn detects_the_format_from_template_markers() {
+        let cases = [
+            (
+                "{{ '<tool_call>\\n' }}{{ tool_call | tojson }}",
+                Some(ToolCallFormat::Hermes),
+            ),
+            ("{{ '<|tool_call|>' }}", Some(ToolCallFormat::Phi4Mini)),
+            ("[TOOL_CALLS] {{ tools }}", Some(ToolCallFormat::Mistral)),
+            ("<|python_tag|>", Some(ToolCallFormat::Llama3Json)),
+            (
+                "<|start_header_id|>{% if tools %}",
+                Some(ToolCallFormat::Llama3Json),
+            ),
+            (
+                "<start_of_turn>{% if tools %}",
+                Some(ToolCallFormat::FencedJson),
+            ),
+            ("<|im_start|>{{ message.content }}", None),
+        ];
+        for (template, format) in cases {
+            assert_eq!(ToolCallFormat::detect(template), format, "{template}");
+        }
+    }
+
+    #[test]
+    fn hermes_calls_and_content() {
+        let out = "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n\
+                   <tool_call>{\"name\": \"now\", \"arguments\": \"{\\\"tz\\\": \\\"UTC\\\"}\"}</tool_call>";
+        let parsed = parse_tool_calls(ToolCallFormat::Hermes, out).unwrap();
+        assert_eq!(
+            parsed.tool_calls,
+            vec![
+                call("get_weather", json!({"city": "Paris"})),
+                call("now", json!({"tz": "UTC"}))
+            ]
+        );
+        assert_eq!(parsed.content, "Let me check.");
+        let plain = parse_tool_calls(ToolCallFormat::Hermes, "  just text ").unwrap();
+        assert!(plain.tool_calls.is_empty() && plain.content == "just text");
+    }
+
+    #[test]
+    fn llama3_json_with_and_without_python_tag() {
+        let out = "{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Oslo\"}}";
+        let parsed = parse_tool_calls(ToolCallFormat::Llama3Json, out).unwrap();
+        assert_eq!(
+            parsed.tool_calls,
+            vec![call("get_weather", json!({"city": "Oslo"}))]
+        );
+        assert_eq!(parsed.content, "");
+        let tagged = format!("<|python_tag|>{out}; {{\"name\": \"b\", \"parameters\": {{}}}}");
+        let parsed = parse_tool_calls(ToolCallFormat::Llama3Json, &tagged).unwrap();
+        assert_eq!(parsed.tool_calls.len(), 2);
+        assert_eq!(parsed.tool_calls[1], call("b", json!({})));
+        // JSON that is not a call is an answer, not an error.
+        let answer = parse_tool_calls(ToolCallFormat::Llama3Json, "{\"temperature\": 3}").unwrap();
+        assert!(answer.tool_calls.is_empty());
+        assert_eq!(answer.content, "{\"temperature\": 3}");
+        let text = parse_tool_calls(ToolCallFormat::Llama3Json, "It is sunny.").unwrap();
+        assert_eq!(text.content, "It is sunny.");
+    }
+
+    #[test]
+    fn mistral_both_spellings() {
+        let out = "[TOOL_CALLS][{\"name\": \"add\", \"arguments\": {\"a\": 1, \"b\": 2}}, {\"name\": \"neg\", \"arguments\": {\"x\": 3}}]";
+        let parsed = parse_tool_calls(ToolCallFormat::Mistral, out).unwrap();
+        assert_eq!(
+            parsed.tool_calls,
+            vec![
+                call("add", json!({"a": 1, "b": 2})),
+                call("neg", json!({"x": 3}))
+            ]
+        );
+        let v11 = "Sure.[TOOL_CALLS]add[ARGS]{\"a\": 1}[TOOL_CALLS]neg[ARGS]{\"x\": 3}";
+        let parsed = parse_tool_calls(ToolCallFormat::Mistral, v11).unwrap();
+        assert_eq!(
+            parsed.tool_calls,
+            vec![call("add", json!({"a": 1})), call("neg", json!({"x": 3}))]
+        );
+        assert_eq!(parsed.content, "Sure.");
+    }
+
+    #[test]
+    fn phi4_mini_and_fenced() {
+        let out =
+            "<|tool_call|>[{\"name\": \"search\", \"arguments\": {\"q\": \"rust\"}}]<|/tool_call|>";
+        let parsed = parse_tool_calls(ToolCallFormat::Phi4Mini, out).unwrap();
+        assert_eq!(
+            parsed.tool_calls,
+            vec![call("search", json!({"q": "rust"}))]
+        );
+        let fenced = "Calling:\n```json\n{\"name\": \"search\", \"arguments\": {\"q\": \"x\"}}\n```\n\
+                      ```python\nprint(1)\n```";
+        let parsed = parse_tool_calls(ToolCallFormat::FencedJson, fenced).unwrap();
+        assert_eq!(parsed.tool_calls, vec![call("search", json!({"q": "x"}))]);
+        assert_eq!(parsed.content, "Calling:\n\n```python\nprint(1)\n```");
+    }
+
+    #[test]
+    fn malformed_calls_are_typed_errors_never_panics() {
+        use ToolCallFormat::*;
+        let errors = [
+            (
+                Hermes,
+                "<tool_call>{\"name\": \"x\", \"arguments\": {</tool_call>",
+            ),
+            (Hermes, "<tool_call>{\"name\": \"x\"}"),
+            (Hermes, "<tool_call>[1, 2]</tool_call>"),
+            (Hermes, "<tool_call>{\"arguments\": {}}</tool_call>"),
+            (Phi4Mini, "<|tool_call|>[{\"name\": 3}]<|/tool_call|>"),
+            (Mistral, "[TOOL_CALLS][{\"name\": \"a\""),
+            (Mistral, "[TOOL_CALLS]add{\"a\": 1}"),
+            (Mistral, "[TOOL_CALLS]add[ARGS]{\"a\":"),
+            (
+                Llama3Json,
+                "<|python_tag|>{\"name\": \"a\", \"parameters\": {",
+            ),
+            (Llama3Json, "<|python_tag|>{\"nombre\": 1}"),
+        ];
+        for (format, text) in errors {
+            assert!(parse_tool_calls(format, text).is_err(), "{format:?} {text}");
+        }
+        // Arbitrary cut points of valid output: an error or a parse, never a panic.
+        let valid = "a<tool_call>{\"name\": \"é\", \"arguments\": {\"k\": [1, {\"x\": null}]}}</tool_call>\
+                     [TOOL_CALLS]n[ARGS]{}<|python_tag|>{\"name\":\"n\",\"parameters\":{}}```json\n{}\n```";
+        for format in [Hermes, Llama3Json, Mistral, Phi4Mini, FencedJson] {
+            for (cut, _) in valid.char_indices() {
+                let _ = parse_tool_calls(format, &valid[..cut]);
+            }
+        }
+    }
+
+    fn weather_tools() -> Vec<Value> {
+        vec![
+            json!({"type": "function", "function": {
+                "name": "get_weather", "description": "Weather for a city",
+                "parameters": {"type": "object",
+                    "properties": {"city": {"type": "string", "maxLength": 6},
+                                   "unit": {"enum": ["c", "f"]}},
+                    "required": ["city", "unit"], "additionalProperties": false}}}),
+            json!({"name": "get_time", "parameters": {"type": "object",
+                "properties": {"tz": {"enum": ["UTC", "CET"]}}, "required": ["tz"],
+                "additionalProperties": false}}),
+        ]
+    }
+
+    #[test]
+    fn tool_schema_from_both_definition_shapes() {
+        let schema = tool_call_schema(ToolCallFormat::Llama3Json, &weather_tools()).unwrap();
+        let alternatives = schema["anyOf"].as_array().unwrap();
+        assert_eq!(
+            alternatives[0]["properties"]["name"]["const"],
+            "get_weather"
+        );
+        assert_eq!(alternatives[1]["required"], json!(["name", "parameters"]));
+        assert_eq!(
+            tool_call_schema(ToolCallFormat::Hermes, &[]),
+            Err(ToolDefinitionError::NoTools)
+        );
+        assert_eq!(
+            tool_call_schema(ToolCallFormat::Hermes, &[json!({"description": "x"})]),
+            Err(ToolDefinitionError::NoName { index: 0 })
+        );
+        assert!(matches!(
+            tool_call_schema(
+                ToolCallFormat::Hermes,
+                &[json!({"name": "a", "parameters": 3})]
+            ),
+            Err(ToolDefinitionError::BadParameters { .. })
+        ));
+    }
+
+    /// A Qwen2.5-style template: tools listed in the system turn inside `<tools>`, calls in
+    /// `<tool_call>` tags.
+    const QWEN_STYLE: &str = concat!(
+        "{%- if tools %}{{- '<|im_start|>system\\n' }}",
+        "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}",
+        "{%- else %}{{- 'You are helpful.' }}{%- endif %}",
+        "{{- '\\n\\n# Tools\\n\\n<tools>' }}",
+        "{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}",
+        "{{- '\\n</tools>\\n\\nReturn calls as <tool_call>\\n{\"name\": <function-name>, ",
+        "\"arguments\": <args-json-object>}\\n</tool_call><|im_end|>\\n' }}{%- endif %}",
+        "{%- for message in messages %}{%- if not (tools and message.role == 'system') %}",
+        "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}",
+        "{%- endif %}{%- endfor %}",
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}",
+    );
+
+    fn stories_with_template(template: Option<&str>) -> Tokenizer {
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/stories260k/hf/"
+        );
+        Tokenizer::from_spec(&TokenizerSpec {
+            tokenizer_json: std::fs::read_to_string(format!("{dir}tokenizer.json")).unwrap(),
+            bos_token_id: Some(1),
+            eos_token_ids: vec![2],
+            add_bos: true,
+            chat_template: template.map(str::to_string),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn tools_render_through_the_models_template() {
+        let tokenizer = stories_with_template(Some(QWEN_STYLE));
+        assert_eq!(
+            ToolCallFormat::detect(QWEN_STYLE),
+            Some(ToolCallFormat::Hermes)
+        );
+        let messages = [ChatMessage::new("user", "Weather in Paris?")];
+        let out = tokenizer
+            .apply_chat_template_with_tools(&messages, &weather_tools(), true)
+            .unwrap();
+        assert!(
+            out.starts_with("<|im_start|>system\nYou are helpful.\n\n# Tools\n\n<tools>\n{"),
+            "{out}"
+        );
+        assert!(out.contains("You are helpful."), "{out}");
+        // `tojson` writes the definitions as transformers' json.dumps does (", " and ": ").
+        assert!(out.contains("\"name\": \"get_weather\""), "{out}");
+        assert!(out.contains("\"name\": \"get_time\""), "{out}");
+        assert!(out.contains("\"enum\": [\"UTC\", \"CET\"]"), "{out}");
+        assert!(
+            out.ends_with("<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n")
+        );
+        // Without tools the same template renders no tool section.
+        let plain = tokenizer.apply_chat_template(&messages, true).unwrap();
+        assert_eq!(
+            plain,
+            "<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n"
+        );
+        // No template: an error, not a prompt without the tools.
+        let err = stories_with_template(None)
+            .apply_chat_template_with_tools(&messages, &weather_tools(), true)
+            .unwrap_err();
+        assert!(err.to_string().contains("no chat template"), "{err}");
+    }
+
+    /// Constrained decoding on random logits produces calls that parse back and name a tool.
+    #[cfg(feature = "constrained")]
+    #[test]
+    fn constrained_tool_calls_parse_back() {
+        use crate::constrain::{Constraint, ConstraintVocabulary};
+        let tokenizer = stories_with_template(None);
+        let vocabulary = ConstraintVocabulary::new(&tokenizer).unwrap();
+        let tools = weather_tools();
+        for format in [
+            ToolCallFormat::Hermes,
+            ToolCallFormat::Llama3Json,
+            ToolCallFormat::Mistral,
+            ToolCallFormat::Phi4Mini,
+            ToolCallFormat::FencedJson,
+        ] {
+            let constraint = tool_call_constraint(format, &tools, &tokenizer, true).unwrap();
+            let mut c = Constraint::new(&vocabulary, &constraint)
+                .unwrap_or_else(|e| panic!("{format:?}: {e}"));
+            let mut seed = 0x1234_5678_u64;
+            let mut bytes = Vec::new();
+            for _ in 0..300 {
+                let mut logits: Vec<f32> = (0..512)
+                    .map(|_| {
+                        seed ^= seed << 13;
+                        seed ^= seed >> 7;
+                        seed ^= seed << 17;
+                        (seed % 1000) as f32
+                    })
+                    .collect();
+                c.mask_logits(&mut logits).unwrap();
+                let token = crate::sampler::argmax(&logits) as u32;
+                c.commit(token).unwrap();
+                if tokenizer.is_eos(token) || c.is_finished() {
+                    if !tokenizer.is_eos(token) {
+                        bytes.extend_from_slice(vocabulary.token_bytes(token));
+                    }
+                    break;
+                }
+                bytes.extend_from_slice(vocabulary.token_bytes(token));
+            }
+            assert!(
+                c.can_stop(),
+                "{format:?}: {}",
+                String::from_utf8_lossy(&bytes)
+            );
+            let text = String::from_utf8(bytes).unwrap();
+            let parsed = parse_tool_calls(format, &text).unwrap_or_else(|e| panic!("{e}: {text}"));
+            assert!(!parsed.tool_calls.is_empty(), "{format:?}: {text}");
+            for call in &parsed.tool_calls {
+                match call.name.as_str() {
+                    "get_weather" => {
+                        assert!(["c", "f"].contains(&call.arguments["unit"].as_str().unwrap()))
+                    }
+                    "get_time" => {
+                        assert!(["UTC", "CET"].contains(&call.arguments["tz"].as_str().unwrap()))
+                    }
+                    other => panic!("{format:?}: unknown tool {other}"),
+                }
+            }
+        }
+    }
+
+    /// A marker that is one special token is referenced by id in the grammar.
+    #[cfg(feature = "constrained")]
+    #[test]
+    fn special_token_markers_are_referenced_by_id() {
+        use crate::constrain::{Constraint, ConstraintVocabulary};
+        let tokenizer = stories_with_template(None);
+        let vocabulary = ConstraintVocabulary::new(&tokenizer).unwrap();
+        // `<s>` (id 1) is a special token of this vocabulary.
+        let lark = format!(
+            "start: \"a\" {}\n",
+            constraint::marker_for_test(&tokenizer, "<s>")
+        );
+        assert_eq!(lark, "start: \"a\" <[1]>\n");
+        let mut c =
+            Constraint::new(&vocabulary, &crate::constrain::OutputConstraint::Lark(lark)).unwrap();
+        let a = (0..512)
+            .find(|&id| vocabulary.token_bytes(id) == b"a")
+            .unwrap();
+        c.commit(a).unwrap();
+        assert!(c.allows(1));
+        c.commit(1).unwrap();
+        assert!(c.can_stop());
+    }
+}
