@@ -9,8 +9,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 target_dir="${CARGO_TARGET_DIR:-target}"
 # Guards against the converter or CLI creeping back in (they added ~3 MiB); the
-# measured sizes are in BENCHMARKS.md ("Library size").
-budget_bytes=$((6 * 1024 * 1024))
+# measured sizes are in BENCHMARKS.md ("Library size"). 7 MiB since constrained output
+# (llguidance, +1.16 MiB on x86-64) is part of the app API.
+budget_bytes=$((7 * 1024 * 1024))
 status=0
 
 forbidden='^(clap|indicatif|plotters|candle-core|faer|env_logger|criterion|safetensors|pocketlm-convert|pocketlm-eval) '

@@ -26,11 +26,13 @@ fn gguf_path() -> Option<PathBuf> {
     candidates.into_iter().flatten().find(|p| p.is_file())
 }
 
+/// The converted model's directory (kept alive), the model and its constraint vocabulary.
+type Loaded = (tempfile::TempDir, Arc<Model>, Arc<ConstraintVocabulary>);
+
 /// The model (converted once per test binary) and its constraint vocabulary (built once, as
 /// a session would hold it).
 fn model() -> Option<(Arc<Model>, Arc<ConstraintVocabulary>)> {
-    static MODEL: OnceLock<Option<(tempfile::TempDir, Arc<Model>, Arc<ConstraintVocabulary>)>> =
-        OnceLock::new();
+    static MODEL: OnceLock<Option<Loaded>> = OnceLock::new();
     MODEL
         .get_or_init(|| {
             let Some(gguf) = gguf_path() else {
