@@ -15,6 +15,7 @@ pub mod plan;
 pub mod prune;
 pub mod quant;
 pub mod recover;
+pub mod refusal;
 pub mod sensitivity;
 
 use std::path::Path;
@@ -43,6 +44,7 @@ pub use plan::BlockRecipe;
 pub use prune::{PruneMethod, Sparsity, SparsitySchedule};
 pub use quant::Clipping;
 pub use recover::{BlockRecovery, Distillation, RecoverMode, Recovery};
+pub use refusal::Refusal;
 
 /// What a conversion produced, for the CLI summary and tests.
 #[derive(Clone, Debug)]
@@ -54,7 +56,7 @@ pub struct ConvertReport {
     pub file_bytes: u64,
     /// Per block, what block-wise recovery did (empty without it).
     pub recovery: Vec<BlockRecovery>,
-    /// What distillation did (`--recover kd`).
+    /// What distillation did (recovery mode `Distill`).
     pub distillation: Option<Distillation>,
 }
 
@@ -89,11 +91,11 @@ pub fn convert(
         }
     }
     if !options.blocks.is_empty() && options.blocks.len() != config.num_layers {
-        return Err(ConvertError::Options(format!(
-            "{} block recipes given for a model of {} blocks",
-            options.blocks.len(),
-            config.num_layers
-        )));
+        return Err(Refusal::BlockCount {
+            recipes: options.blocks.len(),
+            layers: config.num_layers,
+        }
+        .into());
     }
     // The calibration text is tokenized once: distillation may cut other (more) sequences
     // from it than the quantizer calibrates on.
@@ -554,7 +556,7 @@ fn block_outlier_ratios(
 /// Rank of every factorized block matrix by name (`None`: kept dense).
 type GlobalRanks = std::collections::HashMap<String, Option<usize>>;
 
-/// `--rank-alloc global`: decomposes every block matrix of the uncompressed model (on its
+/// Global rank allocation ([`RankAllocation::Global`]): decomposes every block matrix of the uncompressed model (on its
 /// own calibration activations for the activation-aware methods) and shares one parameter
 /// budget over all of them by singular-value energy weighted by the block's influence on the
 /// residual stream. Memory stays at one block's weights and the spectra (one vector per
@@ -733,13 +735,13 @@ fn recover_block(
     _: &calib::Calibrator,
     recovery: &Recovery,
 ) -> Result<BlockRecovery, ConvertError> {
-    Err(ConvertError::Options(
+    Err(Refusal::Recovery(
         recovery
             .validate()
             .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default(),
-    ))
+            .unwrap_or(recover::RecoveryOptionError::Unavailable),
+    )
+    .into())
 }
 
 /// How the log says whether recovery's tuned values were kept.
@@ -766,7 +768,7 @@ struct DistillInputs<'a> {
     teacher_head: &'a [f32],
 }
 
-/// Logit distillation of the whole compressed model (`--recover kd`).
+/// Logit distillation of the whole compressed model (recovery mode `Distill`).
 #[cfg(feature = "recover")]
 fn distill_model(
     out: &mut Output<'_, '_>,
@@ -827,13 +829,13 @@ fn distill_model(
     _: DistillInputs<'_>,
     recovery: &Recovery,
 ) -> Result<Distillation, ConvertError> {
-    Err(ConvertError::Options(
+    Err(Refusal::Recovery(
         recovery
             .validate()
             .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default(),
-    ))
+            .unwrap_or(recover::RecoveryOptionError::Unavailable),
+    )
+    .into())
 }
 
 /// Tokenizes the calibration text with the model's own tokenizer and cuts it into windows.
@@ -1259,7 +1261,7 @@ impl LayerTensors {
         }
         let mut chosen = std::collections::HashMap::new();
         for (input, consumers, producers) in groups {
-            // The encodings of the consumers may differ (--keep); search with the first.
+            // The encodings of the consumers may differ (`keep` rules); search with the first.
             let encoding = options.encoding_for(&consumers[0].0, &[1, 1]);
             if !encoding.is_quantized() {
                 continue;

@@ -100,7 +100,7 @@ pub(crate) struct Output<'a, 'p> {
     /// Weights of the factorized matrices before and after.
     pub(crate) lowrank_before: u64,
     pub(crate) lowrank_after: u64,
-    /// `--rank-alloc global`: the model-wide ranks, measured before the first block.
+    /// Global rank allocation: the model-wide ranks, measured before the first block.
     pub(crate) global_ranks: Option<GlobalRanks>,
     /// Residual tensors written.
     pub(crate) residuals: usize,
@@ -292,8 +292,8 @@ impl<'a, 'p> Output<'a, 'p> {
                 log::warn!(
                     "storing unstructured-pruned matrices as {} ({:.0}% of the dense bytes): \
                      decode is faster than dense on AVX-512 VBMI2 CPUs but slower on AVX2-only \
-                     x86 and on ARM NEON; pass --dense-storage when such a target needs speed \
-                     more than size",
+                     x86 and on ARM NEON; turn sparse storage off when such a target needs \
+                     speed more than size",
                     masked.name(),
                     100.0 * share
                 );

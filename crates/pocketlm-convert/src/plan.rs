@@ -1,4 +1,4 @@
-//! The compression planner (`convert --budget` / `--bits-per-weight`). For every block and
+//! The compression planner (a file-size, bits-per-weight or speed [`Budget`]). For every block and
 //! every candidate recipe it measures what the recipe stores and what it costs: the KL
 //! divergence of the final logits from the uncompressed model's, on calibration text, with
 //! only that block compressed. Then it picks one recipe per block so that the summed cost is
@@ -23,6 +23,7 @@ use super::{
     calibration_windows, compress_block,
 };
 use crate::import::ImportedModel;
+use crate::refusal::{Calibrated, Refusal};
 use pocketlm_eval::log_sum_exp;
 use pocketlm_format::Encoding;
 use pocketlm_format::config::{ModelConfig, names};
@@ -106,7 +107,7 @@ impl BlockRecipe {
         }
     }
 
-    /// The per-matrix encodings as `--keep` rules for one block's options (patterns that
+    /// The per-matrix encodings as `keep` rules for one block's options (patterns that
     /// also match a matrix's low-rank factors).
     pub fn keep_rules(&self) -> Vec<super::KeepRule> {
         MATRICES
@@ -294,7 +295,7 @@ pub enum Budget {
     FileBytes(u64),
     /// Tensor bytes × 8 over the original model's parameter count (as `inspect` reports).
     BitsPerWeight(f64),
-    /// Decode speed (`--min-tokens-per-s`). Decode reads every weight once per token and is
+    /// Decode speed (tokens per second). Decode reads every weight once per token and is
     /// bound by memory bandwidth (pocketlm's kernels reach 77–102% of it, BENCHMARKS.md), so
     /// the tensors may take at most `bandwidth / tokens_per_s` bytes.
     TokensPerSecond {
@@ -421,9 +422,8 @@ const HEAD_CHUNK: usize = 64;
 impl<'a> Head<'a> {
     fn new(config: &ModelConfig, norm: &'a [f32], output: &'a [f32]) -> Result<Self, ConvertError> {
         let (vocab, hidden) = (config.vocab_size, config.hidden_size);
-        let output = MatRef::new(WeightData::F32(output), vocab, hidden).ok_or_else(|| {
-            ConvertError::Options(format!("output layer is not {vocab} × {hidden}"))
-        })?;
+        let output = MatRef::new(WeightData::F32(output), vocab, hidden)
+            .ok_or_else(|| ConvertError::OutputLayer { vocab, hidden })?;
         Ok(Head {
             norm,
             eps: config.rms_norm_eps,
@@ -508,24 +508,23 @@ pub fn measure(
     if let Some(known) = &known {
         let candidates: Vec<String> = plan.candidates.iter().map(ToString::to_string).collect();
         if known.candidates != candidates || known.kl.len() != config.num_layers {
-            return Err(ConvertError::Options(format!(
-                "the saved costs are for {} blocks and candidates {}, not {} blocks and {}",
-                known.kl.len(),
-                known.candidates.join(","),
-                config.num_layers,
-                candidates.join(",")
-            )));
+            return Err(Refusal::SavedCosts {
+                saved_blocks: known.kl.len(),
+                saved_candidates: known.candidates.join(","),
+                blocks: config.num_layers,
+                candidates: candidates.join(","),
+            }
+            .into());
         }
     }
-    let calibration = options.calibration.as_ref().ok_or_else(|| {
-        ConvertError::Options(
-            "the planner measures on calibration text: pass --calib FILE \
-             (scripts/fetch-calib.sh downloads a default set)"
-                .into(),
-        )
-    })?;
+    let calibration = options
+        .calibration
+        .as_ref()
+        .ok_or(Refusal::NeedsCalibration {
+            by: Calibrated::Planner,
+        })?;
     if plan.candidates.is_empty() {
-        return Err(ConvertError::Options("the planner needs candidates".into()));
+        return Err(Refusal::NoCandidates.into());
     }
     let per_candidate: Vec<ConvertOptions> = plan
         .candidates
@@ -755,13 +754,11 @@ pub fn choose_plan(s: &Sensitivities, budget: Budget) -> Result<Plan, ConvertErr
         .sum();
     let too_small = || {
         let needed = smallest + fixed + s.metadata_bytes;
-        ConvertError::Options(format!(
-            "budget {} is too small: the smallest candidates need {:.2} MB ({:.2} bits per \
-             weight); add smaller candidates (--candidates) or raise the budget",
-            budget.describe(),
-            needed as f64 / 1e6,
-            8.0 * (smallest + fixed) as f64 / s.parameters as f64
-        ))
+        ConvertError::from(Refusal::BudgetTooSmall {
+            budget: budget.describe(),
+            needed_bytes: needed,
+            bits_per_weight: 8.0 * (smallest + fixed) as f64 / s.parameters as f64,
+        })
     };
     let capacity = capacity.ok_or_else(too_small)?;
     let choice = choose(&s.bytes, &s.kl, capacity).ok_or_else(too_small)?;
@@ -821,7 +818,7 @@ pub fn choose(bytes: &[Vec<u64>], cost: &[Vec<f64>], capacity: u64) -> Option<Ve
     Some(choice)
 }
 
-/// What `convert --budget` did.
+/// What a planned conversion did.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct PlanReport {
     pub sensitivities: Sensitivities,

@@ -1,5 +1,5 @@
-//! Recovery after compression: block-wise reconstruction (`--recover blockwise`) and logit
-//! distillation of the whole model (`--recover kd`, in [`distill`]).
+//! Recovery after compression: block-wise reconstruction ([`RecoverMode::Blockwise`]) and
+//! logit distillation of the whole model ([`RecoverMode::Distill`], in [`distill`]).
 //!
 //! Block-wise: after a block is compressed, what it keeps is tuned so that its output on the
 //! calibration activations matches the uncompressed block's: the quantization grids (a scale
@@ -36,14 +36,14 @@ pub enum RecoveryOptionError {
     #[error("the recovery learning rate factor must be a positive number, got {learning_rate}")]
     LearningRate { learning_rate: f32 },
     #[error(
-        "--recover-samples applies to distillation (--recover kd or blockwise+kd); block-wise \
-         recovery uses --calib-samples"
+        "recover.samples applies to distillation (mode kd or blockwise+kd); block-wise \
+         recovery uses calibration.samples"
     )]
     SamplesWithoutDistillation,
     #[error("distillation needs at least 2 recovery samples (one is held out), got {samples}")]
     TooFewSamples { samples: usize },
     #[error(
-        "--recover-codes applies to distillation (--recover kd or blockwise+kd); block-wise \
+        "recover.codes applies to distillation (mode kd or blockwise+kd); block-wise \
          recovery always moves the codes"
     )]
     CodesWithoutDistillation,
@@ -87,7 +87,7 @@ pub enum RecoverError {
     Backend(#[from] BackendError),
 }
 
-/// `--recover MODE` and its settings.
+/// A recovery mode and its settings.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Recovery {
     pub mode: RecoverMode,
@@ -153,7 +153,7 @@ impl Recovery {
     }
 }
 
-/// The recovery modes `--recover` accepts.
+/// The recovery modes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RecoverMode {
     /// Each block's output matched to the original block's, as the converter goes.
@@ -216,7 +216,7 @@ pub struct Rates {
 }
 
 impl Rates {
-    /// Every step size times `factor` (`--recover-lr`).
+    /// Every step size times `factor`.
     pub fn scaled(self, factor: f32) -> Rates {
         let f = factor as f64;
         Rates {
@@ -1096,22 +1096,20 @@ mod tests {
         };
         assert!(ok(codes(RecoverMode::Distill)));
         assert!(ok(codes(RecoverMode::BlockwiseDistill)));
-        let refused = codes(RecoverMode::Blockwise)
-            .validate()
-            .unwrap_err()
-            .to_string();
-        assert!(refused.contains("--recover-codes"), "{refused}");
+        assert_eq!(
+            codes(RecoverMode::Blockwise).validate(),
+            Err(RecoveryOptionError::CodesWithoutDistillation)
+        );
         let samples = |mode, n| Recovery {
             mode,
             samples: Some(n),
             ..Recovery::default()
         };
         assert!(ok(samples(RecoverMode::Distill, 256)));
-        let refused = samples(RecoverMode::Blockwise, 256)
-            .validate()
-            .unwrap_err()
-            .to_string();
-        assert!(refused.contains("--recover-samples"), "{refused}");
+        assert_eq!(
+            samples(RecoverMode::Blockwise, 256).validate(),
+            Err(RecoveryOptionError::SamplesWithoutDistillation)
+        );
         assert!(!ok(samples(RecoverMode::Distill, 1)));
         for bad in [
             Recovery {

@@ -1,4 +1,4 @@
-//! Logit distillation (`--recover kd`): the compressed model (student) is tuned so that its
+//! Logit distillation (recovery mode `Distill`): the compressed model (student) is tuned so that its
 //! next-token distribution on the calibration text matches the original model's (teacher),
 //! by KL divergence over the whole model at once, where block-wise reconstruction sees one
 //! block at a time.
