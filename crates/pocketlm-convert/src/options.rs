@@ -2,7 +2,7 @@
 //! combinations the passes cannot honour.
 
 use super::*;
-use crate::refusal::{Calibrated, Field, PrunedStorage, ResidualConflict};
+use crate::refusal::{Field, PrunedStorage};
 
 /// How the quantized matrices' values are chosen.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -308,29 +308,8 @@ impl ConvertOptions {
             || self.recover.is_some()
     }
 
-    /// Checks a structured pruning option (`field` with its `fraction`): a fraction in
-    /// (0, 1), no planner, and calibration text, on which `calibrated` happens.
-    pub(crate) fn validate_structured(
-        &self,
-        field: Field,
-        fraction: Option<f32>,
-        calibrated: Calibrated,
-    ) -> Result<(), Refusal> {
-        let Some(fraction) = fraction else {
-            return Ok(());
-        };
-        if !(fraction > 0.0 && fraction < 1.0) {
-            return Err(Refusal::NotAFraction { field, fraction });
-        }
-        if !self.blocks.is_empty() {
-            return Err(Refusal::WithBlockRecipes { field });
-        }
-        if self.calibration.is_none() {
-            return Err(Refusal::NeedsCalibration { by: calibrated });
-        }
-        Ok(())
-    }
-
+    /// Refuses options the conversion cannot honour: each block recipe's, sparse storage
+    /// encodings asked for directly, the passes' own refusals, and empty calibration.
     pub(crate) fn validate(&self) -> Result<(), Refusal> {
         for recipe in &self.blocks {
             let mut block = self.with_recipe(recipe);
@@ -342,14 +321,6 @@ impl ConvertOptions {
                 recipe: recipe.to_string(),
                 refusal: Box::new(refusal),
             })?;
-        }
-        if let Some(r) = &self.recover {
-            r.validate()?;
-            if self.calibration.is_none() {
-                return Err(Refusal::NeedsCalibration {
-                    by: Calibrated::Recover,
-                });
-            }
         }
         let requested = std::iter::once((Field::Weights, self.weights))
             .chain(self.embedding.map(|e| (Field::Embedding, e)))
@@ -377,115 +348,8 @@ impl ConvertOptions {
                 pruned,
             });
         }
-        if let Some(l) = &self.lowrank {
-            l.target.validate()?;
-            if l.method.needs_calibration() && self.calibration.is_none() {
-                return Err(Refusal::NeedsCalibration {
-                    by: Calibrated::LowRank(l.method),
-                });
-            }
-            if matches!(l.target, RankTarget::Rank(_)) && l.allocation != RankAllocation::Uniform {
-                return Err(Refusal::AllocationWithFixedRank);
-            }
-            if l.allocation == RankAllocation::Global {
-                if !self.blocks.is_empty() {
-                    return Err(Refusal::WithBlockRecipes {
-                        field: Field::LowRank,
-                    });
-                }
-                if self.mlp_channel_pruning.is_some() || self.attention_head_pruning.is_some() {
-                    return Err(Refusal::GlobalRanksWithStructuredPruning);
-                }
-            }
-            if self.method.uses_awq() {
-                return Err(Refusal::LowRankWithAwq {
-                    method: self.method,
-                });
-            }
-        }
-        self.validate_structured(
-            Field::AttentionHeadPruning,
-            self.attention_head_pruning,
-            Calibrated::AttentionHeadPruning,
-        )?;
-        self.validate_structured(
-            Field::MlpChannelPruning,
-            self.mlp_channel_pruning,
-            Calibrated::MlpChannelPruning,
-        )?;
-        if let Some(residual) = self.residual {
-            let conflict = if !residual.is_quantized() || residual.quant_base() != residual {
-                Some(ResidualConflict::Encoding(residual))
-            } else if !self.weights.is_quantized() {
-                Some(ResidualConflict::FloatWeights(self.weights))
-            } else if self.lowrank.is_some() {
-                Some(ResidualConflict::LowRank)
-            } else if self.pruning.is_some()
-                || self.mlp_channel_pruning.is_some()
-                || self.attention_head_pruning.is_some()
-            {
-                Some(ResidualConflict::Pruning)
-            } else if !self.blocks.is_empty() {
-                Some(ResidualConflict::Blocks)
-            } else if self.recover.is_some() {
-                Some(ResidualConflict::Recover)
-            } else {
-                None
-            };
-            if let Some(conflict) = conflict {
-                return Err(Refusal::Residual(conflict));
-            }
-        }
-        if self.sparsity_schedule != SparsitySchedule::Uniform {
-            let schedule = self.sparsity_schedule.describe();
-            self.sparsity_schedule
-                .validate()
-                .map_err(Refusal::Schedule)?;
-            match self.pruning {
-                Some(Pruning {
-                    sparsity: Sparsity::Unstructured(_),
-                    ..
-                }) => {}
-                Some(p) => {
-                    return Err(Refusal::ScheduleNeedsUnstructured {
-                        schedule,
-                        sparsity: p.sparsity.describe(),
-                    });
-                }
-                None => return Err(Refusal::ScheduleWithoutPruning { schedule }),
-            }
-            if !self.blocks.is_empty() {
-                return Err(Refusal::WithBlockRecipes {
-                    field: Field::SparsitySchedule,
-                });
-            }
-            if self.calibration.is_none() {
-                return Err(Refusal::NeedsCalibration {
-                    by: Calibrated::SparsitySchedule(schedule),
-                });
-            }
-        }
-        if let Some(p) = &self.pruning {
-            p.sparsity.validate().map_err(Refusal::Sparsity)?;
-            if p.method.needs_calibration() && self.calibration.is_none() {
-                return Err(Refusal::NeedsCalibration {
-                    by: Calibrated::Pruning(p.method),
-                });
-            }
-        }
-        if self.method.needs_calibration() {
-            if self.calibration.is_none() {
-                return Err(Refusal::NeedsCalibration {
-                    by: Calibrated::Method(self.method),
-                });
-            }
-            if !self.weights.is_quantized() {
-                return Err(Refusal::MethodNeedsQuantizedWeights {
-                    method: self.method,
-                    weights: self.weights,
-                });
-            }
-        }
+        // Each pass's own refusals, and those of passes that do not combine.
+        crate::passes::Passes::default().validate(self)?;
         if let Some(c) = &self.calibration
             && (c.samples == 0 || c.seq_len < 2)
         {

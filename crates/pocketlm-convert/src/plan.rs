@@ -18,11 +18,13 @@ use super::calib::{Calibration, Calibrator};
 use super::lowrank::LowRankOptionError;
 use super::prune::PruneOptionError;
 use super::{
-    ConvertError, ConvertOptions, ConvertReport, LayerTensors, LowRank, LowRankMethod, Output,
-    Progress, PruneMethod, Pruning, RankAllocation, RankTarget, Sink, Sparsity,
-    calibration_windows, compress_block,
+    ConvertError, ConvertOptions, ConvertReport, LowRank, LowRankMethod, Output, Progress,
+    PruneMethod, Pruning, RankAllocation, RankTarget, Sink, Sparsity,
 };
+use crate::block::LayerTensors;
+use crate::calib::calibration_windows;
 use crate::import::ImportedModel;
+use crate::passes::{BlockStep, Passes};
 use crate::refusal::{Calibrated, Refusal};
 use pocketlm_eval::log_sum_exp;
 use pocketlm_format::Encoding;
@@ -423,7 +425,7 @@ impl<'a> Head<'a> {
     fn new(config: &ModelConfig, norm: &'a [f32], output: &'a [f32]) -> Result<Self, ConvertError> {
         let (vocab, hidden) = (config.vocab_size, config.hidden_size);
         let output = MatRef::new(WeightData::F32(output), vocab, hidden)
-            .ok_or_else(|| ConvertError::OutputLayer { vocab, hidden })?;
+            .ok_or(ConvertError::OutputLayer { vocab, hidden })?;
         Ok(Head {
             norm,
             eps: config.rms_norm_eps,
@@ -652,7 +654,12 @@ pub fn measure(
                     let mut quiet = |_: usize, _: usize, _: &str| {};
                     let mut out =
                         Output::new(Sink::Count { bytes: 0 }, candidate_options, 0, &mut quiet);
-                    compress_block(&mut out, config, &mut compressed, stats.as_ref())?;
+                    Passes::default().compress_block(BlockStep::new(
+                        &mut out,
+                        config,
+                        &mut compressed,
+                        stats.as_ref(),
+                    ))?;
                     let mut state = Calibrator::from_hidden(config, seq_len, input.clone());
                     state.advance(&compressed.block_weights(config));
                     Ok((out.counted_bytes(), out.fallbacks.len(), state))

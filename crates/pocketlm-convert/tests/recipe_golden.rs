@@ -5,7 +5,7 @@
 
 use pocketlm_convert::{
     Clipping, ConvertOptions, KeepRule, LowRank, LowRankMethod, Method, PruneMethod, Pruning,
-    RankAllocation, RankTarget, Recovery, Sparsity, SparsitySchedule,
+    RankAllocation, RankTarget, Sparsity, SparsitySchedule,
 };
 use pocketlm_format::{Encoding, PlmFile};
 
@@ -109,7 +109,7 @@ fn low_rank_recipes_are_unchanged() {
 #[cfg(feature = "recover")]
 #[test]
 fn recovery_recipes_are_unchanged() {
-    use pocketlm_convert::RecoverMode;
+    use pocketlm_convert::{RecoverMode, Recovery};
     let recovered = |mode| {
         let mut o = calibrated(Encoding::Q3 { group: 32 }, Method::Gptq);
         o.recover = Some(Recovery {
