@@ -1,5 +1,5 @@
 //! Why a conversion's options are refused before any work is done: typed, naming the
-//! [`ConvertOptions`] fields involved, so a front end can say it in its own words (the CLI
+//! [`ConvertOptions`](crate::ConvertOptions) fields involved, so a front end can say it in its own words (the CLI
 //! names its flags).
 
 use pocketlm_format::Encoding;
