@@ -308,3 +308,63 @@ fn run_with_a_schema_prints_only_matching_json_or_fails() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid GBNF grammar"));
 }
+
+/// The converter refuses options by `ConvertOptions` field; the CLI says it with the flags
+/// the user typed (and nothing is written).
+#[test]
+fn convert_refusals_name_the_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.plm");
+    let fixture = common::fixture("hf");
+    let calib = common::fixture("calib.txt");
+    let refusal = |flags: &[&str]| -> String {
+        let run = Command::new(env!("CARGO_BIN_EXE_pocketlm"))
+            .args(["-t", "1", "convert"])
+            .arg(&fixture)
+            .arg("-o")
+            .arg(&out)
+            .arg("--calib")
+            .arg(&calib)
+            .args(flags)
+            .output()
+            .unwrap();
+        assert!(!run.status.success(), "{flags:?} was accepted");
+        String::from_utf8(run.stderr).unwrap()
+    };
+    let err = refusal(&["--weights", "f16", "--residual", "q4/g32"]);
+    assert!(
+        err.contains("--residual does not work with --weights f16"),
+        "{err}"
+    );
+    let err = refusal(&["--weights", "q4+4:8"]);
+    assert!(
+        err.contains("--weights q4/g32 --prune METHOD --nm"),
+        "{err}"
+    );
+    let err = refusal(&[
+        "--weights",
+        "q3",
+        "--recover",
+        "blockwise",
+        "--recover-codes",
+    ]);
+    assert!(
+        err.contains("--recover-codes applies to distillation"),
+        "{err}"
+    );
+    let err = refusal(&[
+        "--lowrank",
+        "svd",
+        "--ratio",
+        "0.2",
+        "--rank-alloc",
+        "global",
+        "--prune-channels",
+        "0.25",
+    ]);
+    assert!(
+        err.contains("--rank-alloc global does not combine with --prune-channels"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}

@@ -8,6 +8,10 @@ use faer::{Accum, Mat, MatRef, Par};
 use rayon::prelude::*;
 
 use pocketlm_format::config::ModelConfig;
+use pocketlm_runtime::tokenizer::Tokenizer;
+
+use crate::ConvertError;
+use crate::import::ImportedModel;
 use pocketlm_runtime::model::{
     BlockScratch, BlockWeights, KvCache, LinearInput, block_forward, rope_inv_freq,
 };
@@ -298,6 +302,58 @@ impl Calibrator {
             },
         );
     }
+}
+
+/// Tokenizes the calibration text with the model's own tokenizer and cuts it into windows.
+pub(crate) fn calibration_windows(
+    model: &ImportedModel,
+    c: &Calibration,
+) -> Result<Vec<Vec<u32>>, ConvertError> {
+    windows_of(model, c, &calibration_tokens(model, c)?, c.samples)
+}
+
+/// The calibration text as the model's tokens.
+pub(crate) fn calibration_tokens(
+    model: &ImportedModel,
+    c: &Calibration,
+) -> Result<Vec<u32>, ConvertError> {
+    let tokenizer = Tokenizer::from_spec(&model.tokenizer)
+        .map_err(|e| ConvertError::Calibration(format!("tokenizer: {e}")))?;
+    tokenizer
+        .encode(&c.text, false)
+        .map_err(|e| ConvertError::Calibration(format!("{}: {e}", c.source)))
+}
+
+/// `samples` sequences of `c.seq_len` cut from `tokens` (the tokens of `c`'s text).
+pub(crate) fn windows_of(
+    model: &ImportedModel,
+    c: &Calibration,
+    tokens: &[u32],
+    samples: usize,
+) -> Result<Vec<Vec<u32>>, ConvertError> {
+    let bos = model
+        .tokenizer
+        .bos_token_id
+        .filter(|_| model.tokenizer.add_bos);
+    let windows = windows(tokens, samples, c.seq_len, bos);
+    if windows.is_empty() {
+        return Err(ConvertError::Calibration(format!(
+            "{}: {} tokens, not enough for one sequence of {}",
+            c.source,
+            tokens.len(),
+            c.seq_len
+        )));
+    }
+    if windows.len() < samples {
+        log::warn!(
+            "calibration: {} has {} tokens, enough for {} of the {} sequences asked for",
+            c.source,
+            tokens.len(),
+            windows.len(),
+            samples
+        );
+    }
+    Ok(windows)
 }
 
 #[cfg(test)]

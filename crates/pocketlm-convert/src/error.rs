@@ -8,8 +8,12 @@ pub enum ConvertError {
     Import(#[from] ImportError),
     #[error(transparent)]
     Format(#[from] PlmError),
-    #[error("invalid option: {0}")]
-    Options(String),
+    /// Options the conversion refuses before doing any work.
+    #[error("invalid options: {0}")]
+    Refused(#[from] Refusal),
+    /// The output layer the planner scores with is not `vocab × hidden`.
+    #[error("output layer is not {vocab} × {hidden}")]
+    OutputLayer { vocab: usize, hidden: usize },
     #[error("calibration: {0}")]
     Calibration(String),
     #[error("{tensor}: {message}")]

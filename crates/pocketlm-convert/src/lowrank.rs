@@ -84,9 +84,9 @@ impl FromStr for LowRankMethod {
 /// How much to factorize.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum RankTarget {
-    /// Remove this fraction of the block matrices' parameters (`--ratio 0.2`).
+    /// Remove this fraction of the block matrices' parameters (0.2: a fifth).
     Ratio(f64),
-    /// The same rank for every matrix (`--rank N`).
+    /// The same rank for every matrix.
     Rank(usize),
 }
 
@@ -150,7 +150,7 @@ impl FromStr for RankAllocation {
     }
 }
 
-/// `--lowrank METHOD` with its target and allocation.
+/// A low-rank method with its target and allocation.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LowRank {
     pub method: LowRankMethod,

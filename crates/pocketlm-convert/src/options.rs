@@ -2,11 +2,12 @@
 //! combinations the passes cannot honour.
 
 use super::*;
+use crate::refusal::{Field, PrunedStorage};
 
 /// How the quantized matrices' values are chosen.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Method {
-    /// Round to nearest, per group (with `--clip search`, the error-minimising range).
+    /// Round to nearest, per group (with [`Clipping::Search`], the error-minimising range).
     #[default]
     Rtn,
     /// GPTQ: Hessian-aware rounding with error feedback (needs calibration).
@@ -40,6 +41,12 @@ impl Method {
     }
 }
 
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// A quantization method name that is not one of [`Method`]'s.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("unknown method '{name}' (expected rtn, gptq, awq or awq+gptq)")]
@@ -62,7 +69,7 @@ impl FromStr for Method {
     }
 }
 
-/// `--keep PATTERN=ENCODING`: tensors matching the pattern take that encoding instead of
+/// A `PATTERN=ENCODING` rule: tensors matching the pattern take that encoding instead of
 /// the default. PATTERN is a layer number (`3`: every matrix of block 3), a range (`0-2`),
 /// or a tensor-name pattern with `*` wildcards (`blk.*.ffn_down.weight`, `*attn_v*`).
 #[derive(Clone, Debug, PartialEq)]
@@ -192,7 +199,7 @@ pub struct ConvertOptions {
     pub residual: Option<Encoding>,
 }
 
-/// `--prune METHOD` with `--sparsity F` or `--nm N:M`.
+/// A pruning method with its sparsity (a fraction, or an N:M pattern).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Pruning {
     pub method: PruneMethod,
@@ -301,243 +308,55 @@ impl ConvertOptions {
             || self.recover.is_some()
     }
 
-    /// Checks a structured pruning option (`flag` with its `fraction`): a fraction in (0, 1),
-    /// no planner, and calibration text, on which `chosen_on` happens.
-    pub(crate) fn validate_structured(
-        &self,
-        flag: &str,
-        fraction: Option<f32>,
-        chosen_on: &str,
-    ) -> Result<(), ConvertError> {
-        let Some(fraction) = fraction else {
-            return Ok(());
-        };
-        if !(fraction > 0.0 && fraction < 1.0) {
-            return Err(ConvertError::Options(format!(
-                "{flag} {fraction} must be a fraction in (0, 1)"
-            )));
-        }
-        let refusal = if !self.blocks.is_empty() {
-            Some("per-block recipes (the planner)".to_string())
-        } else if self.calibration.is_none() {
-            Some(format!(
-                "no calibration text (--calib FILE; scripts/fetch-calib.sh downloads a default \
-                 set): {chosen_on} on calibration activations"
-            ))
-        } else {
-            None
-        };
-        match refusal {
-            Some(what) => Err(ConvertError::Options(format!(
-                "{flag} does not work with {what}"
-            ))),
-            None => Ok(()),
-        }
-    }
-
-    pub(crate) fn validate(&self) -> Result<(), ConvertError> {
+    /// Refuses options the conversion cannot honour: each block recipe's, sparse storage
+    /// encodings asked for directly, the passes' own refusals, and empty calibration.
+    pub(crate) fn validate(&self) -> Result<(), Refusal> {
         for recipe in &self.blocks {
             let mut block = self.with_recipe(recipe);
             if !recipe.weights.is_quantized() {
                 // The quantization method has nothing to do in a float block.
                 block.method = Method::Rtn;
             }
-            block
-                .validate()
-                .map_err(|e| ConvertError::Options(format!("block recipe {recipe}: {e}")))?;
+            block.validate().map_err(|refusal| Refusal::InBlockRecipe {
+                recipe: recipe.to_string(),
+                refusal: Box::new(refusal),
+            })?;
         }
-        if let Some(r) = &self.recover {
-            r.validate()
-                .map_err(|e| ConvertError::Options(e.to_string()))?;
-            if self.calibration.is_none() {
-                return Err(ConvertError::Options(
-                    "--recover needs calibration text (--calib FILE; scripts/fetch-calib.sh \
-                     downloads a default set)"
-                        .into(),
-                ));
-            }
-        }
-        let requested = std::iter::once(self.weights)
-            .chain(self.embedding)
-            .chain(self.output)
-            .chain(self.keep.iter().map(|k| k.encoding));
-        for e in requested {
-            if e.is_masked() {
-                let base = e.quant_base().describe();
-                return Err(ConvertError::Options(format!(
-                    "{} is chosen automatically for {base} matrices pruned without a pattern: \
-                     use --weights {base} --prune METHOD --sparsity FRACTION",
-                    e.name()
-                )));
-            }
-            if matches!(
-                e,
+        let requested = std::iter::once((Field::Weights, self.weights))
+            .chain(self.embedding.map(|e| (Field::Embedding, e)))
+            .chain(self.output.map(|e| (Field::Output, e)))
+            .chain(self.keep.iter().map(|k| (Field::Keep, k.encoding)));
+        for (field, encoding) in requested {
+            let pruned = if encoding.is_masked() {
+                PrunedStorage::Unstructured
+            } else if matches!(
+                encoding,
                 Encoding::F16Sparse24 | Encoding::Q8Sparse48 { .. } | Encoding::Q4Sparse48 { .. }
             ) {
-                let (base, nm) = match e {
-                    Encoding::F16Sparse24 => ("f16".to_string(), "2:4"),
-                    other => (other.quant_base().describe(), "2:4|4:8"),
-                };
-                return Err(ConvertError::Options(format!(
-                    "{e} is chosen automatically for {base} matrices pruned N:M: use \
-                     --weights {base} --prune METHOD --nm {nm}"
-                )));
-            }
-        }
-        if let Some(l) = &self.lowrank {
-            l.target
-                .validate()
-                .map_err(|e| ConvertError::Options(e.to_string()))?;
-            if l.method.needs_calibration() && self.calibration.is_none() {
-                return Err(ConvertError::Options(format!(
-                    "--lowrank {} needs calibration text (--calib FILE; scripts/fetch-calib.sh \
-                     downloads a default set)",
-                    l.method.name()
-                )));
-            }
-            if matches!(l.target, RankTarget::Rank(_)) && l.allocation != RankAllocation::Uniform {
-                return Err(ConvertError::Options(
-                    "--rank-alloc applies to --ratio; --rank gives every matrix the same rank"
-                        .into(),
-                ));
-            }
-            if l.allocation == RankAllocation::Global {
-                let refusal = if !self.blocks.is_empty() {
-                    Some("per-block recipes (the planner allocates per block)")
-                } else if self.mlp_channel_pruning.is_some()
-                    || self.attention_head_pruning.is_some()
-                {
-                    Some(
-                        "--prune-channels or --prune-heads (the spectra are measured at the \
-                         original widths)",
-                    )
-                } else {
-                    None
-                };
-                if let Some(refusal) = refusal {
-                    return Err(ConvertError::Options(format!(
-                        "--rank-alloc global does not combine with {refusal}"
-                    )));
-                }
-            }
-            if self.method.uses_awq() {
-                return Err(ConvertError::Options(
-                    "--lowrank with AWQ is not supported: use rtn or gptq for the factors".into(),
-                ));
-            }
-        }
-        self.validate_structured(
-            "--prune-heads",
-            self.attention_head_pruning,
-            "heads are chosen and the output projection is compensated",
-        )?;
-        self.validate_structured(
-            "--prune-channels",
-            self.mlp_channel_pruning,
-            "channels are chosen and down is compensated",
-        )?;
-        if let Some(residual) = self.residual {
-            let refusal = if !residual.is_quantized() || residual.quant_base() != residual {
-                Some(format!(
-                    "{} (a residual is stored in q8, q4, q4a or q3)",
-                    residual.describe()
-                ))
-            } else if !self.weights.is_quantized() {
-                Some(format!(
-                    "--weights {} (only what quantization loses has a residual)",
-                    self.weights
-                ))
-            } else if self.lowrank.is_some() {
-                Some("--lowrank (low-rank files are elastic through their rank)".into())
-            } else if self.pruning.is_some()
-                || self.mlp_channel_pruning.is_some()
-                || self.attention_head_pruning.is_some()
-            {
-                Some("pruning (the residual would fill in what pruning removed)".into())
-            } else if !self.blocks.is_empty() {
-                Some("per-block recipes (the planner)".into())
-            } else if self.recover.is_some() {
-                Some("--recover (it tunes what the base stores)".into())
+                PrunedStorage::NM
             } else {
-                None
+                continue;
             };
-            if let Some(what) = refusal {
-                return Err(ConvertError::Options(format!(
-                    "--residual does not work with {what}"
-                )));
-            }
+            let base = match encoding {
+                Encoding::F16Sparse24 => Encoding::F16,
+                other => other.quant_base(),
+            };
+            return Err(Refusal::StorageEncoding {
+                field,
+                encoding,
+                base,
+                pruned,
+            });
         }
-        if self.sparsity_schedule != SparsitySchedule::Uniform {
-            let schedule = self.sparsity_schedule.describe();
-            self.sparsity_schedule
-                .validate()
-                .map_err(|e| ConvertError::Options(e.to_string()))?;
-            match self.pruning {
-                Some(Pruning {
-                    sparsity: Sparsity::Unstructured(_),
-                    ..
-                }) => {}
-                Some(p) => {
-                    return Err(ConvertError::Options(format!(
-                        "--sparsity-schedule {schedule} spreads unstructured sparsity; {} is \
-                         the same pattern in every block",
-                        p.sparsity.describe()
-                    )));
-                }
-                None => {
-                    return Err(ConvertError::Options(format!(
-                        "--sparsity-schedule {schedule} needs --prune METHOD --sparsity F"
-                    )));
-                }
-            }
-            if !self.blocks.is_empty() {
-                return Err(ConvertError::Options(format!(
-                    "--sparsity-schedule {schedule} does not apply to per-block recipes (the \
-                     planner chooses each block's sparsity itself)"
-                )));
-            }
-            if self.calibration.is_none() {
-                return Err(ConvertError::Options(format!(
-                    "--sparsity-schedule {schedule} measures outliers on calibration text \
-                     (--calib FILE; scripts/fetch-calib.sh downloads a default set)"
-                )));
-            }
-        }
-        if let Some(p) = &self.pruning {
-            p.sparsity
-                .validate()
-                .map_err(|e| ConvertError::Options(e.to_string()))?;
-            if p.method.needs_calibration() && self.calibration.is_none() {
-                return Err(ConvertError::Options(format!(
-                    "--prune {} needs calibration text (--calib FILE; scripts/fetch-calib.sh \
-                     downloads a default set)",
-                    p.method.name()
-                )));
-            }
-        }
-        if self.method.needs_calibration() {
-            if self.calibration.is_none() {
-                return Err(ConvertError::Options(format!(
-                    "--method {} needs calibration text (--calib FILE; scripts/fetch-calib.sh \
-                     downloads a default set)",
-                    self.method.name()
-                )));
-            }
-            if !self.weights.is_quantized() {
-                return Err(ConvertError::Options(format!(
-                    "--method {} quantizes: choose quantized weights (q8, q4, q4a, q3), not {}",
-                    self.method.name(),
-                    self.weights
-                )));
-            }
-        }
+        // Each pass's own refusals, and those of passes that do not combine.
+        crate::passes::Passes::default().validate(self)?;
         if let Some(c) = &self.calibration
             && (c.samples == 0 || c.seq_len < 2)
         {
-            return Err(ConvertError::Options(format!(
-                "calibration needs at least one sequence of 2+ tokens (got {} × {})",
-                c.samples, c.seq_len
-            )));
+            return Err(Refusal::CalibrationTooShort {
+                samples: c.samples,
+                seq_len: c.seq_len,
+            });
         }
         Ok(())
     }

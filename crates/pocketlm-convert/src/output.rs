@@ -2,6 +2,7 @@
 //! the running totals the recipe reports.
 
 use super::*;
+use pocketlm_format::recipe::TensorNote;
 
 /// What the calibration saw of a matrix's input, and the AWQ scales folded into its columns.
 #[derive(Clone, Copy)]
@@ -80,10 +81,6 @@ pub(crate) struct Output<'a, 'p> {
     pub(crate) total: usize,
     pub(crate) progress: Progress<'p>,
     pub(crate) gptq_loss: f64,
-    /// Predicted output error of structured MLP pruning, summed over blocks.
-    pub(crate) channel_pruning_loss: f64,
-    /// Predicted output error of the removed attention heads, summed over blocks.
-    pub(crate) head_pruning_loss: f64,
     /// Whether the speed caveat of the masked encodings has been logged.
     pub(crate) masked_noted: bool,
     /// Zeros and total weights of the matrices pruning applied to.
@@ -94,14 +91,11 @@ pub(crate) struct Output<'a, 'p> {
     /// Pruned matrices stored in a sparse encoding, and those stored dense (with the reason).
     pub(crate) sparse_tensors: usize,
     pub(crate) dense_storage: Vec<(String, String)>,
-    /// Factorized matrices and their ranks; block matrices low rank left dense.
+    /// Factorized matrices and their ranks.
     pub(crate) lowrank_ranks: Vec<(String, usize)>,
-    pub(crate) lowrank_dense: Vec<String>,
     /// Weights of the factorized matrices before and after.
     pub(crate) lowrank_before: u64,
     pub(crate) lowrank_after: u64,
-    /// `--rank-alloc global`: the model-wide ranks, measured before the first block.
-    pub(crate) global_ranks: Option<GlobalRanks>,
     /// Residual tensors written.
     pub(crate) residuals: usize,
     /// While a block is being recovered: its tensors, held back until recovery has tuned
@@ -126,8 +120,6 @@ impl<'a, 'p> Output<'a, 'p> {
             total,
             progress,
             gptq_loss: 0.0,
-            channel_pruning_loss: 0.0,
-            head_pruning_loss: 0.0,
             masked_noted: false,
             pruned: 0,
             prunable: 0,
@@ -135,10 +127,8 @@ impl<'a, 'p> Output<'a, 'p> {
             sparse_tensors: 0,
             dense_storage: Vec::new(),
             lowrank_ranks: Vec::new(),
-            lowrank_dense: Vec::new(),
             lowrank_before: 0,
             lowrank_after: 0,
-            global_ranks: None,
             residuals: 0,
             deferred: None,
         }
@@ -292,8 +282,8 @@ impl<'a, 'p> Output<'a, 'p> {
                 log::warn!(
                     "storing unstructured-pruned matrices as {} ({:.0}% of the dense bytes): \
                      decode is faster than dense on AVX-512 VBMI2 CPUs but slower on AVX2-only \
-                     x86 and on ARM NEON; pass --dense-storage when such a target needs speed \
-                     more than size",
+                     x86 and on ARM NEON; turn sparse storage off when such a target needs \
+                     speed more than size",
                     masked.name(),
                     100.0 * share
                 );
@@ -547,4 +537,30 @@ impl<'a, 'p> Output<'a, 'p> {
         self.lowrank_after += (rank * (rows + cols)) as u64;
         Ok(lowrank::multiply(&u, &v, rows, rank, cols))
     }
+}
+
+/// `XᵀX` of the inputs after AWQ divided channel `j` by `s[j]`: `S⁻¹ H S⁻¹`.
+fn scaled_hessian(stats: &calib::InputStats, scales: Option<&[f32]>) -> Vec<f64> {
+    let Some(s) = scales else {
+        return stats.hessian.clone();
+    };
+    let n = stats.width;
+    let mut h = stats.hessian.clone();
+    for i in 0..n {
+        for j in 0..n {
+            h[i * n + j] /= s[i] as f64 * s[j] as f64;
+        }
+    }
+    h
+}
+
+/// `(tensor, reason)` pairs as the recipe's notes.
+pub(crate) fn notes(pairs: &[(String, String)]) -> Vec<TensorNote> {
+    pairs
+        .iter()
+        .map(|(tensor, reason)| TensorNote {
+            tensor: tensor.clone(),
+            reason: reason.clone(),
+        })
+        .collect()
 }

@@ -1,11 +1,12 @@
 //! Sensitivity scan for mixed precision: quantizes one block at a time (everything else kept
 //! at the base encoding) and measures the perplexity each costs, so the most sensitive blocks
-//! can be kept at higher precision with `--keep`.
+//! can be kept at higher precision with `keep` rules.
 
 use std::path::PathBuf;
 
 use super::{ConvertError, ConvertOptions, KeepRule, convert};
 use crate::import::ImportedModel;
+use crate::refusal::Refusal;
 use pocketlm_eval::{PerplexityOptions, perplexity};
 use pocketlm_format::Encoding;
 use pocketlm_runtime::model::{Model, ModelOptions};
@@ -44,10 +45,10 @@ pub fn scan(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<SensitivityReport, ConvertError> {
     if !options.encoding.is_quantized() {
-        return Err(ConvertError::Options(format!(
-            "sensitivity: {} is not a quantized encoding",
-            options.encoding
-        )));
+        return Err(Refusal::SensitivityEncoding {
+            encoding: options.encoding,
+        }
+        .into());
     }
     let layers = model.config.num_layers;
     let measure = |keep: Vec<KeepRule>, tag: &str| -> Result<f64, ConvertError> {

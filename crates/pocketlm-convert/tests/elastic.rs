@@ -6,7 +6,8 @@
 
 use std::path::Path;
 
-use pocketlm_convert::{ConvertError, ConvertOptions, convert_path};
+use pocketlm_convert::refusal::ResidualConflict;
+use pocketlm_convert::{ConvertError, ConvertOptions, Refusal, convert_path};
 use pocketlm_eval::report::summarize;
 use pocketlm_eval::{PerplexityOptions, kl_divergence};
 use pocketlm_format::{Encoding, PlmFile};
@@ -164,11 +165,11 @@ fn residuals_are_refused_where_they_mean_nothing() {
     let run = |options: ConvertOptions| {
         convert_path(&fixture("hf"), &out, &options, &mut |_, _, _| {}).unwrap_err()
     };
-    let refused = |options: ConvertOptions, what: &str| {
+    let refused = |options: ConvertOptions, conflict: ResidualConflict| {
         let err = run(options);
         assert!(
-            matches!(&err, ConvertError::Options(m) if m.contains("--residual") && m.contains(what)),
-            "{what}: {err}"
+            matches!(&err, ConvertError::Refused(Refusal::Residual(c)) if *c == conflict),
+            "{conflict:?}: {err}"
         );
     };
     refused(
@@ -176,14 +177,14 @@ fn residuals_are_refused_where_they_mean_nothing() {
             residual: Some(Q4),
             ..ConvertOptions::with_weights(Encoding::F16)
         },
-        "--weights f16",
+        ResidualConflict::FloatWeights(Encoding::F16),
     );
     refused(
         ConvertOptions {
             residual: Some(Encoding::F16),
             ..q4_options(None)
         },
-        "f16",
+        ResidualConflict::Encoding(Encoding::F16),
     );
     refused(
         ConvertOptions {
@@ -193,6 +194,6 @@ fn residuals_are_refused_where_they_mean_nothing() {
             }),
             ..q4_options(Some(Q4))
         },
-        "pruning",
+        ResidualConflict::Pruning,
     );
 }

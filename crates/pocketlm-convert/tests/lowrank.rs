@@ -5,9 +5,11 @@
 
 use std::path::Path;
 
+use pocketlm_convert::lowrank::LowRankOptionError;
+use pocketlm_convert::refusal::Calibrated;
 use pocketlm_convert::{
     ConvertError, ConvertOptions, LowRank, LowRankMethod, Method, RankAllocation, RankTarget,
-    convert_path,
+    Refusal, convert_path,
 };
 use pocketlm_format::{Encoding, PlmFile};
 use pocketlm_runtime::model::{Model, ModelOptions};
@@ -194,12 +196,20 @@ fn bad_low_rank_options_are_rejected_with_a_reason() {
     needs_calib.calibration = None;
     let err = run(needs_calib);
     assert!(
-        matches!(&err, ConvertError::Options(m) if m.contains("calibration")),
+        matches!(
+            &err,
+            ConvertError::Refused(Refusal::NeedsCalibration {
+                by: Calibrated::LowRank(LowRankMethod::SvdLlm)
+            })
+        ),
         "{err}"
     );
     let err = run(lowrank_options(Encoding::F16, LowRankMethod::Svd, 1.5));
     assert!(
-        matches!(&err, ConvertError::Options(m) if m.contains("(0, 1)")),
+        matches!(
+            &err,
+            ConvertError::Refused(Refusal::LowRankTarget(LowRankOptionError::Ratio { .. }))
+        ) && err.to_string().contains("(0, 1)"),
         "{err}"
     );
 }
@@ -441,7 +451,10 @@ fn global_allocation_refuses_what_it_cannot_serve() {
     options.mlp_channel_pruning = Some(0.25);
     let err = convert_path(&fixture("hf"), &out, &options, &mut |_, _, _| {}).unwrap_err();
     assert!(
-        matches!(&err, ConvertError::Options(m) if m.contains("global") && m.contains("--prune-channels")),
+        matches!(
+            &err,
+            ConvertError::Refused(Refusal::GlobalRanksWithStructuredPruning)
+        ),
         "{err}"
     );
     assert!(

@@ -7,7 +7,8 @@ use pocketlm_convert::import::{self, ImportedModel};
 use pocketlm_convert::plan::{
     BlockRecipe, Budget, PlanOptions, choose_plan, convert_with_plan, measure, parse_candidates,
 };
-use pocketlm_convert::{ConvertError, ConvertOptions, Method};
+use pocketlm_convert::refusal::Calibrated;
+use pocketlm_convert::{ConvertError, ConvertOptions, Method, Refusal};
 use pocketlm_format::{Encoding, PlmFile};
 
 fn options() -> ConvertOptions {
@@ -77,7 +78,10 @@ fn costs_grow_as_bits_shrink_and_bigger_budgets_never_predict_more() {
                 planned += 1;
             }
             Err(e) => {
-                assert!(matches!(e, ConvertError::Options(_)), "{e}");
+                assert!(
+                    matches!(e, ConvertError::Refused(Refusal::BudgetTooSmall { .. })),
+                    "{e}"
+                );
                 assert!(e.to_string().contains("too small"), "{e}");
                 assert!(
                     planned == 0,
@@ -227,14 +231,21 @@ fn planner_errors_say_what_to_change() {
             &mut |_, _, _| {},
         )
         .unwrap_err()
-        .to_string()
     };
     let err = run(&options(), Budget::FileBytes(1000));
-    assert!(err.contains("too small"), "{err}");
+    assert!(err.to_string().contains("too small"), "{err}");
     let mut uncalibrated = options();
     uncalibrated.method = Method::Rtn;
     uncalibrated.calibration = None;
     let err = run(&uncalibrated, Budget::BitsPerWeight(5.0));
-    assert!(err.contains("--calib"), "{err}");
+    assert!(
+        matches!(
+            err,
+            ConvertError::Refused(Refusal::NeedsCalibration {
+                by: Calibrated::Planner
+            })
+        ),
+        "{err}"
+    );
     assert!(!out.exists(), "no file is left behind");
 }

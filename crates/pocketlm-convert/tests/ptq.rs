@@ -8,9 +8,10 @@
 use pocketlm_kernels::DecodeTensor;
 use std::path::Path;
 
+use pocketlm_convert::refusal::{Calibrated, Field, PrunedStorage};
 use pocketlm_convert::{
     Calibration, Clipping, ConvertError, ConvertOptions, KeepRule, Method, PruneMethod, Pruning,
-    Sparsity, SparsitySchedule, convert_path,
+    Refusal, Sparsity, SparsitySchedule, convert_path,
 };
 use pocketlm_eval::PerplexityOptions;
 use pocketlm_format::{Encoding, PlmFile};
@@ -32,7 +33,7 @@ fn options(weights: Encoding, method: Method) -> ConvertOptions {
 }
 
 /// The error converting the fixture with `options` gives (the conversion must fail).
-fn refusal(options: &ConvertOptions) -> String {
+fn refused(options: &ConvertOptions) -> ConvertError {
     let dir = tempfile::tempdir().unwrap();
     convert_path(
         &fixture("hf"),
@@ -41,7 +42,19 @@ fn refusal(options: &ConvertOptions) -> String {
         &mut |_, _, _| {},
     )
     .unwrap_err()
-    .to_string()
+}
+
+/// Its message.
+fn refusal(options: &ConvertOptions) -> String {
+    refused(options).to_string()
+}
+
+/// Whether `options` are refused for want of calibration text, by `by`.
+fn needs_calibration(options: &ConvertOptions, by: Calibrated) -> bool {
+    matches!(
+        refused(options),
+        ConvertError::Refused(Refusal::NeedsCalibration { by: b }) if b == by
+    )
 }
 
 const Q4: Encoding = Encoding::Q4 {
@@ -141,8 +154,15 @@ fn bad_options_are_rejected_with_a_reason() {
     let mut no_calib = options(Q4, Method::Gptq);
     no_calib.calibration = None;
     let err = run(&no_calib).unwrap_err();
-    assert!(matches!(err, ConvertError::Options(_)), "{err}");
-    assert!(err.to_string().contains("--calib"), "{err}");
+    assert!(
+        matches!(
+            err,
+            ConvertError::Refused(Refusal::NeedsCalibration {
+                by: Calibrated::Method(Method::Gptq)
+            })
+        ),
+        "{err}"
+    );
 
     let float = options(Encoding::F16, Method::Awq);
     assert!(run(&float).unwrap_err().to_string().contains("quantized"));
@@ -355,7 +375,10 @@ fn owl_schedule_spreads_sparsity_over_blocks() {
     let mut unpruned = o.clone();
     unpruned.pruning = None;
     assert!(
-        refusal(&unpruned).contains("--prune"),
+        matches!(
+            refused(&unpruned),
+            ConvertError::Refused(Refusal::ScheduleWithoutPruning { .. })
+        ),
         "{}",
         refusal(&unpruned)
     );
@@ -366,7 +389,10 @@ fn owl_schedule_spreads_sparsity_over_blocks() {
         sparsity: Sparsity::Unstructured(0.5),
     });
     assert!(
-        refusal(&uncalibrated).contains("--calib"),
+        needs_calibration(
+            &uncalibrated,
+            Calibrated::SparsitySchedule(uncalibrated.sparsity_schedule.describe())
+        ),
         "{}",
         refusal(&uncalibrated)
     );
@@ -422,8 +448,11 @@ fn mlp_channel_pruning_narrows_the_model() {
 
     let mut uncalibrated = ConvertOptions::with_weights(Encoding::F32);
     uncalibrated.mlp_channel_pruning = Some(0.25);
-    let err = refusal(&uncalibrated);
-    assert!(err.contains("--calib"), "{err}");
+    assert!(
+        needs_calibration(&uncalibrated, Calibrated::MlpChannelPruning),
+        "{}",
+        refusal(&uncalibrated)
+    );
 }
 
 /// Issue #6: structured pruning of attention heads removes whole key/value heads with their
@@ -475,8 +504,11 @@ fn attention_head_pruning_removes_whole_heads() {
 
     let mut uncalibrated = ConvertOptions::with_weights(Encoding::F32);
     uncalibrated.attention_head_pruning = Some(0.25);
-    let err = refusal(&uncalibrated);
-    assert!(err.contains("--calib"), "{err}");
+    assert!(
+        needs_calibration(&uncalibrated, Calibrated::AttentionHeadPruning),
+        "{}",
+        refusal(&uncalibrated)
+    );
 }
 
 #[test]
@@ -509,8 +541,11 @@ fn sparsegpt_with_quantized_weights_prunes_and_quantizes_in_one_pass() {
         method: PruneMethod::Wanda,
         sparsity: Sparsity::Unstructured(0.5),
     });
-    let err = refusal(&missing);
-    assert!(err.contains("--calib"), "{err}");
+    assert!(
+        needs_calibration(&missing, Calibrated::Pruning(PruneMethod::Wanda)),
+        "{}",
+        refusal(&missing)
+    );
 }
 
 #[test]
@@ -628,8 +663,20 @@ fn quantized_matrices_pruned_n_m_are_stored_sparse_and_compute_the_same() {
         );
     }
     // Asking for the sparse storage directly is refused with the way to get it.
-    let err = refusal(&options(Encoding::Q4Sparse48 { group: 32 }, Method::Rtn));
-    assert!(err.contains("--weights q4/g32 --prune"), "{err}");
+    // (The CLI's message names the flags: tests/cli.rs.)
+    let err = refused(&options(Encoding::Q4Sparse48 { group: 32 }, Method::Rtn));
+    assert!(
+        matches!(
+            err,
+            ConvertError::Refused(Refusal::StorageEncoding {
+                field: Field::Weights,
+                base: Q4,
+                pruned: PrunedStorage::NM,
+                ..
+            })
+        ),
+        "{err}"
+    );
 }
 
 /// q4 and q8 matrices pruned without a pattern are stored as a bitmask and their kept codes

@@ -2,6 +2,9 @@
 //! fixture.
 #![cfg(feature = "recover")]
 
+use pocketlm_convert::Refusal;
+use pocketlm_convert::recover::RecoveryOptionError;
+use pocketlm_convert::refusal::Calibrated;
 use pocketlm_convert::{
     Calibration, Clipping, ConvertError, ConvertOptions, LowRank, LowRankMethod, Method,
     PruneMethod, Pruning, RankAllocation, RankTarget, RecoverMode, Recovery, Sparsity,
@@ -275,9 +278,13 @@ fn recovery_needs_calibration() {
         &mut |_, _, _| {},
     )
     .unwrap_err();
-    assert!(matches!(err, ConvertError::Options(_)), "{err}");
     assert!(
-        err.to_string().contains("--recover needs calibration"),
+        matches!(
+            err,
+            ConvertError::Refused(Refusal::NeedsCalibration {
+                by: Calibrated::Recover
+            })
+        ),
         "{err}"
     );
     let bad = ConvertOptions {
@@ -294,5 +301,12 @@ fn recovery_needs_calibration() {
         &mut |_, _, _| {},
     )
     .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ConvertError::Refused(Refusal::Recovery(RecoveryOptionError::ZeroSteps { .. }))
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("at least 1"), "{err}");
 }

@@ -17,7 +17,7 @@ use pocketlm_runtime::model::Model;
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SweepPoint {
     pub name: String,
-    /// Measured here from a .plm file, or given (`--reference`).
+    /// Measured here from a .plm file, or given by the caller.
     pub reference: bool,
     pub file_bytes: u64,
     /// Of all stored tensors (as `inspect`); unknown for references.
@@ -356,7 +356,7 @@ mod tests {
         points.push("Q4_K_M=105.5MB:28.336".parse().unwrap());
         points[0].decode_tokens_per_s = Some(62.0);
         mark_pareto(&mut points);
-        // What --json writes, --load reads back unchanged.
+        // What the JSON report holds reads back unchanged.
         let json = serde_json::to_string(&points).unwrap();
         assert_eq!(
             serde_json::from_str::<Vec<SweepPoint>>(&json).unwrap(),

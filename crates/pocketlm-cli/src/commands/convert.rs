@@ -3,6 +3,7 @@
 //! (`planned`).
 
 mod planned;
+mod refusal;
 
 use std::path::{Path, PathBuf};
 
@@ -43,7 +44,8 @@ pub fn execute(a: ConvertArgs) -> CliResult {
     let progress = Progress::new("{elapsed_precise} {bar:40} {pos}/{len} tensors {msg}");
     let report = convert::convert_path(&a.src, &a.output, &options, &mut |done, total, name| {
         progress.update_with(done, total, name.to_string());
-    })?;
+    })
+    .map_err(refusal::cli_error)?;
     progress.finish();
     print_written(&a.output, &report, started);
     Ok(())

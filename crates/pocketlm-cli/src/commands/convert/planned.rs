@@ -7,6 +7,7 @@ use pocketlm_convert::plan::PlanOptions;
 use pocketlm_convert::{self as convert, ConvertOptions};
 
 use super::print_written;
+use super::refusal::cli_error;
 use crate::commands::{CliResult, read_text};
 use crate::progress::Progress;
 
@@ -39,7 +40,8 @@ pub fn convert_planned(
         &mut |done, total, what| {
             progress.update_with(done, total, what.to_string());
         },
-    )?;
+    )
+    .map_err(cli_error)?;
     progress.finish();
     let s = &report.sensitivities;
     println!(
