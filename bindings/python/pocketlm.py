@@ -526,6 +526,8 @@ def _uniffi_check_contract_api_version(lib):
 def _uniffi_check_api_checksums(lib):
     if lib.uniffi_pocketlm_checksum_func_default_generation_config() != 13291:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_pocketlm_checksum_method_conversation_add_message() != 15999:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_pocketlm_checksum_method_conversation_cancel() != 35377:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_pocketlm_checksum_method_conversation_context_length() != 47628:
@@ -534,11 +536,15 @@ def _uniffi_check_api_checksums(lib):
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_pocketlm_checksum_method_conversation_messages() != 16374:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_pocketlm_checksum_method_conversation_reply() != 55853:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_pocketlm_checksum_method_conversation_reset() != 19840:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_pocketlm_checksum_method_conversation_save() != 48891:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_pocketlm_checksum_method_conversation_send() != 25785:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_pocketlm_checksum_method_conversation_send_with_tools() != 51633:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_pocketlm_checksum_method_engine_count_tokens() != 40011:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
@@ -610,6 +616,9 @@ _UniffiLib.ffi_pocketlm_uniffi_contract_version.restype = ctypes.c_uint32
 _UniffiLib.uniffi_pocketlm_checksum_func_default_generation_config.argtypes = (
 )
 _UniffiLib.uniffi_pocketlm_checksum_func_default_generation_config.restype = ctypes.c_uint16
+_UniffiLib.uniffi_pocketlm_checksum_method_conversation_add_message.argtypes = (
+)
+_UniffiLib.uniffi_pocketlm_checksum_method_conversation_add_message.restype = ctypes.c_uint16
 _UniffiLib.uniffi_pocketlm_checksum_method_conversation_cancel.argtypes = (
 )
 _UniffiLib.uniffi_pocketlm_checksum_method_conversation_cancel.restype = ctypes.c_uint16
@@ -622,6 +631,9 @@ _UniffiLib.uniffi_pocketlm_checksum_method_conversation_context_used.restype = c
 _UniffiLib.uniffi_pocketlm_checksum_method_conversation_messages.argtypes = (
 )
 _UniffiLib.uniffi_pocketlm_checksum_method_conversation_messages.restype = ctypes.c_uint16
+_UniffiLib.uniffi_pocketlm_checksum_method_conversation_reply.argtypes = (
+)
+_UniffiLib.uniffi_pocketlm_checksum_method_conversation_reply.restype = ctypes.c_uint16
 _UniffiLib.uniffi_pocketlm_checksum_method_conversation_reset.argtypes = (
 )
 _UniffiLib.uniffi_pocketlm_checksum_method_conversation_reset.restype = ctypes.c_uint16
@@ -631,6 +643,9 @@ _UniffiLib.uniffi_pocketlm_checksum_method_conversation_save.restype = ctypes.c_
 _UniffiLib.uniffi_pocketlm_checksum_method_conversation_send.argtypes = (
 )
 _UniffiLib.uniffi_pocketlm_checksum_method_conversation_send.restype = ctypes.c_uint16
+_UniffiLib.uniffi_pocketlm_checksum_method_conversation_send_with_tools.argtypes = (
+)
+_UniffiLib.uniffi_pocketlm_checksum_method_conversation_send_with_tools.restype = ctypes.c_uint16
 _UniffiLib.uniffi_pocketlm_checksum_method_engine_count_tokens.argtypes = (
 )
 _UniffiLib.uniffi_pocketlm_checksum_method_engine_count_tokens.restype = ctypes.c_uint16
@@ -692,6 +707,12 @@ _UniffiLib.uniffi_pocketlm_fn_func_default_generation_config.argtypes = (
     ctypes.POINTER(_UniffiRustCallStatus),
 )
 _UniffiLib.uniffi_pocketlm_fn_func_default_generation_config.restype = _UniffiRustBuffer
+_UniffiLib.uniffi_pocketlm_fn_method_conversation_add_message.argtypes = (
+    ctypes.c_uint64,
+    _UniffiRustBuffer,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UniffiLib.uniffi_pocketlm_fn_method_conversation_add_message.restype = None
 _UniffiLib.uniffi_pocketlm_fn_method_conversation_cancel.argtypes = (
     ctypes.c_uint64,
     ctypes.POINTER(_UniffiRustCallStatus),
@@ -712,6 +733,14 @@ _UniffiLib.uniffi_pocketlm_fn_method_conversation_messages.argtypes = (
     ctypes.POINTER(_UniffiRustCallStatus),
 )
 _UniffiLib.uniffi_pocketlm_fn_method_conversation_messages.restype = _UniffiRustBuffer
+_UniffiLib.uniffi_pocketlm_fn_method_conversation_reply.argtypes = (
+    ctypes.c_uint64,
+    _UniffiRustBuffer,
+    _UniffiRustBuffer,
+    _UniffiRustBuffer,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UniffiLib.uniffi_pocketlm_fn_method_conversation_reply.restype = _UniffiRustBuffer
 _UniffiLib.uniffi_pocketlm_fn_method_conversation_reset.argtypes = (
     ctypes.c_uint64,
     ctypes.POINTER(_UniffiRustCallStatus),
@@ -731,6 +760,15 @@ _UniffiLib.uniffi_pocketlm_fn_method_conversation_send.argtypes = (
     ctypes.POINTER(_UniffiRustCallStatus),
 )
 _UniffiLib.uniffi_pocketlm_fn_method_conversation_send.restype = _UniffiRustBuffer
+_UniffiLib.uniffi_pocketlm_fn_method_conversation_send_with_tools.argtypes = (
+    ctypes.c_uint64,
+    _UniffiRustBuffer,
+    _UniffiRustBuffer,
+    _UniffiRustBuffer,
+    _UniffiRustBuffer,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UniffiLib.uniffi_pocketlm_fn_method_conversation_send_with_tools.restype = _UniffiRustBuffer
 _UniffiLib.uniffi_pocketlm_fn_method_engine_count_tokens.argtypes = (
     ctypes.c_uint64,
     _UniffiRustBuffer,
@@ -1825,21 +1863,85 @@ class _UniffiFfiConverterTypeGenerationStats(_UniffiConverterRustBuffer):
         _UniffiFfiConverterFloat64.write(value.time_to_first_token_ms, buf)
 
 @dataclass
-class GenerationResult:
+class ToolCall:
     """
-    A finished generation.
+    One call the model asked for.
 """
-    def __init__(self, *, text:str, tokens:typing.List[int], stop_reason:StopReason, stats:GenerationStats):
-        self.text = text
-        self.tokens = tokens
-        self.stop_reason = stop_reason
-        self.stats = stats
+    def __init__(self, *, name:str, arguments_json:str):
+        self.name = name
+        self.arguments_json = arguments_json
         
         
 
     
     def __str__(self):
-        return "GenerationResult(text={}, tokens={}, stop_reason={}, stats={})".format(self.text, self.tokens, self.stop_reason, self.stats)
+        return "ToolCall(name={}, arguments_json={})".format(self.name, self.arguments_json)
+    def __eq__(self, other):
+        if self.name != other.name:
+            return False
+        if self.arguments_json != other.arguments_json:
+            return False
+        return True
+
+class _UniffiFfiConverterTypeToolCall(_UniffiConverterRustBuffer):
+    @staticmethod
+    def read(buf):
+        return ToolCall(
+            name=_UniffiFfiConverterString.read(buf),
+            arguments_json=_UniffiFfiConverterString.read(buf),
+        )
+
+    @staticmethod
+    def check_lower(value):
+        _UniffiFfiConverterString.check_lower(value.name)
+        _UniffiFfiConverterString.check_lower(value.arguments_json)
+
+    @staticmethod
+    def write(value, buf):
+        _UniffiFfiConverterString.write(value.name, buf)
+        _UniffiFfiConverterString.write(value.arguments_json, buf)
+
+class _UniffiFfiConverterSequenceTypeToolCall(_UniffiConverterRustBuffer):
+    @classmethod
+    def check_lower(cls, value):
+        for item in value:
+            _UniffiFfiConverterTypeToolCall.check_lower(item)
+
+    @classmethod
+    def write(cls, value, buf):
+        items = len(value)
+        buf.write_i32(items)
+        for item in value:
+            _UniffiFfiConverterTypeToolCall.write(item, buf)
+
+    @classmethod
+    def read(cls, buf):
+        count = buf.read_i32()
+        if count < 0:
+            raise InternalError("Unexpected negative sequence length")
+
+        return [
+            _UniffiFfiConverterTypeToolCall.read(buf) for i in range(count)
+        ]
+
+@dataclass
+class GenerationResult:
+    """
+    A finished generation.
+"""
+    def __init__(self, *, text:str, tokens:typing.List[int], stop_reason:StopReason, stats:GenerationStats, tool_calls:typing.List[ToolCall], tool_call_error:typing.Optional[str]):
+        self.text = text
+        self.tokens = tokens
+        self.stop_reason = stop_reason
+        self.stats = stats
+        self.tool_calls = tool_calls
+        self.tool_call_error = tool_call_error
+        
+        
+
+    
+    def __str__(self):
+        return "GenerationResult(text={}, tokens={}, stop_reason={}, stats={}, tool_calls={}, tool_call_error={})".format(self.text, self.tokens, self.stop_reason, self.stats, self.tool_calls, self.tool_call_error)
     def __eq__(self, other):
         if self.text != other.text:
             return False
@@ -1848,6 +1950,10 @@ class GenerationResult:
         if self.stop_reason != other.stop_reason:
             return False
         if self.stats != other.stats:
+            return False
+        if self.tool_calls != other.tool_calls:
+            return False
+        if self.tool_call_error != other.tool_call_error:
             return False
         return True
 
@@ -1859,6 +1965,8 @@ class _UniffiFfiConverterTypeGenerationResult(_UniffiConverterRustBuffer):
             tokens=_UniffiFfiConverterSequenceUInt32.read(buf),
             stop_reason=_UniffiFfiConverterTypeStopReason.read(buf),
             stats=_UniffiFfiConverterTypeGenerationStats.read(buf),
+            tool_calls=_UniffiFfiConverterSequenceTypeToolCall.read(buf),
+            tool_call_error=_UniffiFfiConverterOptionalString.read(buf),
         )
 
     @staticmethod
@@ -1867,6 +1975,8 @@ class _UniffiFfiConverterTypeGenerationResult(_UniffiConverterRustBuffer):
         _UniffiFfiConverterSequenceUInt32.check_lower(value.tokens)
         _UniffiFfiConverterTypeStopReason.check_lower(value.stop_reason)
         _UniffiFfiConverterTypeGenerationStats.check_lower(value.stats)
+        _UniffiFfiConverterSequenceTypeToolCall.check_lower(value.tool_calls)
+        _UniffiFfiConverterOptionalString.check_lower(value.tool_call_error)
 
     @staticmethod
     def write(value, buf):
@@ -1874,6 +1984,8 @@ class _UniffiFfiConverterTypeGenerationResult(_UniffiConverterRustBuffer):
         _UniffiFfiConverterSequenceUInt32.write(value.tokens, buf)
         _UniffiFfiConverterTypeStopReason.write(value.stop_reason, buf)
         _UniffiFfiConverterTypeGenerationStats.write(value.stats, buf)
+        _UniffiFfiConverterSequenceTypeToolCall.write(value.tool_calls, buf)
+        _UniffiFfiConverterOptionalString.write(value.tool_call_error, buf)
 
 class _UniffiFfiConverterBoolean:
     @classmethod
@@ -2012,6 +2124,47 @@ class _UniffiFfiConverterTypeModelInfo(_UniffiConverterRustBuffer):
         _UniffiFfiConverterString.write(value.kv_cache, buf)
         _UniffiFfiConverterString.write(value.profile, buf)
         _UniffiFfiConverterUInt64.write(value.weight_bytes, buf)
+
+@dataclass
+class Tools:
+    """
+    Tools offered to the model: each definition is JSON text, as transformers passes tools
+    to chat templates (`{"type": "function", "function": {"name", "description",
+    "parameters"}}`).
+"""
+    def __init__(self, *, definitions:typing.List[str], require_call:bool = False):
+        self.definitions = definitions
+        self.require_call = require_call
+        
+        
+
+    
+    def __str__(self):
+        return "Tools(definitions={}, require_call={})".format(self.definitions, self.require_call)
+    def __eq__(self, other):
+        if self.definitions != other.definitions:
+            return False
+        if self.require_call != other.require_call:
+            return False
+        return True
+
+class _UniffiFfiConverterTypeTools(_UniffiConverterRustBuffer):
+    @staticmethod
+    def read(buf):
+        return Tools(
+            definitions=_UniffiFfiConverterSequenceString.read(buf),
+            require_call=_UniffiFfiConverterBoolean.read(buf),
+        )
+
+    @staticmethod
+    def check_lower(value):
+        _UniffiFfiConverterSequenceString.check_lower(value.definitions)
+        _UniffiFfiConverterBoolean.check_lower(value.require_call)
+
+    @staticmethod
+    def write(value, buf):
+        _UniffiFfiConverterSequenceString.write(value.definitions, buf)
+        _UniffiFfiConverterBoolean.write(value.require_call, buf)
 
 
 
@@ -2291,6 +2444,31 @@ class _UniffiFfiConverterSequenceTypeChatMessage(_UniffiConverterRustBuffer):
             _UniffiFfiConverterTypeChatMessage.read(buf) for i in range(count)
         ]
 
+class _UniffiFfiConverterOptionalTypeTools(_UniffiConverterRustBuffer):
+    @classmethod
+    def check_lower(cls, value):
+        if value is not None:
+            _UniffiFfiConverterTypeTools.check_lower(value)
+
+    @classmethod
+    def write(cls, value, buf):
+        if value is None:
+            buf.write_u8(0)
+            return
+
+        buf.write_u8(1)
+        _UniffiFfiConverterTypeTools.write(value, buf)
+
+    @classmethod
+    def read(cls, buf):
+        flag = buf.read_u8()
+        if flag == 0:
+            return None
+        elif flag == 1:
+            return _UniffiFfiConverterTypeTools.read(buf)
+        else:
+            raise InternalError("Unexpected flag byte for optional type")
+
 
 class TokenCallback():
     """
@@ -2466,6 +2644,11 @@ class ConversationProtocol(typing.Protocol):
     policy is `Error`). Thread-safe; calls wait for each other.
 """
     
+    def add_message(self, message: ChatMessage) -> None:
+        """
+        Adds a message to the transcript without generating (a tool's result: role `tool`).
+"""
+        raise NotImplementedError
     def cancel(self, ) -> None:
         """
         Asks a running `send` to stop (its reply ends with `Cancelled`).
@@ -2486,6 +2669,12 @@ class ConversationProtocol(typing.Protocol):
         The transcript: system message, user messages and replies, oldest first.
 """
         raise NotImplementedError
+    def reply(self, tools: typing.Optional[Tools],config: GenerationConfig,callback: typing.Optional[TokenCallback]) -> GenerationResult:
+        """
+        Generates the assistant's next message for the transcript as it stands (e.g. after
+        tool results) and adds it; `tools` may be offered again.
+"""
+        raise NotImplementedError
     def reset(self, ) -> None:
         """
         Forgets everything but the system message.
@@ -2501,6 +2690,13 @@ class ConversationProtocol(typing.Protocol):
         """
         Sends the user's `text` and generates the reply, streaming it to `callback` when one
         is given. On an error the transcript is left as it was.
+"""
+        raise NotImplementedError
+    def send_with_tools(self, text: str,tools: Tools,config: GenerationConfig,callback: typing.Optional[TokenCallback]) -> GenerationResult:
+        """
+        [`Conversation::send`] offering `tools`; the calls the reply makes are in
+        `GenerationResult::tool_calls`. Answer them with `add_message` (role `tool`) and
+        `reply`.
 """
         raise NotImplementedError
 
@@ -2534,6 +2730,24 @@ class Conversation(ConversationProtocol):
         inst = cls.__new__(cls)
         inst._handle = handle
         return inst
+    def add_message(self, message: ChatMessage) -> None:
+        """
+        Adds a message to the transcript without generating (a tool's result: role `tool`).
+"""
+        
+        _UniffiFfiConverterTypeChatMessage.check_lower(message)
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+            _UniffiFfiConverterTypeChatMessage.lower(message),
+        )
+        _uniffi_lift_return = lambda val: None
+        _uniffi_error_converter = _UniffiFfiConverterTypePocketLmError
+        _uniffi_ffi_result = _uniffi_rust_call_with_error(
+            _uniffi_error_converter,
+            _UniffiLib.uniffi_pocketlm_fn_method_conversation_add_message,
+            *_uniffi_lowered_args,
+        )
+        return _uniffi_lift_return(_uniffi_ffi_result)
     def cancel(self, ) -> None:
         """
         Asks a running `send` to stop (its reply ends with `Cancelled`).
@@ -2594,6 +2808,31 @@ class Conversation(ConversationProtocol):
             *_uniffi_lowered_args,
         )
         return _uniffi_lift_return(_uniffi_ffi_result)
+    def reply(self, tools: typing.Optional[Tools],config: GenerationConfig,callback: typing.Optional[TokenCallback]) -> GenerationResult:
+        """
+        Generates the assistant's next message for the transcript as it stands (e.g. after
+        tool results) and adds it; `tools` may be offered again.
+"""
+        
+        _UniffiFfiConverterOptionalTypeTools.check_lower(tools)
+
+        _UniffiFfiConverterTypeGenerationConfig.check_lower(config)
+
+        _UniffiFfiConverterOptionalTypeTokenCallback.check_lower(callback)
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+            _UniffiFfiConverterOptionalTypeTools.lower(tools),
+            _UniffiFfiConverterTypeGenerationConfig.lower(config),
+            _UniffiFfiConverterOptionalTypeTokenCallback.lower(callback),
+        )
+        _uniffi_lift_return = _UniffiFfiConverterTypeGenerationResult.lift
+        _uniffi_error_converter = _UniffiFfiConverterTypePocketLmError
+        _uniffi_ffi_result = _uniffi_rust_call_with_error(
+            _uniffi_error_converter,
+            _UniffiLib.uniffi_pocketlm_fn_method_conversation_reply,
+            *_uniffi_lowered_args,
+        )
+        return _uniffi_lift_return(_uniffi_ffi_result)
     def reset(self, ) -> None:
         """
         Forgets everything but the system message.
@@ -2650,6 +2889,35 @@ class Conversation(ConversationProtocol):
         _uniffi_ffi_result = _uniffi_rust_call_with_error(
             _uniffi_error_converter,
             _UniffiLib.uniffi_pocketlm_fn_method_conversation_send,
+            *_uniffi_lowered_args,
+        )
+        return _uniffi_lift_return(_uniffi_ffi_result)
+    def send_with_tools(self, text: str,tools: Tools,config: GenerationConfig,callback: typing.Optional[TokenCallback]) -> GenerationResult:
+        """
+        [`Conversation::send`] offering `tools`; the calls the reply makes are in
+        `GenerationResult::tool_calls`. Answer them with `add_message` (role `tool`) and
+        `reply`.
+"""
+        
+        _UniffiFfiConverterString.check_lower(text)
+
+        _UniffiFfiConverterTypeTools.check_lower(tools)
+
+        _UniffiFfiConverterTypeGenerationConfig.check_lower(config)
+
+        _UniffiFfiConverterOptionalTypeTokenCallback.check_lower(callback)
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+            _UniffiFfiConverterString.lower(text),
+            _UniffiFfiConverterTypeTools.lower(tools),
+            _UniffiFfiConverterTypeGenerationConfig.lower(config),
+            _UniffiFfiConverterOptionalTypeTokenCallback.lower(callback),
+        )
+        _uniffi_lift_return = _UniffiFfiConverterTypeGenerationResult.lift
+        _uniffi_error_converter = _UniffiFfiConverterTypePocketLmError
+        _uniffi_ffi_result = _uniffi_rust_call_with_error(
+            _uniffi_error_converter,
+            _UniffiLib.uniffi_pocketlm_fn_method_conversation_send_with_tools,
             *_uniffi_lowered_args,
         )
         return _uniffi_lift_return(_uniffi_ffi_result)
@@ -3300,8 +3568,10 @@ __all__ = [
     "EngineOptions",
     "GenerationConfig",
     "GenerationStats",
+    "ToolCall",
     "GenerationResult",
     "ModelInfo",
+    "Tools",
     "default_generation_config",
     "TokenCallbackImpl",
     "TokenCallback",

@@ -630,6 +630,11 @@ fileprivate struct FfiConverterString: FfiConverter {
 public protocol ConversationProtocol: AnyObject, Sendable {
     
     /**
+     * Adds a message to the transcript without generating (a tool's result: role `tool`).
+     */
+    func addMessage(message: ChatMessage) throws 
+    
+    /**
      * Asks a running `send` to stop (its reply ends with `Cancelled`).
      */
     func cancel() 
@@ -650,6 +655,12 @@ public protocol ConversationProtocol: AnyObject, Sendable {
     func messages() throws  -> [ChatMessage]
     
     /**
+     * Generates the assistant's next message for the transcript as it stands (e.g. after
+     * tool results) and adds it; `tools` may be offered again.
+     */
+    func reply(tools: Tools?, config: GenerationConfig, callback: TokenCallback?) throws  -> GenerationResult
+    
+    /**
      * Forgets everything but the system message.
      */
     func reset() throws 
@@ -665,6 +676,13 @@ public protocol ConversationProtocol: AnyObject, Sendable {
      * is given. On an error the transcript is left as it was.
      */
     func send(text: String, config: GenerationConfig, callback: TokenCallback?) throws  -> GenerationResult
+    
+    /**
+     * [`Conversation::send`] offering `tools`; the calls the reply makes are in
+     * `GenerationResult::tool_calls`. Answer them with `add_message` (role `tool`) and
+     * `reply`.
+     */
+    func sendWithTools(text: String, tools: Tools, config: GenerationConfig, callback: TokenCallback?) throws  -> GenerationResult
     
 }
 /**
@@ -727,6 +745,18 @@ open class Conversation: ConversationProtocol, @unchecked Sendable {
 
     
     /**
+     * Adds a message to the transcript without generating (a tool's result: role `tool`).
+     */
+open func addMessage(message: ChatMessage)throws   {try rustCallWithError(FfiConverterTypePocketLmError_lift) {
+        uniffiCallStatus in
+    uniffi_pocketlm_fn_method_conversation_add_message(
+            self.uniffiCloneHandle(),
+        FfiConverterTypeChatMessage_lower(message),uniffiCallStatus
+    )
+}
+}
+    
+    /**
      * Asks a running `send` to stop (its reply ends with `Cancelled`).
      */
 open func cancel()  {try! rustCall() {
@@ -774,6 +804,22 @@ open func messages()throws  -> [ChatMessage]  {
 }
     
     /**
+     * Generates the assistant's next message for the transcript as it stands (e.g. after
+     * tool results) and adds it; `tools` may be offered again.
+     */
+open func reply(tools: Tools?, config: GenerationConfig, callback: TokenCallback?)throws  -> GenerationResult  {
+    return try  FfiConverterTypeGenerationResult_lift(try rustCallWithError(FfiConverterTypePocketLmError_lift) {
+        uniffiCallStatus in
+    uniffi_pocketlm_fn_method_conversation_reply(
+            self.uniffiCloneHandle(),
+        FfiConverterOptionTypeTools.lower(tools),
+        FfiConverterTypeGenerationConfig_lower(config),
+        FfiConverterOptionTypeTokenCallback.lower(callback),uniffiCallStatus
+    )
+})
+}
+    
+    /**
      * Forgets everything but the system message.
      */
 open func reset()throws   {try rustCallWithError(FfiConverterTypePocketLmError_lift) {
@@ -808,6 +854,24 @@ open func send(text: String, config: GenerationConfig, callback: TokenCallback?)
     uniffi_pocketlm_fn_method_conversation_send(
             self.uniffiCloneHandle(),
         FfiConverterString.lower(text),
+        FfiConverterTypeGenerationConfig_lower(config),
+        FfiConverterOptionTypeTokenCallback.lower(callback),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * [`Conversation::send`] offering `tools`; the calls the reply makes are in
+     * `GenerationResult::tool_calls`. Answer them with `add_message` (role `tool`) and
+     * `reply`.
+     */
+open func sendWithTools(text: String, tools: Tools, config: GenerationConfig, callback: TokenCallback?)throws  -> GenerationResult  {
+    return try  FfiConverterTypeGenerationResult_lift(try rustCallWithError(FfiConverterTypePocketLmError_lift) {
+        uniffiCallStatus in
+    uniffi_pocketlm_fn_method_conversation_send_with_tools(
+            self.uniffiCloneHandle(),
+        FfiConverterString.lower(text),
+        FfiConverterTypeTools_lower(tools),
         FfiConverterTypeGenerationConfig_lower(config),
         FfiConverterOptionTypeTokenCallback.lower(callback),uniffiCallStatus
     )
@@ -2026,6 +2090,15 @@ public struct GenerationResult: Equatable, Hashable {
     public var tokens: [UInt32]
     public var stopReason: StopReason
     public var stats: GenerationStats
+    /**
+     * Tool calls parsed from a reply to a conversation that offered tools.
+     */
+    public var toolCalls: [ToolCall]
+    /**
+     * Set when the reply announced a tool call it did not write out well (the text is
+     * kept in `text`).
+     */
+    public var toolCallError: String?
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -2035,11 +2108,20 @@ public struct GenerationResult: Equatable, Hashable {
          */text: String, 
         /**
          * The generated token ids.
-         */tokens: [UInt32], stopReason: StopReason, stats: GenerationStats) {
+         */tokens: [UInt32], stopReason: StopReason, stats: GenerationStats, 
+        /**
+         * Tool calls parsed from a reply to a conversation that offered tools.
+         */toolCalls: [ToolCall], 
+        /**
+         * Set when the reply announced a tool call it did not write out well (the text is
+         * kept in `text`).
+         */toolCallError: String?) {
         self.text = text
         self.tokens = tokens
         self.stopReason = stopReason
         self.stats = stats
+        self.toolCalls = toolCalls
+        self.toolCallError = toolCallError
     }
 
     
@@ -2061,7 +2143,9 @@ public struct FfiConverterTypeGenerationResult: FfiConverterRustBuffer {
                 text: FfiConverterString.read(from: &buf), 
                 tokens: FfiConverterSequenceUInt32.read(from: &buf), 
                 stopReason: FfiConverterTypeStopReason.read(from: &buf), 
-                stats: FfiConverterTypeGenerationStats.read(from: &buf)
+                stats: FfiConverterTypeGenerationStats.read(from: &buf), 
+                toolCalls: FfiConverterSequenceTypeToolCall.read(from: &buf), 
+                toolCallError: FfiConverterOptionString.read(from: &buf)
         )
     }
 
@@ -2070,6 +2154,8 @@ public struct FfiConverterTypeGenerationResult: FfiConverterRustBuffer {
         FfiConverterSequenceUInt32.write(value.tokens, into: &buf)
         FfiConverterTypeStopReason.write(value.stopReason, into: &buf)
         FfiConverterTypeGenerationStats.write(value.stats, into: &buf)
+        FfiConverterSequenceTypeToolCall.write(value.toolCalls, into: &buf)
+        FfiConverterOptionString.write(value.toolCallError, into: &buf)
     }
 }
 
@@ -2370,6 +2456,134 @@ public func FfiConverterTypeModelInfo_lift(_ buf: RustBuffer) throws -> ModelInf
 #endif
 public func FfiConverterTypeModelInfo_lower(_ value: ModelInfo) -> RustBuffer {
     return FfiConverterTypeModelInfo.lower(value)
+}
+
+
+/**
+ * One call the model asked for.
+ */
+public struct ToolCall: Equatable, Hashable {
+    public var name: String
+    /**
+     * The arguments object as JSON text.
+     */
+    public var argumentsJson: String
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(name: String, 
+        /**
+         * The arguments object as JSON text.
+         */argumentsJson: String) {
+        self.name = name
+        self.argumentsJson = argumentsJson
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension ToolCall: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeToolCall: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> ToolCall {
+        return
+            try ToolCall(
+                name: FfiConverterString.read(from: &buf), 
+                argumentsJson: FfiConverterString.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: ToolCall, into buf: inout [UInt8]) {
+        FfiConverterString.write(value.name, into: &buf)
+        FfiConverterString.write(value.argumentsJson, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeToolCall_lift(_ buf: RustBuffer) throws -> ToolCall {
+    return try FfiConverterTypeToolCall.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeToolCall_lower(_ value: ToolCall) -> RustBuffer {
+    return FfiConverterTypeToolCall.lower(value)
+}
+
+
+/**
+ * Tools offered to the model: each definition is JSON text, as transformers passes tools
+ * to chat templates (`{"type": "function", "function": {"name", "description",
+ * "parameters"}}`).
+ */
+public struct Tools: Equatable, Hashable {
+    public var definitions: [String]
+    /**
+     * Make the reply exactly one call, its arguments matching the tool's parameter schema.
+     */
+    public var requireCall: Bool
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(definitions: [String], 
+        /**
+         * Make the reply exactly one call, its arguments matching the tool's parameter schema.
+         */requireCall: Bool = false) {
+        self.definitions = definitions
+        self.requireCall = requireCall
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension Tools: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeTools: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> Tools {
+        return
+            try Tools(
+                definitions: FfiConverterSequenceString.read(from: &buf), 
+                requireCall: FfiConverterBool.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: Tools, into buf: inout [UInt8]) {
+        FfiConverterSequenceString.write(value.definitions, into: &buf)
+        FfiConverterBool.write(value.requireCall, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeTools_lift(_ buf: RustBuffer) throws -> Tools {
+    return try FfiConverterTypeTools.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeTools_lower(_ value: Tools) -> RustBuffer {
+    return FfiConverterTypeTools.lower(value)
 }
 
 
@@ -2960,6 +3174,30 @@ fileprivate struct FfiConverterOptionTypeGenerationStats: FfiConverterRustBuffer
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
+fileprivate struct FfiConverterOptionTypeTools: FfiConverterRustBuffer {
+    typealias SwiftType = Tools?
+
+    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
+        guard let value = value else {
+            writeInt(&buf, Int8(0))
+            return
+        }
+        writeInt(&buf, Int8(1))
+        FfiConverterTypeTools.write(value, into: &buf)
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        switch try readInt(&buf) as Int8 {
+        case 0: return nil
+        case 1: return try FfiConverterTypeTools.read(from: &buf)
+        default: throw UniffiInternalError.unexpectedOptionalTag
+        }
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
 fileprivate struct FfiConverterOptionTypeContextPolicy: FfiConverterRustBuffer {
     typealias SwiftType = ContextPolicy?
 
@@ -3079,6 +3317,31 @@ fileprivate struct FfiConverterSequenceTypeChatMessage: FfiConverterRustBuffer {
         return seq
     }
 }
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterSequenceTypeToolCall: FfiConverterRustBuffer {
+    typealias SwiftType = [ToolCall]
+
+    public static func write(_ value: [ToolCall], into buf: inout [UInt8]) {
+        let len = Int32(value.count)
+        writeInt(&buf, len)
+        for item in value {
+            FfiConverterTypeToolCall.write(item, into: &buf)
+        }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> [ToolCall] {
+        let len: Int32 = try readInt(&buf)
+        var seq = [ToolCall]()
+        seq.reserveCapacity(Int(len))
+        for _ in 0 ..< len {
+            seq.append(try FfiConverterTypeToolCall.read(from: &buf))
+        }
+        return seq
+    }
+}
 /**
  * The default [`GenerationConfig`] (for languages without default arguments).
  */
@@ -3108,6 +3371,9 @@ private let initializationResult: InitializationResult = {
     if (uniffi_pocketlm_checksum_func_default_generation_config() != 13291) {
         return InitializationResult.apiChecksumMismatch
     }
+    if (uniffi_pocketlm_checksum_method_conversation_add_message() != 15999) {
+        return InitializationResult.apiChecksumMismatch
+    }
     if (uniffi_pocketlm_checksum_method_conversation_cancel() != 35377) {
         return InitializationResult.apiChecksumMismatch
     }
@@ -3120,6 +3386,9 @@ private let initializationResult: InitializationResult = {
     if (uniffi_pocketlm_checksum_method_conversation_messages() != 16374) {
         return InitializationResult.apiChecksumMismatch
     }
+    if (uniffi_pocketlm_checksum_method_conversation_reply() != 55853) {
+        return InitializationResult.apiChecksumMismatch
+    }
     if (uniffi_pocketlm_checksum_method_conversation_reset() != 19840) {
         return InitializationResult.apiChecksumMismatch
     }
@@ -3127,6 +3396,9 @@ private let initializationResult: InitializationResult = {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_pocketlm_checksum_method_conversation_send() != 25785) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_pocketlm_checksum_method_conversation_send_with_tools() != 51633) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_pocketlm_checksum_method_engine_count_tokens() != 40011) {

@@ -269,6 +269,11 @@ uint64_t uniffi_pocketlm_fn_clone_conversation(uint64_t handle, RustCallStatus *
 void uniffi_pocketlm_fn_free_conversation(uint64_t handle, RustCallStatus *_Nonnull out_status
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_CONVERSATION_ADD_MESSAGE
+#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_CONVERSATION_ADD_MESSAGE
+void uniffi_pocketlm_fn_method_conversation_add_message(uint64_t ptr, RustBuffer message, RustCallStatus *_Nonnull out_status
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_CONVERSATION_CANCEL
 #define UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_CONVERSATION_CANCEL
 void uniffi_pocketlm_fn_method_conversation_cancel(uint64_t ptr, RustCallStatus *_Nonnull out_status
@@ -289,6 +294,11 @@ uint32_t uniffi_pocketlm_fn_method_conversation_context_used(uint64_t ptr, RustC
 RustBuffer uniffi_pocketlm_fn_method_conversation_messages(uint64_t ptr, RustCallStatus *_Nonnull out_status
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_CONVERSATION_REPLY
+#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_CONVERSATION_REPLY
+RustBuffer uniffi_pocketlm_fn_method_conversation_reply(uint64_t ptr, RustBuffer tools, RustBuffer config, RustBuffer callback, RustCallStatus *_Nonnull out_status
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_CONVERSATION_RESET
 #define UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_CONVERSATION_RESET
 void uniffi_pocketlm_fn_method_conversation_reset(uint64_t ptr, RustCallStatus *_Nonnull out_status
@@ -302,6 +312,11 @@ uint64_t uniffi_pocketlm_fn_method_conversation_save(uint64_t ptr, RustBuffer pa
 #ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_CONVERSATION_SEND
 #define UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_CONVERSATION_SEND
 RustBuffer uniffi_pocketlm_fn_method_conversation_send(uint64_t ptr, RustBuffer text, RustBuffer config, RustBuffer callback, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_CONVERSATION_SEND_WITH_TOOLS
+#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_METHOD_CONVERSATION_SEND_WITH_TOOLS
+RustBuffer uniffi_pocketlm_fn_method_conversation_send_with_tools(uint64_t ptr, RustBuffer text, RustBuffer tools, RustBuffer config, RustBuffer callback, RustCallStatus *_Nonnull out_status
 );
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_FN_CLONE_ENGINE
@@ -706,6 +721,12 @@ uint16_t uniffi_pocketlm_checksum_func_default_generation_config(void
     
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_CONVERSATION_ADD_MESSAGE
+#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_CONVERSATION_ADD_MESSAGE
+uint16_t uniffi_pocketlm_checksum_method_conversation_add_message(void
+    
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_CONVERSATION_CANCEL
 #define UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_CONVERSATION_CANCEL
 uint16_t uniffi_pocketlm_checksum_method_conversation_cancel(void
@@ -730,6 +751,12 @@ uint16_t uniffi_pocketlm_checksum_method_conversation_messages(void
     
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_CONVERSATION_REPLY
+#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_CONVERSATION_REPLY
+uint16_t uniffi_pocketlm_checksum_method_conversation_reply(void
+    
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_CONVERSATION_RESET
 #define UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_CONVERSATION_RESET
 uint16_t uniffi_pocketlm_checksum_method_conversation_reset(void
@@ -745,6 +772,12 @@ uint16_t uniffi_pocketlm_checksum_method_conversation_save(void
 #ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_CONVERSATION_SEND
 #define UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_CONVERSATION_SEND
 uint16_t uniffi_pocketlm_checksum_method_conversation_send(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_CONVERSATION_SEND_WITH_TOOLS
+#define UNIFFI_FFIDEF_UNIFFI_POCKETLM_CHECKSUM_METHOD_CONVERSATION_SEND_WITH_TOOLS
+uint16_t uniffi_pocketlm_checksum_method_conversation_send_with_tools(void
     
 );
 #endif

@@ -25,6 +25,7 @@ from pocketlm import (  # noqa: E402
     PocketLmError,
     StopReason,
     TokenCallback,
+    Tools,
 )
 
 PROMPT = "Once upon a time"
@@ -217,6 +218,20 @@ def test_constrained_output():
         lambda: ENGINE.new_session().complete(PROMPT, greedy(8, constraint=OutputConstraint.GBNF(grammar="root ::= ("))),
     )
     assert "GBNF" in e.reason, e.reason
+
+
+def test_tools_need_a_template():
+    # stories260K ships no chat template, so there is nothing to render tools with; the
+    # runtime's tests cover a templated model's calls end to end.
+    tool = '{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}'
+    conv = ENGINE.new_conversation(None)
+    e = expect(PocketLmError.InvalidConfig, lambda: conv.send_with_tools("Hi", Tools(definitions=[tool], require_call=True), greedy(8), None))
+    assert "template" in e.reason, e.reason
+    e = expect(PocketLmError.InvalidConfig, lambda: conv.send_with_tools("Hi", Tools(definitions=["{"], require_call=False), greedy(8), None))
+    assert "tool definition 0" in e.reason, e.reason
+    assert conv.messages() == [], "a refused turn leaves no trace"
+    r = conv.send("Hi", greedy(4), None)
+    assert r.tool_calls == [] and r.tool_call_error is None, r
 
 
 def test_stop_string():

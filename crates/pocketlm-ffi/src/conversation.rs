@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::generation::{ChatMessage, GenerationConfig, GenerationResult, TokenCallback};
+use crate::generation::{ChatMessage, GenerationConfig, GenerationResult, TokenCallback, Tools};
 use crate::session::{Input, Session};
 use crate::{PocketLmError, guard};
 
@@ -46,7 +46,46 @@ impl Conversation {
         config: GenerationConfig,
         callback: Option<Arc<dyn TokenCallback>>,
     ) -> Result<GenerationResult, PocketLmError> {
-        self.session.run(Input::Send(text), &config, callback)
+        self.session
+            .run(Input::Send(text, Default::default()), &config, callback)
+    }
+
+    /// [`Conversation::send`] offering `tools`; the calls the reply makes are in
+    /// `GenerationResult::tool_calls`. Answer them with `add_message` (role `tool`) and
+    /// `reply`.
+    pub fn send_with_tools(
+        &self,
+        text: String,
+        tools: Tools,
+        config: GenerationConfig,
+        callback: Option<Arc<dyn TokenCallback>>,
+    ) -> Result<GenerationResult, PocketLmError> {
+        let tools = tools.to_runtime()?;
+        self.session
+            .run(Input::Send(text, tools), &config, callback)
+    }
+
+    /// Adds a message to the transcript without generating (a tool's result: role `tool`).
+    pub fn add_message(&self, message: ChatMessage) -> Result<(), PocketLmError> {
+        guard(|| {
+            self.session.lock_session()?.push(message.into());
+            Ok(())
+        })
+    }
+
+    /// Generates the assistant's next message for the transcript as it stands (e.g. after
+    /// tool results) and adds it; `tools` may be offered again.
+    pub fn reply(
+        &self,
+        tools: Option<Tools>,
+        config: GenerationConfig,
+        callback: Option<Arc<dyn TokenCallback>>,
+    ) -> Result<GenerationResult, PocketLmError> {
+        let tools = tools
+            .map(|t| t.to_runtime())
+            .transpose()?
+            .unwrap_or_default();
+        self.session.run(Input::Reply(tools), &config, callback)
     }
 
     /// The transcript: system message, user messages and replies, oldest first.

@@ -219,6 +219,49 @@ pub struct GenerationResult {
     pub tokens: Vec<u32>,
     pub stop_reason: StopReason,
     pub stats: GenerationStats,
+    /// Tool calls parsed from a reply to a conversation that offered tools.
+    pub tool_calls: Vec<ToolCall>,
+    /// Set when the reply announced a tool call it did not write out well (the text is
+    /// kept in `text`).
+    pub tool_call_error: Option<String>,
+}
+
+/// One call the model asked for.
+#[derive(Clone, Debug, PartialEq, uniffi::Record)]
+pub struct ToolCall {
+    pub name: String,
+    /// The arguments object as JSON text.
+    pub arguments_json: String,
+}
+
+/// Tools offered to the model: each definition is JSON text, as transformers passes tools
+/// to chat templates (`{"type": "function", "function": {"name", "description",
+/// "parameters"}}`).
+#[derive(Clone, Debug, PartialEq, uniffi::Record)]
+pub struct Tools {
+    pub definitions: Vec<String>,
+    /// Make the reply exactly one call, its arguments matching the tool's parameter schema.
+    #[uniffi(default = false)]
+    pub require_call: bool,
+}
+
+impl Tools {
+    pub(crate) fn to_runtime(&self) -> Result<pocketlm_runtime::ChatTools, PocketLmError> {
+        let definitions = self
+            .definitions
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                serde_json::from_str(d).map_err(|e| PocketLmError::InvalidConfig {
+                    reason: format!("tool definition {i} is not valid JSON: {e}"),
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(pocketlm_runtime::ChatTools {
+            definitions,
+            require_call: self.require_call,
+        })
+    }
 }
 
 /// One turn of a conversation; `role` is usually `system`, `user` or `assistant`.

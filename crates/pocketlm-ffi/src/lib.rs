@@ -29,8 +29,8 @@ mod session;
 pub use conversation::Conversation;
 pub use engine::{Engine, EngineOptions, ModelInfo};
 pub use generation::{
-    ChatMessage, ContextPolicy, GenerationConfig, GenerationResult, GenerationStats, StopReason,
-    TokenCallback, default_generation_config,
+    ChatMessage, ContextPolicy, GenerationConfig, GenerationResult, GenerationStats,
+    OutputConstraint, StopReason, TokenCallback, ToolCall, Tools, default_generation_config,
 };
 pub use session::Session;
 
@@ -105,7 +105,9 @@ impl From<ModelError> for PocketLmError {
             {
                 PocketLmError::InvalidConfig { reason }
             }
-            ModelError::ConstraintsUnavailable => PocketLmError::InvalidConfig { reason },
+            ModelError::ConstraintsUnavailable
+            | ModelError::NoToolTemplate
+            | ModelError::ToolDefinition(_) => PocketLmError::InvalidConfig { reason },
             ModelError::Constraint(_) => PocketLmError::Internal { reason },
             ModelError::InvalidToken { .. } => PocketLmError::Internal { reason },
             // Both come from a context length too large for the memory limits or the device.

@@ -8,6 +8,7 @@ use std::thread::ThreadId;
 use crate::engine::Engine;
 use crate::generation::{
     ChatMessage, ContextPolicy, GenerationConfig, GenerationResult, GenerationStats, TokenCallback,
+    ToolCall,
 };
 use crate::{PocketLmError, guard, panic_message};
 
@@ -65,8 +66,10 @@ impl Drop for BusyMark<'_> {
 pub(crate) enum Input {
     Text(String),
     Chat(Vec<pocketlm_runtime::tokenizer::ChatMessage>),
-    /// A user message for the transcript (a [`crate::Conversation`] turn).
-    Send(String),
+    /// A user message for the transcript (a [`crate::Conversation`] turn), with tools.
+    Send(String, pocketlm_runtime::ChatTools),
+    /// The next assistant message for the transcript as it stands (after tool results).
+    Reply(pocketlm_runtime::ChatTools),
 }
 
 impl Session {
@@ -148,7 +151,10 @@ impl Session {
                     Input::Chat(messages) => {
                         conversation.session_mut().chat(messages, &options, on_text)
                     }
-                    Input::Send(text) => conversation.send(text, &options, on_text),
+                    Input::Send(text, tools) => {
+                        conversation.send_with_tools(text, tools, &options, on_text)
+                    }
+                    Input::Reply(tools) => conversation.reply(tools, &options, on_text),
                 }
             })?;
             if let Some(message) = callback_error {
@@ -161,6 +167,15 @@ impl Session {
                 tokens: generation.tokens,
                 stop_reason: generation.stop_reason.into(),
                 stats,
+                tool_calls: generation
+                    .tool_calls
+                    .into_iter()
+                    .map(|c| ToolCall {
+                        name: c.name,
+                        arguments_json: c.arguments.to_string(),
+                    })
+                    .collect(),
+                tool_call_error: generation.tool_call_error.map(|e| e.to_string()),
             })
         })
     }

@@ -14,5 +14,6 @@ pub mod tool_calls;
 
 pub use model::{Model, ModelError};
 pub use session::{
-    ContextPolicy, Conversation, GenerateOptions, Generation, GenerationStats, Session, StopReason,
+    ChatTools, ContextPolicy, Conversation, GenerateOptions, Generation, GenerationStats, Session,
+    StopReason,
 };

@@ -479,4 +479,108 @@ mod constrained {
             assert_eq!(session.history(), before, "nothing ran for {bad:?}");
         }
     }
+
+    /// stories260K with a Hermes-style (Qwen 2.5) tool-calling chat template added.
+    fn model_with_tool_template() -> (tempfile::TempDir, Arc<Model>) {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("hf");
+        std::fs::create_dir(&src).unwrap();
+        for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+            std::fs::copy(fixture("stories260k/hf").join(f), src.join(f)).unwrap();
+        }
+        let template = concat!(
+            "{% if tools %}<|im_start|>system\nYou may call functions. <tools>",
+            "{% for tool in tools %}{{ tool | tojson }}{% endfor %}</tools> ",
+            "Answer with <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call><|im_end|>\n{% endif %}",
+            "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}",
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+        );
+        let config = serde_json::json!({
+            "tokenizer_class": "LlamaTokenizerFast",
+            "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+            "add_bos_token": true, "chat_template": template
+        });
+        std::fs::write(src.join("tokenizer_config.json"), config.to_string()).unwrap();
+        let out = dir.path().join("tools.plm");
+        convert_path(
+            &src,
+            &out,
+            &ConvertOptions::with_weights(Encoding::F32),
+            &mut |_, _, _| {},
+        )
+        .unwrap();
+        let model = Arc::new(Model::open(&out).unwrap());
+        (dir, model)
+    }
+
+    #[test]
+    fn required_tool_calls_parse_into_calls_and_continue_the_conversation() {
+        let (_dir, model) = model_with_tool_template();
+        let tools = pocketlm_runtime::ChatTools {
+            definitions: vec![serde_json::json!({
+                "type": "function",
+                "function": {
+                    "name": "get_weather",
+                    "description": "Weather in a city",
+                    "parameters": {
+                        "type": "object",
+                        "properties": {"city": {"type": "string", "maxLength": 12}},
+                        "required": ["city"],
+                        "additionalProperties": false
+                    }
+                }
+            })],
+            require_call: true,
+        };
+        let session = Session::new(Arc::clone(&model), 512).unwrap();
+        let mut conversation = pocketlm_runtime::Conversation::new(session, Vec::new());
+        let reply = conversation
+            .send_with_tools("What is the weather in Paris?", &tools, &greedy(80), |_| {
+                true
+            })
+            .unwrap();
+        assert_eq!(
+            reply.stop_reason,
+            StopReason::ConstraintComplete,
+            "{}",
+            reply.text
+        );
+        assert!(
+            reply.tool_call_error.is_none(),
+            "{:?}",
+            reply.tool_call_error
+        );
+        assert_eq!(reply.tool_calls.len(), 1, "{}", reply.text);
+        let call = &reply.tool_calls[0];
+        assert_eq!(call.name, "get_weather");
+        assert!(call.arguments["city"].is_string(), "{:?}", call.arguments);
+        // The tool's answer goes back in, and the model replies in text (tools still offered,
+        // not required): the conversation reuses everything before the tool message.
+        conversation.push(ChatMessage::new("tool", r#"{"temperature": 21}"#));
+        let free = pocketlm_runtime::ChatTools {
+            require_call: false,
+            ..tools.clone()
+        };
+        let answer = conversation.reply(&free, &greedy(16), |_| true).unwrap();
+        assert!(
+            answer.stats.reused_tokens > reply.stats.prompt_tokens,
+            "{:?}",
+            answer.stats
+        );
+        let roles: Vec<&str> = conversation
+            .messages()
+            .iter()
+            .map(|m| m.role.as_str())
+            .collect();
+        assert_eq!(roles, ["user", "assistant", "tool", "assistant"]);
+        assert!(conversation.messages()[1].content.contains("<tool_call>"));
+
+        // Without a template there is nothing to render tools with.
+        let plain = model_file(Encoding::F32);
+        let mut session = Session::new(Arc::new(Model::open(plain).unwrap()), 128).unwrap();
+        let err = session
+            .chat_with_tools(&[user("Hi")], &tools, &greedy(4), |_| true)
+            .unwrap_err();
+        assert!(matches!(err, ModelError::NoToolTemplate), "{err}");
+    }
 }

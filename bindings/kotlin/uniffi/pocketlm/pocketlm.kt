@@ -699,6 +699,8 @@ internal object IntegrityCheckingUniffiLib {
     internal fun ensureInitialized() = Unit
     external fun uniffi_pocketlm_checksum_func_default_generation_config(
     ): Int
+    external fun uniffi_pocketlm_checksum_method_conversation_add_message(
+    ): Int
     external fun uniffi_pocketlm_checksum_method_conversation_cancel(
     ): Int
     external fun uniffi_pocketlm_checksum_method_conversation_context_length(
@@ -707,11 +709,15 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_pocketlm_checksum_method_conversation_messages(
     ): Int
+    external fun uniffi_pocketlm_checksum_method_conversation_reply(
+    ): Int
     external fun uniffi_pocketlm_checksum_method_conversation_reset(
     ): Int
     external fun uniffi_pocketlm_checksum_method_conversation_save(
     ): Int
     external fun uniffi_pocketlm_checksum_method_conversation_send(
+    ): Int
+    external fun uniffi_pocketlm_checksum_method_conversation_send_with_tools(
     ): Int
     external fun uniffi_pocketlm_checksum_method_engine_count_tokens(
     ): Int
@@ -776,6 +782,8 @@ internal object UniffiLib {
     ): Long
     external fun uniffi_pocketlm_fn_free_conversation(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
+    external fun uniffi_pocketlm_fn_method_conversation_add_message(`ptr`: Long,`message`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
     external fun uniffi_pocketlm_fn_method_conversation_cancel(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
     external fun uniffi_pocketlm_fn_method_conversation_context_length(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
@@ -784,11 +792,15 @@ internal object UniffiLib {
     ): Int
     external fun uniffi_pocketlm_fn_method_conversation_messages(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
+    external fun uniffi_pocketlm_fn_method_conversation_reply(`ptr`: Long,`tools`: RustBuffer.ByValue,`config`: RustBuffer.ByValue,`callback`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
     external fun uniffi_pocketlm_fn_method_conversation_reset(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
     external fun uniffi_pocketlm_fn_method_conversation_save(`ptr`: Long,`path`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
     external fun uniffi_pocketlm_fn_method_conversation_send(`ptr`: Long,`text`: RustBuffer.ByValue,`config`: RustBuffer.ByValue,`callback`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_pocketlm_fn_method_conversation_send_with_tools(`ptr`: Long,`text`: RustBuffer.ByValue,`tools`: RustBuffer.ByValue,`config`: RustBuffer.ByValue,`callback`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
     external fun uniffi_pocketlm_fn_clone_engine(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
@@ -966,6 +978,9 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_pocketlm_checksum_func_default_generation_config() and 0xFFFF) != 13291) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
+    if ((lib.uniffi_pocketlm_checksum_method_conversation_add_message() and 0xFFFF) != 15999) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
     if ((lib.uniffi_pocketlm_checksum_method_conversation_cancel() and 0xFFFF) != 35377) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
@@ -978,6 +993,9 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_pocketlm_checksum_method_conversation_messages() and 0xFFFF) != 16374) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
+    if ((lib.uniffi_pocketlm_checksum_method_conversation_reply() and 0xFFFF) != 55853) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
     if ((lib.uniffi_pocketlm_checksum_method_conversation_reset() and 0xFFFF) != 19840) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
@@ -985,6 +1003,9 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_pocketlm_checksum_method_conversation_send() and 0xFFFF) != 25785) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_pocketlm_checksum_method_conversation_send_with_tools() and 0xFFFF) != 51633) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_pocketlm_checksum_method_engine_count_tokens() and 0xFFFF) != 40011) {
@@ -1536,6 +1557,11 @@ public object FfiConverterString: FfiConverter<String, RustBuffer.ByValue> {
 public interface ConversationInterface {
     
     /**
+     * Adds a message to the transcript without generating (a tool's result: role `tool`).
+     */
+    fun `addMessage`(`message`: ChatMessage)
+    
+    /**
      * Asks a running `send` to stop (its reply ends with `Cancelled`).
      */
     fun `cancel`()
@@ -1556,6 +1582,12 @@ public interface ConversationInterface {
     fun `messages`(): List<ChatMessage>
     
     /**
+     * Generates the assistant's next message for the transcript as it stands (e.g. after
+     * tool results) and adds it; `tools` may be offered again.
+     */
+    fun `reply`(`tools`: Tools?, `config`: GenerationConfig, `callback`: TokenCallback?): GenerationResult
+    
+    /**
      * Forgets everything but the system message.
      */
     fun `reset`()
@@ -1571,6 +1603,13 @@ public interface ConversationInterface {
      * is given. On an error the transcript is left as it was.
      */
     fun `send`(`text`: kotlin.String, `config`: GenerationConfig, `callback`: TokenCallback?): GenerationResult
+    
+    /**
+     * [`Conversation::send`] offering `tools`; the calls the reply makes are in
+     * `GenerationResult::tool_calls`. Answer them with `add_message` (role `tool`) and
+     * `reply`.
+     */
+    fun `sendWithTools`(`text`: kotlin.String, `tools`: Tools, `config`: GenerationConfig, `callback`: TokenCallback?): GenerationResult
     
     companion object
 }
@@ -1684,6 +1723,23 @@ open class Conversation: Disposable, AutoCloseable, ConversationInterface
 
     
     /**
+     * Adds a message to the transcript without generating (a tool's result: role `tool`).
+     */
+    @Throws(PocketLmException::class)override fun `addMessage`(`message`: ChatMessage)
+        = 
+    callWithHandle {
+    uniffiRustCallWithError(PocketLmException) { _status ->
+    UniffiLib.uniffi_pocketlm_fn_method_conversation_add_message(
+        it,
+        
+        FfiConverterTypeChatMessage.lower(`message`),_status)
+}
+    }
+    
+    
+
+    
+    /**
      * Asks a running `send` to stop (its reply ends with `Cancelled`).
      */override fun `cancel`()
         = 
@@ -1749,6 +1805,27 @@ open class Conversation: Disposable, AutoCloseable, ConversationInterface
 
     
     /**
+     * Generates the assistant's next message for the transcript as it stands (e.g. after
+     * tool results) and adds it; `tools` may be offered again.
+     */
+    @Throws(PocketLmException::class)override fun `reply`(`tools`: Tools?, `config`: GenerationConfig, `callback`: TokenCallback?): GenerationResult {
+            return FfiConverterTypeGenerationResult.lift(
+    callWithHandle {
+    uniffiRustCallWithError(PocketLmException) { _status ->
+    UniffiLib.uniffi_pocketlm_fn_method_conversation_reply(
+        it,
+        
+        FfiConverterOptionalTypeTools.lower(`tools`),
+        FfiConverterTypeGenerationConfig.lower(`config`),
+        FfiConverterOptionalTypeTokenCallback.lower(`callback`),_status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
      * Forgets everything but the system message.
      */
     @Throws(PocketLmException::class)override fun `reset`()
@@ -1795,6 +1872,29 @@ open class Conversation: Disposable, AutoCloseable, ConversationInterface
         it,
         
         FfiConverterString.lower(`text`),
+        FfiConverterTypeGenerationConfig.lower(`config`),
+        FfiConverterOptionalTypeTokenCallback.lower(`callback`),_status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * [`Conversation::send`] offering `tools`; the calls the reply makes are in
+     * `GenerationResult::tool_calls`. Answer them with `add_message` (role `tool`) and
+     * `reply`.
+     */
+    @Throws(PocketLmException::class)override fun `sendWithTools`(`text`: kotlin.String, `tools`: Tools, `config`: GenerationConfig, `callback`: TokenCallback?): GenerationResult {
+            return FfiConverterTypeGenerationResult.lift(
+    callWithHandle {
+    uniffiRustCallWithError(PocketLmException) { _status ->
+    UniffiLib.uniffi_pocketlm_fn_method_conversation_send_with_tools(
+        it,
+        
+        FfiConverterString.lower(`text`),
+        FfiConverterTypeTools.lower(`tools`),
         FfiConverterTypeGenerationConfig.lower(`config`),
         FfiConverterOptionalTypeTokenCallback.lower(`callback`),_status)
 }
@@ -3369,6 +3469,17 @@ data class GenerationResult (
     var `stopReason`: StopReason
     , 
     var `stats`: GenerationStats
+    , 
+    /**
+     * Tool calls parsed from a reply to a conversation that offered tools.
+     */
+    var `toolCalls`: List<ToolCall>
+    , 
+    /**
+     * Set when the reply announced a tool call it did not write out well (the text is
+     * kept in `text`).
+     */
+    var `toolCallError`: kotlin.String?
     
 ){
     
@@ -3389,6 +3500,8 @@ public object FfiConverterTypeGenerationResult: FfiConverterRustBuffer<Generatio
             FfiConverterSequenceUInt.read(buf),
             FfiConverterTypeStopReason.read(buf),
             FfiConverterTypeGenerationStats.read(buf),
+            FfiConverterSequenceTypeToolCall.read(buf),
+            FfiConverterOptionalString.read(buf),
         )
     }
 
@@ -3396,7 +3509,9 @@ public object FfiConverterTypeGenerationResult: FfiConverterRustBuffer<Generatio
             FfiConverterString.allocationSize(value.`text`) +
             FfiConverterSequenceUInt.allocationSize(value.`tokens`) +
             FfiConverterTypeStopReason.allocationSize(value.`stopReason`) +
-            FfiConverterTypeGenerationStats.allocationSize(value.`stats`)
+            FfiConverterTypeGenerationStats.allocationSize(value.`stats`) +
+            FfiConverterSequenceTypeToolCall.allocationSize(value.`toolCalls`) +
+            FfiConverterOptionalString.allocationSize(value.`toolCallError`)
     )
 
     override fun write(value: GenerationResult, buf: ByteBuffer) {
@@ -3404,6 +3519,8 @@ public object FfiConverterTypeGenerationResult: FfiConverterRustBuffer<Generatio
             FfiConverterSequenceUInt.write(value.`tokens`, buf)
             FfiConverterTypeStopReason.write(value.`stopReason`, buf)
             FfiConverterTypeGenerationStats.write(value.`stats`, buf)
+            FfiConverterSequenceTypeToolCall.write(value.`toolCalls`, buf)
+            FfiConverterOptionalString.write(value.`toolCallError`, buf)
     }
 }
 
@@ -3625,6 +3742,96 @@ public object FfiConverterTypeModelInfo: FfiConverterRustBuffer<ModelInfo> {
             FfiConverterString.write(value.`kvCache`, buf)
             FfiConverterString.write(value.`profile`, buf)
             FfiConverterULong.write(value.`weightBytes`, buf)
+    }
+}
+
+
+
+/**
+ * One call the model asked for.
+ */
+data class ToolCall (
+    var `name`: kotlin.String
+    , 
+    /**
+     * The arguments object as JSON text.
+     */
+    var `argumentsJson`: kotlin.String
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeToolCall: FfiConverterRustBuffer<ToolCall> {
+    override fun read(buf: ByteBuffer): ToolCall {
+        return ToolCall(
+            FfiConverterString.read(buf),
+            FfiConverterString.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: ToolCall) = (
+            FfiConverterString.allocationSize(value.`name`) +
+            FfiConverterString.allocationSize(value.`argumentsJson`)
+    )
+
+    override fun write(value: ToolCall, buf: ByteBuffer) {
+            FfiConverterString.write(value.`name`, buf)
+            FfiConverterString.write(value.`argumentsJson`, buf)
+    }
+}
+
+
+
+/**
+ * Tools offered to the model: each definition is JSON text, as transformers passes tools
+ * to chat templates (`{"type": "function", "function": {"name", "description",
+ * "parameters"}}`).
+ */
+data class Tools (
+    var `definitions`: List<kotlin.String>
+    , 
+    /**
+     * Make the reply exactly one call, its arguments matching the tool's parameter schema.
+     */
+    var `requireCall`: kotlin.Boolean = false 
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeTools: FfiConverterRustBuffer<Tools> {
+    override fun read(buf: ByteBuffer): Tools {
+        return Tools(
+            FfiConverterSequenceString.read(buf),
+            FfiConverterBoolean.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: Tools) = (
+            FfiConverterSequenceString.allocationSize(value.`definitions`) +
+            FfiConverterBoolean.allocationSize(value.`requireCall`)
+    )
+
+    override fun write(value: Tools, buf: ByteBuffer) {
+            FfiConverterSequenceString.write(value.`definitions`, buf)
+            FfiConverterBoolean.write(value.`requireCall`, buf)
     }
 }
 
@@ -4271,6 +4478,38 @@ public object FfiConverterOptionalTypeGenerationStats: FfiConverterRustBuffer<Ge
 /**
  * @suppress
  */
+public object FfiConverterOptionalTypeTools: FfiConverterRustBuffer<Tools?> {
+    override fun read(buf: ByteBuffer): Tools? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterTypeTools.read(buf)
+    }
+
+    override fun allocationSize(value: Tools?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterTypeTools.allocationSize(value)
+        }
+    }
+
+    override fun write(value: Tools?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterTypeTools.write(value, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
 public object FfiConverterOptionalTypeContextPolicy: FfiConverterRustBuffer<ContextPolicy?> {
     override fun read(buf: ByteBuffer): ContextPolicy? {
         if (buf.get().toInt() == 0) {
@@ -4409,6 +4648,34 @@ public object FfiConverterSequenceTypeChatMessage: FfiConverterRustBuffer<List<C
         buf.putInt(value.size)
         value.iterator().forEach {
             FfiConverterTypeChatMessage.write(it, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterSequenceTypeToolCall: FfiConverterRustBuffer<List<ToolCall>> {
+    override fun read(buf: ByteBuffer): List<ToolCall> {
+        val len = buf.getInt()
+        return List<ToolCall>(len) {
+            FfiConverterTypeToolCall.read(buf)
+        }
+    }
+
+    override fun allocationSize(value: List<ToolCall>): ULong {
+        val sizeForLength = 4UL
+        val sizeForItems = value.map { FfiConverterTypeToolCall.allocationSize(it) }.sum()
+        return sizeForLength + sizeForItems
+    }
+
+    override fun write(value: List<ToolCall>, buf: ByteBuffer) {
+        buf.putInt(value.size)
+        value.iterator().forEach {
+            FfiConverterTypeToolCall.write(it, buf)
         }
     }
 }

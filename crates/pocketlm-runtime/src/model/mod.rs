@@ -57,6 +57,10 @@ pub enum ModelError {
         "output constraints need the runtime's `constrained` feature, which this build leaves out"
     )]
     ConstraintsUnavailable,
+    #[error("tools need the model's own chat template, and this model has none")]
+    NoToolTemplate,
+    #[error("tool definitions: {0}")]
+    ToolDefinition(#[from] crate::tool_calls::ToolDefinitionError),
     #[error("token id {id} is outside the vocabulary (size {vocab_size})")]
     InvalidToken { id: u32, vocab_size: usize },
     #[error(

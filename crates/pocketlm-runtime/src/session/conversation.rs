@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use super::{GenerateOptions, Generation, Session, SessionFileError};
+use super::{ChatTools, GenerateOptions, Generation, Session, SessionFileError};
 use crate::model::ModelError;
 use crate::tokenizer::ChatMessage;
 
@@ -38,21 +38,59 @@ impl Conversation {
         options: &GenerateOptions,
         on_text: impl FnMut(&str) -> bool,
     ) -> Result<Generation, ModelError> {
+        self.send_with_tools(text, &ChatTools::default(), options, on_text)
+    }
+
+    /// [`Conversation::send`] offering `tools`; the reply's calls are in
+    /// [`Generation::tool_calls`]. Answer them with [`Conversation::push`] (role `tool`) and
+    /// [`Conversation::reply`].
+    pub fn send_with_tools(
+        &mut self,
+        text: &str,
+        tools: &ChatTools,
+        options: &GenerateOptions,
+        on_text: impl FnMut(&str) -> bool,
+    ) -> Result<Generation, ModelError> {
         self.messages.push(ChatMessage::new("user", text));
-        let reply = match self.session.chat(&self.messages, options, on_text) {
-            Ok(reply) => reply,
-            Err(e) => {
-                self.messages.pop();
-                return Err(e);
-            }
-        };
+        let reply = self.reply(tools, options, on_text);
+        if reply.is_err() {
+            self.messages.pop();
+        }
+        reply
+    }
+
+    /// Adds a message without generating (a tool's result, or a turn written elsewhere).
+    pub fn push(&mut self, message: ChatMessage) {
+        self.messages.push(message);
+    }
+
+    /// Generates the assistant's next message for the transcript as it stands (e.g. after
+    /// tool results were pushed) and adds it. On an error the transcript is unchanged.
+    pub fn reply(
+        &mut self,
+        tools: &ChatTools,
+        options: &GenerateOptions,
+        on_text: impl FnMut(&str) -> bool,
+    ) -> Result<Generation, ModelError> {
+        let reply = self
+            .session
+            .chat_with_tools(&self.messages, tools, options, on_text)?;
         if reply.stats.dropped > 0 {
             let system = self.system_len();
             let end = (system + reply.stats.dropped).min(self.messages.len() - 1);
             self.messages.drain(system..end);
         }
-        self.messages
-            .push(ChatMessage::new("assistant", reply.text.trim()));
+        // A reply with tool calls keeps its call markers (decoded with the special tokens),
+        // so the template renders the same turn next time and its tokens are reused.
+        let content = if reply.tool_calls.is_empty() {
+            reply.text.trim().to_string()
+        } else {
+            self.session
+                .model()
+                .tokenizer()
+                .decode_with_special(&reply.tokens)?
+        };
+        self.messages.push(ChatMessage::new("assistant", content));
         Ok(reply)
     }
 

@@ -8,6 +8,7 @@ use crate::constrain::OutputConstraint;
 use crate::model::{KvCache, Logits, Model, ModelError};
 use crate::sampler::{Sampler, SamplerConfig};
 use crate::tokenizer::{ChatMessage, StreamDecoder};
+use crate::tool_calls::{ToolCall, ToolCallFormat, ToolCallParseError};
 
 mod context;
 mod conversation;
@@ -111,6 +112,20 @@ pub struct Generation {
     pub tokens: Vec<u32>,
     pub stop_reason: StopReason,
     pub stats: GenerationStats,
+    /// Tool calls parsed from a reply to a chat that offered tools (empty otherwise).
+    pub tool_calls: Vec<ToolCall>,
+    /// The reply announced a tool call it did not write out well (the text is kept).
+    pub tool_call_error: Option<ToolCallParseError>,
+}
+
+/// Tools offered to the model in a chat, as transformers passes them to chat templates
+/// (`{"type": "function", "function": {"name", "description", "parameters"}}` or flat).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ChatTools {
+    pub definitions: Vec<serde_json::Value>,
+    /// Constrain the reply to exactly one call of one of the tools, its arguments matching
+    /// the tool's parameter schema (instead of letting the model choose to answer in text).
+    pub require_call: bool,
 }
 
 /// One conversation with a model. Sessions share the model's mapped weights; each owns its
@@ -279,25 +294,108 @@ impl Session {
         options: &GenerateOptions,
         on_text: impl FnMut(&str) -> bool,
     ) -> Result<Generation, ModelError> {
-        let fitted = self.fit_chat(messages, options)?;
-        self.generate_from_prompt(fitted, options, on_text)
+        self.chat_with_tools(messages, &ChatTools::default(), options, on_text)
     }
 
-    /// The tokens of `messages` rendered for generation (the template writes BOS itself
-    /// when the model needs it).
-    fn render_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, ModelError> {
+    /// [`Session::chat`] offering `tools`: the model's template renders them (its `tools`
+    /// variable), and the reply's tool calls, in the format the template uses, are parsed
+    /// into [`Generation::tool_calls`].
+    pub fn chat_with_tools(
+        &mut self,
+        messages: &[ChatMessage],
+        tools: &ChatTools,
+        options: &GenerateOptions,
+        on_text: impl FnMut(&str) -> bool,
+    ) -> Result<Generation, ModelError> {
+        let format = self.tool_call_format(tools)?;
+        let constrained;
+        let options = match format {
+            Some(format) if tools.require_call => {
+                constrained = GenerateOptions {
+                    constraint: Some(self.tool_call_constraint(format, tools)?),
+                    ..options.clone()
+                };
+                &constrained
+            }
+            _ => options,
+        };
+        let fitted = self.fit_chat(messages, &tools.definitions, options)?;
+        let mut generation = self.generate_from_prompt(fitted, options, on_text)?;
+        if let Some(format) = format {
+            let raw = self
+                .model
+                .tokenizer()
+                .decode_with_special(&generation.tokens)?;
+            match crate::tool_calls::parse_tool_calls(format, &raw) {
+                Ok(parsed) => generation.tool_calls = parsed.tool_calls,
+                Err(e) => generation.tool_call_error = Some(e),
+            }
+        }
+        Ok(generation)
+    }
+
+    /// How the model's template writes tool calls, when tools are offered.
+    fn tool_call_format(&self, tools: &ChatTools) -> Result<Option<ToolCallFormat>, ModelError> {
+        if tools.definitions.is_empty() {
+            return Ok(None);
+        }
+        let template = self.model.tokenizer_spec().chat_template.as_deref();
+        let Some(template) = template else {
+            return Err(ModelError::NoToolTemplate);
+        };
+        Ok(Some(
+            ToolCallFormat::detect(template).unwrap_or(ToolCallFormat::FencedJson),
+        ))
+    }
+
+    #[cfg(feature = "constrained")]
+    fn tool_call_constraint(
+        &self,
+        format: ToolCallFormat,
+        tools: &ChatTools,
+    ) -> Result<OutputConstraint, ModelError> {
+        crate::tool_calls::tool_call_constraint(
+            format,
+            &tools.definitions,
+            self.model.tokenizer(),
+            false,
+        )
+        .map_err(ModelError::from)
+    }
+
+    #[cfg(not(feature = "constrained"))]
+    fn tool_call_constraint(
+        &self,
+        _format: ToolCallFormat,
+        _tools: &ChatTools,
+    ) -> Result<OutputConstraint, ModelError> {
+        Err(ModelError::ConstraintsUnavailable)
+    }
+
+    /// The tokens of `messages` (and `tools`, when any) rendered for generation (the
+    /// template writes BOS itself when the model needs it).
+    fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[serde_json::Value],
+    ) -> Result<Vec<u32>, ModelError> {
         let tokenizer = self.model.tokenizer();
-        let prompt = tokenizer.apply_chat_template(messages, true)?;
+        let prompt = if tools.is_empty() {
+            tokenizer.apply_chat_template(messages, true)?
+        } else {
+            tokenizer.apply_chat_template_with_tools(messages, tools, true)?
+        };
         Ok(tokenizer.encode(&prompt, false)?)
     }
 
     fn fit_chat(
         &self,
         messages: &[ChatMessage],
+        tools: &[serde_json::Value],
         options: &GenerateOptions,
     ) -> Result<FittedPrompt, ModelError> {
         let capacity = self.cache.capacity();
-        let ids = self.render_chat(messages)?;
+        let ids = self.render_chat(messages, tools)?;
         let policy = self.policy_or(ContextPolicy::DropOldestTurns);
         let budget = capacity - reply_reserve(options.max_tokens, capacity);
         if policy == ContextPolicy::Error || ids.len() <= budget {
@@ -308,7 +406,7 @@ impl Session {
         }
         let mut rendered = None;
         let kept = context::drop_oldest_turns(messages, |candidate| {
-            let ids = self.render_chat(candidate)?;
+            let ids = self.render_chat(candidate, tools)?;
             let fits = ids.len() <= budget;
             rendered = Some(ids);
             Ok::<_, ModelError>(fits)
@@ -468,6 +566,8 @@ impl Session {
             tokens,
             stop_reason,
             stats,
+            tool_calls: Vec::new(),
+            tool_call_error: None,
         })
     }
 }
