@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use pocketlm_format::config::ModelConfig;
 use pocketlm_runtime::model::{
-    BlockScratch, BlockWeights, KvCache, LinearInput, block_forward, rope_inv_freq,
+    BlockScratch, BlockWeights, KvCache, LinearInput, Rope, block_forward,
 };
 
 /// Calibration text and how to cut it.
@@ -178,7 +178,7 @@ impl LayerStats {
 /// to push them through one block at a time.
 pub struct Calibrator {
     config: ModelConfig,
-    inv_freq: Vec<f32>,
+    inv_freq: Rope,
     seq_len: usize,
     /// `sequences × seq_len × hidden`.
     hidden: Vec<f32>,
@@ -195,7 +195,7 @@ impl Calibrator {
         }
         Calibrator {
             config: config.clone(),
-            inv_freq: rope_inv_freq(config),
+            inv_freq: Rope::new(config),
             seq_len,
             hidden,
         }
@@ -205,7 +205,7 @@ impl Calibrator {
     pub fn from_hidden(config: &ModelConfig, seq_len: usize, hidden: Vec<f32>) -> Calibrator {
         Calibrator {
             config: config.clone(),
-            inv_freq: rope_inv_freq(config),
+            inv_freq: Rope::new(config),
             seq_len,
             hidden,
         }

@@ -6,6 +6,8 @@
 
 mod attention;
 pub mod block;
+mod family;
+pub mod rope;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -18,8 +20,9 @@ use pocketlm_format::{Encoding, PlmError, PlmFile, TensorEntry};
 use pocketlm_kernels::{self as kernels, Linear, MatRef};
 
 pub use attention::{KvCache, KvType};
-pub use block::{BlockScratch, BlockWeights, LinearInput, block_forward};
+pub use block::{BlockScratch, BlockWeights, FamilyNorms, LinearInput, block_forward};
 pub use pocketlm_format::config::expected_tensors;
+pub use rope::Rope;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -197,6 +200,9 @@ pub struct ModelOptions {
     /// Largest weight footprint (bytes of the tensors the forward pass reads): at load, the
     /// model steps down from `profile` to the best point that fits, and fails if none does.
     pub max_weight_bytes: u64,
+    /// Sliding-window layers keep only their window in a ring buffer (the default); `false`
+    /// keeps every position, as for global layers (to compare, or to truncate anywhere).
+    pub window_ring_buffers: bool,
 }
 
 impl Default for ModelOptions {
@@ -209,6 +215,7 @@ impl Default for ModelOptions {
             kv_cache: KvType::F32,
             profile: Profile::Best,
             max_weight_bytes: u64::MAX,
+            window_ring_buffers: true,
         }
     }
 }
@@ -260,6 +267,9 @@ struct Layer {
     k: LinearIndex,
     v: LinearIndex,
     biases: Option<[TensorIndex; 3]>,
+    /// q/k norms and post-norms, where the family has them.
+    qk_norms: Option<[TensorIndex; 2]>,
+    post_norms: Option<[TensorIndex; 2]>,
     o: LinearIndex,
     ffn_norm: TensorIndex,
     gate: LinearIndex,
@@ -278,6 +288,8 @@ impl Layer {
         let mut v = vec![self.attn_norm, self.ffn_norm];
         v.extend(self.linears().into_iter().flat_map(|l| l.tensors(profile)));
         v.extend(self.biases.into_iter().flatten());
+        v.extend(self.qk_norms.into_iter().flatten());
+        v.extend(self.post_norms.into_iter().flatten());
         v
     }
 }
@@ -304,7 +316,7 @@ pub struct Model {
     output_norm: TensorIndex,
     output: TensorIndex,
     layers: Vec<Layer>,
-    inv_freq: Vec<f32>,
+    rope: Rope,
     options: ModelOptions,
     /// With [`VerifyMode::Lazy`]: per table entry, whether its checksum has been checked.
     verified: Option<Vec<AtomicBool>>,
@@ -418,6 +430,16 @@ impl Model {
                         index(&names::attn_v_bias(l)),
                     ]
                 }),
+                qk_norms: config
+                    .features
+                    .qk_norm
+                    .then(|| [index(&names::attn_q_norm(l)), index(&names::attn_k_norm(l))]),
+                post_norms: config.features.post_norms.then(|| {
+                    [
+                        index(&names::post_attention_norm(l)),
+                        index(&names::post_ffw_norm(l)),
+                    ]
+                }),
                 o: linear(&names::attn_output(l)),
                 ffn_norm: index(&names::ffn_norm(l)),
                 gate: linear(&names::ffn_gate(l)),
@@ -446,7 +468,7 @@ impl Model {
         let mut model = Model {
             options,
             verified,
-            inv_freq: rope_inv_freq(&config),
+            rope: Rope::new(&config),
             token_embd,
             output_norm: index(names::OUTPUT_NORM),
             output,
@@ -545,14 +567,17 @@ impl Model {
     /// allocation itself fails, instead of aborting the process.
     pub fn new_cache(&self, capacity: usize) -> Result<KvCache, ModelError> {
         let capacity = capacity.clamp(1, self.config.max_position_embeddings);
-        let (layers, kv_dim, head_dim) = (
-            self.config.num_layers,
-            self.config.kv_dim(),
-            self.config.head_dim,
-        );
+        let (kv_dim, head_dim) = (self.config.kv_dim(), self.config.head_dim);
+        let windows: Vec<Option<usize>> = (0..self.config.num_layers)
+            .map(|l| {
+                self.config
+                    .layer_window(l)
+                    .filter(|_| self.options.window_ring_buffers)
+            })
+            .collect();
         let kind = self.options.kv_cache;
         let limit = self.options.max_kv_cache_bytes;
-        let bytes = KvCache::required_bytes(kind, layers, kv_dim, head_dim, capacity)
+        let bytes = KvCache::required_bytes_windowed(kind, &windows, kv_dim, head_dim, capacity)
             .map_or(u64::MAX, |b| b as u64);
         if bytes > limit {
             return Err(ModelError::MemoryLimit {
@@ -562,7 +587,7 @@ impl Model {
                 limit,
             });
         }
-        KvCache::try_new(kind, layers, kv_dim, head_dim, capacity).map_err(|source| {
+        KvCache::try_new_windowed(kind, &windows, kv_dim, head_dim, capacity).map_err(|source| {
             ModelError::OutOfMemory {
                 what: "KV cache",
                 bytes,
@@ -653,8 +678,9 @@ impl Model {
         }
     }
 
-    fn block_weights(&self, layer: &Layer) -> BlockWeights<'_> {
+    fn block_weights(&self, index: usize, layer: &Layer) -> BlockWeights<'_> {
         BlockWeights {
+            layer: index,
             attn_norm: self.vector(layer.attn_norm),
             q: self.linear(layer.q),
             k: self.linear(layer.k),
@@ -667,6 +693,12 @@ impl Model {
             gate: self.linear(layer.gate),
             up: self.linear(layer.up),
             down: self.linear(layer.down),
+            norms: FamilyNorms {
+                q_norm: layer.qk_norms.map(|[q, _]| self.vector(q)),
+                k_norm: layer.qk_norms.map(|[_, k]| self.vector(k)),
+                post_attention_norm: layer.post_norms.map(|[a, _]| self.vector(a)),
+                post_ffw_norm: layer.post_norms.map(|[_, f]| self.vector(f)),
+            },
         }
     }
 
@@ -760,16 +792,19 @@ impl Model {
         for (t, &tok) in tokens.iter().enumerate() {
             embd.row_to_f32(tok as usize, &mut x[t * d..(t + 1) * d]);
         }
+        if let Some(scale) = c.features.embedding_scale {
+            x.iter_mut().for_each(|v| *v *= scale);
+        }
 
         let mut scratch = BlockScratch::new(c, n);
         for (l, layer) in self.layers.iter().enumerate() {
             if self.verified.is_some() {
                 self.ensure_verified(&layer.indices(self.options.profile))?;
             }
-            let weights = self.block_weights(layer);
+            let weights = self.block_weights(l, layer);
             block_forward(
                 c,
-                &self.inv_freq,
+                &self.rope,
                 &weights,
                 &mut x,
                 cache,
@@ -792,6 +827,9 @@ impl Model {
         );
         let mut out = vec![0.0f32; count * c.vocab_size];
         kernels::matmul(&normed, count, self.matrix(self.output), &mut out);
+        if let Some(cap) = c.features.final_logit_softcap {
+            family::softcap_in_place(&mut out, cap);
+        }
         Ok(out)
     }
 }
@@ -879,6 +917,7 @@ mod tests {
             max_position_embeddings: 64,
             tie_word_embeddings: true,
             attention_bias: false,
+            features: Default::default(),
         }
     }
 
