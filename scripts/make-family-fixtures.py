@@ -84,7 +84,8 @@ FAMILIES = {
     "gemma3": dict(
         cls=("Gemma3TextConfig", "Gemma3ForCausalLM"),
         # 6 layers: llama.cpp hard-codes Gemma 3's pattern (5 local, then 1 global).
-        kw=dict(num_hidden_layers=6, num_key_value_heads=1, head_dim=HEAD_DIM, sliding_window=WINDOW,
+        kw=dict(num_hidden_layers=6, intermediate_size=64, num_key_value_heads=1, head_dim=HEAD_DIM,
+                sliding_window=WINDOW,
                 query_pre_attn_scalar=HEAD_DIM,
                 rope_parameters={
                     "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
@@ -207,6 +208,22 @@ def write_gguf(path, family, spec, cfg, model, tok):
     put("output_norm.weight", norm(sd["model.norm.weight"]))
     if "lm_head.weight" in sd and not cfg.tie_word_embeddings:
         put("output.weight", sd["lm_head.weight"])
+    if full.get("rope_type") == "llama3":
+        # llama.cpp's converter stores Llama 3 scaling as per-frequency divisors.
+        base, dim = full["rope_theta"], head_dim
+        lo, hi, fac = full["low_freq_factor"], full["high_freq_factor"], full["factor"]
+        old = full["original_max_position_embeddings"]
+        divisors = []
+        for i in range(0, dim, 2):
+            wavelen = 2 * math.pi * base ** (i / dim)
+            if wavelen < old / hi:
+                divisors.append(1.0)
+            elif wavelen > old / lo:
+                divisors.append(fac)
+            else:
+                smooth = (old / wavelen - lo) / (hi - lo)
+                divisors.append(1.0 / ((1 - smooth) / fac + smooth))
+        put("rope_freqs.weight", np.array(divisors, dtype=np.float32))
     if family == "phi3":
         put("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32))
         put("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))

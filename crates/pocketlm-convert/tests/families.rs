@@ -134,4 +134,10 @@ macro_rules! family_tests {
 
 family_tests! {
     qwen3_hf_matches_transformers, qwen3_gguf_matches_transformers: "qwen3";
+    gemma3_hf_matches_transformers, gemma3_gguf_matches_transformers: "gemma3";
+    gemma2_hf_matches_transformers, gemma2_gguf_matches_transformers: "gemma2";
+    mistral_hf_matches_transformers, mistral_gguf_matches_transformers: "mistral";
+    smollm3_hf_matches_transformers, smollm3_gguf_matches_transformers: "smollm3";
+    llama32_hf_matches_transformers, llama32_gguf_matches_transformers: "llama32";
+    phi3_hf_matches_transformers, phi3_gguf_matches_transformers: "phi3";
 }
