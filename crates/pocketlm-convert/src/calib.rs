@@ -193,6 +193,10 @@ impl Calibrator {
         for (row, &token) in hidden.chunks_exact_mut(d).zip(windows.iter().flatten()) {
             row.copy_from_slice(&embedding[token as usize * d..][..d]);
         }
+        // As the runtime embeds (Gemma scales its embeddings by √hidden).
+        if let Some(scale) = config.features.embedding_scale {
+            hidden.iter_mut().for_each(|v| *v *= scale);
+        }
         Calibrator {
             config: config.clone(),
             inv_freq: Rope::new(config),

@@ -79,6 +79,15 @@ pub fn convert(
 ) -> Result<ConvertReport, ConvertError> {
     options.validate()?;
     let config = &model.config;
+    if options.recover.is_some() && !config.architecture.is_llama_like() {
+        // Recovery trains on a forward pass of its own (candle), written for Llama/Qwen2.
+        return Err(ConvertError::Options(format!(
+            "recovery (--recover) supports llama and qwen2 only, not {}: its training forward \
+             pass has none of the {} differences (norms, attention, RoPE)",
+            config.architecture.name(),
+            config.architecture.name()
+        )));
+    }
     let expected = expected_tensors(config);
     for t in model.source.tensors() {
         if !expected.iter().any(|(name, _)| *name == t.name) {

@@ -141,3 +141,281 @@ family_tests! {
     llama32_hf_matches_transformers, llama32_gguf_matches_transformers: "llama32";
     phi3_hf_matches_transformers, phi3_gguf_matches_transformers: "phi3";
 }
+
+// ---------------------------------------------------------------------------------------
+// Compression passes on every family.
+
+use pocketlm_convert::import;
+use pocketlm_convert::plan::{Budget, PlanOptions, convert_with_plan, parse_candidates};
+use pocketlm_convert::{
+    Calibration, LowRank, LowRankMethod, Method, PruneMethod, Pruning, RankAllocation, RankTarget,
+    RecoverMode, Recovery, Sparsity,
+};
+
+const FAMILIES: [&str; 7] = [
+    "qwen3", "gemma3", "gemma2", "mistral", "smollm3", "llama32", "phi3",
+];
+
+const Q8: Encoding = Encoding::Q8 { group: 32 };
+const Q4: Encoding = Encoding::Q4 {
+    group: 32,
+    asymmetric: false,
+};
+
+fn calibration() -> Calibration {
+    Calibration {
+        text: "the quick brown fox jumps over the lazy dog; a tiny model of each family \
+               runs on a phone and answers in a few words. "
+            .repeat(40)
+            .into(),
+        source: "families.rs".into(),
+        samples: 8,
+        seq_len: 16,
+    }
+}
+
+fn calibrated(weights: Encoding) -> ConvertOptions {
+    ConvertOptions {
+        calibration: Some(calibration()),
+        embedding: Some(Encoding::F32),
+        ..ConvertOptions::with_weights(weights)
+    }
+}
+
+/// Mean |logit − transformers' logit| over the prompt, and the share of positions whose
+/// top token agrees with transformers'.
+fn fidelity(plm: &Path, r: &Reference) -> (f32, f32) {
+    let model = Model::open(plm).unwrap();
+    let mut cache = model.new_cache(r.prompt.len()).unwrap();
+    let logits = model.forward(&r.prompt, &mut cache, Logits::All).unwrap();
+    assert!(logits.iter().all(|v| v.is_finite()));
+    let mean = logits
+        .iter()
+        .zip(&r.logits)
+        .map(|(a, b)| (a - b).abs())
+        .sum::<f32>()
+        / logits.len() as f32;
+    let v = r.vocab_size;
+    let agree = logits
+        .chunks_exact(v)
+        .zip(r.logits.chunks_exact(v))
+        .filter(|(a, b)| argmax(a) == argmax(b))
+        .count();
+    (mean, agree as f32 / r.prompt.len() as f32)
+}
+
+/// How close a pass's output must stay to transformers' logits.
+#[derive(Clone, Copy)]
+enum Bound {
+    /// Mean |Δlogit| at most this (passes that lose little: q8 and residuals).
+    Absolute(f32),
+    /// Lossy passes (pruning, low rank) on random weights, which have nothing redundant to
+    /// lose: at most this many times the same pass's error on the Llama fixture, the family
+    /// these passes were validated on (stories260K). A pass that mishandled a family's
+    /// norms, heads or layout would land far beyond.
+    TimesLlama(f32),
+}
+
+fn passes() -> Vec<(&'static str, ConvertOptions, Bound)> {
+    let prune = |method, sparsity| ConvertOptions {
+        pruning: Some(Pruning { method, sparsity }),
+        ..calibrated(Encoding::F16)
+    };
+    vec![
+        (
+            "rtn q8",
+            ConvertOptions::with_weights(Q8),
+            Bound::Absolute(0.05),
+        ),
+        (
+            "gptq q8",
+            ConvertOptions {
+                method: Method::Gptq,
+                ..calibrated(Q8)
+            },
+            Bound::Absolute(0.05),
+        ),
+        (
+            "awq q8",
+            ConvertOptions {
+                method: Method::Awq,
+                ..calibrated(Q8)
+            },
+            Bound::Absolute(0.05),
+        ),
+        (
+            "awq+gptq q4",
+            ConvertOptions {
+                method: Method::AwqGptq,
+                ..calibrated(Q4)
+            },
+            Bound::TimesLlama(1.5),
+        ),
+        (
+            "magnitude 50%",
+            prune(PruneMethod::Magnitude, Sparsity::Unstructured(0.5)),
+            Bound::TimesLlama(2.0),
+        ),
+        (
+            "wanda 2:4",
+            prune(PruneMethod::Wanda, Sparsity::NM { n: 2, m: 4 }),
+            Bound::TimesLlama(2.0),
+        ),
+        (
+            "head pruning 50%",
+            ConvertOptions {
+                attention_head_pruning: Some(0.5),
+                ..calibrated(Encoding::F16)
+            },
+            Bound::TimesLlama(2.0),
+        ),
+        (
+            "channel pruning 25%",
+            ConvertOptions {
+                mlp_channel_pruning: Some(0.25),
+                ..calibrated(Encoding::F16)
+            },
+            Bound::TimesLlama(2.0),
+        ),
+        (
+            "svd-llm rank 50%",
+            ConvertOptions {
+                lowrank: Some(LowRank {
+                    method: LowRankMethod::SvdLlm,
+                    target: RankTarget::Ratio(0.5),
+                    allocation: RankAllocation::Uniform,
+                }),
+                ..calibrated(Encoding::F16)
+            },
+            Bound::TimesLlama(2.0),
+        ),
+        (
+            "elastic q4 + q8 residual",
+            ConvertOptions {
+                residual: Some(Q8),
+                ..ConvertOptions::with_weights(Q4)
+            },
+            Bound::Absolute(0.05),
+        ),
+    ]
+}
+
+/// Mean |Δlogit| of every pass on `family`, in [`passes`] order.
+fn pass_errors(family: &str) -> Vec<f32> {
+    let r = reference(family);
+    passes()
+        .into_iter()
+        .map(|(name, options, _)| {
+            let (_dir, plm) = convert(&family_dir(family), &options);
+            let (mean, agree) = fidelity(&plm, &r);
+            eprintln!("{family:8} {name:26} mean |Δlogit| {mean:.4}  top-1 agreement {agree:.2}");
+            mean
+        })
+        .collect()
+}
+
+fn llama_errors() -> &'static [f32] {
+    static ERRORS: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
+    ERRORS.get_or_init(|| pass_errors("llama32"))
+}
+
+fn check_passes(family: &str) {
+    let errors = pass_errors(family);
+    for (((name, _, bound), mean), llama) in passes().into_iter().zip(errors).zip(llama_errors()) {
+        let limit = match bound {
+            Bound::Absolute(x) => x,
+            Bound::TimesLlama(k) => k * llama,
+        };
+        assert!(
+            mean <= limit,
+            "{family} {name}: mean |logit error| {mean} > {limit} (llama fixture: {llama})"
+        );
+    }
+}
+
+macro_rules! pass_tests {
+    ($($test:ident: $family:literal;)*) => {$(
+        #[test]
+        fn $test() {
+            check_passes($family);
+        }
+    )*};
+}
+
+pass_tests! {
+    qwen3_compression_passes_work: "qwen3";
+    gemma3_compression_passes_work: "gemma3";
+    gemma2_compression_passes_work: "gemma2";
+    mistral_compression_passes_work: "mistral";
+    smollm3_compression_passes_work: "smollm3";
+    llama32_compression_passes_work: "llama32";
+    phi3_compression_passes_work: "phi3";
+}
+
+/// The planner measures every candidate with the family's forward pass and the converted
+/// file it verifies is the family's.
+#[test]
+fn planner_plans_every_family() {
+    for family in FAMILIES {
+        let model = import::open(&family_dir(family)).unwrap();
+        let plan = PlanOptions {
+            budget: Budget::BitsPerWeight(16.0),
+            candidates: parse_candidates("q8/g32,q4/g32").unwrap(),
+            samples: 4,
+            seq_len: 16,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let dst = dir.path().join("planned.plm");
+        let options = ConvertOptions {
+            method: Method::Gptq,
+            embedding: None,
+            ..calibrated(Q4)
+        };
+        convert_with_plan(&model, &dst, &options, &plan, None, &mut |_, _, _| {})
+            .unwrap_or_else(|e| panic!("{family}: {e}"));
+        let (mean, _) = fidelity(&dst, &reference(family));
+        eprintln!("{family:8} planner: mean |Δlogit| {mean:.4}");
+        assert!(
+            mean < 0.5,
+            "{family}: planned file's mean |logit error| {mean}"
+        );
+    }
+}
+
+/// Recovery trains on a Llama-only forward pass: other families are refused by name.
+#[test]
+fn recovery_refuses_families_it_cannot_train() {
+    for family in FAMILIES {
+        let arch = import::open(&family_dir(family))
+            .unwrap()
+            .config
+            .architecture;
+        if arch.is_llama_like() {
+            continue;
+        }
+        let options = ConvertOptions {
+            recover: Some(Recovery {
+                mode: RecoverMode::Blockwise,
+                steps: 1,
+                batch: 1,
+                learning_rate: 1.0,
+                codes: false,
+                samples: None,
+            }),
+            ..calibrated(Q4)
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let err = convert_path(
+            &family_dir(family),
+            &dir.path().join("m.plm"),
+            &options,
+            &mut |_, _, _| {},
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains(arch.name()) && err.contains("recovery"),
+            "{family}: {err}"
+        );
+    }
+}

@@ -1088,7 +1088,7 @@ fn family_features(
             factor: factor as f32,
         }),
         (None | Some("none") | Some("linear"), _) => None,
-        (Some(_), Some(factor)) if factor == 1.0 => None,
+        (Some(_), Some(1.0)) => None,
         (Some(other), _) if arch != Architecture::Phi3 => {
             return Err(ImportError::invalid(
                 path,

@@ -779,6 +779,70 @@ mod tests {
         assert_eq!(canonical_name("model.rotary_emb.inv_freq"), None);
     }
 
+    /// Hub checkpoints predate transformers 5's `rope_parameters`: Gemma 3 1B's config.json.
+    #[test]
+    fn gemma3_1b_legacy_config() {
+        let c = parse_config(
+            Path::new("config.json"),
+            &serde_json::json!({
+                "architectures": ["Gemma3ForCausalLM"], "attn_logit_softcapping": null,
+                "final_logit_softcapping": null, "head_dim": 256,
+                "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 1152,
+                "intermediate_size": 6912, "max_position_embeddings": 32768,
+                "model_type": "gemma3_text", "num_attention_heads": 4, "num_hidden_layers": 26,
+                "num_key_value_heads": 1, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06,
+                "rope_local_base_freq": 10000, "rope_scaling": null, "rope_theta": 1000000,
+                "sliding_window": 512, "sliding_window_pattern": 6, "vocab_size": 262144
+            }),
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let f = &c.features;
+        assert_eq!(c.architecture, Architecture::Gemma3);
+        assert_eq!((c.rope_theta, f.local_rope_theta), (1e6, Some(1e4)));
+        assert_eq!(f.attention_scale, Some(1.0 / 16.0));
+        assert_eq!(f.embedding_scale, Some(1152f32.sqrt()));
+        assert!(f.qk_norm && f.post_norms && f.activation == Activation::GeluTanh);
+        assert_eq!(c.layer_window(0), Some(512));
+        assert_eq!(c.layer_window(5), None);
+        assert_eq!((0..26).filter(|&l| c.layer_window(l).is_none()).count(), 4);
+        assert_eq!(f.rope_scaling, None);
+    }
+
+    /// Phi-4-mini: partial rotary 0.75 and LongRoPE under the legacy `rope_scaling` key.
+    #[test]
+    fn phi4_mini_legacy_longrope_config() {
+        let c = parse_config(
+            Path::new("config.json"),
+            &serde_json::json!({
+                "model_type": "phi3", "hidden_size": 3072, "num_attention_heads": 24,
+                "num_key_value_heads": 8, "num_hidden_layers": 32, "intermediate_size": 8192,
+                "vocab_size": 200064, "max_position_embeddings": 131072,
+                "original_max_position_embeddings": 4096, "partial_rotary_factor": 0.75,
+                "rope_theta": 10000.0, "tie_word_embeddings": true,
+                "rope_scaling": {"type": "longrope", "short_factor": vec![1.0; 48],
+                                 "long_factor": vec![2.0; 48]}
+            }),
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.rotary_dim(), 96);
+        let Some(RopeScaling::LongRope {
+            original_max_position_embeddings,
+            attention_factor,
+            ..
+        }) = c.features.rope_scaling
+        else {
+            panic!("no longrope: {:?}", c.features.rope_scaling)
+        };
+        assert_eq!(original_max_position_embeddings, 4096);
+        // sqrt(1 + ln(32) / ln(4096)), as the LongRoPE paper and transformers.
+        assert!(
+            (attention_factor - 1.190_238_1).abs() < 1e-5,
+            "{attention_factor}"
+        );
+    }
+
     #[test]
     fn config_rejects_unknown_architecture_and_parses_llama3_scaling() {
         let p = Path::new("config.json");

@@ -511,6 +511,77 @@ mod tests {
         }
     }
 
+    /// A ring of the window attends exactly as a full cache with the same window, whatever
+    /// the batch split (prefill longer than the window, then single tokens, then a batch).
+    #[test]
+    fn ring_buffer_attends_as_a_windowed_full_cache() {
+        let config = test_config();
+        let (kvd, qd, window, total) = (8, 16, 3, 14);
+        let k = random_vec(total * kvd, 21);
+        let v = random_vec(total * kvd, 22);
+        let q = random_vec(total * qd, 23);
+        let rule = ScoreRule {
+            window: Some(window),
+            scale: 0.5,
+            softcap: Some(2.0),
+        };
+        let run = |windows: &[Option<usize>]| {
+            let mut cache = KvCache::try_new_windowed(KvType::F32, windows, kvd, 4, 16).unwrap();
+            let mut out = vec![0.0; total * qd];
+            let mut start = 0;
+            for n in [5, 1, 1, 4, 3] {
+                let (kb, vb) = (
+                    &k[start * kvd..(start + n) * kvd],
+                    &v[start * kvd..(start + n) * kvd],
+                );
+                let ring = cache.ring(0).is_some();
+                if !ring {
+                    cache.write(0, start, kb, vb);
+                }
+                let rows = start * qd..(start + n) * qd;
+                attend(
+                    &config,
+                    &cache,
+                    0,
+                    start,
+                    rule,
+                    &q[rows.clone()],
+                    (kb, vb),
+                    &mut out[rows],
+                );
+                if ring {
+                    cache.write(0, start, kb, vb);
+                }
+                cache.advance(n);
+                start += n;
+            }
+            (out, cache)
+        };
+        let (full, full_cache) = run(&[None]);
+        let (ring, ring_cache) = run(&[Some(window)]);
+        assert_eq!(ring_cache.ring(0), Some(window));
+        assert!(ring_cache.memory_bytes() * 5 < full_cache.memory_bytes());
+        for (a, b) in full.iter().zip(&ring) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn ring_buffer_truncates_only_to_positions_it_still_holds() {
+        let mut cache = KvCache::try_new_windowed(KvType::F32, &[None, Some(4)], 8, 4, 32).unwrap();
+        cache.advance(3);
+        // Nothing overwritten yet: any shorter length is fine.
+        assert!(cache.can_truncate_to(0) && cache.can_truncate_to(3));
+        cache.advance(7); // positions 6..10 held
+        assert!(cache.can_truncate_to(10) && cache.can_truncate_to(9));
+        // The token at 8 would need position 5, overwritten by 9.
+        assert!(!cache.can_truncate_to(8) && !cache.can_truncate_to(0));
+        assert!(!cache.can_truncate_to(11));
+        // A window as long as the context keeps every position: no ring at all.
+        let full = KvCache::try_new_windowed(KvType::F32, &[Some(32)], 8, 4, 32).unwrap();
+        assert_eq!(full.ring(0), None);
+    }
+
     #[test]
     fn attention_matches_naive_gqa() {
         let config = test_config();

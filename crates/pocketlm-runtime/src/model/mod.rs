@@ -935,6 +935,33 @@ mod tests {
         }
     }
 
+    /// The KV memory BENCHMARKS.md quotes for Gemma 3 1B (its config.json: 26 layers, one
+    /// KV head of 256, a window of 512 on 5 of every 6 layers), f32 cache.
+    #[test]
+    fn gemma3_1b_ring_buffers_bound_kv_memory_by_the_window() {
+        let mut c = config();
+        c.num_layers = 26;
+        c.num_heads = 4;
+        c.num_kv_heads = 1;
+        c.head_dim = 256;
+        c.hidden_size = 1152;
+        c.max_position_embeddings = 32768;
+        c.features.sliding_window = Some(512);
+        c.features.sliding_window_layers = (0..26).map(|l| (l + 1) % 6 != 0).collect();
+        let windows: Vec<Option<usize>> = (0..26).map(|l| c.layer_window(l)).collect();
+        assert_eq!(windows.iter().filter(|w| w.is_none()).count(), 4);
+        let mib = |windows: &[Option<usize>], context| {
+            KvCache::required_bytes_windowed(KvType::F32, windows, 256, 256, context).unwrap()
+                as f64
+                / (1 << 20) as f64
+        };
+        let full = vec![None; 26];
+        assert_eq!(mib(&full, 4096), 208.0);
+        assert_eq!(mib(&windows, 4096), 54.0);
+        assert_eq!(mib(&full, 32768), 1664.0);
+        assert_eq!(mib(&windows, 32768), 278.0);
+    }
+
     #[test]
     fn llama3_rope_scaling_keeps_high_and_scales_low_frequencies() {
         let mut c = config();
