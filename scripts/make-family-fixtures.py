@@ -21,6 +21,10 @@ shorter than the test sequence, and its RoPE scaling), and writes:
   f16-rounded weights the files hold.
 
 The Rust tests in crates/pocketlm-convert/tests/families.rs convert both forms and compare.
+
+`--bench-model DIR` instead writes a larger random Gemma 3 (not committed) for the
+ring-buffer benchmark in BENCHMARKS.md: hidden 640, 6 layers (5 local with window 512),
+4 heads of 256, 1 KV head, MLP 2048, context 32768.
 """
 
 import json
@@ -306,6 +310,20 @@ def make(family):
     write_gguf(os.path.join(out, "model.gguf"), family, spec, cfg, model, tok)
 
 
+def bench_model(out):
+    cfg = tf.Gemma3TextConfig(vocab_size=byte_level_tokenizer().get_vocab_size(), hidden_size=640,
+                              intermediate_size=2048, num_hidden_layers=6, num_attention_heads=4,
+                              num_key_value_heads=1, head_dim=256, sliding_window=512,
+                              max_position_embeddings=32768, query_pre_attn_scalar=256,
+                              bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    tf.Gemma3ForCausalLM(cfg).to(torch.float16).save_pretrained(out)
+    byte_level_tokenizer().save(os.path.join(out, "tokenizer.json"))
+
+
 if __name__ == "__main__":
-    for fam in sys.argv[1:] or FAMILIES:
-        make(fam)
+    if sys.argv[1:2] == ["--bench-model"]:
+        bench_model(sys.argv[2])
+    else:
+        for fam in sys.argv[1:] or FAMILIES:
+            make(fam)

@@ -5,8 +5,10 @@
 //! ```
 //!
 //! Fills the cache to CONTEXT positions (default 4096) with a fixed token pattern, then
-//! times TOKENS (default 32) single-token decode steps, once with ring buffers and once with
-//! every layer keeping the whole context. Threads: rayon's (set `RAYON_NUM_THREADS`).
+//! times TOKENS (default 32) single-token decode steps, with ring buffers and with every layer
+//! keeping the whole context, twice each, interleaved. Besides wall time it reports tokens
+//! per second of process CPU time (Linux `/proc/self/stat`), which a machine shared with
+//! other jobs disturbs less. Threads: rayon's (set `RAYON_NUM_THREADS=1`).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -21,7 +23,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let context: usize = args.next().map_or(Ok(4096), |a| a.parse())?;
     let tokens: usize = args.next().map_or(Ok(32), |a| a.parse())?;
-    for ring in [true, false] {
+    for ring in [true, false, true, false] {
         let options = ModelOptions {
             window_ring_buffers: ring,
             ..ModelOptions::default()
@@ -34,6 +36,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             model.forward(chunk, &mut cache, Logits::Last)?;
         }
         let mut next = 1;
+        let cpu_start = cpu_seconds();
         let start = Instant::now();
         for _ in 0..tokens {
             let logits = model.forward(&[next], &mut cache, Logits::Last)?;
@@ -44,12 +47,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .map_or(0, |(i, _)| i as u32);
         }
         let seconds = start.elapsed().as_secs_f64();
+        let cpu = cpu_seconds().zip(cpu_start).map(|(end, start)| end - start);
         println!(
-            "{}: KV cache {:.1} MiB, decode at {context} context: {:.1} tok/s",
+            "{}: KV cache {:.1} MiB, decode at {context} context: {:.1} tok/s wall, {} tok/s CPU time",
             if ring { "ring buffers" } else { "full cache  " },
             cache.memory_bytes() as f64 / (1 << 20) as f64,
-            tokens as f64 / seconds
+            tokens as f64 / seconds,
+            cpu.map_or("?".into(), |c| format!("{:.1}", tokens as f64 / c))
         );
     }
     Ok(())
+}
+
+/// User + system CPU seconds of this process (Linux; clock ticks of 1/100 s).
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }
