@@ -21,7 +21,7 @@ const MAX_JSON_BYTES: u64 = 64 << 20;
 pub fn open(dir: &Path) -> Result<ImportedModel, ImportError> {
     let config_path = dir.join("config.json");
     let raw_config = read_json(&config_path)?;
-    let config = parse_config(&config_path, &raw_config)?;
+    let config = parse_config(&config_path, &language_model_config(&raw_config))?;
 
     let source = SafetensorsSource::open_for(dir, &config)?;
     let mut config = config;
@@ -76,6 +76,22 @@ fn read_json(path: &Path) -> Result<Value, ImportError> {
     let text = read_json_text(path)?;
     serde_json::from_str(&text)
         .map_err(|e| ImportError::invalid(path, format!("invalid JSON: {e}")))
+}
+
+/// Gemma 3's multimodal checkpoints (`gemma3`: Gemma3ForConditionalGeneration, 4B and up)
+/// keep their language model's config under `text_config`; pocketlm converts that part.
+fn language_model_config(v: &Value) -> std::borrow::Cow<'_, Value> {
+    let text = v.get("text_config").and_then(Value::as_object);
+    match (v.get("model_type").and_then(Value::as_str), text) {
+        (Some("gemma3"), Some(text)) => {
+            let mut text = text.clone();
+            text.insert("model_type".into(), "gemma3_text".into());
+            // transformers' Gemma3TextConfig default, which hub configs leave out.
+            text.entry("vocab_size").or_insert(262_208.into());
+            std::borrow::Cow::Owned(Value::Object(text))
+        }
+        _ => std::borrow::Cow::Borrowed(v),
+    }
 }
 
 /// The checkpoint's `model_type` as a family; Gemma 3's text-only checkpoints say
@@ -713,6 +729,13 @@ fn family_names(
     shape: &[usize],
 ) -> Vec<(String, Option<std::ops::Range<usize>>)> {
     let whole = |n: String| vec![(n, None)];
+    // A multimodal Gemma 3's language model, under either transformers' layout.
+    let language_model = ["language_model.model.", "model.language_model."]
+        .iter()
+        .find_map(|prefix| hf.strip_prefix(prefix))
+        .map(|rest| format!("model.{rest}"))
+        .or_else(|| hf.strip_prefix("language_model.").map(str::to_string));
+    let hf = language_model.as_deref().unwrap_or(hf);
     let layer_suffix = hf
         .strip_prefix("model.layers.")
         .and_then(|rest| rest.split_once('.'))
@@ -807,6 +830,45 @@ mod tests {
         assert_eq!(c.layer_window(5), None);
         assert_eq!((0..26).filter(|&l| c.layer_window(l).is_none()).count(), 4);
         assert_eq!(f.rope_scaling, None);
+    }
+
+    #[test]
+    fn gemma3_multimodal_checkpoints_convert_their_language_model() {
+        let c = parse_config(
+            Path::new("config.json"),
+            &language_model_config(&serde_json::json!({
+                "model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
+                "vision_config": {"hidden_size": 1152},
+                "text_config": {"hidden_size": 2560, "intermediate_size": 10240,
+                    "model_type": "gemma3_text", "num_attention_heads": 8, "num_hidden_layers": 34,
+                    "num_key_value_heads": 4, "head_dim": 256, "query_pre_attn_scalar": 256,
+                    "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                    "sliding_window": 1024, "rope_theta": 1000000.0,
+                    "rope_local_base_freq": 10000.0}
+            })),
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            (c.architecture, c.vocab_size),
+            (Architecture::Gemma3, 262_208)
+        );
+        assert_eq!(
+            c.features.rope_scaling,
+            Some(RopeScaling::Linear { factor: 8.0 })
+        );
+        let config = c;
+        let names = |hf: &str| family_names(&config, hf, &[2560]);
+        for hf in [
+            "language_model.model.layers.3.self_attn.q_norm.weight",
+            "model.language_model.layers.3.self_attn.q_norm.weight",
+        ] {
+            assert_eq!(
+                names(hf),
+                vec![("blk.3.attn_q_norm.weight".to_string(), None)]
+            );
+        }
+        assert!(names("vision_tower.vision_model.embeddings.patch_embedding.weight").is_empty());
     }
 
     /// Phi-4-mini: partial rotary 0.75 and LongRoPE under the legacy `rope_scaling` key.
