@@ -923,10 +923,17 @@ mod tests {
 
     #[test]
     fn expected_tensors_cover_parameter_count() {
-        for (tied, bias) in [(true, false), (false, true)] {
+        for (tied, bias, family) in [
+            (true, false, false),
+            (false, true, false),
+            (true, false, true),
+        ] {
             let mut c = config();
             c.tie_word_embeddings = tied;
             c.attention_bias = bias;
+            // Gemma 3's extra tensors: q/k norms and post-norms.
+            c.features.qk_norm = family;
+            c.features.post_norms = family;
             let total: usize = expected_tensors(&c)
                 .iter()
                 .map(|(_, s)| s.iter().product::<usize>())
