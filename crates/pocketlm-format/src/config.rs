@@ -549,6 +549,17 @@ mod tests {
         }
     }
 
+    /// Files written before the families existed have no `features`: they read as Llama.
+    #[test]
+    fn configs_without_family_features_still_load() {
+        let mut json = serde_json::to_value(stories260k()).unwrap();
+        json.as_object_mut().unwrap().remove("features");
+        let c: ModelConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(c, stories260k());
+        assert_eq!(c.layer_window(0), None);
+        assert!(c.layer_has_rope(4));
+    }
+
     #[test]
     fn parameter_count_matches_tensor_sizes() {
         let c = stories260k();
