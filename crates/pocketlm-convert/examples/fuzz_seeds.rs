@@ -42,6 +42,7 @@ fn tiny_config() -> ModelConfig {
         max_position_embeddings: 16,
         tie_word_embeddings: true,
         attention_bias: false,
+        features: Default::default(),
     }
 }
 

@@ -3,7 +3,7 @@
 
 use pocketlm_format::config::{ModelConfig, names};
 use pocketlm_kernels::{Linear, MatRef, WeightData};
-use pocketlm_runtime::model::{BlockWeights, LinearInput, expected_tensors};
+use pocketlm_runtime::model::{BlockWeights, FamilyNorms, LinearInput, expected_tensors};
 
 use crate::import::TensorSource;
 use crate::{ConvertError, lowrank, recover};
@@ -106,7 +106,10 @@ impl LayerTensors {
                     .expect("shapes checked at import"),
             )
         };
+        let vector = |present: bool, name: String| present.then(|| self.get(&name));
+        let (qk, post) = (config.features.qk_norm, config.features.post_norms);
         BlockWeights {
+            layer: l,
             attn_norm: self.get(&names::attn_norm(l)),
             q: mat(names::attn_q(l), qd, d),
             k: mat(names::attn_k(l), kvd, d),
@@ -123,6 +126,12 @@ impl LayerTensors {
             gate: mat(names::ffn_gate(l), f, d),
             up: mat(names::ffn_up(l), f, d),
             down: mat(names::ffn_down(l), d, f),
+            norms: FamilyNorms {
+                q_norm: vector(qk, names::attn_q_norm(l)),
+                k_norm: vector(qk, names::attn_k_norm(l)),
+                post_attention_norm: vector(post, names::post_attention_norm(l)),
+                post_ffw_norm: vector(post, names::post_ffw_norm(l)),
+            },
         }
     }
 }

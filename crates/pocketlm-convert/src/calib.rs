@@ -13,7 +13,7 @@ use pocketlm_runtime::tokenizer::Tokenizer;
 use crate::ConvertError;
 use crate::import::ImportedModel;
 use pocketlm_runtime::model::{
-    BlockScratch, BlockWeights, KvCache, LinearInput, block_forward, rope_inv_freq,
+    BlockScratch, BlockWeights, KvCache, LinearInput, Rope, block_forward,
 };
 
 /// Calibration text and how to cut it.
@@ -182,7 +182,7 @@ impl LayerStats {
 /// to push them through one block at a time.
 pub struct Calibrator {
     config: ModelConfig,
-    inv_freq: Vec<f32>,
+    inv_freq: Rope,
     seq_len: usize,
     /// `sequences × seq_len × hidden`.
     hidden: Vec<f32>,
@@ -197,9 +197,13 @@ impl Calibrator {
         for (row, &token) in hidden.chunks_exact_mut(d).zip(windows.iter().flatten()) {
             row.copy_from_slice(&embedding[token as usize * d..][..d]);
         }
+        // As the runtime embeds (Gemma scales its embeddings by √hidden).
+        if let Some(scale) = config.features.embedding_scale {
+            hidden.iter_mut().for_each(|v| *v *= scale);
+        }
         Calibrator {
             config: config.clone(),
-            inv_freq: rope_inv_freq(config),
+            inv_freq: Rope::new(config),
             seq_len,
             hidden,
         }
@@ -209,7 +213,7 @@ impl Calibrator {
     pub fn from_hidden(config: &ModelConfig, seq_len: usize, hidden: Vec<f32>) -> Calibrator {
         Calibrator {
             config: config.clone(),
-            inv_freq: rope_inv_freq(config),
+            inv_freq: Rope::new(config),
             seq_len,
             hidden,
         }

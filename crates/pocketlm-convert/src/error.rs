@@ -30,6 +30,12 @@ pub enum ConvertError {
     Recover(#[from] recover::RecoverError),
     #[error(transparent)]
     Model(#[from] pocketlm_runtime::model::ModelError),
+    /// Recovery trains on a forward pass of its own (candle), written for Llama and Qwen2.
+    #[error(
+        "recovery supports llama and qwen2 only, not {family}: its training forward pass has \
+         none of {family}'s differences (norms, attention, RoPE)"
+    )]
+    RecoveryFamily { family: &'static str },
 }
 
 /// Why a compression pass failed on a tensor (named by [`ConvertError::Pass`]).

@@ -87,6 +87,12 @@ pub fn convert(
     options.validate()?;
     let mut passes = Passes::default();
     let config = &model.config;
+    if options.recover.is_some() && !config.architecture.is_llama_like() {
+        // Recovery trains on a forward pass of its own (candle), written for Llama/Qwen2.
+        return Err(ConvertError::RecoveryFamily {
+            family: config.architecture.name(),
+        });
+    }
     let expected = expected_tensors(config);
     for t in model.source.tensors() {
         if !expected.iter().any(|(name, _)| *name == t.name) {

@@ -154,6 +154,8 @@ struct Head<'a> {
     output: MatRef<'a>,
     hidden: usize,
     vocab: usize,
+    /// Gemma 2's final-logit soft-cap, as the runtime applies it.
+    softcap: Option<f32>,
 }
 
 /// Tokens turned into logits at once (bounds the `tokens × vocab` scratch).
@@ -166,6 +168,7 @@ impl<'a> Head<'a> {
             .ok_or(ConvertError::OutputLayer { vocab, hidden })?;
         Ok(Head {
             norm,
+            softcap: config.features.final_logit_softcap,
             eps: config.rms_norm_eps,
             output,
             hidden,
@@ -183,6 +186,9 @@ impl<'a> Head<'a> {
             kernels::rms_norm(rows, self.norm, self.eps, normed);
             let logits = &mut logits[..n * self.vocab];
             kernels::matmul(normed, n, self.output, logits);
+            if let Some(cap) = self.softcap {
+                logits.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
+            }
             each(i * HEAD_CHUNK, logits);
         }
     }

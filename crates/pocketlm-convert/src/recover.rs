@@ -347,6 +347,7 @@ mod tests {
             max_position_embeddings: 64,
             tie_word_embeddings: true,
             attention_bias: bias,
+            features: Default::default(),
         }
     }
 
@@ -410,6 +411,7 @@ mod tests {
             Linear::Dense(MatRef::new(WeightData::F32(get(name)), rows, cols).unwrap())
         };
         let w = BlockWeights {
+            layer: 0,
             attn_norm: get(names::attn_norm(0)),
             q: mat(names::attn_q(0)),
             k: mat(names::attn_k(0)),
@@ -426,6 +428,7 @@ mod tests {
             gate: mat(names::ffn_gate(0)),
             up: mat(names::ffn_up(0)),
             down: mat(names::ffn_down(0)),
+            norms: Default::default(),
         };
         let mut cal = Calibrator::from_hidden(c, seq_len, x.to_vec());
         cal.advance(&w);

@@ -49,6 +49,7 @@ fn tiny_config() -> ModelConfig {
         max_position_embeddings: 32,
         tie_word_embeddings: true,
         attention_bias: false,
+        features: Default::default(),
     }
 }
 

@@ -465,7 +465,13 @@ impl<'m> Scorer<'m> {
         let prefix_len = cache.len();
         let mut scores = Vec::with_capacity(conts.len());
         for cont in &conts {
-            cache.truncate(prefix_len);
+            if cache.can_truncate_to(prefix_len) {
+                cache.truncate(prefix_len);
+            } else {
+                // A sliding-window ring buffer overwrote positions the context needs.
+                cache.clear();
+                model.forward(&context_tokens, cache, Logits::Last)?;
+            }
             let mut loglik = log_prob(&first, cont[0]);
             if cont.len() > 1 {
                 let logits = model.forward(&cont[..cont.len() - 1], cache, Logits::All)?;

@@ -197,7 +197,20 @@ impl Tokenizer {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, TokenizerError> {
-        self.render_chat(messages, add_generation_prompt, None)
+        self.render_chat(messages, add_generation_prompt, None, None)
+    }
+
+    /// [`Self::apply_chat_template`] with the template variable `enable_thinking` set
+    /// (Qwen3's templates: `false` adds an empty think block so the model answers directly;
+    /// `None` leaves it undefined, the template's default). Templates without the variable
+    /// ignore it.
+    pub fn apply_chat_template_with(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        enable_thinking: Option<bool>,
+    ) -> Result<String, TokenizerError> {
+        self.render_chat(messages, add_generation_prompt, None, enable_thinking)
     }
 
     /// [`Self::apply_chat_template`] with tool definitions: the template sees them as
@@ -216,7 +229,7 @@ impl Tokenizer {
                 "the model ships no chat template, so tool definitions cannot be rendered".into(),
             ));
         }
-        self.render_chat(messages, add_generation_prompt, Some(tools))
+        self.render_chat(messages, add_generation_prompt, Some(tools), None)
     }
 
     fn render_chat(
@@ -224,6 +237,7 @@ impl Tokenizer {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
         tools: Option<&[serde_json::Value]>,
+        enable_thinking: Option<bool>,
     ) -> Result<String, TokenizerError> {
         match &self.template {
             Some(Ok(env)) => {
@@ -240,6 +254,7 @@ impl Tokenizer {
                     bos_token => token(self.bos_token_id).unwrap_or_default(),
                     eos_token => token(self.eos_token_ids.first().copied()).unwrap_or_default(),
                     tools => tools.unwrap_or(Value::UNDEFINED),
+                    enable_thinking => enable_thinking.map(Value::from).unwrap_or(Value::UNDEFINED),
                 };
                 template
                     .render(ctx)
@@ -1085,6 +1100,28 @@ mod tests {
     }
 
     const LLAMA3: &str = "{% set loop_messages = messages %}{% for message in loop_messages %}{% if message['role'] not in ['system', 'user', 'assistant'] %}{{ raise_exception('Unknown role: ' + message['role']) }}{% endif %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}";
+
+    /// The tail of Qwen3's template: thinking stays on unless `enable_thinking` is false.
+    const QWEN3_TAIL: &str = "{% for message in messages %}{{ '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{% endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}";
+
+    #[test]
+    fn chat_template_qwen3_thinking_switch() {
+        let tok = with_template(QWEN3_TAIL);
+        let messages = [ChatMessage::new("user", "hi")];
+        let default = tok.apply_chat_template(&messages, true).unwrap();
+        let on = tok
+            .apply_chat_template_with(&messages, true, Some(true))
+            .unwrap();
+        let off = tok
+            .apply_chat_template_with(&messages, true, Some(false))
+            .unwrap();
+        assert_eq!(default, on);
+        assert!(!on.contains("<think>"));
+        assert!(
+            off.ends_with("<|im_start|>assistant\n<think>\n\n</think>\n\n"),
+            "{off}"
+        );
+    }
 
     #[test]
     fn chat_template_llama3() {

@@ -20,7 +20,9 @@ use super::{
     ImportError, ImportedModel, SourceTensor, TensorSource, TokenizerSpec,
     unpermute_interleaved_rope_rows,
 };
-use pocketlm_format::config::{Architecture, Llama3RopeScaling, ModelConfig, names};
+use pocketlm_format::config::{
+    Activation, Architecture, FamilyFeatures, Llama3RopeScaling, ModelConfig, RopeScaling, names,
+};
 
 pub const GGUF_MAGIC: [u8; 4] = *b"GGUF";
 pub const DEFAULT_ALIGNMENT: u64 = 32;
@@ -852,6 +854,11 @@ impl<'a> Reader<'a> {
 /// llama.cpp stores Llama 3 rope scaling as precomputed per-frequency divisors; the runtime
 /// derives them from [`Llama3RopeScaling`], so the tensor is not exposed.
 const ROPE_FREQS: &str = "rope_freqs.weight";
+/// Phi-3's LongRoPE divisors, which llama.cpp stores as tensors.
+const ROPE_FACTORS_LONG: &str = "rope_factors_long.weight";
+const ROPE_FACTORS_SHORT: &str = "rope_factors_short.weight";
+/// Tensors that configure RoPE rather than being weights.
+const ROPE_TENSORS: [&str; 3] = [ROPE_FREQS, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT];
 
 /// Token types of `tokenizer.ggml.token_type` (llama.cpp's llama_token_type).
 pub mod token_type {
@@ -892,6 +899,11 @@ pub fn model_config(file: &GgufFile) -> Result<ModelConfig, ImportError> {
     let architecture = match arch_name {
         "llama" => Architecture::Llama,
         "qwen2" => Architecture::Qwen2,
+        "qwen3" => Architecture::Qwen3,
+        "gemma2" => Architecture::Gemma2,
+        "gemma3" => Architecture::Gemma3,
+        "smollm3" => Architecture::Smollm3,
+        "phi3" => Architecture::Phi3,
         other => {
             return Err(ImportError::UnsupportedArchitecture {
                 path: path.to_path_buf(),
@@ -928,11 +940,13 @@ pub fn model_config(file: &GgufFile) -> Result<ModelConfig, ImportError> {
         Some(k) => k,
         None => hidden_size / num_heads,
     };
-    if let Some(rot) = file.get_usize(&key("rope.dimension_count"))?
+    let rotary_dim = file.get_usize(&key("rope.dimension_count"))?;
+    if let Some(rot) = rotary_dim
         && rot != head_dim
+        && architecture != Architecture::Phi3
     {
         return Err(invalid(format!(
-            "partial rotary embeddings (rope.dimension_count {rot} != head_dim {head_dim}) are not supported"
+            "partial rotary embeddings (rope.dimension_count {rot} != head_dim {head_dim}) are not supported for {arch_name}"
         )));
     }
     let rms_norm_eps = file
@@ -977,7 +991,26 @@ pub fn model_config(file: &GgufFile) -> Result<ModelConfig, ImportError> {
     let tie_word_embeddings = file.tensor_info(names::OUTPUT).is_none();
     let attention_bias =
         architecture == Architecture::Qwen2 || file.tensor_info(&names::attn_q_bias(0)).is_some();
-    let rope_scaling = rope_scaling(file, arch_name, rope_theta, head_dim)?;
+    let (rope_scaling, features) = if architecture.is_llama_like() {
+        let scaling = rope_scaling(file, arch_name, rope_theta, head_dim)?;
+        // Mistral GGUFs are written as `llama`; their window is the only difference.
+        let features = FamilyFeatures {
+            sliding_window: file.get_usize(&key("attention.sliding_window"))?,
+            ..FamilyFeatures::default()
+        };
+        (scaling, features)
+    } else {
+        let features = family_features(
+            file,
+            architecture,
+            num_layers,
+            hidden_size,
+            head_dim,
+            rotary_dim,
+            max_position_embeddings,
+        )?;
+        (None, features)
+    };
 
     let config = ModelConfig {
         architecture,
@@ -994,6 +1027,7 @@ pub fn model_config(file: &GgufFile) -> Result<ModelConfig, ImportError> {
         max_position_embeddings,
         tie_word_embeddings,
         attention_bias,
+        features,
     };
     config
         .validate()
@@ -1025,6 +1059,110 @@ pub fn model_config(file: &GgufFile) -> Result<ModelConfig, ImportError> {
         }
     }
     Ok(config)
+}
+
+/// What the newer families do differently, from llama.cpp's metadata keys; where llama.cpp
+/// hard-codes a value per architecture instead of storing it (Gemma's window pattern and
+/// local RoPE base, its attention scale, SmolLM3's RoPE-less layers), the same value.
+fn family_features(
+    file: &GgufFile,
+    arch: Architecture,
+    num_layers: usize,
+    hidden_size: usize,
+    head_dim: usize,
+    rotary_dim: Option<usize>,
+    max_position_embeddings: usize,
+) -> Result<FamilyFeatures, ImportError> {
+    let path = file.path();
+    let name = arch.name();
+    let key = |k: &str| format!("{name}.{k}");
+    let f32_key = |k: &str| -> Result<Option<f32>, ImportError> {
+        Ok(file.get_f64(&key(k))?.map(|x| x as f32))
+    };
+    let mut f = FamilyFeatures::default();
+    let window = file.get_usize(&key("attention.sliding_window"))?;
+    let scaling_type = file.get_str(&key("rope.scaling.type"))?;
+    let scaling_factor = file.get_f64(&key("rope.scaling.factor"))?;
+    let linear = match (scaling_type, scaling_factor) {
+        (Some("linear"), Some(factor)) if factor != 1.0 => Some(RopeScaling::Linear {
+            factor: factor as f32,
+        }),
+        (None | Some("none") | Some("linear"), _) => None,
+        (Some(_), Some(1.0)) => None,
+        (Some(other), _) if arch != Architecture::Phi3 => {
+            return Err(ImportError::invalid(
+                path,
+                format!("rope scaling type '{other}' is not supported for {name}"),
+            ));
+        }
+        _ => None,
+    };
+    match arch {
+        Architecture::Qwen3 => f.qk_norm = true,
+        Architecture::Gemma2 | Architecture::Gemma3 => {
+            f.post_norms = true;
+            f.activation = Activation::GeluTanh;
+            f.embedding_scale = Some((hidden_size as f32).sqrt());
+            // llama.cpp: query_pre_attn_scalar is hidden/heads for the 27B models (62 and
+            // 46 layers), head_dim otherwise; the converter does not store it.
+            let heads = file
+                .get_usize(&key("attention.head_count"))?
+                .unwrap_or(1)
+                .max(1);
+            let scalar = match (arch, num_layers) {
+                (Architecture::Gemma3, 62) | (Architecture::Gemma2, 46) => hidden_size / heads,
+                _ => head_dim,
+            };
+            f.attention_scale = Some(1.0 / (scalar as f32).sqrt());
+            f.attn_logit_softcap = f32_key("attn_logit_softcapping")?;
+            f.final_logit_softcap = f32_key("final_logit_softcapping")?;
+            f.sliding_window = window;
+            let pattern = file
+                .get_usize(&key("attention.sliding_window_pattern"))?
+                .unwrap_or(if arch == Architecture::Gemma3 { 6 } else { 2 })
+                .max(1);
+            // The last layer of each `pattern` is global.
+            f.sliding_window_layers = (0..num_layers).map(|l| (l + 1) % pattern != 0).collect();
+            if arch == Architecture::Gemma3 {
+                f.qk_norm = true;
+                f.local_rope_theta = Some(f32_key("rope.freq_base_swa")?.unwrap_or(10000.0));
+            }
+            f.rope_scaling = linear;
+        }
+        Architecture::Smollm3 => {
+            // llama.cpp: every 4th layer has no RoPE (the checkpoints' no_rope_layer_interval).
+            f.no_rope_layers = (0..num_layers).filter(|l| (l + 1) % 4 == 0).collect();
+        }
+        Architecture::Phi3 => {
+            if let Some(r) = rotary_dim.filter(|&r| r != head_dim) {
+                f.rotary_dim = Some(r);
+            }
+            f.sliding_window = window;
+            let (long, short) = (
+                file.tensor_info(ROPE_FACTORS_LONG),
+                file.tensor_info(ROPE_FACTORS_SHORT),
+            );
+            if let (Some(long), Some(short)) = (long, short) {
+                let original = file
+                    .get_usize(&key("rope.scaling.original_context_length"))?
+                    .unwrap_or(max_position_embeddings);
+                let factor = max_position_embeddings as f64 / original.max(1) as f64;
+                let attention_factor = match f32_key("rope.scaling.attn_factor")? {
+                    Some(a) => a,
+                    None if factor <= 1.0 => 1.0,
+                    None => (1.0 + factor.ln() / (original as f64).ln()).sqrt() as f32,
+                };
+                f.rope_scaling = Some(RopeScaling::LongRope {
+                    short_factor: file.dequantize(short)?,
+                    long_factor: file.dequantize(long)?,
+                    original_max_position_embeddings: original,
+                    attention_factor,
+                });
+            }
+        }
+        Architecture::Llama | Architecture::Qwen2 | Architecture::Mistral => {}
+    }
+    Ok(f)
 }
 
 /// Llama 3 frequency scaling from `{arch}.rope.scaling.*` metadata or a `rope_freqs` tensor.
@@ -1205,10 +1343,44 @@ fn provenance(file: &GgufFile) -> serde_json::Value {
     })
 }
 
+/// The canonical tensors a fused Phi-3 tensor holds, as row ranges (empty: not fused).
+fn fused_parts(
+    config: &ModelConfig,
+    name: &str,
+    shape: &[usize],
+) -> Vec<(String, std::ops::Range<usize>)> {
+    if config.architecture != Architecture::Phi3 {
+        return Vec::new();
+    }
+    let Some((layer, short)) = name
+        .strip_prefix("blk.")
+        .and_then(|r| r.split_once('.'))
+        .and_then(|(l, s)| Some((l.parse::<usize>().ok()?, s)))
+    else {
+        return Vec::new();
+    };
+    let (q, kv, f) = (config.q_dim(), config.kv_dim(), config.intermediate_size);
+    match short {
+        "attn_qkv.weight" if shape.first() == Some(&(q + 2 * kv)) => vec![
+            (names::attn_q(layer), 0..q),
+            (names::attn_k(layer), q..q + kv),
+            (names::attn_v(layer), q + kv..q + 2 * kv),
+        ],
+        "ffn_up.weight" if shape.first() == Some(&(2 * f)) => vec![
+            (names::ffn_gate(layer), 0..f),
+            (names::ffn_up(layer), f..2 * f),
+        ],
+        _ => Vec::new(),
+    }
+}
+
 /// Tensors of a GGUF file under their (already canonical) GGUF names, in HF layout.
 pub struct GgufTensorSource {
     file: Arc<GgufFile>,
     tensors: Vec<SourceTensor>,
+    /// Canonical tensors stored as rows of a fused one (Phi-3's `attn_qkv`, and `ffn_up`
+    /// holding gate and up): the stored name and the rows.
+    parts: HashMap<String, (String, std::ops::Range<usize>)>,
     /// Tensors whose rows llama.cpp interleaved for rotary embeddings, with their head count.
     interleaved: HashMap<String, usize>,
     head_dim: usize,
@@ -1216,20 +1388,39 @@ pub struct GgufTensorSource {
 
 impl GgufTensorSource {
     pub fn new(file: Arc<GgufFile>, config: &ModelConfig) -> Result<Self, ImportError> {
-        let tensors = file
-            .tensor_infos()
-            .iter()
-            .filter(|t| t.name != ROPE_FREQS)
-            .map(|t| SourceTensor {
-                name: t.name.clone(),
-                shape: t.shape(),
-                source_type: t.ggml_type.name(),
-            })
-            .collect();
+        let mut tensors = Vec::new();
+        let mut parts = HashMap::new();
+        for t in file.tensor_infos() {
+            if ROPE_TENSORS.contains(&t.name.as_str()) {
+                continue;
+            }
+            let shape = t.shape();
+            let split = fused_parts(config, &t.name, &shape);
+            if split.is_empty() {
+                tensors.push(SourceTensor {
+                    name: t.name.clone(),
+                    shape: shape.clone(),
+                    source_type: t.ggml_type.name(),
+                });
+            }
+            for (name, rows) in split {
+                let mut part = shape.clone();
+                part[0] = rows.len();
+                tensors.push(SourceTensor {
+                    name: name.clone(),
+                    shape: part,
+                    source_type: t.ggml_type.name(),
+                });
+                parts.insert(name, (t.name.clone(), rows));
+            }
+        }
         let mut interleaved = HashMap::new();
-        // llama.cpp's converter permutes q/k (weights and biases) only for `llama`; qwen2
-        // GGUFs keep the HF rotate-half order.
-        if config.architecture == Architecture::Llama {
+        // llama.cpp's converter permutes q/k (weights and biases) only for `llama` and the
+        // families it converts as Llama (SmolLM3); the others keep the HF rotate-half order.
+        if matches!(
+            config.architecture,
+            Architecture::Llama | Architecture::Mistral | Architecture::Smollm3
+        ) {
             for l in 0..config.num_layers {
                 interleaved.insert(names::attn_q(l), config.num_heads);
                 interleaved.insert(names::attn_k(l), config.num_kv_heads);
@@ -1240,6 +1431,7 @@ impl GgufTensorSource {
         Ok(GgufTensorSource {
             file,
             tensors,
+            parts,
             interleaved,
             head_dim: config.head_dim,
         })
@@ -1257,10 +1449,25 @@ impl TensorSource for GgufTensorSource {
 
     fn load_f32(&self, name: &str) -> Result<Vec<f32>, ImportError> {
         let path = self.file.path();
+        if let Some((stored, rows)) = self.parts.get(name) {
+            let info = self
+                .file
+                .tensor_info(stored)
+                .ok_or_else(|| ImportError::MissingTensor {
+                    path: path.to_path_buf(),
+                    name: stored.clone(),
+                })?;
+            let cols = info.dims.first().copied().unwrap_or(1) as usize;
+            let data = self.file.dequantize(info)?;
+            return data
+                .get(rows.start * cols..rows.end * cols)
+                .map(<[f32]>::to_vec)
+                .ok_or_else(|| ImportError::tensor(path, stored, "shorter than its shape says"));
+        }
         let info = self
             .file
             .tensor_info(name)
-            .filter(|t| t.name != ROPE_FREQS)
+            .filter(|t| !ROPE_TENSORS.contains(&t.name.as_str()))
             .ok_or_else(|| ImportError::MissingTensor {
                 path: path.to_path_buf(),
                 name: name.to_string(),

@@ -10,7 +10,9 @@ use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
 use super::{ImportError, ImportedModel, SourceTensor, TensorSource, TokenizerSpec};
-use pocketlm_format::config::{Architecture, Llama3RopeScaling, ModelConfig};
+use pocketlm_format::config::{
+    Activation, Architecture, FamilyFeatures, Llama3RopeScaling, ModelConfig, RopeScaling,
+};
 
 /// Largest JSON side file we read (config, tokenizer): far above real ones (Llama 3's
 /// tokenizer.json is 9 MB), small enough that a hostile directory can't exhaust memory.
@@ -19,9 +21,9 @@ const MAX_JSON_BYTES: u64 = 64 << 20;
 pub fn open(dir: &Path) -> Result<ImportedModel, ImportError> {
     let config_path = dir.join("config.json");
     let raw_config = read_json(&config_path)?;
-    let config = parse_config(&config_path, &raw_config)?;
+    let config = parse_config(&config_path, &language_model_config(&raw_config))?;
 
-    let source = SafetensorsSource::open(dir)?;
+    let source = SafetensorsSource::open_for(dir, &config)?;
     let mut config = config;
     if source
         .find(pocketlm_format::config::names::OUTPUT)
@@ -76,11 +78,35 @@ fn read_json(path: &Path) -> Result<Value, ImportError> {
         .map_err(|e| ImportError::invalid(path, format!("invalid JSON: {e}")))
 }
 
-fn parse_config(path: &Path, v: &Value) -> Result<ModelConfig, ImportError> {
+/// Gemma 3's multimodal checkpoints (`gemma3`: Gemma3ForConditionalGeneration, 4B and up)
+/// keep their language model's config under `text_config`; pocketlm converts that part.
+fn language_model_config(v: &Value) -> std::borrow::Cow<'_, Value> {
+    let text = v.get("text_config").and_then(Value::as_object);
+    match (v.get("model_type").and_then(Value::as_str), text) {
+        (Some("gemma3"), Some(text)) => {
+            let mut text = text.clone();
+            text.insert("model_type".into(), "gemma3_text".into());
+            // transformers' Gemma3TextConfig default, which hub configs leave out.
+            text.entry("vocab_size").or_insert(262_208.into());
+            std::borrow::Cow::Owned(Value::Object(text))
+        }
+        _ => std::borrow::Cow::Borrowed(v),
+    }
+}
+
+/// The checkpoint's `model_type` as a family; Gemma 3's text-only checkpoints say
+/// `gemma3_text`.
+fn architecture(path: &Path, v: &Value) -> Result<Architecture, ImportError> {
     let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("");
-    let architecture = match model_type {
+    Ok(match model_type {
         "llama" => Architecture::Llama,
         "qwen2" => Architecture::Qwen2,
+        "qwen3" => Architecture::Qwen3,
+        "gemma2" => Architecture::Gemma2,
+        "gemma3_text" => Architecture::Gemma3,
+        "mistral" => Architecture::Mistral,
+        "smollm3" => Architecture::Smollm3,
+        "phi3" => Architecture::Phi3,
         other => {
             let arch = v
                 .get("architectures")
@@ -96,7 +122,11 @@ fn parse_config(path: &Path, v: &Value) -> Result<ModelConfig, ImportError> {
                 },
             });
         }
-    };
+    })
+}
+
+fn parse_config(path: &Path, v: &Value) -> Result<ModelConfig, ImportError> {
+    let architecture = architecture(path, v)?;
     let usize_key = |key: &str| -> Result<usize, ImportError> {
         v.get(key)
             .and_then(Value::as_u64)
@@ -105,6 +135,7 @@ fn parse_config(path: &Path, v: &Value) -> Result<ModelConfig, ImportError> {
     };
     let hidden_size = usize_key("hidden_size")?;
     let num_heads = usize_key("num_attention_heads")?;
+    let num_layers = usize_key("num_hidden_layers")?;
     let num_kv_heads = v
         .get("num_key_value_heads")
         .and_then(Value::as_u64)
@@ -115,37 +146,29 @@ fn parse_config(path: &Path, v: &Value) -> Result<ModelConfig, ImportError> {
         None if num_heads > 0 => hidden_size / num_heads,
         None => 0,
     };
-    let f32_key = |key: &str, default: f32| -> f32 {
-        v.get(key)
-            .and_then(Value::as_f64)
-            .map(|x| x as f32)
-            .unwrap_or(default)
-    };
-    let rope_scaling = parse_rope_scaling(path, v.get("rope_scaling"))?;
-    if v.get("sliding_window").and_then(Value::as_u64).is_some()
-        && v.get("use_sliding_window").and_then(Value::as_bool) == Some(true)
-    {
-        log::warn!(
-            "{}: sliding-window attention is not implemented; full attention is used",
-            path.display()
-        );
-    }
+    let f32_key = |key: &str| v.get(key).and_then(Value::as_f64).map(|x| x as f32);
+    let max_position_embeddings = v
+        .get("max_position_embeddings")
+        .and_then(Value::as_u64)
+        .unwrap_or(2048) as usize;
+    let (rope_theta, global_scaling) = rope_parameters(v, "full_attention");
+    let rope_theta = rope_theta.unwrap_or(10000.0);
+    let (rope_scaling, scaling) =
+        parse_rope_scaling(path, v, global_scaling, max_position_embeddings)?;
+    let features = family_features(path, v, architecture, num_layers, head_dim, scaling)?;
     Ok(ModelConfig {
         architecture,
         vocab_size: usize_key("vocab_size")?,
         hidden_size,
         intermediate_size: usize_key("intermediate_size")?,
-        num_layers: usize_key("num_hidden_layers")?,
+        num_layers,
         num_heads,
         num_kv_heads,
         head_dim,
-        rms_norm_eps: f32_key("rms_norm_eps", 1e-6),
-        rope_theta: f32_key("rope_theta", 10000.0),
+        rms_norm_eps: f32_key("rms_norm_eps").unwrap_or(1e-6),
+        rope_theta,
         rope_scaling,
-        max_position_embeddings: v
-            .get("max_position_embeddings")
-            .and_then(Value::as_u64)
-            .unwrap_or(2048) as usize,
+        max_position_embeddings,
         tie_word_embeddings: v
             .get("tie_word_embeddings")
             .and_then(Value::as_bool)
@@ -154,36 +177,256 @@ fn parse_config(path: &Path, v: &Value) -> Result<ModelConfig, ImportError> {
             .get("attention_bias")
             .and_then(Value::as_bool)
             .unwrap_or(architecture == Architecture::Qwen2),
+        features,
     })
 }
 
+/// RoPE base and scaling object of the layers of `layer_type` (`full_attention` or
+/// `sliding_attention`), from transformers 5's `rope_parameters` (one object, or one per
+/// layer type) or the older top-level `rope_theta` / `rope_scaling` /
+/// `rope_local_base_freq`.
+fn rope_parameters<'a>(v: &'a Value, layer_type: &str) -> (Option<f32>, Option<&'a Value>) {
+    let theta = |o: &Value| {
+        o.get("rope_theta")
+            .and_then(Value::as_f64)
+            .map(|x| x as f32)
+    };
+    if let Some(params) = v.get("rope_parameters").filter(|p| p.is_object()) {
+        let params = params.get(layer_type).unwrap_or(params);
+        return (theta(params), Some(params));
+    }
+    if layer_type == "sliding_attention"
+        && let Some(local) = v.get("rope_local_base_freq").and_then(Value::as_f64)
+    {
+        return (Some(local as f32), None);
+    }
+    (theta(v), v.get("rope_scaling").filter(|s| !s.is_null()))
+}
+
+/// Which layers are windowed: transformers' `layer_types`, else the family's pattern.
+fn sliding_layers(v: &Value, arch: Architecture, num_layers: usize) -> Vec<bool> {
+    if let Some(types) = v.get("layer_types").and_then(Value::as_array) {
+        return types
+            .iter()
+            .map(|t| t.as_str() == Some("sliding_attention"))
+            .collect();
+    }
+    let pattern = v
+        .get("sliding_window_pattern")
+        .or_else(|| v.get("_sliding_window_pattern"))
+        .and_then(Value::as_u64)
+        .map(|p| p as usize);
+    match arch {
+        // Every `pattern`-th layer is global (Gemma 3: 5 local, 1 global).
+        Architecture::Gemma3 => {
+            let p = pattern.unwrap_or(6).max(1);
+            (0..num_layers).map(|l| (l + 1) % p != 0).collect()
+        }
+        // Even layers are local.
+        Architecture::Gemma2 => (0..num_layers).map(|l| l % 2 == 0).collect(),
+        _ => vec![true; num_layers],
+    }
+}
+
+fn family_features(
+    path: &Path,
+    v: &Value,
+    arch: Architecture,
+    num_layers: usize,
+    head_dim: usize,
+    rope_scaling: Option<RopeScaling>,
+) -> Result<FamilyFeatures, ImportError> {
+    let f32_key = |key: &str| v.get(key).and_then(Value::as_f64).map(|x| x as f32);
+    let hidden = v.get("hidden_size").and_then(Value::as_f64).unwrap_or(0.0) as f32;
+    let window = v
+        .get("sliding_window")
+        .and_then(Value::as_u64)
+        .map(|w| w as usize);
+    let mut f = FamilyFeatures {
+        rope_scaling,
+        ..FamilyFeatures::default()
+    };
+    match arch {
+        Architecture::Llama | Architecture::Qwen2 => {
+            if window.is_some()
+                && v.get("use_sliding_window").and_then(Value::as_bool) == Some(true)
+            {
+                log::warn!(
+                    "{}: sliding-window attention is not implemented for {}; full attention is used",
+                    path.display(),
+                    arch.name()
+                );
+            }
+        }
+        Architecture::Qwen3 => {
+            f.qk_norm = true;
+            if window.is_some()
+                && v.get("use_sliding_window").and_then(Value::as_bool) == Some(true)
+            {
+                return Err(ImportError::invalid(
+                    path,
+                    "qwen3 with use_sliding_window is not supported",
+                ));
+            }
+        }
+        Architecture::Gemma2 | Architecture::Gemma3 => {
+            f.post_norms = true;
+            f.activation = Activation::GeluTanh;
+            f.embedding_scale = Some(hidden.sqrt());
+            let scalar = f32_key("query_pre_attn_scalar").unwrap_or(head_dim as f32);
+            f.attention_scale = Some(1.0 / scalar.sqrt());
+            f.attn_logit_softcap = f32_key("attn_logit_softcapping");
+            f.final_logit_softcap = f32_key("final_logit_softcapping");
+            f.sliding_window = window;
+            f.sliding_window_layers = sliding_layers(v, arch, num_layers);
+            if arch == Architecture::Gemma3 {
+                f.qk_norm = true;
+                let (local, local_scaling) = rope_parameters(v, "sliding_attention");
+                let local_kind = local_scaling
+                    .and_then(|s| s.get("rope_type").or_else(|| s.get("type")))
+                    .and_then(Value::as_str);
+                if !matches!(local_kind, None | Some("default")) {
+                    return Err(ImportError::invalid(
+                        path,
+                        format!(
+                            "gemma3 local layers with rope type {local_kind:?} are not supported"
+                        ),
+                    ));
+                }
+                f.local_rope_theta = Some(local.unwrap_or(10000.0));
+            }
+        }
+        Architecture::Mistral => {
+            f.sliding_window = window;
+        }
+        Architecture::Smollm3 => {
+            // `no_rope_layers[l]` is 1 where layer `l` uses RoPE.
+            match v.get("no_rope_layers").and_then(Value::as_array) {
+                Some(flags) => {
+                    f.no_rope_layers = flags
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, x)| x.as_u64() == Some(0))
+                        .map(|(l, _)| l)
+                        .collect()
+                }
+                None => {
+                    let every = v
+                        .get("no_rope_layer_interval")
+                        .and_then(Value::as_u64)
+                        .unwrap_or(4)
+                        .max(1) as usize;
+                    f.no_rope_layers = (0..num_layers).filter(|l| (l + 1) % every == 0).collect();
+                }
+            }
+            if window.is_some()
+                && v.get("use_sliding_window").and_then(Value::as_bool) == Some(true)
+            {
+                return Err(ImportError::invalid(
+                    path,
+                    "smollm3 with use_sliding_window is not supported",
+                ));
+            }
+        }
+        Architecture::Phi3 => {
+            let partial = v
+                .get("partial_rotary_factor")
+                .or_else(|| {
+                    v.get("rope_parameters")
+                        .and_then(|p| p.get("partial_rotary_factor"))
+                })
+                .and_then(Value::as_f64)
+                .unwrap_or(1.0);
+            let rotary = (head_dim as f64 * partial) as usize;
+            if rotary != head_dim {
+                f.rotary_dim = Some(rotary);
+            }
+            f.sliding_window = window;
+        }
+    }
+    Ok(f)
+}
+
+/// The Llama 3 scaling (kept where older files have it) and every other kind.
 fn parse_rope_scaling(
     path: &Path,
+    config: &Value,
     v: Option<&Value>,
-) -> Result<Option<Llama3RopeScaling>, ImportError> {
+    max_position_embeddings: usize,
+) -> Result<(Option<Llama3RopeScaling>, Option<RopeScaling>), ImportError> {
     let Some(v) = v.filter(|v| !v.is_null()) else {
-        return Ok(None);
+        return Ok((None, None));
     };
     let kind = v
         .get("rope_type")
         .or_else(|| v.get("type"))
         .and_then(Value::as_str)
         .unwrap_or("");
+    let num = |k: &str, default: f64| v.get(k).and_then(Value::as_f64).unwrap_or(default);
     match kind {
-        "llama3" => {
-            let num = |k: &str, default: f64| v.get(k).and_then(Value::as_f64).unwrap_or(default);
-            Ok(Some(Llama3RopeScaling {
+        "llama3" => Ok((
+            Some(Llama3RopeScaling {
                 factor: num("factor", 8.0) as f32,
                 low_freq_factor: num("low_freq_factor", 1.0) as f32,
                 high_freq_factor: num("high_freq_factor", 4.0) as f32,
                 original_max_position_embeddings: num("original_max_position_embeddings", 8192.0)
                     as usize,
-            }))
+            }),
+            None,
+        )),
+        "linear" => Ok((
+            None,
+            Some(RopeScaling::Linear {
+                factor: num("factor", 1.0) as f32,
+            }),
+        )),
+        "longrope" | "su" => {
+            let factors = |k: &str| -> Result<Vec<f32>, ImportError> {
+                v.get(k)
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(Value::as_f64)
+                            .map(|x| x as f32)
+                            .collect()
+                    })
+                    .ok_or_else(|| ImportError::invalid(path, format!("longrope without '{k}'")))
+            };
+            let original = v
+                .get("original_max_position_embeddings")
+                .or_else(|| config.get("original_max_position_embeddings"))
+                .and_then(Value::as_u64)
+                .map(|x| x as usize)
+                .unwrap_or(max_position_embeddings);
+            let factor = v
+                .get("factor")
+                .and_then(Value::as_f64)
+                .unwrap_or(max_position_embeddings as f64 / original.max(1) as f64);
+            // As the LongRoPE paper suggests when the checkpoint does not say.
+            let attention_factor =
+                v.get("attention_factor")
+                    .and_then(Value::as_f64)
+                    .unwrap_or(if factor <= 1.0 {
+                        1.0
+                    } else {
+                        (1.0 + factor.ln() / (original as f64).ln()).sqrt()
+                    });
+            Ok((
+                None,
+                Some(RopeScaling::LongRope {
+                    short_factor: factors("short_factor")?,
+                    long_factor: factors("long_factor")?,
+                    original_max_position_embeddings: original,
+                    attention_factor: attention_factor as f32,
+                }),
+            ))
         }
-        "default" | "" => Ok(None),
+        "default" | "" => Ok((None, None)),
         other => Err(ImportError::invalid(
             path,
-            format!("rope_scaling type '{other}' is not supported (supported: llama3)"),
+            format!(
+                "rope_scaling type '{other}' is not supported (supported: llama3, linear, longrope)"
+            ),
         )),
     }
 }
@@ -280,6 +523,9 @@ struct TensorLocation {
     /// Byte range inside the shard's map.
     start: usize,
     end: usize,
+    /// Gemma's norms multiply by `1 + w`: stored here as the plain RMSNorm weight `1 + w`,
+    /// so the runtime and the compression passes (AWQ's folding) see one kind of norm.
+    add_one: bool,
 }
 
 /// All safetensors shards of a directory, mapped; tensors renamed to canonical names.
@@ -290,7 +536,38 @@ pub struct SafetensorsSource {
 }
 
 impl SafetensorsSource {
+    /// A Llama-layout checkpoint (the tensor names of Llama and Qwen2).
     pub fn open(dir: &Path) -> Result<Self, ImportError> {
+        SafetensorsSource::open_with(dir, |hf, _| {
+            canonical_name(hf)
+                .map(|n| vec![(n, None)])
+                .unwrap_or_default()
+        })
+    }
+
+    /// A checkpoint of `config`'s family: its tensor names, Gemma's `1 + w` norms and
+    /// Phi-3's fused projections split into q, k, v and gate, up.
+    pub fn open_for(dir: &Path, config: &ModelConfig) -> Result<Self, ImportError> {
+        let add_one = matches!(
+            config.architecture,
+            Architecture::Gemma2 | Architecture::Gemma3
+        );
+        let mut source =
+            SafetensorsSource::open_with(dir, |hf, shape| family_names(config, hf, shape))?;
+        if add_one {
+            for (t, loc) in source.tensors.iter().zip(&mut source.locations) {
+                loc.add_one = t.shape.len() == 1 && t.name.ends_with("norm.weight");
+            }
+        }
+        Ok(source)
+    }
+
+    /// Maps each stored tensor to the canonical tensors it holds: `(name, rows)`, `rows`
+    /// a range of its rows where one stored matrix holds several.
+    fn open_with(
+        dir: &Path,
+        names: impl Fn(&str, &[usize]) -> Vec<(String, Option<std::ops::Range<usize>>)>,
+    ) -> Result<Self, ImportError> {
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(|source| ImportError::Io {
                 path: dir.to_path_buf(),
@@ -327,10 +604,11 @@ impl SafetensorsSource {
             let mut entries: Vec<_> = st.tensors();
             entries.sort_by(|a, b| a.0.cmp(&b.0));
             for (hf_name, view) in entries {
-                let Some(name) = canonical_name(&hf_name) else {
+                let parts = names(&hf_name, view.shape());
+                if parts.is_empty() {
                     log::debug!("{}: ignoring tensor {hf_name}", path.display());
                     continue;
-                };
+                }
                 let data = view.data();
                 let start = data.as_ptr() as usize - base;
                 debug_assert!(start >= data_start);
@@ -342,17 +620,30 @@ impl SafetensorsSource {
                         format!("dtype {dtype:?} is not supported (f32, f16, bf16)"),
                     ));
                 }
-                tensors.push(SourceTensor {
-                    name,
-                    shape: view.shape().to_vec(),
-                    source_type: format!("{dtype:?}"),
-                });
-                locations.push(TensorLocation {
-                    shard,
-                    dtype,
-                    start,
-                    end: start + data.len(),
-                });
+                let shape = view.shape().to_vec();
+                let row_bytes = data.len() / shape.first().copied().unwrap_or(1).max(1);
+                for (name, rows) in parts {
+                    let (shape, start, end) = match rows {
+                        None => (shape.clone(), start, start + data.len()),
+                        Some(r) => {
+                            let mut part = shape.clone();
+                            part[0] = r.len();
+                            (part, start + r.start * row_bytes, start + r.end * row_bytes)
+                        }
+                    };
+                    tensors.push(SourceTensor {
+                        name,
+                        shape,
+                        source_type: format!("{dtype:?}"),
+                    });
+                    locations.push(TensorLocation {
+                        shard,
+                        dtype,
+                        start,
+                        end,
+                        add_one: false,
+                    });
+                }
             }
             shards.push((path, map));
         }
@@ -381,7 +672,7 @@ impl TensorSource for SafetensorsSource {
         let loc = &self.locations[i];
         let bytes = &self.shards[loc.shard].1[loc.start..loc.end];
         // safetensors data is not necessarily aligned for its element type: decode bytes.
-        Ok(match loc.dtype {
+        let mut values: Vec<f32> = match loc.dtype {
             Dtype::F32 => bytes
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -394,7 +685,11 @@ impl TensorSource for SafetensorsSource {
                 .chunks_exact(2)
                 .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
                 .collect(),
-        })
+        };
+        if loc.add_one {
+            values.iter_mut().for_each(|v| *v += 1.0);
+        }
+        Ok(values)
     }
 }
 
@@ -427,6 +722,68 @@ pub fn canonical_name(hf: &str) -> Option<String> {
     Some(format!("blk.{layer}.{short}"))
 }
 
+/// Canonical names of a tensor of `config`'s family (empty: not one the runtime reads).
+fn family_names(
+    config: &ModelConfig,
+    hf: &str,
+    shape: &[usize],
+) -> Vec<(String, Option<std::ops::Range<usize>>)> {
+    let whole = |n: String| vec![(n, None)];
+    // A multimodal Gemma 3's language model, under either transformers' layout.
+    let language_model = ["language_model.model.", "model.language_model."]
+        .iter()
+        .find_map(|prefix| hf.strip_prefix(prefix))
+        .map(|rest| format!("model.{rest}"))
+        .or_else(|| hf.strip_prefix("language_model.").map(str::to_string));
+    let hf = language_model.as_deref().unwrap_or(hf);
+    let layer_suffix = hf
+        .strip_prefix("model.layers.")
+        .and_then(|rest| rest.split_once('.'))
+        .and_then(|(l, suffix)| Some((l.parse::<usize>().ok()?, suffix)));
+    let gemma = matches!(
+        config.architecture,
+        Architecture::Gemma2 | Architecture::Gemma3
+    );
+    if let Some((l, suffix)) = layer_suffix {
+        let name = |short: &str| format!("blk.{l}.{short}");
+        match suffix {
+            "self_attn.q_norm.weight" => return whole(name("attn_q_norm.weight")),
+            "self_attn.k_norm.weight" => return whole(name("attn_k_norm.weight")),
+            // Gemma's post_attention_layernorm follows attention; its MLP's own
+            // pre-norm is pre_feedforward_layernorm.
+            "post_attention_layernorm.weight" if gemma => {
+                return whole(name("post_attention_norm.weight"));
+            }
+            "pre_feedforward_layernorm.weight" => return whole(name("ffn_norm.weight")),
+            "post_feedforward_layernorm.weight" => return whole(name("post_ffw_norm.weight")),
+            "self_attn.qkv_proj.weight" => {
+                let (q, kv) = (config.q_dim(), config.kv_dim());
+                if shape.first() != Some(&(q + 2 * kv)) {
+                    // Left whole so the shape check names it.
+                    return whole(name("attn_qkv.weight"));
+                }
+                return vec![
+                    (name("attn_q.weight"), Some(0..q)),
+                    (name("attn_k.weight"), Some(q..q + kv)),
+                    (name("attn_v.weight"), Some(q + kv..q + 2 * kv)),
+                ];
+            }
+            "mlp.gate_up_proj.weight" => {
+                let f = config.intermediate_size;
+                if shape.first() != Some(&(2 * f)) {
+                    return whole(name("ffn_gate_up.weight"));
+                }
+                return vec![
+                    (name("ffn_gate.weight"), Some(0..f)),
+                    (name("ffn_up.weight"), Some(f..2 * f)),
+                ];
+            }
+            _ => {}
+        }
+    }
+    canonical_name(hf).map(whole).unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -443,6 +800,109 @@ mod tests {
         );
         assert_eq!(canonical_name("model.layers.x.mlp.down_proj.weight"), None);
         assert_eq!(canonical_name("model.rotary_emb.inv_freq"), None);
+    }
+
+    /// Hub checkpoints predate transformers 5's `rope_parameters`: Gemma 3 1B's config.json.
+    #[test]
+    fn gemma3_1b_legacy_config() {
+        let c = parse_config(
+            Path::new("config.json"),
+            &serde_json::json!({
+                "architectures": ["Gemma3ForCausalLM"], "attn_logit_softcapping": null,
+                "final_logit_softcapping": null, "head_dim": 256,
+                "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 1152,
+                "intermediate_size": 6912, "max_position_embeddings": 32768,
+                "model_type": "gemma3_text", "num_attention_heads": 4, "num_hidden_layers": 26,
+                "num_key_value_heads": 1, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06,
+                "rope_local_base_freq": 10000, "rope_scaling": null, "rope_theta": 1000000,
+                "sliding_window": 512, "sliding_window_pattern": 6, "vocab_size": 262144
+            }),
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let f = &c.features;
+        assert_eq!(c.architecture, Architecture::Gemma3);
+        assert_eq!((c.rope_theta, f.local_rope_theta), (1e6, Some(1e4)));
+        assert_eq!(f.attention_scale, Some(1.0 / 16.0));
+        assert_eq!(f.embedding_scale, Some(1152f32.sqrt()));
+        assert!(f.qk_norm && f.post_norms && f.activation == Activation::GeluTanh);
+        assert_eq!(c.layer_window(0), Some(512));
+        assert_eq!(c.layer_window(5), None);
+        assert_eq!((0..26).filter(|&l| c.layer_window(l).is_none()).count(), 4);
+        assert_eq!(f.rope_scaling, None);
+    }
+
+    #[test]
+    fn gemma3_multimodal_checkpoints_convert_their_language_model() {
+        let c = parse_config(
+            Path::new("config.json"),
+            &language_model_config(&serde_json::json!({
+                "model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
+                "vision_config": {"hidden_size": 1152},
+                "text_config": {"hidden_size": 2560, "intermediate_size": 10240,
+                    "model_type": "gemma3_text", "num_attention_heads": 8, "num_hidden_layers": 34,
+                    "num_key_value_heads": 4, "head_dim": 256, "query_pre_attn_scalar": 256,
+                    "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                    "sliding_window": 1024, "rope_theta": 1000000.0,
+                    "rope_local_base_freq": 10000.0}
+            })),
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            (c.architecture, c.vocab_size),
+            (Architecture::Gemma3, 262_208)
+        );
+        assert_eq!(
+            c.features.rope_scaling,
+            Some(RopeScaling::Linear { factor: 8.0 })
+        );
+        let config = c;
+        let names = |hf: &str| family_names(&config, hf, &[2560]);
+        for hf in [
+            "language_model.model.layers.3.self_attn.q_norm.weight",
+            "model.language_model.layers.3.self_attn.q_norm.weight",
+        ] {
+            assert_eq!(
+                names(hf),
+                vec![("blk.3.attn_q_norm.weight".to_string(), None)]
+            );
+        }
+        assert!(names("vision_tower.vision_model.embeddings.patch_embedding.weight").is_empty());
+    }
+
+    /// Phi-4-mini: partial rotary 0.75 and LongRoPE under the legacy `rope_scaling` key.
+    #[test]
+    fn phi4_mini_legacy_longrope_config() {
+        let c = parse_config(
+            Path::new("config.json"),
+            &serde_json::json!({
+                "model_type": "phi3", "hidden_size": 3072, "num_attention_heads": 24,
+                "num_key_value_heads": 8, "num_hidden_layers": 32, "intermediate_size": 8192,
+                "vocab_size": 200064, "max_position_embeddings": 131072,
+                "original_max_position_embeddings": 4096, "partial_rotary_factor": 0.75,
+                "rope_theta": 10000.0, "tie_word_embeddings": true,
+                "rope_scaling": {"type": "longrope", "short_factor": vec![1.0; 48],
+                                 "long_factor": vec![2.0; 48]}
+            }),
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.rotary_dim(), 96);
+        let Some(RopeScaling::LongRope {
+            original_max_position_embeddings,
+            attention_factor,
+            ..
+        }) = c.features.rope_scaling
+        else {
+            panic!("no longrope: {:?}", c.features.rope_scaling)
+        };
+        assert_eq!(original_max_position_embeddings, 4096);
+        // sqrt(1 + ln(32) / ln(4096)), as the LongRoPE paper and transformers.
+        assert!(
+            (attention_factor - 1.190_238_1).abs() < 1e-5,
+            "{attention_factor}"
+        );
     }
 
     #[test]

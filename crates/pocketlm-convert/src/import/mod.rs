@@ -25,7 +25,10 @@ pub enum ImportError {
     },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
-    #[error("{path}: unsupported architecture '{arch}' (supported: llama, qwen2)")]
+    #[error(
+        "{path}: unsupported architecture '{arch}' (supported: {})",
+        pocketlm_format::Architecture::supported_list()
+    )]
     UnsupportedArchitecture { path: PathBuf, arch: String },
     #[error("{path}: missing tensor '{name}'")]
     MissingTensor { path: PathBuf, name: String },

@@ -111,10 +111,16 @@ pub(crate) enum StoredRows<'a> {
 }
 
 /// Keys and values of every layer for positions `0..len`, preallocated for `capacity`.
+///
+/// A sliding-window layer whose window is shorter than the capacity keeps a ring buffer of
+/// `window` slots instead (position `p` in slot `p % window`): its memory is bounded by the
+/// window, not the context.
 #[derive(Clone)]
 pub struct KvCache {
     keys: Vec<Store>,
     values: Vec<Store>,
+    /// Per layer, the ring size of a windowed layer; `None` for a layer holding every position.
+    rings: Vec<Option<usize>>,
     kind: KvType,
     kv_dim: usize,
     head_dim: usize,
@@ -145,6 +151,21 @@ impl KvCache {
             .checked_mul(kind.head_bytes(head_dim)?)
     }
 
+    /// Bytes of a cache whose layers have the given windows (`None`: full context), each
+    /// windowed layer holding only `min(window, capacity)` positions.
+    pub fn required_bytes_windowed(
+        kind: KvType,
+        windows: &[Option<usize>],
+        kv_dim: usize,
+        head_dim: usize,
+        capacity: usize,
+    ) -> Option<usize> {
+        windows.iter().try_fold(0usize, |sum, w| {
+            let slots = w.map_or(capacity, |w| w.min(capacity));
+            sum.checked_add(KvCache::required_bytes(kind, 1, kv_dim, head_dim, slots)?)
+        })
+    }
+
     /// A cache of `kind` for `capacity` positions of `num_layers` layers of `kv_dim` values
     /// in heads of `head_dim`; reports allocation failure instead of aborting the process.
     pub fn try_new(
@@ -154,23 +175,42 @@ impl KvCache {
         head_dim: usize,
         capacity: usize,
     ) -> Result<KvCache, std::collections::TryReserveError> {
+        KvCache::try_new_windowed(kind, &vec![None; num_layers], kv_dim, head_dim, capacity)
+    }
+
+    /// [`KvCache::try_new`] where layer `l` attends to `windows[l]` positions (`None`: all):
+    /// those with a window shorter than `capacity` get a ring buffer of the window.
+    pub fn try_new_windowed(
+        kind: KvType,
+        windows: &[Option<usize>],
+        kv_dim: usize,
+        head_dim: usize,
+        capacity: usize,
+    ) -> Result<KvCache, std::collections::TryReserveError> {
         assert!(
             head_dim > 0 && kv_dim.is_multiple_of(head_dim),
             "KV cache: kv_dim {kv_dim} is not a whole number of heads of {head_dim}"
         );
-        let values = capacity.saturating_mul(kv_dim);
-        let heads = capacity.saturating_mul(kv_dim / head_dim);
+        let num_layers = windows.len();
+        let rings: Vec<Option<usize>> = windows
+            .iter()
+            .map(|w| w.filter(|&w| w > 0 && w < capacity))
+            .collect();
         let mut keys = Vec::new();
         let mut vals = Vec::new();
         keys.try_reserve_exact(num_layers)?;
         vals.try_reserve_exact(num_layers)?;
-        for _ in 0..num_layers {
+        for ring in &rings {
+            let slots = ring.unwrap_or(capacity);
+            let values = slots.saturating_mul(kv_dim);
+            let heads = slots.saturating_mul(kv_dim / head_dim);
             keys.push(Store::try_new(kind, values, heads)?);
             vals.push(Store::try_new(kind, values, heads)?);
         }
         Ok(KvCache {
             keys,
             values: vals,
+            rings,
             kind,
             kv_dim,
             head_dim,
@@ -197,9 +237,10 @@ impl KvCache {
 
     /// Bytes held by the cache (both keys and values, all layers).
     pub fn memory_bytes(&self) -> usize {
-        KvCache::required_bytes(
+        let windows: Vec<Option<usize>> = self.rings.clone();
+        KvCache::required_bytes_windowed(
             self.kind,
-            self.keys.len(),
+            &windows,
             self.kv_dim,
             self.head_dim,
             self.capacity,
@@ -207,14 +248,25 @@ impl KvCache {
         .unwrap_or(usize::MAX)
     }
 
+    /// Whether `layer` keeps a ring buffer (of the returned number of positions).
+    pub fn ring(&self, layer: usize) -> Option<usize> {
+        self.rings.get(layer).copied().flatten()
+    }
+
     /// Whether [`KvCache::truncate`] to `new_len` keeps every position `0..new_len` usable.
     /// Prefix reuse asks this first: a cache that overwrites old positions (a sliding-window
     /// ring buffer) can only go back as far as the positions it still holds.
     pub fn can_truncate_to(&self, new_len: usize) -> bool {
         new_len <= self.len
+            && self.rings.iter().flatten().all(|&window| {
+                // The token at `new_len` attends back to `new_len - window + 1`; the ring
+                // holds `len - window..len`.
+                new_len.saturating_sub(window - 1) >= self.len.saturating_sub(window)
+            })
     }
 
-    /// Forgets positions `new_len..` (e.g. to reuse a shared prompt prefix).
+    /// Forgets positions `new_len..` (e.g. to reuse a shared prompt prefix). Ring layers
+    /// are only correct afterwards where [`KvCache::can_truncate_to`] said so.
     pub fn truncate(&mut self, new_len: usize) {
         self.len = self.len.min(new_len);
     }
@@ -235,16 +287,23 @@ impl KvCache {
         self.head_dim
     }
 
-    /// What one layer's keys (`values == false`) or values hold for positions `0..len`, as
-    /// stored: saved sessions write exactly these rows.
+    /// Rows `layer` holds when the cache holds `len` positions: all of them, or the last
+    /// `window` of a ring layer (position `p` in row `p % window`).
+    pub fn rows_held(&self, layer: usize, len: usize) -> usize {
+        self.ring(layer).map_or(len, |window| len.min(window))
+    }
+
+    /// What one layer's keys (`values == false`) or values hold for the cached positions, as
+    /// stored (a ring layer's rows in slot order): saved sessions write exactly these rows.
     pub(crate) fn stored_rows(&self, layer: usize, values: bool) -> StoredRows<'_> {
         let store = if values {
             &self.values[layer]
         } else {
             &self.keys[layer]
         };
-        let n = self.len * self.kv_dim;
-        let heads = self.len * (self.kv_dim / self.head_dim);
+        let rows = self.rows_held(layer, self.len);
+        let n = rows * self.kv_dim;
+        let heads = rows * (self.kv_dim / self.head_dim);
         match store {
             Store::F32(v) => StoredRows::F32(&v[..n]),
             Store::Q8 { codes, scales } => StoredRows::Q8 {
@@ -285,10 +344,26 @@ impl KvCache {
         self.len = len;
     }
 
+    /// Stores keys/values of positions `start..start + n` of `layer`; a ring layer keeps
+    /// the last `window` of them, each in slot `position % window`.
     pub(crate) fn write(&mut self, layer: usize, start: usize, k: &[f32], v: &[f32]) {
-        let at = start * self.kv_dim;
-        self.keys[layer].write(at, k, self.head_dim);
-        self.values[layer].write(at, v, self.head_dim);
+        let kv_dim = self.kv_dim;
+        match self.rings[layer] {
+            None => {
+                let at = start * kv_dim;
+                self.keys[layer].write(at, k, self.head_dim);
+                self.values[layer].write(at, v, self.head_dim);
+            }
+            Some(window) => {
+                let n = k.len() / kv_dim;
+                for t in n.saturating_sub(window)..n {
+                    let at = (start + t) % window * kv_dim;
+                    let rows = t * kv_dim..(t + 1) * kv_dim;
+                    self.keys[layer].write(at, &k[rows.clone()], self.head_dim);
+                    self.values[layer].write(at, &v[rows], self.head_dim);
+                }
+            }
+        }
     }
 
     pub(crate) fn advance(&mut self, n: usize) {
@@ -296,55 +371,148 @@ impl KvCache {
     }
 }
 
-/// For each new token `t` (at position `start + t`) and head, attends over cached positions
-/// `0..=start + t` of `layer`. `q` is `tokens × q_dim` (already rotated); `out` likewise.
+/// How one layer's attention scores are formed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct ScoreRule {
+    /// Positions attended to, the current one included (`None`: all before it).
+    pub window: Option<usize>,
+    /// Multiplier of `q · k` (`1/√head_dim` unless the family says otherwise).
+    pub scale: f32,
+    /// Gemma 2's `cap · tanh(score / cap)`.
+    pub softcap: Option<f32>,
+}
+
+impl ScoreRule {
+    pub fn for_layer(config: &ModelConfig, layer: usize) -> ScoreRule {
+        let f = &config.features;
+        ScoreRule {
+            window: config.layer_window(layer),
+            scale: f
+                .attention_scale
+                .unwrap_or(1.0 / (config.head_dim as f32).sqrt()),
+            softcap: f.attn_logit_softcap,
+        }
+    }
+}
+
+/// Where a run of attended positions lives: slots of the cache, or rows of this batch's
+/// fresh keys/values (a ring layer attends before it stores them).
+#[derive(Clone, Debug)]
+enum Span {
+    Stored(std::ops::Range<usize>),
+    Fresh(std::ops::Range<usize>),
+}
+
+/// The attended positions of the token at `position` (batch row `t`, batch starting at
+/// `start`), as at most three spans.
+fn spans(ring: Option<usize>, window: Option<usize>, start: usize, t: usize, out: &mut Vec<Span>) {
+    out.clear();
+    let position = start + t;
+    let first = window.map_or(0, |w| (position + 1).saturating_sub(w));
+    match ring {
+        None => out.push(Span::Stored(first..position + 1)),
+        Some(slots) => {
+            let stored_end = start.max(first);
+            if first < stored_end {
+                let (a, len) = (first % slots, stored_end - first);
+                if a + len <= slots {
+                    out.push(Span::Stored(a..a + len));
+                } else {
+                    out.push(Span::Stored(a..slots));
+                    out.push(Span::Stored(0..a + len - slots));
+                }
+            }
+            out.push(Span::Fresh(first.max(start) - start..t + 1));
+        }
+    }
+}
+
+/// For each new token `t` (at position `start + t`) and head, attends over the positions
+/// `rule` lets it see in `layer` of `cache`. `q` is `tokens × q_dim` (already rotated); `out`
+/// likewise. Full layers must already hold this batch's keys/values; ring layers read them
+/// from `fresh_k`/`fresh_v` (`tokens × kv_dim`) and store them afterwards.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn attend(
     config: &ModelConfig,
     cache: &KvCache,
     layer: usize,
     start: usize,
+    rule: ScoreRule,
     q: &[f32],
+    fresh: (&[f32], &[f32]),
     out: &mut [f32],
 ) {
     let hd = config.head_dim;
     let group = config.num_heads / config.num_kv_heads;
     let kv_dim = config.kv_dim();
     let kv_heads = config.num_kv_heads;
-    let scale = 1.0 / (hd as f32).sqrt();
+    let scale = rule.scale;
+    let ring = cache.rings[layer];
     let (keys, values) = (&cache.keys[layer], &cache.values[layer]);
+    let (fresh_k, fresh_v) = fresh;
     let path = kernels::active_path();
     // One task per (token, head): independent rows of the output.
     out.par_chunks_mut(hd)
         .zip(q.par_chunks(hd))
         .enumerate()
-        .for_each_init(Vec::new, |scores, (i, (o, qh))| {
-            let t = i / config.num_heads;
-            let kv_head = i % config.num_heads / group;
-            let kv_off = kv_head * hd;
-            let visible = start + t + 1;
-            let at = |p: usize| p * kv_dim + kv_off..p * kv_dim + kv_off + hd;
-            scores.clear();
-            match keys {
-                Store::F32(k) => {
-                    scores.extend((0..visible).map(|p| kernels::dot(path, qh, &k[at(p)]) * scale))
-                }
-                Store::Q8 { codes, scales } => scores.extend((0..visible).map(|p| {
-                    let d = scales[p * kv_heads + kv_head];
-                    kernels::dot_i8(path, qh, &codes[at(p)]) * (d * scale)
-                })),
-            }
-            kernels::softmax(scores);
-            o.fill(0.0);
-            for (p, &w) in scores.iter().enumerate() {
-                match values {
-                    Store::F32(v) => kernels::axpy(path, o, w, &v[at(p)]),
-                    Store::Q8 { codes, scales } => {
-                        let d = scales[p * kv_heads + kv_head];
-                        kernels::axpy_i8(path, o, w * d, &codes[at(p)])
+        .for_each_init(
+            || (Vec::new(), Vec::with_capacity(3)),
+            |(scores, runs), (i, (o, qh))| {
+                let t = i / config.num_heads;
+                let kv_head = i % config.num_heads / group;
+                let kv_off = kv_head * hd;
+                let at = |p: usize| p * kv_dim + kv_off..p * kv_dim + kv_off + hd;
+                spans(ring, rule.window, start, t, runs);
+                scores.clear();
+                for run in runs.iter() {
+                    match (run, keys) {
+                        (Span::Stored(slots), Store::F32(k)) => scores.extend(
+                            slots
+                                .clone()
+                                .map(|p| kernels::dot(path, qh, &k[at(p)]) * scale),
+                        ),
+                        (Span::Stored(slots), Store::Q8 { codes, scales }) => {
+                            scores.extend(slots.clone().map(|p| {
+                                let d = scales[p * kv_heads + kv_head];
+                                kernels::dot_i8(path, qh, &codes[at(p)]) * (d * scale)
+                            }))
+                        }
+                        (Span::Fresh(rows), _) => scores.extend(
+                            rows.clone()
+                                .map(|p| kernels::dot(path, qh, &fresh_k[at(p)]) * scale),
+                        ),
                     }
                 }
-            }
-        });
+                if let Some(cap) = rule.softcap {
+                    for s in scores.iter_mut() {
+                        *s = cap * (*s / cap).tanh();
+                    }
+                }
+                kernels::softmax(scores);
+                o.fill(0.0);
+                let mut weights = scores.iter();
+                for run in runs.iter() {
+                    match run {
+                        Span::Stored(slots) => {
+                            for (p, &w) in slots.clone().zip(weights.by_ref()) {
+                                match values {
+                                    Store::F32(v) => kernels::axpy(path, o, w, &v[at(p)]),
+                                    Store::Q8 { codes, scales } => {
+                                        let d = scales[p * kv_heads + kv_head];
+                                        kernels::axpy_i8(path, o, w * d, &codes[at(p)])
+                                    }
+                                }
+                            }
+                        }
+                        Span::Fresh(rows) => {
+                            for (p, &w) in rows.clone().zip(weights.by_ref()) {
+                                kernels::axpy(path, o, w, &fresh_v[at(p)]);
+                            }
+                        }
+                    }
+                }
+            },
+        );
 }
 
 #[cfg(test)]
@@ -390,7 +558,8 @@ mod tests {
             let mut cache = KvCache::try_new(kind, 1, kvd, 32, 16).unwrap();
             cache.write(0, 0, &k, &v);
             let mut out = vec![0.0; 2 * qd];
-            attend(&config, &cache, 0, 5, &q, &mut out);
+            let rule = ScoreRule::for_layer(&config, 0);
+            attend(&config, &cache, 0, 5, rule, &q, (&[], &[]), &mut out);
             outs.push(out);
         }
         let worst = outs[0]
@@ -417,7 +586,79 @@ mod tests {
             max_position_embeddings: 16,
             tie_word_embeddings: true,
             attention_bias: false,
+            features: Default::default(),
         }
+    }
+
+    /// A ring of the window attends exactly as a full cache with the same window, whatever
+    /// the batch split (prefill longer than the window, then single tokens, then a batch).
+    #[test]
+    fn ring_buffer_attends_as_a_windowed_full_cache() {
+        let config = test_config();
+        let (kvd, qd, window, total) = (8, 16, 3, 14);
+        let k = random_vec(total * kvd, 21);
+        let v = random_vec(total * kvd, 22);
+        let q = random_vec(total * qd, 23);
+        let rule = ScoreRule {
+            window: Some(window),
+            scale: 0.5,
+            softcap: Some(2.0),
+        };
+        let run = |windows: &[Option<usize>]| {
+            let mut cache = KvCache::try_new_windowed(KvType::F32, windows, kvd, 4, 16).unwrap();
+            let mut out = vec![0.0; total * qd];
+            let mut start = 0;
+            for n in [5, 1, 1, 4, 3] {
+                let (kb, vb) = (
+                    &k[start * kvd..(start + n) * kvd],
+                    &v[start * kvd..(start + n) * kvd],
+                );
+                let ring = cache.ring(0).is_some();
+                if !ring {
+                    cache.write(0, start, kb, vb);
+                }
+                let rows = start * qd..(start + n) * qd;
+                attend(
+                    &config,
+                    &cache,
+                    0,
+                    start,
+                    rule,
+                    &q[rows.clone()],
+                    (kb, vb),
+                    &mut out[rows],
+                );
+                if ring {
+                    cache.write(0, start, kb, vb);
+                }
+                cache.advance(n);
+                start += n;
+            }
+            (out, cache)
+        };
+        let (full, full_cache) = run(&[None]);
+        let (ring, ring_cache) = run(&[Some(window)]);
+        assert_eq!(ring_cache.ring(0), Some(window));
+        assert!(ring_cache.memory_bytes() * 5 < full_cache.memory_bytes());
+        for (a, b) in full.iter().zip(&ring) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn ring_buffer_truncates_only_to_positions_it_still_holds() {
+        let mut cache = KvCache::try_new_windowed(KvType::F32, &[None, Some(4)], 8, 4, 32).unwrap();
+        cache.advance(3);
+        // Nothing overwritten yet: any shorter length is fine.
+        assert!(cache.can_truncate_to(0) && cache.can_truncate_to(3));
+        cache.advance(7); // positions 6..10 held
+        assert!(cache.can_truncate_to(10) && cache.can_truncate_to(9));
+        // The token at 8 would need position 5, overwritten by 9.
+        assert!(!cache.can_truncate_to(8) && !cache.can_truncate_to(0));
+        assert!(!cache.can_truncate_to(11));
+        // A window as long as the context keeps every position: no ring at all.
+        let full = KvCache::try_new_windowed(KvType::F32, &[Some(32)], 8, 4, 32).unwrap();
+        assert_eq!(full.ring(0), None);
     }
 
     #[test]
@@ -431,7 +672,8 @@ mod tests {
         cache.write(0, 0, &k, &v);
         let q = random_vec(2 * qd, 3);
         let mut out = vec![0.0; 2 * qd];
-        attend(&config, &cache, 0, 3, &q, &mut out);
+        let rule = ScoreRule::for_layer(&config, 0);
+        attend(&config, &cache, 0, 3, rule, &q, (&[], &[]), &mut out);
         for t in 0..2 {
             for h in 0..4 {
                 let kvh = h / 2;

@@ -4,13 +4,29 @@
 
 use rayon::prelude::*;
 
-use super::attention::{self, KvCache};
+use super::attention::{self, KvCache, ScoreRule};
+use super::family;
+use super::rope::Rope;
 use pocketlm_format::config::ModelConfig;
 use pocketlm_kernels::{self as kernels, Linear};
+
+/// Norms only some families have (see [`pocketlm_format::config::FamilyFeatures`]).
+#[derive(Clone, Copy, Default)]
+pub struct FamilyNorms<'a> {
+    /// Per-head RMSNorm of queries and keys, `head_dim` wide (Qwen3, Gemma 3).
+    pub q_norm: Option<&'a [f32]>,
+    pub k_norm: Option<&'a [f32]>,
+    /// Norms of the attention and MLP outputs before the residual add (Gemma 2/3).
+    pub post_attention_norm: Option<&'a [f32]>,
+    pub post_ffw_norm: Option<&'a [f32]>,
+}
 
 /// The weights of one block, in any encoding the kernels read.
 #[derive(Clone, Copy)]
 pub struct BlockWeights<'a> {
+    /// The block's index in the model: it selects the layer's attention window and rotary
+    /// embedding (calibration runs every block in cache slot 0).
+    pub layer: usize,
     pub attn_norm: &'a [f32],
     pub q: Linear<'a>,
     pub k: Linear<'a>,
@@ -21,6 +37,7 @@ pub struct BlockWeights<'a> {
     pub gate: Linear<'a>,
     pub up: Linear<'a>,
     pub down: Linear<'a>,
+    pub norms: FamilyNorms<'a>,
 }
 
 /// The four distinct inputs the linear layers of a block read.
@@ -32,7 +49,7 @@ pub enum LinearInput {
     AttentionOutput,
     /// Normed residual stream, read by gate and up.
     Mlp,
-    /// `silu(gate) * up`, read by down.
+    /// `act(gate) * up` (SwiGLU or GeGLU), read by down.
     MlpDown,
 }
 
@@ -91,7 +108,7 @@ impl BlockScratch {
 #[allow(clippy::too_many_arguments)]
 pub fn block_forward(
     config: &ModelConfig,
-    inv_freq: &[f32],
+    rope: &Rope,
     w: &BlockWeights<'_>,
     x: &mut [f32],
     cache: &mut KvCache,
@@ -121,18 +138,41 @@ pub fn block_forward(
         add_row_bias(&mut s.k, bk);
         add_row_bias(&mut s.v, bv);
     }
-    s.q.par_chunks_mut(qd)
-        .zip(s.k.par_chunks_mut(kvd))
-        .enumerate()
-        .for_each(|(t, (qt, kt))| {
-            kernels::rope_rotate_half(qt, start + t, inv_freq);
-            kernels::rope_rotate_half(kt, start + t, inv_freq);
-        });
-    cache.write(layer, start, &s.k, &s.v);
-    attention::attend(c, cache, layer, start, &s.q, &mut s.attn);
+    if let (Some(qn), Some(kn)) = (w.norms.q_norm, w.norms.k_norm) {
+        family::rms_norm_rows_in_place(&mut s.q, qn, c.rms_norm_eps);
+        family::rms_norm_rows_in_place(&mut s.k, kn, c.rms_norm_eps);
+    }
+    if let Some(rotation) = rope.for_layer(c, w.layer, cache.capacity()) {
+        s.q.par_chunks_mut(qd)
+            .zip(s.k.par_chunks_mut(kvd))
+            .enumerate()
+            .for_each(|(t, (qt, kt))| {
+                rotation.apply(qt, start + t);
+                rotation.apply(kt, start + t);
+            });
+    }
+    let rule = ScoreRule::for_layer(c, w.layer);
+    // A ring layer attends before storing: this batch may overwrite slots it still reads.
+    let ring = cache.ring(layer).is_some();
+    if !ring {
+        cache.write(layer, start, &s.k, &s.v);
+    }
+    attention::attend(
+        c,
+        cache,
+        layer,
+        start,
+        rule,
+        &s.q,
+        (&s.k, &s.v),
+        &mut s.attn,
+    );
+    if ring {
+        cache.write(layer, start, &s.k, &s.v);
+    }
     see(LinearInput::AttentionOutput, &s.attn);
     kernels::linear(&s.attn, n, &w.o, &mut s.proj, &mut s.between);
-    add_in_place(x, &s.proj);
+    add_output(x, &mut s.proj, w.norms.post_attention_norm, c.rms_norm_eps);
 
     kernels::rms_norm(x, w.ffn_norm, c.rms_norm_eps, &mut s.h);
     see(LinearInput::Mlp, &s.h);
@@ -142,10 +182,18 @@ pub fn block_forward(
         &mut [(&w.gate, &mut s.gate), (&w.up, &mut s.up)],
         &mut s.between,
     );
-    kernels::silu_mul(&mut s.gate, &s.up);
+    family::activation_mul(c.features.activation, &mut s.gate, &s.up);
     see(LinearInput::MlpDown, &s.gate);
     kernels::linear(&s.gate, n, &w.down, &mut s.proj, &mut s.between);
-    add_in_place(x, &s.proj);
+    add_output(x, &mut s.proj, w.norms.post_ffw_norm, c.rms_norm_eps);
+}
+
+/// Adds a sub-layer's output to the residual stream, normed first where the family says.
+fn add_output(x: &mut [f32], out: &mut [f32], post_norm: Option<&[f32]>, eps: f32) {
+    if let Some(weight) = post_norm {
+        family::rms_norm_rows_in_place(out, weight, eps);
+    }
+    add_in_place(x, out);
 }
 
 fn add_in_place(x: &mut [f32], y: &[f32]) {

@@ -6,6 +6,8 @@
 
 mod attention;
 pub mod block;
+mod family;
+pub mod rope;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -19,8 +21,9 @@ use pocketlm_kernels::{self as kernels, Linear, MatRef};
 
 pub(crate) use attention::StoredRows;
 pub use attention::{KvCache, KvType};
-pub use block::{BlockScratch, BlockWeights, LinearInput, block_forward};
+pub use block::{BlockScratch, BlockWeights, FamilyNorms, LinearInput, block_forward};
 pub use pocketlm_format::config::expected_tensors;
+pub use rope::Rope;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -227,6 +230,9 @@ pub struct ModelOptions {
     /// Largest weight footprint (bytes of the tensors the forward pass reads): at load, the
     /// model steps down from `profile` to the best point that fits, and fails if none does.
     pub max_weight_bytes: u64,
+    /// Sliding-window layers keep only their window in a ring buffer (the default); `false`
+    /// keeps every position, as for global layers (to compare, or to truncate anywhere).
+    pub window_ring_buffers: bool,
 }
 
 impl Default for ModelOptions {
@@ -239,6 +245,7 @@ impl Default for ModelOptions {
             kv_cache: KvType::F32,
             profile: Profile::Best,
             max_weight_bytes: u64::MAX,
+            window_ring_buffers: true,
         }
     }
 }
@@ -290,6 +297,9 @@ struct Layer {
     k: LinearIndex,
     v: LinearIndex,
     biases: Option<[TensorIndex; 3]>,
+    /// q/k norms and post-norms, where the family has them.
+    qk_norms: Option<[TensorIndex; 2]>,
+    post_norms: Option<[TensorIndex; 2]>,
     o: LinearIndex,
     ffn_norm: TensorIndex,
     gate: LinearIndex,
@@ -308,6 +318,8 @@ impl Layer {
         let mut v = vec![self.attn_norm, self.ffn_norm];
         v.extend(self.linears().into_iter().flat_map(|l| l.tensors(profile)));
         v.extend(self.biases.into_iter().flatten());
+        v.extend(self.qk_norms.into_iter().flatten());
+        v.extend(self.post_norms.into_iter().flatten());
         v
     }
 }
@@ -334,7 +346,7 @@ pub struct Model {
     output_norm: TensorIndex,
     output: TensorIndex,
     layers: Vec<Layer>,
-    inv_freq: Vec<f32>,
+    rope: Rope,
     options: ModelOptions,
     /// With [`VerifyMode::Lazy`]: per table entry, whether its checksum has been checked.
     verified: Option<Vec<AtomicBool>>,
@@ -453,6 +465,16 @@ impl Model {
                         index(&names::attn_v_bias(l)),
                     ]
                 }),
+                qk_norms: config
+                    .features
+                    .qk_norm
+                    .then(|| [index(&names::attn_q_norm(l)), index(&names::attn_k_norm(l))]),
+                post_norms: config.features.post_norms.then(|| {
+                    [
+                        index(&names::post_attention_norm(l)),
+                        index(&names::post_ffw_norm(l)),
+                    ]
+                }),
                 o: linear(&names::attn_output(l)),
                 ffn_norm: index(&names::ffn_norm(l)),
                 gate: linear(&names::ffn_gate(l)),
@@ -483,7 +505,7 @@ impl Model {
             verified,
             #[cfg(feature = "constrained")]
             constraint_vocabulary: std::sync::OnceLock::new(),
-            inv_freq: rope_inv_freq(&config),
+            rope: Rope::new(&config),
             token_embd,
             output_norm: index(names::OUTPUT_NORM),
             output,
@@ -594,14 +616,17 @@ impl Model {
     /// allocation itself fails, instead of aborting the process.
     pub fn new_cache(&self, capacity: usize) -> Result<KvCache, ModelError> {
         let capacity = capacity.clamp(1, self.config.max_position_embeddings);
-        let (layers, kv_dim, head_dim) = (
-            self.config.num_layers,
-            self.config.kv_dim(),
-            self.config.head_dim,
-        );
+        let (kv_dim, head_dim) = (self.config.kv_dim(), self.config.head_dim);
+        let windows: Vec<Option<usize>> = (0..self.config.num_layers)
+            .map(|l| {
+                self.config
+                    .layer_window(l)
+                    .filter(|_| self.options.window_ring_buffers)
+            })
+            .collect();
         let kind = self.options.kv_cache;
         let limit = self.options.max_kv_cache_bytes;
-        let bytes = KvCache::required_bytes(kind, layers, kv_dim, head_dim, capacity)
+        let bytes = KvCache::required_bytes_windowed(kind, &windows, kv_dim, head_dim, capacity)
             .map_or(u64::MAX, |b| b as u64);
         if bytes > limit {
             return Err(ModelError::MemoryLimit {
@@ -611,7 +636,7 @@ impl Model {
                 limit,
             });
         }
-        KvCache::try_new(kind, layers, kv_dim, head_dim, capacity).map_err(|source| {
+        KvCache::try_new_windowed(kind, &windows, kv_dim, head_dim, capacity).map_err(|source| {
             ModelError::OutOfMemory {
                 what: "KV cache",
                 bytes,
@@ -702,8 +727,9 @@ impl Model {
         }
     }
 
-    fn block_weights(&self, layer: &Layer) -> BlockWeights<'_> {
+    fn block_weights(&self, index: usize, layer: &Layer) -> BlockWeights<'_> {
         BlockWeights {
+            layer: index,
             attn_norm: self.vector(layer.attn_norm),
             q: self.linear(layer.q),
             k: self.linear(layer.k),
@@ -716,6 +742,12 @@ impl Model {
             gate: self.linear(layer.gate),
             up: self.linear(layer.up),
             down: self.linear(layer.down),
+            norms: FamilyNorms {
+                q_norm: layer.qk_norms.map(|[q, _]| self.vector(q)),
+                k_norm: layer.qk_norms.map(|[_, k]| self.vector(k)),
+                post_attention_norm: layer.post_norms.map(|[a, _]| self.vector(a)),
+                post_ffw_norm: layer.post_norms.map(|[_, f]| self.vector(f)),
+            },
         }
     }
 
@@ -809,16 +841,19 @@ impl Model {
         for (t, &tok) in tokens.iter().enumerate() {
             embd.row_to_f32(tok as usize, &mut x[t * d..(t + 1) * d]);
         }
+        if let Some(scale) = c.features.embedding_scale {
+            x.iter_mut().for_each(|v| *v *= scale);
+        }
 
         let mut scratch = BlockScratch::new(c, n);
         for (l, layer) in self.layers.iter().enumerate() {
             if self.verified.is_some() {
                 self.ensure_verified(&layer.indices(self.options.profile))?;
             }
-            let weights = self.block_weights(layer);
+            let weights = self.block_weights(l, layer);
             block_forward(
                 c,
-                &self.inv_freq,
+                &self.rope,
                 &weights,
                 &mut x,
                 cache,
@@ -841,6 +876,9 @@ impl Model {
         );
         let mut out = vec![0.0f32; count * c.vocab_size];
         kernels::matmul(&normed, count, self.matrix(self.output), &mut out);
+        if let Some(cap) = c.features.final_logit_softcap {
+            family::softcap_in_place(&mut out, cap);
+        }
         Ok(out)
     }
 }
@@ -928,21 +966,56 @@ mod tests {
             max_position_embeddings: 64,
             tie_word_embeddings: true,
             attention_bias: false,
+            features: Default::default(),
         }
     }
 
     #[test]
     fn expected_tensors_cover_parameter_count() {
-        for (tied, bias) in [(true, false), (false, true)] {
+        for (tied, bias, family) in [
+            (true, false, false),
+            (false, true, false),
+            (true, false, true),
+        ] {
             let mut c = config();
             c.tie_word_embeddings = tied;
             c.attention_bias = bias;
+            // Gemma 3's extra tensors: q/k norms and post-norms.
+            c.features.qk_norm = family;
+            c.features.post_norms = family;
             let total: usize = expected_tensors(&c)
                 .iter()
                 .map(|(_, s)| s.iter().product::<usize>())
                 .sum();
             assert_eq!(total as u64, c.parameter_count());
         }
+    }
+
+    /// The KV memory BENCHMARKS.md quotes for Gemma 3 1B (its config.json: 26 layers, one
+    /// KV head of 256, a window of 512 on 5 of every 6 layers), f32 cache.
+    #[test]
+    fn gemma3_1b_ring_buffers_bound_kv_memory_by_the_window() {
+        let mut c = config();
+        c.num_layers = 26;
+        c.num_heads = 4;
+        c.num_kv_heads = 1;
+        c.head_dim = 256;
+        c.hidden_size = 1152;
+        c.max_position_embeddings = 32768;
+        c.features.sliding_window = Some(512);
+        c.features.sliding_window_layers = (0..26).map(|l| (l + 1) % 6 != 0).collect();
+        let windows: Vec<Option<usize>> = (0..26).map(|l| c.layer_window(l)).collect();
+        assert_eq!(windows.iter().filter(|w| w.is_none()).count(), 4);
+        let mib = |windows: &[Option<usize>], context| {
+            KvCache::required_bytes_windowed(KvType::F32, windows, 256, 256, context).unwrap()
+                as f64
+                / (1 << 20) as f64
+        };
+        let full = vec![None; 26];
+        assert_eq!(mib(&full, 4096), 208.0);
+        assert_eq!(mib(&windows, 4096), 54.0);
+        assert_eq!(mib(&full, 32768), 1664.0);
+        assert_eq!(mib(&windows, 32768), 278.0);
     }
 
     #[test]

@@ -156,21 +156,23 @@ impl Session {
         let mut writer = PlmWriter::create(path).map_err(format)?;
         if len > 0 {
             for layer in 0..cache.num_layers() {
+                // A sliding-window ring layer stores only its window, in slot order.
+                let rows = cache.rows_held(layer, len);
                 for values in [false, true] {
                     match cache.stored_rows(layer, values) {
-                        StoredRows::F32(rows) => writer
+                        StoredRows::F32(data) => writer
                             .add_tensor(
                                 &tensor_name(layer, values, ""),
-                                &[len, kv_dim],
+                                &[rows, kv_dim],
                                 Encoding::F32,
-                                bytemuck::cast_slice(rows),
+                                bytemuck::cast_slice(data),
                             )
                             .map_err(format)?,
                         StoredRows::Q8 { codes, scales } => {
                             writer
                                 .add_tensor(
                                     &tensor_name(layer, values, ".codes"),
-                                    &[len, kv_dim],
+                                    &[rows, kv_dim],
                                     Encoding::I8,
                                     bytemuck::cast_slice(codes),
                                 )
@@ -178,7 +180,7 @@ impl Session {
                             writer
                                 .add_tensor(
                                     &tensor_name(layer, values, ".scales"),
-                                    &[len, kv_heads],
+                                    &[rows, kv_heads],
                                     Encoding::F32,
                                     bytemuck::cast_slice(scales),
                                 )
@@ -294,17 +296,21 @@ impl Session {
         let kv_heads = kv_dim / cache.head_dim();
         if len > 0 {
             for layer in 0..cache.num_layers() {
+                let rows = cache.rows_held(layer, len);
                 for values in [false, true] {
-                    let rows = match cache.kind() {
+                    let saved = match cache.kind() {
                         KvType::F32 => StoredRows::F32(
-                            tensor(&file, &tensor_name(layer, values, ""), [len, kv_dim])
+                            tensor(&file, &tensor_name(layer, values, ""), [rows, kv_dim])
                                 .and_then(|t| t.as_f32())
                                 .map_err(format)?,
                         ),
                         KvType::Q8 => {
-                            let codes =
-                                tensor(&file, &tensor_name(layer, values, ".codes"), [len, kv_dim])
-                                    .map_err(format)?;
+                            let codes = tensor(
+                                &file,
+                                &tensor_name(layer, values, ".codes"),
+                                [rows, kv_dim],
+                            )
+                            .map_err(format)?;
                             if codes.encoding != Encoding::I8 {
                                 return Err(mismatch(format!(
                                     "tensor '{}' is {}, expected i8",
@@ -314,7 +320,7 @@ impl Session {
                             let scales = tensor(
                                 &file,
                                 &tensor_name(layer, values, ".scales"),
-                                [len, kv_heads],
+                                [rows, kv_heads],
                             )
                             .and_then(|t| t.as_f32())
                             .map_err(format)?;
@@ -324,7 +330,7 @@ impl Session {
                             }
                         }
                     };
-                    cache.restore_rows(layer, values, rows);
+                    cache.restore_rows(layer, values, saved);
                 }
             }
         }
