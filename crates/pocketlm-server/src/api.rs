@@ -206,6 +206,8 @@ impl SamplingFields {
                 sampler,
                 stop,
                 ignore_eos: self.ignore_eos.unwrap_or(false),
+                // response_format and tools are refused before this (not wired yet).
+                ..GenerateOptions::default()
             },
             max_tokens,
             stream,
@@ -326,8 +328,13 @@ impl CompletionRequest {
 /// down) ends as `stop`: OpenAI has no reason for it.
 pub fn finish_reason(reason: StopReason) -> &'static str {
     match reason {
-        StopReason::EndOfSequence | StopReason::StopString | StopReason::Cancelled => "stop",
-        StopReason::MaxTokens | StopReason::ContextFull => "length",
+        StopReason::EndOfSequence
+        | StopReason::StopString
+        | StopReason::Cancelled
+        | StopReason::ConstraintComplete => "stop",
+        StopReason::MaxTokens | StopReason::ContextFull | StopReason::ConstraintIncomplete => {
+            "length"
+        }
     }
 }
 
