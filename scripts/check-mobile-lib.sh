@@ -14,7 +14,7 @@ target_dir="${CARGO_TARGET_DIR:-target}"
 budget_bytes=$((7 * 1024 * 1024))
 status=0
 
-forbidden='^(clap|indicatif|plotters|candle-core|faer|env_logger|criterion|safetensors|pocketlm-convert|pocketlm-eval) '
+forbidden='^(clap|indicatif|plotters|candle-core|faer|env_logger|criterion|safetensors|pocketlm-convert|pocketlm-eval|pocketlm-server|tokio|axum|hyper) '
 if cargo tree --locked -p pocketlm-ffi -e normal --prefix none | sort -u | grep -E "$forbidden"; then
   echo "error: pocketlm-ffi links the crates above" >&2
   status=1

@@ -8,6 +8,7 @@ mod eval;
 mod global;
 mod inspect;
 mod run;
+mod serve;
 mod shared;
 
 use clap::{Parser, Subcommand};
@@ -20,6 +21,7 @@ pub use eval::{
 pub use global::GlobalArgs;
 pub use inspect::{InspectArgs, VerifyArgs};
 pub use run::{ChatArgs, RunArgs};
+pub use serve::ServeArgs;
 pub use shared::JsonOutput;
 
 #[derive(Parser)]
@@ -50,6 +52,8 @@ pub enum Command {
     Bench(BenchArgs),
     /// Check every tensor checksum of a .plm file.
     Verify(VerifyArgs),
+    /// Serve the model over HTTP with OpenAI's API (chat and text completions, streaming).
+    Serve(ServeArgs),
     /// Evaluate model quality.
     #[command(subcommand)]
     Eval(EvalCommand),

@@ -6,6 +6,7 @@ mod convert;
 mod eval;
 mod inspect;
 mod run;
+mod serve;
 mod verify;
 
 use std::path::Path;
@@ -25,6 +26,7 @@ pub fn execute(command: Command) -> CliResult {
         Command::Inspect(args) => inspect::execute(args),
         Command::Bench(args) => bench::execute(args),
         Command::Verify(args) => verify::execute(args),
+        Command::Serve(args) => serve::execute(args),
         Command::Eval(command) => eval::execute(command),
     }
 }

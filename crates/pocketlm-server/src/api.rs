@@ -1,0 +1,473 @@
+//! The OpenAI wire format: request bodies as clients send them, checked and turned into
+//! what a session runs ([`Prepared`]), and the response and chunk bodies.
+
+use pocketlm_runtime::sampler::SamplerConfig;
+use pocketlm_runtime::tokenizer::ChatMessage;
+use pocketlm_runtime::{GenerateOptions, StopReason};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::ApiError;
+
+/// Most stop strings a request may give (OpenAI allows 4).
+pub const MAX_STOP_STRINGS: usize = 16;
+
+/// `max_tokens` of `/v1/completions` when the request leaves it out (as OpenAI's).
+pub const DEFAULT_COMPLETION_MAX_TOKENS: usize = 16;
+
+/// Sampling fields both endpoints take; `top_k`, `min_p`, `repetition_penalty` and
+/// `ignore_eos` are extensions (llama-server takes them too).
+#[derive(Debug, Default, Deserialize)]
+pub struct SamplingFields {
+    pub max_tokens: Option<i64>,
+    pub max_completion_tokens: Option<i64>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<usize>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub seed: Option<i64>,
+    pub stop: Option<StopField>,
+    pub n: Option<i64>,
+    pub logprobs: Option<Value>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    /// Extension (as llama-server's): keep generating past end-of-sequence (load tests).
+    pub ignore_eos: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum StopField {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatCompletionRequest {
+    pub model: Option<String>,
+    pub messages: Vec<RequestMessage>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+    pub response_format: Option<Value>,
+    pub tools: Option<Vec<Value>>,
+    pub tool_choice: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RequestMessage {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<MessageContent>,
+    pub tool_calls: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    pub model: Option<String>,
+    pub prompt: Value,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+    pub echo: Option<bool>,
+    pub suffix: Option<String>,
+    pub best_of: Option<i64>,
+}
+
+/// What a request asks for, checked: everything but its prompt's tokens.
+#[derive(Debug)]
+pub struct Prepared {
+    pub options: GenerateOptions,
+    /// `None`: as many as the context leaves after the prompt.
+    pub max_tokens: Option<usize>,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+impl SamplingFields {
+    /// Checks the fields and maps them to generation options; `default_max_tokens` applies
+    /// when the request gives none.
+    pub fn prepare(&self, default_max_tokens: Option<usize>) -> Result<Prepared, ApiError> {
+        if let Some(n) = self.n
+            && n != 1
+        {
+            return Err(ApiError::invalid_param(
+                "n",
+                format!("n must be 1 (one choice per request), got {n}"),
+            ));
+        }
+        if matches!(&self.logprobs, Some(v) if v != &Value::Null && v != &Value::Bool(false)) {
+            return Err(ApiError::unsupported("logprobs", "logprobs"));
+        }
+        for (param, value) in [
+            ("frequency_penalty", self.frequency_penalty),
+            ("presence_penalty", self.presence_penalty),
+        ] {
+            if value.is_some_and(|v| v != 0.0) {
+                return Err(ApiError::unsupported(
+                    param,
+                    "frequency and presence penalties (use repetition_penalty)",
+                ));
+            }
+        }
+        let max_tokens = match self.max_completion_tokens.or(self.max_tokens) {
+            Some(n) if n < 1 => {
+                let param = if self.max_completion_tokens.is_some() {
+                    "max_completion_tokens"
+                } else {
+                    "max_tokens"
+                };
+                return Err(ApiError::invalid_param(
+                    param,
+                    format!("{param} must be at least 1, got {n}"),
+                ));
+            }
+            Some(n) => Some(usize::try_from(n).unwrap_or(usize::MAX)),
+            None => default_max_tokens,
+        };
+        let defaults = SamplerConfig::default();
+        let temperature = self.temperature.unwrap_or(defaults.temperature);
+        if !temperature.is_finite() || !(0.0..=2.0).contains(&temperature) {
+            return Err(ApiError::invalid_param(
+                "temperature",
+                format!("temperature must be between 0 and 2, got {temperature}"),
+            ));
+        }
+        let sampler = SamplerConfig {
+            temperature,
+            top_k: self.top_k.unwrap_or(defaults.top_k),
+            top_p: self.top_p.unwrap_or(defaults.top_p),
+            min_p: self.min_p.unwrap_or(defaults.min_p),
+            repetition_penalty: self
+                .repetition_penalty
+                .unwrap_or(defaults.repetition_penalty),
+            repeat_last_n: defaults.repeat_last_n,
+            // No seed: a different sample each request, as OpenAI's API does.
+            seed: self.seed.map_or_else(random_seed, |s| s as u64),
+        };
+        sampler.validate().map_err(|e| {
+            let param = match e {
+                pocketlm_runtime::sampler::SamplerError::Temperature(_) => "temperature",
+                pocketlm_runtime::sampler::SamplerError::TopP(_) => "top_p",
+                pocketlm_runtime::sampler::SamplerError::MinP(_) => "min_p",
+                pocketlm_runtime::sampler::SamplerError::RepetitionPenalty(_) => {
+                    "repetition_penalty"
+                }
+            };
+            ApiError::invalid_param(param, e.to_string())
+        })?;
+        let stop = match &self.stop {
+            None => Vec::new(),
+            Some(StopField::One(s)) => vec![s.clone()],
+            Some(StopField::Many(list)) => list.clone(),
+        };
+        if stop.len() > MAX_STOP_STRINGS {
+            return Err(ApiError::invalid_param(
+                "stop",
+                format!(
+                    "at most {MAX_STOP_STRINGS} stop strings, got {}",
+                    stop.len()
+                ),
+            ));
+        }
+        let stop = stop.into_iter().filter(|s| !s.is_empty()).collect();
+        let stream = self.stream.unwrap_or(false);
+        let include_usage = stream
+            && self
+                .stream_options
+                .as_ref()
+                .and_then(|o| o.include_usage)
+                .unwrap_or(false);
+        Ok(Prepared {
+            options: GenerateOptions {
+                // Set once the prompt's length is known.
+                max_tokens: max_tokens.unwrap_or(0),
+                sampler,
+                stop,
+                ignore_eos: self.ignore_eos.unwrap_or(false),
+                // response_format and tools are refused before this (not wired yet).
+                ..GenerateOptions::default()
+            },
+            max_tokens,
+            stream,
+            include_usage,
+        })
+    }
+}
+
+/// A seed from the clock and a counter: requests without `seed` differ from each other.
+fn random_seed() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let count = COUNTER.fetch_add(1, Ordering::Relaxed);
+    nanos ^ count.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+impl ChatCompletionRequest {
+    /// Refuses what the server does not do yet (constrained output, tools), then the
+    /// messages as the chat template takes them.
+    pub fn messages(&self) -> Result<Vec<ChatMessage>, ApiError> {
+        if let Some(format) = &self.response_format {
+            let kind = format.get("type").and_then(Value::as_str).unwrap_or("");
+            if kind != "text" {
+                return Err(ApiError::unsupported(
+                    "response_format",
+                    "response_format json_object or json_schema (constrained output)",
+                ));
+            }
+        }
+        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+            return Err(ApiError::unsupported("tools", "tools and tool calls"));
+        }
+        if self
+            .tool_choice
+            .as_ref()
+            .is_some_and(|c| c != &Value::Null && c.as_str() != Some("none"))
+        {
+            return Err(ApiError::unsupported("tool_choice", "tools and tool calls"));
+        }
+        if self.messages.is_empty() {
+            return Err(ApiError::invalid_param(
+                "messages",
+                "messages must hold at least one message",
+            ));
+        }
+        self.messages
+            .iter()
+            .map(|m| {
+                if m.tool_calls.as_ref().is_some_and(|c| !c.is_null()) || m.role == "tool" {
+                    return Err(ApiError::unsupported("messages", "tools and tool calls"));
+                }
+                let role = match m.role.as_str() {
+                    // OpenAI's newer name for the system role.
+                    "developer" => "system",
+                    role @ ("system" | "user" | "assistant") => role,
+                    other => {
+                        return Err(ApiError::invalid_param(
+                            "messages",
+                            format!("unknown message role {other:?}"),
+                        ));
+                    }
+                };
+                let content = match &m.content {
+                    None => String::new(),
+                    Some(MessageContent::Text(text)) => text.clone(),
+                    Some(MessageContent::Parts(parts)) => {
+                        let mut text = String::new();
+                        for part in parts {
+                            match (part.kind.as_str(), &part.text) {
+                                ("text", Some(t)) => text.push_str(t),
+                                (kind, _) => {
+                                    return Err(ApiError::invalid_param(
+                                        "messages",
+                                        format!("content parts of type {kind:?} are not supported (text only)"),
+                                    ));
+                                }
+                            }
+                        }
+                        text
+                    }
+                };
+                Ok(ChatMessage::new(role, content))
+            })
+            .collect()
+    }
+}
+
+impl CompletionRequest {
+    /// The prompt: a string, or a list holding one string.
+    pub fn prompt(&self) -> Result<String, ApiError> {
+        if self.echo == Some(true) {
+            return Err(ApiError::unsupported("echo", "echo"));
+        }
+        if self.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
+            return Err(ApiError::unsupported("suffix", "suffix (insertion)"));
+        }
+        if self.best_of.is_some_and(|b| b != 1) {
+            return Err(ApiError::unsupported("best_of", "best_of"));
+        }
+        match &self.prompt {
+            Value::String(s) => Ok(s.clone()),
+            Value::Array(items) => match items.as_slice() {
+                [Value::String(s)] => Ok(s.clone()),
+                _ => Err(ApiError::invalid_param(
+                    "prompt",
+                    "prompt must be a string or a list of one string (token arrays and batches are not supported)",
+                )),
+            },
+            _ => Err(ApiError::invalid_param("prompt", "prompt must be a string")),
+        }
+    }
+}
+
+/// OpenAI's `finish_reason` for a runtime stop. A cancelled generation (the server shutting
+/// down) ends as `stop`: OpenAI has no reason for it.
+pub fn finish_reason(reason: StopReason) -> &'static str {
+    match reason {
+        StopReason::EndOfSequence
+        | StopReason::StopString
+        | StopReason::Cancelled
+        | StopReason::ConstraintComplete => "stop",
+        StopReason::MaxTokens | StopReason::ContextFull | StopReason::ConstraintIncomplete => {
+            "length"
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens whose KV entries were reused from the slot's cache.
+    pub cached_tokens: usize,
+}
+
+impl Usage {
+    pub fn new(prompt_tokens: usize, cached_tokens: usize, completion_tokens: usize) -> Usage {
+        Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+            prompt_tokens_details: PromptTokensDetails { cached_tokens },
+        }
+    }
+}
+
+/// Which endpoint a response or chunk belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Chat,
+    Completions,
+}
+
+/// Builds the bodies of one request's response (id, model name and creation time shared).
+#[derive(Debug, Clone)]
+pub struct ResponseBuilder {
+    pub endpoint: Endpoint,
+    pub id: String,
+    pub model: String,
+    pub created: u64,
+}
+
+impl ResponseBuilder {
+    pub fn new(endpoint: Endpoint, model: &str) -> ResponseBuilder {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let created = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let prefix = match endpoint {
+            Endpoint::Chat => "chatcmpl",
+            Endpoint::Completions => "cmpl",
+        };
+        ResponseBuilder {
+            endpoint,
+            id: format!(
+                "{prefix}-{created:x}{:06x}",
+                NEXT_ID.fetch_add(1, Ordering::Relaxed)
+            ),
+            model: model.to_string(),
+            created,
+        }
+    }
+
+    /// The whole (non-streaming) response.
+    pub fn response(&self, text: &str, reason: StopReason, usage: Usage) -> Value {
+        let choice = match self.endpoint {
+            Endpoint::Chat => serde_json::json!({
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": null,
+                "finish_reason": finish_reason(reason),
+            }),
+            Endpoint::Completions => serde_json::json!({
+                "index": 0,
+                "text": text,
+                "logprobs": null,
+                "finish_reason": finish_reason(reason),
+            }),
+        };
+        serde_json::json!({
+            "id": self.id,
+            "object": match self.endpoint {
+                Endpoint::Chat => "chat.completion",
+                Endpoint::Completions => "text_completion",
+            },
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            "usage": usage,
+        })
+    }
+
+    /// A streamed chunk: `text` as the delta (with the role on the chat's first chunk), or
+    /// the last chunk with its finish reason.
+    pub fn chunk(&self, text: &str, first: bool, finish: Option<StopReason>) -> Value {
+        let finish = finish.map(finish_reason);
+        let choice = match self.endpoint {
+            Endpoint::Chat => {
+                let delta = match (first, finish) {
+                    (true, _) => serde_json::json!({"role": "assistant", "content": text}),
+                    (false, Some(_)) => serde_json::json!({}),
+                    (false, None) => serde_json::json!({"content": text}),
+                };
+                serde_json::json!({
+                    "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish,
+                })
+            }
+            Endpoint::Completions => serde_json::json!({
+                "index": 0, "text": text, "logprobs": null, "finish_reason": finish,
+            }),
+        };
+        self.chunk_with(vec![choice], None)
+    }
+
+    /// The usage chunk `stream_options.include_usage` asks for: no choices.
+    pub fn usage_chunk(&self, usage: Usage) -> Value {
+        self.chunk_with(Vec::new(), Some(usage))
+    }
+
+    fn chunk_with(&self, choices: Vec<Value>, usage: Option<Usage>) -> Value {
+        serde_json::json!({
+            "id": self.id,
+            "object": match self.endpoint {
+                Endpoint::Chat => "chat.completion.chunk",
+                Endpoint::Completions => "text_completion",
+            },
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": usage,
+        })
+    }
+}

@@ -1,0 +1,86 @@
+//! Slot threads: each owns a [`Session`] (its own KV cache, with prefix reuse) and runs the
+//! jobs the scheduler gives it, one whole generation at a time, on a plain OS thread so the
+//! async runtime's workers never compute. The model's products inside run on rayon's global
+//! pool, shared by all slots.
+
+use std::sync::{Arc, mpsc};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use pocketlm_runtime::{Session, StopReason};
+
+use crate::metrics::Metrics;
+use crate::scheduler::{Job, JobEvent, Prompt, Scheduler};
+
+/// Starts slot `index`'s thread, which runs jobs from `inbox` until every sender is gone.
+pub fn spawn(
+    index: usize,
+    session: Session,
+    inbox: mpsc::Receiver<Job>,
+    scheduler: Arc<Scheduler>,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("pocketlm-slot-{index}"))
+        .spawn(move || {
+            let mut session = session;
+            while let Ok(job) = inbox.recv() {
+                let mut next = Some(job);
+                while let Some(job) = next {
+                    run_job(&mut session, job, &scheduler, &metrics);
+                    next = scheduler.finish(index, session.history());
+                }
+            }
+        })
+}
+
+fn run_job(session: &mut Session, job: Job, scheduler: &Scheduler, metrics: &Metrics) {
+    if job.is_abandoned() {
+        return;
+    }
+    if scheduler.is_shutting_down() {
+        let _ = job.events.send(JobEvent::Dropped);
+        return;
+    }
+    let started = Instant::now();
+    let mut last_piece: Option<Instant> = None;
+    let events = &job.events;
+    let mut on_text = |piece: &str| {
+        let now = Instant::now();
+        if let Some(previous) = last_piece {
+            metrics.observe_token_latency(now - previous);
+        }
+        last_piece = Some(now);
+        // A closed channel: the client disconnected; stop at this token.
+        events.send(JobEvent::Text(piece.to_string())).is_ok() && !scheduler.is_shutting_down()
+    };
+    let result = match &job.prompt {
+        Prompt::Chat(messages) => session.chat(messages, &job.options, &mut on_text),
+        Prompt::Text(text) => session.complete(text, &job.options, &mut on_text),
+    };
+    match result {
+        Ok(generation) => {
+            let stats = &generation.stats;
+            let queued = started - job.received_at;
+            if stats.generated_tokens > 0 {
+                metrics.observe_time_to_first_token(
+                    queued + std::time::Duration::from_secs_f64(stats.time_to_first_token_ms / 1e3),
+                );
+            }
+            metrics.record_generation(
+                stats.prompt_tokens,
+                stats.reused_tokens,
+                stats.generated_tokens,
+            );
+            if generation.stop_reason == StopReason::Cancelled {
+                metrics.record_cancelled();
+            }
+            let _ = job.events.send(JobEvent::Finished(generation));
+        }
+        Err(error) => {
+            // The cache may hold a partial prompt; the history says exactly what it holds,
+            // so the next job's prefix reuse stays correct.
+            let _ = job.events.send(JobEvent::Failed(error));
+        }
+    }
+}
