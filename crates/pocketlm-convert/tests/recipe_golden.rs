@@ -46,7 +46,11 @@ fn check(name: &str, options: ConvertOptions) {
     // Compared as JSON values: key order is not part of the recipe (it follows serde_json's
     // `preserve_order`, which a dependency may switch on), every key and value is.
     let parse = |text: &str| serde_json::from_str::<serde_json::Value>(text).unwrap();
-    assert_eq!(parse(&written), parse(&golden), "{name}: the recipe changed");
+    assert_eq!(
+        parse(&written),
+        parse(&golden),
+        "{name}: the recipe changed"
+    );
 }
 
 #[test]
