@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Checks the library apps link (pocketlm-ffi, `mobile` profile) on x86-64 and on the aarch64
-# cross build: what it links (none of the converter's, evaluator's or CLI's crates), its
-# stripped size, and 16 KB LOAD-segment alignment on aarch64 (Android 15+ 16 KB pages).
-# Needs the aarch64 toolchain that scripts/test-arm.sh installs (run that first).
+# Checks the library apps link (pocketlm-ffi, `mobile` profile) on the aarch64 cross build,
+# and with --x86 on x86-64 too: what it links (none of the converter's, evaluator's or CLI's
+# crates), its stripped size, and 16 KB LOAD-segment alignment on aarch64 (Android 15+ 16 KB
+# pages). Needs the aarch64 toolchain that scripts/test-arm.sh installs (run that first).
+# CI checks aarch64 only: each target is a whole fat-LTO build, and aarch64 is what ships.
 #
-#   bash scripts/check-mobile-lib.sh
+#   bash scripts/check-mobile-lib.sh [--x86]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target_dir="${CARGO_TARGET_DIR:-target}"
@@ -33,8 +34,10 @@ report() {  # library, label
   rm -f "$stripped"
 }
 
-cargo build --quiet --locked --profile mobile -p pocketlm-ffi
-report "$target_dir/mobile/libpocketlm.so" "x86_64 libpocketlm.so"
+if [ "${1:-}" = --x86 ]; then
+  cargo build --quiet --locked --profile mobile -p pocketlm-ffi
+  report "$target_dir/mobile/libpocketlm.so" "x86_64 libpocketlm.so"
+fi
 
 arm=aarch64-unknown-linux-gnu
 cargo +debian build --quiet --locked --profile mobile -p pocketlm-ffi --target "$arm"

@@ -5,7 +5,7 @@
 #
 # Works on a stable toolchain: libFuzzer's instrumentation flags are nightly-only, so the build
 # sets RUSTC_BOOTSTRAP=1 and builds without a sanitizer (-s none; the targets run with
-# overflow checks and debug assertions). Seeds come from `cargo run --example fuzz_seeds`
+# overflow checks and debug assertions). Seeds come from the `fuzz_seeds` example
 # (tiny models in every input format) plus the stories260K fixtures. Any crash fails the
 # script; the reproducer is left in fuzz/artifacts/<target>/. Env: FUZZ_RSS_MB (2048),
 # FUZZ_TIMEOUT (10 s per input), FUZZ_TARGET_DIR (target dir of the fuzz build, default
@@ -33,7 +33,9 @@ echo "== seeds"
 CORPUS=$ROOT/fuzz/corpus
 SEEDS=$ROOT/fuzz/seeds
 mkdir -p "$CORPUS" "$SEEDS"
-cargo run --quiet --profile test -p pocketlm-convert --example fuzz_seeds --target-dir "${MAIN_TARGET_DIR:-$ROOT/target}" -- "$SEEDS"
+# The seed generator comes from the test suite's build (see build-workspace.sh).
+CARGO_TARGET_DIR="${MAIN_TARGET_DIR:-$ROOT/target}" bash scripts/build-workspace.sh
+"${MAIN_TARGET_DIR:-$ROOT/target}/debug/examples/fuzz_seeds" "$SEEDS"
 FIX=$ROOT/tests/fixtures/stories260k
 { cat "$FIX/hf/config.json"; printf '\0'; } > "$SEEDS/hf_import/stories260k-config"
 # Regression inputs found earlier are seeds too, so fixed crashes stay fixed.

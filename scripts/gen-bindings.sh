@@ -23,8 +23,8 @@ case "$(uname -s)" in
   *) lib="$target_dir/debug/libpocketlm.so" ;;
 esac
 
-cargo build --quiet --locked -p pocketlm-ffi
-cargo build --quiet --locked -p uniffi-bindgen
+# The cdylib and uniffi-bindgen, from the test suite's build (see build-workspace.sh).
+bash scripts/build-workspace.sh
 
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT

@@ -21,14 +21,14 @@ fi
 rustup toolchain list | grep -q '^debian' || rustup toolchain link debian /usr
 
 target=aarch64-unknown-linux-gnu
-# Every library's unit tests (the converter's without candle) and the end-to-end model test.
+# Every library's unit tests (the converter's without candle, the runtime's without
+# llguidance) and the end-to-end model test. One package selection for every command, so
+# the cross build is made once: another selection resolves other features and rebuilds.
 libs=(-p pocketlm-format -p pocketlm-kernels -p pocketlm-runtime -p pocketlm-eval -p pocketlm-convert)
-arm_cargo() { cargo +debian "$1" --locked --no-default-features --target "$target" "${@:2}"; }
+arm_test() { cargo +debian test --locked --no-default-features --target "$target" "${libs[@]}" --lib --test stories260k "$@"; }
 for cpu in cortex-a72 cortex-a76 max; do
   echo "== aarch64 tests under qemu -cpu $cpu"
-  QEMU_CPU=$cpu arm_cargo test "${libs[@]}" --lib
-  QEMU_CPU=$cpu arm_cargo test -p pocketlm-convert --test stories260k
+  QEMU_CPU=$cpu arm_test
   # Shows which dispatch paths this CPU model exercised.
-  QEMU_CPU=$cpu arm_cargo test -p pocketlm-kernels --lib \
-    every_supported_path_matches_scalar -- --nocapture 2>&1 | grep "testing kernel paths"
+  QEMU_CPU=$cpu arm_test -- every_supported_path_matches_scalar --nocapture 2>&1 | grep "testing kernel paths"
 done

@@ -37,8 +37,8 @@ else
 fi
 
 # --- 2. library and model -------------------------------------------------------------------
-echo "== building the cdylib and the CLI (debug)"
-cargo build --quiet --locked -p pocketlm-ffi -p pocketlm
+echo "== building the cdylib and the CLI (the test suite's build, test profile)"
+bash scripts/build-workspace.sh
 lib="$target_dir/debug/libpocketlm.so"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `pocketlm serve` with the official `openai` Python client (PyPI): starts the server on a
-# free loopback port with the stories260K fixture and runs tests/server/test_openai_client.py.
+# free loopback port with the stories260K fixture (with a tool-calling template) and runs tests/server/test_openai_client.py.
 # Installs openai into .cache/server-venv (idempotent). If pip truly cannot install it
 # (offline), says so loudly and exits 0 so the rest of CI runs; the Rust tests in
 # crates/pocketlm-server/tests cover the same requests over raw HTTP.
@@ -25,8 +25,8 @@ if ! "$venv/bin/python" -c "import openai" 2>/dev/null; then
   fi
 fi
 
-echo "== building the CLI (debug)"
-cargo build --quiet --locked -p pocketlm
+echo "== building the CLI (the test suite's build, test profile)"
+bash scripts/build-workspace.sh
 bin="$target_dir/debug/pocketlm"
 work="$(mktemp -d)"
 server_pid=""
@@ -35,10 +35,14 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-"$bin" convert tests/fixtures/stories260k/hf -o "$work/stories.plm" --dtype f32 >/dev/null
+# stories260K with a tool-calling chat template, so tools and tool calls can be tested.
+mkdir "$work/hf"
+cp tests/fixtures/stories260k/hf/{config.json,model.safetensors,tokenizer.json} "$work/hf/"
+cp tests/fixtures/stories260k-tools/tokenizer_config.json "$work/hf/"
+"$bin" convert "$work/hf" -o "$work/stories.plm" --dtype f32 >/dev/null
 
 max_body=65536
-"$bin" -t 2 serve "$work/stories.plm" --port 0 --parallel 2 --ctx 512 --max-body-bytes "$max_body" \
+"$bin" -t 2 serve "$work/stories.plm" --port 0 --parallel 2 --ctx 1024 --max-body-bytes "$max_body" \
   2> "$work/server.log" &
 server_pid=$!
 address=""

@@ -96,10 +96,7 @@ fn greedy_chat_reply_is_fluent_and_deterministic() {
         sampler: SamplerConfig::greedy(),
         ..GenerateOptions::default()
     };
-    let messages = [ChatMessage {
-        role: "user".into(),
-        content: "What is the capital of France?".into(),
-    }];
+    let messages = [ChatMessage::new("user", "What is the capital of France?")];
     let mut session = Session::new(Arc::clone(&model), 1024).unwrap();
     let first = session.chat(&messages, &options, |_| true).unwrap();
     let second = session.chat(&messages, &options, |_| true).unwrap();

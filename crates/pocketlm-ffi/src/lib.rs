@@ -109,7 +109,9 @@ impl From<ModelError> for PocketLmError {
             | ModelError::NoToolTemplate
             | ModelError::ToolDefinition(_) => PocketLmError::InvalidConfig { reason },
             ModelError::Constraint(_) => PocketLmError::Internal { reason },
-            ModelError::InvalidToken { .. } => PocketLmError::Internal { reason },
+            ModelError::InvalidToken { .. } | ModelError::BatchFailed(_) => {
+                PocketLmError::Internal { reason }
+            }
             // Both come from a context length too large for the memory limits or the device.
             ModelError::MemoryLimit { .. } | ModelError::OutOfMemory { .. } => {
                 PocketLmError::InvalidConfig { reason }

@@ -14,6 +14,6 @@ pub mod tool_calls;
 
 pub use model::{Model, ModelError};
 pub use session::{
-    ChatTools, ContextPolicy, Conversation, GenerateOptions, Generation, GenerationStats, Session,
-    StopReason,
+    BatchJob, ChatTools, ContextPolicy, Conversation, GenerateOptions, Generation, GenerationStats,
+    Session, StopReason, step_batch,
 };

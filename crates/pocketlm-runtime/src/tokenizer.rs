@@ -22,11 +22,21 @@ pub enum TokenizerError {
     Template(String),
 }
 
-/// One turn of a conversation, as chat templates see it (`message['role']`, `message['content']`).
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+/// One turn of a conversation, as chat templates see it (`message['role']`, `message['content']`,
+/// and for tool use `message['tool_calls']`, `message['tool_call_id']`).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// An assistant turn's tool calls in OpenAI's shape
+    /// (`[{"id", "type": "function", "function": {"name", "arguments"}}]`), with `arguments`
+    /// a JSON object as transformers' templates expect. Left out of the template's view
+    /// when `None`, so `message.tool_calls is defined` is false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
+    /// The id of the call a `tool` message answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
@@ -34,6 +44,7 @@ impl ChatMessage {
         ChatMessage {
             role: role.into(),
             content: content.into(),
+            ..ChatMessage::default()
         }
     }
 }

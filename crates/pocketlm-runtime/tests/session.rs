@@ -2,50 +2,17 @@
 //! computing everything again, context policies keep long conversations running, and saved
 //! sessions restore exactly and refuse files that are not theirs.
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+mod common;
 
+use std::sync::Arc;
+
+use common::{fixture, greedy, model_file};
 use pocketlm_convert::{ConvertOptions, convert_path};
 use pocketlm_format::Encoding;
 use pocketlm_runtime::model::{KvType, ModelOptions};
-use pocketlm_runtime::sampler::SamplerConfig;
 use pocketlm_runtime::session::SessionFileError;
 use pocketlm_runtime::tokenizer::ChatMessage;
 use pocketlm_runtime::{ContextPolicy, GenerateOptions, Model, ModelError, Session};
-
-fn fixture(rel: &str) -> PathBuf {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-        .join("tests/fixtures")
-        .join(rel)
-}
-
-/// stories260K converted once per test binary, at f32 and at f16 (two different models).
-fn model_file(encoding: Encoding) -> &'static Path {
-    static FILES: OnceLock<(tempfile::TempDir, PathBuf, PathBuf)> = OnceLock::new();
-    let (_, f32_path, f16_path) = FILES.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let mut paths = Vec::new();
-        for (name, encoding) in [("f32.plm", Encoding::F32), ("f16.plm", Encoding::F16)] {
-            let out = dir.path().join(name);
-            convert_path(
-                &fixture("stories260k/hf"),
-                &out,
-                &ConvertOptions::with_weights(encoding),
-                &mut |_, _, _| {},
-            )
-            .unwrap();
-            paths.push(out);
-        }
-        let f16 = paths.pop().unwrap();
-        let f32 = paths.pop().unwrap();
-        (dir, f32, f16)
-    });
-    if encoding == Encoding::F32 {
-        f32_path
-    } else {
-        f16_path
-    }
-}
 
 fn model(kv: KvType) -> Arc<Model> {
     let options = ModelOptions {
@@ -53,14 +20,6 @@ fn model(kv: KvType) -> Arc<Model> {
         ..ModelOptions::default()
     };
     Arc::new(Model::open_with(model_file(Encoding::F32), options).unwrap())
-}
-
-fn greedy(max_tokens: usize) -> GenerateOptions {
-    GenerateOptions {
-        max_tokens,
-        sampler: SamplerConfig::greedy(),
-        ..GenerateOptions::default()
-    }
 }
 
 fn user(text: &str) -> ChatMessage {

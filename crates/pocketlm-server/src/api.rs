@@ -1,9 +1,11 @@
 //! The OpenAI wire format: request bodies as clients send them, checked and turned into
 //! what a session runs ([`Prepared`]), and the response and chunk bodies.
 
+use pocketlm_runtime::constrain::OutputConstraint;
 use pocketlm_runtime::sampler::SamplerConfig;
 use pocketlm_runtime::tokenizer::ChatMessage;
-use pocketlm_runtime::{GenerateOptions, StopReason};
+use pocketlm_runtime::tool_calls::ToolCall;
+use pocketlm_runtime::{ChatTools, GenerateOptions, Generation, StopReason};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -68,6 +70,7 @@ pub struct RequestMessage {
     #[serde(default)]
     pub content: Option<MessageContent>,
     pub tool_calls: Option<Value>,
+    pub tool_call_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -206,7 +209,7 @@ impl SamplingFields {
                 sampler,
                 stop,
                 ignore_eos: self.ignore_eos.unwrap_or(false),
-                // response_format and tools are refused before this (not wired yet).
+                // The chat endpoint adds response_format's constraint.
                 ..GenerateOptions::default()
             },
             max_tokens,
@@ -227,29 +230,146 @@ fn random_seed() -> u64 {
     nanos ^ count.wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
+/// A chat request, checked: what the template renders and what the reply must follow.
+#[derive(Debug)]
+pub struct ChatRequest {
+    pub messages: Vec<ChatMessage>,
+    /// Empty definitions when the request offers no tools (or `tool_choice` is `none`).
+    pub tools: ChatTools,
+    /// From `response_format` (`json_object` or `json_schema`).
+    pub constraint: Option<OutputConstraint>,
+}
+
 impl ChatCompletionRequest {
-    /// Refuses what the server does not do yet (constrained output, tools), then the
-    /// messages as the chat template takes them.
-    pub fn messages(&self) -> Result<Vec<ChatMessage>, ApiError> {
-        if let Some(format) = &self.response_format {
-            let kind = format.get("type").and_then(Value::as_str).unwrap_or("");
-            if kind != "text" {
-                return Err(ApiError::unsupported(
-                    "response_format",
-                    "response_format json_object or json_schema (constrained output)",
+    /// The messages, tools and output constraint, each checked.
+    pub fn chat(&self) -> Result<ChatRequest, ApiError> {
+        let tools = self.tools()?;
+        let constraint = self.response_constraint()?;
+        if constraint.is_some() && !tools.definitions.is_empty() {
+            return Err(ApiError::invalid_param(
+                "response_format",
+                "response_format cannot be combined with tools (a tool call is not the requested \
+                 format); leave out one of them, or set tool_choice to \"none\"",
+            ));
+        }
+        Ok(ChatRequest {
+            messages: self.messages()?,
+            tools,
+            constraint,
+        })
+    }
+
+    /// `response_format`: `text` (or none) leaves the reply free; `json_object` asks for any
+    /// JSON object, `json_schema` for one matching `json_schema.schema`.
+    fn response_constraint(&self) -> Result<Option<OutputConstraint>, ApiError> {
+        let Some(format) = &self.response_format else {
+            return Ok(None);
+        };
+        let invalid = |message: String| ApiError::invalid_param("response_format", message);
+        match format.get("type").and_then(Value::as_str) {
+            Some("text") => Ok(None),
+            Some("json_object") => Ok(Some(OutputConstraint::JsonSchema(
+                serde_json::json!({"type": "object"}),
+            ))),
+            Some("json_schema") => {
+                let schema = format
+                    .get("json_schema")
+                    .and_then(|s| s.get("schema"))
+                    .filter(|s| s.is_object() || s.is_boolean())
+                    .ok_or_else(|| {
+                        invalid(
+                            "response_format of type json_schema needs json_schema.schema, a JSON \
+                             Schema object"
+                                .into(),
+                        )
+                    })?;
+                Ok(Some(OutputConstraint::JsonSchema(schema.clone())))
+            }
+            Some(other) => Err(invalid(format!(
+                "unknown response_format type {other:?} (expected text, json_object or json_schema)"
+            ))),
+            None => Err(invalid(
+                "response_format must be an object with a \"type\"".into(),
+            )),
+        }
+    }
+
+    /// `tools` and `tool_choice`: `auto` (the default) offers the tools, `required` makes the
+    /// reply one call, `{"type": "function", "function": {"name"}}` one call of that tool,
+    /// `none` offers nothing.
+    fn tools(&self) -> Result<ChatTools, ApiError> {
+        let definitions = self.tools.clone().unwrap_or_default();
+        for (i, tool) in definitions.iter().enumerate() {
+            let named = tool.get("type").and_then(Value::as_str) == Some("function")
+                && tool
+                    .get("function")
+                    .and_then(|f| f.get("name"))
+                    .and_then(Value::as_str)
+                    .is_some_and(|name| !name.is_empty());
+            if !named {
+                return Err(ApiError::invalid_param(
+                    "tools",
+                    format!(
+                        "tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ..., \
+                         \"parameters\": ...}}}}"
+                    ),
                 ));
             }
         }
-        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-            return Err(ApiError::unsupported("tools", "tools and tool calls"));
-        }
-        if self
-            .tool_choice
-            .as_ref()
-            .is_some_and(|c| c != &Value::Null && c.as_str() != Some("none"))
-        {
-            return Err(ApiError::unsupported("tool_choice", "tools and tool calls"));
-        }
+        let invalid_choice = |message: String| ApiError::invalid_param("tool_choice", message);
+        let (definitions, require_call) = match &self.tool_choice {
+            None | Some(Value::Null) => (definitions, false),
+            Some(Value::String(choice)) => match choice.as_str() {
+                "auto" => (definitions, false),
+                "none" => (Vec::new(), false),
+                "required" if definitions.is_empty() => {
+                    return Err(invalid_choice(
+                        "tool_choice \"required\" needs at least one tool in tools".into(),
+                    ));
+                }
+                "required" => (definitions, true),
+                other => {
+                    return Err(invalid_choice(format!(
+                        "unknown tool_choice {other:?} (expected auto, none, required or a \
+                         function)"
+                    )));
+                }
+            },
+            Some(choice) => {
+                let name = choice
+                    .get("function")
+                    .and_then(|f| f.get("name"))
+                    .and_then(Value::as_str)
+                    .filter(|_| choice.get("type").and_then(Value::as_str) == Some("function"))
+                    .ok_or_else(|| {
+                        invalid_choice(
+                            "tool_choice must be auto, none, required or {\"type\": \"function\", \
+                             \"function\": {\"name\": ...}}"
+                                .into(),
+                        )
+                    })?;
+                let chosen: Vec<Value> = definitions
+                    .into_iter()
+                    .filter(|t| t["function"]["name"].as_str() == Some(name))
+                    .collect();
+                if chosen.is_empty() {
+                    return Err(invalid_choice(format!(
+                        "tool_choice names the function {name:?}, which is not in tools"
+                    )));
+                }
+                (chosen, true)
+            }
+        };
+        Ok(ChatTools {
+            definitions,
+            require_call,
+        })
+    }
+
+    /// The messages as the chat template takes them. Assistant tool calls keep OpenAI's
+    /// shape with their `arguments` decoded to objects (as transformers' templates expect);
+    /// tool results keep their `tool_call_id`.
+    fn messages(&self) -> Result<Vec<ChatMessage>, ApiError> {
         if self.messages.is_empty() {
             return Err(ApiError::invalid_param(
                 "messages",
@@ -258,18 +378,16 @@ impl ChatCompletionRequest {
         }
         self.messages
             .iter()
-            .map(|m| {
-                if m.tool_calls.as_ref().is_some_and(|c| !c.is_null()) || m.role == "tool" {
-                    return Err(ApiError::unsupported("messages", "tools and tool calls"));
-                }
+            .enumerate()
+            .map(|(i, m)| {
                 let role = match m.role.as_str() {
                     // OpenAI's newer name for the system role.
                     "developer" => "system",
-                    role @ ("system" | "user" | "assistant") => role,
+                    role @ ("system" | "user" | "assistant" | "tool") => role,
                     other => {
                         return Err(ApiError::invalid_param(
                             "messages",
-                            format!("unknown message role {other:?}"),
+                            format!("messages[{i}]: unknown message role {other:?}"),
                         ));
                     }
                 };
@@ -284,7 +402,7 @@ impl ChatCompletionRequest {
                                 (kind, _) => {
                                     return Err(ApiError::invalid_param(
                                         "messages",
-                                        format!("content parts of type {kind:?} are not supported (text only)"),
+                                        format!("messages[{i}]: content parts of type {kind:?} are not supported (text only)"),
                                     ));
                                 }
                             }
@@ -292,10 +410,54 @@ impl ChatCompletionRequest {
                         text
                     }
                 };
-                Ok(ChatMessage::new(role, content))
+                let tool_calls = match &m.tool_calls {
+                    None | Some(Value::Null) => None,
+                    Some(_) if role != "assistant" => {
+                        return Err(ApiError::invalid_param(
+                            "messages",
+                            format!("messages[{i}]: only assistant messages carry tool_calls"),
+                        ));
+                    }
+                    Some(Value::Array(calls)) => Some(Value::Array(
+                        calls
+                            .iter()
+                            .map(|call| template_tool_call(i, call))
+                            .collect::<Result<_, _>>()?,
+                    )),
+                    Some(_) => {
+                        return Err(ApiError::invalid_param(
+                            "messages",
+                            format!("messages[{i}]: tool_calls must be a list"),
+                        ));
+                    }
+                };
+                Ok(ChatMessage {
+                    role: role.to_string(),
+                    content,
+                    tool_calls,
+                    tool_call_id: m.tool_call_id.clone().filter(|_| role == "tool"),
+                })
             })
             .collect()
     }
+}
+
+/// One of an assistant message's `tool_calls` as templates read it: `function.arguments`
+/// decoded from OpenAI's JSON string to an object (a string that is not JSON stays as is).
+fn template_tool_call(message: usize, call: &Value) -> Result<Value, ApiError> {
+    let mut call = call.clone();
+    let Some(function) = call.get_mut("function").filter(|f| f.get("name").is_some()) else {
+        return Err(ApiError::invalid_param(
+            "messages",
+            format!("messages[{message}]: each tool call needs function.name"),
+        ));
+    };
+    if let Some(Value::String(arguments)) = function.get("arguments")
+        && let Ok(decoded) = serde_json::from_str::<Value>(arguments)
+    {
+        function["arguments"] = decoded;
+    }
+    Ok(call)
 }
 
 impl CompletionRequest {
@@ -321,6 +483,15 @@ impl CompletionRequest {
             },
             _ => Err(ApiError::invalid_param("prompt", "prompt must be a string")),
         }
+    }
+}
+
+/// OpenAI's `finish_reason` for a generation: `tool_calls` when its reply is calls.
+pub fn generation_finish_reason(generation: &Generation) -> &'static str {
+    if generation.tool_calls.is_empty() {
+        finish_reason(generation.stop_reason)
+    } else {
+        "tool_calls"
     }
 }
 
@@ -401,20 +572,32 @@ impl ResponseBuilder {
         }
     }
 
-    /// The whole (non-streaming) response.
-    pub fn response(&self, text: &str, reason: StopReason, usage: Usage) -> Value {
+    /// The whole (non-streaming) response: the text, or for a chat reply made of tool
+    /// calls, the calls (`content` null, `finish_reason` `tool_calls`).
+    pub fn response(&self, generation: &Generation, usage: Usage) -> Value {
+        let finish = generation_finish_reason(generation);
         let choice = match self.endpoint {
+            Endpoint::Chat if !generation.tool_calls.is_empty() => serde_json::json!({
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": null,
+                    "tool_calls": self.tool_calls(&generation.tool_calls, false),
+                },
+                "logprobs": null,
+                "finish_reason": finish,
+            }),
             Endpoint::Chat => serde_json::json!({
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
+                "message": {"role": "assistant", "content": generation.text},
                 "logprobs": null,
-                "finish_reason": finish_reason(reason),
+                "finish_reason": finish,
             }),
             Endpoint::Completions => serde_json::json!({
                 "index": 0,
-                "text": text,
+                "text": generation.text,
                 "logprobs": null,
-                "finish_reason": finish_reason(reason),
+                "finish_reason": finish,
             }),
         };
         serde_json::json!({
@@ -430,10 +613,30 @@ impl ResponseBuilder {
         })
     }
 
+    /// OpenAI's `tool_calls` list: a fresh id per call, `arguments` as a JSON string;
+    /// stream deltas also carry each call's `index`.
+    fn tool_calls(&self, calls: &[ToolCall], with_index: bool) -> Value {
+        let suffix = self.id.rsplit('-').next().unwrap_or_default();
+        calls
+            .iter()
+            .enumerate()
+            .map(|(index, call)| {
+                let mut json = serde_json::json!({
+                    "id": format!("call_{suffix}_{index}"),
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": call.arguments.to_string()},
+                });
+                if with_index {
+                    json["index"] = index.into();
+                }
+                json
+            })
+            .collect()
+    }
+
     /// A streamed chunk: `text` as the delta (with the role on the chat's first chunk), or
     /// the last chunk with its finish reason.
-    pub fn chunk(&self, text: &str, first: bool, finish: Option<StopReason>) -> Value {
-        let finish = finish.map(finish_reason);
+    pub fn chunk(&self, text: &str, first: bool, finish: Option<&'static str>) -> Value {
         let choice = match self.endpoint {
             Endpoint::Chat => {
                 let delta = match (first, finish) {
@@ -449,6 +652,17 @@ impl ResponseBuilder {
                 "index": 0, "text": text, "logprobs": null, "finish_reason": finish,
             }),
         };
+        self.chunk_with(vec![choice], None)
+    }
+
+    /// A chat chunk whose delta is the reply's tool calls, whole.
+    pub fn tool_calls_chunk(&self, calls: &[ToolCall]) -> Value {
+        let choice = serde_json::json!({
+            "index": 0,
+            "delta": {"tool_calls": self.tool_calls(calls, true)},
+            "logprobs": null,
+            "finish_reason": null,
+        });
         self.chunk_with(vec![choice], None)
     }
 

@@ -184,7 +184,11 @@ impl From<ModelError> for ApiError {
             }
             ModelError::Tokenizer(_)
             | ModelError::EmptyPrompt
-            | ModelError::InvalidToken { .. } => ApiError::invalid_request(error.to_string()),
+            | ModelError::InvalidToken { .. }
+            | ModelError::Constraint(_)
+            | ModelError::ConstraintsUnavailable
+            | ModelError::NoToolTemplate
+            | ModelError::ToolDefinition(_) => ApiError::invalid_request(error.to_string()),
             other => ApiError::internal(other.to_string()),
         }
     }

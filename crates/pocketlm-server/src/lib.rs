@@ -1,12 +1,14 @@
 //! `pocketlm serve`: an OpenAI-compatible HTTP server over [`pocketlm_runtime`] sessions.
 //!
 //! [`routes`] (axum handlers, API key, metrics and body-limit middleware) → [`scheduler`]
-//! (admission, bounded queue, slot choice by shared prompt prefix) → [`slot`] threads (one
-//! [`pocketlm_runtime::Session`] each, with its own KV cache and prefix reuse). Inference
-//! never runs on the async runtime's workers. The mobile library does not depend on this
-//! crate.
+//! (admission, bounded queue, slot choice by shared prompt prefix) → [`engine`] (one thread
+//! that owns a [`pocketlm_runtime::Session`] per slot, each with its own KV cache and prefix
+//! reuse, and runs all busy slots in batched forward passes; or with `batching` off, a
+//! [`slot`] thread per session). Inference never runs on the async runtime's workers. The
+//! mobile library does not depend on this crate.
 
 pub mod api;
+pub mod engine;
 pub mod error;
 pub mod metrics;
 pub mod routes;
@@ -40,6 +42,10 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// When set, requests need `Authorization: Bearer KEY` (401 otherwise; `/health` is open).
     pub api_key: Option<String>,
+    /// Continuous batching: all busy slots share each forward pass. Off: a thread per slot.
+    pub batching: bool,
+    /// Prompt tokens one batched step reads (across requests still reading their prompts).
+    pub step_prompt_tokens: usize,
 }
 
 impl Default for ServerConfig {
@@ -51,6 +57,8 @@ impl Default for ServerConfig {
             max_queue: 16,
             max_body_bytes: 1 << 20,
             api_key: None,
+            batching: true,
+            step_prompt_tokens: pocketlm_runtime::session::DEFAULT_STEP_PROMPT_TOKENS,
         }
     }
 }
@@ -89,26 +97,47 @@ impl Server {
         )
         .unwrap_or(0) as u64;
 
-        let (inboxes, receivers): (Vec<_>, Vec<_>) =
-            (0..config.parallel).map(|_| mpsc::channel()).unzip();
-        let scheduler = Arc::new(Scheduler::new(
-            inboxes,
-            config.max_queue,
-            kv_bytes_per_position,
-            context_len,
-        ));
         let metrics = Arc::new(Metrics::default());
-        let mut slot_threads = Vec::with_capacity(config.parallel);
-        for (slot, (session, inbox)) in sessions.into_iter().zip(receivers).enumerate() {
-            let thread = slot::spawn(
-                slot,
-                session,
-                inbox,
+        let mut slot_threads = Vec::new();
+        let scheduler;
+        if config.batching {
+            let (inbox, received) = mpsc::channel();
+            scheduler = Arc::new(Scheduler::new(
+                vec![inbox; config.parallel],
+                config.max_queue,
+                kv_bytes_per_position,
+                context_len,
+            ));
+            let thread = engine::spawn(
+                Arc::clone(&model),
+                sessions,
+                received,
                 Arc::clone(&scheduler),
                 Arc::clone(&metrics),
+                config.step_prompt_tokens.max(1),
             )
-            .map_err(|source| ServerError::Thread { slot, source })?;
+            .map_err(|source| ServerError::Thread { slot: 0, source })?;
             slot_threads.push(thread);
+        } else {
+            let (inboxes, receivers): (Vec<_>, Vec<_>) =
+                (0..config.parallel).map(|_| mpsc::channel()).unzip();
+            scheduler = Arc::new(Scheduler::new(
+                inboxes,
+                config.max_queue,
+                kv_bytes_per_position,
+                context_len,
+            ));
+            for (slot, (session, inbox)) in sessions.into_iter().zip(receivers).enumerate() {
+                let thread = slot::spawn(
+                    slot,
+                    session,
+                    inbox,
+                    Arc::clone(&scheduler),
+                    Arc::clone(&metrics),
+                )
+                .map_err(|source| ServerError::Thread { slot, source })?;
+                slot_threads.push(thread);
+            }
         }
         let state = Arc::new(AppState {
             model,

@@ -13,6 +13,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use pocketlm_runtime::constrain::{Constraint, ConstraintError, OutputConstraint};
 use pocketlm_runtime::{Generation, Model, ModelError};
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
@@ -21,7 +22,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::api::{
     ChatCompletionRequest, CompletionRequest, DEFAULT_COMPLETION_MAX_TOKENS, Endpoint, Prepared,
-    ResponseBuilder, Usage,
+    ResponseBuilder, Usage, generation_finish_reason,
 };
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -180,16 +181,14 @@ async fn chat_completions(
     let received_at = Instant::now();
     let run = async {
         let request: ChatCompletionRequest = parse_body(&state, body)?;
-        let messages = request.messages()?;
-        let prepared = request.sampling.prepare(None)?;
-        generate(
-            &state,
-            Endpoint::Chat,
-            Prompt::Chat(messages),
-            prepared,
-            received_at,
-        )
-        .await
+        let chat = request.chat()?;
+        let mut prepared = request.sampling.prepare(None)?;
+        prepared.options.constraint = chat.constraint;
+        let prompt = Prompt::Chat {
+            messages: chat.messages,
+            tools: chat.tools,
+        };
+        generate(&state, Endpoint::Chat, prompt, prepared, received_at).await
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
 }
@@ -227,13 +226,18 @@ async fn generate(
     received_at: Instant,
 ) -> Result<Response, ApiError> {
     let model = Arc::clone(&state.model);
+    let constraint = prepared.options.constraint.clone();
     let (prompt, prompt_tokens) = tokio::task::spawn_blocking(move || {
-        let tokens = prompt_tokens(&model, &prompt);
-        (prompt, tokens)
+        let checked = check_constraint(&model, constraint.as_ref())
+            .and_then(|()| prompt_tokens(&model, &prompt));
+        (prompt, checked)
     })
     .await
     .map_err(|e| ApiError::internal(format!("tokenizer task failed: {e}")))?;
     let prompt_tokens = prompt_tokens?;
+    // A reply that may be tool calls is sent once whole, so that a stream never shows a
+    // call's markup as text.
+    let hold_text = matches!(&prompt, Prompt::Chat { tools, .. } if !tools.definitions.is_empty());
     let context = state.context_len;
     let needed = prompt_tokens.len();
     if needed == 0 {
@@ -274,15 +278,19 @@ async fn generate(
 
     let builder = ResponseBuilder::new(endpoint, &state.model_id);
     if prepared.stream {
-        return Ok(stream_response(builder, received, prepared.include_usage));
+        return Ok(stream_response(
+            builder,
+            received,
+            prepared.include_usage,
+            hold_text,
+        ));
     }
     // Dropping `received` (this future, when the client goes away) cancels the generation.
     while let Some(event) = received.recv().await {
         match event {
             JobEvent::Text(_) => {}
             JobEvent::Finished(generation) => {
-                let body =
-                    builder.response(&generation.text, generation.stop_reason, usage(&generation));
+                let body = builder.response(&generation, usage(&generation));
                 return Ok(Json(body).into_response());
             }
             JobEvent::Failed(error) => return Err(error.into()),
@@ -294,14 +302,34 @@ async fn generate(
     ))
 }
 
+/// Compiles `response_format`'s constraint once before the request is queued, so that an
+/// invalid schema is a 400 rather than an error inside a stream that already said 200.
+fn check_constraint(model: &Model, constraint: Option<&OutputConstraint>) -> Result<(), ApiError> {
+    let Some(constraint) = constraint else {
+        return Ok(());
+    };
+    let invalid = |e: ConstraintError| ApiError::invalid_param("response_format", e.to_string());
+    let vocabulary = model.constraint_vocabulary().map_err(invalid)?;
+    Constraint::new(&vocabulary, constraint).map_err(invalid)?;
+    Ok(())
+}
+
 /// The prompt's tokens exactly as the slot's session will compute them.
 fn prompt_tokens(model: &Model, prompt: &Prompt) -> Result<Vec<u32>, ApiError> {
     let tokenizer = model.tokenizer();
     let tokens = match prompt {
-        Prompt::Chat(messages) => {
-            let text = tokenizer
-                .apply_chat_template(messages, true)
-                .map_err(ModelError::from)?;
+        Prompt::Chat { messages, tools } => {
+            let text = if tools.definitions.is_empty() {
+                tokenizer.apply_chat_template(messages, true)
+            } else if model.tokenizer_spec().chat_template.is_none() {
+                return Err(ApiError::invalid_param(
+                    "tools",
+                    ModelError::NoToolTemplate.to_string(),
+                ));
+            } else {
+                tokenizer.apply_chat_template_with_tools(messages, &tools.definitions, true)
+            }
+            .map_err(ModelError::from)?;
             tokenizer.encode(&text, false).map_err(ModelError::from)?
         }
         Prompt::Text(text) => tokenizer.encode_prompt(text).map_err(ModelError::from)?,
@@ -325,21 +353,34 @@ fn sse_frame(value: &serde_json::Value) -> String {
 const SSE_DONE: &str = "data: [DONE]\n\n";
 
 /// Server-sent events: a chunk per piece of text, a last chunk with the finish reason, the
-/// usage chunk when asked for, then `data: [DONE]`. When the client disconnects the body
-/// stream is dropped, which closes the job's channel and cancels the generation.
+/// usage chunk when asked for, then `data: [DONE]`. With `hold_text` (tools offered) the
+/// reply comes whole at the end: as one content chunk, or as a chunk of tool calls. When
+/// the client disconnects the body stream is dropped, which closes the job's channel and
+/// cancels the generation.
 fn stream_response(
     builder: ResponseBuilder,
     received: mpsc::UnboundedReceiver<JobEvent>,
     include_usage: bool,
+    hold_text: bool,
 ) -> Response {
     let opening = match builder.endpoint {
         Endpoint::Chat => sse_frame(&builder.chunk("", true, None)),
         Endpoint::Completions => String::new(),
     };
     let events = UnboundedReceiverStream::new(received).map(move |event| match event {
+        JobEvent::Text(_) if hold_text => String::new(),
         JobEvent::Text(text) => sse_frame(&builder.chunk(&text, false, None)),
         JobEvent::Finished(generation) => {
-            let mut frames = sse_frame(&builder.chunk("", false, Some(generation.stop_reason)));
+            let mut frames = String::new();
+            if hold_text && !generation.tool_calls.is_empty() {
+                frames.push_str(&sse_frame(
+                    &builder.tool_calls_chunk(&generation.tool_calls),
+                ));
+            } else if hold_text && !generation.text.is_empty() {
+                frames.push_str(&sse_frame(&builder.chunk(&generation.text, false, None)));
+            }
+            let finish = generation_finish_reason(&generation);
+            frames.push_str(&sse_frame(&builder.chunk("", false, Some(finish))));
             if include_usage {
                 frames.push_str(&sse_frame(&builder.usage_chunk(usage(&generation))));
             }

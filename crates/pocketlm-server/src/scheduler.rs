@@ -8,9 +8,8 @@
 //! evict a conversation that is likely to continue. With every slot busy it waits in a FIFO
 //! queue of bounded length; beyond that it is refused (503 with `Retry-After`).
 //!
-//! Continuous batching fits behind the same interface: admission, the queue and slot choice
-//! stay here, and the per-slot threads are replaced by one engine thread that steps the
-//! decode of every busy slot through one batched forward pass.
+//! Behind it, either one engine thread runs every slot's job in batched forward passes
+//! ([`crate::engine`], the default), or each slot has a thread of its own ([`crate::slot`]).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,7 +17,7 @@ use std::sync::{Mutex, MutexGuard, mpsc};
 use std::time::Instant;
 
 use pocketlm_runtime::tokenizer::ChatMessage;
-use pocketlm_runtime::{GenerateOptions, Generation, ModelError};
+use pocketlm_runtime::{ChatTools, GenerateOptions, Generation, ModelError};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::metrics::SchedulerGauges;
@@ -30,8 +29,12 @@ pub const SLOT_SIMILARITY: f64 = 0.5;
 /// What a request asks the model to continue.
 #[derive(Debug, Clone)]
 pub enum Prompt {
-    /// Rendered with the model's chat template ([`pocketlm_runtime::Session::chat`]).
-    Chat(Vec<ChatMessage>),
+    /// Rendered with the model's chat template, offering `tools` when it has definitions
+    /// ([`pocketlm_runtime::Session::chat_with_tools`]).
+    Chat {
+        messages: Vec<ChatMessage>,
+        tools: ChatTools,
+    },
     /// Raw text ([`pocketlm_runtime::Session::complete`]).
     Text(String),
 }
@@ -93,8 +96,9 @@ struct Table {
 /// Admission, queue and slot bookkeeping shared by the handlers and the slot threads.
 pub struct Scheduler {
     table: Mutex<Table>,
-    /// Each slot thread's inbox; emptied by [`Scheduler::close`], which ends the threads.
-    inboxes: Mutex<Vec<mpsc::Sender<Job>>>,
+    /// Where each slot's jobs go (the engine's inbox for every slot, or each slot thread's
+    /// own), tagged with the slot; emptied by [`Scheduler::close`], which ends the threads.
+    inboxes: Mutex<Vec<mpsc::Sender<(usize, Job)>>>,
     max_queue: usize,
     shutting_down: AtomicBool,
     kv_bytes_per_position: u64,
@@ -103,7 +107,7 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub fn new(
-        inboxes: Vec<mpsc::Sender<Job>>,
+        inboxes: Vec<mpsc::Sender<(usize, Job)>>,
         max_queue: usize,
         kv_bytes_per_position: u64,
         kv_positions_per_slot: usize,
@@ -156,7 +160,9 @@ impl Scheduler {
             .get(slot)
             .cloned();
         let sent = match inbox {
-            Some(inbox) => inbox.send(job).map_err(|mpsc::SendError(job)| job),
+            Some(inbox) => inbox
+                .send((slot, job))
+                .map_err(|mpsc::SendError((_, job))| job),
             None => Err(job),
         };
         if let Err(job) = sent {
@@ -303,7 +309,7 @@ mod tests {
         scheduler.submit(job(vec![1])).unwrap();
         scheduler.submit(job(vec![2])).unwrap();
         assert_eq!(scheduler.submit(job(vec![3])), Err(SubmitError::QueueFull));
-        assert_eq!(received.try_recv().unwrap().prompt_tokens, vec![1]);
+        assert_eq!(received.try_recv().unwrap().1.prompt_tokens, vec![1]);
         assert_eq!(scheduler.gauges().queue_depth, 1);
         let next = scheduler.finish(0, &[1, 5]).unwrap();
         assert_eq!(next.prompt_tokens, vec![2]);

@@ -1,13 +1,14 @@
-//! Slot threads: each owns a [`Session`] (its own KV cache, with prefix reuse) and runs the
-//! jobs the scheduler gives it, one whole generation at a time, on a plain OS thread so the
-//! async runtime's workers never compute. The model's products inside run on rayon's global
-//! pool, shared by all slots.
+//! Slot threads (`--no-batching`): each owns a [`Session`] (its own KV cache, with prefix
+//! reuse) and runs the jobs the scheduler gives it, one whole generation at a time, on a
+//! plain OS thread. The model's products inside run on rayon's global pool, shared by all
+//! slots, so concurrent requests compete for it instead of sharing passes over the weights
+//! as the batching engine ([`crate::engine`]) makes them.
 
 use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use pocketlm_runtime::{Session, StopReason};
+use pocketlm_runtime::Session;
 
 use crate::metrics::Metrics;
 use crate::scheduler::{Job, JobEvent, Prompt, Scheduler};
@@ -16,7 +17,7 @@ use crate::scheduler::{Job, JobEvent, Prompt, Scheduler};
 pub fn spawn(
     index: usize,
     session: Session,
-    inbox: mpsc::Receiver<Job>,
+    inbox: mpsc::Receiver<(usize, Job)>,
     scheduler: Arc<Scheduler>,
     metrics: Arc<Metrics>,
 ) -> std::io::Result<JoinHandle<()>> {
@@ -24,7 +25,7 @@ pub fn spawn(
         .name(format!("pocketlm-slot-{index}"))
         .spawn(move || {
             let mut session = session;
-            while let Ok(job) = inbox.recv() {
+            while let Ok((_, job)) = inbox.recv() {
                 let mut next = Some(job);
                 while let Some(job) = next {
                     run_job(&mut session, job, &scheduler, &metrics);
@@ -55,26 +56,14 @@ fn run_job(session: &mut Session, job: Job, scheduler: &Scheduler, metrics: &Met
         events.send(JobEvent::Text(piece.to_string())).is_ok() && !scheduler.is_shutting_down()
     };
     let result = match &job.prompt {
-        Prompt::Chat(messages) => session.chat(messages, &job.options, &mut on_text),
+        Prompt::Chat { messages, tools } => {
+            session.chat_with_tools(messages, tools, &job.options, &mut on_text)
+        }
         Prompt::Text(text) => session.complete(text, &job.options, &mut on_text),
     };
     match result {
         Ok(generation) => {
-            let stats = &generation.stats;
-            let queued = started - job.received_at;
-            if stats.generated_tokens > 0 {
-                metrics.observe_time_to_first_token(
-                    queued + std::time::Duration::from_secs_f64(stats.time_to_first_token_ms / 1e3),
-                );
-            }
-            metrics.record_generation(
-                stats.prompt_tokens,
-                stats.reused_tokens,
-                stats.generated_tokens,
-            );
-            if generation.stop_reason == StopReason::Cancelled {
-                metrics.record_cancelled();
-            }
+            crate::engine::record(metrics, &generation, started - job.received_at);
             let _ = job.events.send(JobEvent::Finished(generation));
         }
         Err(error) => {

@@ -34,6 +34,39 @@ fn model_path() -> &'static Path {
         .1
 }
 
+/// stories260K with the Hermes-style tool-calling template of
+/// `tests/fixtures/stories260k-tools` (tool definitions, assistant tool calls, tool results);
+/// converted once per test process.
+fn tool_model_path() -> &'static Path {
+    static PATH: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &PATH
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let src = dir.path().join("hf");
+            std::fs::create_dir(&src).unwrap();
+            let fixture = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+                .join("tests/fixtures/stories260k/hf");
+            for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+                std::fs::copy(fixture.join(f), src.join(f)).unwrap();
+            }
+            std::fs::copy(
+                fixture.join("../../stories260k-tools/tokenizer_config.json"),
+                src.join("tokenizer_config.json"),
+            )
+            .unwrap();
+            let out = dir.path().join("tools.plm");
+            convert_path(
+                &src,
+                &out,
+                &ConvertOptions::with_weights(Encoding::F32),
+                &mut |_, _, _| {},
+            )
+            .unwrap();
+            (dir, out)
+        })
+        .1
+}
+
 /// A server on a free loopback port, on a runtime of its own; stopped (gracefully) on drop.
 struct TestServer {
     address: SocketAddr,
@@ -43,7 +76,11 @@ struct TestServer {
 
 impl TestServer {
     fn start(config: ServerConfig) -> TestServer {
-        let model = Arc::new(Model::open(model_path()).unwrap());
+        TestServer::start_with(model_path(), config)
+    }
+
+    fn start_with(model: &Path, config: ServerConfig) -> TestServer {
+        let model = Arc::new(Model::open(model).unwrap());
         let server = Server::new(model, config).unwrap();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
@@ -101,6 +138,7 @@ fn config(parallel: usize) -> ServerConfig {
         max_queue: 16,
         max_body_bytes: 64 << 10,
         api_key: None,
+        ..ServerConfig::default()
     }
 }
 
@@ -347,13 +385,47 @@ async fn bad_requests_get_openai_error_shapes() {
         ),
         (
             json!({"messages": [{"role": "user", "content": "hi"}],
-                   "response_format": {"type": "json_object"}}),
+                   "response_format": {"type": "xml"}}),
             "response_format",
         ),
         (
             json!({"messages": [{"role": "user", "content": "hi"}],
+                   "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
+            "response_format",
+        ),
+        // A schema the constraint engine refuses: a 400 before anything streams.
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}], "stream": true,
+                   "response_format": {"type": "json_schema",
+                       "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}}),
+            "response_format",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}],
+                   "response_format": {"type": "json_object"},
+                   "tools": [{"type": "function", "function": {"name": "f"}}]}),
+            "response_format",
+        ),
+        // stories260K has no chat template to describe tools with.
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}],
                    "tools": [{"type": "function", "function": {"name": "f"}}]}),
             "tools",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}],
+                   "tools": [{"type": "retrieval"}]}),
+            "tools",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}),
+            "tool_choice",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}],
+                   "tools": [{"type": "function", "function": {"name": "f"}}],
+                   "tool_choice": {"type": "function", "function": {"name": "g"}}}),
+            "tool_choice",
         ),
     ];
     for (body, param) in cases {
@@ -501,4 +573,156 @@ async fn shutdown_ends_a_running_stream_with_a_final_chunk() {
     stopper.await.unwrap();
     assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
     assert!(text.contains("\"finish_reason\":\""), "{text}");
+}
+
+fn weather_tool() -> Value {
+    json!({
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 12}},
+                "required": ["city"],
+                "additionalProperties": false
+            }
+        }
+    })
+}
+
+#[tokio::test]
+async fn response_format_constrains_the_reply_whole_and_streamed() {
+    let server = TestServer::start(config(1));
+    let client = reqwest::Client::new();
+    let url = server.url("/v1/chat/completions");
+    let schema = json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 8},
+            "happy": {"type": "boolean"}
+        },
+        "required": ["name", "happy"],
+        "additionalProperties": false
+    });
+    let mut body = chat_body("Tell me about the cat.", 80);
+    body["response_format"] = json!({"type": "json_schema", "json_schema": {"name": "cat", "schema": schema, "strict": true}});
+    let (status, reply) = post(&client, &url, &body).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["choices"][0]["finish_reason"], "stop", "{reply}");
+    let content = reply["choices"][0]["message"]["content"].as_str().unwrap();
+    let parsed: Value = serde_json::from_str(content).expect(content);
+    assert!(
+        parsed["name"].as_str().unwrap().chars().count() <= 8,
+        "{parsed}"
+    );
+    assert!(parsed["happy"].is_boolean(), "{parsed}");
+
+    body["stream"] = json!(true);
+    let response = client.post(&url).json(&body).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let (events, done) = read_events(response).await;
+    assert!(done);
+    let streamed: String = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(
+        streamed, content,
+        "greedy: the stream says what the whole reply said"
+    );
+
+    let mut body = chat_body("Tell me about the dog.", 60);
+    body["response_format"] = json!({"type": "json_object"});
+    let (status, reply) = post(&client, &url, &body).await;
+    assert_eq!(status, 200, "{reply}");
+    let content = reply["choices"][0]["message"]["content"].as_str().unwrap();
+    if reply["choices"][0]["finish_reason"] == "stop" {
+        let parsed: Value = serde_json::from_str(content).expect(content);
+        assert!(parsed.is_object(), "{parsed}");
+    } else {
+        // Out of tokens mid-object: what there is still starts as an object.
+        assert_eq!(reply["choices"][0]["finish_reason"], "length");
+        assert!(content.starts_with('{'), "{content}");
+    }
+}
+
+#[tokio::test]
+async fn tools_give_tool_calls_whole_and_streamed_and_take_results_back() {
+    // Tool definitions take a few hundred of stories260K's (mostly one-letter) tokens.
+    let server = TestServer::start_with(
+        tool_model_path(),
+        ServerConfig {
+            context_len: 1024,
+            ..config(1)
+        },
+    );
+    let client = reqwest::Client::new();
+    let url = server.url("/v1/chat/completions");
+    let mut body = chat_body("What is the weather in Paris?", 80);
+    body["tools"] = json!([weather_tool()]);
+    body["tool_choice"] = json!("required");
+    let (status, reply) = post(&client, &url, &body).await;
+    assert_eq!(status, 200, "{reply}");
+    let choice = &reply["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{reply}");
+    assert!(choice["message"]["content"].is_null(), "{reply}");
+    let call = &choice["message"]["tool_calls"][0];
+    assert_eq!(call["type"], "function");
+    assert!(call["id"].as_str().unwrap().starts_with("call_"), "{call}");
+    assert_eq!(call["function"]["name"], "get_weather");
+    let arguments: Value =
+        serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert!(arguments["city"].is_string(), "{arguments}");
+
+    // Naming the function forces that call too; streamed, the calls come as one delta.
+    body["tool_choice"] = json!({"type": "function", "function": {"name": "get_weather"}});
+    body["stream"] = json!(true);
+    let response = client.post(&url).json(&body).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let (events, done) = read_events(response).await;
+    assert!(done);
+    let deltas: Vec<&Value> = events
+        .iter()
+        .filter(|e| !e["choices"][0]["delta"]["tool_calls"].is_null())
+        .collect();
+    assert_eq!(deltas.len(), 1, "{events:?}");
+    let streamed_call = &deltas[0]["choices"][0]["delta"]["tool_calls"][0];
+    assert_eq!(streamed_call["index"], 0);
+    assert_eq!(
+        streamed_call["function"], call["function"],
+        "greedy: same call"
+    );
+    assert!(
+        events.iter().all(|e| e["choices"][0]["delta"]["content"]
+            .as_str()
+            .unwrap_or("")
+            .is_empty()),
+        "no call markup streamed as text: {events:?}"
+    );
+    let last = events.last().unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "tool_calls");
+
+    // The call and its result go back in (OpenAI's shapes); the reply may be text now.
+    let body = json!({
+        "messages": [
+            {"role": "user", "content": "What is the weather in Paris?"},
+            {"role": "assistant", "content": null, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call["id"], "content": "{\"temperature\": 21}"},
+        ],
+        "tools": [weather_tool()],
+        "max_tokens": 8,
+        "temperature": 0,
+    });
+    let (status, reply) = post(&client, &url, &body).await;
+    assert_eq!(status, 200, "{reply}");
+    let usage = &reply["usage"];
+    assert!(
+        usage["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "the slot reuses the prompt it rendered last time: {usage}"
+    );
+    assert_healthy(&client, &server).await;
 }

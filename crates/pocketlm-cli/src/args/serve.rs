@@ -30,4 +30,12 @@ pub struct ServeArgs {
     /// Model name in /v1/models and responses (default: the file name without extension).
     #[arg(long)]
     pub alias: Option<String>,
+    /// Run each slot on a thread of its own instead of batching all busy slots into one
+    /// forward pass per token (continuous batching, the default).
+    #[arg(long)]
+    pub no_batching: bool,
+    /// Prompt tokens one batched step reads, shared by the requests still reading their
+    /// prompts; smaller keeps other streams' tokens flowing during a long prompt.
+    #[arg(long, default_value_t = pocketlm_runtime::session::DEFAULT_STEP_PROMPT_TOKENS)]
+    pub step_prompt_tokens: usize,
 }

@@ -25,15 +25,9 @@ pub fn execute(a: RunArgs) -> CliResult {
     let generation = if a.chat {
         let mut messages = Vec::new();
         if let Some(system) = a.system {
-            messages.push(ChatMessage {
-                role: "system".into(),
-                content: system,
-            });
+            messages.push(ChatMessage::new("system", system));
         }
-        messages.push(ChatMessage {
-            role: "user".into(),
-            content: a.prompt,
-        });
+        messages.push(ChatMessage::new("user", a.prompt));
         session.chat(&messages, &options, &mut emit)?
     } else {
         // Constrained output is printed alone, so that it can be piped into a parser.

@@ -9,8 +9,9 @@ use crate::commands::CliResult;
 use crate::model_options::open_model;
 
 pub fn execute(a: ServeArgs) -> CliResult {
-    // Slot threads run the model outside any pool, so their products go to rayon's global
-    // pool: give it the command's thread count (-t), which `main` set on the pool this runs in.
+    // The engine (or slot) threads run the model outside any pool, so their products go to
+    // rayon's global pool: give it the command's thread count (-t), which `main` set on the
+    // pool this runs in.
     let threads = rayon::current_num_threads();
     if let Err(e) = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
@@ -32,6 +33,8 @@ pub fn execute(a: ServeArgs) -> CliResult {
         max_queue: a.queue,
         max_body_bytes: a.max_body_bytes,
         api_key: a.api_key.clone(),
+        batching: !a.no_batching,
+        step_prompt_tokens: a.step_prompt_tokens,
     };
     let server = Server::new(model, config)?;
     let context = server.context_len();
@@ -46,8 +49,9 @@ pub fn execute(a: ServeArgs) -> CliResult {
         let address = listener.local_addr()?;
         // Scripts wait for this line (and read the port from it with --port 0).
         eprintln!(
-            "pocketlm serve: listening on http://{address} ({} slots of {context} positions, {threads} threads)",
-            a.parallel
+            "pocketlm serve: listening on http://{address} ({} slots of {context} positions, {threads} threads, {})",
+            a.parallel,
+            if a.no_batching { "a thread per slot" } else { "continuous batching" }
         );
         server.serve(listener, shutdown_signal()).await?;
         eprintln!("pocketlm serve: stopped");

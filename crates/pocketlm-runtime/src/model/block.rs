@@ -102,6 +102,14 @@ impl BlockScratch {
     }
 }
 
+/// One sequence's rows in a batched block: `tokens` consecutive rows of the residual
+/// stream, at positions `start..` of its own `cache`.
+pub struct Segment<'c> {
+    pub cache: &'c mut KvCache,
+    pub start: usize,
+    pub tokens: usize,
+}
+
 /// Runs block `w` on the residual stream `x` (`tokens × hidden`, updated in place) for tokens
 /// at positions `start..`, writing their keys/values into layer `layer` of `cache` (the caller
 /// advances the cache after the last block).
@@ -115,10 +123,34 @@ pub fn block_forward(
     layer: usize,
     start: usize,
     s: &mut BlockScratch,
+    observe: Option<Observer<'_>>,
+) {
+    let tokens = x.len() / config.hidden_size;
+    let mut segments = [Segment {
+        cache,
+        start,
+        tokens,
+    }];
+    block_forward_batch(config, rope, w, x, &mut segments, layer, s, observe);
+}
+
+/// [`block_forward`] over several sequences at once: the linear layers run on all their
+/// rows together (one pass over the weights), rotary embedding and attention on each
+/// sequence's rows with its own cache. `segments` cover the rows of `x` in order.
+#[allow(clippy::too_many_arguments)]
+pub fn block_forward_batch(
+    config: &ModelConfig,
+    rope: &Rope,
+    w: &BlockWeights<'_>,
+    x: &mut [f32],
+    segments: &mut [Segment<'_>],
+    layer: usize,
+    s: &mut BlockScratch,
     mut observe: Option<Observer<'_>>,
 ) {
     let c = config;
     let n = x.len() / c.hidden_size;
+    debug_assert_eq!(segments.iter().map(|g| g.tokens).sum::<usize>(), n);
     let (qd, kvd) = (c.q_dim(), c.kv_dim());
     let mut see = |input: LinearInput, a: &[f32]| {
         if let Some(o) = observe.as_mut() {
@@ -142,33 +174,34 @@ pub fn block_forward(
         family::rms_norm_rows_in_place(&mut s.q, qn, c.rms_norm_eps);
         family::rms_norm_rows_in_place(&mut s.k, kn, c.rms_norm_eps);
     }
-    if let Some(rotation) = rope.for_layer(c, w.layer, cache.capacity()) {
-        s.q.par_chunks_mut(qd)
-            .zip(s.k.par_chunks_mut(kvd))
-            .enumerate()
-            .for_each(|(t, (qt, kt))| {
-                rotation.apply(qt, start + t);
-                rotation.apply(kt, start + t);
-            });
-    }
     let rule = ScoreRule::for_layer(c, w.layer);
-    // A ring layer attends before storing: this batch may overwrite slots it still reads.
-    let ring = cache.ring(layer).is_some();
-    if !ring {
-        cache.write(layer, start, &s.k, &s.v);
-    }
-    attention::attend(
-        c,
-        cache,
-        layer,
-        start,
-        rule,
-        &s.q,
-        (&s.k, &s.v),
-        &mut s.attn,
-    );
-    if ring {
-        cache.write(layer, start, &s.k, &s.v);
+    let mut row = 0;
+    for segment in segments.iter_mut() {
+        let rows = row..row + segment.tokens;
+        row = rows.end;
+        let (start, cache) = (segment.start, &mut *segment.cache);
+        let q = &mut s.q[rows.start * qd..rows.end * qd];
+        let k = &mut s.k[rows.start * kvd..rows.end * kvd];
+        let v = &s.v[rows.start * kvd..rows.end * kvd];
+        if let Some(rotation) = rope.for_layer(c, w.layer, cache.capacity()) {
+            q.par_chunks_mut(qd)
+                .zip(k.par_chunks_mut(kvd))
+                .enumerate()
+                .for_each(|(t, (qt, kt))| {
+                    rotation.apply(qt, start + t);
+                    rotation.apply(kt, start + t);
+                });
+        }
+        // A ring layer attends before storing: this batch may overwrite slots it still reads.
+        let ring = cache.ring(layer).is_some();
+        if !ring {
+            cache.write(layer, start, k, v);
+        }
+        let attn = &mut s.attn[rows.start * qd..rows.end * qd];
+        attention::attend(c, cache, layer, start, rule, q, (k, v), attn);
+        if ring {
+            cache.write(layer, start, k, v);
+        }
     }
     see(LinearInput::AttentionOutput, &s.attn);
     kernels::linear(&s.attn, n, &w.o, &mut s.proj, &mut s.between);

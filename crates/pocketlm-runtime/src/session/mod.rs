@@ -6,19 +6,22 @@ use std::time::Instant;
 
 use crate::constrain::OutputConstraint;
 use crate::model::{KvCache, Logits, Model, ModelError};
-use crate::sampler::{Sampler, SamplerConfig};
-use crate::tokenizer::{ChatMessage, StreamDecoder};
+use crate::sampler::SamplerConfig;
+use crate::tokenizer::ChatMessage;
 use crate::tool_calls::{ToolCall, ToolCallFormat, ToolCallParseError};
 
+mod batch;
 mod context;
 mod conversation;
+mod decoding;
 mod saved;
 mod stop;
 
+pub use batch::{BatchJob, DEFAULT_STEP_PROMPT_TOKENS, step_batch};
 pub use context::{ContextPolicy, UnknownContextPolicy, reply_reserve};
 pub use conversation::Conversation;
+use decoding::{Decoding, Next, OutputGuard};
 pub use saved::{SESSION_FILE_VERSION, SessionFileError, model_identity};
-use stop::StopMatcher;
 
 /// Prompt tokens per forward pass during prefill: bounds activation memory on long prompts
 /// while keeping batches large enough for the matrix-matrix kernels.
@@ -148,6 +151,14 @@ struct FittedPrompt {
     dropped: usize,
 }
 
+/// A chat ready to run: its fitted prompt, the options when a required tool call changed
+/// them, and how tool calls are written when tools are offered.
+struct PreparedChat {
+    prompt: FittedPrompt,
+    options: Option<GenerateOptions>,
+    tool_format: Option<ToolCallFormat>,
+}
+
 impl Session {
     /// A session holding up to `context_len` positions (clamped to the model's trained
     /// context). Fails with [`ModelError::MemoryLimit`] when that KV cache would exceed the
@@ -222,6 +233,15 @@ impl Session {
     /// shares with the history and computing the rest. Returns the last token's logits and
     /// how many tokens were reused. At least the last token is always run, for its logits.
     pub fn prefill_reusing(&mut self, tokens: &[u32]) -> Result<(Vec<f32>, usize), ModelError> {
+        let reused = self.keep_shared_prefix(tokens)?;
+        let logits = self.prefill(&tokens[reused..])?;
+        Ok((logits, reused))
+    }
+
+    /// Cuts the cache and history back to the longest prefix they share with `tokens`
+    /// (non-empty, fitting the context), leaving at least the last token to compute.
+    /// Returns how many tokens are kept.
+    fn keep_shared_prefix(&mut self, tokens: &[u32]) -> Result<usize, ModelError> {
         if tokens.len() > self.cache.capacity() {
             return Err(ModelError::ContextFull {
                 needed: tokens.len(),
@@ -237,8 +257,7 @@ impl Session {
         }
         self.cache.truncate(reused);
         self.history.truncate(reused);
-        let logits = self.prefill(&tokens[reused..])?;
-        Ok((logits, reused))
+        Ok(reused)
     }
 
     fn policy_or(&self, default: ContextPolicy) -> ContextPolicy {
@@ -307,20 +326,46 @@ impl Session {
         options: &GenerateOptions,
         on_text: impl FnMut(&str) -> bool,
     ) -> Result<Generation, ModelError> {
-        let format = self.tool_call_format(tools)?;
-        let constrained;
-        let options = match format {
-            Some(format) if tools.require_call => {
-                constrained = GenerateOptions {
-                    constraint: Some(self.tool_call_constraint(format, tools)?),
-                    ..options.clone()
-                };
-                &constrained
-            }
-            _ => options,
+        let chat = self.prepare_chat(messages, tools, options)?;
+        let options = chat.options.as_ref().unwrap_or(options);
+        let mut generation = self.generate_from_prompt(chat.prompt, options, on_text)?;
+        self.attach_tool_calls(chat.tool_format, &mut generation)?;
+        Ok(generation)
+    }
+
+    /// Renders and fits a chat; with a required tool call, the options gain its constraint.
+    fn prepare_chat(
+        &self,
+        messages: &[ChatMessage],
+        tools: &ChatTools,
+        options: &GenerateOptions,
+    ) -> Result<PreparedChat, ModelError> {
+        let tool_format = self.tool_call_format(tools)?;
+        let constrained = match tool_format {
+            Some(format) if tools.require_call => Some(GenerateOptions {
+                constraint: Some(self.tool_call_constraint(format, tools)?),
+                ..options.clone()
+            }),
+            _ => None,
         };
-        let fitted = self.fit_chat(messages, &tools.definitions, options)?;
-        let mut generation = self.generate_from_prompt(fitted, options, on_text)?;
+        let prompt = self.fit_chat(
+            messages,
+            &tools.definitions,
+            constrained.as_ref().unwrap_or(options),
+        )?;
+        Ok(PreparedChat {
+            prompt,
+            options: constrained,
+            tool_format,
+        })
+    }
+
+    /// Parses the reply's tool calls in `format` (when tools were offered).
+    fn attach_tool_calls(
+        &self,
+        format: Option<ToolCallFormat>,
+        generation: &mut Generation,
+    ) -> Result<(), ModelError> {
         if let Some(format) = format {
             let raw = self
                 .model
@@ -331,7 +376,7 @@ impl Session {
                 Err(e) => generation.tool_call_error = Some(e),
             }
         }
-        Ok(generation)
+        Ok(())
     }
 
     /// How the model's template writes tool calls, when tools are offered.
@@ -495,143 +540,26 @@ impl Session {
     fn decode(
         &mut self,
         mut logits: Vec<f32>,
-        mut constraint: OutputGuard,
-        mut stats: GenerationStats,
+        constraint: OutputGuard,
+        stats: GenerationStats,
         started: Instant,
         options: &GenerateOptions,
         mut on_text: impl FnMut(&str) -> bool,
     ) -> Result<Generation, ModelError> {
         let model = Arc::clone(&self.model);
-        let tokenizer = model.tokenizer();
-        let mut sampler = Sampler::new(options.sampler.clone());
-        let mut decoder = StreamDecoder::new(tokenizer, &self.history);
-        let mut stop = StopMatcher::new(&options.stop);
-        let mut tokens = Vec::new();
-        let mut text = String::new();
-        let decode_started = Instant::now();
+        let mut decoding =
+            Decoding::new(&model, &self.history, options, constraint, stats, started);
         let stop_reason = loop {
-            if tokens.len() >= options.max_tokens {
-                break if constraint.can_stop() {
-                    StopReason::MaxTokens
-                } else {
-                    StopReason::ConstraintIncomplete
-                };
-            }
-            constraint.mask(&mut logits)?;
-            let recent = &self.history[self.history.len().saturating_sub(512)..];
-            let token = sampler.sample(&mut logits, recent);
-            constraint.commit(token)?;
-            if tokens.is_empty() {
-                stats.time_to_first_token_ms = started.elapsed().as_secs_f64() * 1e3;
-            }
-            if !options.ignore_eos && tokenizer.is_eos(token) {
-                break StopReason::EndOfSequence;
-            }
-            tokens.push(token);
-            if let Some(piece) = decoder.push(token)? {
-                let (emit, hit) = stop.push(&piece);
-                text.push_str(&emit);
-                let keep_going = emit.is_empty() || on_text(&emit);
-                if hit {
-                    break StopReason::StopString;
+            let full = self.cache.len() >= self.cache.capacity();
+            match decoding.next(&mut logits, &self.history, full, &mut on_text)? {
+                Next::Run(token) => {
+                    logits = model.forward(&[token], &mut self.cache, Logits::Last)?;
+                    self.history.push(token);
                 }
-                if !keep_going {
-                    break StopReason::Cancelled;
-                }
+                Next::Stop(reason) => break reason,
             }
-            if constraint.is_finished() {
-                break StopReason::ConstraintComplete;
-            }
-            if self.cache.len() >= self.cache.capacity() {
-                break if constraint.can_stop() {
-                    StopReason::ContextFull
-                } else {
-                    StopReason::ConstraintIncomplete
-                };
-            }
-            logits = model.forward(&[token], &mut self.cache, Logits::Last)?;
-            self.history.push(token);
         };
-        if stop_reason != StopReason::StopString {
-            let rest = stop.flush();
-            if !rest.is_empty() {
-                text.push_str(&rest);
-                on_text(&rest);
-            }
-        }
-        stats.generated_tokens = tokens.len();
-        stats.decode_seconds = decode_started.elapsed().as_secs_f64();
-        Ok(Generation {
-            text,
-            tokens,
-            stop_reason,
-            stats,
-            tool_calls: Vec::new(),
-            tool_call_error: None,
-        })
-    }
-}
-
-/// The output constraint of one generation, if any (a no-op without one).
-struct OutputGuard {
-    #[cfg(feature = "constrained")]
-    constraint: Option<crate::constrain::Constraint>,
-}
-
-impl OutputGuard {
-    #[cfg(feature = "constrained")]
-    fn new(model: &Model, constraint: Option<&OutputConstraint>) -> Result<Self, ModelError> {
-        let constraint = match constraint {
-            Some(c) => Some(crate::constrain::Constraint::new(
-                &model.constraint_vocabulary()?,
-                c,
-            )?),
-            None => None,
-        };
-        Ok(OutputGuard { constraint })
-    }
-
-    #[cfg(not(feature = "constrained"))]
-    fn new(_model: &Model, constraint: Option<&OutputConstraint>) -> Result<Self, ModelError> {
-        match constraint {
-            Some(_) => Err(ModelError::ConstraintsUnavailable),
-            None => Ok(OutputGuard {}),
-        }
-    }
-
-    fn mask(&mut self, logits: &mut [f32]) -> Result<(), ModelError> {
-        #[cfg(feature = "constrained")]
-        if let Some(c) = &mut self.constraint {
-            c.mask_logits(logits)?;
-        }
-        let _ = logits;
-        Ok(())
-    }
-
-    fn commit(&mut self, token: u32) -> Result<(), ModelError> {
-        #[cfg(feature = "constrained")]
-        if let Some(c) = &mut self.constraint {
-            c.commit(token)?;
-        }
-        let _ = token;
-        Ok(())
-    }
-
-    fn is_finished(&self) -> bool {
-        #[cfg(feature = "constrained")]
-        if let Some(c) = &self.constraint {
-            return c.is_finished();
-        }
-        false
-    }
-
-    /// Whether the output so far matches (always, without a constraint).
-    fn can_stop(&mut self) -> bool {
-        #[cfg(feature = "constrained")]
-        if let Some(c) = &mut self.constraint {
-            return c.can_stop();
-        }
-        true
+        Ok(decoding.finish(stop_reason, &mut on_text))
     }
 }
 

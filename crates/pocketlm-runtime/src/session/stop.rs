@@ -2,15 +2,15 @@
 
 /// Holds back text that could be the start of a stop string, so a stop string is never
 /// streamed out before it is recognised.
-pub(crate) struct StopMatcher<'a> {
-    stops: &'a [String],
+pub(crate) struct StopMatcher {
+    stops: Vec<String>,
     pending: String,
 }
 
-impl<'a> StopMatcher<'a> {
-    pub(crate) fn new(stops: &'a [String]) -> Self {
+impl StopMatcher {
+    pub(crate) fn new(stops: &[String]) -> Self {
         StopMatcher {
-            stops,
+            stops: stops.to_vec(),
             pending: String::new(),
         }
     }
