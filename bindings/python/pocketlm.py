@@ -1572,12 +1572,58 @@ class _UniffiFfiConverterOptionalTypeOutputConstraint(_UniffiConverterRustBuffer
         else:
             raise InternalError("Unexpected flag byte for optional type")
 
+class _UniffiFfiConverterBoolean:
+    @classmethod
+    def check_lower(cls, value):
+        return not not value
+
+    @classmethod
+    def lower(cls, value):
+        return 1 if value else 0
+
+    @staticmethod
+    def lift(value):
+        return value != 0
+
+    @classmethod
+    def read(cls, buf):
+        return cls.lift(buf.read_u8())
+
+    @classmethod
+    def write(cls, value, buf):
+        buf.write_u8(value)
+
+class _UniffiFfiConverterOptionalBoolean(_UniffiConverterRustBuffer):
+    @classmethod
+    def check_lower(cls, value):
+        if value is not None:
+            _UniffiFfiConverterBoolean.check_lower(value)
+
+    @classmethod
+    def write(cls, value, buf):
+        if value is None:
+            buf.write_u8(0)
+            return
+
+        buf.write_u8(1)
+        _UniffiFfiConverterBoolean.write(value, buf)
+
+    @classmethod
+    def read(cls, buf):
+        flag = buf.read_u8()
+        if flag == 0:
+            return None
+        elif flag == 1:
+            return _UniffiFfiConverterBoolean.read(buf)
+        else:
+            raise InternalError("Unexpected flag byte for optional type")
+
 @dataclass
 class GenerationConfig:
     """
     Sampling and stopping for one generation. All fields have defaults.
 """
-    def __init__(self, *, max_tokens:int = 256, temperature:float = 0.8, top_k:int = 40, top_p:float = 0.95, min_p:float = 0.05, repetition_penalty:float = 1.0, seed:int = 0, stop:typing.List[str] = _DEFAULT, constraint:typing.Optional[OutputConstraint] = _DEFAULT):
+    def __init__(self, *, max_tokens:int = 256, temperature:float = 0.8, top_k:int = 40, top_p:float = 0.95, min_p:float = 0.05, repetition_penalty:float = 1.0, seed:int = 0, stop:typing.List[str] = _DEFAULT, constraint:typing.Optional[OutputConstraint] = _DEFAULT, enable_thinking:typing.Optional[bool] = _DEFAULT):
         self.max_tokens = max_tokens
         self.temperature = temperature
         self.top_k = top_k
@@ -1593,12 +1639,16 @@ class GenerationConfig:
             self.constraint = None
         else:
             self.constraint = constraint
+        if enable_thinking is _DEFAULT:
+            self.enable_thinking = None
+        else:
+            self.enable_thinking = enable_thinking
         
         
 
     
     def __str__(self):
-        return "GenerationConfig(max_tokens={}, temperature={}, top_k={}, top_p={}, min_p={}, repetition_penalty={}, seed={}, stop={}, constraint={})".format(self.max_tokens, self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty, self.seed, self.stop, self.constraint)
+        return "GenerationConfig(max_tokens={}, temperature={}, top_k={}, top_p={}, min_p={}, repetition_penalty={}, seed={}, stop={}, constraint={}, enable_thinking={})".format(self.max_tokens, self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty, self.seed, self.stop, self.constraint, self.enable_thinking)
     def __eq__(self, other):
         if self.max_tokens != other.max_tokens:
             return False
@@ -1618,6 +1668,8 @@ class GenerationConfig:
             return False
         if self.constraint != other.constraint:
             return False
+        if self.enable_thinking != other.enable_thinking:
+            return False
         return True
 
 class _UniffiFfiConverterTypeGenerationConfig(_UniffiConverterRustBuffer):
@@ -1633,6 +1685,7 @@ class _UniffiFfiConverterTypeGenerationConfig(_UniffiConverterRustBuffer):
             seed=_UniffiFfiConverterUInt64.read(buf),
             stop=_UniffiFfiConverterSequenceString.read(buf),
             constraint=_UniffiFfiConverterOptionalTypeOutputConstraint.read(buf),
+            enable_thinking=_UniffiFfiConverterOptionalBoolean.read(buf),
         )
 
     @staticmethod
@@ -1646,6 +1699,7 @@ class _UniffiFfiConverterTypeGenerationConfig(_UniffiConverterRustBuffer):
         _UniffiFfiConverterUInt64.check_lower(value.seed)
         _UniffiFfiConverterSequenceString.check_lower(value.stop)
         _UniffiFfiConverterOptionalTypeOutputConstraint.check_lower(value.constraint)
+        _UniffiFfiConverterOptionalBoolean.check_lower(value.enable_thinking)
 
     @staticmethod
     def write(value, buf):
@@ -1658,6 +1712,7 @@ class _UniffiFfiConverterTypeGenerationConfig(_UniffiConverterRustBuffer):
         _UniffiFfiConverterUInt64.write(value.seed, buf)
         _UniffiFfiConverterSequenceString.write(value.stop, buf)
         _UniffiFfiConverterOptionalTypeOutputConstraint.write(value.constraint, buf)
+        _UniffiFfiConverterOptionalBoolean.write(value.enable_thinking, buf)
 
 class _UniffiFfiConverterSequenceUInt32(_UniffiConverterRustBuffer):
     @classmethod
@@ -1986,27 +2041,6 @@ class _UniffiFfiConverterTypeGenerationResult(_UniffiConverterRustBuffer):
         _UniffiFfiConverterTypeGenerationStats.write(value.stats, buf)
         _UniffiFfiConverterSequenceTypeToolCall.write(value.tool_calls, buf)
         _UniffiFfiConverterOptionalString.write(value.tool_call_error, buf)
-
-class _UniffiFfiConverterBoolean:
-    @classmethod
-    def check_lower(cls, value):
-        return not not value
-
-    @classmethod
-    def lower(cls, value):
-        return 1 if value else 0
-
-    @staticmethod
-    def lift(value):
-        return value != 0
-
-    @classmethod
-    def read(cls, buf):
-        return cls.lift(buf.read_u8())
-
-    @classmethod
-    def write(cls, value, buf):
-        buf.write_u8(value)
 
 @dataclass
 class ModelInfo:

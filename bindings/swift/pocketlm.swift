@@ -1976,6 +1976,11 @@ public struct GenerationConfig: Equatable, Hashable {
      * with `InvalidConfig` before any token is generated.
      */
     public var constraint: OutputConstraint?
+    /**
+     * Chat templates' `enable_thinking` (Qwen3, SmolLM3: false answers without a
+     * reasoning block); None = the template's default.
+     */
+    public var enableThinking: Bool?
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -2007,7 +2012,11 @@ public struct GenerationConfig: Equatable, Hashable {
         /**
          * What the output must match; None = free text. An invalid schema or grammar fails
          * with `InvalidConfig` before any token is generated.
-         */constraint: OutputConstraint? = nil) {
+         */constraint: OutputConstraint? = nil, 
+        /**
+         * Chat templates' `enable_thinking` (Qwen3, SmolLM3: false answers without a
+         * reasoning block); None = the template's default.
+         */enableThinking: Bool? = nil) {
         self.maxTokens = maxTokens
         self.temperature = temperature
         self.topK = topK
@@ -2017,6 +2026,7 @@ public struct GenerationConfig: Equatable, Hashable {
         self.seed = seed
         self.stop = stop
         self.constraint = constraint
+        self.enableThinking = enableThinking
     }
 
     
@@ -2043,7 +2053,8 @@ public struct FfiConverterTypeGenerationConfig: FfiConverterRustBuffer {
                 repetitionPenalty: FfiConverterFloat.read(from: &buf), 
                 seed: FfiConverterUInt64.read(from: &buf), 
                 stop: FfiConverterSequenceString.read(from: &buf), 
-                constraint: FfiConverterOptionTypeOutputConstraint.read(from: &buf)
+                constraint: FfiConverterOptionTypeOutputConstraint.read(from: &buf), 
+                enableThinking: FfiConverterOptionBool.read(from: &buf)
         )
     }
 
@@ -2057,6 +2068,7 @@ public struct FfiConverterTypeGenerationConfig: FfiConverterRustBuffer {
         FfiConverterUInt64.write(value.seed, into: &buf)
         FfiConverterSequenceString.write(value.stop, into: &buf)
         FfiConverterOptionTypeOutputConstraint.write(value.constraint, into: &buf)
+        FfiConverterOptionBool.write(value.enableThinking, into: &buf)
     }
 }
 
@@ -3098,6 +3110,30 @@ public func FfiConverterTypeStopReason_lower(_ value: StopReason) -> RustBuffer 
     return FfiConverterTypeStopReason.lower(value)
 }
 
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterOptionBool: FfiConverterRustBuffer {
+    typealias SwiftType = Bool?
+
+    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
+        guard let value = value else {
+            writeInt(&buf, Int8(0))
+            return
+        }
+        writeInt(&buf, Int8(1))
+        FfiConverterBool.write(value, into: &buf)
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        switch try readInt(&buf) as Int8 {
+        case 0: return nil
+        case 1: return try FfiConverterBool.read(from: &buf)
+        default: throw UniffiInternalError.unexpectedOptionalTag
+        }
+    }
+}
 
 #if swift(>=5.8)
 @_documentation(visibility: private)

@@ -36,6 +36,10 @@ pub struct GenerationConfig {
     /// with `InvalidConfig` before any token is generated.
     #[uniffi(default = None)]
     pub constraint: Option<OutputConstraint>,
+    /// Chat templates' `enable_thinking` (Qwen3, SmolLM3: false answers without a
+    /// reasoning block); None = the template's default.
+    #[uniffi(default = None)]
+    pub enable_thinking: Option<bool>,
 }
 
 /// A shape the output must have, enforced token by token (llguidance).
@@ -85,6 +89,7 @@ impl Default for GenerationConfig {
             seed: s.seed,
             stop: Vec::new(),
             constraint: None,
+            enable_thinking: None,
         }
     }
 }
@@ -115,6 +120,7 @@ impl GenerationConfig {
                 .as_ref()
                 .map(OutputConstraint::to_runtime)
                 .transpose()?,
+            enable_thinking: self.enable_thinking,
         })
     }
 }

@@ -224,7 +224,8 @@ impl Tokenizer {
         self.render_chat(messages, add_generation_prompt, None, enable_thinking)
     }
 
-    /// [`Self::apply_chat_template`] with tool definitions: the template sees them as
+    /// [`Self::apply_chat_template`] with tool definitions (and `enable_thinking` as in
+    /// [`Self::apply_chat_template_with`]): the template sees them as
     /// `tools`, a list of JSON objects, as transformers passes them (usually
     /// `{"type": "function", "function": {"name", "description", "parameters"}}`). Without a
     /// model template (the built-in fallback cannot describe tools) this is an error rather
@@ -234,13 +235,19 @@ impl Tokenizer {
         messages: &[ChatMessage],
         tools: &[serde_json::Value],
         add_generation_prompt: bool,
+        enable_thinking: Option<bool>,
     ) -> Result<String, TokenizerError> {
         if self.template.is_none() {
             return Err(TokenizerError::Template(
                 "the model ships no chat template, so tool definitions cannot be rendered".into(),
             ));
         }
-        self.render_chat(messages, add_generation_prompt, Some(tools), None)
+        self.render_chat(
+            messages,
+            add_generation_prompt,
+            Some(tools),
+            enable_thinking,
+        )
     }
 
     fn render_chat(

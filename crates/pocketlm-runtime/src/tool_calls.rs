@@ -709,7 +709,7 @@ mod tests {
         );
         let messages = [ChatMessage::new("user", "Weather in Paris?")];
         let out = tokenizer
-            .apply_chat_template_with_tools(&messages, &weather_tools(), true)
+            .apply_chat_template_with_tools(&messages, &weather_tools(), true, None)
             .unwrap();
         assert!(
             out.starts_with("<|im_start|>system\nYou are helpful.\n\n# Tools\n\n<tools>\n{"),
@@ -731,7 +731,7 @@ mod tests {
         );
         // No template: an error, not a prompt without the tools.
         let err = stories_with_template(None)
-            .apply_chat_template_with_tools(&messages, &weather_tools(), true)
+            .apply_chat_template_with_tools(&messages, &weather_tools(), true, None)
             .unwrap_err();
         assert!(err.to_string().contains("no chat template"), "{err}");
     }

@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{fixture, greedy, model_file};
+use common::{fixture, greedy, model_file, model_with_chat_template};
 use pocketlm_convert::{ConvertOptions, convert_path};
 use pocketlm_format::Encoding;
 use pocketlm_runtime::model::{KvType, ModelOptions};
@@ -441,35 +441,13 @@ mod constrained {
 
     /// stories260K with a Hermes-style (Qwen 2.5) tool-calling chat template added.
     fn model_with_tool_template() -> (tempfile::TempDir, Arc<Model>) {
-        let dir = tempfile::tempdir().unwrap();
-        let src = dir.path().join("hf");
-        std::fs::create_dir(&src).unwrap();
-        for f in ["config.json", "model.safetensors", "tokenizer.json"] {
-            std::fs::copy(fixture("stories260k/hf").join(f), src.join(f)).unwrap();
-        }
-        let template = concat!(
+        model_with_chat_template(concat!(
             "{% if tools %}<|im_start|>system\nYou may call functions. <tools>",
             "{% for tool in tools %}{{ tool | tojson }}{% endfor %}</tools> ",
             "Answer with <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call><|im_end|>\n{% endif %}",
             "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}",
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-        );
-        let config = serde_json::json!({
-            "tokenizer_class": "LlamaTokenizerFast",
-            "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-            "add_bos_token": true, "chat_template": template
-        });
-        std::fs::write(src.join("tokenizer_config.json"), config.to_string()).unwrap();
-        let out = dir.path().join("tools.plm");
-        convert_path(
-            &src,
-            &out,
-            &ConvertOptions::with_weights(Encoding::F32),
-            &mut |_, _, _| {},
-        )
-        .unwrap();
-        let model = Arc::new(Model::open(&out).unwrap());
-        (dir, model)
+        ))
     }
 
     #[test]
@@ -541,5 +519,33 @@ mod constrained {
             .chat_with_tools(&[user("Hi")], &tools, &greedy(4), |_| true)
             .unwrap_err();
         assert!(matches!(err, ModelError::NoToolTemplate), "{err}");
+    }
+}
+
+/// `enable_thinking` reaches the template (Qwen3's tail: false adds an empty think block),
+/// and an undefined one leaves the template's default.
+#[test]
+fn enable_thinking_reaches_the_chat_template() {
+    let (_dir, model) = model_with_chat_template(concat!(
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}",
+        "{% if add_generation_prompt %}<|im_start|>assistant\n",
+        "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n",
+        "{% endif %}{% endif %}"
+    ));
+    let prompt_text = |enable_thinking: Option<bool>| {
+        let mut session = Session::new(Arc::clone(&model), 256).unwrap();
+        let options = GenerateOptions {
+            enable_thinking,
+            ..greedy(1)
+        };
+        let generation = session.chat(&[user("Hi")], &options, |_| true).unwrap();
+        let prompt = &session.history()[..generation.stats.prompt_tokens];
+        model.tokenizer().decode(prompt).unwrap()
+    };
+    assert!(prompt_text(Some(false)).ends_with("<think>\n\n</think>\n\n"));
+    for default in [None, Some(true)] {
+        let text = prompt_text(default);
+        assert!(!text.contains("<think>"), "{default:?}: {text:?}");
+        assert!(text.ends_with("assistant\n"), "{default:?}: {text:?}");
     }
 }

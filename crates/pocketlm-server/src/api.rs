@@ -62,6 +62,10 @@ pub struct ChatCompletionRequest {
     pub response_format: Option<Value>,
     pub tools: Option<Vec<Value>>,
     pub tool_choice: Option<Value>,
+    /// Extra chat-template variables (llama-server's name); `enable_thinking` is read.
+    pub chat_template_kwargs: Option<Value>,
+    /// Extension (mistral.rs's name): the template's `enable_thinking` (Qwen3, SmolLM3).
+    pub enable_thinking: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -238,6 +242,9 @@ pub struct ChatRequest {
     pub tools: ChatTools,
     /// From `response_format` (`json_object` or `json_schema`).
     pub constraint: Option<OutputConstraint>,
+    /// The template's `enable_thinking`, from `enable_thinking` or
+    /// `chat_template_kwargs.enable_thinking`.
+    pub enable_thinking: Option<bool>,
 }
 
 impl ChatCompletionRequest {
@@ -256,7 +263,31 @@ impl ChatCompletionRequest {
             messages: self.messages()?,
             tools,
             constraint,
+            enable_thinking: self.enable_thinking()?,
         })
+    }
+
+    fn enable_thinking(&self) -> Result<Option<bool>, ApiError> {
+        let from_kwargs = match &self.chat_template_kwargs {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(kwargs)) => match kwargs.get("enable_thinking") {
+                None | Some(Value::Null) => None,
+                Some(Value::Bool(on)) => Some(*on),
+                Some(_) => {
+                    return Err(ApiError::invalid_param(
+                        "chat_template_kwargs",
+                        "chat_template_kwargs.enable_thinking must be true or false",
+                    ));
+                }
+            },
+            Some(_) => {
+                return Err(ApiError::invalid_param(
+                    "chat_template_kwargs",
+                    "chat_template_kwargs must be an object",
+                ));
+            }
+        };
+        Ok(self.enable_thinking.or(from_kwargs))
     }
 
     /// `response_format`: `text` (or none) leaves the reply free; `json_object` asks for any

@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use pocketlm_runtime::constrain::{Constraint, ConstraintError, OutputConstraint};
+use pocketlm_runtime::session::chat_prompt_tokens;
 use pocketlm_runtime::{Generation, Model, ModelError};
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
@@ -184,6 +185,7 @@ async fn chat_completions(
         let chat = request.chat()?;
         let mut prepared = request.sampling.prepare(None)?;
         prepared.options.constraint = chat.constraint;
+        prepared.options.enable_thinking = chat.enable_thinking;
         let prompt = Prompt::Chat {
             messages: chat.messages,
             tools: chat.tools,
@@ -227,9 +229,10 @@ async fn generate(
 ) -> Result<Response, ApiError> {
     let model = Arc::clone(&state.model);
     let constraint = prepared.options.constraint.clone();
+    let enable_thinking = prepared.options.enable_thinking;
     let (prompt, prompt_tokens) = tokio::task::spawn_blocking(move || {
         let checked = check_constraint(&model, constraint.as_ref())
-            .and_then(|()| prompt_tokens(&model, &prompt));
+            .and_then(|()| prompt_tokens(&model, &prompt, enable_thinking));
         (prompt, checked)
     })
     .await
@@ -315,24 +318,25 @@ fn check_constraint(model: &Model, constraint: Option<&OutputConstraint>) -> Res
 }
 
 /// The prompt's tokens exactly as the slot's session will compute them.
-fn prompt_tokens(model: &Model, prompt: &Prompt) -> Result<Vec<u32>, ApiError> {
-    let tokenizer = model.tokenizer();
+fn prompt_tokens(
+    model: &Model,
+    prompt: &Prompt,
+    enable_thinking: Option<bool>,
+) -> Result<Vec<u32>, ApiError> {
     let tokens = match prompt {
         Prompt::Chat { messages, tools } => {
-            let text = if tools.definitions.is_empty() {
-                tokenizer.apply_chat_template(messages, true)
-            } else if model.tokenizer_spec().chat_template.is_none() {
+            if !tools.definitions.is_empty() && model.tokenizer_spec().chat_template.is_none() {
                 return Err(ApiError::invalid_param(
                     "tools",
                     ModelError::NoToolTemplate.to_string(),
                 ));
-            } else {
-                tokenizer.apply_chat_template_with_tools(messages, &tools.definitions, true)
             }
-            .map_err(ModelError::from)?;
-            tokenizer.encode(&text, false).map_err(ModelError::from)?
+            chat_prompt_tokens(model, messages, &tools.definitions, enable_thinking)?
         }
-        Prompt::Text(text) => tokenizer.encode_prompt(text).map_err(ModelError::from)?,
+        Prompt::Text(text) => model
+            .tokenizer()
+            .encode_prompt(text)
+            .map_err(ModelError::from)?,
     };
     Ok(tokens)
 }

@@ -423,6 +423,11 @@ async fn bad_requests_get_openai_error_shapes() {
         ),
         (
             json!({"messages": [{"role": "user", "content": "hi"}],
+                   "chat_template_kwargs": {"enable_thinking": "no"}}),
+            "chat_template_kwargs",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}],
                    "tools": [{"type": "function", "function": {"name": "f"}}],
                    "tool_choice": {"type": "function", "function": {"name": "g"}}}),
             "tool_choice",

@@ -3397,6 +3397,12 @@ data class GenerationConfig (
      * with `InvalidConfig` before any token is generated.
      */
     var `constraint`: OutputConstraint? = null 
+    , 
+    /**
+     * Chat templates' `enable_thinking` (Qwen3, SmolLM3: false answers without a
+     * reasoning block); None = the template's default.
+     */
+    var `enableThinking`: kotlin.Boolean? = null 
     
 ){
     
@@ -3422,6 +3428,7 @@ public object FfiConverterTypeGenerationConfig: FfiConverterRustBuffer<Generatio
             FfiConverterULong.read(buf),
             FfiConverterSequenceString.read(buf),
             FfiConverterOptionalTypeOutputConstraint.read(buf),
+            FfiConverterOptionalBoolean.read(buf),
         )
     }
 
@@ -3434,7 +3441,8 @@ public object FfiConverterTypeGenerationConfig: FfiConverterRustBuffer<Generatio
             FfiConverterFloat.allocationSize(value.`repetitionPenalty`) +
             FfiConverterULong.allocationSize(value.`seed`) +
             FfiConverterSequenceString.allocationSize(value.`stop`) +
-            FfiConverterOptionalTypeOutputConstraint.allocationSize(value.`constraint`)
+            FfiConverterOptionalTypeOutputConstraint.allocationSize(value.`constraint`) +
+            FfiConverterOptionalBoolean.allocationSize(value.`enableThinking`)
     )
 
     override fun write(value: GenerationConfig, buf: ByteBuffer) {
@@ -3447,6 +3455,7 @@ public object FfiConverterTypeGenerationConfig: FfiConverterRustBuffer<Generatio
             FfiConverterULong.write(value.`seed`, buf)
             FfiConverterSequenceString.write(value.`stop`, buf)
             FfiConverterOptionalTypeOutputConstraint.write(value.`constraint`, buf)
+            FfiConverterOptionalBoolean.write(value.`enableThinking`, buf)
     }
 }
 
@@ -4375,6 +4384,38 @@ public object FfiConverterTypeStopReason: FfiConverterRustBuffer<StopReason> {
 }
 
 
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterOptionalBoolean: FfiConverterRustBuffer<kotlin.Boolean?> {
+    override fun read(buf: ByteBuffer): kotlin.Boolean? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterBoolean.read(buf)
+    }
+
+    override fun allocationSize(value: kotlin.Boolean?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterBoolean.allocationSize(value)
+        }
+    }
+
+    override fun write(value: kotlin.Boolean?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterBoolean.write(value, buf)
+        }
+    }
+}
 
 
 

@@ -87,6 +87,10 @@ pub struct GenerationArgs {
     /// The output must be one of these strings (repeat the flag for each).
     #[arg(long, value_name = "TEXT", group = "constraint")]
     pub choice: Vec<String>,
+    /// Chat: set the template's `enable_thinking` (Qwen3, SmolLM3 reason before answering
+    /// unless it is false). Without the flag the template's default applies.
+    #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set)]
+    pub think: Option<bool>,
 }
 
 impl GenerationArgs {
@@ -105,6 +109,7 @@ impl GenerationArgs {
             stop: self.stop.clone(),
             ignore_eos: self.ignore_eos,
             constraint: self.constraint()?,
+            enable_thinking: self.think,
         };
         options.sampler.validate()?;
         Ok(options)

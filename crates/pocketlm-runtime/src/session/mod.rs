@@ -38,6 +38,10 @@ pub struct GenerateOptions {
     /// What the output must match (JSON schema, grammar, regex, choices); checked before
     /// the first token, applied as a logit mask at every step.
     pub constraint: Option<OutputConstraint>,
+    /// Chat templates' `enable_thinking` variable (Qwen3, SmolLM3: `false` makes the model
+    /// answer without a reasoning block). `None` leaves it undefined: the template's
+    /// default. Raw-text generation ignores it.
+    pub enable_thinking: Option<bool>,
 }
 
 impl Default for GenerateOptions {
@@ -48,6 +52,7 @@ impl Default for GenerateOptions {
             stop: Vec::new(),
             ignore_eos: false,
             constraint: None,
+            enable_thinking: None,
         }
     }
 }
@@ -143,6 +148,24 @@ pub struct Session {
     cache: KvCache,
     history: Vec<u32>,
     context_policy: Option<ContextPolicy>,
+}
+
+/// The tokens of `messages` (and `tools`, when any) rendered for generation by the model's
+/// chat template, exactly as [`Session::chat_with_tools`] computes them (the template writes
+/// BOS itself when the model needs it); for callers that size or route a prompt first.
+pub fn chat_prompt_tokens(
+    model: &Model,
+    messages: &[ChatMessage],
+    tools: &[serde_json::Value],
+    enable_thinking: Option<bool>,
+) -> Result<Vec<u32>, ModelError> {
+    let tokenizer = model.tokenizer();
+    let prompt = if tools.is_empty() {
+        tokenizer.apply_chat_template_with(messages, true, enable_thinking)?
+    } else {
+        tokenizer.apply_chat_template_with_tools(messages, tools, true, enable_thinking)?
+    };
+    Ok(tokenizer.encode(&prompt, false)?)
 }
 
 /// A prompt ready to run: its tokens and what a context policy left out of it.
@@ -417,20 +440,13 @@ impl Session {
         Err(ModelError::ConstraintsUnavailable)
     }
 
-    /// The tokens of `messages` (and `tools`, when any) rendered for generation (the
-    /// template writes BOS itself when the model needs it).
     fn render_chat(
         &self,
         messages: &[ChatMessage],
         tools: &[serde_json::Value],
+        options: &GenerateOptions,
     ) -> Result<Vec<u32>, ModelError> {
-        let tokenizer = self.model.tokenizer();
-        let prompt = if tools.is_empty() {
-            tokenizer.apply_chat_template(messages, true)?
-        } else {
-            tokenizer.apply_chat_template_with_tools(messages, tools, true)?
-        };
-        Ok(tokenizer.encode(&prompt, false)?)
+        chat_prompt_tokens(&self.model, messages, tools, options.enable_thinking)
     }
 
     fn fit_chat(
@@ -440,7 +456,7 @@ impl Session {
         options: &GenerateOptions,
     ) -> Result<FittedPrompt, ModelError> {
         let capacity = self.cache.capacity();
-        let ids = self.render_chat(messages, tools)?;
+        let ids = self.render_chat(messages, tools, options)?;
         let policy = self.policy_or(ContextPolicy::DropOldestTurns);
         let budget = capacity - reply_reserve(options.max_tokens, capacity);
         if policy == ContextPolicy::Error || ids.len() <= budget {
@@ -451,7 +467,7 @@ impl Session {
         }
         let mut rendered = None;
         let kept = context::drop_oldest_turns(messages, |candidate| {
-            let ids = self.render_chat(candidate, tools)?;
+            let ids = self.render_chat(candidate, tools, options)?;
             let fits = ids.len() <= budget;
             rendered = Some(ids);
             Ok::<_, ModelError>(fits)
