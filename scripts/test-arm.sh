@@ -22,13 +22,36 @@ rustup toolchain list | grep -q '^debian' || rustup toolchain link debian /usr
 
 target=aarch64-unknown-linux-gnu
 # Every library's unit tests (the converter's without candle, the runtime's without
-# llguidance) and the end-to-end model test. One package selection for every command, so
-# the cross build is made once: another selection resolves other features and rebuilds.
+# llguidance) and the end-to-end model test, built once: one package selection (another would
+# resolve other features and rebuild), then the test executables run under qemu directly.
 libs=(-p pocketlm-format -p pocketlm-kernels -p pocketlm-runtime -p pocketlm-eval -p pocketlm-convert)
-arm_test() { cargo +debian test --locked --no-default-features --target "$target" "${libs[@]}" --lib --test stories260k "$@"; }
+executables=$(cargo +debian test --locked --no-default-features --target "$target" "${libs[@]}" \
+  --lib --test stories260k --no-run --message-format=json \
+  | python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
+        print(m["executable"])')
+run_tests() {  # cpu, executables...
+  local cpu=$1 exe
+  for exe in "${@:2}"; do
+    # Fixture paths are built from CARGO_MANIFEST_DIR at compile time: any cwd works.
+    QEMU_CPU=$cpu qemu-aarch64 "$exe" -q
+  done
+}
+# `max` (dotprod, i8mm, SVE) runs everything. The other CPU models differ only in which
+# kernel paths dispatch picks, so they run the kernels' tests and the end-to-end model.
+echo "== aarch64 tests under qemu -cpu max (every library)"
+# shellcheck disable=SC2086
+run_tests max $executables
+for cpu in cortex-a72 cortex-a76; do
+  echo "== aarch64 kernels and the model under qemu -cpu $cpu"
+  # shellcheck disable=SC2086
+  run_tests "$cpu" $(printf '%s\n' $executables | grep -E '/(pocketlm_kernels|stories260k)-')
+done
+# Which dispatch paths each CPU model exercised.
+kernels=$(printf '%s\n' $executables | grep '/pocketlm_kernels-')
 for cpu in cortex-a72 cortex-a76 max; do
-  echo "== aarch64 tests under qemu -cpu $cpu"
-  QEMU_CPU=$cpu arm_test
-  # Shows which dispatch paths this CPU model exercised.
-  QEMU_CPU=$cpu arm_test -- every_supported_path_matches_scalar --nocapture 2>&1 | grep "testing kernel paths"
+  QEMU_CPU=$cpu qemu-aarch64 "$kernels" every_supported_path_matches_scalar --nocapture 2>&1 \
+    | grep "testing kernel paths" | sed "s/^/$cpu: /"
 done
