@@ -20,7 +20,7 @@ shorter than the test sequence, and its RoPE scaling), and writes:
   prompt at every position (`prompt_len x vocab_size`), computed in f32 from the
   f16-rounded weights the files hold.
 
-The Rust tests in crates/pocketlm-convert/tests/families.rs convert both forms and compare.
+The Rust tests in crates/pocketlm-convert/tests/suite/families.rs convert both forms and compare.
 
 `--bench-model DIR` instead writes a larger random Gemma 3 (not committed) for the
 ring-buffer benchmark in BENCHMARKS.md: hidden 640, 6 layers (5 local with window 512),

@@ -9,7 +9,7 @@ use pocketlm_runtime::Model;
 use serde_json::Value;
 
 // The converter's fixture helpers (stories260K paths), shared rather than copied.
-#[path = "../../pocketlm-convert/tests/common/mod.rs"]
+#[path = "../../pocketlm-convert/tests/suite/common/mod.rs"]
 mod common;
 use common::{STORY, ZEROSHOT_ARC, convert};
 
@@ -368,3 +368,4 @@ fn convert_refusals_name_the_flags() {
     );
     assert!(!out.exists());
 }
+

@@ -14,7 +14,7 @@ use pocketlm_runtime::Model;
 use pocketlm_runtime::model::Logits;
 use serde_json::Value;
 
-mod common;
+use crate::common;
 use common::{STORY, ZEROSHOT_ARC, fixture};
 
 const CTX: usize = 64;

@@ -14,7 +14,7 @@ use pocketlm_convert::{
 use pocketlm_format::{Encoding, PlmFile};
 use pocketlm_runtime::model::{Model, ModelOptions};
 
-mod common;
+use crate::common;
 use common::{calibration, convert, fixture, ppl};
 
 fn lowrank_options(weights: Encoding, method: LowRankMethod, ratio: f64) -> ConvertOptions {

@@ -13,7 +13,7 @@ use pocketlm_eval::{PerplexityOptions, kl_divergence};
 use pocketlm_format::{Encoding, PlmFile};
 use pocketlm_runtime::model::{Model, ModelError, ModelOptions, Profile};
 
-mod common;
+use crate::common;
 use common::{convert, fixture};
 
 const Q4: Encoding = Encoding::Q4 {

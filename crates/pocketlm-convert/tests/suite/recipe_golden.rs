@@ -9,7 +9,7 @@ use pocketlm_convert::{
 };
 use pocketlm_format::{Encoding, PlmFile};
 
-mod common;
+use crate::common;
 use common::{calibration, convert};
 
 const Q4: Encoding = Encoding::Q4 {

@@ -17,7 +17,7 @@ use pocketlm_eval::PerplexityOptions;
 use pocketlm_format::{Encoding, PlmFile};
 use pocketlm_runtime::model::{Model, ModelOptions};
 
-mod common;
+use crate::common;
 use common::{calibration, convert, fixture, ppl};
 
 fn options(weights: Encoding, method: Method) -> ConvertOptions {

@@ -12,7 +12,7 @@ use pocketlm_convert::{
 };
 use pocketlm_format::{Encoding, PlmFile};
 
-mod common;
+use crate::common;
 use common::{calibration, convert, fixture, ppl};
 
 const Q3: Encoding = Encoding::Q3 { group: 32 };

@@ -1,6 +1,6 @@
 //! The compression planner on stories260K: measured costs, budgets, the converted file.
 
-mod common;
+use crate::common;
 
 use common::{calibration, fixture};
 use pocketlm_convert::import::{self, ImportedModel};
