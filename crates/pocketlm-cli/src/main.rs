@@ -15,12 +15,18 @@ use pocketlm_kernels::KernelPath;
 use pocketlm_runtime::cpu::{CpuTopology, plan_threads};
 
 use crate::args::Cli;
-use crate::model_options::{MODEL_OPTIONS, model_options};
+use crate::model_options::{CPU_MASK, MODEL_OPTIONS, model_options};
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
     let _ = MODEL_OPTIONS.set(model_options(&cli.global));
+    let _ = CPU_MASK.set(
+        cli.global
+            .cpu_mask
+            .as_ref()
+            .map_or_else(Vec::new, |m| m.0.clone()),
+    );
     if let Some(path) = cli.global.kernels {
         select_kernels(path);
     }

@@ -13,6 +13,10 @@ use crate::args::GlobalArgs;
 /// (and their environment variables).
 pub static MODEL_OPTIONS: OnceLock<ModelOptions> = OnceLock::new();
 
+/// `--cpu-mask`'s cores (empty: none given), for commands that place pools of their own
+/// (`bench --threads-sweep`).
+pub static CPU_MASK: OnceLock<Vec<usize>> = OnceLock::new();
+
 pub fn model_options(global: &GlobalArgs) -> ModelOptions {
     let defaults = ModelOptions::default();
     ModelOptions {

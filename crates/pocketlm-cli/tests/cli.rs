@@ -369,3 +369,44 @@ fn convert_refusals_name_the_flags() {
     assert!(!out.exists());
 }
 
+#[test]
+fn bench_threads_sweep_prints_one_result_per_thread_count() {
+    let (_dir, path) = convert(&ConvertOptions::with_weights(Encoding::F32));
+    let out = Command::new(env!("CARGO_BIN_EXE_pocketlm"))
+        .args([
+            "bench",
+            path.to_str().unwrap(),
+            "-p",
+            "8",
+            "-n",
+            "4",
+            "-r",
+            "1",
+        ])
+        .args(["--threads-sweep", "1,2", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = rows.as_array().expect("one JSON array");
+    let threads: Vec<u64> = rows
+        .iter()
+        .map(|r| r["threads"].as_u64().unwrap())
+        .collect();
+    assert_eq!(threads, [1, 2]);
+    for r in rows {
+        assert!(r["decode_tokens_per_s"].as_f64().unwrap() > 0.0, "{r}");
+        assert_eq!(r["prompt_tokens"], 8);
+    }
+
+    let zero = Command::new(env!("CARGO_BIN_EXE_pocketlm"))
+        .args(["bench", path.to_str().unwrap(), "--threads-sweep", "0"])
+        .output()
+        .unwrap();
+    assert!(!zero.status.success());
+    assert!(String::from_utf8_lossy(&zero.stderr).contains("thread counts start at 1"));
+}

@@ -17,6 +17,10 @@ pub struct BenchArgs {
     pub gen_tokens: usize,
     #[arg(short = 'r', long, default_value_t = 3)]
     pub repetitions: usize,
+    /// Run the whole test once per thread count (e.g. 1,2,4,8), one row each, each on its own
+    /// pool placed as `--threads N` would place it (pinned to `--cpu-mask` when given).
+    #[arg(long, value_name = "LIST", value_delimiter = ',', num_args = 1..)]
+    pub threads_sweep: Option<Vec<usize>>,
     #[command(flatten)]
     pub output: JsonOutput,
 }

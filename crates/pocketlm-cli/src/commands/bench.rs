@@ -1,8 +1,11 @@
 //! `pocketlm bench`: prefill and decode speed, time to first token, memory.
 
+use pocketlm_eval::bench::{BenchOptions, BenchResult};
+use pocketlm_runtime::cpu::{CpuTopology, plan_threads};
+
 use crate::args::{BenchArgs, JsonOutput};
 use crate::commands::CliResult;
-use crate::model_options::open_model;
+use crate::model_options::{CPU_MASK, open_model};
 
 pub fn execute(args: BenchArgs) -> CliResult {
     let BenchArgs {
@@ -10,14 +13,18 @@ pub fn execute(args: BenchArgs) -> CliResult {
         prompt_tokens,
         gen_tokens: generated_tokens,
         repetitions,
+        threads_sweep,
         output: JsonOutput { json },
     } = args;
     let model = open_model(&path)?;
-    let options = pocketlm_eval::bench::BenchOptions {
+    let options = BenchOptions {
         prompt_tokens,
         generated_tokens,
         repetitions,
     };
+    if let Some(counts) = threads_sweep {
+        return sweep_threads(&model, &options, &counts, json);
+    }
     let r = pocketlm_eval::bench::bench(&model, &options)?;
     if json {
         println!("{}", serde_json::to_string(&r)?);
@@ -54,5 +61,53 @@ pub fn execute(args: BenchArgs) -> CliResult {
         mb(r.rss_file_mb),
         mb(r.rss_anon_mb)
     );
+    Ok(())
+}
+
+/// `--threads-sweep`: the test once per thread count, each on a pool of that size placed as
+/// the global `--threads` would place it; one row per count (one JSON array with `--json`).
+fn sweep_threads(
+    model: &pocketlm_runtime::Model,
+    options: &BenchOptions,
+    counts: &[usize],
+    json: bool,
+) -> CliResult {
+    let topology = CpuTopology::detect();
+    let mask = CPU_MASK.get().map_or(&[][..], Vec::as_slice);
+    if !json {
+        println!(
+            "{:>7}  {:>12}  {:>12}  {:>9}  {:>14}",
+            "threads",
+            format!("pp{} tok/s", options.prompt_tokens),
+            format!("tg{} tok/s", options.generated_tokens),
+            "ttft ms",
+            "of bandwidth"
+        );
+    }
+    let mut results: Vec<BenchResult> = Vec::new();
+    for &threads in counts {
+        if threads == 0 {
+            return Err(
+                format!("--threads-sweep: thread counts start at 1 (got {threads})").into(),
+            );
+        }
+        let pool =
+            plan_threads(&topology, threads, mask).build_pool(|i| format!("pocketlm-sweep-{i}"))?;
+        let r = pool.install(|| pocketlm_eval::bench::bench(model, options))?;
+        if !json {
+            println!(
+                "{:>7}  {:>12.1}  {:>12.1}  {:>9.1}  {:>13.0}%",
+                r.threads,
+                r.prefill_tokens_per_s,
+                r.decode_tokens_per_s,
+                r.ttft_ms,
+                r.bandwidth_efficiency * 100.0
+            );
+        }
+        results.push(r);
+    }
+    if json {
+        println!("{}", serde_json::to_string(&results)?);
+    }
     Ok(())
 }
