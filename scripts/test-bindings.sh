@@ -43,6 +43,11 @@ lib="$target_dir/debug/libpocketlm.so"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 "$target_dir/debug/pocketlm" convert tests/fixtures/stories260k/hf -o "$work/stories.plm" --dtype f32 >/dev/null
+# The same model with a tool-calling chat template, for the tool-call cases.
+mkdir "$work/tools-hf"
+cp tests/fixtures/stories260k/hf/{config.json,model.safetensors,tokenizer.json} "$work/tools-hf/"
+cp tests/fixtures/stories260k-tools/tokenizer_config.json "$work/tools-hf/"
+"$target_dir/debug/pocketlm" convert "$work/tools-hf" -o "$work/tools.plm" --dtype f32 >/dev/null
 export RUST_BACKTRACE=0   # the throwing-callback tests print one panic message; keep it short
 
 status=0
@@ -51,7 +56,7 @@ status=0
 echo "== Python bindings"
 mkdir -p "$work/python"
 cp bindings/python/pocketlm.py "$lib" "$work/python/"
-python3 tests/bindings/test_bindings.py "$work/python" "$work/stories.plm" || status=1
+python3 tests/bindings/test_bindings.py "$work/python" "$work/stories.plm" "$work/tools.plm" || status=1
 
 # --- 4. Kotlin ------------------------------------------------------------------------------
 echo "== Kotlin bindings (JVM + JNA)"
@@ -65,7 +70,7 @@ if [ ! -f "$jar" ]; then
   "$kotlinc" -nowarn -cp "$jna" "${kt_sources[@]}" -include-runtime -d "$jar.tmp.jar"
   mv "$jar.tmp.jar" "$jar"
 fi
-java -Duniffi.component.pocketlm.libraryOverride="$lib" -cp "$jar:$jna" TestBindingsKt "$work/stories.plm" \
+java -Duniffi.component.pocketlm.libraryOverride="$lib" -cp "$jar:$jna" TestBindingsKt "$work/stories.plm" "$work/tools.plm" \
   || status=1
 
 [ "$status" = 0 ] && echo "== bindings: all passed" || echo "== bindings: FAILED" >&2

@@ -189,6 +189,25 @@ fun main(args: Array<String>) {
         val e = expect<PocketLmException.InvalidConfig> { engine.newSession().complete(PROMPT, bad) }
         check(e.reason.contains("GBNF")) { e.reason }
     }
+    tests["tool call through the template"] = {
+        // stories260K with a Hermes tool template (tests/fixtures/stories260k-tools): the
+        // template renders the tool, a required call constrains the reply to one call that
+        // matches the tool's schema, and it comes back parsed.
+        val toolsPath = args.getOrNull(1) ?: throw AssertionError("no tool-template model (second argument)")
+        val tools = Engine.open(toolsPath, EngineOptions(threads = 2u))
+        val weather = """{"type":"function","function":{"name":"get_weather","description":"Weather in a city",""" +
+            """"parameters":{"type":"object","properties":{"city":{"type":"string","maxLength":12}},""" +
+            """"required":["city"],"additionalProperties":false}}}"""
+        tools.newConversation("You can call tools.").use { conv ->
+            val r = conv.sendWithTools("What is the weather in Paris?", Tools(listOf(weather), true), greedy(96), null)
+            check(r.toolCallError == null && r.toolCalls.size == 1) { "$r" }
+            check(r.toolCalls[0].name == "get_weather") { "${r.toolCalls}" }
+            check(Regex("\\{\\s*\"city\"\\s*:\\s*\".*\"\\s*\\}").matches(r.toolCalls[0].argumentsJson)) { r.toolCalls[0].argumentsJson }
+            conv.addMessage(ChatMessage(role = "tool", content = "{\"temperature\": 21}"))
+            val reply = conv.reply(null, greedy(8), null)
+            check(reply.toolCalls.isEmpty()) { "$reply" }
+        }
+    }
     tests["stop string"] = {
         val r = engine.newSession().complete(PROMPT, greedy(40, stop = listOf("Lily")))
         check(r.stopReason == StopReason.STOP_STRING) { "${r.stopReason}" }

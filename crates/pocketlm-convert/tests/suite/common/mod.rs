@@ -67,3 +67,16 @@ pub fn ppl(path: &Path) -> f64 {
         .unwrap()
         .ppl
 }
+
+/// The real SmolLM2-135M-Instruct GGUF (Q4_1, fetched by scripts/fetch-models.sh), or
+/// `POCKETLM_SMOLLM2_GGUF`; `None` when neither is there.
+pub fn smollm2_gguf() -> Option<PathBuf> {
+    let candidates = [
+        std::env::var_os("POCKETLM_SMOLLM2_GGUF").map(PathBuf::from),
+        Some(
+            Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+                .join("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        ),
+    ];
+    candidates.into_iter().flatten().find(|p| p.is_file())
+}

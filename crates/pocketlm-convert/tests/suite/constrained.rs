@@ -4,27 +4,17 @@
 //! not available. The constraint engine itself is tested in pocketlm-runtime; this checks it
 //! against a 49k byte-level BPE vocabulary and a model that prefers its own formatting.
 
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use pocketlm_convert::{ConvertOptions, convert_path};
+
+use crate::common;
 use pocketlm_format::Encoding;
 use pocketlm_runtime::Model;
 use pocketlm_runtime::constrain::{Constraint, ConstraintVocabulary, OutputConstraint};
 use pocketlm_runtime::model::Logits;
 use pocketlm_runtime::tokenizer::ChatMessage;
 use pocketlm_runtime::tool_calls::{ToolCallFormat, parse_tool_calls, tool_call_constraint};
-
-fn gguf_path() -> Option<PathBuf> {
-    let candidates = [
-        std::env::var_os("POCKETLM_SMOLLM2_GGUF").map(PathBuf::from),
-        Some(
-            Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-                .join("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
-        ),
-    ];
-    candidates.into_iter().flatten().find(|p| p.is_file())
-}
 
 /// The converted model's directory (kept alive), the model and its constraint vocabulary.
 type Loaded = (tempfile::TempDir, Arc<Model>, Arc<ConstraintVocabulary>);
@@ -35,7 +25,7 @@ fn model() -> Option<(Arc<Model>, Arc<ConstraintVocabulary>)> {
     static MODEL: OnceLock<Option<Loaded>> = OnceLock::new();
     MODEL
         .get_or_init(|| {
-            let Some(gguf) = gguf_path() else {
+            let Some(gguf) = common::smollm2_gguf() else {
                 eprintln!(
                     "skipping constrained SmolLM2 tests: model not found; run \
                      scripts/fetch-models.sh or set POCKETLM_SMOLLM2_GGUF"
