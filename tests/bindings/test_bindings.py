@@ -236,10 +236,12 @@ def test_tools_need_a_template():
     assert r.tool_calls == [] and r.tool_call_error is None, r
 
 
+# `strict` closes the parameters' objects (the Kotlin suite says additionalProperties itself);
+# an open object would let a tiny model go on adding keys until max_tokens.
 WEATHER_TOOL = (
     '{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",'
-    ' "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},'
-    ' "required": ["city"], "additionalProperties": false}}}'
+    ' "strict": true, "parameters": {"type": "object", "properties": {"city": {"type": "string",'
+    ' "maxLength": 12}}, "required": ["city"]}}}'
 )
 
 

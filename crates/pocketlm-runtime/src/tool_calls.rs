@@ -365,12 +365,44 @@ fn tool_signature(index: usize, tool: &Value) -> Result<(String, Value), ToolDef
         .and_then(Value::as_str)
         .ok_or(ToolDefinitionError::NoName { index })?
         .to_string();
-    let parameters = match function.get("parameters") {
+    let mut parameters = match function.get("parameters") {
         None | Some(Value::Null) => serde_json::json!({"type": "object", "properties": {}}),
         Some(p @ Value::Object(_)) => p.clone(),
         Some(_) => return Err(ToolDefinitionError::BadParameters { name }),
     };
+    // OpenAI's strict tools take no keys beyond those declared (it refuses schemas that do
+    // not say so); closing the objects here also keeps a constrained call from going on
+    // adding keys until it runs out of tokens.
+    if function.get("strict") == Some(&Value::Bool(true)) {
+        close_objects(&mut parameters);
+    }
     Ok((name, parameters))
+}
+
+/// Sets `"additionalProperties": false` on every object schema inside `schema` that does not
+/// say otherwise (properties, items, combinators and definitions included).
+fn close_objects(schema: &mut Value) {
+    let Value::Object(map) = schema else { return };
+    let is_object =
+        map.get("type").and_then(Value::as_str) == Some("object") || map.contains_key("properties");
+    if is_object && !map.contains_key("additionalProperties") {
+        map.insert("additionalProperties".into(), Value::Bool(false));
+    }
+    for key in ["properties", "$defs", "definitions", "patternProperties"] {
+        if let Some(Value::Object(children)) = map.get_mut(key) {
+            children.values_mut().for_each(close_objects);
+        }
+    }
+    for key in ["items", "additionalItems", "not", "if", "then", "else"] {
+        if let Some(child) = map.get_mut(key) {
+            close_objects(child);
+        }
+    }
+    for key in ["anyOf", "allOf", "oneOf", "prefixItems"] {
+        if let Some(Value::Array(children)) = map.get_mut(key) {
+            children.iter_mut().for_each(close_objects);
+        }
+    }
 }
 
 /// The JSON Schema of one call to any of `tools` in `format` (`{"name": <const>, key: <parameters>}`).
@@ -488,6 +520,56 @@ mod tests {
     use crate::tokenizer::{ChatMessage, Tokenizer};
     use pocketlm_format::TokenizerSpec;
     use serde_json::json;
+
+    #[test]
+    fn strict_tools_close_every_object_and_others_stay_open() {
+        let parameters = json!({
+            "type": "object",
+            "properties": {
+                "city": {"type": "string"},
+                "when": {"type": "object", "properties": {"day": {"type": "string"}}},
+                "stops": {"type": "array", "items": {"properties": {"name": {"type": "string"}}}},
+                "unit": {"anyOf": [{"type": "object", "properties": {}}, {"type": "string"}]},
+                "extra": {"type": "object", "additionalProperties": true},
+            },
+            "$defs": {"place": {"type": "object", "properties": {}}},
+        });
+        let tool = |strict: bool| {
+            json!({"type": "function", "function": {
+                "name": "trip", "strict": strict, "parameters": parameters.clone()
+            }})
+        };
+        let schema = tool_call_schema(ToolCallFormat::Hermes, &[tool(true)]).unwrap();
+        let p = &schema["properties"]["arguments"];
+        assert_eq!(p["additionalProperties"], false);
+        assert_eq!(p["properties"]["when"]["additionalProperties"], false);
+        assert_eq!(
+            p["properties"]["stops"]["items"]["additionalProperties"],
+            false
+        );
+        assert_eq!(
+            p["properties"]["unit"]["anyOf"][0]["additionalProperties"],
+            false
+        );
+        assert!(
+            p["properties"]["unit"]["anyOf"][1]
+                .get("additionalProperties")
+                .is_none()
+        );
+        assert!(
+            p["properties"]["city"]
+                .get("additionalProperties")
+                .is_none()
+        );
+        assert_eq!(
+            p["properties"]["extra"]["additionalProperties"], true,
+            "an explicit choice stays"
+        );
+        assert_eq!(p["$defs"]["place"]["additionalProperties"], false);
+
+        let open = tool_call_schema(ToolCallFormat::Hermes, &[tool(false)]).unwrap();
+        assert_eq!(open["properties"]["arguments"], parameters);
+    }
 
     fn call(name: &str, arguments: Value) -> ToolCall {
         ToolCall {
