@@ -127,11 +127,7 @@ impl<'m> Engine<'m> {
     }
 
     fn start(&mut self, slot: usize, job: Job) -> Option<Running<'m>> {
-        if job.is_abandoned() {
-            return None;
-        }
-        if self.scheduler.is_shutting_down() {
-            let _ = job.events.send(JobEvent::Dropped);
+        if !still_wanted(&job, self.scheduler) {
             return None;
         }
         let on_text = text_sender(job.events.clone(), self.metrics, self.scheduler);
@@ -177,10 +173,23 @@ impl<'m> Engine<'m> {
     }
 }
 
+/// Whether `job` should start: not when its client is already gone, nor while the server is
+/// shutting down (the client is then told its request was dropped).
+pub(crate) fn still_wanted(job: &Job, scheduler: &Scheduler) -> bool {
+    if job.is_abandoned() {
+        return false;
+    }
+    if scheduler.is_shutting_down() {
+        let _ = job.events.send(JobEvent::Dropped);
+        return false;
+    }
+    true
+}
+
 /// The `on_text` of a request: each piece goes to its handler, with the time since the last
 /// piece as a per-token latency. `false` (stop at this token) once the client is gone or the
 /// server is shutting down.
-fn text_sender<'m>(
+pub(crate) fn text_sender<'m>(
     events: tokio::sync::mpsc::UnboundedSender<JobEvent>,
     metrics: &'m Metrics,
     scheduler: &'m Scheduler,

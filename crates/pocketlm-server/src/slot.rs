@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use pocketlm_runtime::Session;
 
+use crate::engine;
 use crate::metrics::Metrics;
 use crate::scheduler::{Job, JobEvent, Prompt, Scheduler};
 
@@ -36,25 +37,11 @@ pub fn spawn(
 }
 
 fn run_job(session: &mut Session, job: Job, scheduler: &Scheduler, metrics: &Metrics) {
-    if job.is_abandoned() {
-        return;
-    }
-    if scheduler.is_shutting_down() {
-        let _ = job.events.send(JobEvent::Dropped);
+    if !engine::still_wanted(&job, scheduler) {
         return;
     }
     let started = Instant::now();
-    let mut last_piece: Option<Instant> = None;
-    let events = &job.events;
-    let mut on_text = |piece: &str| {
-        let now = Instant::now();
-        if let Some(previous) = last_piece {
-            metrics.observe_token_latency(now - previous);
-        }
-        last_piece = Some(now);
-        // A closed channel: the client disconnected; stop at this token.
-        events.send(JobEvent::Text(piece.to_string())).is_ok() && !scheduler.is_shutting_down()
-    };
+    let mut on_text = engine::text_sender(job.events.clone(), metrics, scheduler);
     let result = match &job.prompt {
         Prompt::Chat { messages, tools } => {
             session.chat_with_tools(messages, tools, &job.options, &mut on_text)
@@ -63,7 +50,7 @@ fn run_job(session: &mut Session, job: Job, scheduler: &Scheduler, metrics: &Met
     };
     match result {
         Ok(generation) => {
-            crate::engine::record(metrics, &generation, started - job.received_at);
+            engine::record(metrics, &generation, started - job.received_at);
             let _ = job.events.send(JobEvent::Finished(generation));
         }
         Err(error) => {

@@ -20,19 +20,8 @@ impl Model {
         if n == 0 {
             return Ok(Vec::new());
         }
+        self.check_input(tokens, cache)?;
         let start = cache.len();
-        if start + n > cache.capacity() {
-            return Err(ModelError::ContextFull {
-                needed: start + n,
-                capacity: cache.capacity(),
-            });
-        }
-        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(ModelError::InvalidToken {
-                id,
-                vocab_size: c.vocab_size,
-            });
-        }
         let keep = match logits {
             Logits::Last => 1,
             Logits::All => n,
@@ -81,19 +70,7 @@ impl Model {
     ) -> Result<Vec<Option<Vec<f32>>>, ModelError> {
         let c = &self.config;
         for input in inputs.iter() {
-            let (start, capacity) = (input.cache.len(), input.cache.capacity());
-            if start + input.tokens.len() > capacity {
-                return Err(ModelError::ContextFull {
-                    needed: start + input.tokens.len(),
-                    capacity,
-                });
-            }
-            if let Some(&id) = input.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-                return Err(ModelError::InvalidToken {
-                    id,
-                    vocab_size: c.vocab_size,
-                });
-            }
+            self.check_input(input.tokens, input.cache)?;
         }
         let n: usize = inputs.iter().map(|i| i.tokens.len()).sum();
         if n == 0 {
@@ -168,6 +145,23 @@ impl Model {
                 (input.logits && len > 0).then(|| rows.next().unwrap_or_default().to_vec())
             })
             .collect())
+    }
+
+    /// Refuses `tokens` that would not fit after what `cache` holds, or that are not in the
+    /// vocabulary.
+    fn check_input(&self, tokens: &[u32], cache: &KvCache) -> Result<(), ModelError> {
+        let needed = cache.len() + tokens.len();
+        if needed > cache.capacity() {
+            return Err(ModelError::ContextFull {
+                needed,
+                capacity: cache.capacity(),
+            });
+        }
+        let vocab_size = self.config.vocab_size;
+        match tokens.iter().find(|&&t| t as usize >= vocab_size) {
+            Some(&id) => Err(ModelError::InvalidToken { id, vocab_size }),
+            None => Ok(()),
+        }
     }
 
     /// The embedding rows of `tokens` (scaled where the family says), `tokens × hidden`.

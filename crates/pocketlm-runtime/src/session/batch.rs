@@ -157,7 +157,7 @@ pub fn step_batch(
         if job.is_done() {
             continue;
         }
-        if let Some(_token) = job.next_token {
+        if job.next_token.is_some() {
             plan.push((i, 1, true));
         } else if !job.pending.is_empty() && budget > 0 {
             let take = job.pending.len().min(budget);
@@ -168,22 +168,16 @@ pub fn step_batch(
     if plan.is_empty() {
         return Ok(());
     }
-    let decode_tokens: Vec<[u32; 1]> = plan
-        .iter()
-        .map(|&(i, _, _)| [jobs[i].1.next_token.unwrap_or_default()])
-        .collect();
     let logits = {
-        let mut planned = plan.iter().zip(&decode_tokens).peekable();
+        let mut planned = plan.iter().peekable();
         let mut inputs = Vec::with_capacity(plan.len());
         for (i, (session, job)) in jobs.iter_mut().enumerate() {
-            let Some(&(&(_, take, last), decode)) = planned.peek().filter(|p| p.0.0 == i) else {
+            let Some(&(_, take, last)) = planned.next_if(|p| p.0 == i) else {
                 continue;
             };
-            planned.next();
-            let tokens: &[u32] = if job.next_token.is_some() {
-                decode
-            } else {
-                &job.pending[..take]
+            let tokens: &[u32] = match &job.next_token {
+                Some(token) => std::slice::from_ref(token),
+                None => &job.pending[..take],
             };
             inputs.push(BatchInput {
                 tokens,
