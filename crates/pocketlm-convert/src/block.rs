@@ -132,6 +132,8 @@ impl LayerTensors {
                 post_attention_norm: vector(post, names::post_attention_norm(l)),
                 post_ffw_norm: vector(post, names::post_ffw_norm(l)),
             },
+            // Blocks are kept in the model's own basis; only what is written is rotated.
+            rotations: None,
         }
     }
 }

@@ -15,6 +15,7 @@ mod options;
 mod output;
 mod passes;
 pub mod plan;
+mod preset;
 pub mod prune;
 pub mod quant;
 pub mod recover;
@@ -43,6 +44,7 @@ pub use options::*;
 pub use output::MASKED_MAX_SHARE;
 use output::*;
 pub use plan::BlockRecipe;
+pub use preset::{Preset, UnknownPreset};
 pub use prune::{PruneMethod, Sparsity, SparsitySchedule};
 pub use quant::Clipping;
 pub use recover::{BlockRecovery, Distillation, RecoverMode, Recovery};
@@ -130,7 +132,8 @@ pub fn convert(
     };
     passes.observe(model, calibration.as_deref(), options, &mut *progress)?;
     // The model as written: with structured pruning, narrower blocks.
-    let written = passes.structured.written_config(config);
+    let mut written = passes.structured.written_config(config);
+    written.incoherence = passes::incoherence::Incoherence::config(options);
     let block_options: Vec<ConvertOptions> = (0..config.num_layers)
         .map(|l| {
             let mut block = options.for_block(l);
@@ -222,6 +225,7 @@ pub fn convert(
     passes.recover.blocks.clone_from(&recovered);
     passes.recover.distillation.clone_from(&distillation);
     let mut recipe = Recipe {
+        preset: options.preset.map(|p| p.name().into()),
         weights: options.weights.describe(),
         embedding: options.encoding_for(names::TOKEN_EMBD, &[1, 1]).describe(),
         vectors: "f32".into(),

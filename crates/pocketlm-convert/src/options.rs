@@ -197,6 +197,12 @@ pub struct ConvertOptions {
     /// Elastic files: with each quantized block matrix, store what quantizing it lost
     /// (`W − B`) in this encoding, which the runtime's larger profiles add back.
     pub residual: Option<Encoding>,
+    /// Incoherence processing: every block matrix is stored as `W·Rᵀ`, `R` a randomized
+    /// block Hadamard transform of its input, which the runtime applies to the activations.
+    /// Rotated rows have no outlier channels, so their quantization grids fit better.
+    pub rotate: bool,
+    /// The preset these options came from, recorded in the recipe.
+    pub preset: Option<crate::Preset>,
 }
 
 /// A pruning method with its sparsity (a fraction, or an N:M pattern).
@@ -232,6 +238,8 @@ impl ConvertOptions {
             blocks: Vec::new(),
             recover: None,
             residual: None,
+            rotate: false,
+            preset: None,
         }
     }
 

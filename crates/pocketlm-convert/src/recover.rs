@@ -348,6 +348,7 @@ mod tests {
             tie_word_embeddings: true,
             attention_bias: bias,
             features: Default::default(),
+            incoherence: None,
         }
     }
 
@@ -429,6 +430,7 @@ mod tests {
             up: mat(names::ffn_up(0)),
             down: mat(names::ffn_down(0)),
             norms: Default::default(),
+            rotations: None,
         };
         let mut cal = Calibrator::from_hidden(c, seq_len, x.to_vec());
         cal.advance(&w);

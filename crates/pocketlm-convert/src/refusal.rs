@@ -251,6 +251,12 @@ pub enum Refusal {
     WithBlockRecipes { field: Field },
     #[error("residual does not work with {0}")]
     Residual(ResidualConflict),
+    /// Rotation with a pass that would see the matrices in the wrong basis.
+    #[error("rotate does not work with {with}: {why}")]
+    Rotation {
+        with: &'static str,
+        why: &'static str,
+    },
     #[error("sparsity_schedule: {0}")]
     Schedule(PruneOptionError),
     #[error(

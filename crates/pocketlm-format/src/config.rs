@@ -166,6 +166,20 @@ pub struct ModelConfig {
     /// Everything newer families do differently (all "as Llama" by default).
     #[serde(default)]
     pub features: FamilyFeatures,
+    /// The block matrices were stored rotated: the runtime rotates their inputs the same way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incoherence: Option<Incoherence>,
+}
+
+/// Incoherence processing: every block matrix `W` is stored as `W·Rᵀ`, with `R` the
+/// randomized block Hadamard transform of its input's width
+/// (`pocketlm_kernels::hadamard::BlockHadamard`), and the runtime multiplies it by `R·x`.
+/// The embedding and the output layer are not rotated. Files with it set the header's
+/// [`crate::ROTATED_INPUTS`] flag, so readers that predate it refuse them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Incoherence {
+    /// Seed of the transforms' random signs.
+    pub seed: u64,
 }
 
 impl ModelConfig {
@@ -546,6 +560,7 @@ mod tests {
             tie_word_embeddings: true,
             attention_bias: false,
             features: FamilyFeatures::default(),
+            incoherence: None,
         }
     }
 

@@ -179,8 +179,20 @@ pub(crate) mod header {
 /// Feature flags whose low 16 bits are "required": a reader that does not know a set bit
 /// must refuse the file. The high 16 bits are optional hints a reader may ignore.
 pub(crate) const REQUIRED_FLAGS_MASK: u32 = 0x0000_ffff;
-/// Required flags this build understands (none yet).
-pub(crate) const KNOWN_REQUIRED_FLAGS: u32 = 0;
+/// Required flag: the block matrices are stored rotated ([`config::Incoherence`]); a reader
+/// that does not rotate their inputs would compute garbage, so it must refuse the file.
+pub const ROTATED_INPUTS: u32 = 0x0000_0001;
+/// Required flags this build understands.
+pub(crate) const KNOWN_REQUIRED_FLAGS: u32 = ROTATED_INPUTS;
+
+/// The required flags a file with `metadata` sets: each follows from what the metadata's
+/// model config says, so a writer cannot forget one.
+pub(crate) fn required_flags(metadata: &serde_json::Value) -> u32 {
+    let rotated = metadata
+        .pointer("/config/incoherence")
+        .is_some_and(|v| !v.is_null());
+    if rotated { ROTATED_INPUTS } else { 0 }
+}
 
 #[cfg(test)]
 mod tests {

@@ -171,6 +171,18 @@ impl PlmFile {
         }
         check_sections(&hdr)?;
         let metadata = parse_metadata(slice(bytes, &hdr.meta), hdr.meta_crc)?;
+        // The flags follow from the config; a file where they disagree was not written by
+        // PlmWriter (or was edited), and its tensors cannot be trusted to mean what it says.
+        let implied = crate::required_flags(&metadata);
+        if implied != hdr.required_flags {
+            return Err(PlmError::corrupt(
+                SECTION_HEADER,
+                format!(
+                    "required flags {:#x} disagree with the metadata's config, which implies {implied:#x}",
+                    hdr.required_flags
+                ),
+            ));
+        }
         let tensors = parse_table(slice(bytes, &hdr.table), &hdr)?;
         let index = tensors
             .iter()

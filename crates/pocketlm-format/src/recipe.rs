@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Recipe {
+    /// The named preset (`q8`, `q4`, `q3`) the options came from, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preset: Option<String>,
     /// Encoding of the block matrices, e.g. `q4/g64`.
     pub weights: String,
     /// Encoding of the token embedding (and tied output).
@@ -29,6 +32,9 @@ pub struct Recipe {
     pub prune_channels: Option<ChannelPruningRecipe>,
     pub lowrank: Option<LowRankRecipe>,
     pub recover: Option<RecoverRecipe>,
+    /// Incoherence processing of the block matrices' inputs, when it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub incoherence: Option<IncoherenceRecipe>,
     /// Per-block recipes of the planner (`q4~v=q8`, ...), when it chose them.
     pub blocks: Option<Vec<String>>,
     /// `PATTERN=ENCODING` overrides.
@@ -37,6 +43,16 @@ pub struct Recipe {
     pub tensor_encodings: BTreeMap<String, usize>,
     /// Tensors stored in another encoding than asked, and why.
     pub fallbacks: Vec<TensorNote>,
+}
+
+/// Incoherence processing: which transform rotated the block matrices' inputs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct IncoherenceRecipe {
+    /// `block-hadamard`: random signs, then a Walsh–Hadamard transform per block of the
+    /// largest power of two dividing the width.
+    pub transform: String,
+    pub seed: u64,
 }
 
 /// A tensor and why something happened to it.

@@ -197,7 +197,7 @@ impl PlmWriter {
         let mut h = [0u8; HEADER_SIZE];
         h[header::MAGIC..header::MAGIC + 8].copy_from_slice(&MAGIC);
         put_u32(&mut h, header::VERSION, FORMAT_VERSION);
-        put_u32(&mut h, header::FLAGS, 0);
+        put_u32(&mut h, header::FLAGS, crate::required_flags(metadata));
         put_u64(&mut h, header::FILE_LEN, file_len);
         put_u64(&mut h, header::DATA_OFFSET, data_offset);
         put_u64(&mut h, header::DATA_LEN, data_len);

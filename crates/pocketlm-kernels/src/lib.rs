@@ -6,6 +6,7 @@
 //! `avx2`, `avxvnni`, `avx512`, `neon`, `dotprod`, `i8mm`) for tests and comparisons.
 
 pub mod dense;
+pub mod hadamard;
 pub mod lowrank;
 pub mod quant;
 pub mod sparse;

@@ -947,6 +947,31 @@ fn unknown_required_flags_are_refused_optional_ones_ignored() {
 }
 
 #[test]
+fn rotated_inputs_flag_follows_the_config_and_must_agree_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = Raw::load(&sample_file(dir.path()));
+    // A known required flag without the config that implies it: refused, not misread.
+    let err = expect_err(dir.path(), &raw.edit_header(|b| put_u32(b, 12, 0x1)));
+    assert_corrupt(&err, "header", "disagree with the metadata's config");
+    // The config that implies it, without the flag: refused too.
+    let rotated = raw.with_metadata(br#"{"config": {"incoherence": {"seed": 7}}}"#);
+    let err = expect_err(dir.path(), &rotated);
+    assert_corrupt(&err, "header", "implies 0x1");
+    // Both: opens.
+    let both = rotated.edit_header(|b| put_u32(b, 12, 0x1));
+    open_raw(dir.path(), &both).unwrap().verify().unwrap();
+    // The writer sets the flag from the config.
+    let path = dir.path().join("w.plm");
+    let mut w = PlmWriter::create(&path).unwrap();
+    w.add_f32("x", &[1], &[1.0], Encoding::F32).unwrap();
+    w.finish(&serde_json::json!({"config": {"incoherence": {"seed": 7}}}))
+        .unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    assert_eq!(u32::from_le_bytes(bytes[12..16].try_into().unwrap()), 0x1);
+    PlmFile::open(&path).unwrap();
+}
+
+#[test]
 fn helper_round_trip_is_identity() {
     // The test helper re-encodes the table exactly as the writer does, so the semantic cases
     // above differ from a valid file only in the field they change.

@@ -7,8 +7,8 @@ use clap::{Args, ValueEnum};
 use pocketlm_convert::plan::{self, PlanOptions};
 use pocketlm_convert::recover::RecoverMode;
 use pocketlm_convert::{
-    Calibration, KeepRule, LowRankMethod, Method, PruneMethod, RankAllocation, Recovery, Sparsity,
-    SparsitySchedule,
+    Calibration, KeepRule, LowRankMethod, Method, Preset, PruneMethod, RankAllocation, Recovery,
+    Sparsity, SparsitySchedule,
 };
 use pocketlm_format::Encoding;
 
@@ -18,6 +18,16 @@ pub struct ConvertArgs {
     pub src: PathBuf,
     #[arg(short, long)]
     pub output: PathBuf,
+    /// A named recipe for a size, the best measured (BENCHMARKS.md, "Compression presets"):
+    /// q8 (8.5 bits per weight, round to nearest), q4 (4.5, rotated inputs + GPTQ), q3
+    /// (3.3-3.7, rotated inputs + GPTQ, attn_v and ffn_down in 4 bits). q4 and q3 need
+    /// calibration text (--calib, default data/calib/default.txt from
+    /// scripts/fetch-calib.sh).
+    #[arg(long, conflicts_with_all = [
+        "weights", "group", "method", "clip", "keep", "rotate", "prune", "lowrank",
+        "budget", "bits_per_weight", "min_tokens_per_s", "recover",
+    ])]
+    pub preset: Option<Preset>,
     /// Encoding of weight matrices: f32, f16, bf16, q8, q4 (symmetric), q4a (with a
     /// minimum) or q3 (symmetric 3-bit), optionally with a group size such as q4/g64.
     /// Default f16; with --budget, the first quantized candidate.
@@ -31,6 +41,12 @@ pub struct ConvertArgs {
     /// reads the base alone.
     #[arg(long, value_name = "ENCODING")]
     pub residual: Option<Encoding>,
+    /// Incoherence processing: store every block matrix rotated by a randomized Hadamard
+    /// transform of its input (the runtime rotates the activations to match), so no input
+    /// channel dominates. Improves --method gptq (not rtn at groups of 32-64). Works with
+    /// awq, pruning and --residual; not with --lowrank or --recover.
+    #[arg(long)]
+    pub rotate: bool,
     /// Encoding of the token embedding (and tied output); default q8 when quantizing.
     #[arg(long)]
     pub embedding: Option<Encoding>,

@@ -99,6 +99,16 @@ fn budget(a: &ConvertArgs) -> Result<Option<Budget>, String> {
 
 /// Everything but the calibration text, which depends on what these options need.
 fn convert_options(a: &ConvertArgs, plan: Option<&PlanOptions>) -> Result<ConvertOptions, String> {
+    if let Some(preset) = a.preset {
+        // The recipe flags conflict with --preset (clap refuses them); these only place it.
+        let mut options = preset.options();
+        options.embedding = a.embedding.or(options.embedding);
+        options.output = a.output_weights;
+        options.residual = a.residual;
+        options.gptq.damp = a.damp;
+        options.gptq.act_order = !a.no_act_order;
+        return Ok(options);
+    }
     let weights = weight_encoding(a, plan)?;
     let pruning = pruning(a)?;
     let lowrank = low_rank(a)?;
@@ -123,6 +133,8 @@ fn convert_options(a: &ConvertArgs, plan: Option<&PlanOptions>) -> Result<Conver
         mlp_channel_pruning: a.prune_channels,
         attention_head_pruning: a.prune_heads,
         residual: a.residual,
+        rotate: a.rotate,
+        preset: None,
         lowrank,
         sparse_storage: !a.dense_storage,
         blocks: Vec::new(),

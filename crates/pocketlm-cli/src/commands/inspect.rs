@@ -80,6 +80,20 @@ pub fn execute(args: InspectArgs) -> CliResult {
     for (name, (count, n)) in &encodings {
         println!("encoding {name:<8} {count} tensors, {n} weights");
     }
+    if let Some(preset) = file
+        .metadata()
+        .pointer("/recipe/preset")
+        .and_then(|p| p.as_str())
+    {
+        println!("preset            {preset}");
+    }
+    if let Some(incoherence) = config.incoherence {
+        println!(
+            "rotated inputs    randomized block Hadamard (seed {:#x}): the runtime rotates \
+             every block matrix's input",
+            incoherence.seed
+        );
+    }
     if let Some(recipe) = file.metadata().get("recipe") {
         println!("recipe            {recipe}");
     }

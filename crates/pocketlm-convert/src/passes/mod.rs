@@ -7,10 +7,12 @@
 //! tensors are written, in [`Output`](crate::output::Output), as each tensor's options say.
 //!
 //! Order matters for the blocks: structured pruning narrows a block first, AWQ then scales
-//! what is left, low rank factorizes it, and the writer prunes, quantizes and stores it.
+//! what is left, low rank factorizes it, and the writer rotates (with `rotate`), prunes,
+//! quantizes and stores it.
 //! Recovery wraps all of that (see [`recover::Recovering`]).
 
 pub(crate) mod awq;
+pub(crate) mod incoherence;
 pub(crate) mod lowrank;
 pub(crate) mod prune;
 pub(crate) mod quantize;
@@ -69,11 +71,12 @@ pub(crate) struct Passes {
     pub(crate) prune: prune::Prune,
     pub(crate) quantize: quantize::Quantize,
     pub(crate) awq: awq::Awq,
+    pub(crate) incoherence: incoherence::Incoherence,
 }
 
 impl Passes {
     /// Every pass, in the order their refusals are checked.
-    fn all(&self) -> [&dyn Pass; 7] {
+    fn all(&self) -> [&dyn Pass; 8] {
         [
             &self.recover,
             &self.lowrank,
@@ -82,6 +85,7 @@ impl Passes {
             &self.prune,
             &self.quantize,
             &self.awq,
+            &self.incoherence,
         ]
     }
 
@@ -190,10 +194,12 @@ impl<'s, 'a, 'p> BlockStep<'s, 'a, 'p> {
 }
 
 /// Sends the block's tensors to `block.out` (factorized, or pruned and quantized, with a
-/// residual), leaving in `block.layer` the values the runtime will read back.
+/// residual; rotated first with `rotate`), leaving in `block.layer` the values the runtime
+/// will read back, in the model's own basis.
 fn write_block(block: BlockStep<'_, '_, '_>) -> Result<(), ConvertError> {
     let BlockStep {
         layer,
+        config,
         stats,
         out,
         scales,
@@ -201,14 +207,15 @@ fn write_block(block: BlockStep<'_, '_, '_>) -> Result<(), ConvertError> {
         ..
     } = block;
     let stats = stats.as_deref();
+    let mut rotation = incoherence::BlockRotation::new(out.options, config);
     for i in 0..layer.tensors.len() {
         let (name, shape) = (layer.tensors[i].0.clone(), layer.tensors[i].1.clone());
-        let values = std::mem::take(&mut layer.tensors[i].2);
+        let mut values = std::mem::take(&mut layer.tensors[i].2);
         let values = if shape.len() == 1 {
             out.write_vector(&name, &shape, values)?
         } else {
             let input = LayerTensors::input_of(&name, layer.layer);
-            let evidence = match (stats, input) {
+            let mut evidence = match (stats, input) {
                 (Some(stats), Some(input)) => Some(Evidence {
                     stats: stats.input(input),
                     scales: scales
@@ -218,7 +225,24 @@ fn write_block(block: BlockStep<'_, '_, '_>) -> Result<(), ConvertError> {
                 }),
                 _ => None,
             };
-            match plan.remove(&name) {
+            if let (Some(r), Some(input), Some(e)) = (&mut rotation, input, evidence) {
+                r.observe(input, e);
+            }
+            let rotated = match (&rotation, input) {
+                (Some(r), Some(input)) => {
+                    r.rotate_rows(input, &mut values);
+                    if evidence.is_some() {
+                        // The rotated statistics have AWQ's scales divided out already.
+                        evidence = r.stats(input).map(|stats| Evidence {
+                            stats,
+                            scales: None,
+                        });
+                    }
+                    Some((r, input))
+                }
+                _ => None,
+            };
+            let mut stored = match plan.remove(&name) {
                 Some((decomposition, rank)) => {
                     out.write_lowrank(&name, values, &decomposition, rank, evidence)?
                 }
@@ -230,7 +254,11 @@ fn write_block(block: BlockStep<'_, '_, '_>) -> Result<(), ConvertError> {
                     }
                     stored
                 }
+            };
+            if let Some((r, input)) = rotated {
+                r.unrotate_rows(input, &mut stored);
             }
+            stored
         };
         layer.tensors[i].2 = values;
     }

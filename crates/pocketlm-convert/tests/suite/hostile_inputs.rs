@@ -50,6 +50,7 @@ fn tiny_config() -> ModelConfig {
         tie_word_embeddings: true,
         attention_bias: false,
         features: Default::default(),
+        incoherence: None,
     }
 }
 

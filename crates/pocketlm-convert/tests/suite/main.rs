@@ -17,4 +17,5 @@ mod plan;
 mod ptq;
 mod recipe_golden;
 mod recover;
+mod rotation;
 mod smollm2;

@@ -20,6 +20,8 @@ pub(super) const SECTION_DATA: &str = "tensor data region";
 /// Header fields, decoded but not yet validated against each other.
 pub(super) struct Header {
     pub(super) version: u32,
+    /// The required flags (validated as known).
+    pub(super) required_flags: u32,
     pub(super) file_len: u64,
     pub(super) data: Range<u64>,
     pub(super) meta: Range<u64>,
@@ -121,6 +123,7 @@ pub(super) fn parse_header(bytes: &[u8]) -> Result<Header, PlmError> {
     }
     Ok(Header {
         version,
+        required_flags: flags & REQUIRED_FLAGS_MASK,
         file_len: u64_at(h, header::FILE_LEN),
         data: range(header::DATA_OFFSET, header::DATA_LEN, "tensor data")?,
         meta: range(header::META_OFFSET, header::META_LEN, "metadata")?,

@@ -587,6 +587,7 @@ mod tests {
             tie_word_embeddings: true,
             attention_bias: false,
             features: Default::default(),
+            incoherence: None,
         }
     }
 

@@ -8,6 +8,7 @@ use super::attention::{self, KvCache, ScoreRule};
 use super::family;
 use super::rope::Rope;
 use pocketlm_format::config::ModelConfig;
+use pocketlm_kernels::hadamard::BlockHadamard;
 use pocketlm_kernels::{self as kernels, Linear};
 
 /// Norms only some families have (see [`pocketlm_format::config::FamilyFeatures`]).
@@ -38,6 +39,9 @@ pub struct BlockWeights<'a> {
     pub up: Linear<'a>,
     pub down: Linear<'a>,
     pub norms: FamilyNorms<'a>,
+    /// The transforms of the linear layers' inputs, when the matrices were stored rotated
+    /// ([`pocketlm_format::config::Incoherence`]).
+    pub rotations: Option<&'a InputRotations>,
 }
 
 /// The four distinct inputs the linear layers of a block read.
@@ -60,6 +64,39 @@ impl LinearInput {
         LinearInput::Mlp,
         LinearInput::MlpDown,
     ];
+}
+
+/// The randomized block Hadamard transform of each linear-layer input of a model whose
+/// block matrices are stored rotated: the same transform for every block.
+#[derive(Clone, Debug)]
+pub struct InputRotations {
+    hidden: BlockHadamard,
+    attention_output: BlockHadamard,
+    mlp_down: BlockHadamard,
+}
+
+impl InputRotations {
+    /// The transforms `config` records, if it records any.
+    pub fn of(config: &ModelConfig) -> Option<InputRotations> {
+        Some(InputRotations::new(config, config.incoherence?.seed))
+    }
+
+    /// The transforms of `config`'s widths with signs from `seed`.
+    pub fn new(config: &ModelConfig, seed: u64) -> InputRotations {
+        InputRotations {
+            hidden: BlockHadamard::new(config.hidden_size, seed),
+            attention_output: BlockHadamard::new(config.q_dim(), seed),
+            mlp_down: BlockHadamard::new(config.intermediate_size, seed),
+        }
+    }
+
+    pub fn for_input(&self, input: LinearInput) -> &BlockHadamard {
+        match input {
+            LinearInput::Attention | LinearInput::Mlp => &self.hidden,
+            LinearInput::AttentionOutput => &self.attention_output,
+            LinearInput::MlpDown => &self.mlp_down,
+        }
+    }
 }
 
 /// Sees `(which input, tokens × width activations)` before the linear layers consume them.
@@ -152,13 +189,18 @@ pub fn block_forward_batch(
     let n = x.len() / c.hidden_size;
     debug_assert_eq!(segments.iter().map(|g| g.tokens).sum::<usize>(), n);
     let (qd, kvd) = (c.q_dim(), c.kv_dim());
-    let mut see = |input: LinearInput, a: &[f32]| {
+    // Shows the observer an input, then rotates it in place when the matrices reading it
+    // were stored rotated (nothing else reads these buffers).
+    let mut see = |input: LinearInput, a: &mut [f32]| {
         if let Some(o) = observe.as_mut() {
             o(input, a)
         }
+        if let Some(r) = w.rotations {
+            r.for_input(input).rotate_rows(a);
+        }
     };
     kernels::rms_norm(x, w.attn_norm, c.rms_norm_eps, &mut s.h);
-    see(LinearInput::Attention, &s.h);
+    see(LinearInput::Attention, &mut s.h);
     kernels::linear_many(
         &s.h,
         n,
@@ -203,12 +245,12 @@ pub fn block_forward_batch(
             cache.write(layer, start, k, v);
         }
     }
-    see(LinearInput::AttentionOutput, &s.attn);
+    see(LinearInput::AttentionOutput, &mut s.attn);
     kernels::linear(&s.attn, n, &w.o, &mut s.proj, &mut s.between);
     add_output(x, &mut s.proj, w.norms.post_attention_norm, c.rms_norm_eps);
 
     kernels::rms_norm(x, w.ffn_norm, c.rms_norm_eps, &mut s.h);
-    see(LinearInput::Mlp, &s.h);
+    see(LinearInput::Mlp, &mut s.h);
     kernels::linear_many(
         &s.h,
         n,
@@ -216,7 +258,7 @@ pub fn block_forward_batch(
         &mut s.between,
     );
     family::activation_mul(c.features.activation, &mut s.gate, &s.up);
-    see(LinearInput::MlpDown, &s.gate);
+    see(LinearInput::MlpDown, &mut s.gate);
     kernels::linear(&s.gate, n, &w.down, &mut s.proj, &mut s.between);
     add_output(x, &mut s.proj, w.norms.post_ffw_norm, c.rms_norm_eps);
 }

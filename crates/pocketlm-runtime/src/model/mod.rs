@@ -25,7 +25,7 @@ use pocketlm_kernels::{Linear, MatRef};
 pub(crate) use attention::StoredRows;
 pub use attention::{KvCache, KvType};
 pub use block::{
-    BlockScratch, BlockWeights, FamilyNorms, LinearInput, Segment, block_forward,
+    BlockScratch, BlockWeights, FamilyNorms, InputRotations, LinearInput, Segment, block_forward,
     block_forward_batch,
 };
 pub use error::ModelError;
@@ -135,6 +135,8 @@ pub struct Model {
     output: TensorIndex,
     layers: Vec<Layer>,
     rope: Rope,
+    /// The input transforms of a model stored with rotated block matrices.
+    rotations: Option<InputRotations>,
     options: ModelOptions,
     /// With [`VerifyMode::Lazy`]: per table entry, whether its checksum has been checked.
     verified: Option<Vec<AtomicBool>>,
@@ -294,6 +296,7 @@ impl Model {
             #[cfg(feature = "constrained")]
             constraint_vocabulary: std::sync::OnceLock::new(),
             rope: Rope::new(&config),
+            rotations: InputRotations::of(&config),
             token_embd,
             output_norm: index(names::OUTPUT_NORM),
             output,
@@ -536,6 +539,7 @@ impl Model {
                 post_attention_norm: layer.post_norms.map(|[a, _]| self.vector(a)),
                 post_ffw_norm: layer.post_norms.map(|[_, f]| self.vector(f)),
             },
+            rotations: self.rotations.as_ref(),
         }
     }
 
@@ -666,6 +670,7 @@ mod tests {
             tie_word_embeddings: true,
             attention_bias: false,
             features: Default::default(),
+            incoherence: None,
         }
     }
 

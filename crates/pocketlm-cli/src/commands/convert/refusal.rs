@@ -124,6 +124,7 @@ pub fn in_flags(refusal: &Refusal) -> String {
             };
             format!("--residual does not work with {what}")
         }
+        Refusal::Rotation { with, why } => format!("--rotate does not work with --{with}: {why}"),
         Refusal::Schedule(e) => format!("--sparsity-schedule: {e}"),
         Refusal::ScheduleNeedsUnstructured { schedule, sparsity } => format!(
             "--sparsity-schedule {schedule} spreads unstructured sparsity; {sparsity} is the \

@@ -180,6 +180,7 @@ pub fn model_config(file: &GgufFile) -> Result<ModelConfig, ImportError> {
         tie_word_embeddings,
         attention_bias,
         features,
+        incoherence: None,
     };
     config
         .validate()

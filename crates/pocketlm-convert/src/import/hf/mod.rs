@@ -178,6 +178,7 @@ fn parse_config(path: &Path, v: &Value) -> Result<ModelConfig, ImportError> {
             .and_then(Value::as_bool)
             .unwrap_or(architecture == Architecture::Qwen2),
         features,
+        incoherence: None,
     })
 }
 
