@@ -15,7 +15,9 @@ use pocketlm_kernels::KernelPath;
 use pocketlm_runtime::cpu::{CpuTopology, plan_threads};
 
 use crate::args::Cli;
-use crate::model_options::{CPU_MASK, MODEL_OPTIONS, model_options};
+use crate::model_options::{
+    CPU_MASK, DECODE_TEAM, MODEL_OPTIONS, decode_team, model_options, on_team,
+};
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
@@ -47,9 +49,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let _ = DECODE_TEAM.set(!cli.global.no_decode_team);
+    let team = decode_team(&placement);
     // Run on a pool thread: each parallel product then starts from inside the pool instead
-    // of waking it from outside (a futex round trip per matrix on short decode steps).
-    match pool.install(|| commands::execute(cli.command)) {
+    // of waking it from outside (a futex round trip per matrix on short decode steps); with a
+    // decode team, one-token products go to its spinning helpers.
+    let result = pool.install(|| on_team(&team, || commands::execute(cli.command)));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");

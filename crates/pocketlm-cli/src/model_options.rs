@@ -4,7 +4,9 @@
 use std::path::Path;
 use std::sync::OnceLock;
 
+use pocketlm_kernels::pool::Team;
 use pocketlm_runtime::Model;
+use pocketlm_runtime::cpu::ThreadPlacement;
 use pocketlm_runtime::model::{ModelError, ModelOptions};
 
 use crate::args::GlobalArgs;
@@ -16,6 +18,26 @@ pub static MODEL_OPTIONS: OnceLock<ModelOptions> = OnceLock::new();
 /// `--cpu-mask`'s cores (empty: none given), for commands that place pools of their own
 /// (`bench --threads-sweep`).
 pub static CPU_MASK: OnceLock<Vec<usize>> = OnceLock::new();
+
+/// Whether one-token products may use a decode team (`--no-decode-team` turns it off).
+pub static DECODE_TEAM: OnceLock<bool> = OnceLock::new();
+
+/// The decode team for a pool placed as `placement`, unless `--no-decode-team`.
+pub fn decode_team(placement: &ThreadPlacement) -> Option<Team> {
+    if DECODE_TEAM.get().copied().unwrap_or(true) {
+        placement.build_team()
+    } else {
+        None
+    }
+}
+
+/// Runs `f` on `team` (as its entering thread) when there is one.
+pub fn on_team<R>(team: &Option<Team>, f: impl FnOnce() -> R) -> R {
+    match team {
+        Some(team) => team.enter(f),
+        None => f(),
+    }
+}
 
 pub fn model_options(global: &GlobalArgs) -> ModelOptions {
     let defaults = ModelOptions::default();

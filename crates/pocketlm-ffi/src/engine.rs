@@ -98,6 +98,8 @@ pub struct ModelInfo {
 pub struct Engine {
     pub(crate) model: Arc<Model>,
     pub(crate) pool: Arc<rayon::ThreadPool>,
+    /// Spinning helpers for one-token products (unpinned placements of 2+ threads).
+    pub(crate) team: Option<Arc<pocketlm_kernels::pool::Team>>,
     pinned_cores: Vec<usize>,
     pub(crate) context_length: usize,
     pub(crate) context_policy: Option<ContextPolicy>,
@@ -196,6 +198,7 @@ impl Engine {
             Ok(Arc::new(Engine {
                 model: Arc::new(model),
                 pool: Arc::new(pool),
+                team: placement.build_team().map(Arc::new),
                 pinned_cores: placement.pinned_cores,
                 context_length,
                 context_policy: options.context_policy,

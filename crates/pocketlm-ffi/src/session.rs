@@ -144,7 +144,7 @@ impl Session {
                         }
                     }
                 };
-                match &input {
+                let run = || match &input {
                     Input::Text(prompt) => conversation
                         .session_mut()
                         .generate(prompt, &options, on_text),
@@ -155,6 +155,10 @@ impl Session {
                         conversation.send_with_tools(text, tools, &options, on_text)
                     }
                     Input::Reply(tools) => conversation.reply(tools, &options, on_text),
+                };
+                match &self.engine.team {
+                    Some(team) => team.enter(run),
+                    None => run(),
                 }
             })?;
             if let Some(message) = callback_error {

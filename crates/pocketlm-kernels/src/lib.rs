@@ -8,6 +8,7 @@
 pub mod dense;
 pub mod hadamard;
 pub mod lowrank;
+pub mod pool;
 pub mod quant;
 pub mod sparse;
 
@@ -387,15 +388,13 @@ pub fn matmul_with(path: KernelPath, x: &[f32], tokens: usize, w: MatRef<'_>, ou
     }
     let rpt = rows_per_task(w.rows);
     if tokens == 1 {
-        out.par_chunks_mut(rpt)
-            .enumerate()
-            .for_each(|(chunk, out_rows)| {
-                let mut row = vec![0.0f32; w.cols];
-                for (i, o) in out_rows.iter_mut().enumerate() {
-                    let r = chunk * rpt + i;
-                    *o = row_dot(path, &w, r, x, &mut row);
-                }
-            });
+        pool::for_each_chunk_mut(out, rpt, &|chunk, out_rows| {
+            let mut row = vec![0.0f32; w.cols];
+            for (i, o) in out_rows.iter_mut().enumerate() {
+                let r = chunk * rpt + i;
+                *o = row_dot(path, &w, r, x, &mut row);
+            }
+        });
         return;
     }
     // Weight-row-major result (rows × tokens): each task owns whole rows, reads each weight
@@ -452,11 +451,12 @@ fn tiles_per_task(total_tiles: usize, tokens: usize) -> usize {
     // than they gain in balance (SmolLM2 q4 decode on a 16-core Xeon: 149 tok/s at 16 threads
     // with four tasks per thread, 212-225 with one; equal at 1 and 2 threads). Multi-token
     // products have work enough for four per thread, which balances better.
-    let threads = rayon::current_num_threads();
     if tokens > 1 {
-        total_tiles.div_ceil(4 * threads).max(1)
+        total_tiles
+            .div_ceil(4 * rayon::current_num_threads())
+            .max(1)
     } else {
-        total_tiles.div_ceil(threads).max(2)
+        total_tiles.div_ceil(pool::current_workers()).max(2)
     }
 }
 
@@ -506,7 +506,15 @@ pub fn quant_products(
     }
     // Even small products go to the pool: one-token products are bound by memory, and two
     // threads read faster than one (running products under 128k multiply-adds on the caller
-    // made low-rank decode 14% slower at 2 threads).
+    // made low-rank decode 14% slower at 2 threads). One-token products go to the decode
+    // team when this thread has one (equal shares, no stealing); prefill keeps rayon.
+    if tokens == 1 {
+        pool::for_each_chunk_mut(&mut tasks, 1, &|_, task| {
+            let (acts, w, tiles, out) = &mut task[0];
+            quant::gemm_tiles(path, w, acts, tiles.clone(), out);
+        });
+        return;
+    }
     tasks.into_par_iter().for_each(|(acts, w, tiles, mut out)| {
         quant::gemm_tiles(path, &w, acts, tiles, &mut out);
     });

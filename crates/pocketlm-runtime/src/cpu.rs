@@ -177,6 +177,17 @@ impl ThreadPlacement {
     }
 }
 
+impl ThreadPlacement {
+    /// The decode team for this placement ([`pocketlm_kernels::pool::Team`]: the helpers spin
+    /// between the one-token products of a decode step instead of sleeping in rayon), or
+    /// `None` where it does not apply: one thread, or pinned workers (the team's helpers are
+    /// not pinned, and a helper spinning on a pinned worker's core would stall that worker).
+    pub fn build_team(&self) -> Option<pocketlm_kernels::pool::Team> {
+        (self.threads > 1 && self.pinned_cores.is_empty())
+            .then(|| pocketlm_kernels::pool::Team::new(self.threads))
+    }
+}
+
 /// Parses a CPU mask: hexadecimal (`0xf0`, bit N = core N, as llama.cpp's `--cpu-mask`) or a
 /// list of cores and ranges (`0-3,6`, as sysfs and `taskset -c`). Sorted, without repeats.
 pub fn parse_cpu_mask(mask: &str) -> Result<Vec<usize>, CpuMaskError> {

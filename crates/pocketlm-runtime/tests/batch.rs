@@ -205,3 +205,40 @@ fn batched_chats_reuse_prefixes_follow_constraints_and_cancel() {
     assert_eq!(cancelled.stop_reason, StopReason::Cancelled);
     assert!(cancelled.tokens.is_empty());
 }
+
+/// One-token steps on the decode team give bit-identical logits to rayon's pool: each task
+/// computes the same values whichever thread runs it (f16 rows, q4 tiles, attention heads).
+#[test]
+fn the_decode_team_gives_the_same_logits_as_rayon() {
+    let dir = tempfile::tempdir().unwrap();
+    let q4 = dir.path().join("q4.plm");
+    pocketlm_convert::convert_path(
+        &common::fixture("stories260k/hf"),
+        &q4,
+        &pocketlm_convert::ConvertOptions::with_weights(Encoding::Q4 {
+            group: 32,
+            asymmetric: false,
+        }),
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    let team = pocketlm_kernels::pool::Team::new(3);
+    for path in [model_file(Encoding::F16).to_path_buf(), q4] {
+        let model = Model::open(&path).unwrap();
+        let tokens = model
+            .tokenizer()
+            .encode_prompt("Once upon a time there")
+            .unwrap();
+        let decode = || {
+            let mut cache = model.new_cache(64).unwrap();
+            let mut all = Vec::new();
+            for &token in &tokens {
+                all.extend(model.forward(&[token], &mut cache, Logits::Last).unwrap());
+            }
+            all
+        };
+        let plain = decode();
+        let on_team = team.enter(decode);
+        assert_eq!(plain, on_team, "{}", path.display());
+    }
+}

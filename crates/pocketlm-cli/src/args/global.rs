@@ -14,6 +14,11 @@ pub struct GlobalArgs {
     /// performance cores of a big.LITTLE CPU, pinned; elsewhere the OS places the workers.
     #[arg(long, global = true, value_name = "MASK", value_parser = parse_cpu_mask)]
     pub cpu_mask: Option<CpuMask>,
+    /// Run one-token products on rayon's work-stealing pool instead of the decode team
+    /// (helper threads that spin between the products of a decode step; used with 2+
+    /// unpinned threads). For comparisons.
+    #[arg(long, global = true)]
+    pub no_decode_team: bool,
     /// Serve low-rank layers with this percentage of their stored rank (1-100; default 100):
     /// one file, several operating points.
     #[arg(long, global = true, value_name = "P", env = "POCKETLM_LOW_RANK_PERCENT",

@@ -5,7 +5,7 @@ use pocketlm_runtime::cpu::{CpuTopology, plan_threads};
 
 use crate::args::{BenchArgs, JsonOutput};
 use crate::commands::CliResult;
-use crate::model_options::{CPU_MASK, open_model};
+use crate::model_options::{CPU_MASK, decode_team, on_team, open_model};
 
 pub fn execute(args: BenchArgs) -> CliResult {
     let BenchArgs {
@@ -91,9 +91,10 @@ fn sweep_threads(
                 format!("--threads-sweep: thread counts start at 1 (got {threads})").into(),
             );
         }
-        let pool =
-            plan_threads(&topology, threads, mask).build_pool(|i| format!("pocketlm-sweep-{i}"))?;
-        let r = pool.install(|| pocketlm_eval::bench::bench(model, options))?;
+        let placement = plan_threads(&topology, threads, mask);
+        let pool = placement.build_pool(|i| format!("pocketlm-sweep-{i}"))?;
+        let team = decode_team(&placement);
+        let r = pool.install(|| on_team(&team, || pocketlm_eval::bench::bench(model, options)))?;
         if !json {
             println!(
                 "{:>7}  {:>12.1}  {:>12.1}  {:>9.1}  {:>13.0}%",

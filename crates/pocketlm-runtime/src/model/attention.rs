@@ -452,66 +452,76 @@ pub(crate) fn attend(
     let (fresh_k, fresh_v) = fresh;
     let path = kernels::active_path();
     // One task per (token, head): independent rows of the output.
+    let head =
+        |i: usize, o: &mut [f32], qh: &[f32], scores: &mut Vec<f32>, runs: &mut Vec<Span>| {
+            let t = i / config.num_heads;
+            let kv_head = i % config.num_heads / group;
+            let kv_off = kv_head * hd;
+            let at = |p: usize| p * kv_dim + kv_off..p * kv_dim + kv_off + hd;
+            spans(ring, rule.window, start, t, runs);
+            scores.clear();
+            for run in runs.iter() {
+                match (run, keys) {
+                    (Span::Stored(slots), Store::F32(k)) => scores.extend(
+                        slots
+                            .clone()
+                            .map(|p| kernels::dot(path, qh, &k[at(p)]) * scale),
+                    ),
+                    (Span::Stored(slots), Store::Q8 { codes, scales }) => {
+                        scores.extend(slots.clone().map(|p| {
+                            let d = scales[p * kv_heads + kv_head];
+                            kernels::dot_i8(path, qh, &codes[at(p)]) * (d * scale)
+                        }))
+                    }
+                    (Span::Fresh(rows), _) => scores.extend(
+                        rows.clone()
+                            .map(|p| kernels::dot(path, qh, &fresh_k[at(p)]) * scale),
+                    ),
+                }
+            }
+            if let Some(cap) = rule.softcap {
+                for s in scores.iter_mut() {
+                    *s = cap * (*s / cap).tanh();
+                }
+            }
+            kernels::softmax(scores);
+            o.fill(0.0);
+            let mut weights = scores.iter();
+            for run in runs.iter() {
+                match run {
+                    Span::Stored(slots) => {
+                        for (p, &w) in slots.clone().zip(weights.by_ref()) {
+                            match values {
+                                Store::F32(v) => kernels::axpy(path, o, w, &v[at(p)]),
+                                Store::Q8 { codes, scales } => {
+                                    let d = scales[p * kv_heads + kv_head];
+                                    kernels::axpy_i8(path, o, w * d, &codes[at(p)])
+                                }
+                            }
+                        }
+                    }
+                    Span::Fresh(rows) => {
+                        for (p, &w) in rows.clone().zip(weights.by_ref()) {
+                            kernels::axpy(path, o, w, &fresh_v[at(p)]);
+                        }
+                    }
+                }
+            }
+        };
+    if out.len() == config.num_heads * hd {
+        // One token (decode): on the decode team when this thread has one.
+        kernels::pool::for_each_chunk_mut(out, hd, &|i, o| {
+            let (mut scores, mut runs) = (Vec::new(), Vec::with_capacity(3));
+            head(i, o, &q[i * hd..(i + 1) * hd], &mut scores, &mut runs);
+        });
+        return;
+    }
     out.par_chunks_mut(hd)
         .zip(q.par_chunks(hd))
         .enumerate()
         .for_each_init(
             || (Vec::new(), Vec::with_capacity(3)),
-            |(scores, runs), (i, (o, qh))| {
-                let t = i / config.num_heads;
-                let kv_head = i % config.num_heads / group;
-                let kv_off = kv_head * hd;
-                let at = |p: usize| p * kv_dim + kv_off..p * kv_dim + kv_off + hd;
-                spans(ring, rule.window, start, t, runs);
-                scores.clear();
-                for run in runs.iter() {
-                    match (run, keys) {
-                        (Span::Stored(slots), Store::F32(k)) => scores.extend(
-                            slots
-                                .clone()
-                                .map(|p| kernels::dot(path, qh, &k[at(p)]) * scale),
-                        ),
-                        (Span::Stored(slots), Store::Q8 { codes, scales }) => {
-                            scores.extend(slots.clone().map(|p| {
-                                let d = scales[p * kv_heads + kv_head];
-                                kernels::dot_i8(path, qh, &codes[at(p)]) * (d * scale)
-                            }))
-                        }
-                        (Span::Fresh(rows), _) => scores.extend(
-                            rows.clone()
-                                .map(|p| kernels::dot(path, qh, &fresh_k[at(p)]) * scale),
-                        ),
-                    }
-                }
-                if let Some(cap) = rule.softcap {
-                    for s in scores.iter_mut() {
-                        *s = cap * (*s / cap).tanh();
-                    }
-                }
-                kernels::softmax(scores);
-                o.fill(0.0);
-                let mut weights = scores.iter();
-                for run in runs.iter() {
-                    match run {
-                        Span::Stored(slots) => {
-                            for (p, &w) in slots.clone().zip(weights.by_ref()) {
-                                match values {
-                                    Store::F32(v) => kernels::axpy(path, o, w, &v[at(p)]),
-                                    Store::Q8 { codes, scales } => {
-                                        let d = scales[p * kv_heads + kv_head];
-                                        kernels::axpy_i8(path, o, w * d, &codes[at(p)])
-                                    }
-                                }
-                            }
-                        }
-                        Span::Fresh(rows) => {
-                            for (p, &w) in rows.clone().zip(weights.by_ref()) {
-                                kernels::axpy(path, o, w, &fresh_v[at(p)]);
-                            }
-                        }
-                    }
-                }
-            },
+            |(scores, runs), (i, (o, qh))| head(i, o, qh, scores, runs),
         );
 }
 

@@ -1,0 +1,369 @@
+//! A decode team: persistent helper threads that spin briefly between jobs, then park, for the
+//! one-token products of decoding.
+//!
+//! A decode step makes one parallel product per matrix (~150 per token on a 30-block model),
+//! each a few microseconds of work per thread at 8–16 threads. Through rayon each product
+//! wakes sleeping workers and splits work by stealing; here the same helpers are still
+//! spinning from the previous product, each takes a fixed share of the tasks (task `i` goes
+//! to worker `i mod workers`, the caller being worker 0), and the caller waits at one
+//! counter. Results are the same as rayon's: each task computes the same values whichever
+//! thread runs it.
+//!
+//! A team is used by the thread that [`Team::enter`]s it (the CLI's and the bindings' decode
+//! thread); [`run_tasks`] on any other thread, or while the team is busy, falls back to rayon.
+
+use std::cell::{Cell, UnsafeCell};
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rayon::prelude::*;
+
+/// How long a helper spins for the next job before it parks: long enough to bridge the
+/// sequential work between two products of a token (norms, attention of a few heads),
+/// short enough that an idle process stops burning cores within a blink.
+const SPIN: Duration = Duration::from_micros(300);
+
+/// A job as the helpers see it: the task function, with its borrow's lifetime erased (see
+/// the SAFETY note in [`Team::run`]), and the number of tasks.
+type Job = (*const (dyn Fn(usize) + Sync + 'static), usize);
+
+struct Shared {
+    /// Workers including the caller.
+    workers: usize,
+    /// Bumped once per job; helpers run a job when they see a new value.
+    generation: AtomicU64,
+    /// The current job; written by the caller before `generation` is bumped (release) and
+    /// read by helpers after they observe the bump (acquire).
+    job: UnsafeCell<Option<Job>>,
+    /// Helpers done with the current job.
+    done: AtomicUsize,
+    panicked: AtomicBool,
+    shutdown: AtomicBool,
+    /// Parked helpers, and the condition they wait on.
+    parked: Mutex<usize>,
+    wake: Condvar,
+}
+
+// SAFETY: `job` is only written by the caller while no helper reads it (before the
+// generation bump and after every helper has reported done), and only read by helpers
+// between those two points; every other field is atomic or behind a mutex.
+unsafe impl Sync for Shared {}
+// SAFETY: as above; the raw job pointer is only dereferenced under that protocol.
+unsafe impl Send for Shared {}
+
+/// A team of `workers - 1` helper threads plus the thread that runs jobs.
+pub struct Team {
+    shared: Arc<Shared>,
+    helpers: Vec<JoinHandle<()>>,
+    /// Held while a job runs: a second caller (another thread, or a task calling back into
+    /// the team) falls back to rayon instead of waiting.
+    busy: Mutex<()>,
+}
+
+thread_local! {
+    /// The team the current thread entered, if any.
+    static CURRENT: Cell<Option<*const Team>> = const { Cell::new(None) };
+}
+
+impl Team {
+    /// A team of `workers` (at least 1; 1 means no helpers: every job runs on the caller).
+    pub fn new(workers: usize) -> Team {
+        let workers = workers.max(1);
+        let shared = Arc::new(Shared {
+            workers,
+            generation: AtomicU64::new(0),
+            job: UnsafeCell::new(None),
+            done: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
+            shutdown: AtomicBool::new(false),
+            parked: Mutex::new(0),
+            wake: Condvar::new(),
+        });
+        let helpers = (1..workers)
+            .map(|index| {
+                let shared = Arc::clone(&shared);
+                std::thread::Builder::new()
+                    .name(format!("pocketlm-decode-{index}"))
+                    .spawn(move || helper(&shared, index))
+                    .expect("spawning a decode helper thread")
+            })
+            .collect();
+        Team {
+            shared,
+            helpers,
+            busy: Mutex::new(()),
+        }
+    }
+
+    pub fn workers(&self) -> usize {
+        self.shared.workers
+    }
+
+    /// Runs `f` with this team as the current thread's team ([`run_tasks`] uses it).
+    pub fn enter<R>(&self, f: impl FnOnce() -> R) -> R {
+        struct Restore(Option<*const Team>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                CURRENT.with(|c| c.set(self.0));
+            }
+        }
+        let _restore = Restore(CURRENT.with(|c| c.replace(Some(self as *const Team))));
+        f()
+    }
+
+    /// Runs `f(i)` for every `i < tasks`, task `i` on worker `i mod workers`; returns when all
+    /// are done. `None` when the team is busy (the caller should run the tasks another way).
+    fn run(&self, tasks: usize, f: &(dyn Fn(usize) + Sync)) -> Option<()> {
+        let _busy = self.busy.try_lock().ok()?;
+        let s = &*self.shared;
+        if s.workers == 1 || tasks <= 1 {
+            (0..tasks).for_each(f);
+            return Some(());
+        }
+        // SAFETY: the erased borrow `f` is only used by helpers between the generation bump
+        // below and their `done` report, and this function waits for every report before it
+        // returns (also when a task panics), so `f` outlives every use.
+        let erased = unsafe {
+            std::mem::transmute::<
+                *const (dyn Fn(usize) + Sync + '_),
+                *const (dyn Fn(usize) + Sync + 'static),
+            >(f as *const _)
+        };
+        // SAFETY: no helper reads `job` now: the previous job's helpers all reported done.
+        unsafe { *s.job.get() = Some((erased, tasks)) };
+        s.done.store(0, Ordering::Relaxed);
+        s.generation.fetch_add(1, Ordering::Release);
+        if *s.parked.lock().unwrap_or_else(|e| e.into_inner()) > 0 {
+            s.wake.notify_all();
+        }
+        let mine = catch_unwind(AssertUnwindSafe(|| {
+            (0..tasks).step_by(s.workers).for_each(f);
+        }));
+        while s.done.load(Ordering::Acquire) < s.workers - 1 {
+            std::hint::spin_loop();
+        }
+        // SAFETY: every helper reported done; none reads `job` until the next bump.
+        unsafe { *s.job.get() = None };
+        if let Err(payload) = mine {
+            resume_unwind(payload);
+        }
+        if s.panicked.swap(false, Ordering::Relaxed) {
+            panic!("a decode helper thread panicked in a parallel product");
+        }
+        Some(())
+    }
+}
+
+impl Drop for Team {
+    fn drop(&mut self) {
+        self.shared.shutdown.store(true, Ordering::Release);
+        {
+            let _parked = self.shared.parked.lock().unwrap_or_else(|e| e.into_inner());
+            self.shared.wake.notify_all();
+        }
+        for helper in self.helpers.drain(..) {
+            let _ = helper.join();
+        }
+    }
+}
+
+fn helper(s: &Shared, index: usize) {
+    let mut seen = 0u64;
+    loop {
+        // Wait for a new job: spin, then park.
+        let started = Instant::now();
+        let mut spins = 0u32;
+        loop {
+            let generation = s.generation.load(Ordering::Acquire);
+            if generation != seen {
+                seen = generation;
+                break;
+            }
+            if s.shutdown.load(Ordering::Acquire) {
+                return;
+            }
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(256) && started.elapsed() > SPIN {
+                let mut parked = s.parked.lock().unwrap_or_else(|e| e.into_inner());
+                *parked += 1;
+                // Checked under the lock the caller takes after bumping: no lost wake-up.
+                while s.generation.load(Ordering::Acquire) == seen
+                    && !s.shutdown.load(Ordering::Acquire)
+                {
+                    parked = s.wake.wait(parked).unwrap_or_else(|e| e.into_inner());
+                }
+                *parked -= 1;
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        // SAFETY: the caller wrote `job` before the bump this thread observed (acquire) and
+        // keeps it, and the function it points to, alive until this thread reports done.
+        let Some((job, tasks)) = (unsafe { *s.job.get() }) else {
+            s.done.fetch_add(1, Ordering::Release);
+            continue;
+        };
+        // SAFETY: as above.
+        let f = unsafe { &*job };
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            (index..tasks).step_by(s.workers).for_each(f);
+        }));
+        if result.is_err() {
+            s.panicked.store(true, Ordering::Relaxed);
+        }
+        s.done.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// Runs `f(i)` for every `i < tasks` in parallel: on the current thread's team when it
+/// entered one and the team is free, else on the rayon pool.
+pub fn run_tasks(tasks: usize, f: &(dyn Fn(usize) + Sync)) {
+    let team = CURRENT.with(Cell::get);
+    if let Some(team) = team {
+        // SAFETY: `enter` set this pointer for the duration of its closure, during which the
+        // team it borrows is alive; it is restored on exit.
+        let team = unsafe { &*team };
+        if team.run(tasks, f).is_some() {
+            return;
+        }
+    }
+    (0..tasks).into_par_iter().for_each(f);
+}
+
+/// A raw pointer that may cross threads: [`for_each_chunk_mut`] hands each task a disjoint
+/// piece of one slice through it.
+struct SendPtr<T>(*mut T);
+// SAFETY: only used to rebuild disjoint sub-slices of a `&mut [T]` with `T: Send`.
+unsafe impl<T: Send> Sync for SendPtr<T> {}
+
+/// `f(i, chunk)` for every `chunk`-long piece of `data` (the last may be shorter), in
+/// parallel as [`run_tasks`] runs them.
+pub fn for_each_chunk_mut<T: Send>(
+    data: &mut [T],
+    chunk: usize,
+    f: &(dyn Fn(usize, &mut [T]) + Sync),
+) {
+    let chunk = chunk.max(1);
+    let len = data.len();
+    let base = SendPtr(data.as_mut_ptr());
+    run_tasks(len.div_ceil(chunk), &|i| {
+        let start = i * chunk;
+        let end = (start + chunk).min(len);
+        let base = &base;
+        // SAFETY: task i covers start..end, disjoint from every other task's range and
+        // inside `data`, which stays mutably borrowed until every task has run (run_tasks
+        // returns after all of them, and runs each index once).
+        let piece = unsafe { std::slice::from_raw_parts_mut(base.0.add(start), end - start) };
+        f(i, piece);
+    });
+}
+
+/// The worker count [`run_tasks`] would split work over on this thread.
+pub fn current_workers() -> usize {
+    match CURRENT.with(Cell::get) {
+        // SAFETY: as in `run_tasks`.
+        Some(team) => unsafe { &*team }.workers(),
+        None => rayon::current_num_threads(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+
+    #[test]
+    fn every_task_runs_once_on_a_team_and_without_one() {
+        let team = Team::new(4);
+        for tasks in [0usize, 1, 3, 4, 5, 17, 64] {
+            let counts: Vec<AtomicU32> = (0..tasks).map(|_| AtomicU32::new(0)).collect();
+            let count = |i: usize| {
+                counts[i].fetch_add(1, Ordering::Relaxed);
+            };
+            team.enter(|| run_tasks(tasks, &count));
+            run_tasks(tasks, &count);
+            assert!(
+                counts.iter().all(|c| c.load(Ordering::Relaxed) == 2),
+                "{tasks}"
+            );
+        }
+    }
+
+    #[test]
+    fn chunks_cover_the_slice_once_with_a_ragged_tail() {
+        let team = Team::new(3);
+        for (len, chunk) in [(0usize, 4usize), (10, 4), (12, 4), (5, 16), (7, 1)] {
+            let mut data = vec![0u32; len];
+            team.enter(|| {
+                for_each_chunk_mut(&mut data, chunk, &|i, piece| {
+                    for (j, v) in piece.iter_mut().enumerate() {
+                        *v += (i * chunk + j) as u32 + 1;
+                    }
+                })
+            });
+            let want: Vec<u32> = (1..=len as u32).collect();
+            assert_eq!(data, want, "len {len} chunk {chunk}");
+        }
+    }
+
+    #[test]
+    fn helpers_park_and_wake_again() {
+        let team = Team::new(3);
+        let total = AtomicUsize::new(0);
+        for round in 0..3 {
+            team.enter(|| {
+                run_tasks(9, &|i| {
+                    total.fetch_add(i, Ordering::Relaxed);
+                })
+            });
+            if round == 1 {
+                // Long enough for every helper to park.
+                std::thread::sleep(SPIN * 20);
+            }
+        }
+        assert_eq!(total.load(Ordering::Relaxed), 3 * 36);
+    }
+
+    #[test]
+    fn nested_calls_fall_back_instead_of_deadlocking() {
+        let team = Team::new(2);
+        let inner = AtomicUsize::new(0);
+        team.enter(|| {
+            run_tasks(4, &|_| {
+                // On the caller this thread's team is busy; on a helper there is no team.
+                run_tasks(3, &|_| {
+                    inner.fetch_add(1, Ordering::Relaxed);
+                });
+            })
+        });
+        assert_eq!(inner.load(Ordering::Relaxed), 12);
+    }
+
+    #[test]
+    fn a_panicking_task_panics_the_caller_and_the_team_survives() {
+        let team = Team::new(3);
+        for bad in [0usize, 1] {
+            // Task 0 runs on the caller, task 1 on a helper.
+            let result = catch_unwind(AssertUnwindSafe(|| {
+                team.enter(|| {
+                    run_tasks(6, &|i| {
+                        if i == bad {
+                            panic!("task {i}");
+                        }
+                    })
+                })
+            }));
+            assert!(result.is_err(), "task {bad}");
+        }
+        let ran = AtomicUsize::new(0);
+        team.enter(|| {
+            run_tasks(6, &|_| {
+                ran.fetch_add(1, Ordering::Relaxed);
+            })
+        });
+        assert_eq!(ran.load(Ordering::Relaxed), 6);
+    }
+}
