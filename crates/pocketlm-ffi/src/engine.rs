@@ -98,7 +98,7 @@ pub struct ModelInfo {
 pub struct Engine {
     pub(crate) model: Arc<Model>,
     pub(crate) pool: Arc<rayon::ThreadPool>,
-    /// Spinning helpers for one-token products (unpinned placements of 2+ threads).
+    /// Spinning helpers for one-token products (2+ threads; on the pinned cores if any).
     pub(crate) team: Option<Arc<pocketlm_kernels::pool::Team>>,
     pinned_cores: Vec<usize>,
     pub(crate) context_length: usize,

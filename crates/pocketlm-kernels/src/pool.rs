@@ -71,7 +71,17 @@ thread_local! {
 impl Team {
     /// A team of `workers` (at least 1; 1 means no helpers: every job runs on the caller).
     pub fn new(workers: usize) -> Team {
+        Team::on_cores(workers, Vec::new())
+    }
+
+    /// A team whose helpers may run only on `cores` (all cores when empty): the performance
+    /// cores of a big.LITTLE CPU, or a `--cpu-mask`. Each helper gets the whole set, not one
+    /// core, since the calling thread is already pinned to one of them and the scheduler
+    /// then spreads the helpers over the others. Where the system refuses the set (or it is
+    /// not Linux/Android), helpers run where the scheduler puts them.
+    pub fn on_cores(workers: usize, cores: Vec<usize>) -> Team {
         let workers = workers.max(1);
+        let cores = Arc::new(cores);
         let shared = Arc::new(Shared {
             workers,
             generation: AtomicU64::new(0),
@@ -85,9 +95,15 @@ impl Team {
         let helpers = (1..workers)
             .map(|index| {
                 let shared = Arc::clone(&shared);
+                let cores = Arc::clone(&cores);
                 std::thread::Builder::new()
                     .name(format!("pocketlm-decode-{index}"))
-                    .spawn(move || helper(&shared, index))
+                    .spawn(move || {
+                        if !cores.is_empty() && !restrict_current_thread(&cores) {
+                            log::debug!("decode helper {index}: could not restrict to {cores:?}");
+                        }
+                        helper(&shared, index)
+                    })
                     .expect("spawning a decode helper thread")
             })
             .collect();
@@ -168,6 +184,28 @@ impl Drop for Team {
             let _ = helper.join();
         }
     }
+}
+
+/// Restricts the calling thread to `cores`; false when the system refuses (or cannot).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub fn restrict_current_thread(cores: &[usize]) -> bool {
+    // SAFETY: cpu_set_t is plain data, zeroed then filled with CPU_SET for indices below
+    // CPU_SETSIZE; sched_setaffinity(0, ...) reads it for the calling thread only.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_ZERO(&mut set);
+        let limit = libc::CPU_SETSIZE as usize;
+        for &core in cores.iter().filter(|&&c| c < limit) {
+            libc::CPU_SET(core, &mut set);
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+    }
+}
+
+/// Restricts the calling thread to `cores`; not supported here.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+pub fn restrict_current_thread(_cores: &[usize]) -> bool {
+    false
 }
 
 fn helper(s: &Shared, index: usize) {
@@ -307,6 +345,26 @@ mod tests {
             let want: Vec<u32> = (1..=len as u32).collect();
             assert_eq!(data, want, "len {len} chunk {chunk}");
         }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn helpers_on_cores_run_only_there() {
+        let cores = vec![0usize];
+        let team = Team::on_cores(3, cores);
+        let seen = Mutex::new(Vec::new());
+        team.enter(|| {
+            run_tasks(3, &|i| {
+                if i != 0 {
+                    // SAFETY: sched_getcpu has no preconditions.
+                    let cpu = unsafe { libc::sched_getcpu() };
+                    seen.lock().unwrap().push(cpu);
+                }
+            })
+        });
+        let seen = seen.into_inner().unwrap();
+        assert_eq!(seen.len(), 2);
+        assert!(seen.iter().all(|&c| c == 0), "helpers ran on {seen:?}");
     }
 
     #[test]

@@ -179,12 +179,20 @@ impl ThreadPlacement {
 
 impl ThreadPlacement {
     /// The decode team for this placement ([`pocketlm_kernels::pool::Team`]: the helpers spin
-    /// between the one-token products of a decode step instead of sleeping in rayon), or
-    /// `None` where it does not apply: one thread, or pinned workers (the team's helpers are
-    /// not pinned, and a helper spinning on a pinned worker's core would stall that worker).
+    /// between the one-token products of a decode step instead of sleeping in rayon). With
+    /// pinned workers the helpers may run on the pinned cores only (on a phone: the
+    /// performance cores). `None` where it does not apply: one thread, or more threads than
+    /// pinned cores (spinning helpers sharing a core would stall each other and the caller).
     pub fn build_team(&self) -> Option<pocketlm_kernels::pool::Team> {
-        (self.threads > 1 && self.pinned_cores.is_empty())
-            .then(|| pocketlm_kernels::pool::Team::new(self.threads))
+        if self.threads < 2 {
+            return None;
+        }
+        if self.pinned_cores.is_empty() {
+            return Some(pocketlm_kernels::pool::Team::new(self.threads));
+        }
+        (self.threads <= self.pinned_cores.len()).then(|| {
+            pocketlm_kernels::pool::Team::on_cores(self.threads, self.pinned_cores.clone())
+        })
     }
 }
 
@@ -377,5 +385,22 @@ mod tests {
             (0..1000u64).into_par_iter().sum()
         });
         assert_eq!(sum, 499_500);
+    }
+
+    #[test]
+    fn decode_teams_follow_the_placement() {
+        let team = |threads: usize, pinned_cores: Vec<usize>| {
+            ThreadPlacement {
+                threads,
+                pinned_cores,
+            }
+            .build_team()
+            .map(|t| t.workers())
+        };
+        assert_eq!(team(1, vec![]), None, "one thread needs no team");
+        assert_eq!(team(4, vec![]), Some(4));
+        // Pinned: helpers on the pinned cores, as many workers as cores at most.
+        assert_eq!(team(2, vec![0, 1]), Some(2));
+        assert_eq!(team(3, vec![0, 1]), None, "more threads than pinned cores");
     }
 }

@@ -16,7 +16,7 @@ pub struct GlobalArgs {
     pub cpu_mask: Option<CpuMask>,
     /// Run one-token products on rayon's work-stealing pool instead of the decode team
     /// (helper threads that spin between the products of a decode step; used with 2+
-    /// unpinned threads). For comparisons.
+    /// threads, on the pinned cores when there are any). For comparisons.
     #[arg(long, global = true)]
     pub no_decode_team: bool,
     /// Serve low-rank layers with this percentage of their stored rank (1-100; default 100):
