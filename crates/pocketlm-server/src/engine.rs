@@ -88,8 +88,12 @@ impl<'m> Engine<'m> {
                 if running[index].job.is_done() {
                     let request = running.swap_remove(index);
                     let slot = request.slot;
-                    self.complete(request);
-                    if let Some(next) = self.scheduler.finish(slot, self.sessions[slot].history()) {
+                    let (events, reply) = self.conclude(request);
+                    let next = self.scheduler.finish(slot, self.sessions[slot].history());
+                    // The slot is free (or given to the next job) before the client hears,
+                    // so a client that sends its next request at once finds it so.
+                    let _ = events.send(reply);
+                    if let Some(next) = next {
                         self.admit(slot, next, &mut running);
                     }
                 } else {
@@ -153,23 +157,25 @@ impl<'m> Engine<'m> {
         }
     }
 
-    /// Sends a stopped request its result and records its metrics.
-    fn complete(&mut self, request: Running<'m>) {
+    /// A stopped request's result (to send once its slot is released), its metrics recorded.
+    fn conclude(
+        &mut self,
+        request: Running<'m>,
+    ) -> (tokio::sync::mpsc::UnboundedSender<JobEvent>, JobEvent) {
         let session = &self.sessions[request.slot];
-        match request.job.finish(session) {
+        let reply = match request.job.finish(session) {
             Ok(generation) => {
                 record(
                     self.metrics,
                     &generation,
                     request.admitted_at - request.received_at,
                 );
-                let _ = request.events.send(JobEvent::Finished(generation));
+                JobEvent::Finished(generation)
             }
             // The cache holds what the history says, so the slot's prefix reuse stays right.
-            Err(error) => {
-                let _ = request.events.send(JobEvent::Failed(error));
-            }
-        }
+            Err(error) => JobEvent::Failed(error),
+        };
+        (request.events, reply)
     }
 }
 

@@ -29,16 +29,27 @@ pub fn spawn(
             while let Ok((_, job)) = inbox.recv() {
                 let mut next = Some(job);
                 while let Some(job) = next {
-                    run_job(&mut session, job, &scheduler, &metrics);
+                    let reply = run_job(&mut session, job, &scheduler, &metrics);
                     next = scheduler.finish(index, session.history());
+                    // Sent once the slot is released (see the engine's loop).
+                    if let Some((events, event)) = reply {
+                        let _ = events.send(event);
+                    }
                 }
             }
         })
 }
 
-fn run_job(session: &mut Session, job: Job, scheduler: &Scheduler, metrics: &Metrics) {
+/// Runs `job`; returns its result for the caller to send after releasing the slot (`None`
+/// for a job no longer wanted).
+fn run_job(
+    session: &mut Session,
+    job: Job,
+    scheduler: &Scheduler,
+    metrics: &Metrics,
+) -> Option<(tokio::sync::mpsc::UnboundedSender<JobEvent>, JobEvent)> {
     if !engine::still_wanted(&job, scheduler) {
-        return;
+        return None;
     }
     let started = Instant::now();
     let mut on_text = engine::text_sender(job.events.clone(), metrics, scheduler);
@@ -48,15 +59,14 @@ fn run_job(session: &mut Session, job: Job, scheduler: &Scheduler, metrics: &Met
         }
         Prompt::Text(text) => session.complete(text, &job.options, &mut on_text),
     };
-    match result {
+    let event = match result {
         Ok(generation) => {
             engine::record(metrics, &generation, started - job.received_at);
-            let _ = job.events.send(JobEvent::Finished(generation));
+            JobEvent::Finished(generation)
         }
-        Err(error) => {
-            // The cache may hold a partial prompt; the history says exactly what it holds,
-            // so the next job's prefix reuse stays correct.
-            let _ = job.events.send(JobEvent::Failed(error));
-        }
-    }
+        // The cache may hold a partial prompt; the history says exactly what it holds, so
+        // the next job's prefix reuse stays correct.
+        Err(error) => JobEvent::Failed(error),
+    };
+    Some((job.events, event))
 }
