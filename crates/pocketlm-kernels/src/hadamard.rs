@@ -14,6 +14,8 @@
 //! precedes. The SIMD paths do the same additions in the same order as the scalar reference,
 //! so every path gives bit-identical results.
 
+use std::ops::{Add, Sub};
+
 use rayon::prelude::*;
 
 use super::{KernelPath, active_path};
@@ -106,17 +108,7 @@ impl BlockHadamard {
             .zip(&self.scaled_signs)
             .for_each(|(v, s)| *v *= *s as f64);
         for block in row.chunks_exact_mut(self.block) {
-            let n = block.len();
-            let mut h = 1;
-            while h < n {
-                for pair in block.chunks_exact_mut(2 * h) {
-                    let (lo, hi) = pair.split_at_mut(h);
-                    for (a, b) in lo.iter_mut().zip(hi) {
-                        (*a, *b) = (*a + *b, *a - *b);
-                    }
-                }
-                h *= 2;
-            }
+            fwht_scalar(block);
         }
     }
 
@@ -167,8 +159,8 @@ pub fn fwht_with(path: KernelPath, x: &mut [f32]) {
     }
 }
 
-/// The reference: butterflies of stride 1, 2, 4, … in place.
-pub fn fwht_scalar(x: &mut [f32]) {
+/// The reference: butterflies of stride 1, 2, 4, … in place (also in f64, for Hessians).
+pub fn fwht_scalar<T: Copy + Add<Output = T> + Sub<Output = T>>(x: &mut [T]) {
     let n = x.len();
     let mut h = 1;
     while h < n {
@@ -178,7 +170,7 @@ pub fn fwht_scalar(x: &mut [f32]) {
 }
 
 /// One stage: `(a, b) ← (a + b, a − b)` for every pair `h` apart within blocks of `2h`.
-fn butterflies(x: &mut [f32], h: usize) {
+fn butterflies<T: Copy + Add<Output = T> + Sub<Output = T>>(x: &mut [T], h: usize) {
     for pair in x.chunks_exact_mut(2 * h) {
         let (lo, hi) = pair.split_at_mut(h);
         for (a, b) in lo.iter_mut().zip(hi) {
