@@ -540,7 +540,7 @@ impl<'a, 'p> Output<'a, 'p> {
 }
 
 /// `XᵀX` of the inputs after AWQ divided channel `j` by `s[j]`: `S⁻¹ H S⁻¹`.
-fn scaled_hessian(stats: &calib::InputStats, scales: Option<&[f32]>) -> Vec<f64> {
+pub(crate) fn scaled_hessian(stats: &calib::InputStats, scales: Option<&[f32]>) -> Vec<f64> {
     let Some(s) = scales else {
         return stats.hessian.clone();
     };

@@ -19,7 +19,7 @@ use pocketlm_runtime::model::{InputRotations, LinearInput};
 use super::Pass;
 use crate::ConvertOptions;
 use crate::calib::InputStats;
-use crate::output::{Evidence, Output};
+use crate::output::{Evidence, Output, scaled_hessian};
 use crate::refusal::Refusal;
 
 /// The seed of every rotated file's random signs (a fixed seed keeps conversions
@@ -94,22 +94,17 @@ impl BlockRotation {
         self.rotations.for_input(input).unrotate_rows(values);
     }
 
-    /// Computes the statistics of `input` as the rotated matrices see it: AWQ's scales divided out,
-    /// then `R·H·Rᵀ`, the sampled rows rotated, and mean |x| estimated from the rotated second
-    /// moments.
+    /// Computes the statistics of `input` as the rotated matrices see it: AWQ's scales
+    /// divided out, then `R·H·Rᵀ`, the sampled rows rotated, and mean |x| estimated from the
+    /// rotated second moments.
     pub(crate) fn observe(&mut self, input: LinearInput, evidence: Evidence<'_>) {
         let r = self.rotations.for_input(input);
         self.stats.entry(input).or_insert_with(|| {
             let stats = evidence.stats;
             let n = stats.width;
-            let mut h = stats.hessian.clone();
+            let mut h = scaled_hessian(stats, evidence.scales);
             let mut sample = stats.sample.clone();
             if let Some(s) = evidence.scales {
-                for i in 0..n {
-                    for j in 0..n {
-                        h[i * n + j] /= s[i] as f64 * s[j] as f64;
-                    }
-                }
                 for row in sample.chunks_exact_mut(n) {
                     row.iter_mut().zip(s).for_each(|(v, s)| *v /= s);
                 }
