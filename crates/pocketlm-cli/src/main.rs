@@ -12,12 +12,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use pocketlm_kernels::KernelPath;
+use pocketlm_kernels::pool::on_team;
 use pocketlm_runtime::cpu::{CpuTopology, plan_threads};
 
 use crate::args::Cli;
-use crate::model_options::{
-    CPU_MASK, DECODE_TEAM, MODEL_OPTIONS, decode_team, model_options, on_team,
-};
+use crate::model_options::{CPU_MASK, DECODE_TEAM, MODEL_OPTIONS, decode_team, model_options};
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
@@ -54,7 +53,7 @@ fn main() -> ExitCode {
     // Run on a pool thread: each parallel product then starts from inside the pool instead
     // of waking it from outside (a futex round trip per matrix on short decode steps); with a
     // decode team, one-token products go to its spinning helpers.
-    let result = pool.install(|| on_team(&team, || commands::execute(cli.command)));
+    let result = pool.install(|| on_team(team.as_ref(), || commands::execute(cli.command)));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -31,14 +31,6 @@ pub fn decode_team(placement: &ThreadPlacement) -> Option<Team> {
     }
 }
 
-/// Runs `f` on `team` (as its entering thread) when there is one.
-pub fn on_team<R>(team: &Option<Team>, f: impl FnOnce() -> R) -> R {
-    match team {
-        Some(team) => team.enter(f),
-        None => f(),
-    }
-}
-
 pub fn model_options(global: &GlobalArgs) -> ModelOptions {
     let defaults = ModelOptions::default();
     ModelOptions {

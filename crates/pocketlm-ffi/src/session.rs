@@ -156,10 +156,7 @@ impl Session {
                     }
                     Input::Reply(tools) => conversation.reply(tools, &options, on_text),
                 };
-                match &self.engine.team {
-                    Some(team) => team.enter(run),
-                    None => run(),
-                }
+                pocketlm_kernels::pool::on_team(self.engine.team.as_deref(), run)
             })?;
             if let Some(message) = callback_error {
                 return Err(PocketLmError::CallbackFailed { reason: message });

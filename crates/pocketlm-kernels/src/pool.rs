@@ -259,16 +259,28 @@ fn helper(s: &Shared, index: usize) {
 /// Runs `f(i)` for every `i < tasks` in parallel: on the current thread's team when it
 /// entered one and the team is free, else on the rayon pool.
 pub fn run_tasks(tasks: usize, f: &(dyn Fn(usize) + Sync)) {
-    let team = CURRENT.with(Cell::get);
-    if let Some(team) = team {
-        // SAFETY: `enter` set this pointer for the duration of its closure, during which the
-        // team it borrows is alive; it is restored on exit.
-        let team = unsafe { &*team };
-        if team.run(tasks, f).is_some() {
-            return;
-        }
+    if let Some(team) = current_team()
+        && team.run(tasks, f).is_some()
+    {
+        return;
     }
     (0..tasks).into_par_iter().for_each(f);
+}
+
+/// The team the current thread entered, if any.
+fn current_team<'a>() -> Option<&'a Team> {
+    // SAFETY: `enter` set this pointer for the duration of its closure, during which the team
+    // it borrows is alive; it is restored on exit, and the reference is only used within
+    // the caller's frame, inside that closure.
+    CURRENT.with(Cell::get).map(|team| unsafe { &*team })
+}
+
+/// Runs `f` as `team`'s entering thread when there is a team, else plainly.
+pub fn on_team<R>(team: Option<&Team>, f: impl FnOnce() -> R) -> R {
+    match team {
+        Some(team) => team.enter(f),
+        None => f(),
+    }
 }
 
 /// A raw pointer that may cross threads: [`for_each_chunk_mut`] hands each task a disjoint
@@ -301,11 +313,7 @@ pub fn for_each_chunk_mut<T: Send>(
 
 /// The worker count [`run_tasks`] would split work over on this thread.
 pub fn current_workers() -> usize {
-    match CURRENT.with(Cell::get) {
-        // SAFETY: as in `run_tasks`.
-        Some(team) => unsafe { &*team }.workers(),
-        None => rayon::current_num_threads(),
-    }
+    current_team().map_or_else(rayon::current_num_threads, Team::workers)
 }
 
 #[cfg(test)]

@@ -5,7 +5,8 @@ use pocketlm_runtime::cpu::{CpuTopology, plan_threads};
 
 use crate::args::{BenchArgs, JsonOutput};
 use crate::commands::CliResult;
-use crate::model_options::{CPU_MASK, decode_team, on_team, open_model};
+use crate::model_options::{CPU_MASK, decode_team, open_model};
+use pocketlm_kernels::pool::on_team;
 
 pub fn execute(args: BenchArgs) -> CliResult {
     let BenchArgs {
@@ -94,7 +95,11 @@ fn sweep_threads(
         let placement = plan_threads(&topology, threads, mask);
         let pool = placement.build_pool(|i| format!("pocketlm-sweep-{i}"))?;
         let team = decode_team(&placement);
-        let r = pool.install(|| on_team(&team, || pocketlm_eval::bench::bench(model, options)))?;
+        let r = pool.install(|| {
+            on_team(team.as_ref(), || {
+                pocketlm_eval::bench::bench(model, options)
+            })
+        })?;
         if !json {
             println!(
                 "{:>7}  {:>12.1}  {:>12.1}  {:>9.1}  {:>13.0}%",
