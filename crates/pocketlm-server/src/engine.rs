@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use pocketlm_runtime::{BatchJob, Generation, Model, ModelError, Session, StopReason};
 
 use crate::metrics::Metrics;
-use crate::scheduler::{Job, JobEvent, Prompt, Scheduler};
+use crate::scheduler::{Job, JobEvent, Prompt, Reply, Scheduler};
 
 /// A request the engine is running.
 struct Running<'m> {
@@ -88,12 +88,9 @@ impl<'m> Engine<'m> {
                 if running[index].job.is_done() {
                     let request = running.swap_remove(index);
                     let slot = request.slot;
-                    let (events, reply) = self.conclude(request);
-                    let next = self.scheduler.finish(slot, self.sessions[slot].history());
-                    // The slot is free (or given to the next job) before the client hears,
-                    // so a client that sends its next request at once finds it so.
-                    let _ = events.send(reply);
-                    if let Some(next) = next {
+                    let reply = self.conclude(request);
+                    let history = self.sessions[slot].history();
+                    if let Some(next) = self.scheduler.finish(slot, history, Some(reply)) {
                         self.admit(slot, next, &mut running);
                     }
                 } else {
@@ -125,7 +122,11 @@ impl<'m> Engine<'m> {
                     running.push(request);
                     return;
                 }
-                None => next = self.scheduler.finish(slot, self.sessions[slot].history()),
+                None => {
+                    next = self
+                        .scheduler
+                        .finish(slot, self.sessions[slot].history(), None)
+                }
             }
         }
     }
@@ -157,11 +158,8 @@ impl<'m> Engine<'m> {
         }
     }
 
-    /// A stopped request's result (to send once its slot is released), its metrics recorded.
-    fn conclude(
-        &mut self,
-        request: Running<'m>,
-    ) -> (tokio::sync::mpsc::UnboundedSender<JobEvent>, JobEvent) {
+    /// A stopped request's result (sent once its slot is released), its metrics recorded.
+    fn conclude(&mut self, request: Running<'m>) -> Reply {
         let session = &self.sessions[request.slot];
         let reply = match request.job.finish(session) {
             Ok(generation) => {
@@ -175,7 +173,10 @@ impl<'m> Engine<'m> {
             // The cache holds what the history says, so the slot's prefix reuse stays right.
             Err(error) => JobEvent::Failed(error),
         };
-        (request.events, reply)
+        Reply {
+            events: request.events,
+            event: reply,
+        }
     }
 }
 

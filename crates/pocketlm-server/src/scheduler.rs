@@ -57,6 +57,12 @@ impl Job {
     }
 }
 
+/// A finished job's last event, which [`Scheduler::finish`] sends once the slot is free.
+pub struct Reply {
+    pub events: UnboundedSender<JobEvent>,
+    pub event: JobEvent,
+}
+
 /// What a slot reports back to the request's handler.
 #[derive(Debug)]
 pub enum JobEvent {
@@ -173,9 +179,18 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Called by a slot thread when its job is done, with what its cache now holds: the
-    /// next queued job for it, or `None` (the slot is free).
-    pub fn finish(&self, slot: usize, cached_tokens: &[u32]) -> Option<Job> {
+    /// Called when a slot's job is done, with what its cache now holds: the next queued job
+    /// for it, or `None` (the slot is free). The job's `reply` is sent only after the slot is
+    /// released, so a client that sends its next request at once finds the slot free.
+    pub fn finish(&self, slot: usize, cached_tokens: &[u32], reply: Option<Reply>) -> Option<Job> {
+        let next = self.release(slot, cached_tokens);
+        if let Some(Reply { events, event }) = reply {
+            let _ = events.send(event);
+        }
+        next
+    }
+
+    fn release(&self, slot: usize, cached_tokens: &[u32]) -> Option<Job> {
         let mut table = self.table();
         table.tick += 1;
         let tick = table.tick;
@@ -311,9 +326,9 @@ mod tests {
         assert_eq!(scheduler.submit(job(vec![3])), Err(SubmitError::QueueFull));
         assert_eq!(received.try_recv().unwrap().1.prompt_tokens, vec![1]);
         assert_eq!(scheduler.gauges().queue_depth, 1);
-        let next = scheduler.finish(0, &[1, 5]).unwrap();
+        let next = scheduler.finish(0, &[1, 5], None).unwrap();
         assert_eq!(next.prompt_tokens, vec![2]);
-        assert!(scheduler.finish(0, &[2, 6]).is_none());
+        assert!(scheduler.finish(0, &[2, 6], None).is_none());
         let gauges = scheduler.gauges();
         assert_eq!((gauges.busy_slots, gauges.queue_depth), (0, 0));
         assert_eq!(gauges.kv_cache_used_bytes, 16);

@@ -12,7 +12,7 @@ use pocketlm_runtime::Session;
 
 use crate::engine;
 use crate::metrics::Metrics;
-use crate::scheduler::{Job, JobEvent, Prompt, Scheduler};
+use crate::scheduler::{Job, JobEvent, Prompt, Reply, Scheduler};
 
 /// Starts slot `index`'s thread, which runs jobs from `inbox` until every sender is gone.
 pub fn spawn(
@@ -30,24 +30,20 @@ pub fn spawn(
                 let mut next = Some(job);
                 while let Some(job) = next {
                     let reply = run_job(&mut session, job, &scheduler, &metrics);
-                    next = scheduler.finish(index, session.history());
-                    // Sent once the slot is released (see the engine's loop).
-                    if let Some((events, event)) = reply {
-                        let _ = events.send(event);
-                    }
+                    next = scheduler.finish(index, session.history(), reply);
                 }
             }
         })
 }
 
-/// Runs `job`; returns its result for the caller to send after releasing the slot (`None`
-/// for a job no longer wanted).
+/// Runs `job`; returns its result, sent when the slot is released (`None` for a job no
+/// longer wanted).
 fn run_job(
     session: &mut Session,
     job: Job,
     scheduler: &Scheduler,
     metrics: &Metrics,
-) -> Option<(tokio::sync::mpsc::UnboundedSender<JobEvent>, JobEvent)> {
+) -> Option<Reply> {
     if !engine::still_wanted(&job, scheduler) {
         return None;
     }
@@ -68,5 +64,8 @@ fn run_job(
         // the next job's prefix reuse stays correct.
         Err(error) => JobEvent::Failed(error),
     };
-    Some((job.events, event))
+    Some(Reply {
+        events: job.events,
+        event,
+    })
 }
