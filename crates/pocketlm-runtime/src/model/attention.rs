@@ -509,10 +509,16 @@ pub(crate) fn attend(
             }
         };
     if out.len() == config.num_heads * hd {
-        // One token (decode): on the decode team when this thread has one.
+        // One token (decode): on the decode team when this thread has one. Each worker keeps
+        // its score buffer across heads, layers and tokens (no allocation per head).
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<Span>)> =
+                const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+        }
         kernels::pool::for_each_chunk_mut(out, hd, &|i, o| {
-            let (mut scores, mut runs) = (Vec::new(), Vec::with_capacity(3));
-            head(i, o, &q[i * hd..(i + 1) * hd], &mut scores, &mut runs);
+            SCRATCH.with_borrow_mut(|(scores, runs)| {
+                head(i, o, &q[i * hd..(i + 1) * hd], scores, runs)
+            });
         });
         return;
     }
