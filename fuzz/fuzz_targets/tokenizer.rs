@@ -1,12 +1,13 @@
 //! Arbitrary prompt text through the stories260K tokenizer: encode, decode, stream-decode,
-//! and decoding of arbitrary (also out-of-vocabulary) token ids.
+//! and decoding of arbitrary (also out-of-vocabulary) token ids; and arbitrary split
+//! patterns (the runtime's own regex engine) over arbitrary text.
 #![no_main]
 
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use pocketlm_format::TokenizerSpec;
-use pocketlm_runtime::tokenizer::{StreamDecoder, Tokenizer};
+use pocketlm_runtime::tokenizer::{StreamDecoder, TextTokenizer, Tokenizer};
 
 mod common;
 
@@ -29,7 +30,24 @@ fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
-    if mode & 1 == 0 {
+    if mode % 3 == 2 {
+        // A pre-tokenizer pattern, then text after a NUL byte.
+        let (pattern, text) = match rest.iter().position(|&b| b == 0) {
+            Some(at) => (&rest[..at], &rest[at + 1..]),
+            None => (rest, &b"Hello world, it's 2024!\n  ok"[..]),
+        };
+        let doc = serde_json::json!({
+            "model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2, "<0x41>": 3},
+                      "merges": [["a", "b"]], "byte_fallback": true},
+            "pre_tokenizer": {"type": "Split", "behavior": "Isolated",
+                              "pattern": {"Regex": String::from_utf8_lossy(pattern)}},
+        });
+        if let Ok(tokenizer) = TextTokenizer::from_json(&doc.to_string())
+            && let Ok(ids) = tokenizer.encode(&String::from_utf8_lossy(text))
+        {
+            let _ = tokenizer.decode(&ids, false);
+        }
+    } else if mode % 3 == 0 {
         // Prompt text.
         let text = String::from_utf8_lossy(rest);
         let Ok(ids) = tok.encode_prompt(&text) else {

@@ -5,7 +5,6 @@
 //! with byte fallback, merges implied by the piece scores).
 
 use std::collections::HashMap;
-use std::str::FromStr;
 
 use serde_json::{Value, json};
 
@@ -21,7 +20,7 @@ const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{
 const MAX_VOCAB: usize = 1 << 22;
 
 /// Builds a `tokenizer.json` document equivalent to the GGUF's tokenizer, and checks that
-/// the `tokenizers` crate accepts it.
+/// the runtime's tokenizer accepts it.
 pub fn tokenizer_json(gguf: &GgufFile) -> Result<String, ImportError> {
     let err = |message: String| ImportError::Tokenizer {
         path: gguf.path().to_path_buf(),
@@ -63,7 +62,7 @@ pub fn tokenizer_json(gguf: &GgufFile) -> Result<String, ImportError> {
         other => return Err(err(format!("tokenizer model '{other}' is not supported"))),
     };
     let text = serde_json::to_string(&doc).map_err(|e| err(e.to_string()))?;
-    tokenizers::Tokenizer::from_str(&text)
+    pocketlm_runtime::tokenizer::parse_tokenizer_json(&text)
         .map_err(|e| err(format!("rebuilt tokenizer.json does not load: {e}")))?;
     Ok(text)
 }
@@ -179,7 +178,7 @@ fn byte_level_bpe(
     // Names follow llama.cpp's pre-tokenizer types; Llama 3 also matches whole words
     // against the vocabulary before merging (HF `ignore_merges`).
     let (pre_tokenizer, ignore_merges) = match pre {
-        "default" | "gpt2" => (byte_level(true, true), false),
+        "default" | "gpt2" | "gpt-2" => (byte_level(true, true), false),
         "smollm" => (
             json!({
                 "type": "Sequence",
@@ -206,7 +205,7 @@ fn byte_level_bpe(
         ),
         other => {
             return Err(err(format!(
-                "pre-tokenizer '{other}' is not supported (known: default, gpt2, smollm, llama-bpe, qwen2)"
+                "pre-tokenizer '{other}' is not supported (known: default, gpt2, gpt-2, smollm, llama-bpe, qwen2)"
             )));
         }
     };

@@ -19,3 +19,4 @@ mod recipe_golden;
 mod recover;
 mod rotation;
 mod smollm2;
+mod tokenizer_parity;

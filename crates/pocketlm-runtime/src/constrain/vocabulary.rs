@@ -7,11 +7,11 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use llguidance::ParserFactory;
-use tokenizers::DecoderWrapper;
 use toktrie::{TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
 
 use super::ConstraintError;
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::byte_level::char_to_byte;
+use crate::tokenizer::{TextTokenizer, Tokenizer, byte_token};
 
 /// Per-model state shared by all constraints: the token trie and llguidance's parser
 /// factory (which precomputes token-set slices over the trie).
@@ -36,7 +36,7 @@ impl ConstraintVocabulary {
     /// Builds the token trie and parser factory for `tokenizer`. Call once per model and keep
     /// the `Arc` (e.g. in a `OnceLock` beside the model): this walks the whole vocabulary.
     pub fn new(tokenizer: &Tokenizer) -> Result<Arc<ConstraintVocabulary>, ConstraintError> {
-        let mut words = token_bytes(tokenizer.hf_tokenizer());
+        let mut words = token_bytes(tokenizer.text_tokenizer());
         let tokenizer_vocab_size = words.len();
         let mut eos: Vec<TokenId> = tokenizer
             .eos_token_ids()
@@ -119,94 +119,43 @@ impl TokenizerEnv for TrieTokenizerEnv {
     }
 }
 
-/// How vocabulary strings in tokenizer.json spell bytes.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Spelling {
-    /// GPT-2 byte-level BPE: every byte is one printable char (`Ġ` for a space).
-    ByteLevel,
-    /// SentencePiece: text with `▁` for a space, `<0xAB>` byte-fallback tokens.
-    SentencePiece,
-}
-
-fn spelling(tokenizer: &tokenizers::Tokenizer) -> Spelling {
-    fn has_byte_level(decoder: &DecoderWrapper) -> bool {
-        match decoder {
-            DecoderWrapper::ByteLevel(_) => true,
-            DecoderWrapper::Sequence(seq) => seq.get_decoders().iter().any(has_byte_level),
-            _ => false,
-        }
-    }
-    match tokenizer.get_decoder() {
-        Some(decoder) if has_byte_level(decoder) => Spelling::ByteLevel,
-        _ => Spelling::SentencePiece,
-    }
-}
-
-/// GPT-2's byte ↔ char table, inverted: printable Latin-1 bytes stand for themselves, the
-/// other 68 bytes are shifted to U+0100.. in byte order.
-fn byte_level_decoder() -> std::collections::HashMap<char, u8> {
-    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
-    let mut shifted = 0u32;
-    (0..=255u8)
-        .map(|b| {
-            let c = if printable(b) {
-                char::from(b)
-            } else {
-                shifted += 1;
-                char::from_u32(255 + shifted).unwrap_or(char::REPLACEMENT_CHARACTER)
-            };
-            (c, b)
-        })
-        .collect()
-}
-
-/// `<0xAB>` → 0xAB.
-fn byte_fallback(token: &str) -> Option<u8> {
-    let hex = token.strip_prefix("<0x")?.strip_suffix('>')?;
-    if hex.len() != 2 {
-        return None;
-    }
-    u8::from_str_radix(hex, 16).ok()
-}
-
 /// The bytes of every id below the tokenizer's vocabulary size. Special added tokens get
 /// toktrie's marker byte (so grammars can name them, `<|im_end|>`, but text never matches
 /// them); ids without an entry, or spelled with a char the byte-level table lacks, get an
 /// unreachable special name, so the mask never allows them.
-fn token_bytes(tokenizer: &tokenizers::Tokenizer) -> Vec<Vec<u8>> {
-    let vocab = tokenizer.get_vocab(true);
+fn token_bytes(tokenizer: &TextTokenizer) -> Vec<Vec<u8>> {
+    let vocab = tokenizer.vocabulary();
     let size = vocab
         .values()
         .map(|&id| id as usize + 1)
         .max()
         .unwrap_or(0)
-        .max(tokenizer.get_vocab_size(true));
+        .max(tokenizer.vocab_size());
     let mut words: Vec<Vec<u8>> = vec![Vec::new(); size];
-    let added = tokenizer.get_added_tokens_decoder();
-    let spelling = spelling(tokenizer);
-    let byte_chars = byte_level_decoder();
+    let byte_level = tokenizer.is_byte_level();
     let mut seen = HashSet::new();
     // Of two ids with the same bytes only one can be in the trie: the ordinary token wins
     // over a byte-fallback one (`▁` over `<0x20>`: models emit the former), then the lower
     // id, so the choice is the same every time.
-    let mut entries: Vec<(&String, u32)> = vocab.iter().map(|(t, &id)| (t, id)).collect();
-    entries.sort_unstable_by_key(|&(text, id)| (byte_fallback(text).is_some(), id));
+    let mut entries: Vec<(&str, u32)> = vocab.iter().map(|(&t, &id)| (t, id)).collect();
+    entries.sort_unstable_by_key(|&(text, id)| (byte_token(text).is_some(), id));
     for (text, id) in entries {
-        let bytes = if let Some(token) = added.get(&id) {
+        let bytes = if let Some(token) = tokenizer.added_token(id) {
             let mut bytes = Vec::with_capacity(token.content.len() + 1);
             if token.special {
                 bytes.push(TokTrie::SPECIAL_TOKEN_MARKER);
             }
             bytes.extend_from_slice(token.content.as_bytes());
             Some(bytes)
+        } else if byte_level {
+            // GPT-2 byte-level spelling: every char one byte.
+            text.chars().map(char_to_byte).collect()
         } else {
-            match spelling {
-                Spelling::ByteLevel => text.chars().map(|c| byte_chars.get(&c).copied()).collect(),
-                Spelling::SentencePiece => Some(match byte_fallback(text) {
-                    Some(byte) => vec![byte],
-                    None => text.replace('\u{2581}', " ").into_bytes(),
-                }),
-            }
+            // SentencePiece: `▁` for a space, `<0xAB>` byte-fallback tokens.
+            Some(match byte_token(text) {
+                Some(byte) => vec![byte],
+                None => text.replace('\u{2581}', " ").into_bytes(),
+            })
         };
         // Two ids spelling the same bytes (`<0x20>` and `▁`) would share a trie node; the
         // second stays unreachable, as an unnamed id does.
@@ -229,19 +178,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn byte_level_table_is_a_bijection() {
-        let table = byte_level_decoder();
-        assert_eq!(table.len(), 256);
-        assert_eq!(table[&'Ġ'], b' ');
-        assert_eq!(table[&'Ċ'], b'\n');
-        assert_eq!(table[&'a'], b'a');
-    }
-
-    #[test]
     fn byte_fallback_names() {
-        assert_eq!(byte_fallback("<0x0A>"), Some(b'\n'));
-        assert_eq!(byte_fallback("<0xZZ>"), None);
-        assert_eq!(byte_fallback("<0x0>"), None);
-        assert_eq!(byte_fallback("<0x0AB>"), None);
+        assert_eq!(byte_token("<0x0A>"), Some(b'\n'));
+        assert_eq!(byte_token("<0xZZ>"), None);
+        assert_eq!(byte_token("<0x0>"), None);
+        assert_eq!(byte_token("<0x0AB>"), None);
     }
 }

@@ -1,9 +1,8 @@
-//! Tokenizer wrapper: encoding/decoding through Hugging Face `tokenizers`, streaming
+//! Tokenizer: encoding/decoding of the model's own `tokenizer.json` (BPE, byte-level or
+//! SentencePiece-style, with the results of Hugging Face `tokenizers`), streaming
 //! detokenization for generated tokens, and chat templates rendered with minijinja.
 //!
 //! Built from the [`TokenizerSpec`] that the importer stores in `.plm` files.
-
-use std::str::FromStr;
 
 use minijinja::value::{Value, ValueKind, from_args};
 use minijinja::{Environment, Error as JinjaError, ErrorKind as JinjaErrorKind};
@@ -69,7 +68,7 @@ const MAX_TEMPLATE_METHOD_OUTPUT: usize = 16 << 20;
 const TEMPLATE_NAME: &str = "chat_template";
 
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
+    inner: TextTokenizer,
     bos_token_id: Option<u32>,
     eos_token_ids: Vec<u32>,
     add_bos: bool,
@@ -117,22 +116,19 @@ impl Tokenizer {
 
     /// Number of token ids, added tokens included.
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        self.inner.vocab_size()
     }
 
     /// Encodes `text` without the tokenizer's post-processor (no implicit BOS/EOS);
     /// prepends the spec's BOS when `add_bos` is set and the model has one. Special tokens
     /// written in `text` (e.g. `<|im_start|>`) become their ids, which chat prompts rely on.
     pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>, TokenizerError> {
-        let encoding = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        let encoding = self.inner.encode(text)?;
         let mut ids = Vec::with_capacity(encoding.len() + 1);
         if add_bos && let Some(bos) = self.bos_token_id {
             ids.push(bos);
         }
-        ids.extend_from_slice(encoding.get_ids());
+        ids.extend_from_slice(&encoding);
         Ok(ids)
     }
 
@@ -144,17 +140,13 @@ impl Tokenizer {
     /// Decodes ids to text, skipping special tokens. Ids outside the vocabulary are skipped
     /// (models often pad the embedding matrix beyond the tokenizer's vocabulary).
     pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
-        self.inner
-            .decode(ids, true)
-            .map_err(|e| TokenizerError::Decode(e.to_string()))
+        Ok(self.inner.decode(ids, true))
     }
 
     /// Decodes ids to text keeping special tokens (`<|python_tag|>`, `[TOOL_CALLS]`): tool-call
     /// parsing needs the markers that [`Self::decode`] drops.
     pub fn decode_with_special(&self, ids: &[u32]) -> Result<String, TokenizerError> {
-        self.inner
-            .decode(ids, false)
-            .map_err(|e| TokenizerError::Decode(e.to_string()))
+        Ok(self.inner.decode(ids, false))
     }
 
     pub fn is_eos(&self, id: u32) -> bool {
@@ -172,7 +164,7 @@ impl Tokenizer {
     /// The vocabulary entry of `id` as stored in tokenizer.json (e.g. `▁time`, `<0xE2>`,
     /// `<|im_end|>`), not its decoded text; `None` for ids outside the vocabulary.
     pub fn token_text(&self, id: u32) -> Option<String> {
-        self.inner.id_to_token(id)
+        self.inner.id_to_token(id).map(str::to_string)
     }
 
     /// The id of the vocabulary entry `token` (e.g. `<tool_call>`), if it is one token.
@@ -180,10 +172,9 @@ impl Tokenizer {
         self.inner.token_to_id(token)
     }
 
-    /// The wrapped `tokenizers` tokenizer, for code that needs the whole vocabulary (the
+    /// The `tokenizer.json` tokenizer, for code that needs the whole vocabulary (the
     /// constrained-decoding token trie).
-    #[cfg(feature = "constrained")]
-    pub(crate) fn hf_tokenizer(&self) -> &tokenizers::Tokenizer {
+    pub fn text_tokenizer(&self) -> &TextTokenizer {
         &self.inner
     }
 
@@ -309,33 +300,35 @@ impl Tokenizer {
 
     /// True for vocabulary entries of the form `<0xAB>` (SentencePiece byte fallback).
     fn is_byte_token(&self, id: u32) -> bool {
-        self.inner.id_to_token(id).is_some_and(|t| {
-            t.len() == 6
-                && t.starts_with("<0x")
-                && t.ends_with('>')
-                && t[3..5].bytes().all(|b| b.is_ascii_hexdigit())
-        })
+        self.inner
+            .id_to_token(id)
+            .is_some_and(|t| byte_token(t).is_some())
     }
 }
 
-/// Parses a `tokenizer.json` document without letting the `tokenizers` crate panic on hostile
-/// input: it `expect`s inside some component deserializers (found by fuzzing: a syntax error
-/// inside `"decoder"` panics in `DecoderHelper`), so the syntax is checked first, and any
-/// other panic is caught (with `panic = "unwind"`) and reported as a load error.
-pub fn parse_tokenizer_json(json: &str) -> Result<tokenizers::Tokenizer, TokenizerError> {
-    serde_json::from_str::<serde::de::IgnoredAny>(json)
-        .map_err(|e| TokenizerError::Load(format!("tokenizer JSON is not valid JSON: {e}")))?;
-    std::panic::catch_unwind(|| tokenizers::Tokenizer::from_str(json))
-        .map_err(|_| {
-            TokenizerError::Load("the tokenizers library panicked on this tokenizer JSON".into())
-        })?
-        .map_err(|e| TokenizerError::Load(e.to_string()))
+/// Parses a `tokenizer.json` document; components outside the supported set (see
+/// [`TextTokenizer`]) are refused with a message naming them.
+pub fn parse_tokenizer_json(json: &str) -> Result<TextTokenizer, TokenizerError> {
+    TextTokenizer::from_json(json)
 }
 
+mod added;
+mod bpe;
+pub(crate) mod byte_level;
+mod config;
+mod decode;
+mod normalize;
+mod pattern;
+mod pretokenize;
 mod stream;
 mod template;
 #[cfg(test)]
 mod tests;
+mod text;
+mod unicode;
 
+pub(crate) use decode::byte_token;
+pub use pattern::PatternError;
 pub use stream::StreamDecoder;
 use template::{build_template_env, describe_jinja_error};
+pub use text::TextTokenizer;

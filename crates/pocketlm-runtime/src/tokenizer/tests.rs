@@ -13,7 +13,7 @@ fn stories_spec() -> TokenizerSpec {
             .expect("stories260K tokenizer_config.json fixture"),
     )
     .unwrap();
-    let tok = tokenizers::Tokenizer::from_str(&json).unwrap();
+    let tok = TextTokenizer::from_json(&json).unwrap();
     let id = |key: &str| tok.token_to_id(config[key].as_str().unwrap());
     TokenizerSpec {
         tokenizer_json: json,

@@ -452,6 +452,30 @@ fn ids(v: Option<&Value>) -> Vec<u32> {
     }
 }
 
+/// Whether `tokenizer.json`'s post-processor starts a single sequence with the special token
+/// `bos` (a `TemplateProcessing` whose `single` template begins with it, alone or inside a
+/// `Sequence` of processors).
+fn post_processor_prepends(tokenizer_json: &str, bos: &str) -> bool {
+    fn prepends(processor: &Value, bos: &str) -> bool {
+        match processor.get("type").and_then(Value::as_str) {
+            Some("TemplateProcessing") => {
+                processor["single"]
+                    .get(0)
+                    .and_then(|first| first.get("SpecialToken"))
+                    .and_then(|special| special.get("id"))
+                    .and_then(Value::as_str)
+                    == Some(bos)
+            }
+            Some("Sequence") => processor["processors"]
+                .as_array()
+                .is_some_and(|list| list.iter().any(|p| prepends(p, bos))),
+            _ => false,
+        }
+    }
+    serde_json::from_str::<Value>(tokenizer_json)
+        .is_ok_and(|doc| prepends(&doc["post_processor"], bos))
+}
+
 fn read_tokenizer(dir: &Path, config: &Value) -> Result<TokenizerSpec, ImportError> {
     let tok_path = dir.join("tokenizer.json");
     let tokenizer_json = read_json_text(&tok_path)?;
@@ -491,12 +515,9 @@ fn read_tokenizer(dir: &Path, config: &Value) -> Result<TokenizerSpec, ImportErr
     let add_bos = match tc.get("add_bos_token").and_then(Value::as_bool) {
         Some(b) => b,
         // No flag: the tokenizer's own post-processor tells whether BOS is prepended.
-        None => bos_token_id.is_some_and(|bos| {
-            tokenizer
-                .encode("a", true)
-                .map(|e| e.get_ids().first() == Some(&bos))
-                .unwrap_or(false)
-        }),
+        None => bos_token_id
+            .and_then(|bos| tokenizer.id_to_token(bos))
+            .is_some_and(|bos| post_processor_prepends(&tokenizer_json, bos)),
     };
     let chat_template = match tc.get("chat_template") {
         Some(Value::String(s)) => Some(s.clone()),
