@@ -16,7 +16,9 @@ use pocketlm_kernels::pool::on_team;
 use pocketlm_runtime::cpu::{CpuTopology, plan_threads};
 
 use crate::args::Cli;
-use crate::model_options::{CPU_MASK, DECODE_TEAM, MODEL_OPTIONS, decode_team, model_options};
+use crate::model_options::{
+    CPU_MASK, DECODE_TEAM, MODEL_OPTIONS, THREAD_PLACEMENT, decode_team, model_options,
+};
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
@@ -49,6 +51,7 @@ fn main() -> ExitCode {
         }
     };
     let _ = DECODE_TEAM.set(!cli.global.no_decode_team);
+    let _ = THREAD_PLACEMENT.set(placement.clone());
     let team = decode_team(&placement);
     // Run on a pool thread: each parallel product then starts from inside the pool instead
     // of waking it from outside (a futex round trip per matrix on short decode steps); with a

@@ -22,6 +22,10 @@ pub static CPU_MASK: OnceLock<Vec<usize>> = OnceLock::new();
 /// Whether one-token products may use a decode team (`--no-decode-team` turns it off).
 pub static DECODE_TEAM: OnceLock<bool> = OnceLock::new();
 
+/// The command line's thread placement (`--threads`, `--cpu-mask`), for commands that start
+/// threads of their own (`serve`'s engine).
+pub static THREAD_PLACEMENT: OnceLock<ThreadPlacement> = OnceLock::new();
+
 /// The decode team for a pool placed as `placement`, unless `--no-decode-team`.
 pub fn decode_team(placement: &ThreadPlacement) -> Option<Team> {
     if DECODE_TEAM.get().copied().unwrap_or(true) {

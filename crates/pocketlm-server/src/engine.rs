@@ -9,8 +9,10 @@ use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use pocketlm_kernels::pool::on_team;
 use pocketlm_runtime::{BatchJob, Generation, Model, ModelError, Session, StopReason};
 
+use crate::EngineThreads;
 use crate::metrics::Metrics;
 use crate::scheduler::{Job, JobEvent, Prompt, Reply, Scheduler};
 
@@ -32,6 +34,7 @@ pub fn spawn(
     scheduler: Arc<Scheduler>,
     metrics: Arc<Metrics>,
     step_prompt_tokens: usize,
+    threads: EngineThreads,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("pocketlm-engine".to_string())
@@ -43,7 +46,14 @@ pub fn spawn(
                 metrics: &metrics,
                 step_prompt_tokens,
             };
-            engine.run(&inbox);
+            let EngineThreads { pool, team } = threads;
+            let run = move || on_team(team.as_deref(), || engine.run(&inbox));
+            match pool {
+                // The loop then occupies one of the pool's threads, which takes part in
+                // every product it starts.
+                Some(pool) => pool.install(run),
+                None => run(),
+            }
         })
 }
 

@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use pocketlm_convert::{ConvertOptions, convert_path};
 use pocketlm_format::Encoding;
+use pocketlm_kernels::pool::Team;
 use pocketlm_runtime::Model;
-use pocketlm_server::{Server, ServerConfig};
+use pocketlm_server::{EngineThreads, Server, ServerConfig};
 use serde_json::{Value, json};
 
 /// stories260K converted once per test process.
@@ -224,6 +225,43 @@ async fn chat_completion_reports_usage_and_reuses_the_prefix() {
         .as_u64()
         .unwrap();
     assert_eq!(cached, prompt - 1, "all but the last prompt token reused");
+}
+
+#[tokio::test]
+async fn an_engine_with_its_own_pool_and_team_gives_the_same_replies() {
+    // Greedy replies of two concurrent requests (one batched step holds both) from the
+    // default engine and from one on its own rayon pool and decode team: the same text.
+    let threaded = ServerConfig {
+        engine_threads: EngineThreads {
+            pool: Some(Arc::new(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(2)
+                    .build()
+                    .unwrap(),
+            )),
+            team: Some(Arc::new(Team::new(2))),
+        },
+        ..config(2)
+    };
+    let mut replies = Vec::new();
+    for config in [config(2), threaded] {
+        let server = TestServer::start(config);
+        let client = reqwest::Client::new();
+        let url = server.url("/v1/chat/completions");
+        let (body_a, body_b) = (
+            chat_body("Once upon a time", 24),
+            chat_body("The little dog", 24),
+        );
+        let a = post(&client, &url, &body_a);
+        let b = post(&client, &url, &body_b);
+        let ((status_a, a), (status_b, b)) = tokio::join!(a, b);
+        assert_eq!((status_a, status_b), (200, 200), "{a} {b}");
+        replies.push([
+            a["choices"][0]["message"]["content"].clone(),
+            b["choices"][0]["message"]["content"].clone(),
+        ]);
+    }
+    assert_eq!(replies[0], replies[1]);
 }
 
 #[tokio::test]

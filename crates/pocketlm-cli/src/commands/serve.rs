@@ -2,17 +2,26 @@
 
 use std::sync::Arc;
 
-use pocketlm_server::{Server, ServerConfig, shutdown_signal};
+use pocketlm_server::{EngineThreads, Server, ServerConfig, shutdown_signal};
 
 use crate::args::ServeArgs;
 use crate::commands::CliResult;
-use crate::model_options::open_model;
+use crate::model_options::{THREAD_PLACEMENT, decode_team, open_model};
 
 pub fn execute(a: ServeArgs) -> CliResult {
-    // The engine (or slot) threads run the model outside any pool, so their products go to
-    // rayon's global pool: give it the command's thread count (-t), which `main` set on the
-    // pool this runs in.
+    // The batching engine gets a pool and decode team of its own, placed as `main` placed the
+    // one this runs in. Thread-per-slot mode runs the model outside any pool, so its products
+    // go to rayon's global pool: give it the command's thread count (-t).
     let threads = rayon::current_num_threads();
+    let engine_threads = match THREAD_PLACEMENT.get() {
+        Some(placement) if !a.no_batching => EngineThreads {
+            pool: Some(Arc::new(
+                placement.build_pool(|i| format!("pocketlm-engine-{i}"))?,
+            )),
+            team: decode_team(placement).map(Arc::new),
+        },
+        _ => EngineThreads::default(),
+    };
     if let Err(e) = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build_global()
@@ -35,6 +44,7 @@ pub fn execute(a: ServeArgs) -> CliResult {
         api_key: a.api_key.clone(),
         batching: !a.no_batching,
         step_prompt_tokens: a.step_prompt_tokens,
+        engine_threads,
     };
     let server = Server::new(model, config)?;
     let context = server.context_len();
