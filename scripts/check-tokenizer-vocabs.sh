@@ -24,6 +24,6 @@ if ! ls "$dir"/ggml-vocab-*.gguf.out >/dev/null 2>&1; then
   tar -xzf "$tmp"/llama_cpp_python-0.3.36.tar.gz -C "$tmp" --wildcards '*/vendor/llama.cpp/models/ggml-vocab-*'
   mv "$tmp"/llama_cpp_python-0.3.36/vendor/llama.cpp/models/ggml-vocab-* "$dir"/
 fi
-POCKETLM_VOCAB_DIR="$PWD/$dir" cargo test --release -p pocketlm-convert --test suite \
+POCKETLM_VOCAB_DIR="$PWD/$dir" cargo test -p pocketlm-convert --test suite \
   llama_cpp_vocabulary_files_match_transformers -- --ignored --nocapture 2>&1 |
   grep -E "texts, |not imported|differ from|test result"
