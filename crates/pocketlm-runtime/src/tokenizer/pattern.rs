@@ -839,9 +839,18 @@ mod tests {
         // A repeated group nests one level per iteration: long runs stop matching.
         let text = "ab".repeat(50_000);
         let matches = pieces(r"(?:ab)+", &text);
-        assert!(matches.iter().all(|m| m.len() < 2 * MAX_DEPTH), "{}", matches.len());
+        assert!(
+            matches.iter().all(|m| m.len() < 2 * MAX_DEPTH),
+            "{}",
+            matches.len()
+        );
         let nested = format!("{}a{}", "(".repeat(100), ")".repeat(100));
-        assert!(Pattern::new(&nested).unwrap_err().to_string().contains("nested"));
+        assert!(
+            Pattern::new(&nested)
+                .unwrap_err()
+                .to_string()
+                .contains("nested")
+        );
         let classes = format!("{}a{}", "[".repeat(100), "]".repeat(100));
         assert!(Pattern::new(&classes).is_err());
     }
