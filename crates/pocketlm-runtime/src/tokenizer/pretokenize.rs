@@ -236,40 +236,14 @@ fn split_by(
     let kept: Vec<(usize, usize)> = match behavior {
         SplitBehavior::Isolated => spans.iter().map(|&(s, _)| s).collect(),
         SplitBehavior::Removed => spans.iter().filter(|(_, m)| !m).map(|&(s, _)| s).collect(),
-        SplitBehavior::Contiguous => {
-            let mut out: Vec<(usize, usize)> = Vec::new();
-            let mut previous_match = false;
-            for &((start, end), is_match) in &spans {
-                match out.last_mut() {
-                    Some(last) if is_match == previous_match => last.1 = end,
-                    _ => out.push((start, end)),
-                }
-                previous_match = is_match;
-            }
-            out
-        }
+        // A span joins the kept span before it when both are matches or both gaps.
+        SplitBehavior::Contiguous => join_spans(spans.iter().copied(), |m, previous| m == previous),
+        // A match joins the span before it (after it, for MergedWithNext: walked backwards).
         SplitBehavior::MergedWithPrevious => {
-            let mut out: Vec<(usize, usize)> = Vec::new();
-            let mut previous_match = false;
-            for &((start, end), is_match) in &spans {
-                match out.last_mut() {
-                    Some(last) if is_match && !previous_match => last.1 = end,
-                    _ => out.push((start, end)),
-                }
-                previous_match = is_match;
-            }
-            out
+            join_spans(spans.iter().copied(), |m, previous| m && !previous)
         }
         SplitBehavior::MergedWithNext => {
-            let mut out: Vec<(usize, usize)> = Vec::new();
-            let mut previous_match = false;
-            for &((start, end), is_match) in spans.iter().rev() {
-                match out.last_mut() {
-                    Some(last) if is_match && !previous_match => last.0 = start,
-                    _ => out.push((start, end)),
-                }
-                previous_match = is_match;
-            }
+            let mut out = join_spans(spans.iter().rev().copied(), |m, previous| m && !previous);
             out.reverse();
             out
         }
@@ -280,4 +254,24 @@ fn split_by(
             at_start: piece.at_start && start == 0,
         })
         .collect()
+}
+
+/// Spans in the order given, each merged into the previous kept one when
+/// `joins(is_match, previous_was_match)` (HF's fold for the merging split behaviours).
+fn join_spans(
+    spans: impl Iterator<Item = ((usize, usize), bool)>,
+    joins: impl Fn(bool, bool) -> bool,
+) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    let mut previous_match = false;
+    for ((start, end), is_match) in spans {
+        match out.last_mut() {
+            Some(last) if joins(is_match, previous_match) => {
+                *last = (last.0.min(start), last.1.max(end));
+            }
+            _ => out.push((start, end)),
+        }
+        previous_match = is_match;
+    }
+    out
 }

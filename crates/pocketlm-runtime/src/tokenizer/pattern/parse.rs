@@ -336,6 +336,17 @@ impl Parser<'_> {
         Ok((items, negated))
     }
 
+    /// After `{`: the text up to the closing `}` (which is consumed).
+    fn up_to_brace(&mut self) -> Result<String, PatternError> {
+        let mut text = String::new();
+        loop {
+            match self.next()? {
+                '}' => return Ok(text),
+                c => text.push(c),
+            }
+        }
+    }
+
     /// After `\`.
     fn escape(&mut self, in_class: bool) -> Result<Escaped, PatternError> {
         let c = self.next()?;
@@ -353,14 +364,7 @@ impl Parser<'_> {
             'w' | 'W' => Escaped::Item(ClassItem::Word(c == 'W')),
             'p' | 'P' => {
                 let name: String = if self.eat('{') {
-                    let mut name = String::new();
-                    loop {
-                        match self.next()? {
-                            '}' => break,
-                            c => name.push(c),
-                        }
-                    }
-                    name
+                    self.up_to_brace()?
                 } else {
                     self.next()?.to_string()
                 };
@@ -375,14 +379,7 @@ impl Parser<'_> {
             }
             'x' | 'u' => {
                 let hex: String = if self.eat('{') {
-                    let mut hex = String::new();
-                    loop {
-                        match self.next()? {
-                            '}' => break,
-                            c => hex.push(c),
-                        }
-                    }
-                    hex
+                    self.up_to_brace()?
                 } else {
                     let n = if c == 'x' { 2 } else { 4 };
                     (0..n).map(|_| self.next()).collect::<Result<_, _>>()?
