@@ -14,7 +14,7 @@ use std::arch::asm;
 use std::ops::Range;
 
 use super::kinds::{
-    self, Q3, Q4A, Q4M, Q4S, Q8, Q8M, Q8S, block_bytes, is_masked, masked_piece_bytes,
+    self, Q3, Q4, Q4A, Q4M, Q4S, Q8, Q8M, Q8S, block_bytes, is_masked, masked_piece_bytes,
 };
 use super::{ActRow, QuantMatrix, QuantizedActivations, SPARSE48_SHUFFLE, store_tile};
 use crate::KernelPath;
@@ -310,6 +310,9 @@ unsafe fn tile_neon<const K: u8>(w: &QuantMatrix<'_>, tile: usize, x: &ActRow<'_
 
 /// dotprod, `T` tokens: `sdot` of each row pair with the broadcast activations leaves each
 /// row's two partial sums in adjacent lanes; one `addp` per four rows gathers them.
+///
+/// q4 codes stay unsigned (one `and` or `ushr` a register instead of also subtracting the
+/// zero point); the zero point comes back per block as `-zp · dsum`, as on x86.
 #[target_feature(enable = "neon,dotprod")]
 unsafe fn tile_dotprod<const K: u8, const T: usize>(
     w: &QuantMatrix<'_>,
@@ -326,40 +329,80 @@ unsafe fn tile_dotprod<const K: u8, const T: usize>(
             None => return acc.map(|a| finish(a)),
         }
     }
-    for g in 0..t.groups {
-        // SAFETY: as in `tile_neon`.
+    let unsigned = K == Q4;
+    let minus_zero = vdupq_n_f32(-(kinds::zero_point(K) as f32));
+    // The activation rows' pointers, held in registers instead of reloaded from the slices.
+    let xq: [*const i8; T] = std::array::from_fn(|i| x[i].qs.as_ptr());
+    let xd: [*const f32; T] = std::array::from_fn(|i| x[i].d.as_ptr());
+    let xs: [*const f32; T] = std::array::from_fn(|i| x[i].dsums.as_ptr());
+    let mut blk = t.quants;
+    // One flat loop over the row's blocks (a group's scales loaded at its first block): with
+    // groups of 32 a group is a block, and a nested loop cost ~15 instructions a block.
+    let (mut scale, mut min) = (
+        (vdupq_n_f32(0.0), vdupq_n_f32(0.0)),
+        (vdupq_n_f32(0.0), vdupq_n_f32(0.0)),
+    );
+    let (mut g, mut left) = (0, 0);
+    for b in 0..t.groups * t.blocks_per_group {
+        // SAFETY: as in `tile_neon`; `blk` walks the tile's blocks in order (block `b` at
+        // `quants + b · block_bytes`), b < blocks_per_row, g < groups.
         unsafe {
-            let scale = f16x8(t.scales.add(g * TILE_ROWS));
-            let min = f16x8(t.mins.add(g * TILE_ROWS));
-            for b in g * t.blocks_per_group..(g + 1) * t.blocks_per_group {
-                let blk = t.quants.add(b * block_bytes(K));
-                let mut pairs = [[vdupq_n_s32(0); 4]; T];
-                for c in 0..2 {
-                    let p = if is_masked(K) {
-                        masked_pieces::<K>(blk, c, &mut cursor)
-                    } else {
-                        pieces::<K>(blk, c)
-                    };
-                    for (k, piece) in p.iter().enumerate() {
-                        for (tok, xr) in x.iter().enumerate() {
-                            let xv =
-                                broadcast(xr.qs.as_ptr().add(b * QUANT_BLOCK + 8 * (2 * c + k)));
-                            for r in 0..4 {
-                                pairs[tok][r] = sdot(pairs[tok][r], piece[r], xv);
-                            }
+            if left == 0 {
+                scale = f16x8(t.scales.add(g * TILE_ROWS));
+                min = f16x8(t.mins.add(g * TILE_ROWS));
+                g += 1;
+                left = t.blocks_per_group;
+            }
+            left -= 1;
+            let mut pairs = [[vdupq_n_s32(0); 4]; T];
+            for c in 0..2 {
+                let p = if is_masked(K) {
+                    masked_pieces::<K>(blk, c, &mut cursor)
+                } else if unsigned {
+                    codes_q4(blk, c)
+                } else {
+                    pieces::<K>(blk, c)
+                };
+                for (k, piece) in p.iter().enumerate() {
+                    for tok in 0..T {
+                        let xv = broadcast(xq[tok].add(b * QUANT_BLOCK + 8 * (2 * c + k)));
+                        for r in 0..4 {
+                            pairs[tok][r] = sdot(pairs[tok][r], piece[r], xv);
                         }
                     }
                 }
-                for (tok, xr) in x.iter().enumerate() {
-                    let lo = vpaddq_s32(pairs[tok][0], pairs[tok][1]);
-                    let hi = vpaddq_s32(pairs[tok][2], pairs[tok][3]);
-                    let (dx, dsum) = (*xr.d.get_unchecked(b), *xr.dsums.get_unchecked(b));
+            }
+            for tok in 0..T {
+                let lo = vpaddq_s32(pairs[tok][0], pairs[tok][1]);
+                let hi = vpaddq_s32(pairs[tok][2], pairs[tok][3]);
+                let (dx, dsum) = (*xd[tok].add(b), *xs[tok].add(b));
+                if unsigned {
+                    // scale · d_x · Σ (code - zp) q = scale · (d_x · Σ code q - zp · dsum)
+                    let l = vfmaq_n_f32(vmulq_n_f32(vcvtq_f32_s32(lo), dx), minus_zero, dsum);
+                    let h = vfmaq_n_f32(vmulq_n_f32(vcvtq_f32_s32(hi), dx), minus_zero, dsum);
+                    acc[tok][0] = vfmaq_f32(acc[tok][0], scale.0, l);
+                    acc[tok][1] = vfmaq_f32(acc[tok][1], scale.1, h);
+                } else {
                     accumulate::<K>(&mut acc[tok], lo, hi, scale, min, dx, dsum);
                 }
             }
+            blk = blk.add(block_bytes(K));
         }
     }
     acc.map(|a| finish(a))
+}
+
+/// Pieces `2c` and `2c + 1` of the q4 tile block at `blk` as unsigned codes (0..=15, valid
+/// signed bytes for `sdot`): the zero point is left to the caller.
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn codes_q4(blk: *const u8, c: usize) -> [[int8x16_t; 4]; 2] {
+    // SAFETY: the caller guarantees a whole q4 tile block (128 bytes) at `blk` and c < 2.
+    let packed = [0, 1, 2, 3].map(|r| unsafe { vld1q_u8(blk.add(64 * c + 16 * r)) });
+    [
+        packed.map(|v| vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0F)))),
+        packed.map(|v| vreinterpretq_s8_u8(vshrq_n_u8::<4>(v))),
+    ]
 }
 
 /// i8mm, `T` tokens (even): `smmla` of each row pair with the same eight bytes of two
