@@ -20,7 +20,31 @@ use crate::model_options::{
     CPU_MASK, DECODE_TEAM, MODEL_OPTIONS, THREAD_PLACEMENT, decode_team, model_options,
 };
 
+/// Exit status of a process whose output pipe closed (128 + SIGPIPE, as if the signal ended it).
+const BROKEN_PIPE_STATUS: i32 = 141;
+
+/// `pocketlm inspect --json | head`: once the reader has gone, `println!` panics on the
+/// broken pipe. Rust ignores SIGPIPE, so that panic is how the CLI learns its output is no
+/// longer wanted; it then exits quietly, as a Unix tool killed by SIGPIPE would, instead of
+/// printing a panic and a backtrace.
+fn exit_quietly_on_broken_pipe() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(BROKEN_PIPE_STATUS);
+        }
+        default_hook(info);
+    }));
+}
+
 fn main() -> ExitCode {
+    exit_quietly_on_broken_pipe();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
     let _ = MODEL_OPTIONS.set(model_options(&cli.global));

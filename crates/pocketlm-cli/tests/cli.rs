@@ -463,3 +463,25 @@ fn bench_threads_sweep_prints_one_result_per_thread_count() {
     assert!(!zero.status.success());
     assert!(String::from_utf8_lossy(&zero.stderr).contains("thread counts start at 1"));
 }
+
+#[test]
+fn a_closed_output_pipe_ends_the_command_quietly() {
+    // `pocketlm inspect --tensors | head -1`: the reader goes away before the command has
+    // written; the command must stop without a panic message or backtrace.
+    let (_dir, plm) = convert(&ConvertOptions::with_weights(Encoding::F32));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pocketlm"))
+        .args(["-t", "1", "inspect", "--tensors", plm.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        out.status.success() || out.status.code() == Some(141),
+        "{:?}: {stderr}",
+        out.status
+    );
+}
