@@ -13,6 +13,26 @@ use super::gguf::{GgufArray, GgufFile, token_type};
 
 /// Pre-tokenizer split of Llama 3 (digits in groups of up to three).
 const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Qwen3.5's split: as Qwen2's, with combining marks kept in words.
+const QWEN35_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// DeepSeek Coder's splits, applied in turn.
+const DEEPSEEK_CODER_PATTERNS: &[&str] = &[
+    r"[\r\n]",
+    r"\s?\p{L}+",
+    r"\s?\p{P}+",
+    r"[一-龥ࠀ-一가-퟿]+",
+    r"\p{N}",
+];
+/// DeepSeek LLM's splits, applied in turn (letters of the scripts with case, punctuation,
+/// trailing whitespace, CJK runs, digit runs).
+const DEEPSEEK_LLM_PATTERNS: &[&str] = &[
+    r"[\r\n]",
+    r"\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-ώᾀ-ᾴᾶ-ᾼιῂ-ῄῆ-ῌῐ-ΐῖ-Ίῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤΩℨK-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+",
+    r"\s?[!-/:-~！-／：-～‘-‟　-。]+",
+    r"\s+$",
+    r"[一-龥ࠀ-一가-퟿]+",
+    r"\p{N}+",
+];
 /// Qwen2's split: as Llama 3 but one digit per piece.
 const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
@@ -178,8 +198,9 @@ fn byte_level_bpe(
     // Names follow llama.cpp's pre-tokenizer types; Llama 3 also matches whole words
     // against the vocabulary before merging (HF `ignore_merges`).
     let (pre_tokenizer, ignore_merges) = match pre {
-        "default" | "gpt2" | "gpt-2" => (byte_level(true, true), false),
-        "smollm" => (
+        "default" | "gpt2" | "gpt-2" | "mpt" => (byte_level(true, true), false),
+        // StarCoder, Refact and Command-R split digits one by one, then as GPT-2.
+        "smollm" | "starcoder" | "refact" | "command-r" => (
             json!({
                 "type": "Sequence",
                 "pretokenizers": [
@@ -203,9 +224,28 @@ fn byte_level_bpe(
             }),
             false,
         ),
+        "qwen35" => (
+            json!({
+                "type": "Sequence",
+                "pretokenizers": [regex_split(QWEN35_PATTERN), byte_level(false, false)],
+            }),
+            false,
+        ),
+        "deepseek-coder" | "deepseek-llm" => {
+            let patterns = if pre == "deepseek-coder" {
+                DEEPSEEK_CODER_PATTERNS
+            } else {
+                DEEPSEEK_LLM_PATTERNS
+            };
+            let mut steps: Vec<Value> = patterns.iter().map(|p| regex_split(p)).collect();
+            steps.push(byte_level(false, false));
+            (json!({ "type": "Sequence", "pretokenizers": steps }), false)
+        }
         other => {
             return Err(err(format!(
-                "pre-tokenizer '{other}' is not supported (known: default, gpt2, gpt-2, smollm, llama-bpe, qwen2)"
+                "pre-tokenizer '{other}' is not supported (known: default, gpt2, gpt-2, mpt, \
+                 smollm, starcoder, refact, command-r, llama-bpe, qwen2, qwen35, deepseek-coder, \
+                 deepseek-llm)"
             )));
         }
     };
