@@ -3,7 +3,7 @@
 # ships, for each tokenizer it supports, a vocabulary-only GGUF plus test texts (`.inp`) and
 # the ids transformers produced for them (`.out`). This fetches them from the llama.cpp source
 # in the PyPI sdist of llama-cpp-python (cached under compare/vocab/) and encodes every text
-# with each vocabulary the GGUF importer rebuilds (GPT-2, MPT, StarCoder, Refact, Command-R,
+# with each vocabulary the GGUF importer rebuilds (GPT-2, MPT, Falcon, StarCoder, Refact, Command-R,
 # Llama 3, Llama 2 SentencePiece, Phi-3, Qwen2, Qwen3.5, DeepSeek LLM and Coder). Not part of CI (a 77 MB download); the suite's tokenizer_parity tests check
 # the same code against the `tokenizers` crate on SmolLM2's and stories260K's vocabularies.
 #

@@ -224,6 +224,19 @@ fn byte_level_bpe(
             }),
             false,
         ),
+        // Falcon: punctuation runs apart, GPT-2's split, digit runs cut into threes.
+        "falcon" => (
+            json!({
+                "type": "Sequence",
+                "pretokenizers": [
+                    { "type": "Punctuation", "behavior": "Contiguous" },
+                    byte_level(true, true),
+                    { "type": "Digits", "individual_digits": false },
+                    regex_split("[0-9][0-9][0-9]"),
+                ],
+            }),
+            false,
+        ),
         "qwen35" => (
             json!({
                 "type": "Sequence",
@@ -244,8 +257,8 @@ fn byte_level_bpe(
         other => {
             return Err(err(format!(
                 "pre-tokenizer '{other}' is not supported (known: default, gpt2, gpt-2, mpt, \
-                 smollm, starcoder, refact, command-r, llama-bpe, qwen2, qwen35, deepseek-coder, \
-                 deepseek-llm)"
+                 falcon, smollm, starcoder, refact, command-r, llama-bpe, qwen2, qwen35, \
+                 deepseek-coder, deepseek-llm)"
             )));
         }
     };
