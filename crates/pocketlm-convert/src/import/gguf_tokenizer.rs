@@ -82,7 +82,7 @@ pub fn tokenizer_json(gguf: &GgufFile) -> Result<String, ImportError> {
         other => return Err(err(format!("tokenizer model '{other}' is not supported"))),
     };
     let text = serde_json::to_string(&doc).map_err(|e| err(e.to_string()))?;
-    pocketlm_runtime::tokenizer::parse_tokenizer_json(&text)
+    pocketlm_runtime::tokenizer::TextTokenizer::from_json(&text)
         .map_err(|e| err(format!("rebuilt tokenizer.json does not load: {e}")))?;
     Ok(text)
 }
@@ -167,6 +167,13 @@ fn regex_split(pattern: &str) -> Value {
     })
 }
 
+/// Each pattern's split in turn, then the byte-level spelling.
+fn splits_then_byte_level(patterns: &[&str]) -> Value {
+    let mut steps: Vec<Value> = patterns.iter().map(|p| regex_split(p)).collect();
+    steps.push(byte_level(false, false));
+    json!({ "type": "Sequence", "pretokenizers": steps })
+}
+
 fn byte_level_bpe(
     gguf: &GgufFile,
     vocab: &Vocab,
@@ -244,16 +251,8 @@ fn byte_level_bpe(
             }),
             false,
         ),
-        "deepseek-coder" | "deepseek-llm" => {
-            let patterns = if pre == "deepseek-coder" {
-                DEEPSEEK_CODER_PATTERNS
-            } else {
-                DEEPSEEK_LLM_PATTERNS
-            };
-            let mut steps: Vec<Value> = patterns.iter().map(|p| regex_split(p)).collect();
-            steps.push(byte_level(false, false));
-            (json!({ "type": "Sequence", "pretokenizers": steps }), false)
-        }
+        "deepseek-coder" => (splits_then_byte_level(DEEPSEEK_CODER_PATTERNS), false),
+        "deepseek-llm" => (splits_then_byte_level(DEEPSEEK_LLM_PATTERNS), false),
         other => {
             return Err(err(format!(
                 "pre-tokenizer '{other}' is not supported (known: default, gpt2, gpt-2, mpt, \

@@ -10,7 +10,7 @@ use llguidance::ParserFactory;
 use toktrie::{TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
 
 use super::ConstraintError;
-use crate::tokenizer::byte_level::char_to_byte;
+use crate::tokenizer::byte_level::spelled_bytes;
 use crate::tokenizer::{TextTokenizer, Tokenizer, byte_token};
 
 /// Per-model state shared by all constraints: the token trie and llguidance's parser
@@ -149,7 +149,7 @@ fn token_bytes(tokenizer: &TextTokenizer) -> Vec<Vec<u8>> {
             Some(bytes)
         } else if byte_level {
             // GPT-2 byte-level spelling: every char one byte.
-            text.chars().map(char_to_byte).collect()
+            spelled_bytes(text)
         } else {
             // SentencePiece: `▁` for a space, `<0xAB>` byte-fallback tokens.
             Some(match byte_token(text) {

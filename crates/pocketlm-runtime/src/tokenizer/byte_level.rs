@@ -22,6 +22,12 @@ pub(crate) fn char_to_byte(c: char) -> Option<u8> {
     SHIFTED_BYTES.get(rank as usize).copied()
 }
 
+/// The bytes a byte-level token spells, or `None` when a char is outside the table (an added
+/// token written as plain text).
+pub(crate) fn spelled_bytes(token: &str) -> Option<Vec<u8>> {
+    token.chars().map(char_to_byte).collect()
+}
+
 /// The 68 non-printable bytes in order.
 static SHIFTED_BYTES: [u8; 68] = {
     let mut table = [0u8; 68];

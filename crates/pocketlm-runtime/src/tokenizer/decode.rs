@@ -1,6 +1,6 @@
 //! Decoders: token texts back to text (byte-level spelling, `▁` for spaces, `<0xAB>` bytes).
 
-use super::byte_level::char_to_byte;
+use super::byte_level::spelled_bytes;
 use super::config::{DecoderConfig, PrependScheme, prepend_scheme};
 use super::normalize::{compile, replace};
 use super::pattern::Pattern;
@@ -76,8 +76,7 @@ impl Decoder {
             Decoder::ByteLevel => {
                 let mut bytes = Vec::new();
                 for token in &tokens {
-                    let spelled: Option<Vec<u8>> = token.chars().map(char_to_byte).collect();
-                    match spelled {
+                    match spelled_bytes(token) {
                         Some(b) => bytes.extend(b),
                         // A token outside the byte alphabet (an added token) stays as written.
                         None => bytes.extend_from_slice(token.as_bytes()),

@@ -15,8 +15,6 @@ pub enum TokenizerError {
     Load(String),
     #[error("cannot encode text: {0}")]
     Encode(String),
-    #[error("cannot decode token ids: {0}")]
-    Decode(String),
     #[error("chat template failed: {0}")]
     Template(String),
 }
@@ -99,7 +97,7 @@ impl Tokenizer {
                 MAX_TOKENIZER_JSON_LEN >> 20
             )));
         }
-        let inner = parse_tokenizer_json(&spec.tokenizer_json)?;
+        let inner = TextTokenizer::from_json(&spec.tokenizer_json)?;
         let template = spec.chat_template.as_ref().map(|source| {
             build_template_env(source).inspect_err(|e| {
                 log::warn!("chat template does not compile, chat formatting disabled: {e}")
@@ -304,12 +302,6 @@ impl Tokenizer {
             .id_to_token(id)
             .is_some_and(|t| byte_token(t).is_some())
     }
-}
-
-/// Parses a `tokenizer.json` document; components outside the supported set (see
-/// [`TextTokenizer`]) are refused with a message naming them.
-pub fn parse_tokenizer_json(json: &str) -> Result<TextTokenizer, TokenizerError> {
-    TextTokenizer::from_json(json)
 }
 
 mod added;

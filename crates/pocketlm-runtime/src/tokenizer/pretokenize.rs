@@ -5,7 +5,7 @@ use super::byte_level::byte_to_char;
 use super::config::{PreTokenizerConfig, PrependScheme, SplitBehavior, prepend_scheme};
 use super::normalize::compile;
 use super::pattern::Pattern;
-use super::unicode::{self, Categories};
+use super::unicode;
 
 /// One piece of text on its way to the model.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,7 +49,7 @@ fn is_numeric(c: char) -> bool {
 }
 
 fn is_punctuation(c: char) -> bool {
-    c.is_ascii_punctuation() || Categories::by_name("P").is_some_and(|p| p.contains(c))
+    c.is_ascii_punctuation() || unicode::is_punctuation(c)
 }
 
 fn is_whitespace(c: char) -> bool {

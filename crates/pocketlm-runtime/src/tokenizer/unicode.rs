@@ -3,6 +3,17 @@
 
 use unicode_general_category::{GeneralCategory, get_general_category};
 
+/// The punctuation categories (`\p{P}`).
+const PUNCTUATION: [GeneralCategory; 7] = [
+    GeneralCategory::ConnectorPunctuation,
+    GeneralCategory::DashPunctuation,
+    GeneralCategory::OpenPunctuation,
+    GeneralCategory::ClosePunctuation,
+    GeneralCategory::InitialPunctuation,
+    GeneralCategory::FinalPunctuation,
+    GeneralCategory::OtherPunctuation,
+];
+
 /// A set of general categories, one bit per [`GeneralCategory`] variant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Categories(u32);
@@ -34,15 +45,7 @@ impl Categories {
             "Nd" | "Decimal_Number" => &[DecimalNumber],
             "Nl" | "Letter_Number" => &[LetterNumber],
             "No" | "Other_Number" => &[OtherNumber],
-            "P" | "Punctuation" => &[
-                ConnectorPunctuation,
-                DashPunctuation,
-                OpenPunctuation,
-                ClosePunctuation,
-                InitialPunctuation,
-                FinalPunctuation,
-                OtherPunctuation,
-            ],
+            "P" | "Punctuation" => &PUNCTUATION,
             "Pc" | "Connector_Punctuation" => &[ConnectorPunctuation],
             "Pd" | "Dash_Punctuation" => &[DashPunctuation],
             "Ps" | "Open_Punctuation" => &[OpenPunctuation],
@@ -91,6 +94,11 @@ pub(super) fn category(c: char) -> GeneralCategory {
         ' ' => SpaceSeparator,
         _ => get_general_category(c),
     }
+}
+
+/// `\p{P}`: any punctuation category.
+pub(super) fn is_punctuation(c: char) -> bool {
+    PUNCTUATION.contains(&category(c))
 }
 
 /// `\s`: the Unicode White_Space property.

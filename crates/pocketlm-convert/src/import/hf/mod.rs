@@ -479,12 +479,10 @@ fn post_processor_prepends(tokenizer_json: &str, bos: &str) -> bool {
 fn read_tokenizer(dir: &Path, config: &Value) -> Result<TokenizerSpec, ImportError> {
     let tok_path = dir.join("tokenizer.json");
     let tokenizer_json = read_json_text(&tok_path)?;
-    let tokenizer =
-        pocketlm_runtime::tokenizer::parse_tokenizer_json(&tokenizer_json).map_err(|e| {
-            ImportError::Tokenizer {
-                path: tok_path.clone(),
-                message: e.to_string(),
-            }
+    let tokenizer = pocketlm_runtime::tokenizer::TextTokenizer::from_json(&tokenizer_json)
+        .map_err(|e| ImportError::Tokenizer {
+            path: tok_path.clone(),
+            message: e.to_string(),
         })?;
     let tc_path = dir.join("tokenizer_config.json");
     let tc = if tc_path.exists() {
