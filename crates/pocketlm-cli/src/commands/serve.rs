@@ -11,7 +11,7 @@ use crate::model_options::{THREAD_PLACEMENT, decode_team, open_model};
 pub fn execute(a: ServeArgs) -> CliResult {
     // The batching engine gets a pool and decode team of its own, placed as `main` placed the
     // one this runs in. Thread-per-slot mode runs the model outside any pool, so its products
-    // go to rayon's global pool: give it the command's thread count (-t).
+    // go to rayon's global pool: only that mode needs it, with the command's thread count.
     let threads = rayon::current_num_threads();
     let engine_threads = match THREAD_PLACEMENT.get() {
         Some(placement) if !a.no_batching => EngineThreads {
@@ -22,9 +22,10 @@ pub fn execute(a: ServeArgs) -> CliResult {
         },
         _ => EngineThreads::default(),
     };
-    if let Err(e) = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build_global()
+    if engine_threads.pool.is_none()
+        && let Err(e) = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global()
     {
         log::warn!("rayon's global pool was already set up: {e}");
     }
