@@ -309,6 +309,7 @@ mod bpe;
 pub(crate) mod byte_level;
 mod config;
 mod decode;
+mod namespace_guard;
 mod normalize;
 mod pattern;
 mod pretokenize;

@@ -94,6 +94,8 @@ pub(super) fn build_template_env(source: &str) -> Result<Environment<'static>, T
         .lstrip_blocks(true)
         .build()
         .map_err(|e| TokenizerError::Template(describe_jinja_error(&e)))?;
+    namespace_guard::check_namespace_use(source, TEMPLATE_NAME, syntax.clone())
+        .map_err(TokenizerError::Template)?;
     env.set_syntax(syntax);
     env.set_fuel(Some(TEMPLATE_FUEL));
     env.add_function(

@@ -480,6 +480,84 @@ fn deeply_nested_templates_are_refused_not_a_stack_overflow() {
 }
 
 #[test]
+fn namespaces_that_could_form_a_cycle_are_refused_not_a_stack_overflow() {
+    let user = [ChatMessage::new("user", "x")];
+    // Each stores a namespace (or something holding one) where rendering or comparing it
+    // would recurse forever; the first is the fuzzer's find, reduced.
+    for src in [
+        "{% set ns = namespace(s='a') %}{% for i in range(3) %}{% set ns.s = ns.s > ns, ns %}{% endfor %}{{ ns.s }}",
+        "{% set ns = namespace() %}{% set ns.me = ns %}{{ ns }}",
+        "{% set ns = namespace() %}{% set ns.all = [1, {'k': ns}] %}{{ ns.all }}",
+        "{% set ns = namespace() %}{% set alias = ns %}{% set ns.me = alias %}{{ ns }}",
+        "{% set ns = namespace() %}{% for n in [ns] %}{% set ns.me = n %}{% endfor %}{{ ns }}",
+        "{% set ns = namespace() %}{% set ns.me = ns|default(1) %}{{ ns }}",
+        "{% set a = namespace() %}{% set b = namespace(peer=a) %}{% set a.peer = b %}{{ a }}",
+        "{% set a = namespace() %}{% set a.child = namespace(parent=1) %}{{ a }}",
+        "{% set make = namespace %}{% set a = make() %}{% set a.me = a %}{{ a }}",
+        "{% macro keep(n) %}{% set n.me = n %}{% endmacro %}{% set ns = namespace() %}{{ keep(ns) }}",
+        "{% macro keep(n) %}{% set n.me = [n] %}{% endmacro %}{% set ns = namespace() %}{{ keep(n=ns) }}",
+        "{% macro pass(a) %}{{ keep(a) }}{% endmacro %}{% macro keep(n) %}{% set n.me = n %}{% endmacro %}{% set ns = namespace() %}{{ pass(ns) }}",
+        "{% macro keep() %}{% set ns.me = varargs %}{% endmacro %}{% set ns = namespace() %}{{ keep(ns) }}",
+        "{% macro make(f) %}{% set a = f() %}{% set a.me = a %}{{ a }}{% endmacro %}{{ make(namespace) }}",
+        "{% macro m(namespace) %}{% endmacro %}{% set mk = namespace %}{% set a = mk() %}{% set a.me = a %}{{ a }}",
+        "{% set a = namespace() %}{% set a.child = namespace() %}{% set c = a.child %}{% set c.me = a.child %}{{ a }}",
+    ] {
+        let err = with_template(src)
+            .apply_chat_template(&user, true)
+            .unwrap_err();
+        let TokenizerError::Template(msg) = &err else {
+            panic!("{src}: {err}");
+        };
+        assert!(msg.contains("namespace"), "{src}: {msg}");
+    }
+    // What real templates do with namespaces still renders.
+    let src = "{% set ns = namespace(found=false, count=0, names=[]) %}\
+        {% for m in messages %}{% if m.role == 'user' %}{% set ns.found = true %}\
+        {% set ns.count = ns.count + 1 %}{% set ns.names = ns.names + [m.role] %}{% endif %}{% endfor %}\
+        {% if ns is defined and ns.found %}{{ ns.count }} {{ ns['names']|join(',') }} \
+        {{ ns.items()|length }}{% endif %}";
+    let out = with_template(src).apply_chat_template(&user, true).unwrap();
+    assert_eq!(out, "1 user 3");
+    // Handing a namespace to the template's own macro, and a macro parameter named
+    // `namespace` (both in real templates).
+    let src = "{% macro bump(state, by=1) %}{% set state.n = state.n + by %}{% endmacro %}\
+        {% macro twice(s) %}{{ bump(s) }}{{ bump(state=s, by=2) }}{% endmacro %}\
+        {% macro label(name, namespace='functions') %}{{ namespace ~ '.' ~ name }}{% endmacro %}\
+        {% set ns = namespace(n=0) %}{{ twice(ns) }}{{ ns.n }} {{ label('f') }}";
+    let out = with_template(src).apply_chat_template(&user, true).unwrap();
+    assert_eq!(out, "3 functions.f");
+}
+
+/// Every chat template in a directory (for example llama.cpp's `models/templates`, unpacked by
+/// `scripts/check-tokenizer-vocabs.sh` into `compare/vocab/templates`) passes the namespace
+/// check. `POCKETLM_TEMPLATES_DIR=... cargo test -p pocketlm-runtime -- --ignored real_templates`
+#[test]
+#[ignore = "needs a directory of real chat templates"]
+fn real_templates_pass_the_namespace_check() {
+    let dir = std::env::var("POCKETLM_TEMPLATES_DIR").expect("POCKETLM_TEMPLATES_DIR");
+    let mut checked = 0;
+    let mut refused = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "jinja") {
+            continue;
+        }
+        let source = std::fs::read_to_string(&path).unwrap();
+        let syntax = minijinja::syntax::SyntaxConfig::default();
+        if let Err(msg) = namespace_guard::check_namespace_use(&source, "t", syntax) {
+            refused.push(format!("{}: {msg}", path.display()));
+        }
+        checked += 1;
+    }
+    assert!(checked > 0, "no .jinja files in {dir}");
+    assert!(
+        refused.is_empty(),
+        "{checked} checked, refused:\n{}",
+        refused.join("\n")
+    );
+}
+
+#[test]
 fn broken_template_loads_but_errors_on_use() {
     let tok = with_template("{% for m in messages %}");
     assert!(tok.has_chat_template());
