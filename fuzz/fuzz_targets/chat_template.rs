@@ -16,7 +16,7 @@ const TINY_TOKENIZER: &str = r#"{"version":"1.0","truncation":null,"padding":nul
 "normalizer":null,"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,
 "model":{"type":"WordLevel","vocab":{"<unk>":0,"<s>":1,"</s>":2,"hello":3,"world":4},"unk_token":"<unk>"}}"#;
 
-fuzz_target!(|data: &[u8]| {
+fuzz_target!(init: common::report_stack_overflows(), |data: &[u8]| {
     let (template, messages) = common::split_at_byte(data, 0);
     let spec = TokenizerSpec {
         tokenizer_json: TINY_TOKENIZER.to_string(),

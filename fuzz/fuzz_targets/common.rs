@@ -4,6 +4,28 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
+/// Lets libFuzzer report a stack overflow like any other crash (the input saved under
+/// `artifacts/` and printed in base64) instead of dying silently with SIGSEGV: its SIGSEGV
+/// handler gets an alternate signal stack to run on, since the overflowed one has no room.
+pub fn report_stack_overflows() {
+    const ALT_STACK_BYTES: usize = 1 << 20;
+    let stack: &'static mut [u8] = Box::leak(vec![0u8; ALT_STACK_BYTES].into_boxed_slice());
+    // SAFETY: the alternate stack is leaked, so it outlives every signal; the handler
+    // libFuzzer installed is read back and re-installed unchanged but for SA_ONSTACK.
+    unsafe {
+        let alt = libc::stack_t {
+            ss_sp: stack.as_mut_ptr().cast(),
+            ss_flags: 0,
+            ss_size: ALT_STACK_BYTES,
+        };
+        assert_eq!(libc::sigaltstack(&alt, std::ptr::null_mut()), 0);
+        let mut action: libc::sigaction = std::mem::zeroed();
+        assert_eq!(libc::sigaction(libc::SIGSEGV, std::ptr::null(), &mut action), 0);
+        action.sa_flags |= libc::SA_ONSTACK;
+        assert_eq!(libc::sigaction(libc::SIGSEGV, &action, std::ptr::null_mut()), 0);
+    }
+}
+
 /// A scratch directory private to this fuzzing process, on tmpfs when there is one, so
 /// targets exercise the real file + mmap path without wearing a disk.
 pub fn scratch_dir() -> &'static PathBuf {

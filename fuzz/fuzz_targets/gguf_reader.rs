@@ -6,13 +6,15 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
+
+mod common;
 use pocketlm_convert::import::gguf::{self, GgufFile};
 
 /// Dequantized output may be larger than the input (quantized blocks expand), but only by a
 /// constant factor: an f32 per element and at most a few elements per stored bit.
 const EXPANSION_LIMIT: usize = 64;
 
-fuzz_target!(|data: &[u8]| {
+fuzz_target!(init: common::report_stack_overflows(), |data: &[u8]| {
     let Ok(file) = GgufFile::from_bytes(Path::new("fuzz.gguf"), data.to_vec()) else {
         return;
     };

@@ -10,7 +10,7 @@ use pocketlm_convert::import::hf;
 
 mod common;
 
-fuzz_target!(|data: &[u8]| {
+fuzz_target!(init: common::report_stack_overflows(), |data: &[u8]| {
     let (config, safetensors) = common::split_at_byte(data, 0);
     let dir = common::scratch_dir().join("hf");
     if !dir.join("tokenizer.json").exists() {

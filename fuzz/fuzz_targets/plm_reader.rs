@@ -12,7 +12,7 @@ use pocketlm_runtime::model::Logits;
 
 mod common;
 
-fuzz_target!(|data: &[u8]| {
+fuzz_target!(init: common::report_stack_overflows(), |data: &[u8]| {
     check(data);
     let mut sealed = data.to_vec();
     common::reseal(&mut sealed);

@@ -34,7 +34,7 @@ fn models() -> &'static [Arc<Model>; 2] {
     })
 }
 
-fuzz_target!(|data: &[u8]| {
+fuzz_target!(init: common::report_stack_overflows(), |data: &[u8]| {
     check(data);
     let mut sealed = data.to_vec();
     common::reseal(&mut sealed);

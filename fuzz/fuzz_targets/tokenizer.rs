@@ -25,7 +25,7 @@ fn tokenizer() -> &'static Tokenizer {
     })
 }
 
-fuzz_target!(|data: &[u8]| {
+fuzz_target!(init: common::report_stack_overflows(), |data: &[u8]| {
     let tok = tokenizer();
     let Some((&mode, rest)) = data.split_first() else {
         return;
