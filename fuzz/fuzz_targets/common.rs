@@ -20,9 +20,15 @@ pub fn report_stack_overflows() {
         };
         assert_eq!(libc::sigaltstack(&alt, std::ptr::null_mut()), 0);
         let mut action: libc::sigaction = std::mem::zeroed();
-        assert_eq!(libc::sigaction(libc::SIGSEGV, std::ptr::null(), &mut action), 0);
+        assert_eq!(
+            libc::sigaction(libc::SIGSEGV, std::ptr::null(), &mut action),
+            0
+        );
         action.sa_flags |= libc::SA_ONSTACK;
-        assert_eq!(libc::sigaction(libc::SIGSEGV, &action, std::ptr::null_mut()), 0);
+        assert_eq!(
+            libc::sigaction(libc::SIGSEGV, &action, std::ptr::null_mut()),
+            0
+        );
     }
 }
 
@@ -72,4 +78,3 @@ pub fn reseal(b: &mut [u8]) {
     let sum = crc32fast::hash(&b[..124]);
     b[124..128].copy_from_slice(&sum.to_le_bytes());
 }
-

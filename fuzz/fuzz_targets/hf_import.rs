@@ -4,9 +4,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use pocketlm_convert::import::hf;
 use pocketlm_convert::{self as convert, ConvertOptions};
 use pocketlm_format::Encoding;
-use pocketlm_convert::import::hf;
 
 mod common;
 

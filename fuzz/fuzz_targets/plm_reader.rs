@@ -6,8 +6,8 @@ use pocketlm_kernels::DecodeTensor;
 use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
-use pocketlm_runtime::Model;
 use pocketlm_format::PlmFile;
+use pocketlm_runtime::Model;
 use pocketlm_runtime::model::Logits;
 
 mod common;

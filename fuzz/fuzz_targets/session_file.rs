@@ -21,8 +21,13 @@ fn models() -> &'static [Arc<Model>; 2] {
     MODELS.get_or_init(|| {
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/stories260k/hf");
         let out: PathBuf = common::scratch_dir().join("stories.plm");
-        convert_path(&src, &out, &ConvertOptions::with_weights(Encoding::F32), &mut |_, _, _| {})
-            .expect("convert the fixture");
+        convert_path(
+            &src,
+            &out,
+            &ConvertOptions::with_weights(Encoding::F32),
+            &mut |_, _, _| {},
+        )
+        .expect("convert the fixture");
         let open = |kv_cache| {
             let options = ModelOptions {
                 kv_cache,
@@ -49,7 +54,10 @@ fn check(data: &[u8]) {
     for model in models() {
         let mut session = Session::new(Arc::clone(model), 64).expect("session");
         if session.restore(&path).is_err() {
-            assert!(session.history().is_empty(), "a refused file changes nothing");
+            assert!(
+                session.history().is_empty(),
+                "a refused file changes nothing"
+            );
             continue;
         }
         let options = GenerateOptions {
