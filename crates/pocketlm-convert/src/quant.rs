@@ -6,7 +6,7 @@
 use half::f16;
 use rayon::prelude::*;
 
-use pocketlm_format::Encoding;
+use pocketlm_format::{Encoding, GRID4_LEVELS};
 use pocketlm_kernels::quant;
 
 /// Why a matrix cannot take a quantized encoding (the converter then keeps it in f16).
@@ -51,6 +51,8 @@ enum GridKind {
     Int4Asymmetric,
     /// levels −4..=3 (stored as 0..=7 with offset 4)
     Int3Symmetric,
+    /// the non-uniform levels of [`GRID4_LEVELS`] (−127..=112)
+    Int4Table,
 }
 
 impl Grid {
@@ -69,6 +71,11 @@ impl Grid {
                 // Likewise the extreme maps to level −4, using all 8 levels.
                 let extreme = if hi.abs() > lo.abs() { hi } else { lo };
                 (GridKind::Int3Symmetric, extreme / -4.0, 0.0)
+            }
+            Encoding::Q4Grid { .. } => {
+                // The extreme maps to the grid's first level, −127.
+                let extreme = if hi.abs() > lo.abs() { hi } else { lo };
+                (GridKind::Int4Table, extreme / -127.0, 0.0)
             }
             _ => (GridKind::Int4Asymmetric, (hi - lo) / 15.0, lo),
         };
@@ -94,7 +101,14 @@ impl Grid {
             GridKind::Int4Symmetric => (-8.0, 7.0),
             GridKind::Int4Asymmetric => (0.0, 15.0),
             GridKind::Int3Symmetric => (-4.0, 3.0),
+            GridKind::Int4Table => (GRID4_LEVELS[0] as f32, GRID4_LEVELS[15] as f32),
         }
+    }
+
+    /// Whether the levels are evenly spaced (every kind but the non-uniform table): what
+    /// recovery's trained rounding assumes.
+    pub fn is_uniform(&self) -> bool {
+        self.kind != GridKind::Int4Table
     }
 
     /// A zero grid of `encoding`'s kind (every value maps to zero), as a placeholder.
@@ -128,6 +142,10 @@ impl Grid {
             }
             GridKind::Int3Symmetric => {
                 ((v * self.inv + 4.0).round().clamp(0.0, 7.0) - 4.0) * self.scale
+            }
+            GridKind::Int4Table => {
+                let code = quant::nearest_grid_code(&GRID4_LEVELS, v * self.inv);
+                GRID4_LEVELS[code as usize] as f32 * self.scale
             }
         }
     }

@@ -217,6 +217,13 @@ pub enum Refusal {
     },
     #[error("recover: {0}")]
     Recovery(#[from] RecoveryOptionError),
+    /// A pass that assumes evenly spaced levels, or a zero level, with a non-uniform grid.
+    #[error("{field} does not work with {} weights: {why}", encoding.describe())]
+    NonUniformGrid {
+        field: Field,
+        encoding: Encoding,
+        why: &'static str,
+    },
     #[error("{by} needs calibration text (calibration is None): {}", by.why())]
     NeedsCalibration { by: Calibrated },
     /// A sparse storage encoding asked for directly: the converter chooses it for pruned

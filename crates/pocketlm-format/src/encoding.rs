@@ -32,6 +32,11 @@ pub enum Encoding {
     /// `w = (q − 4) · d`, q in 0..=7, stored as a 2-bit plane and a 1-bit plane per block of
     /// 32. Code 18, param0 = group. See [`QuantLayout`].
     Q3 { group: u32 },
+    /// 4-bit matrix on a non-uniform grid: `w = GRID4[q] · d`, q in 0..=15, with one f16 scale
+    /// per `group` weights of a row and the codes stored like symmetric [`Encoding::Q4`]'s.
+    /// The grid ([`GRID4_LEVELS`]) is denser near zero, where most weights lie. Code 19,
+    /// param0 = group. See [`QuantLayout`].
+    Q4Grid { group: u32 },
     /// 2:4 sparse matrix with f16 values: of every 4 consecutive weights of a row at most 2
     /// are non-zero; the 2 kept values are stored with their positions. 9 bits per weight.
     /// Code 256, no params. See [`Sparse24Layout`].
@@ -93,7 +98,18 @@ pub enum QuantKind {
     Q8Masked = 6,
     /// Symmetric q4 keeping any weights, its kept codes two to a byte.
     Q4Masked = 7,
+    /// 4-bit codes naming levels of the non-uniform grid [`GRID4_LEVELS`].
+    Q4Grid = 8,
 }
+
+/// The levels of the non-uniform 4-bit grid (q4nl), in code order: the Lloyd–Max codebook
+/// for groups of 32 Gaussian weights scaled so the largest magnitude lands on −127 (the
+/// encoder gives the scale the sign that puts it there), scaled to int8 so the integer
+/// kernels read them as q8 codes. Rotated (incoherence-processed) weights are close to
+/// Gaussian. Derived by `scripts/grid-codebook.py 16`.
+pub const GRID4_LEVELS: [i8; 16] = [
+    -127, -102, -82, -65, -50, -36, -23, -10, 2, 15, 28, 41, 56, 72, 90, 112,
+];
 
 /// Which weights of a tile block a kind stores.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,8 +134,10 @@ pub struct QuantKindInfo {
     pub code_bits: u32,
     /// The stored code that means level 0: `level = code − zero_point`.
     pub zero_point: i32,
-    /// Codes are signed bytes (q8) rather than unsigned fields.
+    /// The integer products take signed bytes: q8's codes, or a grid's levels.
     pub signed: bool,
+    /// A non-uniform grid: `level = grid[code]` instead of `code − zero_point`.
+    pub grid: Option<&'static [i8; 16]>,
     /// A per-group f16 minimum beside the scale (`w = level · d + m`).
     pub has_min: bool,
     pub storage: QuantStorage,
@@ -138,7 +156,7 @@ impl QuantKindInfo {
 /// Every quantized kind, indexed by its code: the one table the format's layouts, the
 /// kernels (byte sizes, zero points, storage) and the converter read. A new quantized
 /// encoding adds a row here, its `Encoding` variant, its kernels and the pass that emits it.
-pub const QUANT_KINDS: [QuantKindInfo; 8] = {
+pub const QUANT_KINDS: [QuantKindInfo; 9] = {
     const fn row(
         kind: QuantKind,
         name: &'static str,
@@ -148,13 +166,18 @@ pub const QUANT_KINDS: [QuantKindInfo; 8] = {
         storage: QuantStorage,
         block_bits: usize,
     ) -> QuantKindInfo {
+        let grid = match kind {
+            QuantKind::Q4Grid => Some(&GRID4_LEVELS),
+            _ => None,
+        };
         QuantKindInfo {
             kind,
             name,
             code,
             code_bits,
             zero_point,
-            signed: code_bits == 8,
+            signed: code_bits == 8 || grid.is_some(),
+            grid,
             has_min: matches!(kind, QuantKind::Q4Asym),
             storage,
             block_bits,
@@ -171,11 +194,12 @@ pub const QUANT_KINDS: [QuantKindInfo; 8] = {
         row(K::Q4Sparse48, "q4+4:8", 258, 4, 8, S::Sparse48, 3),
         row(K::Q8Masked, "q8+mask", 259, 8, 0, S::Masked, 1),
         row(K::Q4Masked, "q4+mask", 260, 4, 8, S::Masked, 1),
+        row(K::Q4Grid, "q4nl", 19, 4, 0, S::Dense, 4),
     ]
 };
 
 impl QuantKind {
-    pub const ALL: [QuantKind; 8] = [
+    pub const ALL: [QuantKind; 9] = [
         QuantKind::Q8,
         QuantKind::Q4,
         QuantKind::Q4Asym,
@@ -184,6 +208,7 @@ impl QuantKind {
         QuantKind::Q4Sparse48,
         QuantKind::Q8Masked,
         QuantKind::Q4Masked,
+        QuantKind::Q4Grid,
     ];
 
     /// This kind's row of [`QUANT_KINDS`].
@@ -252,6 +277,7 @@ impl Encoding {
                 asymmetric: true, ..
             } => QuantKind::Q4Asym,
             Encoding::Q3 { .. } => QuantKind::Q3,
+            Encoding::Q4Grid { .. } => QuantKind::Q4Grid,
             Encoding::Q8Sparse48 { .. } => QuantKind::Q8Sparse48,
             Encoding::Q4Sparse48 { .. } => QuantKind::Q4Sparse48,
             Encoding::Q8Masked { .. } => QuantKind::Q8Masked,
@@ -363,6 +389,7 @@ impl Encoding {
             Encoding::Q8 { group }
             | Encoding::Q4 { group, .. }
             | Encoding::Q3 { group }
+            | Encoding::Q4Grid { group }
             | Encoding::Q8Sparse48 { group }
             | Encoding::Q4Sparse48 { group }
             | Encoding::Q8Masked { group, .. }
@@ -419,6 +446,7 @@ impl Encoding {
             Encoding::Q8 { group } => (group, 0),
             Encoding::Q4 { group, asymmetric } => (group, asymmetric as u32),
             Encoding::Q3 { group }
+            | Encoding::Q4Grid { group }
             | Encoding::Q8Sparse48 { group }
             | Encoding::Q4Sparse48 { group } => (group, 0),
             Encoding::Q8Masked { group, code_bytes } | Encoding::Q4Masked { group, code_bytes } => {
@@ -451,6 +479,7 @@ impl Encoding {
                 asymmetric: param1 & 1 == 1,
             },
             18 => Encoding::Q3 { group: param0 },
+            19 => Encoding::Q4Grid { group: param0 },
             257 => Encoding::Q8Sparse48 { group: param0 },
             258 => Encoding::Q4Sparse48 { group: param0 },
             259 => Encoding::Q8Masked {
@@ -559,6 +588,7 @@ impl Encoding {
             Encoding::Q8 { .. }
             | Encoding::Q4 { .. }
             | Encoding::Q3 { .. }
+            | Encoding::Q4Grid { .. }
             | Encoding::F16Sparse24
             | Encoding::Q8Sparse48 { .. }
             | Encoding::Q4Sparse48 { .. }
@@ -731,6 +761,9 @@ impl FromStr for Encoding {
             "q3" => Encoding::Q3 {
                 group: group_or_default,
             },
+            "q4nl" => Encoding::Q4Grid {
+                group: group_or_default,
+            },
             "f16+2:4" if group.is_none() => Encoding::F16Sparse24,
             "q8+4:8" => Encoding::Q8Sparse48 {
                 group: group_or_default,
@@ -774,6 +807,7 @@ mod tests {
                 asymmetric: true,
             },
             QuantKind::Q3 => Encoding::Q3 { group },
+            QuantKind::Q4Grid => Encoding::Q4Grid { group },
             QuantKind::Q8Sparse48 => Encoding::Q8Sparse48 { group },
             QuantKind::Q4Sparse48 => Encoding::Q4Sparse48 { group },
             QuantKind::Q8Masked => Encoding::Q8Masked {

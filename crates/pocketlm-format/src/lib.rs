@@ -28,8 +28,9 @@ pub mod writer;
 
 pub use config::{Architecture, ConfigError, ModelConfig};
 pub use encoding::{
-    Encoding, EncodingError, MASKED_CODE_PADDING, MAX_QUANT_GROUP, QUANT_BLOCK, QUANT_KINDS,
-    QuantKind, QuantKindInfo, QuantLayout, QuantStorage, Sparse24Layout, TILE_PIECE, TILE_ROWS,
+    Encoding, EncodingError, GRID4_LEVELS, MASKED_CODE_PADDING, MAX_QUANT_GROUP, QUANT_BLOCK,
+    QUANT_KINDS, QuantKind, QuantKindInfo, QuantLayout, QuantStorage, Sparse24Layout, TILE_PIECE,
+    TILE_ROWS,
 };
 pub use reader::{PlmFile, TensorEntry, TensorView};
 pub use recipe::Recipe;
@@ -288,6 +289,17 @@ mod tests {
     fn q3_parses_round_trips_and_lays_out_bit_planes() {
         assert_eq!("q3".parse::<Encoding>(), Ok(Encoding::Q3 { group: 32 }));
         assert_eq!("Q3/g64".parse::<Encoding>(), Ok(Encoding::Q3 { group: 64 }));
+        assert_eq!(
+            "q4nl/g64".parse::<Encoding>(),
+            Ok(Encoding::Q4Grid { group: 64 })
+        );
+        assert_eq!(Encoding::Q4Grid { group: 32 }.describe(), "q4nl/g32");
+        assert_eq!(Encoding::Q4Grid { group: 32 }.bits_per_weight(), 4.5);
+        assert_eq!(
+            Encoding::from_table(19, 64, 0),
+            Ok(Some(Encoding::Q4Grid { group: 64 }))
+        );
+        assert!(Encoding::from_table(19, 64, 1).is_err());
         let q3 = "q3/g128".parse::<Encoding>().unwrap();
         assert_eq!(q3, Encoding::Q3 { group: 128 });
         assert_eq!(q3.to_string(), "q3/g128");

@@ -66,6 +66,17 @@ impl Pass for Prune {
         }
         if let Some(p) = &options.pruning {
             p.sparsity.validate().map_err(Refusal::Sparsity)?;
+            if options
+                .weights
+                .quant_kind()
+                .is_some_and(|k| k.info().grid.is_some())
+            {
+                return Err(Refusal::NonUniformGrid {
+                    field: Field::Pruning,
+                    encoding: options.weights,
+                    why: "its grid has no zero level to keep pruned weights at",
+                });
+            }
             if p.method.needs_calibration() && options.calibration.is_none() {
                 return Err(Refusal::NeedsCalibration {
                     by: Calibrated::Pruning(p.method),

@@ -12,7 +12,7 @@ use super::Pass;
 use crate::block::LayerTensors;
 use crate::import::ImportedModel;
 use crate::output::Output;
-use crate::refusal::{Calibrated, Refusal};
+use crate::refusal::{Calibrated, Field, Refusal};
 use crate::{BlockRecovery, ConvertError, ConvertOptions, Distillation, Recovery, calib, recover};
 
 /// What recovery did, for the recipe.
@@ -28,6 +28,17 @@ impl Pass for Recover {
     fn validate(&self, options: &ConvertOptions) -> Result<(), Refusal> {
         if let Some(r) = &options.recover {
             r.validate()?;
+            if options
+                .weights
+                .quant_kind()
+                .is_some_and(|k| k.info().grid.is_some())
+            {
+                return Err(Refusal::NonUniformGrid {
+                    field: Field::Recover,
+                    encoding: options.weights,
+                    why: "recovery trains rounding on evenly spaced levels",
+                });
+            }
             if options.calibration.is_none() {
                 return Err(Refusal::NeedsCalibration {
                     by: Calibrated::Recover,

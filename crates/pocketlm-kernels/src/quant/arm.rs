@@ -120,6 +120,16 @@ unsafe fn pieces<const K: u8>(blk: *const u8, c: usize) -> [[int8x16_t; 4]; 2] {
                     [0, 1, 2, 3].map(|r| level(low[r], k1, r)),
                 ]
             }
+            _ if kinds::is_grid(K) => {
+                // Codes to the grid's signed levels by a table lookup.
+                let levels = kinds::grid(K);
+                let table = vld1q_s8(levels.as_ptr());
+                let packed = [0, 1, 2, 3].map(|r| vld1q_u8(blk.add(64 * c + 16 * r)));
+                [
+                    packed.map(|v| vqtbl1q_s8(table, vandq_u8(v, vdupq_n_u8(0x0F)))),
+                    packed.map(|v| vqtbl1q_s8(table, vshrq_n_u8::<4>(v))),
+                ]
+            }
             _ => {
                 let packed = [0, 1, 2, 3].map(|r| vld1q_u8(blk.add(64 * c + 16 * r)));
                 // q4 and q4a; masked kinds decode through `masked_pieces` at every call site.

@@ -25,6 +25,20 @@ pub(crate) mod kinds {
     pub const Q4S: u8 = QuantKind::Q4Sparse48 as u8;
     pub const Q8M: u8 = QuantKind::Q8Masked as u8;
     pub const Q4M: u8 = QuantKind::Q4Masked as u8;
+    pub const Q4G: u8 = QuantKind::Q4Grid as u8;
+
+    /// The levels of a non-uniform grid kind, by code (zeros for the other kinds).
+    pub const fn grid(kind: u8) -> [i8; 16] {
+        match QUANT_KINDS[kind as usize].grid {
+            Some(levels) => *levels,
+            None => [0; 16],
+        }
+    }
+
+    /// Whether `kind`'s levels come from a non-uniform grid.
+    pub const fn is_grid(kind: u8) -> bool {
+        QUANT_KINDS[kind as usize].grid.is_some()
+    }
 
     /// Whether `kind` is a masked (unstructured sparse) kind.
     pub const fn is_masked(kind: u8) -> bool {
@@ -53,8 +67,8 @@ pub(crate) mod kinds {
         QUANT_KINDS[kind as usize].zero_point
     }
 
-    /// Whether `kind`'s codes are signed bytes (q8): the x86 kernels offset them for
-    /// `vpdpbusd`.
+    /// Whether the integer products take `kind`'s levels as signed bytes (q8 codes, grid
+    /// levels): the x86 kernels offset them for `vpdpbusd`.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub const fn signed(kind: u8) -> bool {
         QUANT_KINDS[kind as usize].signed
@@ -74,6 +88,7 @@ macro_rules! by_kind {
             QuantKind::Q4Sparse48 => $($run)::+::<{ kinds::Q4S }>($($args),*),
             QuantKind::Q8Masked => $($run)::+::<{ kinds::Q8M }>($($args),*),
             QuantKind::Q4Masked => $($run)::+::<{ kinds::Q4M }>($($args),*),
+            QuantKind::Q4Grid => $($run)::+::<{ kinds::Q4G }>($($args),*),
         }
     }};
 }
@@ -289,6 +304,11 @@ impl<'a> QuantMatrix<'a> {
             QuantKind::Q4 | QuantKind::Q4Asym => {
                 let byte = b[64 * (k / 2) + 8 * i + j];
                 if k % 2 == 0 { byte & 0x0F } else { byte >> 4 }
+            }
+            QuantKind::Q4Grid => {
+                let byte = b[64 * (k / 2) + 8 * i + j];
+                let code = if k % 2 == 0 { byte & 0x0F } else { byte >> 4 };
+                return kinds::grid(kinds::Q4G)[code as usize] as i32;
             }
             QuantKind::Q3 => {
                 let low = (b[8 * i + j] >> (2 * k)) & 3;
@@ -607,6 +627,11 @@ pub fn quantize_rtn(w: &[f32], rows: usize, cols: usize, encoding: Encoding) -> 
                 let extreme = if hi.abs() > lo.abs() { hi } else { lo };
                 scales.push(extreme / -4.0);
             }
+            Encoding::Q4Grid { .. } => {
+                // The extreme lands on the grid's first level (−127).
+                let extreme = if hi.abs() > lo.abs() { hi } else { lo };
+                scales.push(extreme / -127.0);
+            }
             _ => {
                 scales.push((hi - lo) / 15.0);
                 mins.push(lo);
@@ -617,6 +642,16 @@ pub fn quantize_rtn(w: &[f32], rows: usize, cols: usize, encoding: Encoding) -> 
     encode_with_scales(w, rows, cols, encoding, &scales, mins)
 }
 
+/// The code of the grid level nearest to `level` (a weight over its scale); ties go to the
+/// lower level.
+pub fn nearest_grid_code(levels: &[i8; 16], level: f32) -> u8 {
+    // Levels ascend: the code is the number of midpoints below `level`.
+    levels
+        .windows(2)
+        .map(|p| (level > 0.5 * (p[0] as f32 + p[1] as f32)) as u8)
+        .sum()
+}
+
 /// Writes `code` (unsigned, zero point included; q8: the i8 bits) of row `i` of a tile,
 /// column `c` of the block, into the tile block `block` (the inverse of
 /// [`QuantMatrix::level`]).
@@ -624,7 +659,7 @@ fn put_code(kind: QuantKind, block: &mut [u8], i: usize, c: usize, code: u8) {
     let (k, j) = (c / TILE_PIECE, c % TILE_PIECE);
     match kind {
         QuantKind::Q8 => block[64 * k + 8 * i + j] = code,
-        QuantKind::Q4 | QuantKind::Q4Asym => {
+        QuantKind::Q4 | QuantKind::Q4Asym | QuantKind::Q4Grid => {
             block[64 * (k / 2) + 8 * i + j] |= if k % 2 == 0 { code } else { code << 4 }
         }
         QuantKind::Q3 => {
@@ -834,6 +869,7 @@ pub fn encode_with_scales(
             }
             QuantKind::Q4Asym => ((w[i] - stored_mins[g]) * inv).round().clamp(0.0, 15.0) as u8,
             QuantKind::Q3 => (w[i] * inv + 4.0).round().clamp(0.0, 7.0) as u8,
+            QuantKind::Q4Grid => nearest_grid_code(&kinds::grid(kinds::Q4G), w[i] * inv),
         }
     };
     let block_bytes = kind.tile_block_bytes();
@@ -915,6 +951,7 @@ mod tests {
                 asymmetric: true,
             });
             v.push(Encoding::Q3 { group });
+            v.push(Encoding::Q4Grid { group });
             v.push(Encoding::Q8Sparse48 { group });
             v.push(Encoding::Q4Sparse48 { group });
             v.extend(masked(group));
@@ -1021,6 +1058,31 @@ mod tests {
     }
 
     #[test]
+    fn nearest_grid_code_picks_the_closest_level() {
+        let levels = pocketlm_format::GRID4_LEVELS;
+        for (code, &l) in levels.iter().enumerate() {
+            assert_eq!(nearest_grid_code(&levels, l as f32) as usize, code);
+        }
+        // Against a brute-force search, on both sides of every midpoint and beyond the ends.
+        for step in -1400..=1400 {
+            let x = step as f32 * 0.1;
+            let brute = (0..16)
+                .min_by(|&a, &b| {
+                    let da = (x - levels[a] as f32).abs();
+                    let db = (x - levels[b] as f32).abs();
+                    da.total_cmp(&db)
+                })
+                .unwrap();
+            let got = nearest_grid_code(&levels, x) as usize;
+            let (dg, db) = (
+                (x - levels[got] as f32).abs(),
+                (x - levels[brute] as f32).abs(),
+            );
+            assert!(dg <= db, "{x}: code {got} ({dg}) vs {brute} ({db})");
+        }
+    }
+
+    #[test]
     fn rtn_round_trip_error_is_within_half_a_step() {
         for enc in encodings() {
             // 11 rows: one whole tile and a ragged one.
@@ -1045,6 +1107,11 @@ mod tests {
                         | Encoding::Q4Masked { .. }
                 ) {
                     1.0
+                } else if let Encoding::Q4Grid { .. } = enc {
+                    // Half the widest gap between levels, or the clip above the top level.
+                    let levels = pocketlm_format::GRID4_LEVELS.map(|l| l as f32);
+                    let half_gap = levels.windows(2).map(|p| 0.5 * (p[1] - p[0]));
+                    half_gap.fold(127.0 - levels[15], f32::max)
                 } else {
                     0.5
                 };

@@ -13,7 +13,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::kinds::{
-    self, Q3, Q4A, Q4M, Q4S, Q8, Q8M, Q8S, block_bytes, is_masked, masked_piece_bytes,
+    self, Q3, Q4A, Q4M, Q4S, Q8, Q8M, Q8S, block_bytes, is_grid, is_masked, masked_piece_bytes,
 };
 use super::{ActRow, QuantMatrix, QuantizedActivations, SPARSE48_SHUFFLE, store_tile};
 use crate::KernelPath;
@@ -222,12 +222,29 @@ macro_rules! avx2_family {
                             let mask = _mm256_set1_epi8(0x0F);
                             let c0 = load(blk.add(half));
                             let c1 = load(blk.add(64 + half));
-                            [
+                            let codes = [
                                 _mm256_and_si256(c0, mask),
                                 _mm256_and_si256(_mm256_srli_epi16::<4>(c0), mask),
                                 _mm256_and_si256(c1, mask),
                                 _mm256_and_si256(_mm256_srli_epi16::<4>(c1), mask),
-                            ]
+                            ];
+                            if is_grid(K) {
+                                // Codes to the grid's signed levels by a byte lookup, then
+                                // offset like q8's for `vpdpbusd`.
+                                let levels = kinds::grid(K);
+                                let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(
+                                    levels.as_ptr() as *const __m128i,
+                                ));
+                                let p = codes.map(|c| _mm256_shuffle_epi8(table, c));
+                                if $vnni {
+                                    let flip = _mm256_set1_epi8(i8::MIN);
+                                    p.map(|v| _mm256_xor_si256(v, flip))
+                                } else {
+                                    p
+                                }
+                            } else {
+                                codes
+                            }
                         }
                     }
                 }
@@ -388,8 +405,9 @@ macro_rules! avx2_family {
                     }
                 } else {
                     // Unsigned codes are at most 15: two products fit an i16 unsaturated.
-                    // Signed q8 codes use the sign trick so `maddubs` (u8 × i8) applies.
-                    let pairs = if K == Q8 || K == Q8S || K == Q8M {
+                    // Signed q8 codes and grid levels use the sign trick so `maddubs`
+                    // (u8 × i8) applies.
+                    let pairs = if kinds::signed(K) {
                         _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w))
                     } else {
                         _mm256_maddubs_epi16(w, x)
@@ -579,7 +597,7 @@ avx2_family!(avx_vnni, "avx2,fma,f16c,avxvnni", true);
 pub(super) mod avx512 {
     use super::*;
 
-    /// Codes of q8 are offset by 128 for `vpdpbusd`.
+    /// Codes of q8 (and grid levels) are offset by 128 for `vpdpbusd`.
     const fn zero_point(kind: u8) -> f32 {
         kinds::zero_point(kind) as f32 + if kinds::signed(kind) { 128.0 } else { 0.0 }
     }
@@ -678,12 +696,23 @@ pub(super) mod avx512 {
                     let mask = _mm512_set1_epi8(0x0F);
                     let c0 = load(blk);
                     let c1 = load(blk.add(64));
-                    [
+                    let codes = [
                         _mm512_and_si512(c0, mask),
                         _mm512_and_si512(_mm512_srli_epi16::<4>(c0), mask),
                         _mm512_and_si512(c1, mask),
                         _mm512_and_si512(_mm512_srli_epi16::<4>(c1), mask),
-                    ]
+                    ];
+                    if is_grid(K) {
+                        // Codes to the grid's signed levels by a byte lookup, offset by 128.
+                        let levels = kinds::grid(K);
+                        let table = _mm512_broadcast_i32x4(_mm_loadu_si128(
+                            levels.as_ptr() as *const __m128i
+                        ));
+                        let flip = _mm512_set1_epi8(i8::MIN);
+                        codes.map(|c| _mm512_xor_si512(_mm512_shuffle_epi8(table, c), flip))
+                    } else {
+                        codes
+                    }
                 }
             }
         }

@@ -96,6 +96,15 @@ pub fn in_flags(refusal: &Refusal) -> String {
         Refusal::LowRankWithAwq { method } => {
             format!("--lowrank with --method {method} is not supported: use rtn or gptq")
         }
+        Refusal::NonUniformGrid {
+            field,
+            encoding,
+            why,
+        } => format!(
+            "{} does not work with --weights {}: {why}",
+            flag(*field),
+            encoding.describe()
+        ),
         Refusal::NotAFraction { field, fraction } => {
             format!("{} {fraction} must be a fraction in (0, 1)", flag(*field))
         }
