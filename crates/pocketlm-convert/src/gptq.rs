@@ -498,6 +498,7 @@ mod tests {
             Encoding::Q8 { group: 32 },
             Encoding::Q3 { group: 64 },
             Encoding::Q4Grid { group: 32 },
+            Encoding::Q3Grid { group: 64 },
         ] {
             let mut rtn = w.clone();
             let grids = quant::choose_grids(&w, cols, encoding, Clipping::MinMax, None);

@@ -302,6 +302,14 @@ impl ConvertOptions {
         }
     }
 
+    /// The first non-uniform grid encoding the block matrices may get (`weights` or a keep
+    /// rule's), which passes assuming evenly spaced levels or a zero level refuse.
+    pub(crate) fn non_uniform_block_encoding(&self) -> Option<Encoding> {
+        std::iter::once(self.weights)
+            .chain(self.keep.iter().map(|k| k.encoding))
+            .find(|e| e.quant_kind().is_some_and(|k| k.info().grid.is_some()))
+    }
+
     /// Whether the conversion runs the model on calibration text.
     pub fn needs_calibration(&self) -> bool {
         self.blocks

@@ -16,8 +16,9 @@ pub enum Preset {
     Q8,
     /// 4-bit groups of 32 with incoherence processing and GPTQ (calibrated).
     Q4,
-    /// 3-bit groups of 64 with incoherence processing and GPTQ, `attn_v` and `ffn_down` in
-    /// 4-bit groups of 32 (as llama.cpp's Q3_K_M spends more bits there).
+    /// 3-bit groups of 64 on the non-uniform grid (q3nl) with incoherence processing and
+    /// GPTQ, `attn_v` and `ffn_down` in 4-bit groups of 32 (as llama.cpp's Q3_K_M spends more
+    /// bits there). The grid measured 32.77 against uniform q3's 33.41 on SmolLM2.
     Q3,
 }
 
@@ -60,7 +61,7 @@ impl Preset {
                             encoding: q4,
                         })
                         .collect(),
-                    ..ConvertOptions::with_weights(Encoding::Q3 { group: 64 })
+                    ..ConvertOptions::with_weights(Encoding::Q3Grid { group: 64 })
                 }
             }
         };
@@ -123,7 +124,7 @@ mod tests {
         assert!(!Preset::Q8.options().needs_calibration());
         assert!(Preset::Q4.options().needs_calibration());
         let q3 = Preset::Q3.options();
-        assert_eq!(q3.weights, Encoding::Q3 { group: 64 });
+        assert_eq!(q3.weights, Encoding::Q3Grid { group: 64 });
         assert!(q3.rotate);
         assert_eq!(
             q3.encoding_for("blk.3.ffn_down.weight", &[4, 4]),

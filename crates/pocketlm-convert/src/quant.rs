@@ -6,7 +6,7 @@
 use half::f16;
 use rayon::prelude::*;
 
-use pocketlm_format::{Encoding, GRID4_LEVELS};
+use pocketlm_format::{Encoding, GRID3_LEVELS, GRID4_LEVELS};
 use pocketlm_kernels::quant;
 
 /// Why a matrix cannot take a quantized encoding (the converter then keeps it in f16).
@@ -53,6 +53,8 @@ enum GridKind {
     Int3Symmetric,
     /// the non-uniform levels of [`GRID4_LEVELS`] (−127..=112)
     Int4Table,
+    /// the non-uniform levels of [`GRID3_LEVELS`] (−127..=98)
+    Int3Table,
 }
 
 impl Grid {
@@ -76,6 +78,10 @@ impl Grid {
                 // The extreme maps to the grid's first level, −127.
                 let extreme = if hi.abs() > lo.abs() { hi } else { lo };
                 (GridKind::Int4Table, extreme / -127.0, 0.0)
+            }
+            Encoding::Q3Grid { .. } => {
+                let extreme = if hi.abs() > lo.abs() { hi } else { lo };
+                (GridKind::Int3Table, extreme / -127.0, 0.0)
             }
             _ => (GridKind::Int4Asymmetric, (hi - lo) / 15.0, lo),
         };
@@ -102,13 +108,8 @@ impl Grid {
             GridKind::Int4Asymmetric => (0.0, 15.0),
             GridKind::Int3Symmetric => (-4.0, 3.0),
             GridKind::Int4Table => (GRID4_LEVELS[0] as f32, GRID4_LEVELS[15] as f32),
+            GridKind::Int3Table => (GRID3_LEVELS[0] as f32, GRID3_LEVELS[7] as f32),
         }
-    }
-
-    /// Whether the levels are evenly spaced (every kind but the non-uniform table): what
-    /// recovery's trained rounding assumes.
-    pub fn is_uniform(&self) -> bool {
-        self.kind != GridKind::Int4Table
     }
 
     /// A zero grid of `encoding`'s kind (every value maps to zero), as a placeholder.
@@ -146,6 +147,10 @@ impl Grid {
             GridKind::Int4Table => {
                 let code = quant::nearest_grid_code(&GRID4_LEVELS, v * self.inv);
                 GRID4_LEVELS[code as usize] as f32 * self.scale
+            }
+            GridKind::Int3Table => {
+                let code = quant::nearest_grid_code(&GRID3_LEVELS, v * self.inv);
+                GRID3_LEVELS[code as usize] as f32 * self.scale
             }
         }
     }

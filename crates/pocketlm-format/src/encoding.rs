@@ -37,6 +37,10 @@ pub enum Encoding {
     /// The grid ([`GRID4_LEVELS`]) is denser near zero, where most weights lie. Code 19,
     /// param0 = group. See [`QuantLayout`].
     Q4Grid { group: u32 },
+    /// 3-bit matrix on a non-uniform grid: `w = GRID3[q] · d`, q in 0..=7, with one f16 scale
+    /// per `group` weights of a row and the codes stored like [`Encoding::Q3`]'s
+    /// ([`GRID3_LEVELS`]). Code 20, param0 = group. See [`QuantLayout`].
+    Q3Grid { group: u32 },
     /// 2:4 sparse matrix with f16 values: of every 4 consecutive weights of a row at most 2
     /// are non-zero; the 2 kept values are stored with their positions. 9 bits per weight.
     /// Code 256, no params. See [`Sparse24Layout`].
@@ -100,6 +104,8 @@ pub enum QuantKind {
     Q4Masked = 7,
     /// 4-bit codes naming levels of the non-uniform grid [`GRID4_LEVELS`].
     Q4Grid = 8,
+    /// 3-bit codes naming levels of the non-uniform grid [`GRID3_LEVELS`].
+    Q3Grid = 9,
 }
 
 /// The levels of the non-uniform 4-bit grid (q4nl), in code order: the Lloyd–Max codebook
@@ -110,6 +116,10 @@ pub enum QuantKind {
 pub const GRID4_LEVELS: [i8; 16] = [
     -127, -102, -82, -65, -50, -36, -23, -10, 2, 15, 28, 41, 56, 72, 90, 112,
 ];
+
+/// The levels of the non-uniform 3-bit grid (q3nl), derived like [`GRID4_LEVELS`]
+/// (`scripts/grid-codebook.py 8`).
+pub const GRID3_LEVELS: [i8; 8] = [-127, -81, -48, -20, 5, 32, 61, 98];
 
 /// Which weights of a tile block a kind stores.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -136,8 +146,9 @@ pub struct QuantKindInfo {
     pub zero_point: i32,
     /// The integer products take signed bytes: q8's codes, or a grid's levels.
     pub signed: bool,
-    /// A non-uniform grid: `level = grid[code]` instead of `code − zero_point`.
-    pub grid: Option<&'static [i8; 16]>,
+    /// A non-uniform grid: `level = grid[code]` instead of `code − zero_point` (one level
+    /// per code value, ascending).
+    pub grid: Option<&'static [i8]>,
     /// A per-group f16 minimum beside the scale (`w = level · d + m`).
     pub has_min: bool,
     pub storage: QuantStorage,
@@ -156,7 +167,7 @@ impl QuantKindInfo {
 /// Every quantized kind, indexed by its code: the one table the format's layouts, the
 /// kernels (byte sizes, zero points, storage) and the converter read. A new quantized
 /// encoding adds a row here, its `Encoding` variant, its kernels and the pass that emits it.
-pub const QUANT_KINDS: [QuantKindInfo; 9] = {
+pub const QUANT_KINDS: [QuantKindInfo; 10] = {
     const fn row(
         kind: QuantKind,
         name: &'static str,
@@ -167,7 +178,8 @@ pub const QUANT_KINDS: [QuantKindInfo; 9] = {
         block_bits: usize,
     ) -> QuantKindInfo {
         let grid = match kind {
-            QuantKind::Q4Grid => Some(&GRID4_LEVELS),
+            QuantKind::Q4Grid => Some(&GRID4_LEVELS as &[i8]),
+            QuantKind::Q3Grid => Some(&GRID3_LEVELS as &[i8]),
             _ => None,
         };
         QuantKindInfo {
@@ -195,11 +207,12 @@ pub const QUANT_KINDS: [QuantKindInfo; 9] = {
         row(K::Q8Masked, "q8+mask", 259, 8, 0, S::Masked, 1),
         row(K::Q4Masked, "q4+mask", 260, 4, 8, S::Masked, 1),
         row(K::Q4Grid, "q4nl", 19, 4, 0, S::Dense, 4),
+        row(K::Q3Grid, "q3nl", 20, 3, 0, S::Dense, 3),
     ]
 };
 
 impl QuantKind {
-    pub const ALL: [QuantKind; 9] = [
+    pub const ALL: [QuantKind; 10] = [
         QuantKind::Q8,
         QuantKind::Q4,
         QuantKind::Q4Asym,
@@ -209,6 +222,7 @@ impl QuantKind {
         QuantKind::Q8Masked,
         QuantKind::Q4Masked,
         QuantKind::Q4Grid,
+        QuantKind::Q3Grid,
     ];
 
     /// This kind's row of [`QUANT_KINDS`].
@@ -278,6 +292,7 @@ impl Encoding {
             } => QuantKind::Q4Asym,
             Encoding::Q3 { .. } => QuantKind::Q3,
             Encoding::Q4Grid { .. } => QuantKind::Q4Grid,
+            Encoding::Q3Grid { .. } => QuantKind::Q3Grid,
             Encoding::Q8Sparse48 { .. } => QuantKind::Q8Sparse48,
             Encoding::Q4Sparse48 { .. } => QuantKind::Q4Sparse48,
             Encoding::Q8Masked { .. } => QuantKind::Q8Masked,
@@ -390,6 +405,7 @@ impl Encoding {
             | Encoding::Q4 { group, .. }
             | Encoding::Q3 { group }
             | Encoding::Q4Grid { group }
+            | Encoding::Q3Grid { group }
             | Encoding::Q8Sparse48 { group }
             | Encoding::Q4Sparse48 { group }
             | Encoding::Q8Masked { group, .. }
@@ -447,6 +463,7 @@ impl Encoding {
             Encoding::Q4 { group, asymmetric } => (group, asymmetric as u32),
             Encoding::Q3 { group }
             | Encoding::Q4Grid { group }
+            | Encoding::Q3Grid { group }
             | Encoding::Q8Sparse48 { group }
             | Encoding::Q4Sparse48 { group } => (group, 0),
             Encoding::Q8Masked { group, code_bytes } | Encoding::Q4Masked { group, code_bytes } => {
@@ -480,6 +497,7 @@ impl Encoding {
             },
             18 => Encoding::Q3 { group: param0 },
             19 => Encoding::Q4Grid { group: param0 },
+            20 => Encoding::Q3Grid { group: param0 },
             257 => Encoding::Q8Sparse48 { group: param0 },
             258 => Encoding::Q4Sparse48 { group: param0 },
             259 => Encoding::Q8Masked {
@@ -589,6 +607,7 @@ impl Encoding {
             | Encoding::Q4 { .. }
             | Encoding::Q3 { .. }
             | Encoding::Q4Grid { .. }
+            | Encoding::Q3Grid { .. }
             | Encoding::F16Sparse24
             | Encoding::Q8Sparse48 { .. }
             | Encoding::Q4Sparse48 { .. }
@@ -764,6 +783,9 @@ impl FromStr for Encoding {
             "q4nl" => Encoding::Q4Grid {
                 group: group_or_default,
             },
+            "q3nl" => Encoding::Q3Grid {
+                group: group_or_default,
+            },
             "f16+2:4" if group.is_none() => Encoding::F16Sparse24,
             "q8+4:8" => Encoding::Q8Sparse48 {
                 group: group_or_default,
@@ -808,6 +830,7 @@ mod tests {
             },
             QuantKind::Q3 => Encoding::Q3 { group },
             QuantKind::Q4Grid => Encoding::Q4Grid { group },
+            QuantKind::Q3Grid => Encoding::Q3Grid { group },
             QuantKind::Q8Sparse48 => Encoding::Q8Sparse48 { group },
             QuantKind::Q4Sparse48 => Encoding::Q4Sparse48 { group },
             QuantKind::Q8Masked => Encoding::Q8Masked {
@@ -830,6 +853,13 @@ mod tests {
             let e = encoding_of(kind);
             assert_eq!(e.quant_kind(), Some(kind));
             assert_eq!((e.name(), e.code()), (info.name, info.code));
+            if let Some(levels) = info.grid {
+                // One level per code, ascending (the encoder's nearest-level search needs
+                // it), read as signed bytes with no zero point.
+                assert_eq!(levels.len(), 1 << info.code_bits, "{kind:?}");
+                assert!(levels.windows(2).all(|p| p[0] < p[1]), "{kind:?}");
+                assert!(info.signed && info.zero_point == 0, "{kind:?}");
+            }
             let (p0, p1) = e.params();
             assert_eq!(Encoding::from_table(e.code(), p0, p1), Ok(Some(e)));
             assert_eq!(e.tile_block_bytes(), Some(info.tile_block_bytes()));

@@ -28,9 +28,9 @@ pub mod writer;
 
 pub use config::{Architecture, ConfigError, ModelConfig};
 pub use encoding::{
-    Encoding, EncodingError, GRID4_LEVELS, MASKED_CODE_PADDING, MAX_QUANT_GROUP, QUANT_BLOCK,
-    QUANT_KINDS, QuantKind, QuantKindInfo, QuantLayout, QuantStorage, Sparse24Layout, TILE_PIECE,
-    TILE_ROWS,
+    Encoding, EncodingError, GRID3_LEVELS, GRID4_LEVELS, MASKED_CODE_PADDING, MAX_QUANT_GROUP,
+    QUANT_BLOCK, QUANT_KINDS, QuantKind, QuantKindInfo, QuantLayout, QuantStorage, Sparse24Layout,
+    TILE_PIECE, TILE_ROWS,
 };
 pub use reader::{PlmFile, TensorEntry, TensorView};
 pub use recipe::Recipe;
@@ -300,6 +300,11 @@ mod tests {
             Ok(Some(Encoding::Q4Grid { group: 64 }))
         );
         assert!(Encoding::from_table(19, 64, 1).is_err());
+        assert_eq!(
+            "q3nl/g64".parse::<Encoding>(),
+            Ok(Encoding::Q3Grid { group: 64 })
+        );
+        assert_eq!(Encoding::Q3Grid { group: 64 }.bits_per_weight(), 3.25);
         let q3 = "q3/g128".parse::<Encoding>().unwrap();
         assert_eq!(q3, Encoding::Q3 { group: 128 });
         assert_eq!(q3.to_string(), "q3/g128");

@@ -29,8 +29,8 @@ pub struct ConvertArgs {
     ])]
     pub preset: Option<Preset>,
     /// Encoding of weight matrices: f32, f16, bf16, q8, q4 (symmetric), q4a (with a
-    /// minimum), q3 (symmetric 3-bit) or q4nl (4-bit on a non-uniform grid), optionally with
-    /// a group size such as q4/g64.
+    /// minimum), q3 (symmetric 3-bit), q4nl or q3nl (4 or 3 bits on a non-uniform grid),
+    /// optionally with a group size such as q4/g64.
     /// Default f16; with --budget, the first quantized candidate.
     #[arg(long, visible_alias = "dtype")]
     pub weights: Option<Encoding>,

@@ -66,14 +66,10 @@ impl Pass for Prune {
         }
         if let Some(p) = &options.pruning {
             p.sparsity.validate().map_err(Refusal::Sparsity)?;
-            if options
-                .weights
-                .quant_kind()
-                .is_some_and(|k| k.info().grid.is_some())
-            {
+            if let Some(encoding) = options.non_uniform_block_encoding() {
                 return Err(Refusal::NonUniformGrid {
                     field: Field::Pruning,
-                    encoding: options.weights,
+                    encoding,
                     why: "its grid has no zero level to keep pruned weights at",
                 });
             }

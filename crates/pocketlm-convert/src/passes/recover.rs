@@ -28,14 +28,10 @@ impl Pass for Recover {
     fn validate(&self, options: &ConvertOptions) -> Result<(), Refusal> {
         if let Some(r) = &options.recover {
             r.validate()?;
-            if options
-                .weights
-                .quant_kind()
-                .is_some_and(|k| k.info().grid.is_some())
-            {
+            if let Some(encoding) = options.non_uniform_block_encoding() {
                 return Err(Refusal::NonUniformGrid {
                     field: Field::Recover,
-                    encoding: options.weights,
+                    encoding,
                     why: "recovery trains rounding on evenly spaced levels",
                 });
             }

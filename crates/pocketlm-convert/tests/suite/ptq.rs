@@ -749,23 +749,27 @@ fn quantized_matrices_pruned_unstructured_are_stored_masked_and_compute_the_same
     );
 }
 
-/// The non-uniform 4-bit grid: files load and run, store `q4nl` codes, GPTQ beats
-/// round-to-nearest on it, and the passes that need evenly spaced levels or a zero level
-/// (recovery, pruning) refuse it.
+/// The non-uniform grids: files load and run, store `q4nl`/`q3nl` codes, GPTQ beats
+/// round-to-nearest on them, and the passes that need evenly spaced levels or a zero level
+/// (recovery, pruning) refuse them.
 #[test]
-fn non_uniform_grid_converts_and_gptq_beats_round_to_nearest() {
+fn non_uniform_grids_convert_and_gptq_beats_round_to_nearest() {
     const Q4NL: Encoding = Encoding::Q4Grid { group: 32 };
     let (_d0, base) = convert(&ConvertOptions::with_weights(Encoding::F32));
-    let (_d1, rtn) = convert(&options(Q4NL, Method::Rtn));
-    let (_d2, gptq) = convert(&options(Q4NL, Method::Gptq));
-    let file = PlmFile::open(&gptq).unwrap();
-    assert_eq!(file.entry("blk.1.ffn_up.weight").unwrap().encoding, Q4NL);
-    assert_eq!(file.metadata()["recipe"]["weights"], "q4nl/g32");
-    drop(file);
-    let (base, rtn, gptq) = (ppl(&base), ppl(&rtn), ppl(&gptq));
-    eprintln!("ppl: f32 {base:.4}, q4nl rtn {rtn:.4}, q4nl gptq {gptq:.4}");
-    assert!(rtn > base, "rtn {rtn} vs f32 {base}");
-    assert!(gptq < rtn, "gptq {gptq} vs rtn {rtn}");
+    let base = ppl(&base);
+    // q3nl/g32: at g64 stories260K's ffn_down (172 wide) would stay f16.
+    for grid in [Q4NL, Encoding::Q3Grid { group: 32 }] {
+        let (_d1, rtn) = convert(&options(grid, Method::Rtn));
+        let (_d2, gptq) = convert(&options(grid, Method::Gptq));
+        let file = PlmFile::open(&gptq).unwrap();
+        assert_eq!(file.entry("blk.1.ffn_up.weight").unwrap().encoding, grid);
+        assert_eq!(file.metadata()["recipe"]["weights"], grid.describe());
+        drop(file);
+        let (rtn, gptq) = (ppl(&rtn), ppl(&gptq));
+        eprintln!("ppl: f32 {base:.4}, {grid} rtn {rtn:.4}, gptq {gptq:.4}");
+        assert!(rtn > base, "{grid}: rtn {rtn} vs f32 {base}");
+        assert!(gptq < rtn, "{grid}: gptq {gptq} vs rtn {rtn}");
+    }
 
     let mut pruned = options(Q4NL, Method::Rtn);
     pruned.pruning = Some(Pruning {
@@ -775,7 +779,18 @@ fn non_uniform_grid_converts_and_gptq_beats_round_to_nearest() {
     let mut recovered = options(Q4NL, Method::Rtn);
     recovered.calibration = Some(calibration());
     recovered.recover = Some(pocketlm_convert::Recovery::default());
-    for (o, field) in [(pruned, Field::Pruning), (recovered, Field::Recover)] {
+    // A keep rule's grid counts too.
+    let mut kept = options(Q4, Method::Rtn);
+    kept.keep = vec![KeepRule {
+        pattern: "*ffn_down*".into(),
+        encoding: Q4NL,
+    }];
+    kept.pruning = pruned.pruning;
+    for (o, field) in [
+        (pruned, Field::Pruning),
+        (recovered, Field::Recover),
+        (kept, Field::Pruning),
+    ] {
         match refused(&o) {
             ConvertError::Refused(Refusal::NonUniformGrid { field: f, .. }) => assert_eq!(f, field),
             other => panic!("{field}: {other}"),

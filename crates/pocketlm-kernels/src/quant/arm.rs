@@ -14,7 +14,7 @@ use std::arch::asm;
 use std::ops::Range;
 
 use super::kinds::{
-    self, Q3, Q4, Q4A, Q4M, Q4S, Q8, Q8M, Q8S, block_bytes, is_masked, masked_piece_bytes,
+    self, Q3, Q3G, Q4, Q4A, Q4M, Q4S, Q8, Q8M, Q8S, block_bytes, is_masked, masked_piece_bytes,
 };
 use super::{ActRow, QuantMatrix, QuantizedActivations, SPARSE48_SHUFFLE, store_tile};
 use crate::KernelPath;
@@ -105,15 +105,22 @@ unsafe fn pieces<const K: u8>(blk: *const u8, c: usize) -> [[int8x16_t; 4]; 2] {
                     [0, 1, 2, 3].map(|r| vld1q_s8(p.add(128 * c + 64 + 16 * r))),
                 ]
             }
-            Q3 => {
+            Q3 | Q3G => {
                 let three = vdupq_n_u8(3);
                 let zero = vdupq_n_s8(kinds::zero_point(Q3) as i8);
+                let levels = kinds::grid(K);
+                let table = vld1q_s8(levels.as_ptr());
                 let low = [0, 1, 2, 3].map(|r| vld1q_u8(blk.add(16 * r)));
                 let (k0, k1) = (2 * c, 2 * c + 1);
                 let level = |low: uint8x16_t, k: usize, r: usize| {
                     let l = vandq_u8(vshlq_u8(low, vdupq_n_s8(-2 * k as i8)), three);
                     let v = vorrq_u8(l, high_bits(blk.add(64 + 8 * k + 2 * r)));
-                    vsubq_s8(vreinterpretq_s8_u8(v), zero)
+                    if K == Q3G {
+                        // Codes to the grid's signed levels by a table lookup.
+                        vqtbl1q_s8(table, v)
+                    } else {
+                        vsubq_s8(vreinterpretq_s8_u8(v), zero)
+                    }
                 };
                 [
                     [0, 1, 2, 3].map(|r| level(low[r], k0, r)),

@@ -26,13 +26,20 @@ pub(crate) mod kinds {
     pub const Q8M: u8 = QuantKind::Q8Masked as u8;
     pub const Q4M: u8 = QuantKind::Q4Masked as u8;
     pub const Q4G: u8 = QuantKind::Q4Grid as u8;
+    pub const Q3G: u8 = QuantKind::Q3Grid as u8;
 
-    /// The levels of a non-uniform grid kind, by code (zeros for the other kinds).
+    /// The levels of a non-uniform grid kind by code, padded with zeros to a 16-byte lookup
+    /// table (all zeros for the other kinds).
     pub const fn grid(kind: u8) -> [i8; 16] {
-        match QUANT_KINDS[kind as usize].grid {
-            Some(levels) => *levels,
-            None => [0; 16],
+        let mut table = [0; 16];
+        if let Some(levels) = QUANT_KINDS[kind as usize].grid {
+            let mut i = 0;
+            while i < levels.len() {
+                table[i] = levels[i];
+                i += 1;
+            }
         }
+        table
     }
 
     /// Whether `kind`'s levels come from a non-uniform grid.
@@ -89,6 +96,7 @@ macro_rules! by_kind {
             QuantKind::Q8Masked => $($run)::+::<{ kinds::Q8M }>($($args),*),
             QuantKind::Q4Masked => $($run)::+::<{ kinds::Q4M }>($($args),*),
             QuantKind::Q4Grid => $($run)::+::<{ kinds::Q4G }>($($args),*),
+            QuantKind::Q3Grid => $($run)::+::<{ kinds::Q3G }>($($args),*),
         }
     }};
 }
@@ -310,10 +318,14 @@ impl<'a> QuantMatrix<'a> {
                 let code = if k % 2 == 0 { byte & 0x0F } else { byte >> 4 };
                 return kinds::grid(kinds::Q4G)[code as usize] as i32;
             }
-            QuantKind::Q3 => {
+            QuantKind::Q3 | QuantKind::Q3Grid => {
                 let low = (b[8 * i + j] >> (2 * k)) & 3;
                 let high = (b[64 + 8 * k + i] >> j) & 1;
-                low | high << 2
+                let code = low | high << 2;
+                if self.kind == QuantKind::Q3Grid {
+                    return kinds::grid(kinds::Q3G)[code as usize] as i32;
+                }
+                code
             }
             QuantKind::Q8Sparse48 | QuantKind::Q4Sparse48 => {
                 let mask = b[8 * k + i];
@@ -627,7 +639,7 @@ pub fn quantize_rtn(w: &[f32], rows: usize, cols: usize, encoding: Encoding) -> 
                 let extreme = if hi.abs() > lo.abs() { hi } else { lo };
                 scales.push(extreme / -4.0);
             }
-            Encoding::Q4Grid { .. } => {
+            Encoding::Q4Grid { .. } | Encoding::Q3Grid { .. } => {
                 // The extreme lands on the grid's first level (−127).
                 let extreme = if hi.abs() > lo.abs() { hi } else { lo };
                 scales.push(extreme / -127.0);
@@ -642,9 +654,9 @@ pub fn quantize_rtn(w: &[f32], rows: usize, cols: usize, encoding: Encoding) -> 
     encode_with_scales(w, rows, cols, encoding, &scales, mins)
 }
 
-/// The code of the grid level nearest to `level` (a weight over its scale); ties go to the
-/// lower level.
-pub fn nearest_grid_code(levels: &[i8; 16], level: f32) -> u8 {
+/// The code of the grid level nearest to `level` (a weight over its scale), `levels`
+/// ascending; ties go to the lower level.
+pub fn nearest_grid_code(levels: &[i8], level: f32) -> u8 {
     // Levels ascend: the code is the number of midpoints below `level`.
     levels
         .windows(2)
@@ -662,7 +674,7 @@ fn put_code(kind: QuantKind, block: &mut [u8], i: usize, c: usize, code: u8) {
         QuantKind::Q4 | QuantKind::Q4Asym | QuantKind::Q4Grid => {
             block[64 * (k / 2) + 8 * i + j] |= if k % 2 == 0 { code } else { code << 4 }
         }
-        QuantKind::Q3 => {
+        QuantKind::Q3 | QuantKind::Q3Grid => {
             debug_assert!(code < 8);
             block[8 * i + j] |= (code & 3) << (2 * k);
             block[64 + 8 * k + i] |= (code >> 2) << j;
@@ -869,7 +881,9 @@ pub fn encode_with_scales(
             }
             QuantKind::Q4Asym => ((w[i] - stored_mins[g]) * inv).round().clamp(0.0, 15.0) as u8,
             QuantKind::Q3 => (w[i] * inv + 4.0).round().clamp(0.0, 7.0) as u8,
-            QuantKind::Q4Grid => nearest_grid_code(&kinds::grid(kinds::Q4G), w[i] * inv),
+            QuantKind::Q4Grid | QuantKind::Q3Grid => {
+                nearest_grid_code(kind.info().grid.unwrap_or(&[]), w[i] * inv)
+            }
         }
     };
     let block_bytes = kind.tile_block_bytes();
@@ -952,6 +966,7 @@ mod tests {
             });
             v.push(Encoding::Q3 { group });
             v.push(Encoding::Q4Grid { group });
+            v.push(Encoding::Q3Grid { group });
             v.push(Encoding::Q8Sparse48 { group });
             v.push(Encoding::Q4Sparse48 { group });
             v.extend(masked(group));
@@ -1060,6 +1075,11 @@ mod tests {
     #[test]
     fn nearest_grid_code_picks_the_closest_level() {
         let levels = pocketlm_format::GRID4_LEVELS;
+        let three = pocketlm_format::GRID3_LEVELS;
+        for (code, &l) in three.iter().enumerate() {
+            assert_eq!(nearest_grid_code(&three, l as f32) as usize, code);
+        }
+        assert_eq!(nearest_grid_code(&three, 1000.0), 7);
         for (code, &l) in levels.iter().enumerate() {
             assert_eq!(nearest_grid_code(&levels, l as f32) as usize, code);
         }
@@ -1107,11 +1127,11 @@ mod tests {
                         | Encoding::Q4Masked { .. }
                 ) {
                     1.0
-                } else if let Encoding::Q4Grid { .. } = enc {
+                } else if let Some(grid) = enc.quant_kind().and_then(|k| k.info().grid) {
                     // Half the widest gap between levels, or the clip above the top level.
-                    let levels = pocketlm_format::GRID4_LEVELS.map(|l| l as f32);
+                    let levels: Vec<f32> = grid.iter().map(|&l| l as f32).collect();
                     let half_gap = levels.windows(2).map(|p| 0.5 * (p[1] - p[0]));
-                    half_gap.fold(127.0 - levels[15], f32::max)
+                    half_gap.fold(127.0 - levels[levels.len() - 1], f32::max)
                 } else {
                     0.5
                 };

@@ -13,7 +13,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::kinds::{
-    self, Q3, Q4A, Q4M, Q4S, Q8, Q8M, Q8S, block_bytes, is_grid, is_masked, masked_piece_bytes,
+    self, Q3, Q3G, Q4A, Q4M, Q4S, Q8, Q8M, Q8S, block_bytes, is_grid, is_masked, masked_piece_bytes,
 };
 use super::{ActRow, QuantMatrix, QuantizedActivations, SPARSE48_SHUFFLE, store_tile};
 use crate::KernelPath;
@@ -198,11 +198,11 @@ macro_rules! avx2_family {
                                 p
                             }
                         }
-                        Q3 => {
+                        Q3 | Q3G => {
                             let low = load(blk.add(half));
                             let three = _mm256_set1_epi8(3);
                             let high = blk.add(64 + 4 * h);
-                            [
+                            grid_levels::<K>([
                                 _mm256_or_si256(_mm256_and_si256(low, three), high_bits(high)),
                                 _mm256_or_si256(
                                     _mm256_and_si256(_mm256_srli_epi16::<2>(low), three),
@@ -216,37 +216,42 @@ macro_rules! avx2_family {
                                     _mm256_and_si256(_mm256_srli_epi16::<6>(low), three),
                                     high_bits(high.add(24)),
                                 ),
-                            ]
+                            ])
                         }
                         _ => {
                             let mask = _mm256_set1_epi8(0x0F);
                             let c0 = load(blk.add(half));
                             let c1 = load(blk.add(64 + half));
-                            let codes = [
+                            grid_levels::<K>([
                                 _mm256_and_si256(c0, mask),
                                 _mm256_and_si256(_mm256_srli_epi16::<4>(c0), mask),
                                 _mm256_and_si256(c1, mask),
                                 _mm256_and_si256(_mm256_srli_epi16::<4>(c1), mask),
-                            ];
-                            if is_grid(K) {
-                                // Codes to the grid's signed levels by a byte lookup, then
-                                // offset like q8's for `vpdpbusd`.
-                                let levels = kinds::grid(K);
-                                let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(
-                                    levels.as_ptr() as *const __m128i,
-                                ));
-                                let p = codes.map(|c| _mm256_shuffle_epi8(table, c));
-                                if $vnni {
-                                    let flip = _mm256_set1_epi8(i8::MIN);
-                                    p.map(|v| _mm256_xor_si256(v, flip))
-                                } else {
-                                    p
-                                }
-                            } else {
-                                codes
-                            }
+                            ])
                         }
                     }
+                }
+            }
+
+            /// Grid kinds: `codes` to the grid's signed levels by a byte lookup, offset like
+            /// q8's codes for `vpdpbusd`; the other kinds' codes pass through.
+            #[inline]
+            #[target_feature(enable = $features)]
+            fn grid_levels<const K: u8>(codes: [__m256i; 4]) -> [__m256i; 4] {
+                if !is_grid(K) {
+                    return codes;
+                }
+                let levels = kinds::grid(K);
+                // SAFETY: `levels` holds the 16 bytes read.
+                let table = _mm256_broadcastsi128_si256(unsafe {
+                    _mm_loadu_si128(levels.as_ptr() as *const __m128i)
+                });
+                let p = codes.map(|c| _mm256_shuffle_epi8(table, c));
+                if $vnni {
+                    let flip = _mm256_set1_epi8(i8::MIN);
+                    p.map(|v| _mm256_xor_si256(v, flip))
+                } else {
+                    p
                 }
             }
 
@@ -663,7 +668,7 @@ pub(super) mod avx512 {
                         )
                     })
                 }
-                Q3 => {
+                Q3 | Q3G => {
                     let low = load(blk);
                     let three = _mm512_set1_epi8(3);
                     let four = _mm512_set1_epi8(4);
@@ -671,7 +676,7 @@ pub(super) mod avx512 {
                     // where it is set.
                     let high = blk.add(64) as *const u64;
                     let m = [0, 1, 2, 3].map(|k| high.add(k).read_unaligned());
-                    [
+                    grid_levels::<K>([
                         _mm512_mask_add_epi8(
                             _mm512_and_si512(low, three),
                             m[0],
@@ -690,32 +695,37 @@ pub(super) mod avx512 {
                             let l = _mm512_and_si512(_mm512_srli_epi16::<6>(low), three);
                             _mm512_mask_add_epi8(l, m[3], l, four)
                         },
-                    ]
+                    ])
                 }
                 _ => {
                     let mask = _mm512_set1_epi8(0x0F);
                     let c0 = load(blk);
                     let c1 = load(blk.add(64));
-                    let codes = [
+                    grid_levels::<K>([
                         _mm512_and_si512(c0, mask),
                         _mm512_and_si512(_mm512_srli_epi16::<4>(c0), mask),
                         _mm512_and_si512(c1, mask),
                         _mm512_and_si512(_mm512_srli_epi16::<4>(c1), mask),
-                    ];
-                    if is_grid(K) {
-                        // Codes to the grid's signed levels by a byte lookup, offset by 128.
-                        let levels = kinds::grid(K);
-                        let table = _mm512_broadcast_i32x4(_mm_loadu_si128(
-                            levels.as_ptr() as *const __m128i
-                        ));
-                        let flip = _mm512_set1_epi8(i8::MIN);
-                        codes.map(|c| _mm512_xor_si512(_mm512_shuffle_epi8(table, c), flip))
-                    } else {
-                        codes
-                    }
+                    ])
                 }
             }
         }
+    }
+
+    /// Grid kinds: `codes` to the grid's signed levels by a byte lookup, offset by 128 for
+    /// `vpdpbusd`; the other kinds' codes pass through.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi2,avx2,fma,f16c")]
+    fn grid_levels<const K: u8>(codes: [__m512i; 4]) -> [__m512i; 4] {
+        if !is_grid(K) {
+            return codes;
+        }
+        let levels = kinds::grid(K);
+        // SAFETY: `levels` holds the 16 bytes read.
+        let table =
+            _mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(levels.as_ptr() as *const __m128i) });
+        let flip = _mm512_set1_epi8(i8::MIN);
+        codes.map(|c| _mm512_xor_si512(_mm512_shuffle_epi8(table, c), flip))
     }
 
     /// Pieces 0..4 of all eight rows of a masked tile block (masks at `masks`, codes at

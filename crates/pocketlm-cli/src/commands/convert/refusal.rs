@@ -101,7 +101,7 @@ pub fn in_flags(refusal: &Refusal) -> String {
             encoding,
             why,
         } => format!(
-            "{} does not work with --weights {}: {why}",
+            "{} does not work with {} weights (--weights or --keep): {why}",
             flag(*field),
             encoding.describe()
         ),
