@@ -6,7 +6,7 @@
 use half::f16;
 use rayon::prelude::*;
 
-use pocketlm_format::{Encoding, GRID3_LEVELS, GRID4_LEVELS};
+use pocketlm_format::Encoding;
 use pocketlm_kernels::quant;
 
 /// Why a matrix cannot take a quantized encoding (the converter then keeps it in f16).
@@ -51,15 +51,18 @@ enum GridKind {
     Int4Asymmetric,
     /// levels −4..=3 (stored as 0..=7 with offset 4)
     Int3Symmetric,
-    /// the non-uniform levels of [`GRID4_LEVELS`] (−127..=112)
-    Int4Table,
-    /// the non-uniform levels of [`GRID3_LEVELS`] (−127..=98)
-    Int3Table,
+    /// a non-uniform grid's levels, ascending (q4nl, q3nl: −127 up)
+    Table(&'static [i8]),
 }
 
 impl Grid {
     /// The grid covering `[lo, hi]` for `encoding` (a quantized encoding).
     fn spanning(encoding: Encoding, lo: f32, hi: f32) -> Grid {
+        if let Some(levels) = encoding.quant_kind().and_then(|k| k.info().grid) {
+            // The extreme maps to the grid's first level, −127.
+            let extreme = if hi.abs() > lo.abs() { hi } else { lo };
+            return Grid::new(GridKind::Table(levels), extreme / levels[0] as f32, 0.0);
+        }
         let (kind, scale, min) = match encoding.quant_base() {
             Encoding::Q8 { .. } => (GridKind::Int8, lo.abs().max(hi.abs()) / 127.0, 0.0),
             Encoding::Q4 {
@@ -73,15 +76,6 @@ impl Grid {
                 // Likewise the extreme maps to level −4, using all 8 levels.
                 let extreme = if hi.abs() > lo.abs() { hi } else { lo };
                 (GridKind::Int3Symmetric, extreme / -4.0, 0.0)
-            }
-            Encoding::Q4Grid { .. } => {
-                // The extreme maps to the grid's first level, −127.
-                let extreme = if hi.abs() > lo.abs() { hi } else { lo };
-                (GridKind::Int4Table, extreme / -127.0, 0.0)
-            }
-            Encoding::Q3Grid { .. } => {
-                let extreme = if hi.abs() > lo.abs() { hi } else { lo };
-                (GridKind::Int3Table, extreme / -127.0, 0.0)
             }
             _ => (GridKind::Int4Asymmetric, (hi - lo) / 15.0, lo),
         };
@@ -107,8 +101,7 @@ impl Grid {
             GridKind::Int4Symmetric => (-8.0, 7.0),
             GridKind::Int4Asymmetric => (0.0, 15.0),
             GridKind::Int3Symmetric => (-4.0, 3.0),
-            GridKind::Int4Table => (GRID4_LEVELS[0] as f32, GRID4_LEVELS[15] as f32),
-            GridKind::Int3Table => (GRID3_LEVELS[0] as f32, GRID3_LEVELS[7] as f32),
+            GridKind::Table(levels) => (levels[0] as f32, levels[levels.len() - 1] as f32),
         }
     }
 
@@ -144,13 +137,9 @@ impl Grid {
             GridKind::Int3Symmetric => {
                 ((v * self.inv + 4.0).round().clamp(0.0, 7.0) - 4.0) * self.scale
             }
-            GridKind::Int4Table => {
-                let code = quant::nearest_grid_code(&GRID4_LEVELS, v * self.inv);
-                GRID4_LEVELS[code as usize] as f32 * self.scale
-            }
-            GridKind::Int3Table => {
-                let code = quant::nearest_grid_code(&GRID3_LEVELS, v * self.inv);
-                GRID3_LEVELS[code as usize] as f32 * self.scale
+            GridKind::Table(levels) => {
+                let code = quant::nearest_grid_code(levels, v * self.inv);
+                levels[code as usize] as f32 * self.scale
             }
         }
     }

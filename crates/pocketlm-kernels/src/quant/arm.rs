@@ -88,8 +88,25 @@ unsafe fn high_bits(p: *const u8) -> uint8x16_t {
     vandq_u8(vtstq_u8(spread, bit), vdupq_n_u8(4))
 }
 
+/// Unsigned codes as the signed levels the products take: a grid kind's levels by a table
+/// lookup, any other kind's codes minus its zero point.
+#[inline]
+#[target_feature(enable = "neon")]
+fn code_levels<const K: u8>(codes: uint8x16_t) -> int8x16_t {
+    if kinds::is_grid(K) {
+        let levels = kinds::grid(K);
+        // SAFETY: `levels` holds the 16 bytes read.
+        vqtbl1q_s8(unsafe { vld1q_s8(levels.as_ptr()) }, codes)
+    } else {
+        vsubq_s8(
+            vreinterpretq_s8_u8(codes),
+            vdupq_n_s8(kinds::zero_point(K) as i8),
+        )
+    }
+}
+
 /// Pieces `2c` and `2c + 1` of the tile block at `blk`, each as four row pairs of signed
-/// levels (codes minus the zero point).
+/// levels (codes minus the zero point, or a grid's levels).
 #[inline]
 #[target_feature(enable = "neon")]
 unsafe fn pieces<const K: u8>(blk: *const u8, c: usize) -> [[int8x16_t; 4]; 2] {
@@ -107,45 +124,24 @@ unsafe fn pieces<const K: u8>(blk: *const u8, c: usize) -> [[int8x16_t; 4]; 2] {
             }
             Q3 | Q3G => {
                 let three = vdupq_n_u8(3);
-                let zero = vdupq_n_s8(kinds::zero_point(Q3) as i8);
-                let levels = kinds::grid(K);
-                let table = vld1q_s8(levels.as_ptr());
                 let low = [0, 1, 2, 3].map(|r| vld1q_u8(blk.add(16 * r)));
                 let (k0, k1) = (2 * c, 2 * c + 1);
                 let level = |low: uint8x16_t, k: usize, r: usize| {
                     let l = vandq_u8(vshlq_u8(low, vdupq_n_s8(-2 * k as i8)), three);
-                    let v = vorrq_u8(l, high_bits(blk.add(64 + 8 * k + 2 * r)));
-                    if K == Q3G {
-                        // Codes to the grid's signed levels by a table lookup.
-                        vqtbl1q_s8(table, v)
-                    } else {
-                        vsubq_s8(vreinterpretq_s8_u8(v), zero)
-                    }
+                    code_levels::<K>(vorrq_u8(l, high_bits(blk.add(64 + 8 * k + 2 * r))))
                 };
                 [
                     [0, 1, 2, 3].map(|r| level(low[r], k0, r)),
                     [0, 1, 2, 3].map(|r| level(low[r], k1, r)),
                 ]
             }
-            _ if kinds::is_grid(K) => {
-                // Codes to the grid's signed levels by a table lookup.
-                let levels = kinds::grid(K);
-                let table = vld1q_s8(levels.as_ptr());
-                let packed = [0, 1, 2, 3].map(|r| vld1q_u8(blk.add(64 * c + 16 * r)));
-                [
-                    packed.map(|v| vqtbl1q_s8(table, vandq_u8(v, vdupq_n_u8(0x0F)))),
-                    packed.map(|v| vqtbl1q_s8(table, vshrq_n_u8::<4>(v))),
-                ]
-            }
             _ => {
                 let packed = [0, 1, 2, 3].map(|r| vld1q_u8(blk.add(64 * c + 16 * r)));
-                // q4 and q4a; masked kinds decode through `masked_pieces` at every call site.
-                let zero = vdupq_n_s8(kinds::zero_point(K) as i8);
+                // q4, q4a and q4nl; masked kinds decode through `masked_pieces` at every call
+                // site.
                 [
-                    packed.map(|v| {
-                        vsubq_s8(vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0F))), zero)
-                    }),
-                    packed.map(|v| vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8::<4>(v)), zero)),
+                    packed.map(|v| code_levels::<K>(vandq_u8(v, vdupq_n_u8(0x0F)))),
+                    packed.map(|v| code_levels::<K>(vshrq_n_u8::<4>(v))),
                 ]
             }
         }

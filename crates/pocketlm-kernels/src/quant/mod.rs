@@ -309,23 +309,14 @@ impl<'a> QuantMatrix<'a> {
         let (i, k, j) = (r % TILE_ROWS, c % QUANT_BLOCK / TILE_PIECE, c % TILE_PIECE);
         let code = match self.kind {
             QuantKind::Q8 => return b[64 * k + 8 * i + j] as i8 as i32,
-            QuantKind::Q4 | QuantKind::Q4Asym => {
+            QuantKind::Q4 | QuantKind::Q4Asym | QuantKind::Q4Grid => {
                 let byte = b[64 * (k / 2) + 8 * i + j];
                 if k % 2 == 0 { byte & 0x0F } else { byte >> 4 }
-            }
-            QuantKind::Q4Grid => {
-                let byte = b[64 * (k / 2) + 8 * i + j];
-                let code = if k % 2 == 0 { byte & 0x0F } else { byte >> 4 };
-                return kinds::grid(kinds::Q4G)[code as usize] as i32;
             }
             QuantKind::Q3 | QuantKind::Q3Grid => {
                 let low = (b[8 * i + j] >> (2 * k)) & 3;
                 let high = (b[64 + 8 * k + i] >> j) & 1;
-                let code = low | high << 2;
-                if self.kind == QuantKind::Q3Grid {
-                    return kinds::grid(kinds::Q3G)[code as usize] as i32;
-                }
-                code
+                low | high << 2
             }
             QuantKind::Q8Sparse48 | QuantKind::Q4Sparse48 => {
                 let mask = b[8 * k + i];
@@ -366,7 +357,10 @@ impl<'a> QuantMatrix<'a> {
                 return masked_level(self.kind, &codes[at..], n);
             }
         };
-        code as i32 - self.kind.zero_point()
+        match self.kind.info().grid {
+            Some(levels) => levels[code as usize] as i32,
+            None => code as i32 - self.kind.zero_point(),
+        }
     }
 
     /// Scale of row `r`, group `g`.
