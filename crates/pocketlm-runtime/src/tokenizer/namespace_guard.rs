@@ -37,7 +37,7 @@ pub(super) fn check_namespace_use(
     };
     let mut facts = Facts::default();
     visit(&root, 0, &mut |node| match node {
-        Node::Stmt(Stmt::Set(set)) if is_namespace_call(&set.expr) => {
+        Node::Stmt(Stmt::Set(set)) if namespace_call(&set.expr).is_some() => {
             if let Expr::Var(target) = &set.target {
                 facts.names.push(target.id);
             }
@@ -72,8 +72,21 @@ fn too_deep() -> String {
     format!("chat template expressions nest more than {MAX_AST_DEPTH} levels")
 }
 
-fn is_namespace_call(expr: &Expr) -> bool {
-    matches!(expr, Expr::Call(call) if matches!(&call.expr, Expr::Var(v) if v.id == "namespace"))
+/// The call when `expr` is `namespace(...)`.
+fn namespace_call<'t, 'a>(expr: &'t Expr<'a>) -> Option<&'t Call<'a>> {
+    match expr {
+        Expr::Call(call) if matches!(&call.expr, Expr::Var(v) if v.id == "namespace") => Some(call),
+        _ => None,
+    }
+}
+
+/// The call of a call block or a `do` statement.
+fn stmt_call<'t, 'a>(stmt: &'t Stmt<'a>) -> Option<&'t Call<'a>> {
+    match stmt {
+        Stmt::CallBlock(c) => Some(&c.call),
+        Stmt::Do(d) => Some(&d.call),
+        _ => None,
+    }
 }
 
 #[derive(Default)]
@@ -141,10 +154,8 @@ fn visit<'t, 'a>(
     for e in exprs {
         visit_expr(e, depth + 1, f)?;
     }
-    match stmt {
-        Stmt::CallBlock(c) => visit_call(&c.call, depth + 1, f)?,
-        Stmt::Do(d) => visit_call(&d.call, depth + 1, f)?,
-        _ => {}
+    if let Some(call) = stmt_call(stmt) {
+        visit_call(call, depth + 1, f)?;
     }
     for body in bodies {
         for s in body {
@@ -268,33 +279,26 @@ impl Guard<'_, '_, '_> {
             Stmt::CallBlock(c) => declares_namespace(&c.macro_decl.args),
             _ => shadowed,
         };
-        match stmt {
-            Stmt::Set(set)
-                if !shadowed
-                    && is_namespace_call(&set.expr)
-                    && matches!(set.target, Expr::Var(_)) =>
-            {
-                let Expr::Call(call) = &set.expr else {
-                    unreachable!("is_namespace_call matched a call")
-                };
-                self.target(&set.target, shadowed, depth)?;
-                self.args(call, shadowed, depth)?;
+        // `{% set NAME = namespace(...) %}`: only the constructor's arguments need a look.
+        let construction = match stmt {
+            Stmt::Set(set) if !shadowed && matches!(set.target, Expr::Var(_)) => {
+                namespace_call(&set.expr)
             }
-            _ => {
-                if let Stmt::Set(set) = stmt {
-                    self.target(&set.target, shadowed, depth)?;
-                }
-                if let Stmt::SetBlock(set) = stmt {
-                    self.target(&set.target, shadowed, depth)?;
-                }
-                for e in exprs {
-                    self.expr(e, shadowed, depth + 1)?;
-                }
-                match stmt {
-                    Stmt::CallBlock(c) => self.call(&c.call, shadowed, depth + 1)?,
-                    Stmt::Do(d) => self.call(&d.call, shadowed, depth + 1)?,
-                    _ => {}
-                }
+            _ => None,
+        };
+        if let Some(call) = construction {
+            self.args(call, shadowed, depth)?;
+        } else {
+            match stmt {
+                Stmt::Set(set) => self.target(&set.target, shadowed, depth)?,
+                Stmt::SetBlock(set) => self.target(&set.target, shadowed, depth)?,
+                _ => {}
+            }
+            for e in exprs {
+                self.expr(e, shadowed, depth + 1)?;
+            }
+            if let Some(call) = stmt_call(stmt) {
+                self.call(call, shadowed, depth + 1)?;
             }
         }
         for body in bodies {
