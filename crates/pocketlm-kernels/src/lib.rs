@@ -5,6 +5,7 @@
 //! runs on any CPU of its architecture; [`select_path`] forces one (`scalar`, `generic`,
 //! `avx2`, `avxvnni`, `avx512`, `neon`, `dotprod`, `i8mm`) for tests and comparisons.
 
+pub mod attention;
 pub mod dense;
 pub mod hadamard;
 pub mod lowrank;

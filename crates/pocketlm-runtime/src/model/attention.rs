@@ -427,10 +427,98 @@ fn spans(ring: Option<usize>, window: Option<usize>, start: usize, t: usize, out
     }
 }
 
+/// One KV head's rows of a layer: stored in the cache, or this batch's fresh keys/values
+/// (`tokens × kv_dim`), for the kernels that take a whole run of positions per call.
+struct HeadRows<'a> {
+    keys: &'a Store,
+    values: &'a Store,
+    fresh: (&'a [f32], &'a [f32]),
+    kv_dim: usize,
+    kv_heads: usize,
+    kv_head: usize,
+    hd: usize,
+}
+
+impl HeadRows<'_> {
+    /// The elements covering this head's rows `r` (the kernels step `kv_dim` between them).
+    fn run_of(&self, r: &std::ops::Range<usize>) -> std::ops::Range<usize> {
+        let off = self.kv_head * self.hd;
+        match r.len() {
+            0 => 0..0,
+            _ => r.start * self.kv_dim + off..(r.end - 1) * self.kv_dim + off + self.hd,
+        }
+    }
+
+    /// `scale · q · k` for every position of `runs`, in order, into `scores`.
+    fn scores(
+        &self,
+        path: kernels::KernelPath,
+        runs: &[Span],
+        q: &[f32],
+        scale: f32,
+        scores: &mut Vec<f32>,
+    ) {
+        use kernels::attention::scores as run_scores;
+        scores.clear();
+        for run in runs {
+            let filled = scores.len();
+            let (Span::Stored(r) | Span::Fresh(r)) = run;
+            scores.resize(filled + r.len(), 0.0);
+            let out = &mut scores[filled..];
+            let elements = self.run_of(r);
+            match (run, self.keys) {
+                (Span::Stored(_), Store::F32(k)) => {
+                    run_scores(path, q, &k[elements], self.kv_dim, scale, out)
+                }
+                (Span::Stored(slots), Store::Q8 { codes, scales }) => {
+                    run_scores(path, q, &codes[elements], self.kv_dim, scale, out);
+                    // Each stored row's own scale.
+                    for (s, p) in out.iter_mut().zip(slots.clone()) {
+                        *s *= scales[p * self.kv_heads + self.kv_head];
+                    }
+                }
+                (Span::Fresh(_), _) => {
+                    run_scores(path, q, &self.fresh.0[elements], self.kv_dim, scale, out)
+                }
+            }
+        }
+    }
+
+    /// `o = Σ w · v` over the positions of `runs`, `weights` in the same order (an int8
+    /// cache's row scales are folded into them).
+    fn weighted_sum(
+        &self,
+        path: kernels::KernelPath,
+        runs: &[Span],
+        weights: &mut [f32],
+        o: &mut [f32],
+    ) {
+        use kernels::attention::weighted_sum as run_sum;
+        o.fill(0.0);
+        let mut used = 0;
+        for run in runs {
+            let (Span::Stored(r) | Span::Fresh(r)) = run;
+            let w = &mut weights[used..used + r.len()];
+            used += r.len();
+            let elements = self.run_of(r);
+            match (run, self.values) {
+                (Span::Stored(_), Store::F32(v)) => run_sum(path, w, &v[elements], self.kv_dim, o),
+                (Span::Stored(slots), Store::Q8 { codes, scales }) => {
+                    for (w, p) in w.iter_mut().zip(slots.clone()) {
+                        *w *= scales[p * self.kv_heads + self.kv_head];
+                    }
+                    run_sum(path, w, &codes[elements], self.kv_dim, o);
+                }
+                (Span::Fresh(_), _) => run_sum(path, w, &self.fresh.1[elements], self.kv_dim, o),
+            }
+        }
+    }
+}
+
 /// For each new token `t` (at position `start + t`) and head, attends over the positions
 /// `rule` lets it see in `layer` of `cache`. `q` is `tokens × q_dim` (already rotated); `out`
 /// likewise. Full layers must already hold this batch's keys/values; ring layers read them
-/// from `fresh_k`/`fresh_v` (`tokens × kv_dim`) and store them afterwards.
+/// from `fresh` (keys, values: `tokens × kv_dim` each) and store them afterwards.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attend(
     config: &ModelConfig,
@@ -449,64 +537,30 @@ pub(crate) fn attend(
     let scale = rule.scale;
     let ring = cache.rings[layer];
     let (keys, values) = (&cache.keys[layer], &cache.values[layer]);
-    let (fresh_k, fresh_v) = fresh;
     let path = kernels::active_path();
     // One task per (token, head): independent rows of the output.
     let head =
         |i: usize, o: &mut [f32], qh: &[f32], scores: &mut Vec<f32>, runs: &mut Vec<Span>| {
             let t = i / config.num_heads;
             let kv_head = i % config.num_heads / group;
-            let kv_off = kv_head * hd;
-            let at = |p: usize| p * kv_dim + kv_off..p * kv_dim + kv_off + hd;
+            let rows = HeadRows {
+                keys,
+                values,
+                fresh,
+                kv_dim,
+                kv_heads,
+                kv_head,
+                hd,
+            };
             spans(ring, rule.window, start, t, runs);
-            scores.clear();
-            for run in runs.iter() {
-                match (run, keys) {
-                    (Span::Stored(slots), Store::F32(k)) => scores.extend(
-                        slots
-                            .clone()
-                            .map(|p| kernels::dot(path, qh, &k[at(p)]) * scale),
-                    ),
-                    (Span::Stored(slots), Store::Q8 { codes, scales }) => {
-                        scores.extend(slots.clone().map(|p| {
-                            let d = scales[p * kv_heads + kv_head];
-                            kernels::dot_i8(path, qh, &codes[at(p)]) * (d * scale)
-                        }))
-                    }
-                    (Span::Fresh(rows), _) => scores.extend(
-                        rows.clone()
-                            .map(|p| kernels::dot(path, qh, &fresh_k[at(p)]) * scale),
-                    ),
-                }
-            }
+            rows.scores(path, runs, qh, scale, scores);
             if let Some(cap) = rule.softcap {
                 for s in scores.iter_mut() {
                     *s = cap * (*s / cap).tanh();
                 }
             }
             kernels::softmax(scores);
-            o.fill(0.0);
-            let mut weights = scores.iter();
-            for run in runs.iter() {
-                match run {
-                    Span::Stored(slots) => {
-                        for (p, &w) in slots.clone().zip(weights.by_ref()) {
-                            match values {
-                                Store::F32(v) => kernels::axpy(path, o, w, &v[at(p)]),
-                                Store::Q8 { codes, scales } => {
-                                    let d = scales[p * kv_heads + kv_head];
-                                    kernels::axpy_i8(path, o, w * d, &codes[at(p)])
-                                }
-                            }
-                        }
-                    }
-                    Span::Fresh(rows) => {
-                        for (p, &w) in rows.clone().zip(weights.by_ref()) {
-                            kernels::axpy(path, o, w, &fresh_v[at(p)]);
-                        }
-                    }
-                }
-            }
+            rows.weighted_sum(path, runs, scores, o);
         };
     if out.len() == config.num_heads * hd {
         // One token (decode): on the decode team when this thread has one. Each worker keeps
