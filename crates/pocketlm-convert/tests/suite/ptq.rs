@@ -656,9 +656,21 @@ fn quantized_matrices_pruned_n_m_are_stored_sparse_and_compute_the_same() {
                 per_weight(d.length)
             );
         }
+        for entry in file.tensors() {
+            let dense_entry = dense_file.entry(&entry.name).unwrap();
+            assert_eq!(
+                file.view(entry).to_f32_vec(),
+                dense_file.view(dense_entry).to_f32_vec(),
+                "{}: same values",
+                entry.name
+            );
+        }
+        // Equal weights; the kernels differ in the order of their float arithmetic (q4's zero
+        // point comes back from the activations' block sums, which cancel most of a block's
+        // sum), which moves this tiny model's perplexity by up to about 0.1%.
         let (s, d) = (ppl(&sparse), ppl(&dense));
         assert!(
-            (s - d).abs() < 1e-3 * d,
+            (s - d).abs() < 2e-3 * d,
             "{weights}: sparse {s} vs dense {d}"
         );
     }
