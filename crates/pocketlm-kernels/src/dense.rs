@@ -66,27 +66,6 @@ pub fn dot4_wide(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
     out
 }
 
-/// Scalar reference: `Σ q_j · k_j` with int8 `k` (an int8 KV cache's key, unscaled).
-pub fn dot_i8_scalar(q: &[f32], k: &[i8]) -> f32 {
-    debug_assert_eq!(q.len(), k.len());
-    q.iter().zip(k).map(|(a, &b)| a * b as f32).sum()
-}
-
-/// Scalar reference: `o += a · v` (the value accumulation of attention).
-pub fn axpy_scalar(o: &mut [f32], a: f32, v: &[f32]) {
-    for (o, v) in o.iter_mut().zip(v) {
-        *o += a * v;
-    }
-}
-
-/// Scalar reference: `o += a · v` with int8 `v` (an int8 KV cache's value, `a` including
-/// its scale).
-pub fn axpy_i8_scalar(o: &mut [f32], a: f32, v: &[i8]) {
-    for (o, &v) in o.iter_mut().zip(v) {
-        *o += a * v as f32;
-    }
-}
-
 #[inline(always)]
 fn load8(s: &[f32]) -> wide::f32x8 {
     let a: [f32; 8] = s[..8].try_into().expect("slice of 8");
@@ -202,76 +181,6 @@ pub mod avx2 {
         }
     }
 
-    /// `Σ q_j · k_j` with int8 `k`, widened in registers.
-    ///
-    /// # Safety
-    /// The CPU must support AVX2 and FMA; `q.len() == k.len()`.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_i8(q: &[f32], k: &[i8]) -> f32 {
-        let n = q.len().min(k.len());
-        let n8 = n / 8 * 8;
-        let mut acc = _mm256_setzero_ps();
-        // SAFETY: each step reads 8 floats and 8 bytes at offsets < n8 <= n.
-        unsafe {
-            for i in (0..n8).step_by(8) {
-                let kv = _mm_loadl_epi64(k.as_ptr().add(i) as *const __m128i);
-                let kf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(kv));
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(i)), kf, acc);
-            }
-        }
-        let mut sum = hsum(acc);
-        for j in n8..n {
-            sum += q[j] * k[j] as f32;
-        }
-        sum
-    }
-
-    /// `o += a · v`.
-    ///
-    /// # Safety
-    /// The CPU must support AVX2 and FMA; `o.len() == v.len()`.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn axpy(o: &mut [f32], a: f32, v: &[f32]) {
-        let n = o.len().min(v.len());
-        let n8 = n / 8 * 8;
-        let av = _mm256_set1_ps(a);
-        // SAFETY: each step reads and writes 8 floats at offsets < n8 <= n.
-        unsafe {
-            for i in (0..n8).step_by(8) {
-                let op = o.as_mut_ptr().add(i);
-                let r =
-                    _mm256_fmadd_ps(av, _mm256_loadu_ps(v.as_ptr().add(i)), _mm256_loadu_ps(op));
-                _mm256_storeu_ps(op, r);
-            }
-        }
-        for j in n8..n {
-            o[j] += a * v[j];
-        }
-    }
-
-    /// `o += a · v` with int8 `v`.
-    ///
-    /// # Safety
-    /// The CPU must support AVX2 and FMA; `o.len() == v.len()`.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn axpy_i8(o: &mut [f32], a: f32, v: &[i8]) {
-        let n = o.len().min(v.len());
-        let n8 = n / 8 * 8;
-        let av = _mm256_set1_ps(a);
-        // SAFETY: each step reads 8 bytes and reads/writes 8 floats at offsets < n8 <= n.
-        unsafe {
-            for i in (0..n8).step_by(8) {
-                let vv = _mm_loadl_epi64(v.as_ptr().add(i) as *const __m128i);
-                let vf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(vv));
-                let op = o.as_mut_ptr().add(i);
-                _mm256_storeu_ps(op, _mm256_fmadd_ps(av, vf, _mm256_loadu_ps(op)));
-            }
-        }
-        for j in n8..n {
-            o[j] += a * v[j] as f32;
-        }
-    }
-
     /// Sum of the 8 lanes (shared by every AVX2 kernel).
     #[inline]
     #[target_feature(enable = "avx2,fma")]
@@ -333,21 +242,6 @@ mod tests {
             let want4 = dot4_scalar(&w, xr);
             for k in 0..4 {
                 assert_close(got4[k], want4[k], n);
-            }
-            // int8 keys and values of the int8 KV cache.
-            let k8: Vec<i8> = w.iter().map(|&v| (v * 127.0) as i8).collect();
-            // SAFETY: features checked above; equal lengths.
-            let got8 = unsafe { avx2::dot_i8(&x, &k8) };
-            assert_close(got8, dot_i8_scalar(&x, &k8), n * 127);
-            let (mut o, mut want) = (w.clone(), w.clone());
-            // SAFETY: as above.
-            unsafe { avx2::axpy(&mut o, 0.3, &x) };
-            axpy_scalar(&mut want, 0.3, &x);
-            // SAFETY: as above.
-            unsafe { avx2::axpy_i8(&mut o, -0.01, &k8) };
-            axpy_i8_scalar(&mut want, -0.01, &k8);
-            for (g, e) in o.iter().zip(&want) {
-                assert_close(*g, *e, 4);
             }
         }
     }

@@ -585,36 +585,6 @@ pub fn dot(path: KernelPath, w: &[f32], x: &[f32]) -> f32 {
     }
 }
 
-/// `Σ q_j · k_j` with int8 `k` (keys of an int8 KV cache).
-pub fn dot_i8(path: KernelPath, q: &[f32], k: &[i8]) -> f32 {
-    match path {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as in `dot`.
-        p if p.is_x86_simd() => unsafe { dense::avx2::dot_i8(q, k) },
-        _ => dense::dot_i8_scalar(q, k),
-    }
-}
-
-/// `o += a · v` (attention's value accumulation).
-pub fn axpy(path: KernelPath, o: &mut [f32], a: f32, v: &[f32]) {
-    match path {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as in `dot`.
-        p if p.is_x86_simd() => unsafe { dense::avx2::axpy(o, a, v) },
-        _ => dense::axpy_scalar(o, a, v),
-    }
-}
-
-/// `o += a · v` with int8 `v` (values of an int8 KV cache).
-pub fn axpy_i8(path: KernelPath, o: &mut [f32], a: f32, v: &[i8]) {
-    match path {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as in `dot`.
-        p if p.is_x86_simd() => unsafe { dense::avx2::axpy_i8(o, a, v) },
-        _ => dense::axpy_i8_scalar(o, a, v),
-    }
-}
-
 fn dot4(path: KernelPath, w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
     match path {
         KernelPath::Scalar => dense::dot4_scalar(w, x),
