@@ -90,6 +90,12 @@ fn check_rows(len: usize, stride: usize, width: usize, rows: usize) {
     }
 }
 
+/// `Σ q_j · k_j` in order: the scalar reference's products, and the SIMD variants' ragged
+/// tails.
+fn dot<T: KvElement>(q: &[f32], k: &[T]) -> f32 {
+    q.iter().zip(k).map(|(a, b)| a * b.to_f32()).sum()
+}
+
 /// Scalar reference of [`scores`].
 pub fn scores_scalar<T: KvElement>(
     q: &[f32],
@@ -99,8 +105,7 @@ pub fn scores_scalar<T: KvElement>(
     out: &mut [f32],
 ) {
     for (p, s) in out.iter_mut().enumerate() {
-        let k = &keys[p * stride..p * stride + q.len()];
-        *s = q.iter().zip(k).map(|(a, b)| a * b.to_f32()).sum::<f32>() * scale;
+        *s = dot(q, &keys[p * stride..p * stride + q.len()]) * scale;
     }
 }
 
@@ -141,8 +146,7 @@ pub fn scores_wide<T: KvElement>(
         for (i, (qc, kc)) in q[..n8].chunks_exact(8).zip(k.chunks_exact(8)).enumerate() {
             acc[i & 1] = load8(qc).mul_add(load8(kc), acc[i & 1]);
         }
-        let tail: f32 = (n8..q.len()).map(|j| q[j] * k[j].to_f32()).sum();
-        *s = ((acc[0] + acc[1]).reduce_add() + tail) * scale;
+        *s = ((acc[0] + acc[1]).reduce_add() + dot(&q[n8..], &k[n8..])) * scale;
     }
 }
 
@@ -174,12 +178,13 @@ pub fn weighted_sum_wide<T: KvElement>(
         }
         i += 8 * lanes;
     }
-    for (p, &w) in weights.iter().enumerate() {
-        let row = &values[p * stride..];
-        for j in i..o.len() {
-            o[j] += w * row[j].to_f32();
-        }
-    }
+    // The ragged tail; without weights `values` may be shorter than `i`.
+    weighted_sum_scalar(
+        weights,
+        values.get(i..).unwrap_or_default(),
+        stride,
+        &mut o[i..],
+    );
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -252,9 +257,8 @@ mod avx2 {
                 let mut sums = [0.0f32; 8];
                 _mm256_storeu_ps(sums.as_mut_ptr(), sum_lanes(acc));
                 for (r, sum) in sums.into_iter().enumerate() {
-                    let k = &keys[(p + r) * stride..];
-                    let tail: f32 = (n8..n).map(|j| q[j] * k[j].to_f32()).sum();
-                    out[p + r] = (sum + tail) * scale;
+                    let k = &keys[(p + r) * stride..(p + r) * stride + n];
+                    out[p + r] = (sum + super::dot(&q[n8..], &k[n8..])) * scale;
                 }
                 p += 8;
             }
@@ -268,9 +272,8 @@ mod avx2 {
                 }
                 let mut lanes = [0.0f32; 8];
                 _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-                let k = &keys[r * stride..];
-                let tail: f32 = (n8..n).map(|j| q[j] * k[j].to_f32()).sum();
-                *s = (lanes.iter().sum::<f32>() + tail) * scale;
+                let k = &keys[r * stride..r * stride + n];
+                *s = (lanes.iter().sum::<f32>() + super::dot(&q[n8..], &k[n8..])) * scale;
             }
         }
     }
@@ -332,12 +335,9 @@ mod avx2 {
                 i += 8;
             }
         }
-        for (p, &w) in weights.iter().enumerate() {
-            let row = &values[p * stride..];
-            for j in i..n {
-                o[j] += w * row[j].to_f32();
-            }
-        }
+        // The ragged tail; without weights `values` may be shorter than `i`.
+        let tail = values.get(i..).unwrap_or_default();
+        super::weighted_sum_scalar(weights, tail, stride, &mut o[i..]);
     }
 }
 

@@ -120,9 +120,9 @@ macro_rules! run_tiles {
                     1 << left.ilog2()
                 };
                 let (xs, os) = (&x[t0..t0 + n], &mut out[t0..t0 + n]);
-                // SAFETY: forwarded contract; `xs` holds exactly `n` rows.
                 // The first run streams the tile from memory; later runs find it in cache.
                 let prefetch = t0 == 0;
+                // SAFETY: forwarded contract; `xs` holds exactly `n` rows.
                 unsafe {
                     match n {
                         1 => store_tile(&$tile::<K, 1>(w, tile, xs, prefetch), os, at),
