@@ -2,12 +2,18 @@
 //! (`sdot`) and i8mm (`smmla`), the latter two emitted with inline assembly because their
 //! intrinsics are not stable yet.
 //!
-//! A 16-byte register holds eight codes of two rows of a tile (one row pair), made signed
-//! (the zero point subtracted) so `sdot`/`smmla` (signed × signed) apply directly. With
-//! `sdot` against eight activation bytes broadcast to both halves, lane pairs hold each row's
-//! partial sums; with `smmla` against the same eight bytes of two tokens, one instruction
-//! yields the 2 × 2 products of two rows and two tokens. Row sums are gathered per block
-//! (`addp`/`uzp`), converted and scaled by the rows' scales.
+//! A 16-byte register holds eight codes of two rows of a tile (one row pair), as signed
+//! levels (q4's codes stay unsigned and its zero point comes back per block as `-zp · dsum`),
+//! so `sdot`/`smmla` (signed × signed) apply directly.
+//! - One or two tokens (decode): `sdot` against eight activation bytes broadcast to both
+//!   halves leaves each row's two partial sums in adjacent lanes; `addp` gathers them.
+//! - Four tokens (prefill): the activations of four tokens are interleaved once per product.
+//!   With dotprod, `sdot` by element meets four columns of one row with the same four columns
+//!   of four tokens, so one register accumulates a row for four tokens; with i8mm, `smmla`
+//!   against eight columns of two tokens yields the 2 × 2 products of two rows and two
+//!   tokens, and a `zip` per row gathers its four tokens. Both then scale per block with the
+//!   one-token kernel's operations, so every token's results are bit-identical however many
+//!   tokens a product holds.
 
 use std::arch::aarch64::*;
 use std::arch::asm;
@@ -105,6 +111,22 @@ fn code_levels<const K: u8>(codes: uint8x16_t) -> int8x16_t {
     }
 }
 
+/// Piece `k` of row pair `r` of the q3 tile block at `blk` as signed levels: the low two bits
+/// from `low` (the row pair's 16 bytes of low bits, piece `k` at bits `2k`), the high bit
+/// from the block's bit planes.
+///
+/// # Safety
+/// A whole q3 tile block (96 bytes) at `blk`; k < 4, r < 4.
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn q3_levels<const K: u8>(blk: *const u8, low: uint8x16_t, k: usize, r: usize) -> int8x16_t {
+    let l = vandq_u8(vshlq_u8(low, vdupq_n_s8(-2 * k as i8)), vdupq_n_u8(3));
+    // SAFETY: the bit planes (32 bytes after the 64 of low bits) hold byte 8k + 2r + 1.
+    code_levels::<K>(vorrq_u8(l, unsafe {
+        high_bits(blk.add(64 + 8 * k + 2 * r))
+    }))
+}
+
 /// Pieces `2c` and `2c + 1` of the tile block at `blk`, each as four row pairs of signed
 /// levels (codes minus the zero point, or a grid's levels).
 #[inline]
@@ -123,17 +145,15 @@ unsafe fn pieces<const K: u8>(blk: *const u8, c: usize) -> [[int8x16_t; 4]; 2] {
                 ]
             }
             Q3 | Q3G => {
-                let three = vdupq_n_u8(3);
-                let low = [0, 1, 2, 3].map(|r| vld1q_u8(blk.add(16 * r)));
-                let (k0, k1) = (2 * c, 2 * c + 1);
-                let level = |low: uint8x16_t, k: usize, r: usize| {
-                    let l = vandq_u8(vshlq_u8(low, vdupq_n_s8(-2 * k as i8)), three);
-                    code_levels::<K>(vorrq_u8(l, high_bits(blk.add(64 + 8 * k + 2 * r))))
-                };
-                [
-                    [0, 1, 2, 3].map(|r| level(low[r], k0, r)),
-                    [0, 1, 2, 3].map(|r| level(low[r], k1, r)),
-                ]
+                // Plain loops: through `array::map` closures LLVM kept the decode out of line
+                // (~380 instructions a block for one token, counted under qemu).
+                let mut out = [[vdupq_n_s8(0); 4]; 2];
+                for r in 0..4 {
+                    let low = vld1q_u8(blk.add(16 * r));
+                    out[0][r] = q3_levels::<K>(blk, low, 2 * c, r);
+                    out[1][r] = q3_levels::<K>(blk, low, 2 * c + 1, r);
+                }
+                out
             }
             _ => {
                 let packed = [0, 1, 2, 3].map(|r| vld1q_u8(blk.add(64 * c + 16 * r)));
@@ -236,6 +256,54 @@ impl TileRefs {
     }
 }
 
+/// The scales and minimums (rows 0..4, 4..8) of each block's group, for kernels that walk a
+/// tile's blocks in one flat loop: with groups of 32 a group is a block, and a nested loop
+/// cost ~15 instructions a block; with one block a group the loads need no bookkeeping.
+struct GroupScales {
+    scale: (float32x4_t, float32x4_t),
+    min: (float32x4_t, float32x4_t),
+    group: usize,
+    left: usize,
+}
+
+impl GroupScales {
+    #[inline]
+    #[target_feature(enable = "neon")]
+    fn new() -> GroupScales {
+        let zero = (vdupq_n_f32(0.0), vdupq_n_f32(0.0));
+        GroupScales {
+            scale: zero,
+            min: zero,
+            group: 0,
+            left: 0,
+        }
+    }
+
+    /// Moves to block `b`, the block after the previous call's (or 0).
+    ///
+    /// # Safety
+    /// `b` < the tile's blocks per row.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    unsafe fn enter(&mut self, t: &TileRefs, b: usize) {
+        // SAFETY: the group of block b is < t.groups, whose scales and minimums exist.
+        unsafe {
+            if t.blocks_per_group == 1 {
+                self.scale = f16x8(t.scales.add(b * TILE_ROWS));
+                self.min = f16x8(t.mins.add(b * TILE_ROWS));
+            } else {
+                if self.left == 0 {
+                    self.scale = f16x8(t.scales.add(self.group * TILE_ROWS));
+                    self.min = f16x8(t.mins.add(self.group * TILE_ROWS));
+                    self.group += 1;
+                    self.left = t.blocks_per_group;
+                }
+                self.left -= 1;
+            }
+        }
+    }
+}
+
 /// Adds one block's row sums (rows 0..4 in `lo`, 4..8 in `hi`) of one token to `acc`:
 /// `scale · d_x · sum (+ min · d_x · Σ q_x)`.
 #[inline]
@@ -326,6 +394,9 @@ unsafe fn tile_neon<const K: u8>(w: &QuantMatrix<'_>, tile: usize, x: &ActRow<'_
 ///
 /// q4 codes stay unsigned (one `and` or `ushr` a register instead of also subtracting the
 /// zero point); the zero point comes back per block as `-zp · dsum`, as on x86.
+// Kept out of line: inlined into its callers, LLVM rematerializes the constants inside the
+// block loop (two more instructions a block for one token).
+#[inline(never)]
 #[target_feature(enable = "neon,dotprod")]
 unsafe fn tile_dotprod<const K: u8, const T: usize>(
     w: &QuantMatrix<'_>,
@@ -349,24 +420,13 @@ unsafe fn tile_dotprod<const K: u8, const T: usize>(
     let xd: [*const f32; T] = std::array::from_fn(|i| x[i].d.as_ptr());
     let xs: [*const f32; T] = std::array::from_fn(|i| x[i].dsums.as_ptr());
     let mut blk = t.quants;
-    // One flat loop over the row's blocks (a group's scales loaded at its first block): with
-    // groups of 32 a group is a block, and a nested loop cost ~15 instructions a block.
-    let (mut scale, mut min) = (
-        (vdupq_n_f32(0.0), vdupq_n_f32(0.0)),
-        (vdupq_n_f32(0.0), vdupq_n_f32(0.0)),
-    );
-    let (mut g, mut left) = (0, 0);
+    let mut groups = GroupScales::new();
     for b in 0..t.groups * t.blocks_per_group {
         // SAFETY: as in `tile_neon`; `blk` walks the tile's blocks in order (block `b` at
-        // `quants + b · block_bytes`), b < blocks_per_row, g < groups.
+        // `quants + b · block_bytes`), b < blocks_per_row.
         unsafe {
-            if left == 0 {
-                scale = f16x8(t.scales.add(g * TILE_ROWS));
-                min = f16x8(t.mins.add(g * TILE_ROWS));
-                g += 1;
-                left = t.blocks_per_group;
-            }
-            left -= 1;
+            groups.enter(&t, b);
+            let (scale, min) = (groups.scale, groups.min);
             let mut pairs = [[vdupq_n_s32(0); 4]; T];
             for c in 0..2 {
                 let p = if is_masked(K) {
@@ -418,70 +478,274 @@ unsafe fn codes_q4(blk: *const u8, c: usize) -> [[int8x16_t; 4]; 2] {
     ]
 }
 
-/// i8mm, `T` tokens (even): `smmla` of each row pair with the same eight bytes of two
-/// tokens gives both tokens' products of both rows; `uzp` sorts the lanes by token.
-#[target_feature(enable = "neon,dotprod,i8mm")]
-unsafe fn tile_i8mm<const K: u8, const T: usize>(
-    w: &QuantMatrix<'_>,
-    tile: usize,
-    x: &[ActRow<'_>],
-) -> [[f32; TILE_ROWS]; T] {
-    assert!(x.len() == T && T % 2 == 0);
-    let t = TileRefs::new(w, tile);
-    let mut acc = [[vdupq_n_f32(0.0); 2]; T];
-    let mut cursor = std::ptr::null();
-    if is_masked(K) {
-        match w.masked_cursor(tile) {
-            Some(c) => cursor = c,
-            None => return acc.map(|a| finish(a)),
-        }
-    }
-    for g in 0..t.groups {
-        // SAFETY: as in `tile_neon`.
-        unsafe {
-            let scale = f16x8(t.scales.add(g * TILE_ROWS));
-            let min = f16x8(t.mins.add(g * TILE_ROWS));
-            for b in g * t.blocks_per_group..(g + 1) * t.blocks_per_group {
-                let blk = t.quants.add(b * block_bytes(K));
-                // One accumulator per (token pair, row pair).
-                let mut mm = [[vdupq_n_s32(0); 4]; 4];
-                for c in 0..2 {
-                    let p = if is_masked(K) {
-                        masked_pieces::<K>(blk, c, &mut cursor)
+/// Four tokens' quantized activations interleaved for the four-token kernels: for every
+/// `UNIT` columns (4 for `sdot` by element, 8 for `smmla`), those columns' bytes of token 0,
+/// 1, 2 and 3, so one register holds the same columns of four (or two) tokens; and per block
+/// the four tokens' scales and scaled sums.
+struct Interleaved4 {
+    qs: Vec<u64>,
+    d: Vec<f32>,
+    dsums: Vec<f32>,
+}
+
+/// Interleaves the activation rows `x[4g..4g + 4]` for every whole group `g` of four, in
+/// units of `UNIT` (4 or 8) bytes.
+#[target_feature(enable = "neon")]
+fn interleave4<const UNIT: usize>(x: &[ActRow<'_>]) -> Vec<Interleaved4> {
+    x.chunks_exact(4)
+        .map(|four| {
+            let cols = four[0].qs.len();
+            let blocks = four[0].d.len();
+            assert!(cols % 16 == 0 && (UNIT == 4 || UNIT == 8));
+            assert!(
+                four.iter().all(|r| {
+                    r.qs.len() == cols && r.d.len() == blocks && r.dsums.len() == blocks
+                })
+            );
+            let mut qs = vec![0u64; cols / 2];
+            for m in 0..cols / 16 {
+                // SAFETY: every row holds `cols` bytes, so bytes 16m..16m + 16 are readable;
+                // `qs` holds 4 · cols bytes, so the 64 written at 64m lie inside it.
+                unsafe {
+                    let load = |r: &ActRow<'_>| vld1q_u8(r.qs.as_ptr().add(16 * m) as *const u8);
+                    let v = [0, 1, 2, 3].map(|i| load(&four[i]));
+                    // vst4 writes element i of every register before element i + 1.
+                    let to = qs.as_mut_ptr().add(8 * m);
+                    if UNIT == 4 {
+                        let v = v.map(|v| vreinterpretq_u32_u8(v));
+                        vst4q_u32(to as *mut u32, uint32x4x4_t(v[0], v[1], v[2], v[3]));
                     } else {
-                        pieces::<K>(blk, c)
-                    };
-                    for (k, piece) in p.iter().enumerate() {
-                        let off = b * QUANT_BLOCK + 8 * (2 * c + k);
-                        for pair in 0..T / 2 {
-                            let (x0, x1) = (&x[2 * pair], &x[2 * pair + 1]);
-                            let xv = vcombine_s8(
-                                vld1_s8(x0.qs.as_ptr().add(off)),
-                                vld1_s8(x1.qs.as_ptr().add(off)),
-                            );
-                            for r in 0..4 {
-                                mm[pair][r] = smmla(mm[pair][r], piece[r], xv);
-                            }
-                        }
-                    }
-                }
-                for pair in 0..T / 2 {
-                    let [m0, m1, m2, m3] = mm[pair];
-                    let rows = [
-                        (vuzp1q_s32(m0, m1), vuzp1q_s32(m2, m3)),
-                        (vuzp2q_s32(m0, m1), vuzp2q_s32(m2, m3)),
-                    ];
-                    for (i, (lo, hi)) in rows.into_iter().enumerate() {
-                        let tok = 2 * pair + i;
-                        let xr = &x[tok];
-                        let (dx, dsum) = (*xr.d.get_unchecked(b), *xr.dsums.get_unchecked(b));
-                        accumulate::<K>(&mut acc[tok], lo, hi, scale, min, dx, dsum);
+                        let v = v.map(|v| vreinterpretq_u64_u8(v));
+                        vst4q_u64(to, uint64x2x4_t(v[0], v[1], v[2], v[3]));
                     }
                 }
             }
+            let gather = |rows: [&[f32]; 4]| -> Vec<f32> {
+                (0..blocks).flat_map(|b| rows.map(|r| r[b])).collect()
+            };
+            Interleaved4 {
+                qs,
+                d: gather([0, 1, 2, 3].map(|i| four[i].d)),
+                dsums: gather([0, 1, 2, 3].map(|i| four[i].dsums)),
+            }
+        })
+        .collect()
+}
+
+/// `acc + Σ a·b` per lane, with the four bytes of `b` at `LANE` for every lane of `a`
+/// (`sdot` by element).
+#[inline]
+#[target_feature(enable = "neon,dotprod")]
+fn sdot_lane<const LANE: i32>(mut acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+    // SAFETY: sdot only reads and writes the named vector registers.
+    unsafe {
+        asm!(
+            "sdot {acc:v}.4s, {a:v}.16b, {b:v}.4b[{lane}]",
+            acc = inout(vreg) acc,
+            a = in(vreg) a,
+            b = in(vreg) b,
+            lane = const LANE,
+            options(pure, nomem, nostack, preserves_flags)
+        );
+    }
+    acc
+}
+
+/// `acc + v · s[lane]`, `lane` < 4 known after inlining.
+#[inline]
+#[target_feature(enable = "neon")]
+fn fma_lane(acc: float32x4_t, v: float32x4_t, s: float32x4_t, lane: usize) -> float32x4_t {
+    match lane {
+        0 => vfmaq_laneq_f32::<0>(acc, v, s),
+        1 => vfmaq_laneq_f32::<1>(acc, v, s),
+        2 => vfmaq_laneq_f32::<2>(acc, v, s),
+        _ => vfmaq_laneq_f32::<3>(acc, v, s),
+    }
+}
+
+/// dotprod, four tokens at once, for prefill: each row of a row pair's register meets the
+/// four tokens' bytes of the same columns with `sdot` by element, so one accumulator holds a
+/// row's sums for all four tokens. Against [`tile_dotprod`] this loads the activations once
+/// per four tokens, zeroes half the accumulators and needs no pairwise additions.
+///
+/// Per row and token it does the same operations in the same order as `tile_dotprod` (the
+/// integer sums are exact), so the results are bit-identical to it.
+///
+/// `K` must not be a masked or 4-of-8 kind (those meet several tokens as expanded q8 tiles).
+#[target_feature(enable = "neon,dotprod")]
+unsafe fn tile_dotprod4<const K: u8>(
+    w: &QuantMatrix<'_>,
+    tile: usize,
+    x: &Interleaved4,
+) -> [[f32; TILE_ROWS]; 4] {
+    assert!(!is_masked(K) && K != Q8S && K != Q4S);
+    let t = TileRefs::new(w, tile);
+    let blocks = t.groups * t.blocks_per_group;
+    assert!(x.qs.len() * 8 >= blocks * 4 * QUANT_BLOCK && x.d.len() >= 4 * blocks);
+    assert!(x.dsums.len() >= 4 * blocks);
+    let unsigned = K == Q4;
+    let (xq, xd, xs) = (x.qs.as_ptr() as *const i8, x.d.as_ptr(), x.dsums.as_ptr());
+    // Row r's results for the four tokens.
+    let mut acc = [vdupq_n_f32(0.0); TILE_ROWS];
+    let mut blk = t.quants;
+    let mut groups = GroupScales::new();
+    for b in 0..blocks {
+        // SAFETY: as in `tile_dotprod`; the interleaved activations hold 128 bytes and four
+        // scales and sums per block (asserted above).
+        unsafe {
+            groups.enter(&t, b);
+            let (scale, min) = (groups.scale, groups.min);
+            let mut sums = [vdupq_n_s32(0); TILE_ROWS];
+            for c in 0..2 {
+                let p = if unsigned {
+                    codes_q4(blk, c)
+                } else {
+                    pieces::<K>(blk, c)
+                };
+                for (k, piece) in p.iter().enumerate() {
+                    let at = xq.add(128 * b + 32 * (2 * c + k));
+                    // Columns 0..4 and 4..8 of the piece, four tokens each.
+                    let (a0, a1) = (vld1q_s8(at), vld1q_s8(at.add(16)));
+                    for (r, &wv) in piece.iter().enumerate() {
+                        // Lanes 0, 1 of a row pair are its first row, lanes 2, 3 its second.
+                        sums[2 * r] = sdot_lane::<1>(sdot_lane::<0>(sums[2 * r], a0, wv), a1, wv);
+                        sums[2 * r + 1] =
+                            sdot_lane::<3>(sdot_lane::<2>(sums[2 * r + 1], a0, wv), a1, wv);
+                    }
+                }
+            }
+            let (dx, dsum) = (vld1q_f32(xd.add(4 * b)), vld1q_f32(xs.add(4 * b)));
+            accumulate4::<K>(&mut acc, sums, scale, min, dx, dsum);
+            blk = blk.add(block_bytes(K));
         }
     }
-    acc.map(|a| finish(a))
+    by_token(acc)
+}
+
+/// Adds one block's sums (row r's four tokens in `sums[r]`) to `acc`, with the same operations
+/// per row and token as [`tile_dotprod`] (q4's zero point as `-zp · dsum`) and
+/// [`accumulate`] (every other kind).
+#[inline]
+#[target_feature(enable = "neon")]
+fn accumulate4<const K: u8>(
+    acc: &mut [float32x4_t; TILE_ROWS],
+    sums: [int32x4_t; TILE_ROWS],
+    scale: (float32x4_t, float32x4_t),
+    min: (float32x4_t, float32x4_t),
+    dx: float32x4_t,
+    dsum: float32x4_t,
+) {
+    let minus_zero = vdupq_n_f32(-(kinds::zero_point(K) as f32));
+    for (r, &sum) in sums.iter().enumerate() {
+        let (s, m) = if r < 4 {
+            (scale.0, min.0)
+        } else {
+            (scale.1, min.1)
+        };
+        let scaled = vmulq_f32(vcvtq_f32_s32(sum), dx);
+        if K == Q4 {
+            let l = vfmaq_f32(scaled, minus_zero, dsum);
+            acc[r] = fma_lane(acc[r], l, s, r % 4);
+        } else {
+            acc[r] = fma_lane(acc[r], scaled, s, r % 4);
+            if K == Q4A {
+                acc[r] = fma_lane(acc[r], dsum, m, r % 4);
+            }
+        }
+    }
+}
+
+/// Rows × four tokens (`acc[r]`) as four tokens' tile results.
+#[inline]
+#[target_feature(enable = "neon")]
+fn by_token(acc: [float32x4_t; TILE_ROWS]) -> [[f32; TILE_ROWS]; 4] {
+    // vst4 turns rows × tokens into tokens × rows: token t's rows 0..4 at 4t in `lo`.
+    let (mut lo, mut hi) = ([0.0f32; 16], [0.0f32; 16]);
+    // SAFETY: each store writes 16 floats into a 16-float array.
+    unsafe {
+        vst4q_f32(
+            lo.as_mut_ptr(),
+            float32x4x4_t(acc[0], acc[1], acc[2], acc[3]),
+        );
+        vst4q_f32(
+            hi.as_mut_ptr(),
+            float32x4x4_t(acc[4], acc[5], acc[6], acc[7]),
+        );
+    }
+    std::array::from_fn(|tok| {
+        std::array::from_fn(|r| {
+            if r < 4 {
+                lo[4 * tok + r]
+            } else {
+                hi[4 * tok + r - 4]
+            }
+        })
+    })
+}
+
+/// i8mm, four tokens at once, for prefill: `smmla` of each row pair with the same eight
+/// columns of tokens 0, 1 and of tokens 2, 3 (interleaved in units of 8) gives both rows'
+/// sums for all four tokens; one `zip` per row gathers its four tokens into one register, and
+/// the rest is [`tile_dotprod4`]'s, so the results are bit-identical to [`tile_dotprod`]'s.
+///
+/// `K` must not be a masked or 4-of-8 kind.
+#[target_feature(enable = "neon,dotprod,i8mm")]
+unsafe fn tile_i8mm4<const K: u8>(
+    w: &QuantMatrix<'_>,
+    tile: usize,
+    x: &Interleaved4,
+) -> [[f32; TILE_ROWS]; 4] {
+    assert!(!is_masked(K) && K != Q8S && K != Q4S);
+    let t = TileRefs::new(w, tile);
+    let blocks = t.groups * t.blocks_per_group;
+    assert!(x.qs.len() * 8 >= blocks * 4 * QUANT_BLOCK && x.d.len() >= 4 * blocks);
+    assert!(x.dsums.len() >= 4 * blocks);
+    let unsigned = K == Q4;
+    let (xq, xd, xs) = (x.qs.as_ptr() as *const i8, x.d.as_ptr(), x.dsums.as_ptr());
+    let mut acc = [vdupq_n_f32(0.0); TILE_ROWS];
+    let mut blk = t.quants;
+    let mut groups = GroupScales::new();
+    for b in 0..blocks {
+        // SAFETY: as in `tile_dotprod4`.
+        unsafe {
+            groups.enter(&t, b);
+            let (scale, min) = (groups.scale, groups.min);
+            // One accumulator per (token pair, row pair): lanes (row 0 · token 0, row 0 ·
+            // token 1, row 1 · token 0, row 1 · token 1).
+            let mut mm = [[vdupq_n_s32(0); 4]; 2];
+            for c in 0..2 {
+                let p = if unsigned {
+                    codes_q4(blk, c)
+                } else {
+                    pieces::<K>(blk, c)
+                };
+                for (k, piece) in p.iter().enumerate() {
+                    let at = xq.add(128 * b + 32 * (2 * c + k));
+                    let pairs = [vld1q_s8(at), vld1q_s8(at.add(16))];
+                    for (r, &wv) in piece.iter().enumerate() {
+                        for (pair, &xv) in pairs.iter().enumerate() {
+                            mm[pair][r] = smmla(mm[pair][r], wv, xv);
+                        }
+                    }
+                }
+            }
+            let sums: [int32x4_t; TILE_ROWS] = std::array::from_fn(|r| {
+                let (a, b) = (
+                    vreinterpretq_s64_s32(mm[0][r / 2]),
+                    vreinterpretq_s64_s32(mm[1][r / 2]),
+                );
+                vreinterpretq_s32_s64(if r % 2 == 0 {
+                    vzip1q_s64(a, b)
+                } else {
+                    vzip2q_s64(a, b)
+                })
+            });
+            let (dx, dsum) = (vld1q_f32(xd.add(4 * b)), vld1q_f32(xs.add(4 * b)));
+            accumulate4::<K>(&mut acc, sums, scale, min, dx, dsum);
+            blk = blk.add(block_bytes(K));
+        }
+    }
+    by_token(acc)
 }
 
 /// The sparse (4 of 8) tile `tile` of `w` expanded into `codes` as a q8 tile (signed levels, 256
@@ -620,7 +884,7 @@ fn expansion_buffer<const K: u8>(
 
 /// Runs `$tokens::<K>` (or `::<Q8>` over the expanded tile) on every tile.
 macro_rules! each_tile {
-    ($tokens:ident, $width:literal, $w:expr, $x:expr, $tiles:expr, $out:expr) => {{
+    ($tokens:ident, $width:literal, $w:expr, $x:expr, $tiles:expr, $out:expr $(, $extra:expr)?) => {{
         let (w, x, out) = ($w, $x, $out);
         let first = $tiles.start;
         let mut codes = expansion_buffer::<K>(w, x.len(), $width);
@@ -631,9 +895,9 @@ macro_rules! each_tile {
                 match codes.as_mut() {
                     Some(codes) => {
                         expand_tile::<K>(w, tile, codes);
-                        $tokens::<Q8>(&w.expanded_tile(tile, codes), 0, x, out, at);
+                        $tokens::<Q8>(&w.expanded_tile(tile, codes), 0, x, out, at $(, $extra)?);
                     }
-                    None => $tokens::<K>(w, tile, x, out, at),
+                    None => $tokens::<K>(w, tile, x, out, at $(, $extra)?),
                 }
             }
         }
@@ -667,7 +931,57 @@ unsafe fn run_neon<const K: u8>(
     each_tile!(tokens_neon, 1, w, x, tiles, out)
 }
 
-/// Tile `tile` of `m` × every token of `x` with `sdot`, two tokens at a time.
+/// Tile `tile` of `m` × each group of four tokens in `fours` (`sdot` by element), into
+/// `out[4g..4g + 4]`.
+// Out of line, so that the one-token path it is called beside keeps a small frame.
+#[inline(never)]
+#[target_feature(enable = "neon,dotprod")]
+unsafe fn groups_dotprod4<const K: u8>(
+    m: &QuantMatrix<'_>,
+    tile: usize,
+    fours: &[Interleaved4],
+    out: &mut [&mut [f32]],
+    at: usize,
+) {
+    for (g, four) in fours.iter().enumerate() {
+        // SAFETY: forwarded contract; `four` interleaves tokens 4g..4g + 4.
+        unsafe {
+            store_tile(
+                &tile_dotprod4::<K>(m, tile, four),
+                &mut out[4 * g..4 * g + 4],
+                at,
+            )
+        };
+    }
+}
+
+/// Tile `tile` of `m` × each group of four tokens in `fours` (`smmla`), into
+/// `out[4g..4g + 4]`.
+#[inline(never)]
+#[target_feature(enable = "neon,dotprod,i8mm")]
+unsafe fn groups_i8mm4<const K: u8>(
+    m: &QuantMatrix<'_>,
+    tile: usize,
+    fours: &[Interleaved4],
+    out: &mut [&mut [f32]],
+    at: usize,
+) {
+    for (g, four) in fours.iter().enumerate() {
+        // SAFETY: forwarded contract; `four` interleaves tokens 4g..4g + 4.
+        unsafe {
+            store_tile(
+                &tile_i8mm4::<K>(m, tile, four),
+                &mut out[4 * g..4 * g + 4],
+                at,
+            )
+        };
+    }
+}
+
+/// Tile `tile` of `m` × every token of `x` with `sdot`: each whole group of four tokens
+/// (`fours`, interleaved) by element, the rest two tokens at a time.
+// Inlined into the tile loop, so a one-token tile pays no call of its own.
+#[inline]
 #[target_feature(enable = "neon,dotprod")]
 unsafe fn tokens_dotprod<const K: u8>(
     m: &QuantMatrix<'_>,
@@ -675,8 +989,14 @@ unsafe fn tokens_dotprod<const K: u8>(
     x: &[ActRow<'_>],
     out: &mut [&mut [f32]],
     at: usize,
+    fours: &[Interleaved4],
 ) {
     let mut t0 = 0;
+    if !fours.is_empty() && !is_masked(K) && K != Q8S && K != Q4S {
+        // SAFETY: forwarded contract.
+        unsafe { groups_dotprod4::<K>(m, tile, fours, out, at) };
+        t0 = 4 * fours.len();
+    }
     while t0 < x.len() {
         let n = (x.len() - t0).min(2);
         let (xs, os) = (&x[t0..t0 + n], &mut out[t0..t0 + n]);
@@ -700,11 +1020,43 @@ unsafe fn run_dotprod<const K: u8>(
     tiles: Range<usize>,
     out: &mut [&mut [f32]],
 ) {
-    each_tile!(tokens_dotprod, 2, w, x, tiles, out)
+    if let ([x], [out]) = (x, &mut *out) {
+        // SAFETY: forwarded contract.
+        return unsafe { one_token_tiles::<K>(w, x, tiles, out) };
+    }
+    // Interleaved once for all tiles; a masked or 4-of-8 matrix meets several tokens as
+    // expanded q8 tiles, which take them too.
+    let fours = interleave4::<4>(x);
+    each_tile!(tokens_dotprod, 2, w, x, tiles, out, &fours)
 }
 
-/// Tile `tile` of `m` × every token of `x` with `smmla`, four (or two) tokens at a time; a
-/// last odd token goes to `sdot`.
+/// Decode's products: tiles `tiles` of `w` × one token, into `out`. A loop of its own keeps
+/// the per-tile cost to a call and a store (through `tokens_dotprod` it was ~65 instructions
+/// a tile, 5% of a 576-wide q4 tile's work, counted under qemu).
+///
+/// # Safety
+/// As [`gemm_tiles`].
+#[target_feature(enable = "neon,dotprod")]
+unsafe fn one_token_tiles<const K: u8>(
+    w: &QuantMatrix<'_>,
+    x: &ActRow<'_>,
+    tiles: Range<usize>,
+    out: &mut [f32],
+) {
+    let first = tiles.start;
+    for tile in tiles {
+        // SAFETY: forwarded contract.
+        let [res] = unsafe { tile_dotprod::<K, 1>(w, tile, std::slice::from_ref(x)) };
+        let at = (tile - first) * TILE_ROWS;
+        let n = (out.len() - at).min(TILE_ROWS);
+        out[at..at + n].copy_from_slice(&res[..n]);
+    }
+}
+
+/// Tile `tile` of `m` × every token of `x`: each whole group of four tokens (`fours`,
+/// interleaved) with `smmla`, the rest with `sdot`.
+// Inlined into the tile loop, so a one-token tile pays no call of its own.
+#[inline]
 #[target_feature(enable = "neon,dotprod,i8mm")]
 unsafe fn tokens_i8mm<const K: u8>(
     m: &QuantMatrix<'_>,
@@ -712,28 +1064,22 @@ unsafe fn tokens_i8mm<const K: u8>(
     x: &[ActRow<'_>],
     out: &mut [&mut [f32]],
     at: usize,
+    fours: &[Interleaved4],
 ) {
-    let mut t0 = 0;
-    while t0 < x.len() {
-        let n = match x.len() - t0 {
-            left if left >= 4 => 4,
-            left if left >= 2 => 2,
-            _ => 1,
-        };
-        let (xs, os) = (&x[t0..t0 + n], &mut out[t0..t0 + n]);
-        // SAFETY: forwarded contract; `xs` holds exactly `n` rows.
-        unsafe {
-            match n {
-                4 => store_tile(&tile_i8mm::<K, 4>(m, tile, xs), os, at),
-                2 => store_tile(&tile_i8mm::<K, 2>(m, tile, xs), os, at),
-                _ => store_tile(&tile_dotprod::<K, 1>(m, tile, xs), os, at),
-            }
-        }
-        t0 += n;
+    if is_masked(K) || K == Q8S || K == Q4S {
+        // SAFETY: forwarded contract.
+        return unsafe { tokens_dotprod::<K>(m, tile, x, out, at, &[]) };
     }
+    if !fours.is_empty() {
+        // SAFETY: forwarded contract.
+        unsafe { groups_i8mm4::<K>(m, tile, fours, out, at) };
+    }
+    let done = 4 * fours.len();
+    // SAFETY: forwarded contract.
+    unsafe { tokens_dotprod::<K>(m, tile, &x[done..], &mut out[done..], at, &[]) };
 }
 
-/// Tiles of `w` × tokens of `x` with `smmla`.
+/// Tiles of `w` × tokens of `x` with `smmla` (and `sdot` for the last tokens of fewer than four).
 #[target_feature(enable = "neon,dotprod,i8mm")]
 unsafe fn run_i8mm<const K: u8>(
     w: &QuantMatrix<'_>,
@@ -741,7 +1087,12 @@ unsafe fn run_i8mm<const K: u8>(
     tiles: Range<usize>,
     out: &mut [&mut [f32]],
 ) {
-    each_tile!(tokens_i8mm, 4, w, x, tiles, out)
+    if let ([x], [out]) = (x, &mut *out) {
+        // SAFETY: forwarded contract (i8mm CPUs have dotprod).
+        return unsafe { one_token_tiles::<K>(w, x, tiles, out) };
+    }
+    let fours = interleave4::<8>(x);
+    each_tile!(tokens_i8mm, 4, w, x, tiles, out, &fours)
 }
 
 /// Quantizes whole blocks of 32 activations (NEON): the same operations as the scalar

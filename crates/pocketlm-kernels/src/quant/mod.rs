@@ -1438,6 +1438,38 @@ mod tests {
         }
     }
 
+    #[cfg(target_arch = "aarch64")]
+    #[test]
+    fn arm_tokens_get_the_same_bits_alone_as_in_a_prefill() {
+        // AArch64's multi-token kernels (four tokens by element with `sdot`, or with `smmla`)
+        // do each row and token's float operations in the one-token kernel's order, so a
+        // prompt's logits do not depend on how many tokens a product held. x86's do not
+        // promise this (their multi-token runs sum in another order).
+        let arm = [KernelPath::Dotprod, KernelPath::I8mm];
+        for path in paths().into_iter().filter(|p| arm.contains(p)) {
+            for enc in encodings() {
+                let group = enc.group().unwrap() as usize;
+                let (rows, cols, tokens) = (21, 2 * group, 11);
+                let w = weights(enc, rows * cols, 5);
+                let (enc, bytes) = rtn(enc, &w, rows, cols);
+                let m = matrix(enc, rows, cols, &bytes);
+                let x = random_vec(tokens * cols, 6);
+                let all = products(
+                    path,
+                    &m,
+                    &QuantizedActivations::quantize(&x, tokens, cols),
+                    0..m.tiles(),
+                );
+                for (t, row) in all.iter().enumerate() {
+                    let one = QuantizedActivations::quantize(&x[t * cols..(t + 1) * cols], 1, cols);
+                    let alone = products(path, &m, &one, 0..m.tiles());
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(row), bits(&alone[0]), "{path:?} {enc}: token {t}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn masked_tiles_match_the_spec() {
         // 9 rows (a second, partial tile) × 64: row r keeps column c when (c + 3r) % 5 < 2
