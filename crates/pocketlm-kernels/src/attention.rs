@@ -53,6 +53,11 @@ pub fn scores<T: KvElement>(
         // SAFETY: the x86 SIMD paths are only selected after run-time detection of AVX2 and
         // FMA; the rows were checked above.
         p if p.is_x86_simd() => unsafe { avx2::scores(q, keys, stride, scale, out) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: NEON is baseline on AArch64; the rows were checked above.
+        KernelPath::Neon | KernelPath::Dotprod | KernelPath::I8mm => unsafe {
+            neon::scores(q, keys, stride, scale, out)
+        },
         _ => scores_wide(q, keys, stride, scale, out),
     }
 }
@@ -73,6 +78,11 @@ pub fn weighted_sum<T: KvElement>(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as in `scores`.
         p if p.is_x86_simd() => unsafe { avx2::weighted_sum(weights, values, stride, o) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: as in `scores`.
+        KernelPath::Neon | KernelPath::Dotprod | KernelPath::I8mm => unsafe {
+            neon::weighted_sum(weights, values, stride, o)
+        },
         _ => weighted_sum_wide(weights, values, stride, o),
     }
 }
@@ -311,6 +321,158 @@ mod avx2 {
     /// The CPU must support AVX2 and FMA; `values` holds `weights.len()` rows of `o.len()`
     /// at `stride`.
     #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn weighted_sum<T: KvElement>(
+        weights: &[f32],
+        values: &[T],
+        stride: usize,
+        o: &mut [f32],
+    ) {
+        let n = o.len();
+        let (vp, op) = (values.as_ptr(), o.as_mut_ptr());
+        let mut i = 0;
+        // SAFETY: each call covers outputs i .. i + 8·W <= n, inside `o` and inside every row.
+        unsafe {
+            while i + 64 <= n {
+                sum_rows_into::<T, 8>(weights, vp.add(i), stride, op.add(i));
+                i += 64;
+            }
+            while i + 32 <= n {
+                sum_rows_into::<T, 4>(weights, vp.add(i), stride, op.add(i));
+                i += 32;
+            }
+            while i + 8 <= n {
+                sum_rows_into::<T, 1>(weights, vp.add(i), stride, op.add(i));
+                i += 8;
+            }
+        }
+        // The ragged tail; without weights `values` may be shorter than `i`.
+        let tail = values.get(i..).unwrap_or_default();
+        super::weighted_sum_scalar(weights, tail, stride, &mut o[i..]);
+    }
+}
+
+/// NEON: `wide`'s eight-lane vectors gather and scatter lane by lane on AArch64 (about ten
+/// instructions per multiply-add, measured under qemu); these use four-lane registers
+/// directly, in `avx2`'s shape.
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use super::KvElement;
+    use std::arch::aarch64::*;
+
+    /// Eight elements at `p` as two f32 vectors (int8 codes widened).
+    ///
+    /// # Safety
+    /// 8 readable elements at `p`.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    unsafe fn load8<T: KvElement>(p: *const T) -> [float32x4_t; 2] {
+        // SAFETY: the caller's contract; an int8 load reads 8 bytes, an f32 one 32.
+        unsafe {
+            if size_of::<T>() == 1 {
+                let w = vmovl_s8(vld1_s8(p as *const i8));
+                [
+                    vcvtq_f32_s32(vmovl_s16(vget_low_s16(w))),
+                    vcvtq_f32_s32(vmovl_high_s16(w)),
+                ]
+            } else {
+                let f = p as *const f32;
+                [vld1q_f32(f), vld1q_f32(f.add(4))]
+            }
+        }
+    }
+
+    /// # Safety
+    /// `keys` holds `out.len()` rows of `q.len()` at `stride`.
+    #[target_feature(enable = "neon")]
+    pub unsafe fn scores<T: KvElement>(
+        q: &[f32],
+        keys: &[T],
+        stride: usize,
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        let (n, n8) = (q.len(), q.len() / 8 * 8);
+        let (qp, kp) = (q.as_ptr(), keys.as_ptr());
+        let tail = |r: usize| {
+            let k = &keys[r * stride..r * stride + n];
+            super::dot(&q[n8..], &k[n8..])
+        };
+        let mut p = 0;
+        // SAFETY: row r < out.len() spans keys[r·stride ..][..n], inside `keys` (checked by
+        // the caller); loads read 8 elements at offsets i + 8 <= n8 <= n.
+        unsafe {
+            // Four positions at a time: each query load serves four rows, and one pairwise
+            // reduction finishes all four.
+            while p + 4 <= out.len() {
+                let mut acc = [vdupq_n_f32(0.0); 4];
+                let mut i = 0;
+                while i < n8 {
+                    let (q0, q1) = (vld1q_f32(qp.add(i)), vld1q_f32(qp.add(i + 4)));
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let [k0, k1] = load8(kp.add((p + r) * stride + i));
+                        *a = vfmaq_f32(vfmaq_f32(*a, q0, k0), q1, k1);
+                    }
+                    i += 8;
+                }
+                let sums = vpaddq_f32(vpaddq_f32(acc[0], acc[1]), vpaddq_f32(acc[2], acc[3]));
+                let mut lanes = [0.0f32; 4];
+                vst1q_f32(lanes.as_mut_ptr(), sums);
+                for (r, sum) in lanes.into_iter().enumerate() {
+                    let rest = if n8 < n { tail(p + r) } else { 0.0 };
+                    out[p + r] = (sum + rest) * scale;
+                }
+                p += 4;
+            }
+            for (r, s) in out.iter_mut().enumerate().skip(p) {
+                let mut acc = vdupq_n_f32(0.0);
+                let mut i = 0;
+                while i < n8 {
+                    let [k0, k1] = load8(kp.add(r * stride + i));
+                    acc = vfmaq_f32(acc, vld1q_f32(qp.add(i)), k0);
+                    acc = vfmaq_f32(acc, vld1q_f32(qp.add(i + 4)), k1);
+                    i += 8;
+                }
+                let rest = if n8 < n { tail(r) } else { 0.0 };
+                *s = (vaddvq_f32(acc) + rest) * scale;
+            }
+        }
+    }
+
+    /// Adds `weights[p] ·` row `p` (rows at `values`, `stride` apart) to the `8·W` outputs at
+    /// `o`, held in `2·W` registers across all positions.
+    ///
+    /// # Safety
+    /// `o` has `8·W` floats and every row `8·W` elements.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    unsafe fn sum_rows_into<T: KvElement, const W: usize>(
+        weights: &[f32],
+        values: *const T,
+        stride: usize,
+        o: *mut f32,
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let mut acc: [[float32x4_t; 2]; W] =
+                std::array::from_fn(|l| [vld1q_f32(o.add(8 * l)), vld1q_f32(o.add(8 * l + 4))]);
+            for (p, &w) in weights.iter().enumerate() {
+                let row = values.add(p * stride);
+                for (l, a) in acc.iter_mut().enumerate() {
+                    let [v0, v1] = load8(row.add(8 * l));
+                    a[0] = vfmaq_n_f32(a[0], v0, w);
+                    a[1] = vfmaq_n_f32(a[1], v1, w);
+                }
+            }
+            for (l, a) in acc.iter().enumerate() {
+                vst1q_f32(o.add(8 * l), a[0]);
+                vst1q_f32(o.add(8 * l + 4), a[1]);
+            }
+        }
+    }
+
+    /// # Safety
+    /// `values` holds `weights.len()` rows of `o.len()` at `stride`.
+    #[target_feature(enable = "neon")]
     pub unsafe fn weighted_sum<T: KvElement>(
         weights: &[f32],
         values: &[T],
