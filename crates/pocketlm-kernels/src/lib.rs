@@ -7,6 +7,7 @@
 
 pub mod attention;
 pub mod dense;
+mod exp;
 pub mod hadamard;
 pub mod lowrank;
 pub mod pool;
@@ -616,32 +617,45 @@ pub fn softmax(x: &mut [f32]) {
 /// exponential (within a few ulp of it).
 pub fn softmax_with(path: KernelPath, x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum = if path == KernelPath::Scalar {
-        let mut sum = 0.0;
-        for v in x.iter_mut() {
-            *v = (*v - max).exp();
-            sum += *v;
-        }
-        sum
-    } else {
-        let (chunks, tail) = x.as_chunks_mut::<8>();
-        let m = wide::f32x8::splat(max);
-        let mut acc = wide::f32x8::ZERO;
-        for c in chunks {
-            let e = (wide::f32x8::from(*c) - m).exp();
-            acc += e;
-            *c = e.to_array();
-        }
-        let mut sum = acc.reduce_add();
-        for v in tail {
-            *v = (*v - max).exp();
-            sum += *v;
-        }
-        sum
-    };
+    let sum = exp_shifted(path, x, max);
     let inv = 1.0 / sum;
     for v in x.iter_mut() {
         *v *= inv;
+    }
+}
+
+/// `x[i] = e^(x[i] - max)` for every value; returns their sum.
+fn exp_shifted(path: KernelPath, x: &mut [f32], max: f32) -> f32 {
+    match path {
+        KernelPath::Scalar => {
+            let mut sum = 0.0;
+            for v in x.iter_mut() {
+                *v = (*v - max).exp();
+                sum += *v;
+            }
+            sum
+        }
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: NEON is baseline on AArch64.
+        KernelPath::Neon | KernelPath::Dotprod | KernelPath::I8mm => unsafe {
+            exp::neon::exp_shifted(x, max)
+        },
+        _ => {
+            let (chunks, tail) = x.as_chunks_mut::<8>();
+            let m = wide::f32x8::splat(max);
+            let mut acc = wide::f32x8::ZERO;
+            for c in chunks {
+                let e = (wide::f32x8::from(*c) - m).exp();
+                acc += e;
+                *c = e.to_array();
+            }
+            let mut sum = acc.reduce_add();
+            for v in tail {
+                *v = (*v - max).exp();
+                sum += *v;
+            }
+            sum
+        }
     }
 }
 
@@ -662,6 +676,14 @@ pub fn silu_mul_with(path: KernelPath, gate: &mut [f32], up: &[f32]) {
                 *g = *g / (1.0 + (-*g).exp()) * u;
             }
             return;
+        }
+        #[cfg(target_arch = "aarch64")]
+        if matches!(
+            path,
+            KernelPath::Neon | KernelPath::Dotprod | KernelPath::I8mm
+        ) {
+            // SAFETY: NEON is baseline on AArch64.
+            return unsafe { exp::neon::silu_mul(g, u) };
         }
         let (gc, gt) = g.as_chunks_mut::<8>();
         let (uc, ut) = u.as_chunks::<8>();
@@ -904,6 +926,55 @@ mod tests {
         let orig = y;
         rope_rotate_half(&mut y, 0, &inv_freq);
         assert_eq!(y, orig);
+    }
+
+    #[test]
+    fn softmax_and_silu_match_scalar_on_every_path() {
+        // Lengths around the 4- and 8-lane steps; logits masked to -inf (constrained
+        // decoding) must get exactly 0.
+        for n in [1usize, 3, 4, 7, 8, 9, 31, 100, 1027] {
+            let x: Vec<f32> = test_util::random_vec(n, n as u64)
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    if i % 5 == 1 {
+                        f32::NEG_INFINITY
+                    } else {
+                        30.0 * v
+                    }
+                })
+                .collect();
+            let mut want = x.clone();
+            softmax_with(KernelPath::Scalar, &mut want);
+            let gate: Vec<f32> = test_util::random_vec(n, 7 + n as u64)
+                .iter()
+                .map(|v| 20.0 * v)
+                .collect();
+            let up = test_util::random_vec(n, 9 + n as u64);
+            let mut want_silu = gate.clone();
+            silu_mul_with(KernelPath::Scalar, &mut want_silu, &up);
+            for path in test_util::paths() {
+                let mut got = x.clone();
+                softmax_with(path, &mut got);
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    if x[i] == f32::NEG_INFINITY {
+                        assert_eq!(*g, 0.0, "{path:?} n {n} masked {i}");
+                    }
+                    assert!(
+                        (g - w).abs() <= 1e-6 * w.max(1e-30) + 1e-12,
+                        "{path:?} n {n}: {g} vs {w}"
+                    );
+                }
+                let mut got = gate.clone();
+                silu_mul_with(path, &mut got, &up);
+                for (g, w) in got.iter().zip(&want_silu) {
+                    assert!(
+                        (g - w).abs() <= 1e-6 * w.abs().max(1e-3),
+                        "{path:?} silu n {n}: {g} vs {w}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
