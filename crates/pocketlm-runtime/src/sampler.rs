@@ -249,16 +249,22 @@ impl Sampler {
 /// Index of the largest value; the first one on ties. NaN never wins; 0 if all are NaN or
 /// `values` is empty.
 pub fn argmax(values: &[f32]) -> usize {
-    let mut best: Option<(usize, f32)> = None;
-    for (i, &v) in values.iter().enumerate() {
-        if v.is_nan() {
-            continue;
-        }
-        if best.is_none_or(|(_, b)| v > b) {
-            best = Some((i, v));
+    // Two passes: the largest value (eight running maxima, which compile to vector max
+    // instructions; `f32::max` ignores NaN), then its first position. One pass carrying an
+    // index does not vectorize: 16 instructions a logit on AArch64 (counted under qemu), 0.8 M
+    // per greedy token of a 49152-word vocabulary.
+    let (chunks, tail) = values.as_chunks::<8>();
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane = lane.max(v);
         }
     }
-    best.map_or(0, |(i, _)| i)
+    let max = lanes
+        .into_iter()
+        .chain(tail.iter().copied())
+        .fold(f32::NEG_INFINITY, f32::max);
+    values.iter().position(|&v| v == max).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -283,6 +289,35 @@ mod tests {
         (0..n)
             .map(|_| (rng.next_f64() * 10.0 - 5.0) as f32)
             .collect()
+    }
+
+    #[test]
+    fn argmax_is_the_first_largest_over_chunks_and_tails() {
+        // The one-pass definition, against the two-pass function, with NaN, -inf and ties
+        // placed in the eight-value chunks and in the tail.
+        let reference = |v: &[f32]| {
+            let mut best: Option<(usize, f32)> = None;
+            for (i, &x) in v.iter().enumerate() {
+                if !x.is_nan() && best.is_none_or(|(_, b)| x > b) {
+                    best = Some((i, x));
+                }
+            }
+            best.map_or(0, |(i, _)| i)
+        };
+        for n in [1usize, 7, 8, 9, 16, 23, 49152] {
+            for seed in 0..4u64 {
+                let mut v = logits(n, seed);
+                for (i, x) in v.iter_mut().enumerate() {
+                    match (i as u64 * 7 + seed) % 11 {
+                        0 => *x = f32::NAN,
+                        1 => *x = f32::NEG_INFINITY,
+                        2 => *x = 4.0, // ties at a value near the top
+                        _ => {}
+                    }
+                }
+                assert_eq!(argmax(&v), reference(&v), "n {n} seed {seed}");
+            }
+        }
     }
 
     #[test]
