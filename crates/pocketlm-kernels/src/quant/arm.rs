@@ -80,20 +80,6 @@ unsafe fn broadcast(p: *const i8) -> int8x16_t {
     unsafe { vreinterpretq_s8_u64(vld1q_dup_u64(p as *const u64)) }
 }
 
-/// q3's high bits of a row pair (the u16 at `p`: bit `8i + j` for row `i` of the pair, code
-/// `j`) as bytes of 4 where set.
-#[inline]
-#[target_feature(enable = "neon")]
-unsafe fn high_bits(p: *const u8) -> uint8x16_t {
-    // SAFETY: the caller guarantees 2 readable bytes at `p`.
-    let bits = unsafe { (p as *const u16).read_unaligned() };
-    let plane = vreinterpretq_u8_u16(vdupq_n_u16(bits));
-    // Byte i takes plane byte i / 8 and tests bit i % 8.
-    let spread = vqtbl1q_u8(plane, vcombine_u8(vdup_n_u8(0), vdup_n_u8(1)));
-    let bit = vreinterpretq_u8_u64(vdupq_n_u64(0x8040_2010_0804_0201));
-    vandq_u8(vtstq_u8(spread, bit), vdupq_n_u8(4))
-}
-
 /// Unsigned codes as the signed levels the products take: a grid kind's levels by a table
 /// lookup, any other kind's codes minus its zero point.
 #[inline]
@@ -111,20 +97,35 @@ fn code_levels<const K: u8>(codes: uint8x16_t) -> int8x16_t {
     }
 }
 
-/// Piece `k` of row pair `r` of the q3 tile block at `blk` as signed levels: the low two bits
-/// from `low` (the row pair's 16 bytes of low bits, piece `k` at bits `2k`), the high bit
-/// from the block's bit planes.
+/// Pieces `2c` and `2c + 1` of the q3 tile block at `blk` (64 bytes of low bits, row pair
+/// `r`'s 16 at `16r`, piece `k` at bits `2k`; then one 8-byte plane of high bits per piece,
+/// row `i`'s byte at `i`, code `j` at bit `j`) as four row pairs of signed levels.
 ///
 /// # Safety
-/// A whole q3 tile block (96 bytes) at `blk`; k < 4, r < 4.
+/// A whole q3 tile block (96 bytes) at `blk`; c < 2.
 #[inline]
 #[target_feature(enable = "neon")]
-unsafe fn q3_levels<const K: u8>(blk: *const u8, low: uint8x16_t, k: usize, r: usize) -> int8x16_t {
-    let l = vandq_u8(vshlq_u8(low, vdupq_n_s8(-2 * k as i8)), vdupq_n_u8(3));
-    // SAFETY: the bit planes (32 bytes after the 64 of low bits) hold byte 8k + 2r + 1.
-    code_levels::<K>(vorrq_u8(l, unsafe {
-        high_bits(blk.add(64 + 8 * k + 2 * r))
-    }))
+unsafe fn q3_pieces<const K: u8>(blk: *const u8, c: usize) -> [[int8x16_t; 4]; 2] {
+    let bit = vreinterpretq_u8_u64(vdupq_n_u64(0x8040_2010_0804_0201));
+    let mut low = [vdupq_n_u8(0); 4];
+    for (r, l) in low.iter_mut().enumerate() {
+        // SAFETY: bytes 16r..16r + 16 < 64 of the block.
+        *l = unsafe { vld1q_u8(blk.add(16 * r)) };
+    }
+    let mut out = [[vdupq_n_s8(0); 4]; 2];
+    for (i, k) in [2 * c, 2 * c + 1].into_iter().enumerate() {
+        // SAFETY: piece k's plane is bytes 64 + 8k .. 72 + 8k < 96 of the block.
+        let plane = unsafe { vld1_u8(blk.add(64 + 8 * k)) };
+        let plane = vcombine_u8(plane, plane);
+        for r in 0..4 {
+            let two = vandq_u8(vshlq_u8(low[r], vdupq_n_s8(-2 * k as i8)), vdupq_n_u8(3));
+            // Bytes 0..8 take row 2r's plane byte, 8..16 row 2r + 1's; each tests its code's bit.
+            let rows = vcombine_u8(vdup_n_u8(2 * r as u8), vdup_n_u8(2 * r as u8 + 1));
+            let high = vandq_u8(vtstq_u8(vqtbl1q_u8(plane, rows), bit), vdupq_n_u8(4));
+            out[i][r] = code_levels::<K>(vorrq_u8(two, high));
+        }
+    }
+    out
 }
 
 /// Pieces `2c` and `2c + 1` of the tile block at `blk`, each as four row pairs of signed
@@ -144,17 +145,9 @@ unsafe fn pieces<const K: u8>(blk: *const u8, c: usize) -> [[int8x16_t; 4]; 2] {
                     [0, 1, 2, 3].map(|r| vld1q_s8(p.add(128 * c + 64 + 16 * r))),
                 ]
             }
-            Q3 | Q3G => {
-                // Plain loops: through `array::map` closures LLVM kept the decode out of line
-                // (~380 instructions a block for one token, counted under qemu).
-                let mut out = [[vdupq_n_s8(0); 4]; 2];
-                for r in 0..4 {
-                    let low = vld1q_u8(blk.add(16 * r));
-                    out[0][r] = q3_levels::<K>(blk, low, 2 * c, r);
-                    out[1][r] = q3_levels::<K>(blk, low, 2 * c + 1, r);
-                }
-                out
-            }
+            // Plain loops, in a function of their own: through `array::map` closures LLVM kept
+            // the decode out of line (~380 instructions a block for one token, under qemu).
+            Q3 | Q3G => q3_pieces::<K>(blk, c),
             _ => {
                 let packed = [0, 1, 2, 3].map(|r| vld1q_u8(blk.add(64 * c + 16 * r)));
                 // q4, q4a and q4nl; masked kinds decode through `masked_pieces` at every call
