@@ -525,6 +525,34 @@ fn interleave4<const UNIT: usize>(x: &[ActRow<'_>]) -> Vec<Interleaved4> {
         .collect()
 }
 
+impl Interleaved4 {
+    /// The codes, scales and scaled sums, checked to cover `blocks` blocks.
+    fn pointers(&self, blocks: usize) -> (*const i8, *const f32, *const f32) {
+        assert!(self.qs.len() * 8 >= blocks * 4 * QUANT_BLOCK);
+        assert!(self.d.len() >= 4 * blocks && self.dsums.len() >= 4 * blocks);
+        let qs = self.qs.as_ptr() as *const i8;
+        (qs, self.d.as_ptr(), self.dsums.as_ptr())
+    }
+}
+
+/// Pieces `2c` and `2c + 1` of an unmasked tile block: q4's as unsigned codes (the zero
+/// point left to the caller), every other kind's as signed levels.
+///
+/// # Safety
+/// As [`pieces`].
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn unmasked_pieces<const K: u8>(blk: *const u8, c: usize) -> [[int8x16_t; 4]; 2] {
+    // SAFETY: forwarded contract.
+    unsafe {
+        if K == Q4 {
+            codes_q4(blk, c)
+        } else {
+            pieces::<K>(blk, c)
+        }
+    }
+}
+
 /// `acc + Σ a·b` per lane, with the four bytes of `b` at `LANE` for every lane of `a`
 /// (`sdot` by element).
 #[inline]
@@ -574,10 +602,7 @@ unsafe fn tile_dotprod4<const K: u8>(
     assert!(!is_masked(K) && K != Q8S && K != Q4S);
     let t = TileRefs::new(w, tile);
     let blocks = t.groups * t.blocks_per_group;
-    assert!(x.qs.len() * 8 >= blocks * 4 * QUANT_BLOCK && x.d.len() >= 4 * blocks);
-    assert!(x.dsums.len() >= 4 * blocks);
-    let unsigned = K == Q4;
-    let (xq, xd, xs) = (x.qs.as_ptr() as *const i8, x.d.as_ptr(), x.dsums.as_ptr());
+    let (xq, xd, xs) = x.pointers(blocks);
     // Row r's results for the four tokens.
     let mut acc = [vdupq_n_f32(0.0); TILE_ROWS];
     let mut blk = t.quants;
@@ -590,11 +615,7 @@ unsafe fn tile_dotprod4<const K: u8>(
             let (scale, min) = (groups.scale, groups.min);
             let mut sums = [vdupq_n_s32(0); TILE_ROWS];
             for c in 0..2 {
-                let p = if unsigned {
-                    codes_q4(blk, c)
-                } else {
-                    pieces::<K>(blk, c)
-                };
+                let p = unmasked_pieces::<K>(blk, c);
                 for (k, piece) in p.iter().enumerate() {
                     let at = xq.add(128 * b + 32 * (2 * c + k));
                     // Columns 0..4 and 4..8 of the piece, four tokens each.
@@ -691,10 +712,7 @@ unsafe fn tile_i8mm4<const K: u8>(
     assert!(!is_masked(K) && K != Q8S && K != Q4S);
     let t = TileRefs::new(w, tile);
     let blocks = t.groups * t.blocks_per_group;
-    assert!(x.qs.len() * 8 >= blocks * 4 * QUANT_BLOCK && x.d.len() >= 4 * blocks);
-    assert!(x.dsums.len() >= 4 * blocks);
-    let unsigned = K == Q4;
-    let (xq, xd, xs) = (x.qs.as_ptr() as *const i8, x.d.as_ptr(), x.dsums.as_ptr());
+    let (xq, xd, xs) = x.pointers(blocks);
     let mut acc = [vdupq_n_f32(0.0); TILE_ROWS];
     let mut blk = t.quants;
     let mut groups = GroupScales::new();
@@ -707,11 +725,7 @@ unsafe fn tile_i8mm4<const K: u8>(
             // token 1, row 1 · token 0, row 1 · token 1).
             let mut mm = [[vdupq_n_s32(0); 4]; 2];
             for c in 0..2 {
-                let p = if unsigned {
-                    codes_q4(blk, c)
-                } else {
-                    pieces::<K>(blk, c)
-                };
+                let p = unmasked_pieces::<K>(blk, c);
                 for (k, piece) in p.iter().enumerate() {
                     let at = xq.add(128 * b + 32 * (2 * c + k));
                     let pairs = [vld1q_s8(at), vld1q_s8(at.add(16))];
@@ -924,52 +938,31 @@ unsafe fn run_neon<const K: u8>(
     each_tile!(tokens_neon, 1, w, x, tiles, out)
 }
 
-/// Tile `tile` of `m` × each group of four tokens in `fours` (`sdot` by element), into
-/// `out[4g..4g + 4]`.
-// Out of line, so that the one-token path it is called beside keeps a small frame.
-#[inline(never)]
-#[target_feature(enable = "neon,dotprod")]
-unsafe fn groups_dotprod4<const K: u8>(
-    m: &QuantMatrix<'_>,
-    tile: usize,
-    fours: &[Interleaved4],
-    out: &mut [&mut [f32]],
-    at: usize,
-) {
-    for (g, four) in fours.iter().enumerate() {
-        // SAFETY: forwarded contract; `four` interleaves tokens 4g..4g + 4.
-        unsafe {
-            store_tile(
-                &tile_dotprod4::<K>(m, tile, four),
-                &mut out[4 * g..4 * g + 4],
-                at,
-            )
-        };
-    }
+/// `$name`: tile `tile` of `m` × each group of four tokens in `fours` by `$kernel`, into
+/// `out[4g..4g + 4]`; with `$kernel`'s features, so that it inlines there.
+macro_rules! four_token_groups {
+    ($name:ident, $kernel:ident, $features:literal) => {
+        // Out of line, so that the one-token path it is called beside keeps a small frame.
+        #[inline(never)]
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const K: u8>(
+            m: &QuantMatrix<'_>,
+            tile: usize,
+            fours: &[Interleaved4],
+            out: &mut [&mut [f32]],
+            at: usize,
+        ) {
+            for (g, four) in fours.iter().enumerate() {
+                // SAFETY: forwarded contract; `four` interleaves tokens 4g..4g + 4.
+                let res = unsafe { $kernel::<K>(m, tile, four) };
+                store_tile(&res, &mut out[4 * g..4 * g + 4], at);
+            }
+        }
+    };
 }
 
-/// Tile `tile` of `m` × each group of four tokens in `fours` (`smmla`), into
-/// `out[4g..4g + 4]`.
-#[inline(never)]
-#[target_feature(enable = "neon,dotprod,i8mm")]
-unsafe fn groups_i8mm4<const K: u8>(
-    m: &QuantMatrix<'_>,
-    tile: usize,
-    fours: &[Interleaved4],
-    out: &mut [&mut [f32]],
-    at: usize,
-) {
-    for (g, four) in fours.iter().enumerate() {
-        // SAFETY: forwarded contract; `four` interleaves tokens 4g..4g + 4.
-        unsafe {
-            store_tile(
-                &tile_i8mm4::<K>(m, tile, four),
-                &mut out[4 * g..4 * g + 4],
-                at,
-            )
-        };
-    }
-}
+four_token_groups!(groups_dotprod4, tile_dotprod4, "neon,dotprod");
+four_token_groups!(groups_i8mm4, tile_i8mm4, "neon,dotprod,i8mm");
 
 /// Tile `tile` of `m` × every token of `x` with `sdot`: each whole group of four tokens
 /// (`fours`, interleaved) by element, the rest two tokens at a time.
