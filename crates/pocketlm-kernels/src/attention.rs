@@ -55,9 +55,7 @@ pub fn scores<T: KvElement>(
         p if p.is_x86_simd() => unsafe { avx2::scores(q, keys, stride, scale, out) },
         #[cfg(target_arch = "aarch64")]
         // SAFETY: NEON is baseline on AArch64; the rows were checked above.
-        KernelPath::Neon | KernelPath::Dotprod | KernelPath::I8mm => unsafe {
-            neon::scores(q, keys, stride, scale, out)
-        },
+        p if p.is_arm_simd() => unsafe { neon::scores(q, keys, stride, scale, out) },
         _ => scores_wide(q, keys, stride, scale, out),
     }
 }
@@ -80,9 +78,7 @@ pub fn weighted_sum<T: KvElement>(
         p if p.is_x86_simd() => unsafe { avx2::weighted_sum(weights, values, stride, o) },
         #[cfg(target_arch = "aarch64")]
         // SAFETY: as in `scores`.
-        KernelPath::Neon | KernelPath::Dotprod | KernelPath::I8mm => unsafe {
-            neon::weighted_sum(weights, values, stride, o)
-        },
+        p if p.is_arm_simd() => unsafe { neon::weighted_sum(weights, values, stride, o) },
         _ => weighted_sum_wide(weights, values, stride, o),
     }
 }
@@ -195,6 +191,47 @@ pub fn weighted_sum_wide<T: KvElement>(
         stride,
         &mut o[i..],
     );
+}
+
+/// An ISA module's `weighted_sum`: its `sum_rows_into` (outputs held in registers across
+/// every position) over runs of 64, 32 and 8 outputs, the ragged tail by the scalar
+/// reference.
+macro_rules! weighted_sum_in_runs {
+    ($features:literal) => {
+        /// # Safety
+        /// The CPU must support the module's features; `values` holds `weights.len()` rows
+        /// of `o.len()` at `stride`.
+        #[target_feature(enable = $features)]
+        pub unsafe fn weighted_sum<T: KvElement>(
+            weights: &[f32],
+            values: &[T],
+            stride: usize,
+            o: &mut [f32],
+        ) {
+            let n = o.len();
+            let (vp, op) = (values.as_ptr(), o.as_mut_ptr());
+            let mut i = 0;
+            // SAFETY: each call covers outputs i .. i + 8·W <= n, inside `o` and inside
+            // every row.
+            unsafe {
+                while i + 64 <= n {
+                    sum_rows_into::<T, 8>(weights, vp.add(i), stride, op.add(i));
+                    i += 64;
+                }
+                while i + 32 <= n {
+                    sum_rows_into::<T, 4>(weights, vp.add(i), stride, op.add(i));
+                    i += 32;
+                }
+                while i + 8 <= n {
+                    sum_rows_into::<T, 1>(weights, vp.add(i), stride, op.add(i));
+                    i += 8;
+                }
+            }
+            // The ragged tail; without weights `values` may be shorter than `i`.
+            let tail = values.get(i..).unwrap_or_default();
+            super::weighted_sum_scalar(weights, tail, stride, &mut o[i..]);
+        }
+    };
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -317,38 +354,7 @@ mod avx2 {
         }
     }
 
-    /// # Safety
-    /// The CPU must support AVX2 and FMA; `values` holds `weights.len()` rows of `o.len()`
-    /// at `stride`.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn weighted_sum<T: KvElement>(
-        weights: &[f32],
-        values: &[T],
-        stride: usize,
-        o: &mut [f32],
-    ) {
-        let n = o.len();
-        let (vp, op) = (values.as_ptr(), o.as_mut_ptr());
-        let mut i = 0;
-        // SAFETY: each call covers outputs i .. i + 8·W <= n, inside `o` and inside every row.
-        unsafe {
-            while i + 64 <= n {
-                sum_rows_into::<T, 8>(weights, vp.add(i), stride, op.add(i));
-                i += 64;
-            }
-            while i + 32 <= n {
-                sum_rows_into::<T, 4>(weights, vp.add(i), stride, op.add(i));
-                i += 32;
-            }
-            while i + 8 <= n {
-                sum_rows_into::<T, 1>(weights, vp.add(i), stride, op.add(i));
-                i += 8;
-            }
-        }
-        // The ragged tail; without weights `values` may be shorter than `i`.
-        let tail = values.get(i..).unwrap_or_default();
-        super::weighted_sum_scalar(weights, tail, stride, &mut o[i..]);
-    }
+    weighted_sum_in_runs!("avx2,fma");
 }
 
 /// NEON: `wide`'s eight-lane vectors gather and scatter lane by lane on AArch64 (about ten
@@ -470,37 +476,7 @@ mod neon {
         }
     }
 
-    /// # Safety
-    /// `values` holds `weights.len()` rows of `o.len()` at `stride`.
-    #[target_feature(enable = "neon")]
-    pub unsafe fn weighted_sum<T: KvElement>(
-        weights: &[f32],
-        values: &[T],
-        stride: usize,
-        o: &mut [f32],
-    ) {
-        let n = o.len();
-        let (vp, op) = (values.as_ptr(), o.as_mut_ptr());
-        let mut i = 0;
-        // SAFETY: each call covers outputs i .. i + 8·W <= n, inside `o` and inside every row.
-        unsafe {
-            while i + 64 <= n {
-                sum_rows_into::<T, 8>(weights, vp.add(i), stride, op.add(i));
-                i += 64;
-            }
-            while i + 32 <= n {
-                sum_rows_into::<T, 4>(weights, vp.add(i), stride, op.add(i));
-                i += 32;
-            }
-            while i + 8 <= n {
-                sum_rows_into::<T, 1>(weights, vp.add(i), stride, op.add(i));
-                i += 8;
-            }
-        }
-        // The ragged tail; without weights `values` may be shorter than `i`.
-        let tail = values.get(i..).unwrap_or_default();
-        super::weighted_sum_scalar(weights, tail, stride, &mut o[i..]);
-    }
+    weighted_sum_in_runs!("neon");
 }
 
 #[cfg(test)]

@@ -151,6 +151,14 @@ impl KernelPath {
         )
     }
 
+    /// Whether this is one of the AArch64 SIMD paths (NEON and its integer extensions).
+    pub fn is_arm_simd(self) -> bool {
+        matches!(
+            self,
+            KernelPath::Neon | KernelPath::Dotprod | KernelPath::I8mm
+        )
+    }
+
     /// The path of the float (f32/f16/bf16, sparse) kernels: the integer extensions add
     /// nothing there, so they share their base path's kernels.
     pub fn float_path(self) -> KernelPath {
@@ -627,19 +635,10 @@ pub fn softmax_with(path: KernelPath, x: &mut [f32]) {
 /// `x[i] = e^(x[i] - max)` for every value; returns their sum.
 fn exp_shifted(path: KernelPath, x: &mut [f32], max: f32) -> f32 {
     match path {
-        KernelPath::Scalar => {
-            let mut sum = 0.0;
-            for v in x.iter_mut() {
-                *v = (*v - max).exp();
-                sum += *v;
-            }
-            sum
-        }
+        KernelPath::Scalar => exp_shifted_scalar(x, max, 0.0),
         #[cfg(target_arch = "aarch64")]
         // SAFETY: NEON is baseline on AArch64.
-        KernelPath::Neon | KernelPath::Dotprod | KernelPath::I8mm => unsafe {
-            exp::neon::exp_shifted(x, max)
-        },
+        p if p.is_arm_simd() => unsafe { exp::neon::exp_shifted(x, max) },
         _ => {
             let (chunks, tail) = x.as_chunks_mut::<8>();
             let m = wide::f32x8::splat(max);
@@ -649,14 +648,19 @@ fn exp_shifted(path: KernelPath, x: &mut [f32], max: f32) -> f32 {
                 acc += e;
                 *c = e.to_array();
             }
-            let mut sum = acc.reduce_add();
-            for v in tail {
-                *v = (*v - max).exp();
-                sum += *v;
-            }
-            sum
+            exp_shifted_scalar(tail, max, acc.reduce_add())
         }
     }
+}
+
+/// `x[i] = e^(x[i] - max)` one value at a time, each added to `sum` in order; returns the
+/// sum. The scalar path, and the SIMD paths' ragged tails.
+pub(crate) fn exp_shifted_scalar(x: &mut [f32], max: f32, mut sum: f32) -> f32 {
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    sum
 }
 
 /// Values from which SwiGLU is split across the thread pool (prefill).
@@ -670,30 +674,20 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
 /// [`silu_mul`] on `path` (the exponential as in [`softmax_with`]).
 pub fn silu_mul_with(path: KernelPath, gate: &mut [f32], up: &[f32]) {
     assert_eq!(gate.len(), up.len(), "silu_mul: shapes");
-    let run = |(g, u): (&mut [f32], &[f32])| {
-        if path == KernelPath::Scalar {
-            for (g, u) in g.iter_mut().zip(u) {
-                *g = *g / (1.0 + (-*g).exp()) * u;
-            }
-            return;
-        }
+    let run = |(g, u): (&mut [f32], &[f32])| match path {
+        KernelPath::Scalar => silu_mul_scalar(g, u),
         #[cfg(target_arch = "aarch64")]
-        if matches!(
-            path,
-            KernelPath::Neon | KernelPath::Dotprod | KernelPath::I8mm
-        ) {
-            // SAFETY: NEON is baseline on AArch64.
-            return unsafe { exp::neon::silu_mul(g, u) };
-        }
-        let (gc, gt) = g.as_chunks_mut::<8>();
-        let (uc, ut) = u.as_chunks::<8>();
-        let one = wide::f32x8::ONE;
-        for (g, u) in gc.iter_mut().zip(uc) {
-            let v = wide::f32x8::from(*g);
-            *g = (v / (one + (-v).exp()) * wide::f32x8::from(*u)).to_array();
-        }
-        for (g, u) in gt.iter_mut().zip(ut) {
-            *g = *g / (1.0 + (-*g).exp()) * u;
+        // SAFETY: NEON is baseline on AArch64.
+        p if p.is_arm_simd() => unsafe { exp::neon::silu_mul(g, u) },
+        _ => {
+            let (gc, gt) = g.as_chunks_mut::<8>();
+            let (uc, ut) = u.as_chunks::<8>();
+            let one = wide::f32x8::ONE;
+            for (g, u) in gc.iter_mut().zip(uc) {
+                let v = wide::f32x8::from(*g);
+                *g = (v / (one + (-v).exp()) * wide::f32x8::from(*u)).to_array();
+            }
+            silu_mul_scalar(gt, ut);
         }
     };
     if gate.len() >= PARALLEL_SILU_VALUES {
@@ -702,6 +696,13 @@ pub fn silu_mul_with(path: KernelPath, gate: &mut [f32], up: &[f32]) {
             .for_each(run);
     } else {
         run((gate, up));
+    }
+}
+
+/// [`silu_mul`] one value at a time: the scalar path, and the SIMD paths' ragged tails.
+pub(crate) fn silu_mul_scalar(gate: &mut [f32], up: &[f32]) {
+    for (g, u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
     }
 }
 

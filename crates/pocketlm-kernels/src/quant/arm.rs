@@ -20,7 +20,8 @@ use std::arch::asm;
 use std::ops::Range;
 
 use super::kinds::{
-    self, Q3, Q3G, Q4, Q4A, Q4M, Q4S, Q8, Q8M, Q8S, block_bytes, is_masked, masked_piece_bytes,
+    self, Q3, Q3G, Q4, Q4A, Q4M, Q4S, Q8, Q8M, Q8S, block_bytes, is_masked, is_sparse,
+    masked_piece_bytes,
 };
 use super::{ActRow, QuantMatrix, QuantizedActivations, SPARSE48_SHUFFLE, store_tile};
 use crate::KernelPath;
@@ -599,7 +600,7 @@ unsafe fn tile_dotprod4<const K: u8>(
     tile: usize,
     x: &Interleaved4,
 ) -> [[f32; TILE_ROWS]; 4] {
-    assert!(!is_masked(K) && K != Q8S && K != Q4S);
+    assert!(!is_sparse(K));
     let t = TileRefs::new(w, tile);
     let blocks = t.groups * t.blocks_per_group;
     let (xq, xd, xs) = x.pointers(blocks);
@@ -709,7 +710,7 @@ unsafe fn tile_i8mm4<const K: u8>(
     tile: usize,
     x: &Interleaved4,
 ) -> [[f32; TILE_ROWS]; 4] {
-    assert!(!is_masked(K) && K != Q8S && K != Q4S);
+    assert!(!is_sparse(K));
     let t = TileRefs::new(w, tile);
     let blocks = t.groups * t.blocks_per_group;
     let (xq, xd, xs) = x.pointers(blocks);
@@ -885,7 +886,7 @@ fn expansion_buffer<const K: u8>(
     tokens: usize,
     width: usize,
 ) -> Option<Vec<u8>> {
-    let expand = (K == Q8S || K == Q4S || is_masked(K)) && tokens > width;
+    let expand = is_sparse(K) && tokens > width;
     expand.then(|| vec![0u8; w.blocks_per_row() * 256])
 }
 
@@ -978,7 +979,7 @@ unsafe fn tokens_dotprod<const K: u8>(
     fours: &[Interleaved4],
 ) {
     let mut t0 = 0;
-    if !fours.is_empty() && !is_masked(K) && K != Q8S && K != Q4S {
+    if !fours.is_empty() && !is_sparse(K) {
         // SAFETY: forwarded contract.
         unsafe { groups_dotprod4::<K>(m, tile, fours, out, at) };
         t0 = 4 * fours.len();
@@ -1032,10 +1033,12 @@ unsafe fn one_token_tiles<const K: u8>(
     let first = tiles.start;
     for tile in tiles {
         // SAFETY: forwarded contract.
-        let [res] = unsafe { tile_dotprod::<K, 1>(w, tile, std::slice::from_ref(x)) };
-        let at = (tile - first) * TILE_ROWS;
-        let n = (out.len() - at).min(TILE_ROWS);
-        out[at..at + n].copy_from_slice(&res[..n]);
+        let res = unsafe { tile_dotprod::<K, 1>(w, tile, std::slice::from_ref(x)) };
+        store_tile(
+            &res,
+            std::slice::from_mut(&mut &mut *out),
+            (tile - first) * TILE_ROWS,
+        );
     }
 }
 
@@ -1052,7 +1055,7 @@ unsafe fn tokens_i8mm<const K: u8>(
     at: usize,
     fours: &[Interleaved4],
 ) {
-    if is_masked(K) || K == Q8S || K == Q4S {
+    if is_sparse(K) {
         // SAFETY: forwarded contract.
         return unsafe { tokens_dotprod::<K>(m, tile, x, out, at, &[]) };
     }

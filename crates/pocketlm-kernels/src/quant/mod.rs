@@ -52,6 +52,12 @@ pub(crate) mod kinds {
         matches!(QUANT_KINDS[kind as usize].storage, QuantStorage::Masked)
     }
 
+    /// Whether `kind` stores fewer codes than weights (4 of 8, or masked): the kernels
+    /// expand its tiles to q8 when many tokens meet them.
+    pub const fn is_sparse(kind: u8) -> bool {
+        !matches!(QUANT_KINDS[kind as usize].storage, QuantStorage::Dense)
+    }
+
     /// Bytes of the codes of one piece of masked kind `kind` whose eight row masks are the
     /// bytes of `masks` (q8 one per kept weight; q4 two to a byte, rounded up).
     #[inline]
@@ -557,9 +563,7 @@ pub fn gemm_tiles(
         },
         #[cfg(target_arch = "aarch64")]
         // SAFETY: NEON is baseline; dotprod and i8mm are selected after run-time detection.
-        KernelPath::Neon | KernelPath::Dotprod | KernelPath::I8mm => unsafe {
-            arm::gemm_tiles(path, w, acts, tiles, out)
-        },
+        p if p.is_arm_simd() => unsafe { arm::gemm_tiles(path, w, acts, tiles, out) },
         _ if w.kind.is_masked() => {
             // Walking the masks once per tile, not once per weight.
             let mut dense = vec![0u8; w.blocks_per_row() * 256];

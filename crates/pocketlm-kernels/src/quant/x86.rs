@@ -13,7 +13,8 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::kinds::{
-    self, Q3, Q3G, Q4A, Q4M, Q4S, Q8, Q8M, Q8S, block_bytes, is_grid, is_masked, masked_piece_bytes,
+    self, Q3, Q3G, Q4A, Q4M, Q4S, Q8, Q8M, Q8S, block_bytes, is_grid, is_masked, is_sparse,
+    masked_piece_bytes,
 };
 use super::{ActRow, QuantMatrix, QuantizedActivations, SPARSE48_SHUFFLE, store_tile};
 use crate::KernelPath;
@@ -86,7 +87,7 @@ macro_rules! run_tiles {
             out: &mut [&mut [f32]],
         ) {
             let first = tiles.start;
-            let expand = (K == Q8S || K == Q4S || is_masked(K)) && x.len() > $max;
+            let expand = is_sparse(K) && x.len() > $max;
             let mut codes = vec![0u8; if expand { w.blocks_per_row() * 256 } else { 0 }];
             for tile in tiles {
                 let at = (tile - first) * TILE_ROWS;
