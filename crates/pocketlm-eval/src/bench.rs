@@ -41,6 +41,8 @@ pub struct BenchResult {
     pub bytes_per_token: u64,
     /// Single-pass read bandwidth measured on this machine with the same threads (GB/s).
     pub read_bandwidth_gb_s: f64,
+    /// The buffer that bandwidth was read from ([`bandwidth_buffer_bytes`]).
+    pub read_bandwidth_buffer_mb: f64,
     /// Decode speed if every step were limited only by reading the weights once.
     pub bandwidth_bound_tokens_per_s: f64,
     /// `decode_tokens_per_s / bandwidth_bound_tokens_per_s`.
@@ -120,6 +122,7 @@ pub fn bench(model: &Model, options: &BenchOptions) -> Result<BenchResult, Model
         ttft_ms,
         bytes_per_token,
         read_bandwidth_gb_s,
+        read_bandwidth_buffer_mb: bandwidth_buffer_bytes() as f64 / (1 << 20) as f64,
         bandwidth_bound_tokens_per_s: bound,
         bandwidth_efficiency: if bound > 0.0 {
             decode_best / bound
@@ -154,11 +157,49 @@ pub fn decode_bytes_per_token(model: &Model) -> u64 {
     bytes
 }
 
-/// Read bandwidth of a 256 MiB buffer summed by every pool thread (best of three passes).
+/// Bytes of the buffer [`measure_read_bandwidth`] reads: four times the largest CPU cache,
+/// so that the passes stream from memory as a model larger than the cache does (a 256 MiB
+/// buffer on a CPU with a 300 MiB L3 measured the cache, not memory), and at least 256 MiB.
+pub fn bandwidth_buffer_bytes() -> usize {
+    const MIN: usize = 256 << 20;
+    const MAX: usize = 4 << 30;
+    largest_cache_bytes().map_or(MIN, |cache| cache.saturating_mul(4).clamp(MIN, MAX))
+}
+
+/// The largest cache of CPU 0 as sysfs describes it (Linux/Android), if it does.
+fn largest_cache_bytes() -> Option<usize> {
+    let dir = std::fs::read_dir("/sys/devices/system/cpu/cpu0/cache").ok()?;
+    dir.filter_map(|entry| {
+        let size = std::fs::read_to_string(entry.ok()?.path().join("size")).ok()?;
+        parse_cache_size(&size)
+    })
+    .max()
+}
+
+/// sysfs writes cache sizes as `32768K` (or `M`, or plain bytes).
+fn parse_cache_size(text: &str) -> Option<usize> {
+    let text = text.trim();
+    let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((at, _)) => text.split_at(at),
+        None => (text, ""),
+    };
+    let value: usize = digits.parse().ok()?;
+    let scale = match unit {
+        "" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        _ => return None,
+    };
+    value.checked_mul(scale)
+}
+
+/// Read bandwidth of a [`bandwidth_buffer_bytes`] buffer summed by every pool thread (best
+/// of three passes), in GB/s.
 pub fn measure_read_bandwidth() -> f64 {
     use rayon::prelude::*;
-    const BYTES: usize = 256 << 20;
-    let buffer: Vec<u64> = (0..BYTES / 8).map(|i| i as u64).collect();
+    let bytes = bandwidth_buffer_bytes();
+    let buffer: Vec<u64> = (0..bytes / 8).into_par_iter().map(|i| i as u64).collect();
     let mut best = 0.0f64;
     let mut checksum = 0u64;
     for _ in 0..3 {
@@ -169,7 +210,7 @@ pub fn measure_read_bandwidth() -> f64 {
             .reduce(|| 0, u64::wrapping_add);
         let seconds = started.elapsed().as_secs_f64();
         checksum = checksum.wrapping_add(sum);
-        best = best.max(BYTES as f64 / seconds / 1e9);
+        best = best.max(bytes as f64 / seconds / 1e9);
     }
     // Keeps the sums observable so the reads cannot be optimised away.
     std::hint::black_box(checksum);
@@ -201,6 +242,33 @@ impl ResidentMemory {
             peak_mb: field("VmHWM:"),
             file_mb: field("RssFile:"),
             anon_mb: field("RssAnon:"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_sizes_parse_as_sysfs_writes_them() {
+        assert_eq!(parse_cache_size("32768K\n"), Some(32 << 20));
+        assert_eq!(parse_cache_size("300M"), Some(300 << 20));
+        assert_eq!(parse_cache_size("1G"), Some(1 << 30));
+        assert_eq!(parse_cache_size("49152"), Some(49152));
+        assert_eq!(parse_cache_size("12Q"), None);
+        assert_eq!(parse_cache_size("K"), None);
+    }
+
+    #[test]
+    fn the_bandwidth_buffer_is_at_least_256_mib_and_covers_the_cache_four_times() {
+        let bytes = bandwidth_buffer_bytes();
+        assert!(bytes >= 256 << 20);
+        if let Some(cache) = largest_cache_bytes() {
+            assert!(
+                bytes >= (cache * 4).min(4 << 30),
+                "{bytes} for a {cache}-byte cache"
+            );
         }
     }
 }

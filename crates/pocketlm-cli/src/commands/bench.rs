@@ -50,9 +50,10 @@ pub fn execute(args: BenchArgs) -> CliResult {
         r.ttft_ms, r.prompt_tokens
     );
     println!(
-        "bandwidth bound   {:.1} tok/s = {:.1} GB/s read / {:.1} MB per token; decode at {:.0}%",
+        "bandwidth bound   {:.1} tok/s = {:.1} GB/s read ({:.0} MiB buffer) / {:.1} MB per token; decode at {:.0}%",
         r.bandwidth_bound_tokens_per_s,
         r.read_bandwidth_gb_s,
+        r.read_bandwidth_buffer_mb,
         r.bytes_per_token as f64 / 1e6,
         r.bandwidth_efficiency * 100.0
     );
@@ -77,11 +78,13 @@ fn sweep_threads(
     let mask = CPU_MASK.get().map_or(&[][..], Vec::as_slice);
     if !json {
         println!(
-            "{:>7}  {:>12}  {:>12}  {:>9}  {:>14}",
+            "{:>7}  {:>12}  {:>12}  {:>9}  {:>9}  {:>11}  {:>12}",
             "threads",
             format!("pp{} tok/s", options.prompt_tokens),
             format!("tg{} tok/s", options.generated_tokens),
             "ttft ms",
+            "read GB/s",
+            "bound tok/s",
             "of bandwidth"
         );
     }
@@ -102,11 +105,13 @@ fn sweep_threads(
         })?;
         if !json {
             println!(
-                "{:>7}  {:>12.1}  {:>12.1}  {:>9.1}  {:>13.0}%",
+                "{:>7}  {:>12.1}  {:>12.1}  {:>9.1}  {:>9.1}  {:>11.1}  {:>11.0}%",
                 r.threads,
                 r.prefill_tokens_per_s,
                 r.decode_tokens_per_s,
                 r.ttft_ms,
+                r.read_bandwidth_gb_s,
+                r.bandwidth_bound_tokens_per_s,
                 r.bandwidth_efficiency * 100.0
             );
         }
