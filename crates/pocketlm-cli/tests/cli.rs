@@ -371,6 +371,12 @@ fn convert_refusals_name_the_flags() {
         err.contains("--rotate does not work with --lowrank"),
         "{err}"
     );
+    // Distillation works on rotated files; block-wise recovery does not, preset or not.
+    let err = refusal(&["--preset", "q4", "--recover", "blockwise"]);
+    assert!(
+        err.contains("--rotate does not work with --recover blockwise"),
+        "{err}"
+    );
     // A preset is a whole recipe: recipe flags beside it are refused, q2 says why.
     let err = refusal(&["--preset", "q4", "--weights", "q8"]);
     assert!(

@@ -329,7 +329,7 @@ mod tests {
     use pocketlm_format::config::{Architecture, ModelConfig, names};
     use pocketlm_kernels::test_util::random_vec;
     use pocketlm_kernels::{Linear, MatRef, WeightData};
-    use pocketlm_runtime::model::BlockWeights;
+    use pocketlm_runtime::model::{BlockWeights, InputRotations, LinearInput};
 
     pub(super) fn config(bias: bool) -> ModelConfig {
         ModelConfig {
@@ -402,6 +402,7 @@ mod tests {
         seq_len: usize,
     ) -> Vec<f32> {
         let values: Vec<Vec<f32>> = tensors.iter().map(BlockTensor::readback).collect();
+        let rotations = InputRotations::of(c);
         let get = |name: String| -> &[f32] {
             let i = tensors.iter().position(|t| t.name == name).unwrap();
             &values[i]
@@ -430,7 +431,7 @@ mod tests {
             up: mat(names::ffn_up(0)),
             down: mat(names::ffn_down(0)),
             norms: Default::default(),
-            rotations: None,
+            rotations: rotations.as_ref(),
         };
         let mut cal = Calibrator::from_hidden(c, seq_len, x.to_vec());
         cal.advance(&w);
@@ -470,6 +471,70 @@ mod tests {
                 worst < 1e-4,
                 "{encoding} bias={bias} masked={masked}: max diff {worst}"
             );
+        }
+    }
+
+    /// A block stored with incoherence processing (each matrix `W·Rᵀ`, `R` of its input's
+    /// width) runs in candle as in the runtime, and, in f32, as the unrotated block does.
+    #[test]
+    fn candle_block_rotates_inputs_as_the_runtime_does() {
+        let seq_len = 12;
+        let plain = config(false);
+        let rotated_config = ModelConfig {
+            incoherence: Some(pocketlm_format::config::Incoherence { seed: 11 }),
+            ..plain.clone()
+        };
+        let rotations = InputRotations::of(&rotated_config).unwrap();
+        let input_of = |name: &str| {
+            if name == names::attn_output(0) {
+                LinearInput::AttentionOutput
+            } else if name == names::ffn_down(0) {
+                LinearInput::MlpDown
+            } else if name.contains("ffn") {
+                LinearInput::Mlp
+            } else {
+                LinearInput::Attention
+            }
+        };
+        let x = random_vec(3 * seq_len * plain.hidden_size, 7);
+        let original = block(&plain, Encoding::F32, false);
+        let unrotated = runtime_forward(&plain, &original, &x, seq_len);
+        for encoding in [Encoding::F32, Q4, Encoding::Q8 { group: 32 }] {
+            let mut tensors = original.clone();
+            for t in tensors.iter_mut().filter(|t| t.shape.len() == 2) {
+                rotations
+                    .for_input(input_of(&t.name))
+                    .rotate_rows(&mut t.values);
+                t.encoding = encoding;
+                t.grids = encoding.is_quantized().then(|| {
+                    quant::choose_grids(
+                        &t.values,
+                        t.shape[1],
+                        encoding,
+                        quant::Clipping::MinMax,
+                        None,
+                    )
+                });
+            }
+            let expected = runtime_forward(&rotated_config, &tensors, &x, seq_len);
+            let got = candle_forward(&rotated_config, &tensors, &x, seq_len);
+            let worst = |a: &[f32], b: &[f32]| {
+                a.iter()
+                    .zip(b)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0f32, f32::max)
+            };
+            assert!(
+                worst(&expected, &got) < 1e-4,
+                "{encoding}: max diff {}",
+                worst(&expected, &got)
+            );
+            if encoding == Encoding::F32 {
+                assert!(worst(&expected, &unrotated) < 1e-4);
+            } else {
+                // Quantized in the rotated basis: close to the original, not equal to it.
+                assert!(worst(&expected, &unrotated) > 1e-4);
+            }
         }
     }
 

@@ -73,6 +73,12 @@ impl BlockHadamard {
         self.block
     }
 
+    /// The random signs with the normalization `1/√block` folded in, one per channel: `R` is
+    /// the unnormalized Walsh–Hadamard matrix of each block times this diagonal.
+    pub fn scaled_signs(&self) -> &[f32] {
+        &self.scaled_signs
+    }
+
     /// `row ← R·row` (`row.len()` = width).
     pub fn rotate(&self, row: &mut [f32]) {
         self.rotate_with(active_path(), row)

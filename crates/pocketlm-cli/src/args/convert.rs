@@ -20,12 +20,13 @@ pub struct ConvertArgs {
     pub output: PathBuf,
     /// A named recipe for a size, the best measured (BENCHMARKS.md, "Compression presets"):
     /// q8 (8.5 bits per weight, round to nearest), q4 (4.5, rotated inputs + GPTQ), q3
-    /// (3.3-3.7, rotated inputs + GPTQ, attn_v and ffn_down in 4 bits). q4 and q3 need
-    /// calibration text (--calib, default data/calib/default.txt from
-    /// scripts/fetch-calib.sh).
+    /// (3.3-3.7, rotated inputs + GPTQ, attn_v and ffn_down in 4 bits, then distillation
+    /// over 256 calibration sequences: about an hour for a 135M model on 2 cores). q4 and q3
+    /// need calibration text (--calib, default data/calib/default.txt from
+    /// scripts/fetch-calib.sh). `--recover kd` adds distillation to q4 or sets q3's.
     #[arg(long, conflicts_with_all = [
         "weights", "group", "method", "clip", "keep", "rotate", "prune", "lowrank",
-        "budget", "bits_per_weight", "min_tokens_per_s", "recover",
+        "budget", "bits_per_weight", "min_tokens_per_s",
     ])]
     pub preset: Option<Preset>,
     /// Encoding of weight matrices: f32, f16, bf16, q8, q4 (symmetric), q4a (with a
@@ -45,7 +46,7 @@ pub struct ConvertArgs {
     /// Incoherence processing: store every block matrix rotated by a randomized Hadamard
     /// transform of its input (the runtime rotates the activations to match), so no input
     /// channel dominates. Improves --method gptq (not rtn at groups of 32-64). Works with
-    /// awq, pruning and --residual; not with --lowrank or --recover.
+    /// awq, pruning, --residual and --recover kd; not with --lowrank or block-wise --recover.
     #[arg(long)]
     pub rotate: bool,
     /// Encoding of the token embedding (and tied output); default q8 when quantizing.

@@ -107,6 +107,10 @@ fn convert_options(a: &ConvertArgs, plan: Option<&PlanOptions>) -> Result<Conver
         options.residual = a.residual;
         options.gptq.damp = a.damp;
         options.gptq.act_order = !a.no_act_order;
+        // --recover replaces the preset's own recovery (q3 distils), if it has one.
+        if a.recover.is_some() {
+            options.recover = recovery(a);
+        }
         return Ok(options);
     }
     let weights = weight_encoding(a, plan)?;
@@ -138,14 +142,19 @@ fn convert_options(a: &ConvertArgs, plan: Option<&PlanOptions>) -> Result<Conver
         lowrank,
         sparse_storage: !a.dense_storage,
         blocks: Vec::new(),
-        recover: a.recover.map(|mode| Recovery {
-            mode,
-            steps: a.recover_steps,
-            batch: a.recover_batch,
-            learning_rate: a.recover_lr,
-            codes: a.recover_codes,
-            samples: a.recover_samples,
-        }),
+        recover: recovery(a),
+    })
+}
+
+/// `--recover` and its settings.
+fn recovery(a: &ConvertArgs) -> Option<Recovery> {
+    a.recover.map(|mode| Recovery {
+        mode,
+        steps: a.recover_steps,
+        batch: a.recover_batch,
+        learning_rate: a.recover_lr,
+        codes: a.recover_codes,
+        samples: a.recover_samples,
     })
 }
 

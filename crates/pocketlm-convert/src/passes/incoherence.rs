@@ -49,10 +49,14 @@ impl Pass for Incoherence {
                 why: "the factors are computed before the block is written, in the unrotated basis",
             });
         }
-        if options.recover.is_some() {
+        // Distillation runs the stored (rotated) matrices on rotated inputs, as the runtime
+        // does; block-wise recovery hands its tuned block to later blocks' calibration, which
+        // runs in the model's own basis.
+        if options.recover.is_some_and(|r| r.mode.blockwise()) {
             return Err(Refusal::Rotation {
-                with: "recover",
-                why: "recovery trains the block on a forward pass that does not rotate inputs",
+                with: "recover blockwise",
+                why: "it feeds the tuned block to later blocks' calibration in the unrotated basis \
+                      (kd works with rotate)",
             });
         }
         Ok(())
@@ -137,6 +141,7 @@ fn transpose_square(m: &mut [f64], n: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{RecoverMode, Recovery};
 
     fn config() -> ModelConfig {
         serde_json::from_value(serde_json::json!({
@@ -200,7 +205,7 @@ mod tests {
     }
 
     #[test]
-    fn rotation_refuses_lowrank_and_recovery() {
+    fn rotation_refuses_lowrank_and_blockwise_recovery() {
         let mut options = ConvertOptions {
             rotate: true,
             ..ConvertOptions::default()
@@ -213,5 +218,22 @@ mod tests {
         });
         let err = Incoherence.validate(&options).unwrap_err().to_string();
         assert!(err.contains("rotate does not work with lowrank"), "{err}");
+        options.lowrank = None;
+        for mode in [RecoverMode::Blockwise, RecoverMode::BlockwiseDistill] {
+            options.recover = Some(Recovery {
+                mode,
+                ..Recovery::default()
+            });
+            let err = Incoherence.validate(&options).unwrap_err().to_string();
+            assert!(
+                err.contains("rotate does not work with recover blockwise"),
+                "{err}"
+            );
+        }
+        options.recover = Some(Recovery {
+            mode: RecoverMode::Distill,
+            ..Recovery::default()
+        });
+        Incoherence.validate(&options).unwrap();
     }
 }

@@ -28,11 +28,16 @@ impl Pass for Recover {
     fn validate(&self, options: &ConvertOptions) -> Result<(), Refusal> {
         if let Some(r) = &options.recover {
             r.validate()?;
-            if let Some(encoding) = options.non_uniform_block_encoding() {
+            // Distillation of the grids alone keeps every code and scales its level, whatever
+            // the levels; block-wise recovery and moving codes round onto evenly spaced ones.
+            if let Some(encoding) = options.non_uniform_block_encoding()
+                && (r.mode.blockwise() || r.codes)
+            {
                 return Err(Refusal::NonUniformGrid {
                     field: Field::Recover,
                     encoding,
-                    why: "recovery trains rounding on evenly spaced levels",
+                    why: "block-wise recovery and --recover-codes round on evenly spaced levels \
+                          (kd without --recover-codes works)",
                 });
             }
             if options.calibration.is_none() {

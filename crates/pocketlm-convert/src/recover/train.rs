@@ -10,6 +10,8 @@ use super::{
     Activations, BASE_RATES, BlockRecovery, BlockTensor, Grid, Rates, RecoverError, Recovery,
 };
 use pocketlm_format::config::{ModelConfig, names};
+use pocketlm_kernels::hadamard::BlockHadamard;
+use pocketlm_runtime::model::{InputRotations, LinearInput};
 
 type Result<T> = std::result::Result<T, RecoverError>;
 
@@ -302,6 +304,72 @@ impl Layout {
     }
 }
 
+/// One linear input's randomized block Hadamard transform as candle tensors: `R·x` is the
+/// signs (normalization folded in) times `x`, then each block of channels times the
+/// unnormalized Walsh–Hadamard matrix. Applied to activations, so a model whose block
+/// matrices are stored rotated (`W·Rᵀ`) trains on the same products the runtime computes.
+struct Rotation {
+    /// `[width]`.
+    scaled_signs: Tensor,
+    /// `[block, block]`, symmetric.
+    hadamard: Tensor,
+    block: usize,
+}
+
+impl Rotation {
+    fn new(transform: &BlockHadamard, dev: &Device) -> candle_core::Result<Rotation> {
+        let (block, signs) = (transform.block(), transform.scaled_signs());
+        // Column i of the Walsh–Hadamard matrix is R·eᵢ over channel i's sign (for i in the
+        // first block, whose rows it spans).
+        let mut hadamard = vec![0.0f32; block * block];
+        let mut unit = vec![0.0f32; transform.width()];
+        for i in 0..block {
+            unit.fill(0.0);
+            unit[i] = 1.0;
+            transform.rotate(&mut unit);
+            for (row, v) in unit[..block].iter().enumerate() {
+                hadamard[row * block + i] = (v / signs[i]).round();
+            }
+        }
+        Ok(Rotation {
+            scaled_signs: Tensor::from_slice(signs, transform.width(), dev)?,
+            hadamard: Tensor::from_vec(hadamard, (block, block), dev)?,
+            block,
+        })
+    }
+
+    /// `x` (`rows × width`) with every row rotated.
+    fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (rows, width) = x.dims2()?;
+        x.broadcast_mul(&self.scaled_signs)?
+            .reshape((rows * width / self.block, self.block))?
+            .matmul(&self.hadamard)?
+            .reshape((rows, width))
+    }
+}
+
+/// The rotations of a model stored with incoherence processing, one per linear input width.
+struct Rotations {
+    hidden: Rotation,
+    attention_output: Rotation,
+    mlp_down: Rotation,
+}
+
+impl Rotations {
+    /// The rotations `config` records, if it records any.
+    fn of(config: &ModelConfig, dev: &Device) -> candle_core::Result<Option<Rotations>> {
+        let Some(transforms) = InputRotations::of(config) else {
+            return Ok(None);
+        };
+        let of = |input| Rotation::new(transforms.for_input(input), dev);
+        Ok(Some(Rotations {
+            hidden: of(LinearInput::Attention)?,
+            attention_output: of(LinearInput::AttentionOutput)?,
+            mlp_down: of(LinearInput::MlpDown)?,
+        }))
+    }
+}
+
 /// The block's forward pass in candle, on `x` (`sequences × seq_len × hidden`), with the
 /// weights `w` (one per recovered tensor) — the same computation as the runtime's.
 pub(super) struct Forward<'a> {
@@ -310,9 +378,23 @@ pub(super) struct Forward<'a> {
     cos: Tensor,
     sin: Tensor,
     mask: Tensor,
+    rotations: Option<Rotations>,
 }
 
 impl Forward<'_> {
+    /// `x` as the linear layers reading `input` see it: rotated when the model is stored
+    /// rotated.
+    fn linear_input(&self, input: LinearInput, x: Tensor) -> candle_core::Result<Tensor> {
+        let Some(r) = &self.rotations else {
+            return Ok(x);
+        };
+        match input {
+            LinearInput::Attention | LinearInput::Mlp => r.hidden.apply(&x),
+            LinearInput::AttentionOutput => r.attention_output.apply(&x),
+            LinearInput::MlpDown => r.mlp_down.apply(&x),
+        }
+    }
+
     fn linear(&self, x: &Tensor, lin: &Linear, w: &[Tensor]) -> candle_core::Result<Tensor> {
         match lin {
             Linear::Full(i) => x.matmul(&w[*i].t()?),
@@ -343,6 +425,7 @@ impl Forward<'_> {
         let lay = self.layout;
         let x2 = x.reshape((seqs * len, d))?;
         let h = self.rms_norm(&x2, &w[lay.attn_norm])?;
+        let h = self.linear_input(LinearInput::Attention, h)?;
         let mut q = self.linear(&h, &lay.q, w)?;
         let mut k = self.linear(&h, &lay.k, w)?;
         let mut v = self.linear(&h, &lay.v, w)?;
@@ -378,11 +461,14 @@ impl Forward<'_> {
             .transpose(1, 2)?
             .contiguous()?
             .reshape((seqs * len, heads * hd))?;
+        let attn = self.linear_input(LinearInput::AttentionOutput, attn)?;
         let x2 = (x2 + self.linear(&attn, &lay.o, w)?)?;
         let h = self.rms_norm(&x2, &w[lay.ffn_norm])?;
+        let h = self.linear_input(LinearInput::Mlp, h)?;
         let gate = self.linear(&h, &lay.gate, w)?.silu()?;
         let up = self.linear(&h, &lay.up, w)?;
-        let mlp = self.linear(&(gate * up)?, &lay.down, w)?;
+        let act = self.linear_input(LinearInput::MlpDown, (gate * up)?)?;
+        let mlp = self.linear(&act, &lay.down, w)?;
         (x2 + mlp)?.reshape((seqs, len, d))
     }
 }
@@ -588,6 +674,7 @@ pub(super) fn build_forward<'a>(
         cos: Tensor::from_vec(cos, (seq_len, half), dev)?,
         sin: Tensor::from_vec(sin, (seq_len, half), dev)?,
         mask: Tensor::from_vec(mask, (seq_len, seq_len), dev)?,
+        rotations: Rotations::of(config, dev)?,
     })
 }
 

@@ -788,6 +788,7 @@ fn non_uniform_grids_convert_and_gptq_beats_round_to_nearest() {
         method: PruneMethod::Magnitude,
         sparsity: Sparsity::Unstructured(0.5),
     });
+    // Block-wise recovery rounds on evenly spaced levels (distilling the grids alone does not).
     let mut recovered = options(Q4NL, Method::Rtn);
     recovered.calibration = Some(calibration());
     recovered.recover = Some(pocketlm_convert::Recovery::default());

@@ -310,3 +310,48 @@ fn recovery_needs_calibration() {
     );
     assert!(err.to_string().contains("at least 1"), "{err}");
 }
+
+/// Distillation of a file stored rotated on the non-uniform 3-bit grid (`--preset q3`'s
+/// recipe, at groups of 32 since this fixture's 172-wide ffn_down has no group of 64): the
+/// student runs rotated inputs as the runtime does, and tuning the grids' scales lowers the
+/// perplexity with every code, encoding and size kept.
+#[test]
+fn distillation_tunes_a_rotated_non_uniform_3_bit_model() {
+    let q3nl = ConvertOptions {
+        method: Method::Gptq,
+        rotate: true,
+        calibration: Some(calibration()),
+        embedding: Some(Encoding::F32),
+        ..ConvertOptions::with_weights(Encoding::Q3Grid { group: 32 })
+    };
+    let (_d0, plain) = convert(&q3nl);
+    let (_d1, tuned) = convert(&ConvertOptions {
+        recover: Some(Recovery {
+            mode: RecoverMode::Distill,
+            ..Recovery::default()
+        }),
+        ..q3nl.clone()
+    });
+    let (p_plain, p_tuned) = (ppl(&plain), ppl(&tuned));
+    eprintln!("q3nl rotated gptq {p_plain:.4}, kd {p_tuned:.4}");
+    assert!(p_tuned < p_plain - 0.02, "kd {p_tuned} vs {p_plain}");
+    let (a, b) = (
+        PlmFile::open(&plain).unwrap(),
+        PlmFile::open(&tuned).unwrap(),
+    );
+    assert_eq!(tensor_layout(&a), tensor_layout(&b));
+    assert_eq!(
+        b.entry("blk.1.ffn_up.weight").unwrap().encoding,
+        Encoding::Q3Grid { group: 32 }
+    );
+    assert!(!b.metadata()["recipe"]["incoherence"].is_null());
+    let kd = &b.metadata()["recipe"]["recover"]["kd"];
+    let (before, after) = (
+        kd["kl_before"].as_f64().unwrap(),
+        kd["kl_after"].as_f64().unwrap(),
+    );
+    assert!(
+        kd["kept"].as_bool().unwrap() && after < 0.9 * before,
+        "{kd}"
+    );
+}
