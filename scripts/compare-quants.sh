@@ -54,6 +54,7 @@ for t in Q8_0 Q6_K Q5_K_M Q4_K_M Q4_0 IQ4_NL IQ4_XS Q3_K_M Q3_K_S IQ3_XXS Q2_K; 
     "$(echo "$bytes*8/$params" | bc -l)" "$ppl" "$kld" >>"$out/compare.md"
   refs+=(--reference "llama.cpp $t=$bytes:$ppl")
 done
+# q3 ends with distillation: about an hour on 2 cores (the others take minutes).
 for p in q8 q4 q3; do
   plm="$out/preset-$p.plm"
   [ -s "$plm" ] || "$bin" convert "$src" -o "$plm" --preset "$p" --calib "$calib"
