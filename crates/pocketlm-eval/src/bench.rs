@@ -108,7 +108,8 @@ pub fn bench(model: &Model, options: &BenchOptions) -> Result<BenchResult, Model
     // Before the bandwidth test, whose buffer would otherwise count as peak memory.
     let memory = ResidentMemory::read();
     let bytes_per_token = decode_bytes_per_token(model);
-    let read_bandwidth_gb_s = measure_read_bandwidth();
+    let buffer_bytes = bandwidth_buffer_bytes();
+    let read_bandwidth_gb_s = read_bandwidth(buffer_bytes);
     let bound = read_bandwidth_gb_s * 1e9 / bytes_per_token.max(1) as f64;
     let decode_best = best(&decode);
     Ok(BenchResult {
@@ -122,7 +123,7 @@ pub fn bench(model: &Model, options: &BenchOptions) -> Result<BenchResult, Model
         ttft_ms,
         bytes_per_token,
         read_bandwidth_gb_s,
-        read_bandwidth_buffer_mb: bandwidth_buffer_bytes() as f64 / (1 << 20) as f64,
+        read_bandwidth_buffer_mb: buffer_bytes as f64 / (1 << 20) as f64,
         bandwidth_bound_tokens_per_s: bound,
         bandwidth_efficiency: if bound > 0.0 {
             decode_best / bound
@@ -197,8 +198,12 @@ fn parse_cache_size(text: &str) -> Option<usize> {
 /// Read bandwidth of a [`bandwidth_buffer_bytes`] buffer summed by every pool thread (best
 /// of three passes), in GB/s.
 pub fn measure_read_bandwidth() -> f64 {
+    read_bandwidth(bandwidth_buffer_bytes())
+}
+
+/// Read bandwidth of a `bytes` buffer, as [`measure_read_bandwidth`] measures it.
+fn read_bandwidth(bytes: usize) -> f64 {
     use rayon::prelude::*;
-    let bytes = bandwidth_buffer_bytes();
     let buffer: Vec<u64> = (0..bytes / 8).into_par_iter().map(|i| i as u64).collect();
     let mut best = 0.0f64;
     let mut checksum = 0u64;
