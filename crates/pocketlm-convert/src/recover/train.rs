@@ -348,26 +348,17 @@ impl Rotation {
     }
 }
 
-/// The rotations of a model stored with incoherence processing, one per linear input width.
-struct Rotations {
-    hidden: Rotation,
-    attention_output: Rotation,
-    mlp_down: Rotation,
-}
-
-impl Rotations {
-    /// The rotations `config` records, if it records any.
-    fn of(config: &ModelConfig, dev: &Device) -> candle_core::Result<Option<Rotations>> {
-        let Some(transforms) = InputRotations::of(config) else {
-            return Ok(None);
-        };
-        let of = |input| Rotation::new(transforms.for_input(input), dev);
-        Ok(Some(Rotations {
-            hidden: of(LinearInput::Attention)?,
-            attention_output: of(LinearInput::AttentionOutput)?,
-            mlp_down: of(LinearInput::MlpDown)?,
-        }))
-    }
+/// Each linear input's rotation, in [`LinearInput::ALL`]'s order, when `config` records
+/// that the model is stored rotated.
+fn rotations(config: &ModelConfig, dev: &Device) -> candle_core::Result<Option<Vec<Rotation>>> {
+    let Some(transforms) = InputRotations::of(config) else {
+        return Ok(None);
+    };
+    LinearInput::ALL
+        .iter()
+        .map(|&input| Rotation::new(transforms.for_input(input), dev))
+        .collect::<candle_core::Result<Vec<_>>>()
+        .map(Some)
 }
 
 /// The block's forward pass in candle, on `x` (`sequences × seq_len × hidden`), with the
@@ -378,21 +369,19 @@ pub(super) struct Forward<'a> {
     cos: Tensor,
     sin: Tensor,
     mask: Tensor,
-    rotations: Option<Rotations>,
+    /// See [`rotations`].
+    rotations: Option<Vec<Rotation>>,
 }
 
 impl Forward<'_> {
     /// `x` as the linear layers reading `input` see it: rotated when the model is stored
     /// rotated.
     fn linear_input(&self, input: LinearInput, x: Tensor) -> candle_core::Result<Tensor> {
-        let Some(r) = &self.rotations else {
+        let Some(rotations) = &self.rotations else {
             return Ok(x);
         };
-        match input {
-            LinearInput::Attention | LinearInput::Mlp => r.hidden.apply(&x),
-            LinearInput::AttentionOutput => r.attention_output.apply(&x),
-            LinearInput::MlpDown => r.mlp_down.apply(&x),
-        }
+        let at = LinearInput::ALL.iter().position(|&i| i == input);
+        rotations[at.expect("LinearInput::ALL lists every input")].apply(&x)
     }
 
     fn linear(&self, x: &Tensor, lin: &Linear, w: &[Tensor]) -> candle_core::Result<Tensor> {
@@ -674,7 +663,7 @@ pub(super) fn build_forward<'a>(
         cos: Tensor::from_vec(cos, (seq_len, half), dev)?,
         sin: Tensor::from_vec(sin, (seq_len, half), dev)?,
         mask: Tensor::from_vec(mask, (seq_len, seq_len), dev)?,
-        rotations: Rotations::of(config, dev)?,
+        rotations: rotations(config, dev)?,
     })
 }
 
