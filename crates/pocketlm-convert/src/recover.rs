@@ -325,11 +325,19 @@ mod train;
 mod tests {
     use super::train::tests_support::*;
     use super::*;
+    use crate::block::LayerTensors;
     use crate::calib::Calibrator;
     use pocketlm_format::config::{Architecture, ModelConfig, names};
     use pocketlm_kernels::test_util::random_vec;
     use pocketlm_kernels::{Linear, MatRef, WeightData};
-    use pocketlm_runtime::model::{BlockWeights, InputRotations, LinearInput};
+    use pocketlm_runtime::model::{BlockWeights, InputRotations};
+
+    fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max)
+    }
 
     pub(super) fn config(bias: bool) -> ModelConfig {
         ModelConfig {
@@ -462,11 +470,7 @@ mod tests {
             let x = random_vec(3 * seq_len * c.hidden_size, 7);
             let expected = runtime_forward(&c, &tensors, &x, seq_len);
             let got = candle_forward(&c, &tensors, &x, seq_len);
-            let worst = expected
-                .iter()
-                .zip(&got)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max);
+            let worst = max_abs_diff(&expected, &got);
             assert!(
                 worst < 1e-4,
                 "{encoding} bias={bias} masked={masked}: max diff {worst}"
@@ -485,17 +489,6 @@ mod tests {
             ..plain.clone()
         };
         let rotations = InputRotations::of(&rotated_config).unwrap();
-        let input_of = |name: &str| {
-            if name == names::attn_output(0) {
-                LinearInput::AttentionOutput
-            } else if name == names::ffn_down(0) {
-                LinearInput::MlpDown
-            } else if name.contains("ffn") {
-                LinearInput::Mlp
-            } else {
-                LinearInput::Attention
-            }
-        };
         let x = random_vec(3 * seq_len * plain.hidden_size, 7);
         let original = block(&plain, Encoding::F32, false);
         let unrotated = runtime_forward(&plain, &original, &x, seq_len);
@@ -503,7 +496,7 @@ mod tests {
             let mut tensors = original.clone();
             for t in tensors.iter_mut().filter(|t| t.shape.len() == 2) {
                 rotations
-                    .for_input(input_of(&t.name))
+                    .for_input(LayerTensors::input_of(&t.name, 0).expect("a block matrix"))
                     .rotate_rows(&mut t.values);
                 t.encoding = encoding;
                 t.grids = encoding.is_quantized().then(|| {
@@ -518,22 +511,13 @@ mod tests {
             }
             let expected = runtime_forward(&rotated_config, &tensors, &x, seq_len);
             let got = candle_forward(&rotated_config, &tensors, &x, seq_len);
-            let worst = |a: &[f32], b: &[f32]| {
-                a.iter()
-                    .zip(b)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0.0f32, f32::max)
-            };
-            assert!(
-                worst(&expected, &got) < 1e-4,
-                "{encoding}: max diff {}",
-                worst(&expected, &got)
-            );
+            let diff = max_abs_diff(&expected, &got);
+            assert!(diff < 1e-4, "{encoding}: max diff {diff}");
             if encoding == Encoding::F32 {
-                assert!(worst(&expected, &unrotated) < 1e-4);
+                assert!(max_abs_diff(&expected, &unrotated) < 1e-4);
             } else {
                 // Quantized in the rotated basis: close to the original, not equal to it.
-                assert!(worst(&expected, &unrotated) > 1e-4);
+                assert!(max_abs_diff(&expected, &unrotated) > 1e-4);
             }
         }
     }
